@@ -1,0 +1,1 @@
+"""The Kopf operator reconciling FinetuneRun and Experiment objects."""

@@ -1,0 +1,1 @@
+"""finetuner: fine-tune embedding models on Kubernetes or on this machine."""

@@ -1,0 +1,180 @@
+"""Generate the CustomResourceDefinitions from the contract models.
+
+    python -m finetuner.api.crdgen           # (re)write crds/*.yaml and the Helm chart's copy
+    python -m finetuner.api.crdgen --check   # exit 1 when the files on disk drifted
+
+Pydantic's JSON schema is turned into the *structural* OpenAPI v3 schema the API server
+demands: ``$ref`` inlined, ``anyOf [X, null]`` turned into ``nullable: true``,
+``additionalProperties: false``/``title``/``default`` dropped, numeric exclusive bounds in the
+OpenAPI 3.0 form, and free-form option maps marked ``x-kubernetes-preserve-unknown-fields``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from finetuner.api.v1alpha1 import CATEGORY, CRD_KINDS, GROUP, VERSION
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CRD_DIRS = (REPO_ROOT / 'crds', REPO_ROOT / 'helm' / 'finetuner' / 'crds')
+REGENERATE = 'python -m finetuner.api.crdgen'
+HEADER = f'# Generated from sdk/finetuner/api/v1alpha1.py by `{REGENERATE}`. Do not edit.\n'
+
+_DROP = {'title', 'default', 'examples'}
+
+
+def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a contract model (camelCase field names)."""
+    raw = model.model_json_schema(by_alias=True, mode='validation')
+    defs = raw.pop('$defs', {})
+    return _convert(raw, defs)
+
+
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Inline a ``$ref`` (or pydantic's ``allOf: [{$ref}]`` wrapper), keeping sibling keys."""
+    node = dict(node)
+    if 'allOf' in node and len(node['allOf']) == 1:
+        node.update(node.pop('allOf')[0])
+    if '$ref' in node:
+        target = copy.deepcopy(defs[node.pop('$ref').split('/')[-1]])
+        target.update(node)  # a field's description wins over the model's docstring
+        node = target
+    return node
+
+
+def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    node = _resolve(node, defs)
+    nullable = False
+    if 'anyOf' in node:
+        options = [o for o in node['anyOf'] if o.get('type') != 'null']
+        nullable = len(options) < len(node['anyOf'])
+        if len(options) != 1:
+            raise ValueError(f'cannot express anyOf with {len(options)} non-null options: {node}')
+        rest = {k: v for k, v in node.items() if k != 'anyOf'}
+        node = {**_resolve(options[0], defs), **rest}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == 'description' and isinstance(value, str):
+            out[key] = ' '.join(value.split())
+        elif key == 'properties':
+            out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
+        elif key == 'items':
+            out[key] = _convert(value, defs) if value else {'x-kubernetes-preserve-unknown-fields': True}
+        elif key == 'additionalProperties':
+            if isinstance(value, dict) and value:
+                out[key] = _convert(value, defs)
+            # `true`, `{}` (free-form) and `false` (extra=forbid) have no structural form
+        elif key in ('exclusiveMinimum', 'exclusiveMaximum') and not isinstance(value, bool):
+            bound = 'minimum' if key == 'exclusiveMinimum' else 'maximum'
+            out[bound] = value
+            out[key] = True
+        elif key == 'const':
+            out['enum'] = [value]
+        else:
+            out[key] = value
+    if out.get('type') == 'object' and 'properties' not in out and 'additionalProperties' not in out:
+        out['x-kubernetes-preserve-unknown-fields'] = True
+    if 'type' not in out and not out.get('x-kubernetes-preserve-unknown-fields'):
+        out['x-kubernetes-preserve-unknown-fields'] = True  # Any
+    if nullable:
+        out['nullable'] = True
+    return out
+
+
+def build_crd(kind: str) -> dict[str, Any]:
+    info = CRD_KINDS[kind]
+    spec_schema = structural_schema(info['spec'])
+    status_schema = structural_schema(info['status'])
+    return {
+        'apiVersion': 'apiextensions.k8s.io/v1',
+        'kind': 'CustomResourceDefinition',
+        'metadata': {
+            'name': f'{info["plural"]}.{GROUP}',
+            'labels': {'app.kubernetes.io/part-of': 'finetuner'},
+        },
+        'spec': {
+            'group': GROUP,
+            'scope': 'Namespaced',
+            'names': {
+                'kind': kind,
+                'listKind': f'{kind}List',
+                'plural': info['plural'],
+                'singular': info['singular'],
+                'shortNames': info['short_names'],
+                'categories': [CATEGORY],
+            },
+            'versions': [
+                {
+                    'name': VERSION,
+                    'served': True,
+                    'storage': True,
+                    'subresources': {'status': {}},
+                    'additionalPrinterColumns': info['printer_columns'],
+                    'schema': {
+                        'openAPIV3Schema': {
+                            'type': 'object',
+                            'description': (info['spec'].__doc__ or kind).strip().split('\n')[0],
+                            'required': ['spec'],
+                            'properties': {
+                                'apiVersion': {'type': 'string'},
+                                'kind': {'type': 'string'},
+                                'metadata': {'type': 'object'},
+                                'spec': spec_schema,
+                                'status': status_schema,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_all() -> dict[str, str]:
+    """File name -> YAML text of every CRD."""
+    files = {}
+    for kind, info in CRD_KINDS.items():
+        text = yaml.safe_dump(build_crd(kind), sort_keys=False, width=100)
+        files[f'{info["plural"]}.{GROUP}.yaml'] = HEADER + text
+    return files
+
+
+def drifted() -> list[Path]:
+    """Files on disk that differ from what the models generate (missing ones included)."""
+    stale = []
+    for directory in CRD_DIRS:
+        for name, text in render_all().items():
+            path = directory / name
+            if not path.exists() or path.read_text() != text:
+                stale.append(path)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--check', action='store_true', help='only check for drift')
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = drifted()
+        for path in stale:
+            print(f'stale: {path.relative_to(REPO_ROOT)} (run `{REGENERATE}`)', file=sys.stderr)
+        return 1 if stale else 0
+    for directory in CRD_DIRS:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in render_all().items():
+            (directory / name).write_text(text)
+            print(f'wrote {(directory / name).relative_to(REPO_ROOT)}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,563 @@
+"""The one typed contract: ``FinetuneRun`` and ``Experiment`` (group ``finetuner.dev``, ``v1alpha1``).
+
+Everything else is derived from these models: the CRD YAML in ``crds/`` and the Helm chart
+(``python -m finetuner.api.crdgen``), the operator's parsing of custom resources, the trainer's
+configuration, and the SDK's ``fit()`` arguments. A field is added here and nowhere else.
+
+Python attributes are snake_case; the Kubernetes wire format is camelCase (``by_alias``).
+Every field carries a description: it becomes ``kubectl explain`` text.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from finetuner.catalog import (
+    CALLBACK_NAMES,
+    LOSS_NAMES,
+    MINER_NAMES,
+    OPTIMIZER_NAMES,
+    SCHEDULER_NAMES,
+)
+
+GROUP = 'finetuner.dev'
+VERSION = 'v1alpha1'
+API_VERSION = f'{GROUP}/{VERSION}'
+CATEGORY = 'finetuner'
+
+# The trainer exits with this code on a configuration or data error. The Job's pod failure
+# policy fails the Job at once on it: a user mistake is never retried.
+EXIT_CONFIG_ERROR = 3
+
+DNS1123_LABEL = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')
+MAX_RUN_NAME = 52  # leaves room for the '-trainer' / '-workers' suffixes of child objects (63)
+
+
+def check_dns1123_name(value: str, field: str = 'name', max_len: int = MAX_RUN_NAME) -> str:
+    """Raise ValueError naming the field unless ``value`` is a DNS-1123 label Kubernetes accepts."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'{field} must be a non-empty string')
+    if len(value) > max_len:
+        raise ValueError(f'{field} {value!r} is {len(value)} characters long; use at most {max_len}')
+    if not DNS1123_LABEL.match(value):
+        raise ValueError(
+            f'{field} {value!r} is not a valid name: use lower-case letters, digits and "-", '
+            f'starting and ending with a letter or digit (e.g. {_suggest_name(value)!r})'
+        )
+    return value
+
+
+def _suggest_name(value: str) -> str:
+    cleaned = re.sub(r'[^a-z0-9-]+', '-', value.lower()).strip('-')
+    return cleaned[:MAX_RUN_NAME] or 'my-run'
+
+
+class _Model(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra='forbid',
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The camelCase dict a Kubernetes API server stores (``None`` fields left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode='json')
+
+
+class Phase(str, Enum):
+    CREATED = 'CREATED'
+    STARTED = 'STARTED'
+    FINISHED = 'FINISHED'
+    FAILED = 'FAILED'
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.FINISHED, Phase.FAILED)
+
+
+FreeForm = dict[str, Any]  # emitted with x-kubernetes-preserve-unknown-fields
+
+
+# ---------------------------------------------------------------------------------------------
+# FinetuneRun spec
+# ---------------------------------------------------------------------------------------------
+
+
+class CallbackSpec(_Model):
+    name: str = Field(description=f'Callback class name, one of: {", ".join(CALLBACK_NAMES)}.')
+    options: FreeForm = Field(
+        default_factory=dict,
+        description='Keyword arguments of the callback, e.g. {"monitor": "val_loss"} for '
+        'BestModelCheckpoint or {"query_data": "my-eval-set"} for EvaluationCallback.',
+    )
+
+    @field_validator('name')
+    @classmethod
+    def _known_callback(cls, value: str) -> str:
+        if value not in CALLBACK_NAMES:
+            raise ValueError(f'unknown callback {value!r}; choose one of {", ".join(CALLBACK_NAMES)}')
+        return value
+
+
+class SchedulerStep(str, Enum):
+    BATCH = 'batch'
+    EPOCH = 'epoch'
+
+
+class SchedulerOptions(_Model):
+    num_warmup_steps: int = Field(
+        default=0, ge=0, description='Steps (batches or epochs, see schedulerStep) of linear warm-up.'
+    )
+    scheduler_step: SchedulerStep = Field(
+        default=SchedulerStep.BATCH,
+        description='Whether the learning-rate scheduler steps after every batch or every epoch.',
+    )
+    num_cycles: float | None = Field(
+        default=None, gt=0, description='Cosine schedules: number of waves (cosine_with_restarts: restarts).'
+    )
+    power: float | None = Field(default=None, gt=0, description='polynomial: the decay power (default 1).')
+    lr_end: float | None = Field(default=None, ge=0, description='polynomial: the final learning rate.')
+
+
+class CSVOptions(_Model):
+    size: int | None = Field(default=None, gt=0, description='Read at most this many rows.')
+    sampling_rate: float | None = Field(
+        default=None, gt=0, le=1, description='Keep this fraction of the rows, chosen at random.'
+    )
+    dialect: str = Field(
+        default='auto',
+        description='CSV dialect: "auto" (sniffed from the file), "excel", "excel-tab" or "unix".',
+    )
+    encoding: str = Field(default='utf-8', description='Text encoding of the file.')
+    is_labeled: bool = Field(
+        default=False,
+        description='Two columns are (item, label) when true, (query, document) pairs when false. '
+        'A third numeric column is always read as a similarity score.',
+    )
+    convert_to_blob: bool = Field(default=True, description='Load image paths/URIs into bytes before training.')
+
+    @field_validator('dialect')
+    @classmethod
+    def _known_dialect(cls, value: str) -> str:
+        allowed = ('auto', 'excel', 'excel-tab', 'unix')
+        if value not in allowed:
+            raise ValueError(f'unknown CSV dialect {value!r}; choose one of {", ".join(allowed)}')
+        return value
+
+
+class Device(str, Enum):
+    AUTO = 'auto'
+    CUDA = 'cuda'
+    CPU = 'cpu'
+
+
+class Sampler(str, Enum):
+    AUTO = 'auto'
+    CLASS = 'class'
+    RANDOM = 'random'
+
+
+class Resources(_Model):
+    gpus: int = Field(default=1, ge=0, le=16, description='GPUs per node (0 trains on CPU).')
+    nodes: int = Field(
+        default=1, ge=1, le=64, description='Nodes (pods) of a distributed run; >1 makes an Indexed Job.'
+    )
+    cpu: str | None = Field(default=None, description='CPU request and limit per pod, e.g. "8".')
+    memory: str | None = Field(default=None, description='Memory request and limit per pod, e.g. "32Gi".')
+
+    @field_validator('cpu', 'memory')
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r'^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$', value):
+            raise ValueError(f'{value!r} is not a Kubernetes quantity; write e.g. "4", "500m" or "16Gi"')
+        return value
+
+
+class Toleration(_Model):
+    key: str | None = Field(default=None, description='Taint key the toleration applies to.')
+    operator: Literal['Exists', 'Equal'] | None = Field(default=None, description='Exists or Equal.')
+    value: str | None = Field(default=None, description='Taint value to match (operator Equal).')
+    effect: Literal['NoSchedule', 'PreferNoSchedule', 'NoExecute'] | None = Field(
+        default=None, description='Taint effect to match; empty matches all.'
+    )
+    toleration_seconds: int | None = Field(default=None, description='For NoExecute: how long to stay.')
+
+
+def _choice(value: str | None, names: tuple[str, ...], what: str) -> str | None:
+    if value is not None and value not in names:
+        close = [n for n in names if n.lower() == value.lower()]
+        hint = f'did you mean {close[0]!r}?' if close else f'choose one of {", ".join(names)}'
+        raise ValueError(f'unknown {what} {value!r}; {hint}')
+    return value
+
+
+class FinetuneRunSpec(_Model):
+    """What to fine-tune, on which data, how, and with which cluster resources."""
+
+    # --- model and data -----------------------------------------------------------------------
+    model: str = Field(
+        min_length=1,
+        description='Backbone: a name from `finetuner models` (e.g. efficientnet_b0, bert-base-cased, '
+        'openai/clip-vit-base-patch32) or an alias (resnet-base, clip-base-en, ...), "timm:<name>", '
+        'any Hugging Face model id, a local directory or an s3:// prefix holding a Hugging Face model.',
+    )
+    model_options: FreeForm = Field(
+        default_factory=dict,
+        description='Backbone options: pooler (mean, cls, gem), max_length, image_size, pretrained.',
+    )
+    train_data: str = Field(
+        min_length=1,
+        description='Training data: an s3:// or file:// URI (JSONL, CSV or docarray binary) or the name '
+        'of a dataset pushed with finetuner.push_data(). Never inline data.',
+    )
+    eval_data: str | None = Field(default=None, description='Evaluation data, same forms as trainData.')
+    val_split: float = Field(
+        default=0.0, ge=0, lt=1, description='Fraction of trainData held out for validation when no evalData.'
+    )
+    model_artifact: str | None = Field(
+        default=None, description='Continue from an earlier artifact: a run name or an artifact URI.'
+    )
+    description: str | None = Field(default=None, max_length=2000, description='Free text about the run.')
+    experiment: str = Field(default='default', description='Name of the Experiment this run belongs to.')
+    # --- objective ----------------------------------------------------------------------------
+    loss: str = Field(
+        default='TripletMarginLoss',
+        json_schema_extra={'enum': list(LOSS_NAMES)},
+        description='Loss: any pytorch-metric-learning loss, CLIPLoss (text-image pairs), '
+        'MultipleNegativesRankingLoss (query-document pairs), CosineSimilarityLoss or MarginMSELoss '
+        '(pairs with a score).',
+    )
+    loss_options: FreeForm = Field(default_factory=dict, description='Keyword arguments of the loss.')
+    miner: str | None = Field(
+        default=None,
+        json_schema_extra={'enum': list(MINER_NAMES)},
+        description='A pytorch-metric-learning miner, e.g. TripletMarginMiner.',
+    )
+    miner_options: FreeForm = Field(default_factory=dict, description='Keyword arguments of the miner.')
+    loss_optimizer: str | None = Field(
+        default=None,
+        json_schema_extra={'enum': list(OPTIMIZER_NAMES)},
+        description='Optimizer for losses with parameters (ArcFaceLoss, CosFaceLoss, ProxyAnchorLoss).',
+    )
+    loss_optimizer_options: FreeForm = Field(
+        default_factory=dict, description='Keyword arguments of the loss optimizer (lr defaults to learningRate).'
+    )
+    # --- optimisation -------------------------------------------------------------------------
+    optimizer: str = Field(
+        default='Adam',
+        json_schema_extra={'enum': list(OPTIMIZER_NAMES)},
+        description='A torch.optim optimizer by name.',
+    )
+    optimizer_options: FreeForm = Field(
+        default_factory=dict, description='Keyword arguments of the optimizer, e.g. {"weight_decay": 0.01}.'
+    )
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=1, description='Learning rate; empty picks the model family default.'
+    )
+    epochs: int = Field(default=5, ge=1, le=10000, description='Passes over the training data.')
+    batch_size: int | None = Field(
+        default=None, ge=1, le=65536, description='Batch size; empty picks the largest batch that fits.'
+    )
+    scheduler: str | None = Field(
+        default=None, json_schema_extra={'enum': list(SCHEDULER_NAMES)}, description='Learning-rate schedule by name.'
+    )
+    scheduler_options: SchedulerOptions = Field(
+        default_factory=SchedulerOptions, description='Warm-up and stepping of the scheduler.'
+    )
+    callbacks: list[CallbackSpec] = Field(default_factory=list, description='Callbacks, in order.')
+    freeze: bool = Field(default=False, description='Freeze the backbone; train only the projection head.')
+    output_dim: int | None = Field(
+        default=None, ge=1, le=16384, description='Attach a projection MLP with this output size.'
+    )
+    num_items_per_class: int = Field(
+        default=4, ge=1, le=1024, description='Items per class in each batch (class-balanced sampling).'
+    )
+    sampler: Sampler = Field(
+        default=Sampler.AUTO, description='Batch sampler: auto (class when labelled), class or random.'
+    )
+    multi_modal: bool = Field(default=False, description='Text-image data (CLIP): one text and one image per item.')
+    image_modality: str | None = Field(default=None, description='Modality name of the image chunk (CLIP).')
+    text_modality: str | None = Field(default=None, description='Modality name of the text chunk (CLIP).')
+    csv_options: CSVOptions = Field(default_factory=CSVOptions, description='How CSV data is read.')
+    device: Device = Field(default=Device.AUTO, description='auto (CUDA when present), cuda or cpu.')
+    num_workers: int = Field(default=4, ge=0, le=64, description='Data-loader worker processes.')
+    to_onnx: bool = Field(default=False, description='Also export the model to ONNX (checked against torch).')
+    seed: int = Field(default=42, ge=0, description='Random seed of sampling, splits and initialisation.')
+    checkpoint_every_steps: int | None = Field(
+        default=None, ge=1, description='Also checkpoint every N steps (checkpoints are always taken per epoch).'
+    )
+    # --- cluster ------------------------------------------------------------------------------
+    resources: Resources = Field(default_factory=Resources, description='Compute per node and node count.')
+    image: str | None = Field(default=None, description='Trainer image override (default: the operator setting).')
+    node_selector: dict[str, str] = Field(default_factory=dict, description='Node labels the pods must match.')
+    tolerations: list[Toleration] = Field(default_factory=list, description='Tolerations of the trainer pods.')
+    queue_name: str | None = Field(default=None, description='Kueue LocalQueue; the Job waits there for admission.')
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=60, description='Fail the run after this many seconds of running.'
+    )
+    backoff_limit: int = Field(default=3, ge=0, le=20, description='Retries after infrastructure failures.')
+    output: str | None = Field(
+        default=None, description='Where artifacts go (s3:// or file:// prefix); default: the operator setting.'
+    )
+    suspend: bool = Field(default=False, description='True stops the run (its pods are removed) until false.')
+
+    @field_validator('loss')
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        return _choice(value, LOSS_NAMES, 'loss')  # type: ignore[return-value]
+
+    @field_validator('miner')
+    @classmethod
+    def _known_miner(cls, value: str | None) -> str | None:
+        return _choice(value, MINER_NAMES, 'miner')
+
+    @field_validator('optimizer')
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return _choice(value, OPTIMIZER_NAMES, 'optimizer')  # type: ignore[return-value]
+
+    @field_validator('loss_optimizer')
+    @classmethod
+    def _known_loss_optimizer(cls, value: str | None) -> str | None:
+        return _choice(value, OPTIMIZER_NAMES, 'lossOptimizer')
+
+    @field_validator('scheduler')
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        return _choice(value, SCHEDULER_NAMES, 'scheduler')
+
+    @field_validator('experiment')
+    @classmethod
+    def _experiment_name(cls, value: str) -> str:
+        return check_dns1123_name(value, 'experiment')
+
+    @model_validator(mode='after')
+    def _coherent(self) -> FinetuneRunSpec:
+        if self.loss == 'CLIPLoss' and not self.multi_modal:
+            raise ValueError('loss CLIPLoss needs multiModal: true (text-image pairs)')
+        if self.multi_modal and self.loss != 'CLIPLoss':
+            raise ValueError(f'multiModal: true trains text-image pairs; set loss CLIPLoss (got {self.loss})')
+        if self.val_split and self.eval_data:
+            raise ValueError('give either evalData or valSplit, not both')
+        if self.loss_optimizer_options and not self.loss_optimizer:
+            raise ValueError('lossOptimizerOptions given without lossOptimizer')
+        if self.miner_options and not self.miner:
+            raise ValueError('minerOptions given without miner')
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# FinetuneRun status
+# ---------------------------------------------------------------------------------------------
+
+
+class Condition(_Model):
+    type: str = Field(description='Condition type: Created, Started, Succeeded, Failed, Suspended.')
+    status: Literal['True', 'False', 'Unknown'] = Field(description='True, False or Unknown.')
+    reason: str | None = Field(default=None, description='CamelCase reason of the last transition.')
+    message: str | None = Field(default=None, description='What a person can act on.')
+    last_transition_time: str | None = Field(default=None, description='RFC 3339 time of the last change.')
+
+
+class Progress(_Model):
+    """What the trainer reports while it runs (``progress.json`` in its output location)."""
+
+    epoch: int = Field(default=0, ge=0, description='Current epoch, 1-based (0 before the first).')
+    epochs: int = Field(default=0, ge=0, description='Epochs planned.')
+    step: int = Field(default=0, ge=0, description='Optimizer steps done so far.')
+    total_steps: int = Field(default=0, ge=0, description='Optimizer steps planned.')
+    percent: float = Field(default=0.0, ge=0, le=100, description='Share of the planned steps done.')
+    eta_seconds: float | None = Field(default=None, ge=0, description='Estimated seconds to the end.')
+    loss: float | None = Field(default=None, description='Latest training loss (running mean).')
+    metrics: dict[str, float] = Field(default_factory=dict, description='Latest evaluation metrics.')
+    updated_at: str | None = Field(default=None, description='RFC 3339 time of this report.')
+
+
+class RunMetrics(_Model):
+    before: dict[str, float] = Field(default_factory=dict, description='Evaluation before fine-tuning.')
+    after: dict[str, float] = Field(default_factory=dict, description='Evaluation after fine-tuning.')
+
+
+class FinetuneRunStatus(_Model):
+    phase: Phase | None = Field(default=None, description='CREATED, STARTED, FINISHED or FAILED.')
+    details: str | None = Field(default=None, description='What is happening, in words a person can act on.')
+    reason: str | None = Field(default=None, description='CamelCase reason of the current phase.')
+    conditions: list[Condition] = Field(default_factory=list, description='Standard conditions.')
+    start_time: str | None = Field(default=None, description='When a trainer pod first ran.')
+    completion_time: str | None = Field(default=None, description='When the run finished or failed.')
+    attempts: int = Field(default=0, ge=0, description='Trainer pod attempts so far.')
+    progress: Progress | None = Field(default=None, description='Live progress reported by the trainer.')
+    metrics: RunMetrics | None = Field(default=None, description='Evaluation metrics before and after.')
+    artifact_uri: str | None = Field(default=None, description='Where the fine-tuned model is.')
+    output_uri: str | None = Field(default=None, description="The run's output location (artifact, logs).")
+    job_name: str | None = Field(default=None, description='Name of the trainer Job.')
+    observed_generation: int | None = Field(default=None, description='Spec generation last acted upon.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment
+# ---------------------------------------------------------------------------------------------
+
+
+class SweepKind(str, Enum):
+    GRID = 'grid'
+    RANDOM = 'random'
+
+
+class Sweep(_Model):
+    kind: SweepKind = Field(default=SweepKind.GRID, description='grid (every combination) or random.')
+    parameters: dict[str, list[Any]] = Field(
+        description='FinetuneRun spec fields (camelCase) and the values to try, e.g. '
+        '{"learningRate": [1e-5, 1e-4], "loss": ["TripletMarginLoss", "ArcFaceLoss"]}.'
+    )
+    count: int | None = Field(default=None, ge=1, le=1000, description='random: how many points to draw.')
+    seed: int = Field(default=0, ge=0, description='random: the seed of the draw.')
+    parallelism: int = Field(default=1, ge=1, le=1000, description='Runs of the sweep active at once.')
+
+    @model_validator(mode='after')
+    def _parameters_are_spec_fields(self) -> Sweep:
+        known = {f.alias or n for n, f in FinetuneRunSpec.model_fields.items()}
+        for key, values in self.parameters.items():
+            if key not in known:
+                raise ValueError(f'sweep parameter {key!r} is not a FinetuneRun spec field')
+            if not values:
+                raise ValueError(f'sweep parameter {key!r} has no values')
+        if self.kind == SweepKind.RANDOM and self.count is None:
+            raise ValueError('a random sweep needs count')
+        if not self.parameters:
+            raise ValueError('a sweep needs at least one parameter')
+        return self
+
+
+class BestRunSelector(_Model):
+    metric: str = Field(default='mrr', description='Metric of status.metrics.after to rank runs by.')
+    mode: Literal['max', 'min'] = Field(default='max', description='max or min.')
+
+
+class ExperimentSpec(_Model):
+    description: str | None = Field(default=None, max_length=2000, description='Free text.')
+    run_template: FreeForm | None = Field(
+        default=None, description='FinetuneRun spec (camelCase) that sweep points are applied to.'
+    )
+    sweep: Sweep | None = Field(default=None, description='Create one FinetuneRun per point of this sweep.')
+    best_run: BestRunSelector = Field(default_factory=BestRunSelector, description='How the best run is chosen.')
+
+    @model_validator(mode='after')
+    def _sweep_has_template(self) -> ExperimentSpec:
+        if self.sweep is not None and self.run_template is None:
+            raise ValueError('a sweep needs runTemplate (the FinetuneRun spec its points change)')
+        return self
+
+
+class RunCounts(_Model):
+    total: int = Field(default=0, ge=0, description='Runs in the experiment.')
+    created: int = Field(default=0, ge=0, description='Runs in phase CREATED.')
+    started: int = Field(default=0, ge=0, description='Runs in phase STARTED.')
+    finished: int = Field(default=0, ge=0, description='Runs in phase FINISHED.')
+    failed: int = Field(default=0, ge=0, description='Runs in phase FAILED.')
+
+
+class BestRun(_Model):
+    name: str = Field(description='Run name.')
+    metric: str = Field(description='Metric name.')
+    value: float = Field(description='Metric value.')
+
+
+class ExperimentStatus(_Model):
+    runs: RunCounts = Field(default_factory=RunCounts, description='Runs counted by phase.')
+    best_run: BestRun | None = Field(default=None, description='The best finished run so far.')
+    sweep_created: int = Field(default=0, ge=0, description='Sweep points turned into runs so far.')
+    observed_generation: int | None = Field(default=None, description='Spec generation last acted upon.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole objects
+# ---------------------------------------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes metadata the contract cares about; the rest is kept as is."""
+
+    model_config = ConfigDict(extra='allow', populate_by_name=True)
+    name: str
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator('name')
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        return check_dns1123_name(value, 'metadata.name')
+
+
+class FinetuneRun(_Model):
+    api_version: Literal['finetuner.dev/v1alpha1'] = Field(default=API_VERSION, alias='apiVersion')
+    kind: Literal['FinetuneRun'] = 'FinetuneRun'
+    metadata: ObjectMeta
+    spec: FinetuneRunSpec
+    status: FinetuneRunStatus | None = None
+
+
+class Experiment(_Model):
+    api_version: Literal['finetuner.dev/v1alpha1'] = Field(default=API_VERSION, alias='apiVersion')
+    kind: Literal['Experiment'] = 'Experiment'
+    metadata: ObjectMeta
+    spec: ExperimentSpec = Field(default_factory=ExperimentSpec)
+    status: ExperimentStatus | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the trainer process is handed (the ConfigMap's content; a file on the local backend)
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainerConfig(_Model):
+    run_name: str = Field(description='Name of the run.')
+    namespace: str = Field(default='default', description='Namespace (or "local").')
+    spec: FinetuneRunSpec = Field(description='The run spec.')
+    output_uri: str = Field(description="The run's own output prefix (s3:// or file://).")
+    data_uri: str | None = Field(default=None, description='Prefix where named datasets live (datasets/<name>/...).')
+    termination_log: str = Field(
+        default='/dev/termination-log', description='Where a one-line failure reason is written.'
+    )
+
+
+CRD_KINDS: dict[str, dict[str, Any]] = {
+    'FinetuneRun': {
+        'plural': 'finetuneruns',
+        'singular': 'finetunerun',
+        'short_names': ['ftr', 'ftrun'],
+        'spec': FinetuneRunSpec,
+        'status': FinetuneRunStatus,
+        'printer_columns': [
+            {'name': 'Phase', 'type': 'string', 'jsonPath': '.status.phase'},
+            {'name': 'Model', 'type': 'string', 'jsonPath': '.spec.model'},
+            {'name': 'Loss', 'type': 'string', 'jsonPath': '.spec.loss'},
+            {'name': 'Progress', 'type': 'number', 'jsonPath': '.status.progress.percent'},
+            {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
+        ],
+    },
+    'Experiment': {
+        'plural': 'experiments',
+        'singular': 'experiment',
+        'short_names': ['ftexp'],
+        'spec': ExperimentSpec,
+        'status': ExperimentStatus,
+        'printer_columns': [
+            {'name': 'Runs', 'type': 'integer', 'jsonPath': '.status.runs.total'},
+            {'name': 'Finished', 'type': 'integer', 'jsonPath': '.status.runs.finished'},
+            {'name': 'Failed', 'type': 'integer', 'jsonPath': '.status.runs.failed'},
+            {'name': 'Best', 'type': 'string', 'jsonPath': '.status.bestRun.name'},
+            {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
+        ],
+    },
+}

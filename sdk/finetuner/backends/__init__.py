@@ -1,0 +1,1 @@
+"""Backends behind the SDK: kubernetes (custom resources) and local (subprocess)."""

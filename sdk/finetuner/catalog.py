@@ -1,0 +1,234 @@
+"""Names the whole system agrees on: backbones, losses, miners, optimizers, schedulers, callbacks.
+
+Pure data, no heavy imports: the SDK shows it (``describe_models``), the contract validates
+against it (and the CRD's enums are generated from it), and the trainer's registries are tested
+to hold exactly these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Task = Literal['image-to-image', 'text-to-text', 'text-to-image']
+Family = Literal['timm', 'text', 'clip']
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    task: Task
+    output_dim: int
+    architecture: str
+    description: str
+    family: Family
+    source: str  # timm model name or Hugging Face id the weights come from
+    aliases: tuple[str, ...] = field(default=())
+    default_learning_rate: float = 1e-4
+
+
+BACKBONES: tuple[Backbone, ...] = (
+    Backbone('resnet50', 'image-to-image', 2048, 'CNN', 'Pretrained on ImageNet', 'timm', 'resnet50', ('resnet-base',)),
+    Backbone(
+        'resnet152', 'image-to-image', 2048, 'CNN', 'Pretrained on ImageNet', 'timm', 'resnet152', ('resnet-large',)
+    ),
+    Backbone(
+        'efficientnet_b0',
+        'image-to-image',
+        1280,
+        'CNN',
+        'Pretrained on ImageNet',
+        'timm',
+        'efficientnet_b0',
+        ('efficientnet-base',),
+    ),
+    Backbone(
+        'efficientnet_b4',
+        'image-to-image',
+        1792,
+        'CNN',
+        'Pretrained on ImageNet',
+        'timm',
+        'efficientnet_b4',
+        ('efficientnet-large',),
+    ),
+    Backbone(
+        'efficientnet_lite0',
+        'image-to-image',
+        1280,
+        'CNN',
+        'Pretrained on ImageNet (small, mobile-friendly)',
+        'timm',
+        'efficientnet_lite0',
+    ),
+    Backbone(
+        'openai/clip-vit-base-patch32',
+        'text-to-image',
+        512,
+        'transformer',
+        'Pretrained on millions of text image pairs by OpenAI',
+        'clip',
+        'openai/clip-vit-base-patch32',
+        ('clip-base-en',),
+        1e-5,
+    ),
+    Backbone(
+        'openai/clip-vit-large-patch14',
+        'text-to-image',
+        768,
+        'transformer',
+        'Pretrained on millions of text image pairs by OpenAI (large)',
+        'clip',
+        'openai/clip-vit-large-patch14',
+        ('clip-large-en',),
+        1e-5,
+    ),
+    Backbone(
+        'bert-base-cased',
+        'text-to-text',
+        768,
+        'transformer',
+        'Pretrained on BookCorpus and English Wikipedia',
+        'text',
+        'bert-base-cased',
+        ('bert-base-en',),
+        2e-5,
+    ),
+    Backbone(
+        'sentence-transformers/msmarco-distilbert-base-v3',
+        'text-to-text',
+        768,
+        'transformer',
+        'Pretrained on Bert, fine-tuned on MS Marco',
+        'text',
+        'sentence-transformers/msmarco-distilbert-base-v3',
+        ('sbert-base-en',),
+        2e-5,
+    ),
+    Backbone(
+        'sentence-transformers/all-MiniLM-L6-v2',
+        'text-to-text',
+        384,
+        'transformer',
+        'MiniLM sentence embedder trained on 1B sentence pairs',
+        'text',
+        'sentence-transformers/all-MiniLM-L6-v2',
+        ('minilm-en',),
+        2e-5,
+    ),
+)
+
+
+def find_backbone(name: str) -> Backbone | None:
+    """The catalog entry for a name or alias, or None (the trainer also takes other ids)."""
+    for backbone in BACKBONES:
+        if name == backbone.name or name in backbone.aliases:
+            return backbone
+    return None
+
+
+# Every loss of pytorch-metric-learning 2.x that trains from (embeddings, labels), plus the
+# pair losses of this project. tests/trainer checks the trainer registry holds exactly these.
+PML_LOSS_NAMES: tuple[str, ...] = (
+    'AngularLoss',
+    'ArcFaceLoss',
+    'CircleLoss',
+    'ContrastiveLoss',
+    'CosFaceLoss',
+    'DynamicSoftMarginLoss',
+    'FastAPLoss',
+    'GeneralizedLiftedStructureLoss',
+    'HistogramLoss',
+    'InstanceLoss',
+    'IntraPairVarianceLoss',
+    'LargeMarginSoftmaxLoss',
+    'LiftedStructureLoss',
+    'ManifoldLoss',
+    'MarginLoss',
+    'MultiSimilarityLoss',
+    'NCALoss',
+    'NPairsLoss',
+    'NTXentLoss',
+    'NormalizedSoftmaxLoss',
+    'P2SGradLoss',
+    'PNPLoss',
+    'ProxyAnchorLoss',
+    'ProxyNCALoss',
+    'RankedListLoss',
+    'SignalToNoiseRatioContrastiveLoss',
+    'SmoothAPLoss',
+    'SoftTripleLoss',
+    'SphereFaceLoss',
+    'SubCenterArcFaceLoss',
+    'SupConLoss',
+    'ThresholdConsistentMarginLoss',
+    'TripletMarginLoss',
+    'TupletMarginLoss',
+)
+PAIR_LOSS_NAMES: tuple[str, ...] = (
+    'CLIPLoss',
+    'MultipleNegativesRankingLoss',
+    'CosineSimilarityLoss',
+    'MarginMSELoss',
+)
+LOSS_NAMES: tuple[str, ...] = PML_LOSS_NAMES + PAIR_LOSS_NAMES
+
+MINER_NAMES: tuple[str, ...] = (
+    'AngularMiner',
+    'BatchEasyHardMiner',
+    'BatchHardMiner',
+    'DistanceWeightedMiner',
+    'HDCMiner',
+    'MultiSimilarityMiner',
+    'PairMarginMiner',
+    'TripletMarginMiner',
+    'UniformHistogramMiner',
+)
+
+OPTIMIZER_NAMES: tuple[str, ...] = (
+    'Adadelta',
+    'Adagrad',
+    'Adam',
+    'AdamW',
+    'SparseAdam',
+    'Adamax',
+    'ASGD',
+    'LBFGS',
+    'NAdam',
+    'RAdam',
+    'RMSprop',
+    'Rprop',
+    'SGD',
+)
+
+SCHEDULER_NAMES: tuple[str, ...] = (
+    'linear',
+    'cosine',
+    'cosine_with_restarts',
+    'polynomial',
+    'constant',
+    'constant_with_warmup',
+)
+
+CALLBACK_NAMES: tuple[str, ...] = (
+    'EvaluationCallback',
+    'BestModelCheckpoint',
+    'TrainingCheckpoint',
+    'EarlyStopping',
+    'WiSEFTCallback',
+    'TensorBoardLogger',
+    'MLFlowLogger',
+    'WandBLogger',
+)
+
+EVALUATION_METRICS: tuple[str, ...] = (
+    'average_precision',
+    'dcg_at_k',
+    'f1_score_at_k',
+    'hit_at_k',
+    'ndcg_at_k',
+    'precision_at_k',
+    'r_precision',
+    'recall_at_k',
+    'reciprocal_rank',
+)
