@@ -1,0 +1,160 @@
+"""Retrieval metrics against hand-computed rankings and against scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from finetuner.api.layout import Record
+from finetuner.catalog import EVALUATION_METRICS
+from finetuner_trainer.evaluation import (
+    EvaluationError,
+    Evaluator,
+    build_eval_set,
+    rank,
+    ranking_metrics,
+    retrieval_metrics,
+)
+from sklearn.metrics import average_precision_score, dcg_score, ndcg_score
+
+
+def line(*positions: float) -> torch.Tensor:
+    """1-d embeddings: euclidean distance to a query at 0 is the position itself."""
+    return torch.tensor([[p] for p in positions], dtype=torch.float32)
+
+
+def test_hand_computed_ranking() -> None:
+    # Index at distances 1..6 with labels A B A B B A; limit 4 -> relevance [1, 0, 1, 0], R = 3.
+    metrics = retrieval_metrics(line(0.0), line(1, 2, 3, 4, 5, 6), ['A'], list('ABABBA'), limit=4, distance='euclidean')
+    expected = {
+        'precision_at_k': 0.5,
+        'recall_at_k': 2 / 3,
+        'f1_score_at_k': 4 / 7,
+        'hit_at_k': 1.0,
+        'reciprocal_rank': 1.0,
+        'average_precision': (1 + 2 / 3) / 3,
+        'r_precision': 2 / 3,
+        'dcg_at_k': 1.5,
+        'ndcg_at_k': 1.5 / (1 + 1 / math.log2(3) + 0.5),
+    }
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value), name
+    assert set(EVALUATION_METRICS) <= set(metrics)
+    assert metrics['mrr'] == metrics['reciprocal_rank']
+    assert metrics['map'] == metrics['average_precision']
+
+
+def test_mean_over_queries_and_miss() -> None:
+    # Query 1 finds its only match at rank 3; query 2 (label C) finds nothing in the top 2.
+    index = line(1, 2, 3, 10)
+    labels = ['A', 'A', 'B', 'C']
+    one = ranking_metrics([0, 0, 1], 1)
+    assert one['reciprocal_rank'] == pytest.approx(1 / 3)
+    assert one['average_precision'] == pytest.approx(1 / 3)
+    assert one['ndcg_at_k'] == pytest.approx(0.5)  # 1/log2(4) over ideal 1
+    assert one['r_precision'] == 0.0
+    miss = ranking_metrics([0, 0], 1)
+    assert all(v == 0.0 for v in miss.values())
+    both = retrieval_metrics(line(0, 0), index, ['B', 'C'], labels, limit=3, distance='euclidean')
+    assert both['reciprocal_rank'] == pytest.approx((1 / 3 + 0) / 2)
+    assert both['hit_at_k'] == pytest.approx(0.5)
+    assert both['recall_at_k'] == pytest.approx(0.5)
+
+
+def test_distances() -> None:
+    q = torch.tensor([[1.0, 0.0]])
+    index = torch.tensor([[10.0, 1.0], [0.5, 0.0], [0.0, 1.0]])
+    # cosine ranks direction (items 0 and 1 nearly same direction), euclidean ranks position.
+    cos = rank(q, index, [0], [0, 1, 2], limit=3, distance='cosine')
+    euc = rank(q, index, [0], [0, 1, 2], limit=3, distance='euclidean')
+    sq = rank(q, index, [0], [0, 1, 2], limit=3, distance='sqeuclidean')
+    assert cos.indices[0].tolist() == [1, 0, 2]
+    assert euc.indices[0].tolist() == [1, 2, 0]
+    assert sq.indices[0].tolist() == [1, 2, 0]
+    assert sq.distances[0] == pytest.approx(euc.distances[0] ** 2)
+    with pytest.raises(EvaluationError, match="unknown distance 'manhattan'"):
+        rank(q, index, [0], [0, 1, 2], distance='manhattan')
+
+
+def test_exclude_self() -> None:
+    emb = line(0, 1, 5, 6)
+    labels = ['A', 'A', 'B', 'B']
+    with_self = retrieval_metrics(emb, emb, labels, labels, limit=1, distance='euclidean')
+    without = retrieval_metrics(emb, emb, labels, labels, limit=1, distance='euclidean', exclude_self=True)
+    assert with_self['precision_at_k'] == 1.0  # every item finds itself
+    assert with_self['recall_at_k'] == 0.5
+    assert without['precision_at_k'] == 1.0  # the nearest other item has the same label
+    assert without['recall_at_k'] == 1.0  # R excludes the item itself
+    ranking = rank(emb, emb, labels, labels, limit=3, distance='euclidean', exclude_self=True)
+    assert all(q not in row for q, row in enumerate(ranking.indices.tolist()))
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_against_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    queries = torch.from_numpy(rng.normal(size=(7, 5))).float()
+    index = torch.from_numpy(rng.normal(size=(30, 5))).float()
+    q_labels = rng.integers(0, 3, size=7).tolist()
+    i_labels = rng.integers(0, 3, size=30).tolist()
+    scores = -torch.cdist(queries, index).numpy()
+    truth = np.array([[int(il == ql) for il in i_labels] for ql in q_labels])
+    answerable = truth.sum(1) > 0
+    full = retrieval_metrics(queries, index, q_labels, i_labels, limit=30, distance='euclidean')
+    expected_ap = np.mean([average_precision_score(t, s) for t, s in zip(truth, scores, strict=True) if t.any()])
+    assert full['average_precision'] == pytest.approx(expected_ap)
+    for k in (1, 5, 10):
+        top = retrieval_metrics(queries, index, q_labels, i_labels, limit=k, distance='euclidean')
+        assert top['ndcg_at_k'] == pytest.approx(ndcg_score(truth[answerable], scores[answerable], k=k))
+        assert top['dcg_at_k'] == pytest.approx(dcg_score(truth[answerable], scores[answerable], k=k))
+        order = np.argsort(-scores, axis=1)[:, :k]
+        hits = np.take_along_axis(truth, order, axis=1)[answerable]
+        assert top['precision_at_k'] == pytest.approx(hits.sum(1).mean() / k)
+        assert top['hit_at_k'] == pytest.approx((hits.sum(1) > 0).mean())
+
+
+def test_no_relevant_item_is_an_error() -> None:
+    with pytest.raises(EvaluationError, match='no query has a relevant item'):
+        retrieval_metrics(line(0), line(1, 2), ['A'], ['B', 'C'])
+
+
+def test_build_eval_set_labelled_pairs_and_clip() -> None:
+    labelled = [Record(text='a', label=1), Record(text='b', label=2)]
+    es = build_eval_set(labelled)
+    assert es.same_items and es.index is es.queries
+    pairs = [
+        Record(chunks=[Record(text='q1'), Record(text='doc')]),
+        Record(chunks=[Record(text='q2'), Record(text='doc')]),
+        Record(chunks=[Record(text='q3'), Record(text='other')]),
+    ]
+    es = build_eval_set(pairs)
+    assert [r.text for r in es.queries] == ['q1', 'q2', 'q3']
+    assert es.query_labels == [0, 0, 2] and es.index_labels == [0, 0, 2]  # identical documents match both
+    clip = [Record(chunks=[Record(blob='aGk=', modality='image'), Record(text='a red one', modality='text')])]
+    es = build_eval_set(clip, multi_modal=True)
+    assert es.queries[0].text == 'a red one' and es.index[0].blob == 'aGk='
+    with pytest.raises(EvaluationError, match='query_data item 1 has no label'):
+        build_eval_set([Record(text='a', label=1), Record(text='b')])
+    with pytest.raises(EvaluationError, match='query_data is empty'):
+        build_eval_set([])
+
+
+def test_evaluator_with_an_embedder_and_examples() -> None:
+    records = [Record(text=t, label=t[0]) for t in ['a1', 'a2', 'b1', 'b2']]
+    position = {'a1': 0.0, 'a2': 1.0, 'b1': 10.0, 'b2': 11.0}
+
+    def embed(items: list[Record], batch_size: int) -> torch.Tensor:
+        return torch.tensor([[position[r.text], 1.0] for r in items])
+
+    evaluator = Evaluator(
+        build_eval_set(records), limit=2, distance='euclidean', gather_examples=True, num_example_queries=2
+    )
+    metrics = evaluator.evaluate(embed)
+    assert metrics['precision_at_k'] == 0.5  # the other same-label item, then one of the other class
+    assert metrics['reciprocal_rank'] == 1.0
+    assert len(evaluator.examples) == 2
+    assert evaluator.examples[0]['query'] == 'a1'
+    assert evaluator.examples[0]['matches'][0] == {'content': 'a2', 'label': 'a', 'distance': 1.0, 'relevant': True}
+    with pytest.raises(EvaluationError, match="distance 'dot' is unknown"):
+        Evaluator(build_eval_set(records), distance='dot')
