@@ -14,7 +14,7 @@ import re
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from finetuner.catalog import (
@@ -50,6 +50,18 @@ def check_dns1123_name(value: str, field: str = 'name', max_len: int = MAX_RUN_N
             f'starting and ending with a letter or digit (e.g. {_suggest_name(value)!r})'
         )
     return value
+
+
+def format_validation_error(error: ValidationError, prefix: str = '') -> str:
+    """One line per problem, each naming the field by its wire path: ``spec.resources.gpus: ...``."""
+    lines = []
+    for item in error.errors():
+        path = '.'.join(str(part) for part in (prefix, *item['loc']) if part != '')
+        message = item['msg'].removeprefix('Value error, ')
+        if item['type'] == 'extra_forbidden':
+            message = 'unknown field (check the spelling; `kubectl explain finetunerun.spec` lists the fields)'
+        lines.append(f'{path}: {message}' if path else message)
+    return '; '.join(lines)
 
 
 def _suggest_name(value: str) -> str:
