@@ -1,0 +1,255 @@
+"""Checkpoints in the run's object store, so that a retried pod resumes where the last one stopped.
+
+Layout under the run's output prefix::
+
+    checkpoints/epoch-0003/state.pt     model, optimizer, scheduler, loss, sampler, RNG, callbacks, history
+    checkpoints/step-00000120/state.pt  the same, taken every ``checkpoint_every_steps`` steps
+    checkpoints/latest.json             {"path": "checkpoints/epoch-0003", "epoch": 3, "step": 120, ...}
+
+``latest.json`` is written only after the state it names is completely stored, so a reader never
+sees a half-written checkpoint: a trainer killed while uploading leaves the previous ``latest.json``
+in place. Old checkpoints are pruned after the new ``latest.json`` is written.
+
+The state is loaded with ``torch.load(weights_only=True)``: only tensors and plain containers, no
+pickled code (RNG states are converted to tensors for that reason).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from finetuner.api.layout import CHECKPOINT_LATEST, CHECKPOINTS
+from finetuner.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = 'state.pt'
+FORMAT_VERSION = 1
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored into this run (different model or config)."""
+
+
+def unwrap(module: Any) -> Any:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while isinstance(module, torch.nn.Module):
+        inner = getattr(module, 'module', None)
+        if inner is None:
+            inner = getattr(module, '_orig_mod', None)
+        if not isinstance(inner, torch.nn.Module):
+            return module
+        module = inner
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Random number generators
+# ---------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        'python': [py_version, torch.tensor(py_internal, dtype=torch.int64), py_gauss],
+        'numpy': [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached],
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py_version, py_internal, py_gauss = state['python']
+    random.setstate((py_version, tuple(int(x) for x in py_internal.tolist()), py_gauss))
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        cuda_states = state['cuda']
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. ``epoch`` counts finished epochs; ``batch_in_epoch`` > 0 means it was
+    taken in the middle of epoch ``epoch + 1`` after that many batches."""
+
+    path: str
+    epoch: int
+    step: int
+    batch_in_epoch: int = 0
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rng: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def restore(self, components: dict[str, Stateful | None], callbacks: list[Any] | None = None) -> None:
+        """Load every saved component into the live objects of the same name, then the RNGs.
+
+        A live component without saved state (or the other way round) is a configuration change
+        between attempts and is refused: continuing would silently train something else."""
+        live = {name: obj for name, obj in components.items() if obj is not None}
+        missing = sorted(set(live) - set(self.components))
+        if missing:
+            raise CheckpointError(
+                f'{self.path} has no state for {", ".join(missing)}; the run configuration changed since it '
+                f'was written. Delete {CHECKPOINTS}/ in the output location to start over.'
+            )
+        for name, obj in live.items():
+            target = unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
+            try:
+                target.load_state_dict(self.components[name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(
+                    f'cannot restore {name} from {self.path}: {e}. The model or optimizer differs from the one '
+                    f'that wrote the checkpoint; delete {CHECKPOINTS}/ in the output location to start over.'
+                ) from e
+        for position, callback in enumerate(callbacks or []):
+            saved = self.callbacks.get(callback_key(callback, position))
+            if saved is not None:
+                callback.load_state_dict(saved)
+        if self.rng is not None:
+            restore_rng(self.rng)
+
+
+def callback_key(callback: Any, position: int) -> str:
+    return f'{position}:{type(callback).__name__}'
+
+
+def checkpoint_name(epoch: int, step: int, batch_in_epoch: int) -> str:
+    if batch_in_epoch:
+        return f'{CHECKPOINTS}/step-{step:08d}'
+    return f'{CHECKPOINTS}/epoch-{epoch:04d}'
+
+
+class Checkpointer:
+    """Writes checkpoints to a store, keeps the newest ``keep_last`` epoch checkpoints (and only the
+    newest step checkpoint), and finds the latest complete one."""
+
+    def __init__(self, store: Any, keep_last: int = 1):
+        if keep_last < 1:
+            raise ValueError(f'keep_last must be at least 1, got {keep_last}')
+        self.store = store
+        self.keep_last = keep_last
+
+    def save(
+        self,
+        *,
+        epoch: int,
+        step: int,
+        components: dict[str, Stateful | None],
+        batch_in_epoch: int = 0,
+        callbacks: list[Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """Store a checkpoint and point ``latest.json`` at it. Returns its path (e.g. checkpoints/epoch-0003)."""
+        path = checkpoint_name(epoch, step, batch_in_epoch)
+        payload = {
+            'format': FORMAT_VERSION,
+            'epoch': epoch,
+            'step': step,
+            'batch_in_epoch': batch_in_epoch,
+            'components': {
+                name: (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).state_dict()
+                for name, obj in components.items()
+                if obj is not None
+            },
+            'callbacks': {callback_key(cb, i): cb.state_dict() for i, cb in enumerate(callbacks or [])},
+            'history': list(history or []),
+            'rng': capture_rng(),
+            'extra': dict(extra or {}),
+        }
+        # A temporary file and upload_file: S3 uploads large states in parts, a folder renames atomically.
+        with tempfile.TemporaryDirectory(prefix='finetuner-ckpt-') as tmp:
+            local = Path(tmp) / STATE_FILE
+            torch.save(payload, local)
+            self.store.upload_file(local, f'{path}/{STATE_FILE}')
+            size = os.path.getsize(local)
+        self.store.write_json(
+            CHECKPOINT_LATEST,
+            {'path': path, 'epoch': epoch, 'step': step, 'batchInEpoch': batch_in_epoch, 'bytes': size},
+        )
+        self._prune(keep=path)
+        log.info('checkpoint %s saved (epoch %d, step %d, %.1f MB)', path, epoch, step, size / 1e6)
+        return path
+
+    def latest_pointer(self) -> dict[str, Any] | None:
+        try:
+            pointer = self.store.read_json(CHECKPOINT_LATEST)
+        except StorageError:
+            return None
+        return pointer if isinstance(pointer, dict) and 'path' in pointer else None
+
+    def load_latest(self, map_location: str | torch.device = 'cpu') -> Checkpoint | None:
+        """The checkpoint ``latest.json`` names, or None when this run has none yet."""
+        pointer = self.latest_pointer()
+        if pointer is None:
+            return None
+        path = pointer['path']
+        try:
+            data = self.store.read_bytes(f'{path}/{STATE_FILE}')
+        except StorageError as e:
+            raise CheckpointError(
+                f'{CHECKPOINT_LATEST} names {path} but its {STATE_FILE} is missing: the checkpoint store was '
+                f'changed by hand. Delete {CHECKPOINTS}/ in the output location to start over.'
+            ) from e
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        if payload.get('format') != FORMAT_VERSION:
+            raise CheckpointError(f'{path} has checkpoint format {payload.get("format")}, expected {FORMAT_VERSION}')
+        return Checkpoint(
+            path=path,
+            epoch=int(payload['epoch']),
+            step=int(payload['step']),
+            batch_in_epoch=int(payload['batch_in_epoch']),
+            components=payload['components'],
+            callbacks=payload['callbacks'],
+            history=payload['history'],
+            rng=payload['rng'],
+            extra=payload['extra'],
+        )
+
+    def saved(self) -> list[str]:
+        """Checkpoint folders present in the store: epoch checkpoints oldest first, then step checkpoints."""
+        names = {key.split('/')[1] for key in self.store.list(CHECKPOINTS) if key.count('/') >= 2}
+        return [f'{CHECKPOINTS}/{name}' for name in sorted(names, key=_order)]
+
+    def _prune(self, keep: str) -> None:
+        saved = self.saved()
+        epochs = [p for p in saved if p.split('/')[-1].startswith('epoch-')]
+        steps = [p for p in saved if p.split('/')[-1].startswith('step-')]
+        stale = epochs[: max(len(epochs) - self.keep_last, 0)] + [p for p in steps if p != keep]
+        for path in stale:
+            if path != keep:
+                self.store.delete(path)
+
+
+def _order(name: str) -> tuple[int, int]:
+    kind, _, number = name.partition('-')
+    return (0 if kind == 'epoch' else 1, int(number))
