@@ -1,0 +1,354 @@
+"""Pure builders of the objects a FinetuneRun owns: ConfigMap, trainer Job, headless Service.
+
+Nothing here talks to an API server: every function takes the parsed run and the operator's
+configuration and returns the manifest dict handed to the seam (``kube.py``). Names are
+deterministic (``<run>-config``, ``<run>-trainer``, ``<run>-workers``), so creating twice is a 409
+that the seam treats as success.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetuner.api.v1alpha1 import API_VERSION, EXIT_CONFIG_ERROR, FinetuneRunSpec, TrainerConfig
+from finetuner_operator.config import OperatorConfig
+
+MANAGED_BY = 'finetuner-operator'
+RUN_LABEL = 'finetuner.dev/run'
+EXPERIMENT_LABEL = 'finetuner.dev/experiment'
+SWEEP_POINT_ANNOTATION = 'finetuner.dev/sweep-point'
+CANCEL_ANNOTATION = 'finetuner.dev/cancel'
+QUEUE_LABEL = 'kueue.x-k8s.io/queue-name'
+COMPLETION_INDEX_ANNOTATION = 'batch.kubernetes.io/job-completion-index'
+
+CONTAINER = 'trainer'
+CONFIG_DIR = '/etc/finetuner'
+CONFIG_FILE = 'config.json'
+CONFIG_PATH = f'{CONFIG_DIR}/{CONFIG_FILE}'
+TERMINATION_LOG = '/dev/termination-log'
+HOME_DIR = '/home/finetuner'
+HF_CACHE_DIR = '/cache/huggingface'
+RENDEZVOUS_PORT = 29500
+RUN_AS_USER = 1000
+
+
+def config_map_name(run: str) -> str:
+    return f'{run}-config'
+
+
+def job_name(run: str) -> str:
+    return f'{run}-trainer'
+
+
+def service_name(run: str) -> str:
+    return f'{run}-workers'
+
+
+def run_labels(run: str, experiment: str) -> dict[str, str]:
+    """Labels on every child of a run: how pods, Jobs and ConfigMaps are found again."""
+    return {
+        'app.kubernetes.io/name': 'finetuner-trainer',
+        'app.kubernetes.io/managed-by': MANAGED_BY,
+        RUN_LABEL: run,
+        EXPERIMENT_LABEL: experiment,
+    }
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    """A controller owner reference to a custom resource body (needs metadata.uid)."""
+    meta = owner['metadata']
+    if not meta.get('uid'):
+        raise ValueError(f'cannot own objects by {owner.get("kind")} {meta.get("name")!r}: it has no metadata.uid')
+    return {
+        'apiVersion': owner.get('apiVersion', API_VERSION),
+        'kind': owner['kind'],
+        'name': meta['name'],
+        'uid': meta['uid'],
+        'controller': True,
+        'blockOwnerDeletion': True,
+    }
+
+
+def output_uri(run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig) -> str:
+    """The run's own output prefix: ``<spec.output or FINETUNER_OUTPUT>/<namespace>/<run>``."""
+    base = (spec.output or config.output).rstrip('/')
+    return f'{base}/{namespace}/{run}'
+
+
+def queue_of(spec: FinetuneRunSpec, config: OperatorConfig) -> str | None:
+    return spec.queue_name or config.queue
+
+
+def trainer_config(run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig) -> TrainerConfig:
+    return TrainerConfig(
+        run_name=run,
+        namespace=namespace,
+        spec=spec,
+        output_uri=output_uri(run, namespace, spec, config),
+        data_uri=config.data,
+        termination_log=TERMINATION_LOG,
+    )
+
+
+def _metadata(name: str, namespace: str, labels: dict[str, str], owner: dict[str, Any]) -> dict[str, Any]:
+    return {'name': name, 'namespace': namespace, 'labels': dict(labels), 'ownerReferences': [owner_reference(owner)]}
+
+
+def build_config_map(
+    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, owner: dict[str, Any]
+) -> dict[str, Any]:
+    """The ConfigMap holding the TrainerConfig JSON, mounted at /etc/finetuner/config.json."""
+    body = trainer_config(run, namespace, spec, config).model_dump_json(by_alias=True, exclude_none=True, indent=2)
+    return {
+        'apiVersion': 'v1',
+        'kind': 'ConfigMap',
+        'metadata': _metadata(config_map_name(run), namespace, run_labels(run, spec.experiment), owner),
+        'data': {CONFIG_FILE: body},
+    }
+
+
+def build_service(
+    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, owner: dict[str, Any]
+) -> dict[str, Any]:
+    """Headless Service giving the pods of a multi-node run stable DNS names (rendezvous)."""
+    return {
+        'apiVersion': 'v1',
+        'kind': 'Service',
+        'metadata': _metadata(service_name(run), namespace, run_labels(run, spec.experiment), owner),
+        'spec': {
+            'clusterIP': 'None',
+            'publishNotReadyAddresses': True,
+            'selector': {RUN_LABEL: run},
+            'ports': [{'name': 'rendezvous', 'port': RENDEZVOUS_PORT, 'targetPort': RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def _env(run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, output: str) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {'name': 'PYTHONUNBUFFERED', 'value': '1'},
+        {'name': 'HOME', 'value': HOME_DIR},
+        {'name': 'FINETUNER_RUN', 'value': run},
+        {'name': 'FINETUNER_OUTPUT_URI', 'value': output},
+        {'name': 'HF_HOME', 'value': HF_CACHE_DIR if config.hf_cache_pvc else f'{HOME_DIR}/.cache/huggingface'},
+    ]
+    if config.s3_secret:
+        # Credentials by reference only: the values never appear in the Job.
+        for key in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY'):
+            env.append({'name': key, 'valueFrom': {'secretKeyRef': {'name': config.s3_secret, 'key': key}}})
+    if config.s3_endpoint:
+        env.append({'name': 'AWS_ENDPOINT_URL', 'value': config.s3_endpoint})
+        env.append({'name': 'FINETUNER_S3_ENDPOINT', 'value': config.s3_endpoint})
+    if config.s3_region:
+        env.append({'name': 'AWS_DEFAULT_REGION', 'value': config.s3_region})
+    if config.hf_endpoint:
+        env.append({'name': 'HF_ENDPOINT', 'value': config.hf_endpoint})
+    if config.hf_token_secret:
+        env.append(
+            {
+                'name': 'HF_TOKEN',
+                'valueFrom': {'secretKeyRef': {'name': config.hf_token_secret, 'key': 'HF_TOKEN', 'optional': True}},
+            }
+        )
+    if spec.resources.nodes > 1:
+        env += [
+            {'name': 'MASTER_ADDR', 'value': f'{job_name(run)}-0.{service_name(run)}.{namespace}.svc'},
+            {'name': 'MASTER_PORT', 'value': str(RENDEZVOUS_PORT)},
+            {'name': 'NNODES', 'value': str(spec.resources.nodes)},
+            {
+                'name': 'NODE_RANK',
+                'valueFrom': {'fieldRef': {'fieldPath': f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
+            },
+        ]
+    return env
+
+
+def _command(run: str, spec: FinetuneRunSpec) -> list[str]:
+    gpus = spec.resources.gpus
+    nodes = spec.resources.nodes
+    trainer = ['-m', 'finetuner_trainer', '--config', CONFIG_PATH]
+    if nodes > 1:
+        return [
+            'torchrun',
+            f'--nnodes={nodes}',
+            f'--nproc-per-node={max(gpus, 1)}',
+            '--node-rank=$(NODE_RANK)',
+            '--master-addr=$(MASTER_ADDR)',
+            '--master-port=$(MASTER_PORT)',
+            *trainer,
+        ]
+    if gpus > 1:
+        return ['torchrun', '--standalone', f'--nproc-per-node={gpus}', *trainer]
+    return ['python', *trainer]
+
+
+def _resources(spec: FinetuneRunSpec, config: OperatorConfig) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    cpu = spec.resources.cpu or config.default_cpu
+    memory = spec.resources.memory or config.default_memory
+    if cpu:
+        requests['cpu'] = limits['cpu'] = cpu
+    if memory:
+        requests['memory'] = limits['memory'] = memory
+    if spec.resources.gpus > 0:
+        # Extended resources are set as limits (requests default to them and must not differ).
+        limits[config.gpu_resource] = str(spec.resources.gpus)
+    result: dict[str, Any] = {}
+    if requests:
+        result['requests'] = requests
+    if limits:
+        result['limits'] = limits
+    return result
+
+
+def _volumes(run: str, spec: FinetuneRunSpec, config: OperatorConfig) -> tuple[list[dict], list[dict]]:
+    volumes: list[dict[str, Any]] = [
+        {'name': 'config', 'configMap': {'name': config_map_name(run)}},
+        {'name': 'tmp', 'emptyDir': {}},
+        {'name': 'home', 'emptyDir': {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {'name': 'config', 'mountPath': CONFIG_DIR, 'readOnly': True},
+        {'name': 'tmp', 'mountPath': '/tmp'},
+        {'name': 'home', 'mountPath': HOME_DIR},
+    ]
+    if config.hf_cache_pvc:
+        volumes.append({'name': 'hf-cache', 'persistentVolumeClaim': {'claimName': config.hf_cache_pvc}})
+        mounts.append({'name': 'hf-cache', 'mountPath': HF_CACHE_DIR})
+    if spec.resources.gpus > 1 or spec.resources.nodes > 1:
+        # NCCL and data-loader workers need more shared memory than the runtime's 64 MiB default.
+        volumes.append({'name': 'dshm', 'emptyDir': {'medium': 'Memory'}})
+        mounts.append({'name': 'dshm', 'mountPath': '/dev/shm'})
+    return volumes, mounts
+
+
+def _tolerations(spec: FinetuneRunSpec, config: OperatorConfig) -> list[dict[str, Any]]:
+    tolerations = [dict(t) for t in config.tolerations]
+    tolerations += [t.to_k8s() for t in spec.tolerations]
+    return tolerations
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Fail at once on the trainer's configuration exit code; do not count disruptions as failures."""
+    return {
+        'rules': [
+            {
+                'action': 'FailJob',
+                'onExitCodes': {'containerName': CONTAINER, 'operator': 'In', 'values': [EXIT_CONFIG_ERROR]},
+            },
+            {'action': 'Ignore', 'onPodConditions': [{'type': 'DisruptionTarget', 'status': 'True'}]},
+        ]
+    }
+
+
+def build_job(
+    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, owner: dict[str, Any]
+) -> dict[str, Any]:
+    """The batch/v1 trainer Job (Indexed with a rendezvous for multi-node runs)."""
+    labels = run_labels(run, spec.experiment)
+    queue = queue_of(spec, config)
+    job_labels = dict(labels)
+    if queue:
+        job_labels[QUEUE_LABEL] = queue
+    volumes, mounts = _volumes(run, spec, config)
+    container: dict[str, Any] = {
+        'name': CONTAINER,
+        'image': spec.image or config.trainer_image,
+        'imagePullPolicy': 'IfNotPresent',
+        'command': _command(run, spec),
+        'env': _env(run, namespace, spec, config, output_uri(run, namespace, spec, config)),
+        'volumeMounts': mounts,
+        'terminationMessagePath': TERMINATION_LOG,
+        'terminationMessagePolicy': 'FallbackToLogsOnError',
+        'securityContext': {
+            'allowPrivilegeEscalation': False,
+            'capabilities': {'drop': ['ALL']},
+            'readOnlyRootFilesystem': True,
+            'runAsNonRoot': True,
+        },
+    }
+    resources = _resources(spec, config)
+    if resources:
+        container['resources'] = resources
+    pod_spec: dict[str, Any] = {
+        'restartPolicy': 'Never',
+        'serviceAccountName': config.trainer_service_account,
+        'automountServiceAccountToken': False,
+        'enableServiceLinks': False,
+        'securityContext': {
+            'runAsNonRoot': True,
+            'runAsUser': RUN_AS_USER,
+            'runAsGroup': RUN_AS_USER,
+            'fsGroup': RUN_AS_USER,
+            'seccompProfile': {'type': 'RuntimeDefault'},
+        },
+        'containers': [container],
+        'volumes': volumes,
+    }
+    node_selector = {**config.node_selector, **spec.node_selector}
+    if node_selector:
+        pod_spec['nodeSelector'] = node_selector
+    tolerations = _tolerations(spec, config)
+    if tolerations:
+        pod_spec['tolerations'] = tolerations
+    if config.runtime_class:
+        pod_spec['runtimeClassName'] = config.runtime_class
+    job_spec: dict[str, Any] = {
+        'backoffLimit': spec.backoff_limit,
+        'podFailurePolicy': pod_failure_policy(),
+        # With a queue the Job waits suspended until Kueue admits it; spec.suspend holds it too.
+        'suspend': bool(queue) or spec.suspend,
+        'template': {'metadata': {'labels': labels}, 'spec': pod_spec},
+    }
+    if spec.active_deadline_seconds:
+        job_spec['activeDeadlineSeconds'] = spec.active_deadline_seconds
+    if spec.resources.nodes > 1:
+        pod_spec['subdomain'] = service_name(run)
+        job_spec.update(
+            completionMode='Indexed',
+            completions=spec.resources.nodes,
+            parallelism=spec.resources.nodes,
+        )
+    return {
+        'apiVersion': 'batch/v1',
+        'kind': 'Job',
+        'metadata': _metadata(job_name(run), namespace, job_labels, owner),
+        'spec': job_spec,
+    }
+
+
+def build_children(
+    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, owner: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every object a run owns, in creation order (the Job last: its pods mount the ConfigMap)."""
+    children = [build_config_map(run, namespace, spec, config, owner)]
+    if spec.resources.nodes > 1:
+        children.append(build_service(run, namespace, spec, config, owner))
+    children.append(build_job(run, namespace, spec, config, owner))
+    return children
+
+
+def build_sweep_run(
+    experiment: dict[str, Any], name: str, spec: dict[str, Any], point: dict[str, Any]
+) -> dict[str, Any]:
+    """A child FinetuneRun of an Experiment's sweep (spec already merged with the point)."""
+    meta = experiment['metadata']
+    return {
+        'apiVersion': API_VERSION,
+        'kind': 'FinetuneRun',
+        'metadata': {
+            'name': name,
+            'namespace': meta['namespace'],
+            'labels': {EXPERIMENT_LABEL: meta['name'], 'app.kubernetes.io/managed-by': MANAGED_BY},
+            'annotations': {SWEEP_POINT_ANNOTATION: _point_json(point)},
+            'ownerReferences': [owner_reference(experiment)],
+        },
+        'spec': {**spec, 'experiment': meta['name']},
+    }
+
+
+def _point_json(point: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(point, sort_keys=True)

@@ -1,0 +1,148 @@
+"""Kopf handlers: the only module with decorators. Each one delegates to :mod:`reconcile`.
+
+Run with ``python -m finetuner_operator`` or ``kopf run -m finetuner_operator.handlers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from finetuner.api.v1alpha1 import GROUP, VERSION, Phase
+from finetuner_operator import metrics
+from finetuner_operator.builders import MANAGED_BY, RUN_LABEL
+from finetuner_operator.config import OperatorConfig
+from finetuner_operator.kube import Kube
+from finetuner_operator.reconcile import Reconciler
+
+PREFIX = 'finetuner.dev'
+RUNS = 'finetuneruns'
+EXPERIMENTS = 'experiments'
+MANAGED = {'app.kubernetes.io/managed-by': MANAGED_BY}
+
+
+def api_client() -> Any:
+    """The official client, configured in-cluster or from KUBECONFIG (read now, not at import)."""
+    import kubernetes
+
+    configuration = kubernetes.client.Configuration()
+    if os.environ.get('KUBERNETES_SERVICE_HOST'):
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    else:
+        kubernetes.config.load_kube_config(
+            config_file=os.environ.get('KUBECONFIG') or None, client_configuration=configuration
+        )
+    return kubernetes.client.ApiClient(configuration)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    if os.environ.get('KUBERNETES_SERVICE_HOST'):
+        return kopf.login_with_service_account(**kwargs)
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    config = memo.get('config') or OperatorConfig.from_env()
+    memo.config = config
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key='last-handled-configuration'
+    )
+    settings.persistence.finalizer = f'{PREFIX}/finalizer'
+    settings.posting.level = logging.WARNING  # transitions are posted as Events by the reconciler
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = 16
+    memo.reconciler = Reconciler(Kube(api_client()), config)
+    metrics.serve(config.metrics_port)
+    logger.info('finetuner operator configured: image %s, output %s', config.trainer_image, config.output)
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    reconciler = memo.get('reconciler')
+    if reconciler is not None:
+        reconciler.kube.api_client.close()
+
+
+@kopf.on.probe(id='runs')
+def probe_runs(**_: Any) -> int:
+    """Liveness payload: how many runs this operator currently tracks."""
+    return metrics.tracked_runs()
+
+
+# --- FinetuneRun -------------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, RUNS)
+@kopf.on.create(GROUP, VERSION, RUNS)
+@kopf.on.update(GROUP, VERSION, RUNS, field='spec')
+@kopf.on.update(GROUP, VERSION, RUNS, field=('metadata', 'annotations', 'finetuner.dev/cancel'))
+def reconcile_run(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    with metrics.timed('run'):
+        memo.reconciler.reconcile_run(_plain(body))
+
+
+@kopf.on.delete(GROUP, VERSION, RUNS, optional=True)
+def run_deleted(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    # optional: no finalizer; the Job, ConfigMap and pods go by owner-reference garbage collection.
+    with metrics.timed('run'):
+        memo.reconciler.run_deleted(namespace, name, _plain(body))
+
+
+@kopf.on.event('batch', 'v1', 'jobs', labels=MANAGED)
+def job_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    _sync_owner(labels, namespace, memo)
+
+
+@kopf.on.event('', 'v1', 'pods', labels=MANAGED)
+def pod_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    _sync_owner(labels, namespace, memo)
+
+
+def _sync_owner(labels: kopf.Labels, namespace: str, memo: kopf.Memo) -> None:
+    run = labels.get(RUN_LABEL)
+    if run:
+        with metrics.timed('run'):
+            memo.reconciler.sync_run(namespace, run)
+
+
+def _is_started(status: kopf.Status, **_: Any) -> bool:
+    return (status or {}).get('phase') == Phase.STARTED.value
+
+
+@kopf.daemon(GROUP, VERSION, RUNS, when=_is_started, cancellation_timeout=5.0)
+async def mirror_progress(name: str, namespace: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """While a run trains, mirror the trainer's progress.json and metrics into its status.
+
+    A daemon rather than a timer: its interval comes from the configuration loaded at start-up.
+    """
+    interval = memo.config.progress_interval
+    while not stopped:
+        with metrics.timed('progress'):
+            await asyncio.to_thread(memo.reconciler.sync_run, namespace, name)
+        await stopped.wait(interval)
+
+
+# --- Experiment --------------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, EXPERIMENTS)
+@kopf.on.create(GROUP, VERSION, EXPERIMENTS)
+@kopf.on.update(GROUP, VERSION, EXPERIMENTS, field='spec')
+def reconcile_experiment(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    with metrics.timed('experiment'):
+        memo.reconciler.sync_experiment(namespace, name)
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """A plain dict copy of a Kopf body (the live view must not leak into pure code)."""
+    import copy
+
+    return copy.deepcopy(dict(body))

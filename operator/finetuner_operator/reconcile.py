@@ -1,0 +1,291 @@
+"""What the handlers do, without Kopf: reconcile a run's children and rebuild statuses.
+
+:class:`Reconciler` is built once at start-up with the seam (``kube.Kube``) and the config.
+Every method is safe to run twice, concurrently and after a restart: children have
+deterministic names (409 is success), statuses are derived from the observed Job, pods and
+the trainer's reports, and a per-object lock keeps two passes on one run from interleaving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from finetuner.api import layout
+from finetuner.api.v1alpha1 import (
+    ExperimentSpec,
+    FinetuneRunSpec,
+    FinetuneRunStatus,
+    Phase,
+    Progress,
+)
+from finetuner.storage import open_store
+from finetuner_operator import builders, experiments, metrics
+from finetuner_operator.config import OperatorConfig
+from finetuner_operator.kube import Kube
+from finetuner_operator.status import Observed, derive_status, describe_validation_error, invalid_spec_status
+
+log = logging.getLogger('finetuner_operator')
+
+TERMINAL = (Phase.FINISHED.value, Phase.FAILED.value)
+EVENT_REASONS = {
+    Phase.CREATED.value: ('Normal', 'Created'),
+    Phase.STARTED.value: ('Normal', 'Started'),
+    Phase.FINISHED.value: ('Normal', 'Finished'),
+    Phase.FAILED.value: ('Warning', 'Failed'),
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def status_patch(status: FinetuneRunStatus | Any) -> dict[str, Any]:
+    """The status as a merge patch: every declared field present, None clearing stale values."""
+    payload = status.model_dump(by_alias=True, mode='json', exclude_none=True)
+    for name, field in type(status).model_fields.items():
+        payload.setdefault(field.alias or name, None)
+    return payload
+
+
+def _comparable(status: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (status or {}).items() if v is not None}
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        config: OperatorConfig,
+        now: Callable[[], datetime] = utcnow,
+        read_outputs: Callable[[str], dict[str, Any]] | None = None,
+    ):
+        self.kube = kube
+        self.config = config
+        self.now = now
+        self.read_outputs = read_outputs or read_store_outputs
+        self._locks: dict[tuple[str, ...], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, *key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    # --- runs --------------------------------------------------------------------------------
+    def reconcile_run(self, body: dict[str, Any]) -> None:
+        """Create (or re-find) the run's children, apply suspend/cancel, then rebuild its status."""
+        meta = body['metadata']
+        namespace, name = meta['namespace'], meta['name']
+        previous = _parse_status(body)
+        try:
+            spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
+        except ValidationError as e:
+            self._fail_invalid(body, e, previous)
+            return
+        self._join_experiment(body, spec)
+        if previous.phase in TERMINAL:
+            self.sync_run(namespace, name)
+            return
+        job_name = builders.job_name(name)
+        job = self.kube.get_job(namespace, job_name)
+        queue = builders.queue_of(spec, self.config)
+        if _cancelled(body):
+            if job is not None:
+                self.kube.delete_job(namespace, job_name)
+        elif spec.suspend and queue:
+            # Kueue owns the suspend flag of queued Jobs: a suspended run gives its Job back.
+            if job is not None:
+                self.kube.delete_job(namespace, job_name)
+        else:
+            owner = {**body, 'kind': body.get('kind', 'FinetuneRun')}
+            for child in builders.build_children(name, namespace, spec, self.config, owner):
+                if child['kind'] == 'Job' and job is not None:
+                    continue
+                created = self.kube.create_child(child)
+                if created and child['kind'] == 'Job':
+                    self.kube.post_event(body, 'Normal', 'JobCreated', f'Created trainer Job {job_name}')
+            if job is not None and not queue and bool(job['spec'].get('suspend')) != spec.suspend:
+                self.kube.patch_job(namespace, job_name, {'spec': {'suspend': spec.suspend}})
+                what = 'Suspended' if spec.suspend else 'Resumed'
+                self.kube.post_event(body, 'Normal', what, f'{what} trainer Job {job_name}')
+        self.sync_run(namespace, name)
+
+    def _fail_invalid(self, body: dict[str, Any], error: ValidationError, previous: FinetuneRunStatus) -> None:
+        meta = body['metadata']
+        status = invalid_spec_status(error, self.now(), previous)
+        if _comparable(previous.model_dump(by_alias=True, mode='json')) != _comparable(
+            status.model_dump(by_alias=True, mode='json')
+        ):
+            self.kube.patch_run_status(meta['namespace'], meta['name'], status_patch(status))
+        if previous.reason != 'InvalidSpec':
+            self.kube.post_event(body, 'Warning', 'InvalidSpec', describe_validation_error(error))
+            metrics.TRANSITIONS.labels(phase=Phase.FAILED.value).inc()
+        metrics.set_phase(meta['namespace'], meta['name'], Phase.FAILED.value)
+
+    def _join_experiment(self, body: dict[str, Any], spec: FinetuneRunSpec) -> None:
+        """Label the run with its experiment and make the Experiment (if any) an owner."""
+        meta = body['metadata']
+        patch: dict[str, Any] = {}
+        if (meta.get('labels') or {}).get(builders.EXPERIMENT_LABEL) != spec.experiment:
+            patch['labels'] = {builders.EXPERIMENT_LABEL: spec.experiment}
+        experiment = self.kube.get_experiment(meta['namespace'], spec.experiment)
+        if experiment is not None:
+            refs = list(meta.get('ownerReferences') or [])
+            if not any(r.get('uid') == experiment['metadata']['uid'] for r in refs):
+                refs.append({**builders.owner_reference(experiment), 'controller': False})
+                patch['ownerReferences'] = refs
+        if patch:
+            self.kube.patch_run(meta['namespace'], meta['name'], {'metadata': patch})
+
+    def sync_run(self, namespace: str, name: str) -> FinetuneRunStatus | None:
+        """Observe the run's Job, pods and reports; write the status if it changed."""
+        with self._lock(namespace, name):
+            body = self.kube.get_run(namespace, name)
+            if body is None:
+                metrics.set_phase(namespace, name, None)
+                return None
+            previous = _parse_status(body)
+            try:
+                spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
+            except ValidationError:
+                return previous  # reconcile_run reported it; nothing to observe
+            job = self.kube.get_job(namespace, builders.job_name(name))
+            pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}') if job is not None else []
+            output = builders.output_uri(name, namespace, spec, self.config)
+            reports = self.read_outputs(output) if pods else {}
+            observed = Observed(job=job, pods=pods, cancelled=_cancelled(body), **reports)
+            status = derive_status(
+                run=name,
+                spec=spec,
+                previous=previous,
+                observed=observed,
+                output_uri=output,
+                queue=builders.queue_of(spec, self.config),
+                unschedulable_timeout=self.config.unschedulable_timeout,
+                now=self.now(),
+                generation=body['metadata'].get('generation'),
+            )
+            before = _comparable(previous.model_dump(by_alias=True, mode='json'))
+            if before != _comparable(status.model_dump(by_alias=True, mode='json')):
+                if not self.kube.patch_run_status(namespace, name, status_patch(status)):
+                    return None
+            if status.phase != previous.phase:
+                self._transition(body, previous, status)
+            if status.phase == Phase.FAILED.value and job is not None and not _job_done(job):
+                # FAILED while the Job still runs (image pull, unschedulable, cancelled): stop its pods.
+                self.kube.delete_job(namespace, builders.job_name(name))
+            metrics.set_phase(namespace, name, status.phase)
+        if status.phase != previous.phase:
+            self.sync_experiment(namespace, spec.experiment)
+        return status
+
+    def _transition(self, body: dict[str, Any], previous: FinetuneRunStatus, status: FinetuneRunStatus) -> None:
+        assert status.phase is not None
+        type_, reason = EVENT_REASONS[status.phase]
+        message = f'{previous.phase or "new"} -> {status.phase}: {status.details}'
+        self.kube.post_event(body, type_, reason, message)
+        metrics.TRANSITIONS.labels(phase=status.phase).inc()
+        log.info('FinetuneRun %s/%s %s', body['metadata']['namespace'], body['metadata']['name'], message)
+
+    def run_deleted(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        metrics.set_phase(namespace, name, None)
+        experiment = (body.get('spec') or {}).get('experiment') or 'default'
+        self.sync_experiment(namespace, experiment)
+
+    # --- experiments -------------------------------------------------------------------------
+    def sync_experiment(self, namespace: str, name: str) -> None:
+        """Adopt the experiment's runs, create due sweep points, recount runs and the best run."""
+        with self._lock('experiment', namespace, name):
+            body = self.kube.get_experiment(namespace, name)
+            if body is None or body['metadata'].get('deletionTimestamp'):
+                return
+            try:
+                spec = ExperimentSpec.model_validate(body.get('spec') or {})
+            except ValidationError as e:
+                self.kube.post_event(body, 'Warning', 'InvalidSpec', describe_validation_error(e))
+                return
+            runs = self.kube.list_runs(namespace, f'{builders.EXPERIMENT_LABEL}={name}')
+            uid = body['metadata']['uid']
+            for run in runs:
+                refs = list(run['metadata'].get('ownerReferences') or [])
+                if not any(r.get('uid') == uid for r in refs):
+                    refs.append({**builders.owner_reference(body), 'controller': False})
+                    self.kube.patch_run(namespace, run['metadata']['name'], {'metadata': {'ownerReferences': refs}})
+            sweep_created = self._sweep(body, spec, runs)
+            status = experiments.experiment_status(
+                runs, spec.best_run, sweep_created, body['metadata'].get('generation')
+            )
+            if _comparable(body.get('status')) != _comparable(status.model_dump(by_alias=True, mode='json')):
+                self.kube.patch_experiment_status(namespace, name, status_patch(status))
+
+    def _sweep(self, body: dict[str, Any], spec: ExperimentSpec, runs: list[dict[str, Any]]) -> int:
+        if spec.sweep is None or spec.run_template is None:
+            return 0
+        name = body['metadata']['name']
+        points = experiments.sweep_points(spec.sweep)
+        by_name = {r['metadata']['name']: r for r in runs}
+        existing: dict[int, str | None] = {}
+        for index in range(len(points)):
+            run = by_name.get(experiments.sweep_run_name(name, index))
+            if run is not None:
+                existing[index] = (run.get('status') or {}).get('phase')
+        created = 0
+        for index in experiments.next_sweep_runs(spec.sweep, existing):
+            try:
+                run_spec = experiments.sweep_run_spec(spec.run_template, points[index])
+            except ValidationError as e:
+                self.kube.post_event(
+                    body, 'Warning', 'InvalidSweepPoint', f'point {points[index]}: {describe_validation_error(e)}'
+                )
+                break
+            run_name = experiments.sweep_run_name(name, index)
+            if self.kube.create_run(builders.build_sweep_run(body, run_name, run_spec, points[index])):
+                self.kube.post_event(body, 'Normal', 'SweepRunCreated', f'Created run {run_name} for {points[index]}')
+            created += 1
+        return len(existing) + created
+
+
+def read_store_outputs(output_uri: str) -> dict[str, Any]:
+    """The trainer's reports in a run's output location; {} when the store cannot be read."""
+    try:
+        store = open_store(output_uri)
+        progress = store.read_json_or_none(layout.PROGRESS)
+        reports: dict[str, Any] = {
+            'metrics': store.read_json_or_none(layout.METRICS),
+            'failure': store.read_json_or_none(layout.FAILURE),
+            'artifact': store.exists(layout.ARTIFACT_MANIFEST),
+        }
+        if progress:
+            try:
+                reports['progress'] = Progress.model_validate(progress)
+            except ValidationError:
+                log.warning('ignoring malformed %s/%s', output_uri, layout.PROGRESS)
+        return reports
+    except Exception as e:  # the store is an optional source: status still follows the Job
+        log.warning('cannot read reports under %s: %s', output_uri, e)
+        return {}
+
+
+def _parse_status(body: dict[str, Any]) -> FinetuneRunStatus:
+    raw = body.get('status') or {}
+    known = {f.alias or n for n, f in FinetuneRunStatus.model_fields.items()}
+    try:
+        return FinetuneRunStatus.model_validate({k: v for k, v in raw.items() if k in known})
+    except ValidationError:
+        return FinetuneRunStatus()
+
+
+def _cancelled(body: dict[str, Any]) -> bool:
+    return (body['metadata'].get('annotations') or {}).get(builders.CANCEL_ANNOTATION) == 'true'
+
+
+def _job_done(job: dict[str, Any]) -> bool:
+    for cond in (job.get('status') or {}).get('conditions') or []:
+        if cond.get('type') in ('Complete', 'Failed') and cond.get('status') == 'True':
+            return True
+    return False
