@@ -1,0 +1,353 @@
+"""Turning what a user hands ``fit()`` into dataset records, and pushing datasets to the object store.
+
+Accepted forms of ``train_data`` / ``eval_data`` (and of EvaluationCallback's data):
+
+- documents: docarray 2.x ``DocList[LegacyDocument]`` (``text``, ``tensor``, ``blob``, ``url``,
+  ``tags``, ``chunks``), any document type with those attributes, :class:`~finetuner.api.layout.Record`
+  objects, dicts in the Record format, or plain strings (text items). Labels come from
+  ``tags['finetuner_label']``, similarity scores from ``tags['finetuner_score']``, a chunk's
+  modality from ``tags['modality']`` or, when absent, from which content field is set;
+- a local CSV file (read with the run's ``csv_options``) or a local JSONL file of records;
+- a local folder with one sub-folder of images per class;
+- an ``s3://`` or ``file://`` URI, used as is (the trainer reads it);
+- the name of a dataset pushed earlier with :func:`finetuner.push_data`.
+
+Everything local is converted here, before anything is uploaded, so a bad item is an
+:class:`~finetuner.errors.ArgumentError` naming the argument and the item.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from finetuner.api.layout import Record, dataset_key
+from finetuner.api.v1alpha1 import CSVOptions, check_dns1123_name
+from finetuner.errors import ArgumentError
+from finetuner.storage import LocalStore, S3Store, StorageError
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp', '.tif', '.tiff')
+LABEL_TAG = 'finetuner_label'
+SCORE_TAG = 'finetuner_score'
+MODALITY_TAG = 'modality'
+
+
+@dataclass(frozen=True)
+class Modalities:
+    """Names given to chunks whose modality is read from their content (CLIP's text/image)."""
+
+    text: str = 'text'
+    image: str = 'image'
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """What a data argument turned into: a reference the trainer can read, or records to upload."""
+
+    reference: str | None  # a URI or a dataset name, when nothing has to be uploaded
+    records: list[Record] | None  # local data, converted, to be uploaded under a dataset name
+
+    @property
+    def needs_upload(self) -> bool:
+        return self.records is not None
+
+
+def is_collection(data: Any) -> bool:
+    """True for a list/tuple/DocList of items (a single docarray document is not a collection)."""
+    if isinstance(data, (list, tuple)):
+        return True
+    return hasattr(data, 'doc_type') and hasattr(data, '__len__')
+
+
+def resolve(
+    data: Any,
+    argument: str,
+    *,
+    csv_options: CSVOptions | None = None,
+    modalities: Modalities = Modalities(),
+) -> DataRef:
+    """Classify and convert one data argument; raise ArgumentError naming ``argument``."""
+    if isinstance(data, Path):
+        data = str(data)
+    if isinstance(data, str):
+        if not data.strip():
+            raise ArgumentError(
+                argument, 'is an empty string; give documents, a file, a folder, a URI or a dataset name'
+            )
+        if data.startswith(('s3://', 'file://')):
+            return DataRef(reference=data, records=None)
+        if '://' in data:
+            raise ArgumentError(argument, f'{data!r} uses an unsupported scheme; use s3://, file:// or a local path')
+        path = Path(data).expanduser()
+        if path.is_dir():
+            return DataRef(reference=None, records=read_image_folder(path, argument))
+        if path.is_file():
+            if path.suffix.lower() == '.csv':
+                return DataRef(
+                    reference=None, records=read_csv(path, argument, csv_options or CSVOptions(), modalities)
+                )
+            if path.suffix.lower() in ('.jsonl', '.json'):
+                return DataRef(reference=None, records=read_jsonl(path, argument))
+            raise ArgumentError(
+                argument, f'{data!r} is a file but neither .csv nor .jsonl; convert it or push documents'
+            )
+        if '/' in data or data.startswith('.') or data.lower().endswith(('.csv', '.jsonl')):
+            raise ArgumentError(argument, f'no file or folder {data!r}; check the path')
+        try:
+            check_dns1123_name(data, 'dataset name', max_len=63)
+        except ValueError as e:
+            raise ArgumentError(argument, f'{data!r} is neither a local path nor a dataset name ({e})') from e
+        return DataRef(reference=data, records=None)
+    if is_collection(data) or _is_iterator(data):
+        return DataRef(reference=None, records=to_records(data, argument, modalities))
+    raise ArgumentError(
+        argument,
+        f'cannot use a {type(data).__name__} as data; give a list/DocList of documents, a CSV or JSONL path, '
+        'a folder of images per class, an s3:// URI or the name of a pushed dataset',
+    )
+
+
+def _is_iterator(data: Any) -> bool:
+    return hasattr(data, '__next__') and hasattr(data, '__iter__')
+
+
+def to_records(items: Iterable[Any], argument: str, modalities: Modalities = Modalities()) -> list[Record]:
+    """Convert documents (or Records, dicts, strings) to Records; never returns an empty list."""
+    records = [_to_record(item, f'{argument}[{i}]', modalities, top=True) for i, item in enumerate(items)]
+    if not records:
+        raise ArgumentError(argument, 'is empty; give at least one document')
+    return records
+
+
+def _to_record(item: Any, where: str, modalities: Modalities, top: bool) -> Record:
+    if isinstance(item, Record):
+        return item
+    if isinstance(item, str):
+        return Record(text=item)
+    if isinstance(item, dict):
+        try:
+            return Record.model_validate(item)
+        except ValidationError as e:
+            raise ArgumentError(where, _first_error(e)) from e
+    return _document_to_record(item, where, modalities, top)
+
+
+def _document_to_record(doc: Any, where: str, modalities: Modalities, top: bool) -> Record:
+    tags = dict(getattr(doc, 'tags', None) or {})
+    label = tags.pop(LABEL_TAG, None)
+    score = tags.pop(SCORE_TAG, None)
+    modality = tags.pop(MODALITY_TAG, None) or getattr(doc, 'modality', None)
+    chunks_in = getattr(doc, 'chunks', None) or []
+    fields: dict[str, Any] = {}
+    text = getattr(doc, 'text', None)
+    blob = getattr(doc, 'blob', None)
+    tensor = getattr(doc, 'tensor', None)
+    url = getattr(doc, 'url', None) or getattr(doc, 'uri', None)
+    if text is not None:
+        fields['text'] = str(text)
+    elif blob is not None:
+        fields['blob'] = base64.b64encode(bytes(blob)).decode() if isinstance(blob, (bytes, bytearray)) else str(blob)
+    elif tensor is not None:
+        if not hasattr(tensor, 'tolist'):
+            raise ArgumentError(where, f'tensor of type {type(tensor).__name__} has no tolist(); use numpy or torch')
+        fields['tensor'] = tensor.tolist()
+    elif url is not None:
+        fields.update(_url_content(str(url), where))
+    if chunks_in:
+        if fields:
+            raise ArgumentError(where, 'has both content and chunks; a pair is a parent whose chunks hold the content')
+        fields['chunks'] = [
+            _to_record(chunk, f'{where}.chunks[{j}]', modalities, top=False) for j, chunk in enumerate(chunks_in)
+        ]
+    if not fields:
+        raise ArgumentError(where, 'has no content: set text, blob, tensor or url (or chunks of a pair)')
+    if not top and modality is None:
+        modality = modalities.text if 'text' in fields else modalities.image
+    if label is not None and not isinstance(label, (str, int)):
+        label = str(label)
+    if score is not None:
+        try:
+            score = float(score)
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(where, f"tags['{SCORE_TAG}'] must be a number, got {score!r}") from e
+    try:
+        return Record(label=label, score=score, modality=modality, tags=_jsonable_tags(tags), **fields)
+    except ValidationError as e:
+        raise ArgumentError(where, _first_error(e)) from e
+
+
+def _url_content(url: str, where: str) -> dict[str, Any]:
+    """Local images are read into the record (a cluster cannot see this machine's files)."""
+    if url.startswith(('http://', 'https://', 's3://', 'data:')):
+        return {'uri': url}
+    path = Path(url[len('file://') :] if url.startswith('file://') else url).expanduser()
+    if not path.is_file():
+        raise ArgumentError(where, f'url {url!r} is not a readable file here; fix the path or give a URL')
+    return {'blob': base64.b64encode(path.read_bytes()).decode()}
+
+
+def _jsonable_tags(tags: dict[str, Any]) -> dict[str, Any]:
+    kept = {}
+    for key, value in tags.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue  # tags such as arrays stay on the user's documents; the trainer needs none
+        kept[str(key)] = value
+    return kept
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = '.'.join(str(p) for p in first['loc'])
+    message = first['msg'].removeprefix('Value error, ')
+    return f'{loc}: {message}' if loc else message
+
+
+# --- files and folders ------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, argument: str) -> list[Record]:
+    records = []
+    with path.open(encoding='utf-8') as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(Record.model_validate_json(line))
+            except ValidationError as e:
+                raise ArgumentError(argument, f'{path}:{number}: {_first_error(e)}') from e
+    if not records:
+        raise ArgumentError(argument, f'{path} holds no records')
+    return records
+
+
+def read_image_folder(path: Path, argument: str) -> list[Record]:
+    """One sub-folder per class, its name the label; images read into the records."""
+    records = []
+    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith('.')):
+        for image in sorted(class_dir.iterdir()):
+            if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
+                records.append(Record(blob=base64.b64encode(image.read_bytes()).decode(), label=class_dir.name))
+    if not records:
+        raise ArgumentError(
+            argument,
+            f'folder {str(path)!r} has no images in class sub-folders; lay it out as {path}/<label>/<image>.png',
+        )
+    return records
+
+
+def _cell_content(cell: str, convert_to_blob: bool, base: Path) -> dict[str, Any]:
+    value = cell.strip()
+    if value.lower().endswith(IMAGE_SUFFIXES):
+        if value.startswith(('http://', 'https://', 's3://')):
+            return {'uri': value}
+        local = Path(value).expanduser()
+        local = local if local.is_absolute() else base / local
+        if convert_to_blob and local.is_file():
+            return {'blob': base64.b64encode(local.read_bytes()).decode()}
+        return {'uri': str(local)}
+    return {'text': value}
+
+
+def read_csv(path: Path, argument: str, options: CSVOptions, modalities: Modalities = Modalities()) -> list[Record]:
+    """Rows are (item, label) when ``is_labeled``, else (query, document[, score]) pairs."""
+    text = path.read_text(encoding=options.encoding)
+    if options.dialect == 'auto':
+        try:
+            dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=',;\t|')
+        except csv.Error:
+            dialect = 'excel'
+    else:
+        dialect = options.dialect
+    rows = [row for row in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in row)]
+    if options.sampling_rate is not None:
+        rng = random.Random(0)
+        rows = [row for row in rows if rng.random() < options.sampling_rate]
+    if options.size is not None:
+        rows = rows[: options.size]
+    records = []
+    for number, row in enumerate(rows, 1):
+        where = f'{path}: row {number}'
+        if len(row) < 2:
+            raise ArgumentError(argument, f'{where} has {len(row)} column; CSV rows need 2 (or 3 with a score)')
+        first = _cell_content(row[0], options.convert_to_blob, path.parent)
+        if options.is_labeled:
+            records.append(Record(label=row[1].strip(), **first))
+            continue
+        second = _cell_content(row[1], options.convert_to_blob, path.parent)
+        chunks = []
+        for content in (first, second):
+            modality = modalities.text if 'text' in content else modalities.image
+            chunks.append(Record(modality=modality, **content))
+        score = None
+        if len(row) > 2 and row[2].strip():
+            try:
+                score = float(row[2])
+            except ValueError as e:
+                raise ArgumentError(argument, f'{where}: third column {row[2]!r} is not a number (a score)') from e
+        records.append(Record(chunks=chunks, score=score))
+    if not records:
+        raise ArgumentError(argument, f'{path} has no rows')
+    return records
+
+
+# --- datasets in the object store -------------------------------------------------------------
+
+
+def records_to_jsonl(records: Iterable[Record]) -> bytes:
+    lines = (json.dumps(r.model_dump(exclude_none=True, exclude_defaults=True)) for r in records)
+    return ('\n'.join(lines) + '\n').encode('utf-8')
+
+
+def push_records(store: LocalStore | S3Store, name: str, records: list[Record]) -> str:
+    """Write ``datasets/<name>/data.jsonl`` below the store; return the dataset name."""
+    check_dns1123_name(name, 'dataset name', max_len=63)
+    store.write_bytes(dataset_key(name), records_to_jsonl(records))
+    return name
+
+
+def pull_records(store: LocalStore | S3Store, name: str) -> list[Record]:
+    check_dns1123_name(name, 'dataset name', max_len=63)
+    try:
+        raw = store.read_bytes(dataset_key(name)).decode('utf-8')
+    except StorageError as e:
+        raise ArgumentError(
+            'name', f'no dataset {name!r} in {store.uri}; push it first with finetuner.push_data'
+        ) from e
+    return [Record.model_validate_json(line) for line in raw.splitlines() if line.strip()]
+
+
+def dataset_exists(store: LocalStore | S3Store, name: str) -> bool:
+    return store.exists(dataset_key(name))
+
+
+def to_legacy_documents(records: list[Record]) -> Any:
+    """Records as a docarray ``DocList[LegacyDocument]`` (labels and scores back in tags)."""
+    import numpy as np
+    from docarray import DocList
+    from docarray.documents.legacy import LegacyDocument
+
+    def convert(record: Record) -> Any:
+        tags = dict(record.tags)
+        if record.label is not None:
+            tags[LABEL_TAG] = record.label
+        if record.score is not None:
+            tags[SCORE_TAG] = record.score
+        if record.modality is not None:
+            tags[MODALITY_TAG] = record.modality
+        chunks = DocList[LegacyDocument]([convert(c) for c in record.chunks]) if record.chunks else None
+        blob = base64.b64decode(record.blob) if record.blob is not None else None
+        tensor = np.asarray(record.tensor) if record.tensor is not None else None
+        return LegacyDocument(text=record.text, url=record.uri, blob=blob, tensor=tensor, tags=tags, chunks=chunks)
+
+    return DocList[LegacyDocument]([convert(r) for r in records])

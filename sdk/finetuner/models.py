@@ -1,0 +1,135 @@
+"""Backbones that can be fine-tuned (``describe_models``) and using a fine-tuned model (``get_model``, ``encode``).
+
+The catalog is pure data and shows without torch. Loading and running a model needs the trainer's
+stack (``pip install 'kube-finetuner[trainer]'``), imported only when ``get_model`` is called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+from pathlib import Path
+from typing import Any, get_args
+
+from finetuner.catalog import BACKBONES, Backbone, Task
+from finetuner.data import Modalities, is_collection, to_records
+from finetuner.errors import ArgumentError, FinetunerError
+
+TASKS: tuple[str, ...] = get_args(Task)
+
+
+class MissingDependencyError(FinetunerError, ImportError):
+    """A feature needs an optional part of the package that is not installed."""
+
+
+def _backbones(task: str | None) -> list[Backbone]:
+    if task is not None and task not in TASKS:
+        raise ArgumentError('task', f'unknown task {task!r}; choose one of {", ".join(TASKS)}')
+    return [b for b in BACKBONES if task is None or b.task == task]
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Names of the backbones in the catalog (any Hugging Face id or local folder also works)."""
+    return [b.name for b in _backbones(task)]
+
+
+def models_table(task: str | None = None) -> Any:
+    from rich.table import Table
+
+    table = Table(title='Finetuner backbones')
+    for column in ('model', 'task', 'output_dim', 'architecture', 'description'):
+        table.add_column(column, justify='right')
+    for b in _backbones(task):
+        table.add_row(b.name, b.task, str(b.output_dim), b.architecture, b.description)
+    return table
+
+
+def describe_models(task: str | None = None) -> None:
+    """Print the backbones (model, task, output_dim, architecture, description) as a table."""
+    from rich.console import Console
+
+    Console().print(models_table(task))
+
+
+def _trainer_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        missing = e.name or 'torch'
+        if missing.split('.')[0] in ('finetuner_trainer', 'torch', 'timm', 'transformers', 'onnxruntime', 'numpy'):
+            raise MissingDependencyError(
+                f"loading a model needs the trainer stack ({missing} is missing): pip install 'kube-finetuner[trainer]'"
+            ) from e
+        raise
+
+
+def _artifact_directory(artifact: str | Path) -> Path:
+    """A folder holding a model: the path itself, or the artifact of a finished run (downloaded)."""
+    path = Path(artifact).expanduser()
+    if path.is_dir():
+        if not (path / 'manifest.json').is_file():
+            raise ArgumentError(
+                'artifact', f'folder {str(path)!r} holds no fine-tuned model (manifest.json is missing)'
+            )
+        return path
+    artifact = str(artifact)
+    if '/' in artifact or artifact.startswith('.'):
+        raise ArgumentError('artifact', f'no folder {artifact!r}; give the folder of run.save_model() or a run name')
+    from finetuner import get_run
+
+    run = get_run(artifact)
+    target = Path(tempfile.mkdtemp(prefix=f'finetuner-{run.name}-'))
+    run.save_model(target)
+    return target
+
+
+def get_model(
+    artifact: str | Path,
+    batch_size: int = 32,
+    select_model: str | None = None,
+    device: str = 'cpu',
+    is_onnx: bool = False,
+    token: str | None = None,
+) -> Any:
+    """Load a fine-tuned model for :func:`encode`.
+
+    ``artifact``: the folder given to ``run.save_model()``, or the name of a finished run.
+    ``select_model``: for CLIP, ``'clip-text'`` or ``'clip-vision'``; ``is_onnx``: use the ONNX export
+    (the run needs ``to_onnx=True``). ``token`` is accepted for Finetuner compatibility and unused.
+    """
+    del token
+    if batch_size < 1:
+        raise ArgumentError('batch_size', f'must be at least 1, got {batch_size}')
+    if select_model not in (None, 'clip-text', 'clip-vision'):
+        raise ArgumentError('select_model', f"unknown {select_model!r}; use 'clip-text' or 'clip-vision' (CLIP only)")
+    directory = _artifact_directory(artifact)
+    if is_onnx:
+        onnx = _trainer_module('finetuner_trainer.inference_onnx')
+        model = onnx.load_onnx_embedder(directory, select_model=select_model)
+    else:
+        models = _trainer_module('finetuner_trainer.models')
+        model = models.load_embedder(directory, device=device, select_model=select_model)
+    model.default_batch_size = batch_size
+    return model
+
+
+def encode(model: Any, data: Any, batch_size: int | None = None) -> Any:
+    """Embed ``data`` with a model from :func:`get_model`.
+
+    ``data``: strings, Records, or documents (docarray ``DocList`` included). Documents get their
+    ``embedding`` set and are returned; otherwise a ``numpy`` array (one row per item) is returned.
+    """
+    if not hasattr(model, 'embed'):
+        raise ArgumentError('model', f'a {type(model).__name__} cannot encode; load one with finetuner.get_model()')
+    items = list(data) if is_collection(data) else [data]
+    records = to_records(items, 'data', Modalities())
+    size = batch_size or getattr(model, 'default_batch_size', 32)
+    embeddings = model.embed(records, batch_size=size)
+    if is_collection(data) and items and not isinstance(items[0], (str, dict)) and hasattr(items[0], 'embedding'):
+        for item, vector in zip(items, embeddings, strict=True):
+            item.embedding = vector
+        return data
+    return embeddings
+
+
+__all__ = ['MissingDependencyError', 'describe_models', 'encode', 'get_model', 'list_models']

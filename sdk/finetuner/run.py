@@ -1,0 +1,184 @@
+"""A fine-tuning run as the user holds it: ``run.name``, ``run.status()``, ``run.save_model(...)``.
+
+A :class:`Run` keeps no state of its own beyond its name and spec: every call asks the backend,
+so a run fetched in a new process (``finetuner.get_run(name)``) behaves like the one ``fit`` returned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from finetuner.api import layout
+from finetuner.api.v1alpha1 import FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
+from finetuner.backends.base import Backend, RunRecord
+from finetuner.errors import BackendError, RunFailedError, RunNotFinishedError
+from finetuner.storage import StorageError
+
+
+class Run:
+    """A FinetuneRun: CREATED → STARTED → FINISHED or FAILED."""
+
+    def __init__(self, record: RunRecord, backend: Backend) -> None:
+        self._record = record
+        self._backend = backend
+
+    # --- identity -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._record.name
+
+    @property
+    def experiment_name(self) -> str:
+        return self._record.spec.experiment
+
+    @property
+    def config(self) -> FinetuneRunSpec:
+        """The spec the run was submitted with."""
+        return self._record.spec
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    def __repr__(self) -> str:
+        status = self._record.status
+        return f'Run(name={self.name!r}, experiment={self.experiment_name!r}, status={status.phase!r})'
+
+    # --- status -------------------------------------------------------------------------------
+    def refresh(self) -> RunRecord:
+        self._record = self._backend.get_run(self.name)
+        return self._record
+
+    def full_status(self) -> FinetuneRunStatus:
+        """Everything observed: phase, details, reason, times, progress, metrics, artifact URI."""
+        return self.refresh().status
+
+    def status(self) -> dict[str, str]:
+        """``{'status': 'CREATED', 'details': 'Run submitted and awaits execution'}`` and so on."""
+        status = self.full_status()
+        return {'status': str(status.phase or Phase.CREATED.value), 'details': status.details or ''}
+
+    @property
+    def phase(self) -> str:
+        return self.status()['status']
+
+    def progress(self) -> Progress | None:
+        return self.full_status().progress
+
+    @property
+    def artifact_uri(self) -> str | None:
+        return self.full_status().artifact_uri
+
+    # --- logs ---------------------------------------------------------------------------------
+    def logs(self) -> str:
+        """The trainer's log so far."""
+        return self._backend.logs(self.name)
+
+    def stream_logs(self) -> Iterator[str]:
+        """Log lines as they are written, until the run ends."""
+        return self._backend.stream_logs(self.name)
+
+    # --- waiting ------------------------------------------------------------------------------
+    def wait(
+        self,
+        timeout: float | None = None,
+        poll: float = 2.0,
+        on_progress: Any = None,
+    ) -> dict[str, str]:
+        """Block until the run is FINISHED or FAILED; return its final status dict.
+
+        ``on_progress(status: FinetuneRunStatus)`` is called after every poll (e.g. to draw a bar).
+        A TimeoutError names the phase the run was still in.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.full_status()
+            if on_progress is not None:
+                on_progress(status)
+            phase = Phase(status.phase or Phase.CREATED)
+            if phase.terminal:
+                return {'status': phase.value, 'details': status.details or ''}
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f'run {self.name!r} is still {phase.value} after {timeout} s: {status.details}')
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+    # --- results ------------------------------------------------------------------------------
+    def _require_finished(self, what: str) -> FinetuneRunStatus:
+        status = self.full_status()
+        phase = Phase(status.phase or Phase.CREATED)
+        if phase == Phase.FAILED:
+            raise RunFailedError(f'run {self.name!r} failed, so it has no {what}: {status.details}')
+        if phase != Phase.FINISHED:
+            raise RunNotFinishedError(
+                f'run {self.name!r} is {phase.value}, so it has no {what} yet; call run.wait() first '
+                f'(details: {status.details})'
+            )
+        return status
+
+    def metrics(self) -> RunMetrics:
+        """Evaluation before and after fine-tuning (empty when the run had no evaluation data)."""
+        status = self._require_finished('metrics')
+        if status.metrics is not None:
+            return status.metrics
+        try:
+            raw = self._backend.output_store(self.name).read_json_or_none(layout.METRICS)  # type: ignore[union-attr]
+        except StorageError as e:
+            raise BackendError(f'cannot read the metrics of run {self.name!r}: {e}') from e
+        if not isinstance(raw, dict):
+            return RunMetrics()
+        return RunMetrics.model_validate({k: v for k, v in raw.items() if k in ('before', 'after')})
+
+    def display_metrics(self) -> None:
+        """Print the metrics before and after fine-tuning as a table."""
+        from rich.console import Console
+
+        Console().print(metrics_table(self.name, self.metrics()))
+
+    def save_model(self, path: str | Path) -> str:
+        """Download the fine-tuned model into the folder ``path``; return that path."""
+        self._require_finished('model')
+        store = self._backend.output_store(self.name)
+        target = Path(path).expanduser()
+        try:
+            if not store.exists(layout.ARTIFACT_MANIFEST):
+                raise RunNotFinishedError(
+                    f'run {self.name!r} is FINISHED but its artifact is incomplete '
+                    f'({store.uri}/{layout.ARTIFACT_MANIFEST} is missing)'
+                )
+            store.download_dir(layout.ARTIFACT, target)  # type: ignore[union-attr]
+        except StorageError as e:
+            raise BackendError(f'cannot download the model of run {self.name!r}: {e}') from e
+        return str(target)
+
+    def save_artifact(self, directory: str | Path = 'artifacts') -> str:
+        """Download the model into ``directory/<run name>``; return that path."""
+        return self.save_model(Path(directory).expanduser() / self.name)
+
+    # --- control ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the run; it ends FAILED with details saying it was cancelled."""
+        self._backend.cancel_run(self.name)
+        self.refresh()
+
+
+def metrics_table(run_name: str, metrics: RunMetrics) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f'Retrieval metrics of {run_name}')
+    table.add_column('metric')
+    table.add_column('before', justify='right')
+    table.add_column('after', justify='right')
+    table.add_column('change', justify='right')
+    for name in sorted(set(metrics.before) | set(metrics.after)):
+        before, after = metrics.before.get(name), metrics.after.get(name)
+        change = f'{after - before:+.4f}' if before is not None and after is not None else ''
+        table.add_row(
+            name,
+            '' if before is None else f'{before:.4f}',
+            '' if after is None else f'{after:.4f}',
+            change,
+        )
+    return table

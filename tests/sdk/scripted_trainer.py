@@ -1,0 +1,65 @@
+"""A stand-in for ``python -m finetuner_trainer`` that follows the output contract without torch.
+
+The local backend's phases, logs, failure reasons and cancellation are tested against it in
+milliseconds; tests with the real trainer cover training itself. What it does is chosen by the
+spec's ``model``: ``scripted:ok`` trains "instantly", ``scripted:fail`` exits with the config-error
+code and a reason, ``scripted:crash`` dies without one, ``scripted:slow`` runs until stopped,
+``scripted:no-artifact`` exits 0 without writing an artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from finetuner.api import layout
+from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, TrainerConfig
+from finetuner.storage import open_store
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--config', required=True)
+    args = parser.parse_args()
+    config = TrainerConfig.model_validate_json(Path(args.config).read_text())
+    out = open_store(config.output_uri)
+    behaviour = config.spec.model.removeprefix('scripted:')
+    print(f'scripted trainer: run {config.run_name}, behaviour {behaviour}', flush=True)
+    wait_file = config.spec.model_options.get('wait_for')
+    if wait_file:  # hold before reporting progress until the test says go
+        while not Path(wait_file).exists():
+            time.sleep(0.05)
+    out.write_json(layout.PROGRESS, {'epoch': 1, 'epochs': 1, 'step': 1, 'totalSteps': 2, 'percent': 50.0})
+    if behaviour == 'ok':
+        data = open_store(config.data_uri or '').read_bytes(layout.dataset_key(config.spec.train_data))
+        print(f'read {len(data.splitlines())} records', flush=True)
+        out.write_json(layout.METRICS, {'before': {'mrr': 0.25}, 'after': {'mrr': 0.75}, 'epochs': []})
+        out.write_json(f'{layout.ARTIFACT}/weights.json', {'dim': 3})
+        out.write_json(layout.ARTIFACT_MANIFEST, {'files': {'weights.json': {}}, 'format': 'scripted'})
+        out.write_json(layout.PROGRESS, {'epoch': 1, 'epochs': 1, 'step': 2, 'totalSteps': 2, 'percent': 100.0})
+        print('done', flush=True)
+        return 0
+    if behaviour == 'fail':
+        message = 'train_data: 3 records have no label; labelled training needs tags["finetuner_label"]'
+        out.write_json(layout.FAILURE, {'reason': 'DataError', 'message': message, 'exitCode': EXIT_CONFIG_ERROR})
+        Path(config.termination_log).write_text(message)
+        print(f'error: {message}', file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    if behaviour == 'crash':
+        print('Traceback (most recent call last):\nRuntimeError: CUDA out of memory', file=sys.stderr, flush=True)
+        return 1
+    if behaviour == 'no-artifact':
+        return 0
+    if behaviour == 'slow':
+        while True:
+            print('still training', flush=True)
+            time.sleep(0.2)
+    print(f'unknown behaviour {behaviour}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
