@@ -10,7 +10,6 @@ code and a reason, ``scripted:crash`` dies without one, ``scripted:slow`` runs u
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -68,7 +68,7 @@ OUTPUT_DIR = 'output'
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+    return datetime.now(timezone.utc).isoformat(timespec='milliseconds').replace('+00:00', 'Z')
 
 
 def default_home() -> Path:

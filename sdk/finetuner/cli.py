@@ -1,0 +1,262 @@
+"""``finetuner``: the SDK on the command line.
+
+::
+
+    finetuner fit --model efficientnet_b0 --train-data ./images --epochs 3 --wait
+    finetuner runs
+    finetuner status RUN
+    finetuner logs RUN -f
+    finetuner models --task text-to-text
+    finetuner download RUN ./model
+    finetuner experiments
+    finetuner cancel RUN / finetuner delete RUN
+
+``--backend kubernetes`` (with ``--kubeconfig``, ``--context``, ``--namespace``) sends everything to a
+cluster; the default is the same as the SDK's (``local`` without a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from finetuner.errors import ArgumentError, FinetunerError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _parse_value(raw: str) -> Any:
+    """``key=value`` values are JSON when they parse as JSON (numbers, booleans, lists), else strings."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ArgumentError(flag, f'{item!r} is not KEY=VALUE')
+        result[key.replace('-', '_')] = _parse_value(value)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='finetuner', description='Fine-tune embedding models, locally or on Kubernetes.'
+    )
+    parser.add_argument('--backend', choices=['local', 'kubernetes'], help='default: local without a cluster')
+    parser.add_argument('--kubeconfig', help='kubernetes: path of the kubeconfig')
+    parser.add_argument('--context', help='kubernetes: kubeconfig context')
+    parser.add_argument('--namespace', '-n', help='kubernetes: namespace of the runs')
+    parser.add_argument('--home', help='local: where runs are kept (default FINETUNER_HOME or ~/.cache/finetuner)')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    fit = sub.add_parser('fit', help='start a fine-tuning run')
+    fit.add_argument('--model', '-m', required=True, help='backbone name (see `finetuner models`) or model folder')
+    fit.add_argument(
+        '--train-data', '-d', required=True, help='CSV/JSONL file, image folder, s3:// URI or dataset name'
+    )
+    fit.add_argument('--eval-data', help='same forms as --train-data')
+    fit.add_argument('--run-name', help='default: a random memorable name')
+    fit.add_argument('--experiment', dest='experiment_name', help='experiment of the run (default: default)')
+    fit.add_argument('--description')
+    fit.add_argument('--loss')
+    fit.add_argument('--miner')
+    fit.add_argument('--optimizer')
+    fit.add_argument('--learning-rate', '--lr', type=float)
+    fit.add_argument('--epochs', type=int)
+    fit.add_argument('--batch-size', type=int)
+    fit.add_argument('--device', choices=['auto', 'cpu', 'cuda'])
+    fit.add_argument('--to-onnx', action='store_true', default=None)
+    fit.add_argument('--model-option', action='append', metavar='KEY=VALUE', help='e.g. max_length=64 (repeatable)')
+    fit.add_argument(
+        '--set', action='append', metavar='ARG=VALUE', help='any other fit() argument, e.g. output_dim=256 (repeatable)'
+    )
+    fit.add_argument('--wait', action='store_true', help='follow the logs until the run ends')
+
+    runs = sub.add_parser('runs', help='list runs')
+    runs.add_argument('--experiment', dest='experiment_name')
+
+    status = sub.add_parser('status', help="a run's status")
+    status.add_argument('run')
+    status.add_argument('--json', action='store_true', help='the full status as JSON')
+
+    logs = sub.add_parser('logs', help="a run's logs")
+    logs.add_argument('run')
+    logs.add_argument('-f', '--follow', action='store_true', help='stream until the run ends')
+
+    models = sub.add_parser('models', help='backbones that can be fine-tuned')
+    models.add_argument('--task', choices=['image-to-image', 'text-to-text', 'text-to-image'])
+
+    download = sub.add_parser('download', help="download a finished run's model")
+    download.add_argument('run')
+    download.add_argument('directory')
+
+    sub.add_parser('experiments', help='list experiments')
+    for name, text in (('cancel', 'stop a run'), ('delete', 'delete a run and its outputs')):
+        one = sub.add_parser(name, help=text)
+        one.add_argument('run')
+    metrics = sub.add_parser('metrics', help='retrieval metrics of a finished run, before and after')
+    metrics.add_argument('run')
+    return parser
+
+
+def _login(args: argparse.Namespace) -> None:
+    import finetuner
+
+    options = {k: getattr(args, k) for k in ('kubeconfig', 'context', 'namespace', 'home') if getattr(args, k)}
+    if args.backend or options:
+        finetuner.login(args.backend, **options)
+
+
+def _print_status(run: Any) -> None:
+    status = run.full_status()
+    print(f'{run.name}: {status.phase}')
+    if status.details:
+        print(f'  {status.details}')
+    if status.progress is not None and status.phase == 'STARTED':
+        p = status.progress
+        loss = f', loss {p.loss:.4f}' if p.loss is not None else ''
+        print(f'  epoch {p.epoch}/{p.epochs}, step {p.step}/{p.total_steps} ({p.percent:.0f}%){loss}')
+
+
+def _runs_table(runs: list[Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title='Runs')
+    for column in ('name', 'experiment', 'model', 'status', 'progress', 'created'):
+        table.add_column(column)
+    for run in runs:
+        record = run.refresh()
+        progress = record.status.progress
+        table.add_row(
+            run.name,
+            run.experiment_name,
+            record.spec.model,
+            str(record.status.phase),
+            f'{progress.percent:.0f}%' if progress else '',
+            record.created_at or '',
+        )
+    return table
+
+
+def _command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import finetuner
+
+    console = Console()
+    if args.command == 'fit':
+        extra = _pairs(args.set, '--set')
+        model_options = _pairs(args.model_option, '--model-option')
+        named = {
+            k: getattr(args, k)
+            for k in (
+                'eval_data',
+                'run_name',
+                'experiment_name',
+                'description',
+                'loss',
+                'miner',
+                'optimizer',
+                'learning_rate',
+                'epochs',
+                'batch_size',
+                'device',
+                'to_onnx',
+            )
+            if getattr(args, k) is not None
+        }
+        clash = sorted(set(named) & set(extra))
+        if clash:
+            raise ArgumentError('--set', f'{clash[0]} is also given as its own flag; give it once')
+        if model_options:
+            extra['model_options'] = {**extra.get('model_options', {}), **model_options}
+        run = finetuner.fit(model=args.model, train_data=args.train_data, **named, **extra)
+        print(f'Run name: {run.name}')
+        print(f'Run status: {run.status()["status"]}')
+        if args.wait:
+            for line in run.stream_logs():
+                print(line)
+            final = run.wait(poll=1.0)
+            print(f'Run status: {final["status"]}: {final["details"]}')
+            return 0 if final['status'] == 'FINISHED' else EXIT_FAILED
+        return 0
+    if args.command == 'runs':
+        console.print(_runs_table(finetuner.list_runs(args.experiment_name)))
+        return 0
+    if args.command == 'status':
+        run = finetuner.get_run(args.run)
+        if args.json:
+            print(json.dumps(run.full_status().to_k8s(), indent=2))
+        else:
+            _print_status(run)
+        return 0
+    if args.command == 'logs':
+        run = finetuner.get_run(args.run)
+        if args.follow:
+            for line in run.stream_logs():
+                print(line, flush=True)
+        else:
+            sys.stdout.write(run.logs())
+        return 0
+    if args.command == 'models':
+        finetuner.describe_models(task=args.task)
+        return 0
+    if args.command == 'download':
+        path = finetuner.get_run(args.run).save_model(args.directory)
+        print(f'Model of {args.run} saved to {path}')
+        return 0
+    if args.command == 'experiments':
+        from rich.table import Table
+
+        table = Table(title='Experiments')
+        for column in ('name', 'runs', 'created', 'started', 'finished', 'failed'):
+            table.add_column(column)
+        for experiment in finetuner.list_experiments():
+            counts = experiment.status().runs
+            table.add_row(
+                experiment.name,
+                *(str(getattr(counts, k)) for k in ('total', 'created', 'started', 'finished', 'failed')),
+            )
+        console.print(table)
+        return 0
+    if args.command == 'cancel':
+        run = finetuner.get_run(args.run)
+        run.cancel()
+        _print_status(run)
+        return 0
+    if args.command == 'delete':
+        finetuner.delete_run(args.run)
+        print(f'Deleted run {args.run}')
+        return 0
+    if args.command == 'metrics':
+        finetuner.get_run(args.run).display_metrics()
+        return 0
+    raise AssertionError(f'unhandled command {args.command}')  # argparse only lets known commands through
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _login(args)
+        return _command(args)
+    except ArgumentError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USAGE
+    except FinetunerError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())
