@@ -1,0 +1,191 @@
+"""Every fit() argument error is caught before any upload or submission, naming the argument."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import finetuner
+from finetuner.api.v1alpha1 import FinetuneRunSpec
+from finetuner.backends.local import LocalBackend
+from finetuner.callbacks import BestModelCheckpoint, EvaluationCallback
+from finetuner.errors import ArgumentError
+
+DOCS = ['red cat', 'blue dog']
+
+CASES: list[tuple[dict[str, Any], str, str]] = [
+    ({'learning_rate': -1}, 'learning_rate', 'must be greater than 0 (got -1)'),
+    ({'learning_rate': 2}, 'learning_rate', 'must be less than or equal to 1'),
+    ({'epochs': 0}, 'epochs', 'must be greater than or equal to 1 (got 0)'),
+    ({'batch_size': 0}, 'batch_size', 'must be greater than or equal to 1'),
+    ({'loss': 'TripletLoss'}, 'loss', "unknown loss 'TripletLoss'; choose one of"),
+    ({'loss': 'tripletmarginloss'}, 'loss', "did you mean 'TripletMarginLoss'?"),
+    ({'miner': 'HardMiner'}, 'miner', "unknown miner 'HardMiner'"),
+    ({'optimizer': 'adamw'}, 'optimizer', "did you mean 'AdamW'?"),
+    ({'scheduler': 'exponential'}, 'scheduler', "unknown scheduler 'exponential'"),
+    ({'scheduler_step': 'step'}, 'scheduler_step', "must be 'batch' or 'epoch' (got 'step')"),
+    ({'scheduler_options': {'scheduler_step': 'x'}}, 'scheduler_options.scheduler_step', "must be 'batch' or 'epoch'"),
+    (
+        {'scheduler_step': 'batch', 'scheduler_options': {'scheduler_step': 'epoch'}},
+        'scheduler_step',
+        "'batch' contradicts scheduler_options",
+    ),
+    ({'scheduler_options': {'warmup': 3}}, 'scheduler_options.warmup', 'Extra inputs are not permitted'),
+    ({'miner_options': {'margin': 0.2}}, 'miner_options', 'miner_options given without miner'),
+    ({'loss': 'CLIPLoss'}, 'loss', 'loss CLIPLoss needs multi_modal=True'),
+    ({'multi_modal': True}, 'multi_modal', 'set loss CLIPLoss'),
+    ({'model': 'efficientnet_b0', 'multi_modal': True, 'loss': 'CLIPLoss'}, 'model', 'needs a CLIP model'),
+    ({'model': 'openai/clip-vit-base-patch32'}, 'multi_modal', 'is a text-to-image (CLIP) model'),
+    ({'image_modality': 'image'}, 'image_modality', 'only applies to multi_modal=True'),
+    ({'val_split': 0.2, 'eval_data': DOCS}, 'eval_data', 'give either eval_data or val_split, not both'),
+    ({'val_split': 1.5}, 'val_split', 'must be less than 1'),
+    ({'output_dim': 0}, 'output_dim', 'must be greater than or equal to 1'),
+    ({'device': 'tpu'}, 'device', "must be 'auto', 'cuda' or 'cpu'"),
+    ({'cpu': True, 'device': 'cuda'}, 'cpu', "cpu=True contradicts device='cuda'"),
+    ({'num_workers': -1}, 'num_workers', 'must be greater than or equal to 0'),
+    ({'sampler': 'balanced'}, 'sampler', "must be 'auto', 'class' or 'random'"),
+    ({'gpus': 99}, 'gpus', 'must be less than or equal to 16'),
+    ({'resources': {'memory': '32 GB'}}, 'resources.memory', 'is not a Kubernetes quantity'),
+    ({'csv_options': {'dialect': 'tsv'}}, 'csv_options.dialect', "unknown CSV dialect 'tsv'"),
+    (
+        {'run_name': 'My Run'},
+        'run_name',
+        'is not a valid name: use lower-case letters, digits and "-", starting and ending with a letter or digit '
+        "(e.g. 'my-run')",
+    ),
+    ({'run_name': 'x' * 60}, 'run_name', 'is 60 characters long; use at most 52'),
+    ({'experiment_name': 'Flickr_8k'}, 'experiment_name', "(e.g. 'flickr-8k')"),
+    ({'callbacks': BestModelCheckpoint()}, 'callbacks', 'must be a list of callbacks'),
+    ({'callbacks': ['BestModelCheckpoint']}, 'callbacks[0]', 'a str is not a callback'),
+    ({'callbacks': [{'name': 'Checkpoint'}]}, 'callbacks[0]', "unknown callback 'Checkpoint'"),
+    ({'lr': 1e-4}, 'lr', "fit() has no argument 'lr'"),
+    ({'learning_rte': 1e-4}, 'learning_rte', "did you mean 'learning_rate'?"),
+    ({'model': ''}, 'model', 'give a backbone name'),
+    ({'train_data': None}, 'train_data', 'is required'),
+    ({'train_data': []}, 'train_data', 'is empty; give at least one document'),
+    ({'train_data': 42}, 'train_data', 'cannot use a int as data'),
+    ({'train_data': 'never-pushed'}, 'train_data', "no dataset named 'never-pushed'"),
+    ({'train_data': './missing.csv'}, 'train_data', "no file or folder './missing.csv'"),
+    ({'train_data': 'Not A Name'}, 'train_data', 'is neither a local path nor a dataset name'),
+    ({'train_data': 'http://example.com/data.csv'}, 'train_data', 'unsupported scheme'),
+    ({'train_data': [{'text': 'a', 'chunks': [{'text': 'b'}]}]}, 'train_data[0]', 'either content or chunks'),
+    ({'train_data': [{'label': 'a'}]}, 'train_data[0]', 'a record needs content'),
+    ({'eval_data': 'not-there'}, 'eval_data', "no dataset named 'not-there'"),
+    (
+        {'callbacks': [EvaluationCallback(query_data='missing-queries')]},
+        'callbacks[0].query_data',
+        "no dataset named 'missing-queries'",
+    ),
+]
+
+
+@pytest.mark.parametrize(('arguments', 'argument', 'message'), CASES, ids=[c[1] + ':' + c[2][:30] for c in CASES])
+def test_argument_errors_name_the_argument_and_nothing_is_uploaded(
+    scripted: LocalBackend, arguments: dict[str, Any], argument: str, message: str
+) -> None:
+    call = {'model': 'scripted:ok', 'train_data': DOCS, **arguments}
+    with pytest.raises(ArgumentError, match=re.escape(message)) as caught:
+        finetuner.fit(**call)
+    assert caught.value.argument == argument
+    assert str(caught.value).startswith(f'{argument}: ')
+    assert not (scripted.home / 'datasets').exists(), 'data was uploaded before the error'
+    assert not (scripted.home / 'runs').exists(), 'a run was submitted despite the error'
+
+
+def test_both_generations_of_arguments_give_the_same_spec(scripted: LocalBackend) -> None:
+    old = finetuner.fit(model='scripted:ok', train_data=DOCS, cpu=True, scheduler_step='epoch', run_name='old-style')
+    new = finetuner.fit(
+        model='scripted:ok',
+        train_data=DOCS,
+        device='cpu',
+        scheduler_options={'scheduler_step': 'epoch'},
+        run_name='new-style',
+    )
+    assert old.config.device == new.config.device == 'cpu'
+    assert old.config.scheduler_options.scheduler_step == new.config.scheduler_options.scheduler_step == 'epoch'
+    assert old.config.resources.gpus == 0
+    assert finetuner.fit(model='scripted:ok', train_data=DOCS, cpu=False).config.device == 'auto'
+
+
+def test_seed_advanced_arguments_map_onto_the_spec(scripted: LocalBackend) -> None:
+    finetuner.create_experiment(name='finetune-flickr-dataset')
+    run = finetuner.fit(
+        model='scripted:ok',
+        train_data=DOCS,
+        eval_data=DOCS,
+        run_name='finetune-flickr-dataset-efficientnet-1',
+        description='this is a trial run on flickr8k dataset with efficientnet b0.',
+        experiment_name='finetune-flickr-dataset',
+        model_options={},
+        loss='TripletMarginLoss',
+        miner='TripletMarginMiner',
+        miner_options={'margin': 0.2},
+        optimizer='Adam',
+        optimizer_options={'weight_decay': 0.01},
+        learning_rate=1e-4,
+        epochs=5,
+        batch_size=128,
+        scheduler_step='batch',
+        freeze=False,
+        output_dim=512,
+        cpu=False,
+        num_workers=4,
+        to_onnx=False,
+    )
+    spec = run.config
+    assert spec == FinetuneRunSpec.model_validate(
+        {
+            'model': 'scripted:ok',
+            'trainData': 'finetune-flickr-dataset-efficientnet-1-train',
+            'evalData': 'finetune-flickr-dataset-efficientnet-1-eval',
+            'description': 'this is a trial run on flickr8k dataset with efficientnet b0.',
+            'experiment': 'finetune-flickr-dataset',
+            'miner': 'TripletMarginMiner',
+            'minerOptions': {'margin': 0.2},
+            'optimizerOptions': {'weight_decay': 0.01},
+            'learningRate': 1e-4,
+            'batchSize': 128,
+            'outputDim': 512,
+            'schedulerOptions': {'schedulerStep': 'batch'},
+        }
+    )
+    run.cancel()
+
+
+def test_local_data_is_uploaded_and_only_its_name_is_in_the_spec(scripted: LocalBackend) -> None:
+    run = finetuner.fit(
+        model='scripted:ok',
+        train_data=DOCS,
+        run_name='uploads',
+        callbacks=[EvaluationCallback(query_data=['red'], index_data=DOCS), BestModelCheckpoint()],
+    )
+    assert run.config.train_data == 'uploads-train'
+    assert run.config.callbacks[0].options['query_data'] == 'uploads-0-query'
+    assert run.config.callbacks[0].options['index_data'] == 'uploads-0-index'
+    assert run.config.callbacks[1].model_dump() == {
+        'name': 'BestModelCheckpoint',
+        'options': {'monitor': 'val_loss', 'mode': 'auto'},
+    }
+    assert [r.text for r in finetuner.pull_data('uploads-0-index')] == DOCS
+    assert (scripted.home / 'datasets' / 'uploads-train' / 'data.jsonl').read_text().splitlines() == [
+        '{"text": "red cat"}',
+        '{"text": "blue dog"}',
+    ]
+    run.wait(timeout=60, poll=0.1)
+
+
+def test_uri_data_is_referenced_not_copied(scripted: LocalBackend, tmp_path: Path) -> None:
+    uri = (tmp_path / 'data.jsonl').as_uri()
+    run = finetuner.fit(model='scripted:no-artifact', train_data=uri, run_name='by-uri')
+    assert run.config.train_data == uri
+    assert not (scripted.home / 'datasets').exists()
+    run.wait(timeout=60, poll=0.1)
+
+
+def test_generated_run_names_are_memorable_and_unique(scripted: LocalBackend) -> None:
+    names = {finetuner.fit(model='scripted:no-artifact', train_data=DOCS).name for _ in range(3)}
+    assert len(names) == 3
+    assert all(re.fullmatch(r'[a-z]+-[a-z]+', name) for name in names)
