@@ -1,0 +1,148 @@
+"""The Dockerfiles, checked statically (no Docker engine here): pinned bases, non-root, real entrypoints."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIRS = {'finetuner': 'sdk', 'finetuner_operator': 'operator', 'finetuner_trainer': 'trainer'}
+
+IMAGES = {
+    # Dockerfile: (extra installed, entrypoint module, what the final base must be)
+    'Dockerfile.trainer': ('trainer', 'finetuner_trainer', 'nvidia/cuda'),
+    'Dockerfile.operator': ('operator', 'finetuner_operator', 'python'),
+}
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse(path: Path) -> tuple[dict[str, str], list[Stage]]:
+    """Global ARG defaults and the stages, with continuation lines joined and ${ARG}s substituted."""
+    text = re.sub(r'\\\n', ' ', path.read_text())
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith('#'):
+            continue
+        keyword, _, rest = line.partition(' ')
+        keyword = keyword.upper()
+        rest = re.sub(r'\$\{(\w+)\}', lambda m: args.get(m.group(1), m.group(0)), rest.strip())
+        if keyword == 'ARG' and not stages:
+            name, _, default = rest.partition('=')
+            args[name] = default
+        elif keyword == 'FROM':
+            words = rest.split()
+            stages.append(Stage(base=words[0], name=words[2] if len(words) > 2 else None))
+        else:
+            assert stages, f'{path.name}: {keyword} before FROM'
+            stages[-1].instructions.append((keyword, rest))
+    return args, stages
+
+
+def pinned(image: str) -> bool:
+    if '@sha256:' in image:
+        return True
+    name, _, tag = image.rpartition(':')
+    return bool(name) and '/' not in tag and tag != 'latest' and bool(re.search(r'\d', tag))
+
+
+@pytest.mark.parametrize('dockerfile', sorted(IMAGES))
+def test_every_base_image_is_pinned(dockerfile: str) -> None:
+    _, stages = parse(ROOT / dockerfile)
+    names = {s.name for s in stages if s.name}
+    external = [s.base for s in stages if s.base not in names]
+    assert external, 'no FROM found'
+    for image in external:
+        assert '$' not in image, f'{dockerfile}: unresolved ARG in FROM {image}'
+        assert pinned(image), f'{dockerfile}: FROM {image} is not pinned to a version tag or digest'
+
+
+@pytest.mark.parametrize('dockerfile', sorted(IMAGES))
+def test_final_stage_runs_as_a_numeric_non_root_user(dockerfile: str) -> None:
+    _, stages = parse(ROOT / dockerfile)
+    users = [rest for keyword, rest in stages[-1].instructions if keyword == 'USER']
+    assert users, f'{dockerfile}: the final stage sets no USER (it would run as root)'
+    uid = users[-1].split(':')[0]
+    assert uid.isdigit() and int(uid) != 0, f'{dockerfile}: USER {users[-1]} must be a numeric non-root uid'
+    # runAsNonRoot can only verify a numeric uid; it is the uid the pods run as.
+    from finetuner_operator.builders import RUN_AS_USER
+
+    assert int(uid) == RUN_AS_USER
+
+
+@pytest.mark.parametrize('dockerfile', sorted(IMAGES))
+def test_entrypoint_is_a_module_that_exists_in_the_package(dockerfile: str) -> None:
+    _, module, _ = IMAGES[dockerfile]
+    _, stages = parse(ROOT / dockerfile)
+    entrypoints = [rest for keyword, rest in stages[-1].instructions if keyword == 'ENTRYPOINT']
+    assert entrypoints, f'{dockerfile}: no ENTRYPOINT'
+    assert json.loads(entrypoints[-1]) == ['python', '-m', module], 'exec form, python -m <package>'
+    main = ROOT / PACKAGE_DIRS[module] / module / '__main__.py'
+    assert main.is_file(), f'{dockerfile}: ENTRYPOINT runs {module}, but {main.relative_to(ROOT)} does not exist'
+    env = ' '.join(rest for keyword, rest in stages[-1].instructions if keyword == 'ENV')
+    assert 'PATH=/opt/venv/bin:' in env, 'python (and torchrun) must resolve to the environment the build made'
+
+
+@pytest.mark.parametrize('dockerfile', sorted(IMAGES))
+def test_installs_its_extra_with_dependencies_before_sources(dockerfile: str) -> None:
+    extra, _, _ = IMAGES[dockerfile]
+    extras = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['optional-dependencies']
+    assert extra in extras
+    _, stages = parse(ROOT / dockerfile)
+    build = next(s for s in stages if s.name == 'build')
+    steps = [f'{keyword} {rest}' for keyword, rest in build.instructions]
+
+    def first(pattern: str) -> int:
+        return next(i for i, step in enumerate(steps) if re.search(pattern, step))
+
+    metadata = first(r'^COPY pyproject\.toml')
+    dependencies = first(rf'^RUN .*uv pip install -r pyproject\.toml --extra {extra}\b')
+    sources = first(r'^COPY (sdk|operator|trainer)\b')
+    project = first(r'^RUN .*uv pip install --no-deps \.')
+    assert metadata < dependencies < sources < project, 'a code change must not re-install the dependencies'
+    final = stages[-1]
+    copied = [rest for keyword, rest in final.instructions if keyword == 'COPY']
+    assert copied and all(rest.startswith('--from=build ') for rest in copied), 'the final stage takes only /opt'
+
+
+@pytest.mark.parametrize('dockerfile', sorted(IMAGES))
+def test_final_base_fits_the_image(dockerfile: str) -> None:
+    _, _, base = IMAGES[dockerfile]
+    _, stages = parse(ROOT / dockerfile)
+    assert stages[-1].base.startswith(f'{base}:')
+    if dockerfile == 'Dockerfile.trainer':
+        tested = version('torch').split('+')[0]
+        assert f'torch=={tested} ' in (ROOT / dockerfile).read_text(), 'the image installs the torch tests ran with'
+
+
+def test_dockerignore_sends_only_what_the_images_copy() -> None:
+    rules = [
+        line.strip()
+        for line in (ROOT / '.dockerignore').read_text().splitlines()
+        if line.strip() and not line.startswith('#')
+    ]
+    assert rules[0] == '*', 'an allow-list: the build context is what the images need, not .venv or .git'
+    allowed = {rule[1:].rstrip('/') for rule in rules if rule.startswith('!')}
+    for dockerfile in IMAGES:
+        _, stages = parse(ROOT / dockerfile)
+        for stage in stages:
+            for keyword, rest in stage.instructions:
+                if keyword != 'COPY' or rest.startswith('--from='):
+                    continue
+                *sources, _destination = rest.split()
+                for source in sources:
+                    assert source in allowed, f'{dockerfile}: COPY {source} is excluded by .dockerignore'
+                    assert (ROOT / source).exists(), f'{dockerfile}: COPY {source} does not exist'
