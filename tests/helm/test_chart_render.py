@@ -253,7 +253,8 @@ def test_no_service_monitor_unless_asked() -> None:
 def test_notes_tell_how_to_submit_a_first_run() -> None:
     notes = render({'mode': 'namespaced', 'namespaces': ['ml']})['finetuner/templates/NOTES.txt']
     assert 'kubectl -n ml apply -f examples/run.yaml' in notes
-    assert 'finetuner.login()' in notes and 'finetuner.fit(' in notes
+    assert "finetuner.login(backend='kubernetes', namespace='ml', bucket='finetuner')" in notes
+    assert 'finetuner.fit(' in notes
     assert (ROOT / 'examples' / 'run.yaml').is_file()
     assert f'deployment/{FULLNAME}-operator' in notes
 
