@@ -83,6 +83,23 @@ def _artifact_directory(artifact: str | Path) -> Path:
     return target
 
 
+class _Selected:
+    """A CLIP model restricted to one tower (``select_model``): refuses content of the other kind."""
+
+    def __init__(self, model: Any, kind: str) -> None:
+        self.model = model
+        self.kind = kind
+        self.default_batch_size = 32
+
+    def embed(self, records: list[Any], batch_size: int = 32) -> Any:
+        for i, record in enumerate(records):
+            if record.content_kind != self.kind:
+                raise ArgumentError(
+                    f'data[{i}]', f'is {record.content_kind}, but this model only encodes {self.kind} (select_model)'
+                )
+        return self.model.embed(records, batch_size=batch_size)
+
+
 def get_model(
     artifact: str | Path,
     batch_size: int = 32,
@@ -94,8 +111,9 @@ def get_model(
     """Load a fine-tuned model for :func:`encode`.
 
     ``artifact``: the folder given to ``run.save_model()``, or the name of a finished run.
-    ``select_model``: for CLIP, ``'clip-text'`` or ``'clip-vision'``; ``is_onnx``: use the ONNX export
-    (the run needs ``to_onnx=True``). ``token`` is accepted for Finetuner compatibility and unused.
+    ``select_model``: for CLIP, ``'clip-text'`` or ``'clip-vision'`` keeps one tower's inputs;
+    ``is_onnx``: use the ONNX export (the run needs ``to_onnx=True``); ``device``: where torch runs it.
+    ``token`` is accepted for Finetuner compatibility and unused (no hub account here).
     """
     del token
     if batch_size < 1:
@@ -105,10 +123,12 @@ def get_model(
     directory = _artifact_directory(artifact)
     if is_onnx:
         onnx = _trainer_module('finetuner_trainer.inference_onnx')
-        model = onnx.load_onnx_embedder(directory, select_model=select_model)
+        model: Any = onnx.load_onnx_embedder(directory)
     else:
         models = _trainer_module('finetuner_trainer.models')
-        model = models.load_embedder(directory, device=device, select_model=select_model)
+        model = models.load_embedder(directory).to(device)
+    if select_model is not None:
+        model = _Selected(model, 'text' if select_model == 'clip-text' else 'image')
     model.default_batch_size = batch_size
     return model
 
@@ -125,7 +145,9 @@ def encode(model: Any, data: Any, batch_size: int | None = None) -> Any:
     records = to_records(items, 'data', Modalities())
     size = batch_size or getattr(model, 'default_batch_size', 32)
     embeddings = model.embed(records, batch_size=size)
-    if is_collection(data) and items and not isinstance(items[0], (str, dict)) and hasattr(items[0], 'embedding'):
+    if hasattr(embeddings, 'detach'):
+        embeddings = embeddings.detach().cpu().numpy()
+    if is_collection(data) and not isinstance(items[0], (str, dict)) and hasattr(items[0], 'embedding'):
         for item, vector in zip(items, embeddings, strict=True):
             item.embedding = vector
         return data
