@@ -38,7 +38,7 @@ def models_table(task: str | None = None) -> Any:
 
     table = Table(title='Finetuner backbones')
     for column in ('model', 'task', 'output_dim', 'architecture', 'description'):
-        table.add_column(column, justify='right')
+        table.add_column(column, justify='right', no_wrap=True)
     for b in _backbones(task):
         table.add_row(b.name, b.task, str(b.output_dim), b.architecture, b.description)
     return table
@@ -48,7 +48,11 @@ def describe_models(task: str | None = None) -> None:
     """Print the backbones (model, task, output_dim, architecture, description) as a table."""
     from rich.console import Console
 
-    Console().print(models_table(task))
+    table = models_table(task)
+    console = Console()
+    needed = Console(width=10_000).measure(table).maximum
+    # Names are what users copy into fit(): never cut them, even when the terminal is narrow.
+    (console if console.width >= needed else Console(width=needed)).print(table)
 
 
 def _trainer_module(name: str) -> Any:
