@@ -49,6 +49,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     'namespaced-existing-secret': {
         'mode': 'namespaced',
         'namespaces': ['team-a', 'team-b'],
+        'imagePullSecrets': [{'name': 'regcred'}],
         'objectStore': {'credentials': {'existingSecret': 'my-s3'}, 'outputPrefix': 'ft/runs', 'dataPrefix': 'ft'},
         'huggingFace': {'token': {'existingSecret': 'my-hf'}, 'cache': {'enabled': True, 'existingClaim': 'hf'}},
     },

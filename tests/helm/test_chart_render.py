@@ -184,6 +184,13 @@ def test_existing_secrets_are_referenced_not_created() -> None:
     assert by_kind(docs, 'PersistentVolumeClaim') == []
 
 
+def test_image_pull_secrets_reach_the_operator_pod_and_the_trainer_account() -> None:
+    docs = manifests_of('namespaced-existing-secret')
+    assert one(docs, 'Deployment')['spec']['template']['spec']['imagePullSecrets'] == [{'name': 'regcred'}]
+    trainers = [sa for sa in by_kind(docs, 'ServiceAccount') if sa['metadata']['name'].endswith('-trainer')]
+    assert len(trainers) == 2 and all(sa['imagePullSecrets'] == [{'name': 'regcred'}] for sa in trainers)
+
+
 def test_without_credentials_pods_use_their_ambient_identity() -> None:
     docs = manifests_of('defaults')
     assert by_kind(docs, 'Secret') == []
