@@ -1,0 +1,284 @@
+"""Multi-GPU and multi-node training under ``torchrun``.
+
+``torchrun --nproc-per-node N --nnodes M --rdzv-endpoint HOST:PORT -m finetuner_trainer ...`` sets
+``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed`
+reads them and joins the process group (NCCL on GPUs, gloo on CPU). Without them the trainer is a
+single process and every helper here is a no-op.
+
+How the pieces keep one process and N processes equivalent:
+
+- every rank walks the same sequence of *global* batches (the samplers are deterministic per seed and
+  epoch) and takes its share with :class:`ShardedBatches`, so a class-balanced global batch stays
+  class-balanced on every rank and all ranks run the same number of steps;
+- metric-learning losses and miners are wrapped in pytorch-metric-learning's distributed wrappers,
+  which gather embeddings across ranks (mining stays global) and scale the loss by the world size,
+  because DistributedDataParallel averages gradients over ranks;
+- CLIP's loss gathers both towers' embeddings with :func:`gather_with_grad` for global in-batch
+  negatives (the same world-size scaling applies, see :func:`global_clip_loss`);
+- only rank 0 writes (artifact, checkpoints, metrics); every rank takes part in the collectives of
+  evaluation and early stopping (:func:`agree`), so all stop at the same step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    """Rank and world size as torchrun set them (a single process when unset)."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    return DistInfo(
+        rank=int(os.environ.get('RANK', '0')),
+        local_rank=int(os.environ.get('LOCAL_RANK', '0')),
+        world_size=world,
+    )
+
+
+def init_distributed(device: str = 'auto', timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group when started by torchrun; pick NCCL for CUDA, gloo otherwise.
+
+    ``device`` is the spec's device (auto, cuda, cpu). Returns the rank information; on CUDA the
+    current device becomes ``cuda:LOCAL_RANK``."""
+    info = env_info()
+    if not info.enabled:
+        return info
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), info.local_rank, dist.get_world_size(), dist.get_backend())
+    use_cuda = device != 'cpu' and torch.cuda.is_available()
+    backend = 'nccl' if use_cuda else 'gloo'
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    info = DistInfo(dist.get_rank(), info.local_rank, dist.get_world_size(), backend)
+    log.info('distributed: rank %d of %d (local rank %d, %s)', info.rank, info.world_size, info.local_rank, backend)
+    return info
+
+
+def device_for(info: DistInfo, device: str = 'auto') -> torch.device:
+    """The torch device this rank trains on."""
+    if device != 'cpu' and torch.cuda.is_available():
+        return torch.device('cuda', info.local_rank if info.enabled else torch.cuda.current_device())
+    if device == 'cuda':
+        raise RuntimeError('device: cuda was requested but no CUDA device is visible to this process')
+    return torch.device('cpu')
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement between ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _collective_device() -> torch.device:
+    if is_distributed() and dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def agree(flag: bool) -> bool:
+    """True on every rank when any rank says True (early stopping, a failed export): all ranks stop
+    at the same step, so no rank waits forever in a collective the others left."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def mean_across(value: float) -> float:
+    """The mean of a number over ranks (training loss for logs and progress)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s Python object on every rank (e.g. metrics computed on rank 0)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchSampler(Protocol):
+    def __iter__(self) -> Iterator[list[int]]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class ShardedBatches:
+    """This rank's share of every global batch of ``batches``.
+
+    Rank r takes positions r, r + N, r + 2N, ... of each global batch. A class-balanced sampler puts
+    a class's items next to each other, so every rank gets items of every class in the batch and its
+    positives stay in its share. Shares have equal sizes (the loss wrappers gather equal-sized
+    tensors): a global batch is cut to a multiple of the world size, and one smaller than the world
+    size is skipped on every rank alike.
+    """
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f'rank {rank} is outside a world of {world_size}')
+        self.batches = batches
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            usable = len(batch) - len(batch) % self.world_size
+            if usable == 0:
+                continue
+            yield list(batch[self.rank : usable : self.world_size])
+
+
+def shard(batches: BatchSampler, info: DistInfo | None = None) -> BatchSampler | ShardedBatches:
+    info = info or env_info()
+    return ShardedBatches(batches, info.rank, info.world_size) if info.enabled else batches
+
+
+def global_batch_order(batch: Sequence[int], world: int) -> list[int]:
+    """The order in which a global batch's items appear after gathering the ranks' shares
+    (rank 0's share, then rank 1's, ...): what a single process must use to reproduce a DDP step."""
+    usable = len(batch) - len(batch) % world
+    return [batch[i] for r in range(world) for i in range(r, usable, world)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and losses
+# ---------------------------------------------------------------------------------------------
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` (already on its device) when distributed."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.local_rank] if info.backend == 'nccl' else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def wrap_metric_loss(loss: torch.nn.Module, miner: torch.nn.Module | None) -> tuple[torch.nn.Module, Any]:
+    """pytorch-metric-learning's DistributedLossWrapper / DistributedMinerWrapper when distributed.
+
+    The wrapped loss is ``world_size`` times the global loss (so that DDP's gradient averaging gives
+    the single-process gradient); divide by :func:`world_size` before logging it."""
+    if not is_distributed():
+        return loss, miner
+    from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
+    from pytorch_metric_learning.miners import BaseMiner
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
+
+    if isinstance(loss, (BaseMetricLossFunction, CrossBatchMemory)):
+        loss = DistributedLossWrapper(loss)
+    if isinstance(miner, BaseMiner):
+        miner = DistributedMinerWrapper(miner)
+    return loss, miner
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns this rank's slice of the summed gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rank = dist.get_rank()
+        ctx.size = tensor.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-ordered concatenation of every rank's (equal-sized) ``tensor``; gradients of the
+    result flow back to each rank's own part. Identity when not distributed."""
+    if not is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def global_clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the *global* batch (in-batch negatives from every rank).
+
+    Every rank computes the same global loss; the backward of the gathers sums all ranks'
+    gradients, and DistributedDataParallel then averages over ranks, so the result equals the
+    gradient of one process on the whole batch. The returned value is the global loss."""
+    all_text = gather_with_grad(text_emb)
+    all_image = gather_with_grad(image_emb)
+    all_text = torch.nn.functional.normalize(all_text, dim=-1)
+    all_image = torch.nn.functional.normalize(all_image, dim=-1)
+    logits = logit_scale.exp() * all_text @ all_image.T
+    target = torch.arange(logits.shape[0], device=logits.device)
+    loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+    return loss
