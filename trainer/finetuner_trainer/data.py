@@ -1,0 +1,527 @@
+"""Training data: reading (JSONL, CSV, docarray), shape detection, checks, splits and batching.
+
+Everything a dataset can be is reduced to :class:`Example` objects holding one item (a labelled
+item) or two (a query-document pair or a text-image pair). Images are fetched and checked here,
+before training starts, so a broken file is a configuration error and not a crash at step 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from finetuner.api.layout import DATASET_FILE, Record, resolve_data
+from finetuner.api.v1alpha1 import CSVOptions, FinetuneRunSpec
+from finetuner.storage import StorageError, open_store
+from finetuner_trainer.errors import ConfigError
+
+LABEL_TAG = 'finetuner_label'
+SCORE_TAG = 'finetuner_score'
+MODALITY_TAG = 'modality'
+JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
+CSV_SUFFIXES = ('.csv', '.tsv', '.txt')
+
+
+class Shape(str, Enum):
+    """What one training example is; decides which losses fit."""
+
+    LABELLED = 'labelled'  # one item + a class label
+    PAIRS = 'pairs'  # (query, document)
+    SCORED_PAIRS = 'scored-pairs'  # (query, document) + a similarity score
+    TEXT_IMAGE = 'text-image'  # (text, image)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One piece of content ready for a model: text, encoded image bytes, or a tensor."""
+
+    text: str | None = None
+    image: bytes | None = None
+    tensor: Any = None
+
+    @property
+    def kind(self) -> str:
+        if self.text is not None:
+            return 'text'
+        if self.image is not None:
+            return 'image'
+        return 'tensor'
+
+
+@dataclass(frozen=True)
+class Example:
+    items: tuple[Item, ...]
+    label: int | None = None  # index into Dataset.classes
+    score: float | None = None
+
+
+@dataclass
+class Dataset:
+    shape: Shape
+    examples: list[Example]
+    classes: list[str] = field(default_factory=list)
+    source: str = ''
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def kinds(self) -> set[str]:
+        return {item.kind for example in self.examples for item in example.items}
+
+    def subset(self, indices: Sequence[int]) -> Dataset:
+        return Dataset(self.shape, [self.examples[i] for i in indices], self.classes, self.source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_source(reference: str, data_uri: str | None, field_name: str) -> tuple[bytes, str, Any, str]:
+    """Fetch a data file: (bytes, file name, the store holding it, the key of the file in it)."""
+    try:
+        location, key = resolve_data(reference, data_uri)
+    except ValueError as e:
+        raise ConfigError(field_name, str(e)) from e
+    try:
+        store = open_store(location)
+    except StorageError as e:
+        raise ConfigError(field_name, str(e)) from e
+    key = key or ''
+    if not key and not _is_file(store):
+        key = DATASET_FILE if store.exists(DATASET_FILE) else ''  # a dataset folder
+    try:
+        data = store.read_bytes(key)
+    except StorageError as e:
+        raise ConfigError(field_name, f'cannot read {reference!r}: {e}') from e
+    name = key or urlparse(store.uri).path
+    return data, name, store, key
+
+
+def _is_file(store: Any) -> bool:
+    root = getattr(store, 'root', None)
+    return root is None or Path(root).is_file()
+
+
+@dataclass(frozen=True)
+class ImageBase:
+    """Where relative image paths of a data file are resolved: the file's folder in its store."""
+
+    store: Any = None
+    directory: str = ''
+
+
+def load_records(
+    reference: str, data_uri: str | None, csv_options: CSVOptions, field_name: str
+) -> tuple[list[Record], ImageBase]:
+    """Read a dataset reference (URI or pushed dataset name) into Records, by format."""
+    data, name, store, key = read_source(reference, data_uri, field_name)
+    suffix = Path(name).suffix.lower()
+    if not data.strip():
+        raise ConfigError(field_name, f'{reference!r} is empty: it holds no records')
+    if suffix in CSV_SUFFIXES:
+        records = parse_csv(data, csv_options, field_name)
+    elif suffix in JSONL_SUFFIXES or data.lstrip()[:1] in (b'{', b'['):
+        records = parse_jsonl(data, field_name)
+    else:
+        records = parse_docarray(data, field_name)
+    if not records:
+        raise ConfigError(field_name, f'{reference!r} holds no records')
+    if key:
+        return records, ImageBase(store, key.rsplit('/', 1)[0] if '/' in key else '')
+    parent = urlparse(store.uri).path.rsplit('/', 1)[0]
+    return records, ImageBase(open_store(parent) if store.uri.startswith('file://') else None, '')
+
+
+def parse_jsonl(data: bytes, field_name: str) -> list[Record]:
+    text = data.decode('utf-8-sig')
+    if text.lstrip().startswith('['):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(field_name, f'not valid JSON: {e}') from e
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(field_name, f'line {number} is not valid JSON: {e.msg}') from e
+    records = []
+    for number, row in enumerate(rows, 1):
+        try:
+            records.append(Record.model_validate(row))
+        except Exception as e:  # pydantic's ValidationError, reworded to one line
+            first = e.errors()[0] if hasattr(e, 'errors') else {'msg': str(e)}
+            raise ConfigError(field_name, f'record {number} is not a valid record: {first["msg"]}') from e
+    return records
+
+
+def parse_csv(data: bytes, options: CSVOptions, field_name: str) -> list[Record]:
+    """Finetuner's CSV semantics: (item, label) when isLabeled, else (query, document); a third
+    numeric column is a score. Cells that look like image paths or URIs become images."""
+    try:
+        text = data.decode(options.encoding)
+    except (UnicodeDecodeError, LookupError) as e:
+        raise ConfigError('csvOptions.encoding', f'the CSV file is not {options.encoding!r} text: {e}') from e
+    if options.dialect == 'auto':
+        try:
+            dialect: Any = csv.Sniffer().sniff(text[:8192], delimiters=',\t;|')
+        except csv.Error:
+            dialect = csv.excel
+    else:
+        dialect = options.dialect
+    rows = [row for row in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in row)]
+    if rows and _is_header(rows[0]):
+        rows = rows[1:]
+    if options.sampling_rate is not None:
+        rng = random.Random(0)
+        rows = [row for row in rows if rng.random() < options.sampling_rate]
+    if options.size is not None:
+        rows = rows[: options.size]
+    records = []
+    for number, row in enumerate(rows, 1):
+        if len(row) not in (2, 3):
+            raise ConfigError(
+                field_name, f'CSV row {number} has {len(row)} columns; expected 2 (item,label or query,document) or 3'
+            )
+        first, second = (_csv_content(cell) for cell in row[:2])
+        score: float | None = None
+        if len(row) == 3:
+            try:
+                score = float(row[2])
+            except ValueError as e:
+                raise ConfigError(field_name, f'CSV row {number}: the third column {row[2]!r} is not a number') from e
+        if options.is_labeled and score is None:
+            records.append(Record(**first, label=row[1].strip()))
+        else:
+            records.append(Record(chunks=[Record(**first), Record(**second)], score=score))
+    return records
+
+
+def _is_header(row: list[str]) -> bool:
+    lowered = [cell.strip().lower() for cell in row]
+    return bool(lowered) and lowered[0] in ('text', 'query', 'item', 'image', 'anchor', 'sentence', 'uri', 'path')
+
+
+def _csv_content(cell: str) -> dict[str, str]:
+    value = cell.strip()
+    looks_like_image = value.lower().endswith(('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp', '.tif', '.tiff'))
+    return {'uri': value} if looks_like_image and ' ' not in value else {'text': value}
+
+
+def parse_docarray(data: bytes, field_name: str) -> list[Record]:
+    """A docarray 0.4x ``DocList[LegacyDocument]`` saved with ``save_binary`` (protobuf)."""
+    try:
+        from docarray import DocList
+        from docarray.documents.legacy import LegacyDocument
+    except ImportError as e:
+        raise ConfigError(field_name, 'a docarray file needs the docarray package (pip install docarray)') from e
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix='.bin') as tmp:
+        tmp.write(data)
+        tmp.flush()
+        docs = None
+        for compress in (None, 'lz4', 'gzip', 'bz2', 'lzma', 'zlib'):
+            try:
+                docs = DocList[LegacyDocument].load_binary(tmp.name, protocol='protobuf', compress=compress)
+                break
+            except Exception:  # the wrong compression or protocol: try the next one
+                continue
+    if docs is None:
+        raise ConfigError(
+            field_name, 'not JSONL, CSV or a docarray DocList[LegacyDocument] binary file (save_binary, protobuf)'
+        )
+    return [_record_from_doc(doc) for doc in docs]
+
+
+def _record_from_doc(doc: Any) -> Record:
+    tags = dict(doc.tags or {})
+    label = tags.pop(LABEL_TAG, None)
+    score = tags.pop(SCORE_TAG, None)
+    modality = tags.pop(MODALITY_TAG, None)
+    if doc.chunks:
+        return Record(
+            chunks=[_record_from_doc(c) for c in doc.chunks], label=label, score=score, modality=modality, tags=tags
+        )
+    content: dict[str, Any] = {}
+    if doc.text is not None:
+        content['text'] = doc.text
+    elif doc.blob is not None:
+        content['blob'] = base64.b64encode(doc.blob).decode()
+    elif doc.url is not None:
+        content['uri'] = str(doc.url)
+    elif doc.tensor is not None:
+        content['tensor'] = _to_list(doc.tensor)
+    return Record(**content, label=label, score=score, modality=modality, tags=tags)
+
+
+def _to_list(tensor: Any) -> list[Any]:
+    return tensor.tolist() if hasattr(tensor, 'tolist') else list(tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> examples
+# ---------------------------------------------------------------------------------------------
+
+
+def load_image_bytes(record: Record, base: ImageBase | None = None) -> bytes:
+    """The encoded bytes of an image record (blob, local path, file:// or s3:// URI, http(s) URL)."""
+    if record.blob is not None:
+        return base64.b64decode(record.blob)
+    uri = record.uri or ''
+    parsed = urlparse(uri)
+    if parsed.scheme in ('http', 'https'):
+        import urllib.request
+
+        with urllib.request.urlopen(uri, timeout=30) as response:  # the user's own data URL
+            return response.read()
+    if parsed.scheme == 's3':
+        bucket_and_prefix, _, name = uri.rpartition('/')
+        return open_store(bucket_and_prefix).read_bytes(name)
+    if parsed.scheme == 'file' or Path(uri).is_absolute():
+        return Path(parsed.path if parsed.scheme == 'file' else uri).read_bytes()
+    if base is None or base.store is None:
+        return Path(uri).read_bytes()
+    return base.store.read_bytes(f'{base.directory}/{uri}' if base.directory else uri)
+
+
+def check_image(data: bytes) -> None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()
+
+
+def to_item(record: Record, where: str, field_name: str, base: ImageBase | None = None) -> Item:
+    kind = record.content_kind
+    if kind == 'text':
+        return Item(text=record.text)
+    if kind == 'tensor':
+        return Item(tensor=record.tensor)
+    try:
+        data = load_image_bytes(record, base)
+    except (OSError, StorageError, ValueError) as e:
+        raise ConfigError(field_name, f'{where}: cannot read image {record.uri or "blob"!r}: {e}') from e
+    try:
+        check_image(data)
+    except Exception as e:  # PIL raises many types for broken files
+        name = record.uri or 'blob'
+        raise ConfigError(field_name, f'{where}: image {name!r} is corrupt or not an image ({e})') from e
+    return Item(image=data)
+
+
+def _label_of(record: Record) -> str | int | None:
+    return record.label if record.label is not None else record.tags.get(LABEL_TAG)
+
+
+def _score_of(record: Record) -> float | None:
+    value = record.score if record.score is not None else record.tags.get(SCORE_TAG)
+    return None if value is None else float(value)
+
+
+def detect_shape(records: list[Record], spec: FinetuneRunSpec, field_name: str) -> Shape:
+    with_chunks = sum(1 for r in records if r.chunks)
+    if with_chunks and with_chunks != len(records):
+        raise ConfigError(
+            field_name, f'{with_chunks} of {len(records)} records have chunks (pairs) and the rest do not: mixed data'
+        )
+    if not with_chunks:
+        missing = [i for i, r in enumerate(records, 1) if _label_of(r) is None]
+        if missing:
+            raise ConfigError(
+                field_name,
+                f'{len(missing)} of {len(records)} records have no label (first: record {missing[0]}); labelled '
+                f'items need "label" (or tags.{LABEL_TAG}), or give pairs as a parent with two chunks',
+            )
+        return Shape.LABELLED
+    wrong = [i for i, r in enumerate(records, 1) if len(r.chunks) != 2]
+    if wrong:
+        raise ConfigError(
+            field_name,
+            f'record {wrong[0]} has {len(records[wrong[0] - 1].chunks)} chunks; a pair has exactly two '
+            '(query then document, or a text and an image)',
+        )
+    if spec.multi_modal:
+        return Shape.TEXT_IMAGE
+    scored = sum(1 for r in records if _score_of(r) is not None)
+    if scored and scored != len(records):
+        raise ConfigError(field_name, f'{scored} of {len(records)} pairs have a score and the rest do not')
+    return Shape.SCORED_PAIRS if scored else Shape.PAIRS
+
+
+def _text_image_items(
+    record: Record, number: int, spec: FinetuneRunSpec, field_name: str, base: ImageBase | None
+) -> tuple[Item, Item]:
+    text_name = spec.text_modality or 'text'
+    image_name = spec.image_modality or 'image'
+    modalities = [c.modality or c.tags.get(MODALITY_TAG) for c in record.chunks]
+    if all(m is not None for m in modalities):
+        if text_name not in modalities or image_name not in modalities:
+            raise ConfigError(
+                'textModality' if text_name not in modalities else 'imageModality',
+                f'record {number} has chunks with modalities {modalities}, not {text_name!r} and {image_name!r}; '
+                'set textModality and imageModality to the names your data uses',
+            )
+        text_chunk = record.chunks[modalities.index(text_name)]
+        image_chunk = record.chunks[modalities.index(image_name)]
+    else:
+        kinds = [c.content_kind for c in record.chunks]
+        if sorted(kinds) != ['image', 'text']:
+            raise ConfigError(field_name, f'record {number}: a text-image pair needs one text and one image chunk')
+        text_chunk = record.chunks[kinds.index('text')]
+        image_chunk = record.chunks[kinds.index('image')]
+    where = f'record {number}'
+    text_item = to_item(text_chunk, where, field_name, base)
+    image_item = to_item(image_chunk, where, field_name, base)
+    if text_item.kind != 'text' or image_item.kind != 'image':
+        raise ConfigError(
+            field_name, f'record {number}: the {text_name!r} chunk must hold text and the {image_name!r} chunk an image'
+        )
+    return text_item, image_item
+
+
+def to_dataset(
+    records: list[Record],
+    spec: FinetuneRunSpec,
+    field_name: str,
+    base: ImageBase | None = None,
+    classes: list[str] | None = None,
+) -> Dataset:
+    """Turn records into examples of one shape, reading and checking every image."""
+    if not records:
+        raise ConfigError(field_name, 'the data holds no records')
+    shape = detect_shape(records, spec, field_name)
+    examples: list[Example] = []
+    class_names: list[str] = list(classes or [])
+    index = {name: i for i, name in enumerate(class_names)}
+    for number, record in enumerate(records, 1):
+        where = f'record {number}'
+        if shape == Shape.LABELLED:
+            name = str(_label_of(record))
+            if name not in index:
+                index[name] = len(class_names)
+                class_names.append(name)
+            examples.append(Example((to_item(record, where, field_name, base),), label=index[name]))
+        elif shape == Shape.TEXT_IMAGE:
+            examples.append(Example(_text_image_items(record, number, spec, field_name, base)))
+        else:
+            query, document = (to_item(chunk, where, field_name, base) for chunk in record.chunks)
+            examples.append(Example((query, document), score=_score_of(record)))
+    return Dataset(shape, examples, class_names, source=field_name)
+
+
+def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``fraction`` of the examples (per class for labelled data, so every class stays)."""
+    if not fraction:
+        return dataset, None
+    rng = random.Random(seed)
+    if dataset.shape == Shape.LABELLED:
+        by_class: dict[int, list[int]] = defaultdict(list)
+        for i, example in enumerate(dataset.examples):
+            by_class[example.label or 0].append(i)
+        held: list[int] = []
+        for indices in by_class.values():
+            rng.shuffle(indices)
+            held.extend(indices[: round(len(indices) * fraction)])
+    else:
+        indices = list(range(len(dataset)))
+        rng.shuffle(indices)
+        held = indices[: round(len(indices) * fraction)]
+    held_set = set(held)
+    kept = [i for i in range(len(dataset)) if i not in held_set]
+    if not held or not kept:
+        raise ConfigError(
+            'valSplit', f'valSplit {fraction} of {len(dataset)} examples leaves an empty training or validation set'
+        )
+    return dataset.subset(kept), dataset.subset(sorted(held))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------
+
+
+class ClassBalancedBatches:
+    """Batches of ``batch_size`` items with ``per_class`` items from each of several classes.
+
+    Classes with fewer items than ``per_class`` are sampled with replacement; one epoch yields
+    about ``len(labels) / batch_size`` batches. Deterministic per (seed, epoch).
+    """
+
+    def __init__(self, labels: Sequence[int], batch_size: int, per_class: int, seed: int):
+        self.by_class: dict[int, list[int]] = defaultdict(list)
+        for i, label in enumerate(labels):
+            self.by_class[label].append(i)
+        self.per_class = max(1, min(per_class, batch_size))
+        self.classes_per_batch = max(1, min(batch_size // self.per_class, len(self.by_class)))
+        self.num_items = len(labels)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return max(1, self.num_items // (self.per_class * self.classes_per_batch))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        groups: list[list[int]] = []
+        for indices in self.by_class.values():
+            pool = indices[:]
+            rng.shuffle(pool)
+            if len(pool) < self.per_class:
+                pool += rng.choices(indices, k=self.per_class - len(pool))
+            starts = range(0, len(pool) - self.per_class + 1, self.per_class)
+            groups.extend(pool[i : i + self.per_class] for i in starts)
+        rng.shuffle(groups)
+        produced = 0
+        while produced < len(self):
+            batch_groups: list[list[int]] = []
+            while groups and len(batch_groups) < self.classes_per_batch:
+                batch_groups.append(groups.pop())
+            if len(batch_groups) < min(2, self.classes_per_batch):
+                return
+            yield [i for group in batch_groups for i in group]
+            produced += 1
+
+
+class RandomBatches:
+    """Shuffled batches; a last batch of one example is dropped (in-batch negatives need two)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size = size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        return full + (1 if rest >= 2 else 0) or 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(self.size))
+        random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        for start in range(0, self.size, self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            if len(chunk) >= 2 or self.size < 2:
+                yield chunk

@@ -1,0 +1,204 @@
+"""The one training loop.
+
+Everything a run needs is in :class:`TrainContext`; :func:`run_training` trains it, calling the
+callbacks' hooks (``finetuner_trainer.hooks``) and honouring ``Control.should_stop``. The
+functions ``_before_training``, ``_after_epoch``, ``_evaluate`` and ``_publish`` are the seams
+where checkpoint/resume, retrieval evaluation and export plug in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from finetuner.api.v1alpha1 import FinetuneRunSpec, SchedulerStep, TrainerConfig
+from finetuner_trainer.data import Dataset
+from finetuner_trainer.hooks import Callback, Control, TrainState
+from finetuner_trainer.losses import LabelObjective
+from finetuner_trainer.models import Embedder, to_device
+from finetuner_trainer.progress import ProgressReporter
+
+
+@dataclass
+class TrainContext:
+    config: TrainerConfig
+    spec: FinetuneRunSpec
+    model: Embedder  # the embedder itself (what is saved)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a LambdaLR or None
+    loss: nn.Module  # a LabelObjective or a PairObjective
+    loss_optimizer: torch.optim.Optimizer | None
+    device: torch.device
+    store: Any  # the run's output Store
+    train_records: Dataset
+    eval_records: Dataset | None
+    logger: logging.Logger
+    train_loader: Any  # torch DataLoader over train_records
+    eval_loader: Any  # DataLoader over eval_records, or None
+    batch_size: int
+    reporter: ProgressReporter
+    callbacks: list[Callback] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    autocast_dtype: torch.dtype | None = None  # bf16 on CUDA, None on CPU
+    module: nn.Module | None = None  # what forward() runs: the model, or its DDP wrapper
+    state: TrainState = field(default_factory=TrainState)
+    control: Control = field(default_factory=Control)
+    extras: dict[str, Any] = field(default_factory=dict)  # room for callbacks and plug-ins
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def runner(self) -> nn.Module:
+        return self.module if self.module is not None else self.model
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def compute_loss(ctx: TrainContext, batch: dict[str, Any]) -> Tensor:
+    """Forward the batch through the model and the objective."""
+    groups = batch['groups']
+    if isinstance(ctx.loss, LabelObjective):
+        return ctx.loss(ctx.runner(groups[0]), batch['labels'])
+    queries, documents = ctx.runner(groups[0]), ctx.runner(groups[1])
+    return ctx.loss(queries, documents, batch.get('scores'))
+
+
+def _call(ctx: TrainContext, hook: str, *args: Any) -> None:
+    for callback in ctx.callbacks:
+        getattr(callback, hook)(ctx, ctx.state, ctx.control, *args)
+
+
+def _train_step(ctx: TrainContext, batch: dict[str, Any]) -> float:
+    batch = to_device(batch, ctx.device, non_blocking=True)
+
+    def closure() -> Tensor:  # LBFGS calls it several times; the others once
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.loss_optimizer is not None:
+            ctx.loss_optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            value = compute_loss(ctx, batch)
+        value.backward()
+        return value
+
+    value = ctx.optimizer.step(closure)
+    if ctx.loss_optimizer is not None:
+        ctx.loss_optimizer.step()
+    if ctx.scheduler is not None and ctx.spec.scheduler_options.scheduler_step == SchedulerStep.BATCH:
+        ctx.scheduler.step()
+    loss = float(value.detach())
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f'the training loss became {loss} at step {ctx.state.step + 1}; lower learningRate or change lossOptions'
+        )
+    return loss
+
+
+@torch.no_grad()
+def validation_loss(ctx: TrainContext) -> float | None:
+    """Mean loss over the evaluation data (None without it, or when the loss cannot score it)."""
+    if ctx.eval_loader is None:
+        return None
+    ctx.runner.eval()
+    losses = []
+    try:
+        for batch in ctx.eval_loader:
+            with ctx.autocast():
+                losses.append(float(compute_loss(ctx, to_device(batch, ctx.device))))
+    finally:
+        ctx.runner.train()
+    return sum(losses) / len(losses) if losses else None
+
+
+def _batches(ctx: TrainContext, epoch: int) -> Iterator[dict[str, Any]]:
+    sampler = ctx.train_loader.batch_sampler
+    if hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
+    yield from ctx.train_loader
+
+
+# --- seams ------------------------------------------------------------------------------------
+
+
+def _before_training(ctx: TrainContext) -> None:
+    """Before the first epoch: resume from a checkpoint here (sets state.epoch/step)."""
+
+
+def _evaluate(ctx: TrainContext) -> dict[str, float]:
+    """Metrics after an epoch: validation loss here; retrieval metrics plug in beside it."""
+    metrics: dict[str, float] = {}
+    val_loss = validation_loss(ctx)
+    if val_loss is not None:
+        metrics['val_loss'] = val_loss
+    return metrics
+
+
+def _after_epoch(ctx: TrainContext) -> None:
+    """After an epoch's bookkeeping: checkpoint here."""
+    ctx.reporter.report(ctx.state, ctx.state.train_loss, force=True)
+
+
+def _publish(ctx: TrainContext) -> None:
+    """After training, before the artifact is written: export extras (ONNX) here."""
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def run_training(ctx: TrainContext) -> TrainState:
+    state, control = ctx.state, ctx.control
+    state.epochs = ctx.spec.epochs
+    state.total_steps = ctx.spec.epochs * len(ctx.train_loader)
+    state.is_world_process_zero = ctx.is_main
+    _before_training(ctx)
+    ctx.reporter.begin(state)
+    ctx.runner.train()
+    _call(ctx, 'on_train_begin')
+    for epoch in range(state.epoch + 1, ctx.spec.epochs + 1):
+        state.epoch = epoch
+        _call(ctx, 'on_epoch_begin')
+        total, count = 0.0, 0
+        for batch in _batches(ctx, epoch):
+            loss = _train_step(ctx, batch)
+            state.step += 1
+            total, count = total + loss, count + 1
+            ctx.reporter.report(state, total / count)
+            _call(ctx, 'on_batch_end', loss)
+            if control.should_stop:
+                break
+        state.train_loss = total / count if count else None
+        if ctx.scheduler is not None and ctx.spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH:
+            ctx.scheduler.step()
+        metrics = _evaluate(ctx)
+        state.val_loss = metrics.get('val_loss')
+        state.metrics = {**state.metrics, **metrics}
+        _call(ctx, 'on_evaluate', metrics)
+        state.history.append({'epoch': epoch, 'train_loss': state.train_loss, **state.metrics})
+        ctx.logger.info(
+            'epoch %d/%d done: train_loss %.4f%s',
+            epoch,
+            ctx.spec.epochs,
+            state.train_loss if state.train_loss is not None else float('nan'),
+            ''.join(f' {k} {v:.4f}' for k, v in metrics.items()),
+        )
+        _call(ctx, 'on_epoch_end')
+        _after_epoch(ctx)
+        if control.should_stop:
+            ctx.logger.info('stopping early after epoch %d (a callback asked to stop)', epoch)
+            break
+    _call(ctx, 'on_train_end')
+    _publish(ctx)
+    return state

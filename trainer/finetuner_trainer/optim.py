@@ -1,0 +1,96 @@
+"""Optimizers (``torch.optim`` by name) and learning-rate schedules (by name, with warm-up)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from finetuner.api.v1alpha1 import SchedulerOptions
+from finetuner.catalog import OPTIMIZER_NAMES, SCHEDULER_NAMES
+from finetuner_trainer.errors import ConfigError
+
+
+def optimizer_registry() -> dict[str, type[torch.optim.Optimizer]]:
+    return {name: getattr(torch.optim, name) for name in OPTIMIZER_NAMES}
+
+
+def build_optimizer(
+    name: str, params: Iterable[Any], learning_rate: float, options: dict[str, Any], field: str = 'optimizer'
+) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad] if not _is_groups(params) else list(params)
+    if not params:
+        raise ConfigError(field, 'there are no trainable parameters (is everything frozen?)')
+    if name == 'SparseAdam':
+        raise ConfigError(
+            field,
+            'SparseAdam only updates sparse gradients, and these embedding models produce dense ones; '
+            'use Adam or AdamW',
+        )
+    cls = optimizer_registry()[name]
+    try:
+        return cls(params, **{'lr': learning_rate, **options})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'{field}Options', f'{name} does not accept {options}: {e}') from e
+
+
+def _is_groups(params: Any) -> bool:
+    return isinstance(params, list) and bool(params) and isinstance(params[0], dict)
+
+
+def schedule(name: str, warmup: int, total: int, options: SchedulerOptions) -> Any:
+    """The multiplier of the base learning rate at step ``s`` (transformers' schedules)."""
+    total = max(total, 1)
+    cycles = options.num_cycles
+    power = options.power or 1.0
+
+    def warm(step: int) -> float | None:
+        return step / max(1, warmup) if step < warmup else None
+
+    def factor(step: int) -> float:
+        if name == 'constant':
+            return 1.0
+        early = warm(step)
+        if early is not None:
+            return early
+        if name == 'constant_with_warmup':
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if name == 'linear':
+            return max(0.0, 1.0 - progress)
+        if name == 'cosine':
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (cycles or 0.5) * 2.0 * progress)))
+        if name == 'cosine_with_restarts':
+            if progress >= 1.0:
+                return 0.0
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(cycles or 1.0) * progress) % 1.0))))
+        if name == 'polynomial':
+            return max(0.0, (1.0 - min(progress, 1.0))) ** power
+        raise ConfigError('scheduler', f'unknown scheduler {name!r}; choose one of {", ".join(SCHEDULER_NAMES)}')
+
+    return factor
+
+
+def build_scheduler(
+    name: str | None, optimizer: torch.optim.Optimizer, options: SchedulerOptions, total_steps: int, lr: float
+) -> LambdaLR | None:
+    """A LambdaLR stepping per batch or per epoch (``total_steps`` counts the same unit)."""
+    if name is None:
+        return None
+    if options.num_warmup_steps >= max(total_steps, 1) and name != 'constant':
+        raise ConfigError(
+            'schedulerOptions.numWarmupSteps',
+            f'{options.num_warmup_steps} warm-up steps but only {total_steps} {options.scheduler_step} steps in all',
+        )
+    factor = schedule(name, options.num_warmup_steps, total_steps, options)
+    if name == 'polynomial' and options.lr_end is not None:
+        base = factor
+        end = options.lr_end / lr
+
+        def factor(step: int) -> float:
+            return end + (1.0 - end) * base(step) if step >= options.num_warmup_steps else base(step)
+
+    return LambdaLR(optimizer, factor)

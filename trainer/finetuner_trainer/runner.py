@@ -1,0 +1,540 @@
+"""One trainer run end to end: configuration in, artifact and metrics out, the right exit code.
+
+``main(argv)`` is the program (``python -m finetuner_trainer --config FILE``); ``train(config)``
+does the work in-process. Order of a run: write config.json, read and check the data, build the
+model and check that model, loss, miner and data fit together, train, then publish the artifact
+(files first, ``artifact/manifest.json`` last) and metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from finetuner.api import layout
+from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, FinetuneRunSpec, Sampler, SchedulerStep, TrainerConfig
+from finetuner.storage import StorageError, open_store
+from finetuner_trainer.errors import ConfigError
+from finetuner_trainer.progress import quiet_libraries, setup_logging
+
+EXIT_OK = 0
+EXIT_INFRA_ERROR = 1
+CPU_BATCH_SIZES = {'text': 32, 'timm': 16, 'clip': 32}
+
+
+@dataclass
+class TrainResult:
+    artifact_uri: str
+    metrics: dict[str, Any]
+    output_dim: int
+    epochs_done: int
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data + model + loss: building and checking that they fit
+# ---------------------------------------------------------------------------------------------
+
+
+def load_data(config: TrainerConfig, log: logging.Logger) -> tuple[Any, Any]:
+    """(train, eval or None) datasets; eval from evalData or valSplit."""
+    from finetuner_trainer.data import load_records, split, to_dataset
+
+    spec = config.spec
+    records, base = load_records(spec.train_data, config.data_uri, spec.csv_options, 'trainData')
+    train = to_dataset(records, spec, 'trainData', base)
+    log.info('training data: %d examples (%s) from %s', len(train), train.shape.value, spec.train_data)
+    evaluation = None
+    if spec.eval_data:
+        eval_records, eval_base = load_records(spec.eval_data, config.data_uri, spec.csv_options, 'evalData')
+        evaluation = to_dataset(eval_records, spec, 'evalData', eval_base, classes=train.classes)
+        if evaluation.shape != train.shape:
+            raise ConfigError(
+                'evalData',
+                f'holds {evaluation.shape.value} but trainData holds {train.shape.value}; give both the same shape',
+            )
+        log.info('evaluation data: %d examples from %s', len(evaluation), spec.eval_data)
+    elif spec.val_split:
+        train, evaluation = split(train, spec.val_split, spec.seed)
+        log.info('valSplit %.2f: %d training, %d validation examples', spec.val_split, len(train), len(evaluation))
+    return train, evaluation
+
+
+def pairs_as_classes(dataset: Any) -> Any:
+    from finetuner_trainer.data import Dataset, Example, Shape
+
+    examples = [Example((item,), label=i) for i, pair in enumerate(dataset.examples) for item in pair.items]
+    return Dataset(Shape.LABELLED, examples, [str(i) for i in range(len(dataset))], dataset.source)
+
+
+def check_fit(spec: FinetuneRunSpec, model: Any, train: Any, original_shape: Any) -> None:
+    """ConfigError when model, loss, miner and data do not fit together."""
+    from finetuner_trainer.data import Shape
+    from finetuner_trainer.losses import SINGLE_ITEM_OK, check_loss_fits
+
+    check_loss_fits(spec.loss, original_shape, spec.miner)
+    wrong = sorted(train.kinds - set(model.kinds))
+    if wrong:
+        raise ConfigError(
+            'model',
+            f'{spec.model} ({model.family}) embeds {" and ".join(model.kinds)}, but the data holds {wrong[0]} content; '
+            'pick a backbone for this data (see `finetuner models`)',
+        )
+    if spec.loss == 'CLIPLoss' and model.family != 'clip':
+        raise ConfigError('model', f'CLIPLoss trains a CLIP model; {spec.model} is a {model.family} model')
+    if train.shape == Shape.LABELLED:
+        counts = Counter(example.label for example in train.examples)
+        if len(counts) < 2:
+            raise ConfigError(
+                'trainData', f'all items have the same label {train.classes[0]!r}; {spec.loss} needs at least 2 classes'
+            )
+        if spec.loss not in SINGLE_ITEM_OK and max(counts.values()) < 2:
+            raise ConfigError(
+                'trainData',
+                f'every class has a single item, so {spec.loss} finds no positive pairs; give at least 2 items per '
+                'class or use a classification loss such as ArcFaceLoss',
+            )
+    elif len(train) < 2:
+        raise ConfigError('trainData', f'{spec.loss} needs at least 2 pairs (the other pairs are the negatives)')
+
+
+def pick_device(spec: FinetuneRunSpec) -> Any:
+    import torch
+
+    if spec.device == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError('device', 'device cuda was asked for but no GPU is visible; use auto or cpu')
+    use_cuda = spec.device != 'cpu' and torch.cuda.is_available()
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        torch.cuda.set_device(local_rank)
+        return torch.device('cuda', local_rank)
+    return torch.device('cpu')
+
+
+def largest_fitting(fits: Any, start: int, limit: int) -> int:
+    """The largest power-of-two multiple of ``start`` up to ``limit`` for which ``fits(size)`` holds."""
+    best = 0
+    size = start
+    while size <= limit and fits(size):
+        best = size
+        size *= 2
+    if best == 0:
+        raise ConfigError('batchSize', f'not even a batch of {start} fits in memory; set a smaller batchSize')
+    return best
+
+
+def auto_batch_size(ctx_parts: dict[str, Any], log: logging.Logger) -> int:
+    """batchSize empty: on CUDA the largest power of two that trains without running out of memory
+    (as Finetuner 0.7.3 did); on CPU a sane default per family."""
+    import torch
+
+    model, device, train, loss, collator = (ctx_parts[k] for k in ('model', 'device', 'train', 'loss', 'collator'))
+    limit = max(2, len(train))
+    if device.type != 'cuda':
+        size = min(CPU_BATCH_SIZES.get(model.family, 16), limit)
+        log.info('batchSize not set: %d (the CPU default for %s models)', size, model.family)
+        return size
+    from finetuner_trainer.loop import compute_loss
+
+    def fits(size: int) -> bool:
+        examples = [train.examples[i % len(train)] for i in range(size)]
+        try:
+            batch = collator(examples)
+            from finetuner_trainer.models import to_device
+
+            probe = type('Probe', (), {'loss': loss, 'runner': model})()
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                value = compute_loss(probe, to_device(batch, device))  # type: ignore[arg-type]
+            value.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    size = largest_fitting(fits, 8, min(1024, limit))
+    log.info('batchSize not set: %d (the largest power of two that fits on the GPU)', size)
+    return size
+
+
+class Collator:
+    """Examples -> a model-ready batch: {'groups': [inputs...], 'labels': ..., 'scores': ...}."""
+
+    def __init__(self, model: Any, shape: Any):
+        self.model = model
+        self.shape = shape
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]:
+        import torch
+
+        from finetuner_trainer.data import Shape
+
+        if self.shape == Shape.LABELLED:
+            return {
+                'groups': [self.model.collate([e.items[0] for e in examples])],
+                'labels': torch.tensor([e.label for e in examples], dtype=torch.long),
+            }
+        batch: dict[str, Any] = {
+            'groups': [
+                self.model.collate([e.items[0] for e in examples]),
+                self.model.collate([e.items[1] for e in examples]),
+            ]
+        }
+        if self.shape == Shape.SCORED_PAIRS:
+            batch['scores'] = torch.tensor([e.score for e in examples], dtype=torch.float32)
+        return batch
+
+
+def make_loader(
+    dataset: Any, collator: Collator, spec: FinetuneRunSpec, batch_size: int, device: Any, train: bool
+) -> Any:
+    from torch.utils.data import DataLoader
+
+    from finetuner_trainer.data import ClassBalancedBatches, RandomBatches, Shape
+
+    labelled = dataset.shape == Shape.LABELLED
+    use_classes = labelled and spec.sampler != Sampler.RANDOM
+    if use_classes:
+        per_class = spec.num_items_per_class if train else max(1, min(spec.num_items_per_class, batch_size // 2))
+        if batch_size < 2 * per_class:
+            raise ConfigError(
+                'batchSize',
+                f'a batch of {batch_size} holds fewer than 2 classes of numItemsPerClass {per_class}; '
+                'raise batchSize or lower numItemsPerClass',
+            )
+        sampler: Any = ClassBalancedBatches([e.label for e in dataset.examples], batch_size, per_class, spec.seed)
+    else:
+        sampler = RandomBatches(len(dataset), batch_size, spec.seed)
+    if not train:
+        sampler.set_epoch(0)
+    workers = min(spec.num_workers, os.cpu_count() or 1)
+    if len(dataset) <= 4 * batch_size:  # a tiny set: worker start-up costs more than it saves
+        workers = 0
+    return DataLoader(
+        dataset.examples,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=workers,
+        pin_memory=device.type == 'cuda',
+        persistent_workers=workers > 0,
+    )
+
+
+def build_context(config: TrainerConfig, store: Any, log: logging.Logger) -> Any:
+    """Everything the loop needs, checked: data, model, loss, optimizers, schedule, loaders."""
+    import numpy as np
+    import torch
+
+    from finetuner.catalog import PML_LOSS_NAMES
+    from finetuner_trainer.data import Shape
+    from finetuner_trainer.loop import TrainContext
+    from finetuner_trainer.losses import build_objective, check_loss_fits
+    from finetuner_trainer.models import build_embedder
+    from finetuner_trainer.optim import build_optimizer, build_scheduler
+    from finetuner_trainer.progress import ProgressReporter
+
+    spec = config.spec
+    random.seed(spec.seed)
+    np.random.seed(spec.seed % 2**32)
+    torch.manual_seed(spec.seed)
+    train, evaluation = load_data(config, log)
+    shape = train.shape
+    check_loss_fits(spec.loss, shape, spec.miner)  # before the (slow) model load
+    if shape == Shape.PAIRS and spec.loss in PML_LOSS_NAMES:
+        # Finetuner semantics: a query and its document form a class of two.
+        train = pairs_as_classes(train)
+        evaluation = pairs_as_classes(evaluation) if evaluation is not None else None
+    model = build_embedder(spec)
+    check_fit(spec, model, train, shape)
+    log.info(
+        'model %s (%s): %d-dim embeddings, %.1fM parameters (%.1fM trainable)',
+        spec.model,
+        model.family,
+        model.output_dim,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+    )
+    device = pick_device(spec)
+    model.to(device)
+    scale = float(model.logit_scale.detach()) if spec.loss == 'CLIPLoss' and hasattr(model, 'logit_scale') else None
+    objective = build_objective(
+        spec.loss,
+        spec.loss_options,
+        spec.miner,
+        spec.miner_options,
+        model.output_dim,
+        len(train.classes),
+        logit_scale=scale,
+    ).to(device)
+    from finetuner.catalog import find_backbone
+
+    backbone = find_backbone(spec.model)
+    lr = spec.learning_rate or (backbone.default_learning_rate if backbone else 1e-4)
+    loss_params = [p for p in objective.parameters() if p.requires_grad]
+    params: Any = [p for p in model.parameters() if p.requires_grad]
+    loss_optimizer = None
+    if spec.loss_optimizer is not None:
+        if not loss_params:
+            raise ConfigError('lossOptimizer', f'{spec.loss} has no parameters to optimize; remove lossOptimizer')
+        loss_lr = spec.loss_optimizer_options.get('lr', lr)
+        options = {k: v for k, v in spec.loss_optimizer_options.items() if k != 'lr'}
+        loss_optimizer = build_optimizer(spec.loss_optimizer, loss_params, loss_lr, options, 'lossOptimizer')
+    elif loss_params:
+        params = [{'params': params}, {'params': loss_params}]
+    optimizer = build_optimizer(spec.optimizer, params, lr, spec.optimizer_options)
+    collator = Collator(model, train.shape)
+    batch_size = spec.batch_size or auto_batch_size(
+        {'model': model, 'device': device, 'train': train, 'loss': objective, 'collator': collator}, log
+    )
+    batch_size = min(batch_size, len(train)) if train.shape != Shape.LABELLED else batch_size
+    train_loader = make_loader(train, collator, spec, batch_size, device, train=True)
+    eval_loader = None
+    if evaluation is not None and _can_score(spec, objective, evaluation, len(train.classes)):
+        eval_loader = make_loader(evaluation, collator, spec, batch_size, device, train=False)
+    steps = (
+        spec.epochs if spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH else spec.epochs * len(train_loader)
+    )
+    scheduler = build_scheduler(spec.scheduler, optimizer, spec.scheduler_options, steps, lr)
+    autocast = torch.bfloat16 if device.type == 'cuda' else None
+    log.info(
+        'loss %s%s, optimizer %s (lr %g), batch size %d, %d steps per epoch, %d epochs, device %s%s',
+        spec.loss,
+        f' with {spec.miner}' if spec.miner else '',
+        spec.optimizer,
+        lr,
+        batch_size,
+        len(train_loader),
+        spec.epochs,
+        device,
+        ' (bf16 autocast, TF32)' if autocast else '',
+    )
+    return TrainContext(
+        config=config,
+        spec=spec,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss=objective,
+        loss_optimizer=loss_optimizer,
+        device=device,
+        store=store,
+        train_records=train,
+        eval_records=evaluation,
+        logger=log,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        batch_size=batch_size,
+        reporter=ProgressReporter(store, log, enabled=int(os.environ.get('RANK', '0')) == 0),
+        callbacks=_build_callbacks(spec),
+        rank=int(os.environ.get('RANK', '0')),
+        world_size=int(os.environ.get('WORLD_SIZE', '1')),
+        local_rank=int(os.environ.get('LOCAL_RANK', '0')),
+        autocast_dtype=autocast,
+    )
+
+
+def _can_score(spec: FinetuneRunSpec, objective: Any, evaluation: Any, num_classes: int) -> bool:
+    """Proxy losses (ArcFace, ...) cannot score classes they never saw: no val_loss for those."""
+    from finetuner_trainer.losses import SINGLE_ITEM_OK
+
+    if spec.loss in SINGLE_ITEM_OK:
+        return all((e.label or 0) < num_classes for e in evaluation.examples)
+    return True
+
+
+def _build_callbacks(spec: FinetuneRunSpec) -> list[Any]:
+    if importlib.util.find_spec('finetuner_trainer.callbacks') is None:
+        return []
+    from finetuner_trainer.callbacks import build_callbacks  # type: ignore[import-not-found]
+
+    return list(build_callbacks(spec.callbacks))
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+# ---------------------------------------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in (
+        'torch',
+        'timm',
+        'transformers',
+        'sentence-transformers',
+        'pytorch-metric-learning',
+        'kube-finetuner',
+    ):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def publish_artifact(ctx: Any, workdir: Path) -> str:
+    """Save the model, upload every file under artifact/, then write artifact/manifest.json last.
+
+    A manifest left by an earlier attempt is removed first, so an upload that dies half-way never
+    looks complete."""
+    store = ctx.store
+    store.delete(layout.ARTIFACT_MANIFEST)
+    folder = workdir / 'artifact'
+    description = ctx.model.save(folder)
+    files = {
+        path.relative_to(folder).as_posix(): path.stat().st_size for path in sorted(folder.rglob('*')) if path.is_file()
+    }
+    store.upload_dir(folder, layout.ARTIFACT)
+    manifest = {
+        'format': description.get('format'),
+        'family': ctx.model.family,
+        'model': ctx.spec.model,
+        'output_dim': ctx.model.output_dim,
+        'preprocessing': description.get('preprocessing'),
+        'load': description.get('load'),
+        'projection': description.get('projection'),
+        'description': description,
+        'files': files,
+        'spec': ctx.spec.to_k8s(),
+        'run_name': ctx.config.run_name,
+        'library_versions': library_versions(),
+        'created_at': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+    }
+    store.write_json(layout.ARTIFACT_MANIFEST, manifest)
+    return f'{store.uri}/{layout.ARTIFACT}'
+
+
+def write_failure(store: Any, reason: str, message: str, exit_code: int, log: logging.Logger | None) -> None:
+    if store is None:
+        return
+    try:
+        store.write_json(layout.FAILURE, {'reason': reason, 'message': message, 'exitCode': exit_code})
+    except Exception as e:  # best effort: the store itself may be what failed
+        if log is not None:
+            log.warning('could not write failure.json: %s', e)
+
+
+def write_termination_log(path: str, message: str) -> None:
+    target = Path(path)
+    if not target.parent.is_dir():
+        return
+    try:
+        target.write_text(message[:4000] + '\n')
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResult:
+    """Run the whole fine-tuning in this process; raises ConfigError on a user mistake."""
+    from finetuner_trainer.loop import run_training
+
+    log = log or logging.getLogger('finetuner_trainer')
+    quiet_libraries()
+    try:
+        store = open_store(config.output_uri)
+    except StorageError as e:
+        raise ConfigError('output', str(e)) from e
+    store.write_json(layout.CONFIG, config.model_dump(by_alias=True, mode='json'))
+    store.delete(layout.FAILURE)
+    ctx = build_context(config, store, log)
+    from finetuner_trainer.loop import _evaluate
+
+    before = _evaluate(ctx) if ctx.eval_loader is not None else {}
+    state = run_training(ctx)
+    after = dict(state.metrics)
+    with tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
+        artifact_uri = publish_artifact(ctx, Path(tmp)) if ctx.is_main else ''
+    metrics = {'before': before, 'after': after, 'epochs': state.history}
+    if ctx.is_main:
+        store.write_json(layout.METRICS, metrics)
+        ctx.reporter.report(state, state.train_loss, force=True)
+        log.info('artifact published at %s', artifact_uri)
+    return TrainResult(artifact_uri, metrics, ctx.model.output_dim, state.epoch, state.step, state.history)
+
+
+def parse_config(text: str) -> TrainerConfig:
+    from pydantic import ValidationError
+
+    try:
+        return TrainerConfig.model_validate_json(text)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = '.'.join(str(part) for part in first['loc']) or 'config'
+        raise ConfigError(where, first['msg']) from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The program: exit 0 on success, EXIT_CONFIG_ERROR on a user mistake, 1 on anything else."""
+    parser = argparse.ArgumentParser(prog='python -m finetuner_trainer', description='Fine-tune an embedding model.')
+    parser.add_argument('--config', required=True, help='a TrainerConfig as JSON (camelCase)')
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix='finetuner-trainer-'))
+    log = setup_logging(workdir / 'train.log')
+    termination_log = '/dev/termination-log'
+    store = None
+    code = EXIT_OK
+    try:
+        text = Path(args.config).read_text()
+        try:
+            termination_log = json.loads(text).get('terminationLog', termination_log)
+        except (ValueError, AttributeError):
+            pass
+        config = parse_config(text)
+        termination_log = config.termination_log
+        log.info('run %s/%s: model %s, loss %s', config.namespace, config.run_name, config.spec.model, config.spec.loss)
+        try:
+            store = open_store(config.output_uri)
+        except StorageError as e:
+            raise ConfigError('outputUri', str(e)) from e
+        train(config, log)
+        log.info('run %s finished', config.run_name)
+    except ConfigError as e:
+        code = EXIT_CONFIG_ERROR
+        message = e.one_line()
+        log.error('configuration error: %s', message)
+        write_termination_log(termination_log, message)
+        write_failure(store, 'ConfigError', message, code, log)
+    except Exception as e:  # anything else is an infrastructure failure: retried, resumed
+        code = EXIT_INFRA_ERROR
+        message = ' '.join(f'{type(e).__name__}: {e}'.split())
+        log.error('training failed: %s\n%s', message, traceback.format_exc())
+        write_termination_log(termination_log, message)
+        write_failure(store, type(e).__name__, message, code, log)
+    finally:
+        for handler in log.handlers:
+            handler.flush()
+        if store is not None:
+            try:
+                store.upload_file(workdir / 'train.log', layout.TRAIN_LOG)
+            except Exception as e:  # the log copy is best effort
+                log.warning('could not copy the training log: %s', e)
+        for handler in list(log.handlers):
+            if isinstance(handler, logging.FileHandler):
+                log.removeHandler(handler)
+                handler.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return code
