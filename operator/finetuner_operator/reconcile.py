@@ -157,7 +157,7 @@ class Reconciler:
             job = self.kube.get_job(namespace, builders.job_name(name))
             pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}') if job is not None else []
             output = builders.output_uri(name, namespace, spec, self.config)
-            reports = self.read_outputs(output) if pods else {}
+            reports = self.read_outputs(output) if pods and previous.phase not in TERMINAL else {}
             observed = Observed(job=job, pods=pods, cancelled=_cancelled(body), **reports)
             status = derive_status(
                 run=name,

@@ -1,0 +1,756 @@
+"""KubeEmu: kmock's Kubernetes emulator with the API-server semantics the operator relies on.
+
+kmock serves the HTTP API (routing, discovery, the request log used in assertions); this
+subclass replaces its object store for every declared resource with one that behaves like a
+kube-apiserver where the operator can tell the difference (see ``/work/shared/TESTING-NOTES.md``):
+
+- server-side metadata: ``uid``, ``resourceVersion`` (global counter), ``creationTimestamp``,
+  ``generation`` bumped only by spec changes, ``generateName``, namespace from the URL;
+- 201 on create, 409 AlreadyExists / Conflict (stale resourceVersion), 404, 422 Invalid
+  (bad names, a failed JSON-patch ``test``), 400 for a namespace mismatch;
+- merge, strategic-merge (as merge) and JSON patches, PUT with optimistic concurrency;
+- lists with ``kind``/``apiVersion``/``resourceVersion``; ``labelSelector`` and ``fieldSelector``
+  on list, watch and delete-collection; watches resumable from a ``resourceVersion`` (410 when
+  too old), ``timeoutSeconds``, BOOKMARKs, ADDED/DELETED when an object enters/leaves a selector;
+- the status subresource isolated both ways (status ignored on the main resource and on create,
+  everything but status ignored on ``/status``);
+- finalizers and ``deletionTimestamp``; owner-reference garbage collection with Background,
+  Foreground and Orphan propagation (the API's default for Jobs is Orphan, as on a real server);
+- pod logs (``/log``, with ``follow``) from a pluggable source, as ``text/plain``;
+- server-side Table output with printer columns, so ``kubectl get`` shows them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp.web
+import jsonpatch
+import kmock
+
+DNS1123_SUBDOMAIN = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')
+HISTORY_LIMIT = 20000
+BOOKMARK_INTERVAL = 1.0
+
+LogSource = Callable[[str, str], 'str | None']
+
+
+class ApiError(Exception):
+    """An API failure rendered as a ``Status`` object with its HTTP code."""
+
+    def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code, self.reason, self.message, self.details = code, reason, message, details or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            'apiVersion': 'v1',
+            'kind': 'Status',
+            'metadata': {},
+            'status': 'Failure',
+            'code': self.code,
+            'reason': self.reason,
+            'message': self.message,
+            'details': self.details,
+        }
+
+
+@dataclass
+class Kind:
+    """What the server knows about one resource."""
+
+    key: str  # 'batch/v1/jobs', 'v1/pods'
+    kind: str
+    api_version: str
+    namespaced: bool
+    status_subresource: bool
+    columns: list[dict[str, str]] = field(default_factory=list)  # printer columns (jsonPath)
+
+
+@dataclass
+class Watcher:
+    key: str
+    namespace: str | None
+    labels: list[Callable[[dict[str, str]], bool]]
+    fields: list[Callable[[dict[str, Any]], bool]]
+    queue: asyncio.Queue[dict[str, Any]]
+
+    def matches(self, obj: dict[str, Any] | None) -> bool:
+        if obj is None:
+            return False
+        meta = obj['metadata']
+        if self.namespace is not None and meta.get('namespace') != self.namespace:
+            return False
+        labels = meta.get('labels') or {}
+        return all(test(labels) for test in self.labels) and all(test(obj) for test in self.fields)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+# --- selectors -----------------------------------------------------------------------------------
+
+
+def _split_terms(selector: str) -> list[str]:
+    terms, depth, current = [], 0, ''
+    for ch in selector:
+        if ch == '(':
+            depth += 1
+        elif ch == ')':
+            depth -= 1
+        if ch == ',' and depth == 0:
+            terms.append(current.strip())
+            current = ''
+        else:
+            current += ch
+    if current.strip():
+        terms.append(current.strip())
+    return terms
+
+
+def parse_label_selector(selector: str | None) -> list[Callable[[dict[str, str]], bool]]:
+    """``a=b``, ``a==b``, ``a!=b``, ``a``, ``!a``, ``a in (x,y)``, ``a notin (x,y)``."""
+    tests: list[Callable[[dict[str, str]], bool]] = []
+    for term in _split_terms(selector or ''):
+        if m := re.fullmatch(r'([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)', term):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(',') if v.strip()}
+            if op == 'in':
+                tests.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
+            else:
+                tests.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+        elif m := re.fullmatch(r'([\w./-]+)\s*!=\s*([\w.-]*)', term):
+            tests.append(lambda labels, k=m.group(1), v=m.group(2): labels.get(k) != v)
+        elif m := re.fullmatch(r'([\w./-]+)\s*==?\s*([\w.-]*)', term):
+            tests.append(lambda labels, k=m.group(1), v=m.group(2): labels.get(k) == v)
+        elif m := re.fullmatch(r'!([\w./-]+)', term):
+            tests.append(lambda labels, k=m.group(1): k not in labels)
+        elif re.fullmatch(r'[\w./-]+', term):
+            tests.append(lambda labels, k=term: k in labels)
+        else:
+            raise ApiError(400, 'BadRequest', f'unable to parse requirement: invalid label selector term {term!r}')
+    return tests
+
+
+def _field_value(obj: dict[str, Any], path: str) -> str:
+    value: Any = obj
+    for part in path.split('.'):
+        value = value.get(part) if isinstance(value, dict) else None
+    return '' if value is None else str(value)
+
+
+def parse_field_selector(selector: str | None) -> list[Callable[[dict[str, Any]], bool]]:
+    """``metadata.name=x``, ``status.phase!=Running`` (any dotted path, = == !=)."""
+    tests: list[Callable[[dict[str, Any]], bool]] = []
+    for term in _split_terms(selector or ''):
+        if m := re.fullmatch(r'([\w.]+)\s*!=\s*(.*)', term):
+            tests.append(lambda obj, p=m.group(1), v=m.group(2): _field_value(obj, p) != v)
+        elif m := re.fullmatch(r'([\w.]+)\s*==?\s*(.*)', term):
+            tests.append(lambda obj, p=m.group(1), v=m.group(2): _field_value(obj, p) == v)
+        else:
+            raise ApiError(400, 'BadRequest', f'invalid field selector term {term!r}')
+    return tests
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (null deletes a key; lists are replaced)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _spec_part(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in ('metadata', 'status', 'apiVersion', 'kind')}
+
+
+def _jsonpath(obj: dict[str, Any], path: str) -> Any:
+    value: Any = obj
+    for part in path.strip('.').split('.'):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+class KubeEmu(kmock.KubernetesEmulator):
+    """The realism layer; see the module docstring. Mutations happen on the serving loop only."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.kinds: dict[str, Kind] = {}
+        self.store: dict[str, dict[tuple[str | None, str], dict[str, Any]]] = {}
+        self.history: list[tuple[int, str, str, dict[str, Any] | None, dict[str, Any] | None]] = []
+        self.watchers: list[Watcher] = []
+        self.watch_starts: dict[str, int] = {}
+        self.log_source: Callable[[str, str], str | None] | None = None
+        self.closing = False
+        self._rv = itertools.count(1)
+        self.last_rv = 0
+
+    # --- declaration ---------------------------------------------------------------------------
+    def declare(
+        self,
+        key: str,
+        kind: str,
+        *,
+        namespaced: bool = True,
+        status: bool = False,
+        singular: str | None = None,
+        shortnames: tuple[str, ...] = (),
+        categories: tuple[str, ...] = (),
+        columns: list[dict[str, str]] | None = None,
+    ) -> None:
+        """Serve ``group/version/plural`` (``v1/pods`` for the core group) with these semantics."""
+        parts = key.split('/')
+        api_version = '/'.join(parts[:-1])
+        verbs = {'get', 'list', 'watch', 'create', 'update', 'patch', 'delete', 'deletecollection'}
+        group, version, plural = parts if len(parts) == 3 else ('', *parts)
+        resource = kmock.resource(group=group, version=version, plural=plural)
+        if resource not in self.resources:  # built-ins keep the bundled discovery data
+            self.resources[resource] = kmock.ResourceInfo(
+                kind=kind,
+                singular=singular or kind.lower(),
+                namespaced=namespaced,
+                verbs=verbs,
+                subresources={'status'} if status else set(),
+                shortnames=set(shortnames),
+                categories=set(categories),
+            )
+        self.kinds[key] = Kind(key, kind, api_version, namespaced, status, columns or [])
+        self.store.setdefault(key, {})
+
+    def declare_builtins(self) -> None:
+        self.resources.load_bundled()  # discovery of everything else a K3s server has
+        self.declare('v1/namespaces', 'Namespace', namespaced=False, status=True)
+        self.declare('v1/pods', 'Pod', status=True, shortnames=('po',))
+        self.declare('v1/configmaps', 'ConfigMap', shortnames=('cm',))
+        self.declare('v1/secrets', 'Secret')
+        self.declare('v1/services', 'Service', status=True, shortnames=('svc',))
+        self.declare('v1/events', 'Event', shortnames=('ev',))
+        self.declare('batch/v1/jobs', 'Job', status=True)
+        self.declare('apiextensions.k8s.io/v1/customresourcedefinitions', 'CustomResourceDefinition', namespaced=False)
+
+    # --- HTTP entry ------------------------------------------------------------------------------
+    def _kind_of(self, request: Any) -> Kind | None:
+        res = request.resource
+        if res is None or not res.plural or not isinstance(res.plural, str):
+            return None
+        key = f'{res.group}/{res.version}/{res.plural}'.lstrip('/')
+        return self.kinds.get(key)
+
+    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        kind = self._kind_of(request)
+        if kind is None:
+            return await super()._handle(request)
+        try:
+            return await self._serve(kind, request)
+        except ApiError as e:
+            return aiohttp.web.json_response(e.body(), status=e.code)
+
+    async def _serve(self, kind: Kind, request: Any) -> aiohttp.web.StreamResponse:
+        method = request.method.value if hasattr(request.method, 'value') else str(request.method)
+        method = method.upper()
+        params = dict(request.params)
+        ns, name, sub = request.namespace, request.name, request.subresource
+        if sub not in (None, 'status', 'log'):
+            raise ApiError(404, 'NotFound', f'subresource {sub!r} of {kind.key} is not served')
+        if sub == 'status' and not kind.status_subresource:
+            raise ApiError(404, 'NotFound', f'{kind.key} has no status subresource')
+        if method == 'GET' and params.get('watch') in ('true', '1'):
+            return await self._watch(kind, request, ns, name, params)
+        if method == 'GET' and name and sub == 'log':
+            return await self._log(request, ns, name, params)
+        if method == 'GET' and name:
+            return self._json(self._get(kind, ns, name))
+        if method == 'GET':
+            return self._json(self._list(kind, ns, params, request.headers.get('Accept', '')))
+        if method == 'POST' and not name:
+            return self._json(self._create(kind, ns, request.data), 201)
+        if method == 'PATCH' and name:
+            content_type = request.headers.get('Content-Type', 'application/merge-patch+json')
+            return self._json(self._patch(kind, ns, name, request.data, content_type, status_only=sub == 'status'))
+        if method == 'PUT' and name:
+            return self._json(self._replace(kind, ns, name, request.data, status_only=sub == 'status'))
+        if method == 'DELETE' and name:
+            return self._json(self._delete(kind, ns, name, self._policy(kind, params, request.data)))
+        if method == 'DELETE':
+            return self._json(self._delete_collection(kind, ns, params, request.data))
+        raise ApiError(405, 'MethodNotAllowed', f'{method} is not supported on {kind.key}')
+
+    @staticmethod
+    def _json(body: dict[str, Any], status: int = 200) -> aiohttp.web.Response:
+        return aiohttp.web.json_response(body, status=status)
+
+    # --- reads -----------------------------------------------------------------------------------
+    def _bucket(self, kind: Kind) -> dict[tuple[str | None, str], dict[str, Any]]:
+        return self.store[kind.key]
+
+    def _key(self, kind: Kind, ns: str | None, name: str) -> tuple[str | None, str]:
+        return (ns if kind.namespaced else None, name)
+
+    def _get(self, kind: Kind, ns: str | None, name: str) -> dict[str, Any]:
+        obj = self._bucket(kind).get(self._key(kind, ns, name))
+        if obj is None:
+            raise ApiError(
+                404,
+                'NotFound',
+                f'{kind.key.split("/")[-1]} "{name}" not found',
+                {'name': name, 'kind': kind.key.split('/')[-1]},
+            )
+        return copy.deepcopy(obj)
+
+    def _select(self, kind: Kind, ns: str | None, params: dict[str, str]) -> list[dict[str, Any]]:
+        labels = parse_label_selector(params.get('labelSelector'))
+        fields = parse_field_selector(params.get('fieldSelector'))
+        result = []
+        for (obj_ns, _), obj in sorted(self._bucket(kind).items(), key=lambda item: (item[0][0] or '', item[0][1])):
+            if kind.namespaced and ns is not None and obj_ns != ns:
+                continue
+            if all(t(obj['metadata'].get('labels') or {}) for t in labels) and all(t(obj) for t in fields):
+                result.append(obj)
+        return result
+
+    def _list(self, kind: Kind, ns: str | None, params: dict[str, str], accept: str) -> dict[str, Any]:
+        items = [copy.deepcopy(o) for o in self._select(kind, ns, params)]
+        if 'as=Table' in accept:
+            return self._table(kind, items)
+        return {
+            'apiVersion': kind.api_version,
+            'kind': f'{kind.kind}List',
+            'metadata': {'resourceVersion': str(self.last_rv)},
+            'items': items,
+        }
+
+    def _table(self, kind: Kind, items: list[dict[str, Any]]) -> dict[str, Any]:
+        columns = [{'name': 'Name', 'type': 'string', 'format': 'name', 'description': 'Name', 'priority': 0}]
+        columns += [
+            {'name': c['name'], 'type': c.get('type', 'string'), 'format': '', 'description': '', 'priority': 0}
+            for c in kind.columns
+            if c['name'] != 'Age'
+        ]
+        columns.append({'name': 'Age', 'type': 'date', 'format': '', 'description': 'Age', 'priority': 0})
+        rows = []
+        for obj in items:
+            cells: list[Any] = [obj['metadata']['name']]
+            cells += [_jsonpath(obj, c['jsonPath']) for c in kind.columns if c['name'] != 'Age']
+            cells.append(obj['metadata'].get('creationTimestamp'))
+            rows.append(
+                {
+                    'cells': ['<none>' if c is None else c for c in cells],
+                    'object': {
+                        'kind': 'PartialObjectMetadata',
+                        'apiVersion': 'meta.k8s.io/v1',
+                        'metadata': obj['metadata'],
+                    },
+                }
+            )
+        return {
+            'kind': 'Table',
+            'apiVersion': 'meta.k8s.io/v1',
+            'metadata': {'resourceVersion': str(self.last_rv)},
+            'columnDefinitions': columns,
+            'rows': rows,
+        }
+
+    # --- writes ----------------------------------------------------------------------------------
+    def _next_rv(self) -> str:
+        self.last_rv = next(self._rv)
+        return str(self.last_rv)
+
+    def _emit(self, kind: Kind, type_: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        rv = self.last_rv
+        self.history.append((rv, kind.key, type_, copy.deepcopy(old), copy.deepcopy(new)))
+        del self.history[:-HISTORY_LIMIT]
+        for watcher in list(self.watchers):
+            if watcher.key == kind.key:
+                event = self._event_for(watcher, type_, old, new)
+                if event is not None:
+                    watcher.queue.put_nowait(event)
+
+    @staticmethod
+    def _event_for(
+        watcher: Watcher, type_: str, old: dict[str, Any] | None, new: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        was, now_ = watcher.matches(old), watcher.matches(new)
+        if type_ == 'DELETED':
+            return {'type': 'DELETED', 'object': copy.deepcopy(old)} if was else None
+        if was and now_:
+            return {'type': type_, 'object': copy.deepcopy(new)}
+        if now_:
+            return {'type': 'ADDED', 'object': copy.deepcopy(new)}
+        if was:
+            return {'type': 'DELETED', 'object': copy.deepcopy(new)}
+        return None
+
+    def _validate_name(self, name: Any) -> None:
+        if not isinstance(name, str) or not name or len(name) > 253 or not DNS1123_SUBDOMAIN.match(name):
+            raise ApiError(
+                422,
+                'Invalid',
+                f'metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain must consist of lower case '
+                "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+            )
+
+    def _create(self, kind: Kind, ns: str | None, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ApiError(400, 'BadRequest', 'the request body is not a JSON object')
+        obj = copy.deepcopy(data)
+        meta = obj.setdefault('metadata', {})
+        if kind.namespaced:
+            if meta.get('namespace') and ns and meta['namespace'] != ns:
+                raise ApiError(
+                    400,
+                    'BadRequest',
+                    'the namespace of the provided object does not match the namespace sent on the request',
+                )
+            meta['namespace'] = ns or meta.get('namespace')
+            if not meta['namespace']:
+                raise ApiError(400, 'BadRequest', f'{kind.kind} is namespaced: create it in a namespace')
+        else:
+            meta.pop('namespace', None)
+        if not meta.get('name'):
+            if not meta.get('generateName'):
+                raise ApiError(422, 'Invalid', 'metadata.name: Required value: name or generateName is required')
+            meta['name'] = meta['generateName'] + uuid.uuid4().hex[:5]
+        self._validate_name(meta['name'])
+        key = self._key(kind, meta.get('namespace'), meta['name'])
+        if key in self._bucket(kind):
+            plural = kind.key.split('/')[-1]
+            raise ApiError(
+                409,
+                'AlreadyExists',
+                f'{plural} "{meta["name"]}" already exists',
+                {'name': meta['name'], 'kind': plural},
+            )
+        obj['apiVersion'], obj['kind'] = kind.api_version, kind.kind
+        if kind.status_subresource:
+            obj.pop('status', None)
+        meta.update(
+            uid=str(uuid.uuid4()),
+            creationTimestamp=now_rfc3339(),
+            generation=1,
+            resourceVersion=self._next_rv(),
+        )
+        for stale in ('deletionTimestamp', 'deletionGracePeriodSeconds'):
+            meta.pop(stale, None)
+        self._bucket(kind)[key] = obj
+        self._emit(kind, 'ADDED', None, obj)
+        return copy.deepcopy(obj)
+
+    def _patch(
+        self, kind: Kind, ns: str | None, name: str, data: Any, content_type: str, *, status_only: bool
+    ) -> dict[str, Any]:
+        current = self._get(kind, ns, name)
+        if 'json-patch' in content_type:
+            if not isinstance(data, list):
+                raise ApiError(400, 'BadRequest', 'a JSON patch must be a list of operations')
+            try:
+                patched = jsonpatch.apply_patch(current, data, in_place=False)
+            except jsonpatch.JsonPatchTestFailed as e:
+                raise ApiError(
+                    422, 'Invalid', f'the server rejected our request due to an error in our request: {e}'
+                ) from e
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+                raise ApiError(422, 'Invalid', f'invalid JSON patch: {e}') from e
+        else:
+            if not isinstance(data, dict):
+                raise ApiError(400, 'BadRequest', 'a merge patch must be a JSON object')
+            wanted_rv = (data.get('metadata') or {}).get('resourceVersion')
+            if wanted_rv and wanted_rv != current['metadata']['resourceVersion']:
+                raise self._conflict(kind, name)
+            patched = merge_patch(current, data)
+        return self._update(kind, current, patched, status_only=status_only)
+
+    def _replace(self, kind: Kind, ns: str | None, name: str, data: Any, *, status_only: bool) -> dict[str, Any]:
+        current = self._get(kind, ns, name)
+        if not isinstance(data, dict):
+            raise ApiError(400, 'BadRequest', 'the request body is not a JSON object')
+        wanted_rv = (data.get('metadata') or {}).get('resourceVersion')
+        if wanted_rv and wanted_rv != current['metadata']['resourceVersion']:
+            raise self._conflict(kind, name)
+        return self._update(kind, current, copy.deepcopy(data), status_only=status_only)
+
+    @staticmethod
+    def _conflict(kind: Kind, name: str) -> ApiError:
+        return ApiError(
+            409,
+            'Conflict',
+            f'Operation cannot be fulfilled on {kind.key.split("/")[-1]} "{name}": the object has been modified; '
+            'please apply your changes to the latest version and try again',
+        )
+
+    def _update(
+        self, kind: Kind, current: dict[str, Any], patched: dict[str, Any], *, status_only: bool
+    ) -> dict[str, Any]:
+        if status_only:
+            new = copy.deepcopy(current)
+            if patched.get('status') is None:
+                new.pop('status', None)
+            else:
+                new['status'] = patched['status']
+        else:
+            new = patched
+            if kind.status_subresource:
+                if current.get('status') is None:
+                    new.pop('status', None)
+                else:
+                    new['status'] = current['status']
+        meta = new.setdefault('metadata', {})
+        old_meta = current['metadata']
+        for immutable in ('uid', 'creationTimestamp', 'name', 'namespace', 'deletionTimestamp', 'generation'):
+            if immutable in old_meta:
+                meta[immutable] = old_meta[immutable]
+            else:
+                meta.pop(immutable, None)
+        new['apiVersion'], new['kind'] = kind.api_version, kind.kind
+        if not status_only and _spec_part(new) != _spec_part(current):
+            meta['generation'] = int(old_meta.get('generation') or 1) + 1
+        if new == current:
+            return current  # a no-op write neither bumps resourceVersion nor notifies watchers
+        meta['resourceVersion'] = self._next_rv()
+        key = self._key(kind, meta.get('namespace'), meta['name'])
+        if meta.get('deletionTimestamp') and not meta.get('finalizers'):
+            del self._bucket(kind)[key]
+            self._emit(kind, 'DELETED', current, new)
+            self._collect_garbage()
+            return copy.deepcopy(new)
+        self._bucket(kind)[key] = new
+        self._emit(kind, 'MODIFIED', current, new)
+        self._collect_garbage()
+        return copy.deepcopy(new)
+
+    # --- deletion and garbage collection ---------------------------------------------------------
+    @staticmethod
+    def _policy(kind: Kind, params: dict[str, str], data: Any) -> str:
+        policy = params.get('propagationPolicy')
+        if policy is None and isinstance(data, dict):
+            policy = data.get('propagationPolicy')
+            if policy is None and data.get('orphanDependents') is True:
+                policy = 'Orphan'
+        if policy is None:
+            # A real API server orphans a Job's pods unless asked otherwise (kubectl asks Background).
+            policy = 'Orphan' if kind.key == 'batch/v1/jobs' else 'Background'
+        if policy not in ('Orphan', 'Background', 'Foreground'):
+            raise ApiError(422, 'Invalid', f'propagationPolicy: Unsupported value: {policy!r}')
+        return policy
+
+    def _delete(self, kind: Kind, ns: str | None, name: str, policy: str) -> dict[str, Any]:
+        current = self._get(kind, ns, name)
+        uid = current['metadata']['uid']
+        if policy == 'Orphan':
+            self._orphan(uid)
+        meta = current['metadata']
+        finalizers = list(meta.get('finalizers') or [])
+        if policy == 'Foreground' and self._dependents(uid) and 'foregroundDeletion' not in finalizers:
+            finalizers.append('foregroundDeletion')
+        if finalizers:
+            if meta.get('deletionTimestamp') and finalizers == meta.get('finalizers'):
+                return current
+            new = copy.deepcopy(current)
+            new['metadata'].update(
+                finalizers=finalizers,
+                deletionTimestamp=meta.get('deletionTimestamp') or now_rfc3339(),
+                deletionGracePeriodSeconds=0,
+                resourceVersion=self._next_rv(),
+            )
+            self._bucket(kind)[self._key(kind, meta.get('namespace'), name)] = new
+            self._emit(kind, 'MODIFIED', current, new)
+            self._collect_garbage()
+            return copy.deepcopy(new)
+        del self._bucket(kind)[self._key(kind, meta.get('namespace'), name)]
+        self._next_rv()
+        self._emit(kind, 'DELETED', current, None)
+        self._collect_garbage()
+        return current
+
+    def _delete_collection(self, kind: Kind, ns: str | None, params: dict[str, str], data: Any) -> dict[str, Any]:
+        policy = self._policy(kind, params, data)
+        deleted = []
+        for obj in [copy.deepcopy(o) for o in self._select(kind, ns, params)]:
+            meta = obj['metadata']
+            if self._key(kind, meta.get('namespace'), meta['name']) in self._bucket(kind):
+                deleted.append(self._delete(kind, meta.get('namespace'), meta['name'], policy))
+        return {
+            'apiVersion': kind.api_version,
+            'kind': f'{kind.kind}List',
+            'metadata': {'resourceVersion': str(self.last_rv)},
+            'items': deleted,
+        }
+
+    def _all(self) -> list[tuple[Kind, dict[str, Any]]]:
+        return [(self.kinds[key], obj) for key, objs in self.store.items() for obj in list(objs.values())]
+
+    def _dependents(self, uid: str) -> list[tuple[Kind, dict[str, Any]]]:
+        return [
+            (kind, obj)
+            for kind, obj in self._all()
+            if any(ref.get('uid') == uid for ref in obj['metadata'].get('ownerReferences') or [])
+        ]
+
+    def _orphan(self, uid: str) -> None:
+        for kind, obj in self._dependents(uid):
+            refs = [r for r in obj['metadata']['ownerReferences'] if r.get('uid') != uid]
+            new = copy.deepcopy(obj)
+            new['metadata']['ownerReferences'] = refs
+            if not refs:
+                del new['metadata']['ownerReferences']
+            new['metadata']['resourceVersion'] = self._next_rv()
+            self._bucket(kind)[self._key(kind, obj['metadata'].get('namespace'), obj['metadata']['name'])] = new
+            self._emit(kind, 'MODIFIED', obj, new)
+
+    def _collect_garbage(self) -> None:
+        """Delete dependents whose owners are all gone; finish foreground deletions."""
+        changed = True
+        while changed:
+            changed = False
+            objects = self._all()
+            uids = {obj['metadata']['uid']: obj for _, obj in objects}
+            for kind, obj in objects:
+                meta = obj['metadata']
+                refs = meta.get('ownerReferences') or []
+                if not refs or meta.get('deletionTimestamp'):
+                    continue
+                owners = [uids.get(ref.get('uid')) for ref in refs]
+                gone = all(owner is None for owner in owners)
+                foreground = any(
+                    owner is not None
+                    and owner['metadata'].get('deletionTimestamp')
+                    and 'foregroundDeletion' in (owner['metadata'].get('finalizers') or [])
+                    for owner in owners
+                )
+                if gone or foreground:
+                    policy = 'Foreground' if foreground else 'Background'
+                    self._delete(kind, meta.get('namespace'), meta['name'], policy)
+                    changed = True
+                    break
+            if changed:
+                continue
+            for kind, obj in objects:
+                meta = obj['metadata']
+                if 'foregroundDeletion' in (meta.get('finalizers') or []) and not self._dependents(meta['uid']):
+                    finalizers = [f for f in meta['finalizers'] if f != 'foregroundDeletion']
+                    current = copy.deepcopy(obj)
+                    patched = copy.deepcopy(obj)
+                    patched['metadata']['finalizers'] = finalizers
+                    self._update(kind, current, patched, status_only=False)
+                    changed = True
+                    break
+
+    # --- watch and logs --------------------------------------------------------------------------
+    async def _watch(
+        self, kind: Kind, request: Any, ns: str | None, name: str | None, params: dict[str, str]
+    ) -> aiohttp.web.StreamResponse:
+        field_selector = params.get('fieldSelector') or ''
+        if name:
+            field_selector = ','.join(filter(None, [field_selector, f'metadata.name={name}']))
+        watcher = Watcher(
+            key=kind.key,
+            namespace=ns if kind.namespaced else None,
+            labels=parse_label_selector(params.get('labelSelector')),
+            fields=parse_field_selector(field_selector),
+            queue=asyncio.Queue(),
+        )
+        since = params.get('resourceVersion')
+        initial: list[dict[str, Any]] = []
+        if since and since != '0':
+            oldest = self.history[0][0] if self.history else self.last_rv + 1
+            if int(since) < oldest - 1 and int(since) < self.last_rv:
+                initial.append(
+                    {
+                        'type': 'ERROR',
+                        'object': ApiError(410, 'Expired', f'too old resource version: {since} ({oldest})').body(),
+                    }
+                )
+            else:
+                for rv, key, type_, old, new in self.history:
+                    if key == kind.key and rv > int(since):
+                        event = self._event_for(watcher, type_, old, new)
+                        if event is not None:
+                            initial.append(event)
+        else:
+            initial = [{'type': 'ADDED', 'object': copy.deepcopy(o)} for o in self._select(kind, ns, params)]
+            initial = [e for e in initial if watcher.matches(e['object'])]
+        self.watchers.append(watcher)
+        self.watch_starts[kind.key] = self.watch_starts.get(kind.key, 0) + 1
+        response = aiohttp.web.StreamResponse(headers={'Content-Type': 'application/json'})
+        raw = request._raw_request
+        await response.prepare(raw)
+        timeout = float(params['timeoutSeconds']) if params.get('timeoutSeconds') else None
+        deadline = time.monotonic() + timeout if timeout else None
+        bookmarks = params.get('allowWatchBookmarks') in ('true', '1')
+        try:
+            for event in initial:
+                await response.write(json.dumps(event).encode() + b'\n')
+            while not self.closing:
+                wait = BOOKMARK_INTERVAL
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        break
+                try:
+                    event = await asyncio.wait_for(watcher.queue.get(), wait)
+                except asyncio.TimeoutError:
+                    if raw.transport is None or raw.transport.is_closing():
+                        break
+                    if bookmarks:
+                        bookmark = {
+                            'type': 'BOOKMARK',
+                            'object': {
+                                'apiVersion': kind.api_version,
+                                'kind': kind.kind,
+                                'metadata': {'resourceVersion': str(self.last_rv)},
+                            },
+                        }
+                        await response.write(json.dumps(bookmark).encode() + b'\n')
+                    continue
+                await response.write(json.dumps(event).encode() + b'\n')
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            self.watchers.remove(watcher)
+        return response
+
+    async def _log(self, request: Any, ns: str | None, name: str, params: dict[str, str]) -> aiohttp.web.StreamResponse:
+        pod = self._get(self.kinds['v1/pods'], ns, name)
+        source = self.log_source
+        text = (source(ns or '', name) if source else None) or ''
+        if params.get('follow') not in ('true', '1'):
+            if params.get('tailLines'):
+                text = ''.join(text.splitlines(keepends=True)[-int(params['tailLines']) :])
+            return aiohttp.web.Response(text=text, content_type='text/plain')
+        response = aiohttp.web.StreamResponse(headers={'Content-Type': 'text/plain'})
+        await response.prepare(request._raw_request)
+        sent = 0
+        try:
+            while not self.closing:
+                text = (source(ns or '', name) if source else None) or ''
+                if len(text) > sent:
+                    await response.write(text[sent:].encode())
+                    sent = len(text)
+                current = self.store['v1/pods'].get((ns, name))
+                phase = ((current or pod).get('status') or {}).get('phase')
+                if current is None or phase in ('Succeeded', 'Failed'):
+                    text = (source(ns or '', name) if source else None) or ''
+                    if len(text) > sent:
+                        await response.write(text[sent:].encode())
+                    break
+                await asyncio.sleep(0.1)
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return response

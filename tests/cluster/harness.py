@@ -1,0 +1,206 @@
+"""Start the test cluster's parts in their own threads: API server, operator, object store.
+
+Each part runs its own event loop in a thread, so tests stay plain synchronous code that uses
+the official client, the SDK or kubectl exactly as against a real cluster. Kopf in particular
+must not share pytest's loop (it cancels foreign tasks on exit and installs signal handlers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kmock
+import yaml
+
+from finetuner.api.v1alpha1 import CATEGORY, CRD_KINDS, GROUP, VERSION
+from tests.cluster.emulator import KubeEmu
+
+T = TypeVar('T')
+ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = ROOT / 'crds'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = '') -> T:
+    """Poll until ``predicate()`` is truthy; return its value or raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'{what or predicate!r} not reached in {timeout}s (last value: {last!r})')
+        time.sleep(interval)
+
+
+def write_kubeconfig(url: str, path: Path, namespace: str = 'default') -> Path:
+    config = {
+        'apiVersion': 'v1',
+        'kind': 'Config',
+        'current-context': 'kube-finetuner-test',
+        'clusters': [{'name': 'kmock', 'cluster': {'server': url}}],
+        'users': [{'name': 'tester', 'user': {'token': 'test-token'}}],
+        'contexts': [
+            {'name': 'kube-finetuner-test', 'context': {'cluster': 'kmock', 'user': 'tester', 'namespace': namespace}}
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class ApiServer:
+    """KubeEmu served over HTTP on loopback from a background thread."""
+
+    def __init__(self) -> None:
+        self.emu = KubeEmu()
+        self.emu.declare_builtins()
+        for kind, info in CRD_KINDS.items():
+            self.emu.declare(
+                f'{GROUP}/{VERSION}/{info["plural"]}',
+                kind,
+                status=True,
+                singular=info['singular'],
+                shortnames=tuple(info['short_names']),
+                categories=(CATEGORY,),
+                columns=info['printer_columns'],
+            )
+        self.url = ''
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name='kube-api', daemon=True)
+        self._error: BaseException | None = None
+
+    def start(self) -> ApiServer:
+        self._thread.start()
+        if not self._ready.wait(30) or self._error:
+            raise RuntimeError(f'API server did not start: {self._error!r}')
+        self.seed()
+        return self
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with self.emu, kmock.Server(self.emu) as server:
+            self.url = str(server.url).rstrip('/')
+            self._ready.set()
+            await self._stop.wait()
+            self.emu.closing = True
+            await asyncio.sleep(BOOKMARK_GRACE)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the server's loop (for direct reads of the store in assertions)."""
+        assert self._loop is not None
+
+        async def wrapped() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result(30)
+
+    def seed(self) -> None:
+        """What a fresh cluster has: namespaces, and the project's CRDs installed."""
+
+        def seed() -> None:
+            namespaces = self.emu.kinds['v1/namespaces']
+            for name in ('default', 'kube-system'):
+                self.emu._create(namespaces, None, {'metadata': {'name': name}})
+            crds = self.emu.kinds['apiextensions.k8s.io/v1/customresourcedefinitions']
+            for path in sorted(CRD_DIR.glob('*.yaml')):
+                self.emu._create(crds, None, yaml.safe_load(path.read_text()))
+
+        self.call(seed)
+
+    def objects(self, key: str) -> list[dict[str, Any]]:
+        """A snapshot of every stored object of ``key`` (e.g. 'batch/v1/jobs')."""
+        import copy
+
+        return self.call(lambda: [copy.deepcopy(o) for o in self.emu.store[key].values()])
+
+
+BOOKMARK_GRACE = 0.05
+
+
+class OperatorRunner:
+    """The project's Kopf operator in its own thread and loop (start, stop, start again)."""
+
+    def __init__(self, server: ApiServer, config: Any):
+        self.server = server
+        self.config = config
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def start(self, timeout: float = 30.0) -> OperatorRunner:
+        import kopf
+
+        import finetuner_operator.handlers  # noqa: F401  (registers the handlers once per process)
+
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        emu = self.server.emu
+        wanted = (f'{GROUP}/{VERSION}/finetuneruns', f'{GROUP}/{VERSION}/experiments', 'batch/v1/jobs', 'v1/pods')
+        before = {key: emu.watch_starts.get(key, 0) for key in wanted}
+
+        def target() -> None:
+            try:
+                asyncio.run(
+                    kopf.operator(
+                        clusterwide=True,
+                        standalone=True,
+                        stop_flag=self._stop,
+                        ready_flag=self._ready,
+                        memo=kopf.Memo(config=self.config),
+                    )
+                )
+            except BaseException as e:
+                self.errors.append(e)
+
+        self._thread = threading.Thread(target=target, name='kopf-operator', daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f'operator not ready: {self.errors!r}')
+        # Ready only once its watches are open (the ready flag is set before they are).
+        wait_for(
+            lambda: all(emu.watch_starts.get(key, 0) > count for key, count in before.items()),
+            timeout,
+            what='operator watches open',
+        )
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            if self._thread.is_alive():
+                raise RuntimeError('operator did not stop within 30 s')
+        self._thread = None
+
+    def restart(self) -> OperatorRunner:
+        self.stop()
+        return self.start()
