@@ -1,0 +1,78 @@
+"""The full local lifecycle with the real trainer (tiny random models, a few steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import finetuner
+from finetuner.api.v1alpha1 import FinetuneRunStatus
+from finetuner.backends.local import LocalBackend
+from finetuner.data import to_legacy_documents
+from finetuner.errors import RunFailedError
+from tests.support.tiny import labelled_texts, make_tiny_bert
+
+pytest.importorskip('finetuner_trainer.runner')
+
+
+@pytest.fixture(scope='module')
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp('tiny-bert'))
+
+
+def test_fit_created_started_finished_save_get_encode(local: LocalBackend, tiny_bert: Path, tmp_path: Path) -> None:
+    train = to_legacy_documents(labelled_texts(4, 8))
+    run = finetuner.fit(
+        model=str(tiny_bert),
+        train_data=train,
+        eval_data=to_legacy_documents(labelled_texts(4, 4, seed=1)),
+        epochs=1,
+        batch_size=16,
+        cpu=True,
+        num_workers=0,
+        run_name='lifecycle',
+    )
+    assert run.status() == {'status': 'CREATED', 'details': 'Run submitted and awaits execution'}
+    phases: list[str] = []
+
+    def observe(status: FinetuneRunStatus) -> None:
+        if not phases or phases[-1] != status.phase:
+            phases.append(str(status.phase))
+
+    final = run.wait(timeout=240, poll=0.2, on_progress=observe)
+    assert final['status'] == 'FINISHED', run.logs()
+    assert phases[-1] == 'FINISHED'
+    assert 'STARTED' in phases
+    assert phases[0] in ('CREATED', 'STARTED')
+    assert 'run lifecycle finished' in run.logs()
+    metrics = run.metrics()
+    assert metrics.before and metrics.after and set(metrics.before) == set(metrics.after)
+
+    saved = run.save_model(tmp_path / 'model')
+    model = finetuner.get_model(saved)
+    texts = ['red green cat', 'blue dog fast']
+    embeddings = finetuner.encode(model, texts)
+    assert isinstance(embeddings, np.ndarray) and embeddings.shape[0] == 2
+
+    from finetuner_trainer.models import load_embedder
+
+    trainer_side = load_embedder(local.run_dir('lifecycle') / 'output' / 'artifact')
+    expected = trainer_side.embed([finetuner.Record(text=t) for t in texts], batch_size=2).numpy()
+    np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-6)
+
+    docs = to_legacy_documents([finetuner.Record(text=t) for t in texts])
+    assert finetuner.encode(model, docs) is docs
+    np.testing.assert_allclose(np.stack([np.asarray(d.embedding) for d in docs]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_data_ends_failed_with_the_trainers_reason(local: LocalBackend, tiny_bert: Path, tmp_path: Path) -> None:
+    same_label = [finetuner.Record(text=r.text, label='only') for r in labelled_texts(2, 4)]
+    run = finetuner.fit(model=str(tiny_bert), train_data=same_label, epochs=1, cpu=True, num_workers=0)
+    final = run.wait(timeout=240, poll=0.2)
+    assert final['status'] == 'FAILED'
+    assert "all items have the same label 'only'" in final['details']
+    assert run.full_status().reason == 'ConfigError'
+    with pytest.raises(RunFailedError, match='all items have the same label'):
+        run.save_model(tmp_path / 'model')
