@@ -127,8 +127,9 @@ def find_backbone(name: str) -> Backbone | None:
     return None
 
 
-# Every loss of pytorch-metric-learning 2.x that trains from (embeddings, labels), plus the
-# pair losses of this project. tests/trainer checks the trainer registry holds exactly these.
+# Every loss of pytorch-metric-learning 2.x that trains from (embeddings, labels) (ManifoldLoss
+# refuses labels, so it is not here), plus the pair losses of this project. tests/trainer checks
+# the trainer registry holds exactly these.
 PML_LOSS_NAMES: tuple[str, ...] = (
     'AngularLoss',
     'ArcFaceLoss',
@@ -143,7 +144,6 @@ PML_LOSS_NAMES: tuple[str, ...] = (
     'IntraPairVarianceLoss',
     'LargeMarginSoftmaxLoss',
     'LiftedStructureLoss',
-    'ManifoldLoss',
     'MarginLoss',
     'MultiSimilarityLoss',
     'NCALoss',

@@ -39,7 +39,7 @@ CLASS_PROXY_LOSSES = frozenset(
 SINGLE_ITEM_OK = CLASS_PROXY_LOSSES | {'P2SGradLoss'}
 # Arguments some losses require, with the defaults this project picks (the user may override).
 REQUIRED_DEFAULTS: dict[str, dict[str, Any]] = {
-    'RankedListLoss': {'margin': 0.4, 'Tn': 10.0},
+    'RankedListLoss': {'margin': 0.4, 'Tn': 1.0},
     'HistogramLoss': {'n_bins': 100},
 }
 
@@ -98,10 +98,12 @@ def check_loss_fits(loss: str, shape: Shape, miner: str | None) -> None:
 
 
 def _construct(name: str, cls: Any, options: dict[str, Any], field: str, **given: Any) -> Any:
-    try:
-        parameters = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        parameters = {}
+    parameters: set[str] = set()
+    for klass in getattr(cls, '__mro__', (cls,)):  # CosFaceLoss & co. take (*args, **kwargs)
+        try:
+            parameters.update(inspect.signature(klass.__init__).parameters)
+        except (TypeError, ValueError):
+            continue
     kwargs = {**REQUIRED_DEFAULTS.get(name, {}), **options}
     for key, value in given.items():
         if key in parameters and key not in kwargs:
