@@ -1,0 +1,90 @@
+"""Image throughput: samples per second while fine-tuning efficientnet_b0 and resnet50 at 224 px,
+batch 32 (8 classes x 4 images), ``TripletMarginLoss``, Adam, against a plain PyTorch + timm loop
+with the same loss, sampler, transform, worker count and images. Weights are random: they do not
+change the speed."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bench import data, ours, plain_loop
+from bench.common import Row, Settings, alternate, steady_rate
+
+BENCHMARK = 'image_throughput'
+BATCH = 32
+PER_CLASS = 4
+CPU_TARGET = 1.0
+GPU_TARGET = 1.5
+
+
+def _models(settings: Settings) -> list[tuple[str, str, int]]:
+    """(spec model name, timm architecture, image size) per model measured in this mode."""
+    if settings.mode == 'tiny':
+        return [('timm:test_resnet', 'test_resnet', 32)]
+    if settings.mode == 'quick':
+        return [('efficientnet_b0', 'efficientnet_b0', 224)]
+    return [('efficientnet_b0', 'efficientnet_b0', 224), ('resnet50', 'resnet50', 224)]
+
+
+def _workers(dataset_size: int) -> int:
+    """The trainer's own rule for its default of 4 loader workers (capped by cores; none for a
+    dataset of at most 4 batches), applied to the reference too so both decode alike."""
+    return 0 if dataset_size <= 4 * BATCH else min(4, os.cpu_count() or 1)
+
+
+def run(settings: Settings) -> list[Row]:
+    rounds = settings.pick(full=3, quick=2, tiny=1)
+    rows = []
+    for name, architecture, size in _models(settings):
+        steps = settings.pick(full=3 if architecture != 'resnet50' else 2, quick=2, tiny=2)
+        records = data.labelled_images((steps + 2) * BATCH, size, n_classes=BATCH // PER_CLASS)
+        spec = ours.spec_for(
+            name,
+            records,
+            settings.workdir,
+            f'images-{architecture}',
+            loss='TripletMarginLoss',
+            batch_size=BATCH,
+            num_items_per_class=PER_CLASS,
+            epochs=1,
+            learning_rate=1e-4,
+            model_options={'pretrained': False, 'image_size': size},
+            device=settings.device,
+        )
+
+        def ours_round(spec: Any = spec, architecture: str = architecture, steps: int = steps) -> float:
+            ends = ours.train_steps(spec, steps + 1, settings.workdir, f'images-{architecture}')
+            return steady_rate(ends, BATCH, warmup=1)
+
+        def reference_round(
+            records: list = records,  # type: ignore[type-arg]
+            architecture: str = architecture,
+            size: int = size,
+            steps: int = steps,
+        ) -> float:
+            ends = plain_loop.train_steps(
+                architecture,
+                records,
+                image_size=size,
+                batch_size=BATCH,
+                steps=steps + 1,
+                per_class=PER_CLASS,
+                num_workers=_workers(len(records)),
+                device=settings.device,
+            )
+            return steady_rate(ends, BATCH, warmup=1)
+
+        samples_ours, samples_reference = alternate(ours_round, reference_round, rounds)
+        rows.append(
+            Row.compare(
+                benchmark=BENCHMARK,
+                measure=f'image training: {architecture} {size} px, TripletMarginLoss, batch {BATCH}',
+                unit='samples/s',
+                samples_ours=samples_ours,
+                samples_reference=samples_reference,
+                reference_name='plain PyTorch + timm loop',
+                target_ratio=GPU_TARGET if settings.gpu else CPU_TARGET,
+            )
+        )
+    return rows

@@ -1,0 +1,110 @@
+"""The sentence-transformers side: its own ``SentenceTransformerTrainer`` with the loss that matches ours.
+
+- labelled sentences: ``BatchAllTripletLoss`` (every valid triplet of the batch, like a
+  pytorch-metric-learning ``TripletMarginLoss`` without a miner), label-grouped batches;
+- query-document pairs: ``MultipleNegativesRankingLoss`` (in-batch negatives), no-duplicate batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+from finetuner.api.layout import Record
+
+TextTask = Literal['triplet', 'pairs']
+
+
+def _dataset(records: list[Record], task: TextTask):  # -> datasets.Dataset
+    from datasets import Dataset
+
+    if task == 'triplet':
+        label_ids: dict[object, int] = {}
+        labels = [label_ids.setdefault(r.label, len(label_ids)) for r in records]
+        return Dataset.from_dict({'sentence': [r.text for r in records], 'label': labels})
+    return Dataset.from_dict(
+        {'anchor': [r.chunks[0].text for r in records], 'positive': [r.chunks[1].text for r in records]}
+    )
+
+
+def _loss(model, task: TextTask):  # -> torch.nn.Module
+    from sentence_transformers.sentence_transformer import losses
+
+    if task == 'triplet':
+        return losses.BatchAllTripletLoss(model)
+    return losses.MultipleNegativesRankingLoss(model)
+
+
+def load(model_dir: Path, max_length: int, device: str):  # -> SentenceTransformer
+    """A SentenceTransformer from a Hugging Face folder (modules.json when present, else mean pooling)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device=device)
+    model.max_seq_length = max_length
+    return model
+
+
+def train(
+    model_dir: Path,
+    records: list[Record],
+    task: TextTask,
+    *,
+    batch_size: int,
+    max_length: int,
+    epochs: int = 1,
+    max_steps: int = -1,
+    learning_rate: float = 2e-5,
+    seed: int = 42,
+    device: str = 'cpu',
+    output_dir: Path,
+    bf16: bool = False,
+) -> tuple[object, list[float]]:
+    """Train with sentence-transformers' own trainer; the model and the time of every step's end."""
+    import transformers
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    step_ends: list[float] = []
+
+    class StepClock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            step_ends.append(time.perf_counter())
+
+    logging.getLogger('sentence_transformers').setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    model = load(model_dir, max_length, device)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=0,
+        seed=seed,
+        save_strategy='no',
+        report_to=[],
+        logging_strategy='no',
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=device == 'cpu',
+        bf16=bf16,
+        batch_sampler=BatchSamplers.GROUP_BY_LABEL if task == 'triplet' else BatchSamplers.NO_DUPLICATES,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(records, task),
+        loss=_loss(model, task),
+        callbacks=[StepClock()],
+    )
+    trainer.train()
+    return model, step_ends
+
+
+def encode(model, texts: list[str], batch_size: int = 64):  # -> torch.Tensor
+    import torch
+
+    with torch.inference_mode():
+        return model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).cpu()

