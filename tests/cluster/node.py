@@ -95,6 +95,7 @@ class SimulatedNode:
         self.written: dict[str, str] = {}  # job uid -> summary of the last status written
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -113,6 +114,13 @@ class SimulatedNode:
                 container.process.kill()
             container.done.wait(10)
 
+    def pause(self, paused: bool = True) -> None:
+        """Stop (or resume) acting: Jobs get no pods while paused, like a cluster without capacity."""
+        if paused:
+            self._paused.set()
+        else:
+            self._paused.clear()
+
     def read_log(self, namespace: str, pod: str) -> str | None:
         path = self.logs.get((namespace, pod))
         if path is None or not path.exists():
@@ -122,7 +130,8 @@ class SimulatedNode:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.step()
+                if not self._paused.is_set():
+                    self.step()
             except Exception as e:  # surfaced by the fixture; the loop goes on like a real controller
                 self.errors.append(e)
             self._stop.wait(self.poll)
