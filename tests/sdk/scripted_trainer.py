@@ -3,7 +3,8 @@
 The local backend's phases, logs, failure reasons and cancellation are tested against it in
 milliseconds; tests with the real trainer cover training itself. What it does is chosen by the
 spec's ``model``: ``scripted:ok`` trains "instantly", ``scripted:fail`` exits with the config-error
-code and a reason, ``scripted:crash`` dies without one, ``scripted:slow`` runs until stopped,
+code and a reason, ``scripted:crash`` dies without one, ``scripted:hub-offline`` cannot fetch weights,
+``scripted:slow`` runs until stopped,
 ``scripted:no-artifact`` exits 0 without writing an artifact.
 """
 
@@ -47,6 +48,13 @@ def main() -> int:
         Path(config.termination_log).write_text(message)
         print(f'error: {message}', file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
+    if behaviour == 'hub-offline':
+        message = (
+            'LocalEntryNotFoundError: An error happened while trying to locate the file on the Hub and we cannot '
+            'find the requested files in the local cache.'
+        )
+        out.write_json(layout.FAILURE, {'reason': 'LocalEntryNotFoundError', 'message': message, 'exitCode': 1})
+        return 1
     if behaviour == 'crash':
         print('Traceback (most recent call last):\nRuntimeError: CUDA out of memory', file=sys.stderr, flush=True)
         return 1

@@ -76,6 +76,18 @@ def test_crash_without_reason_reports_the_last_log_line(scripted: LocalBackend) 
     assert final == {'status': 'FAILED', 'details': 'trainer exited with code 1: RuntimeError: CUDA out of memory'}
 
 
+def test_unreachable_weights_get_an_actionable_reason(scripted: LocalBackend) -> None:
+    run = _fit(model='scripted:hub-offline')
+    final = run.wait(timeout=60, poll=0.1)
+    assert final['status'] == 'FAILED'
+    assert final['details'].startswith(
+        "the pretrained weights of 'scripted:hub-offline' are not on this machine and cannot be downloaded"
+    )
+    assert 'set HF_ENDPOINT to a reachable hub mirror' in final['details']
+    assert 'model=...' in final['details'] and "model_options={'pretrained': False}" in final['details']
+    assert run.full_status().reason == 'WeightsUnavailable'
+
+
 def test_exit_zero_without_artifact_is_a_failure(scripted: LocalBackend) -> None:
     final = _fit(model='scripted:no-artifact').wait(timeout=60, poll=0.1)
     assert final['status'] == 'FAILED'

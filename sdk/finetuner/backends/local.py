@@ -127,12 +127,38 @@ def write_state(run_dir: Path, state: RunState) -> None:
     write_json_atomic(run_dir / STATE_FILE, state.model_dump(mode='json'))
 
 
+# Failures of the Hugging Face hub client when weights are neither cached nor downloadable.
+_WEIGHTS_UNREACHABLE = (
+    'LocalEntryNotFoundError',
+    'OfflineModeIsEnabled',
+    'huggingface.co',
+    'locate the file on the Hub',
+)
+
+
+def explain_weights_unreachable(run_dir: Path, message: str) -> str | None:
+    """An actionable message when the trainer died fetching pretrained weights (offline machine)."""
+    if not any(marker in message for marker in _WEIGHTS_UNREACHABLE):
+        return None
+    config = _read_json(run_dir / CONFIG_FILE) or {}
+    model = (config.get('spec') or {}).get('model', 'the model')
+    return (
+        f'the pretrained weights of {model!r} are not on this machine and cannot be downloaded '
+        '(no connection to the Hugging Face hub, or HF_HUB_OFFLINE is set). Give a local model folder as model=..., '
+        "set HF_ENDPOINT to a reachable hub mirror, or train from scratch with model_options={'pretrained': False}. "
+        f'(trainer: {message[:300]})'
+    )
+
+
 def failure_reason(run_dir: Path, exit_code: int | None) -> tuple[str, str]:
     """(reason, details) of a failed trainer: failure.json, the termination log, or the log's tail."""
     failure = _read_json(run_dir / OUTPUT_DIR / layout.FAILURE)
     if isinstance(failure, dict) and (failure.get('message') or failure.get('reason')):
         reason = str(failure.get('reason') or 'TrainerFailed')
         message = str(failure.get('message') or failure.get('reason'))
+        explained = explain_weights_unreachable(run_dir, message)
+        if explained:
+            return 'WeightsUnavailable', explained
         return (reason if reason.isidentifier() else 'TrainerFailed'), message
     termination = _read_text(run_dir / TERMINATION_LOG).strip()
     config_error = exit_code == 3
