@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
 from finetuner.api.layout import Record
 from finetuner.catalog import EVALUATION_METRICS
 

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, dcg_score, ndcg_score
+
 from finetuner.api.layout import Record
 from finetuner.catalog import EVALUATION_METRICS
 from finetuner_trainer.evaluation import (
@@ -17,7 +19,6 @@ from finetuner_trainer.evaluation import (
     ranking_metrics,
     retrieval_metrics,
 )
-from sklearn.metrics import average_precision_score, dcg_score, ndcg_score
 
 
 def line(*positions: float) -> torch.Tensor:

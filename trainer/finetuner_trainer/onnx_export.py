@@ -1,0 +1,216 @@
+"""ONNX export of a fine-tuned embedder, checked against torch before it is shipped.
+
+One graph per kind of content the model embeds: ``model.onnx`` for a timm CNN (images) or a text
+encoder, ``text.onnx`` and ``image.onnx`` for CLIP's two towers. Each graph takes the tensors the
+embedder's own preprocessing produces (``pixel_values``; ``input_ids``, ``attention_mask`` ...) with
+dynamic batch and sequence axes, and returns ``embeddings`` (projection head included).
+
+After export, ONNX Runtime runs every graph on sample inputs of two different shapes and the result
+is compared with torch: the maximum absolute difference is reported in ``onnx/export.json`` and an
+export above tolerance raises :class:`OnnxExportError` instead of shipping a wrong model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from finetuner.api.layout import Record
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR = 'onnx'
+EXPORT_MANIFEST = 'export.json'
+OPSET = 17
+OUTPUT_NAME = 'embeddings'
+SEQUENCE_INPUTS = ('input_ids', 'attention_mask', 'token_type_ids', 'position_ids')
+
+
+class OnnxExportError(RuntimeError):
+    """The ONNX graph could not be built, or ONNX Runtime disagrees with torch beyond tolerance."""
+
+
+@dataclass
+class GraphReport:
+    kind: str
+    file: str
+    inputs: list[str]
+    max_abs_diff: float
+    tolerance: float
+    shapes_checked: list[dict[str, list[int]]] = field(default_factory=list)
+
+
+class _KindGraph(nn.Module):
+    """The part of an embedder that embeds one kind of content, as a function of plain tensors."""
+
+    def __init__(self, embedder: Any, kind: str, input_names: Sequence[str]):
+        super().__init__()
+        self.embedder = embedder
+        self.kind = kind
+        self.input_names = tuple(input_names)
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        inputs = dict(zip(self.input_names, tensors, strict=True))
+        out = self.embedder.encode(self.kind, inputs)
+        head = getattr(self.embedder, 'head', None)
+        return head(out) if head is not None else out
+
+
+def graph_file(family: str, kind: str) -> str:
+    return f'{kind}.onnx' if family == 'clip' else 'model.onnx'
+
+
+def sample_records(kind: str, seed: int = 0) -> list[list[Record]]:
+    """Two batches of different size (and text length) used to check dynamic axes."""
+    if kind == 'text':
+        return [
+            [Record(text='red cat'), Record(text='a big blue dog runs fast'), Record(text='green')],
+            [Record(text='old yellow train and a slow white bus with a happy bird'), Record(text='sad fish')],
+        ]
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def image(size: int) -> Record:
+        pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format='PNG')
+        return Record(blob=base64.b64encode(out.getvalue()).decode())
+
+    return [[image(48), image(40)], [image(64), image(32), image(56)]]
+
+
+def _inputs_of(embedder: Any, kind: str, records: Sequence[Record]) -> dict[str, Tensor]:
+    batch = embedder.collate(list(records))
+    ((part_kind, inputs, _),) = batch['parts']
+    if part_kind != kind:
+        raise OnnxExportError(f'sample {kind} records were collated as {part_kind}')
+    return {name: value.cpu() for name, value in inputs.items() if isinstance(value, Tensor)}
+
+
+def export_kind(
+    embedder: Any,
+    kind: str,
+    path: Path,
+    samples: Sequence[Sequence[Record]] | None = None,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> GraphReport:
+    """Export the ``kind`` graph of ``embedder`` to ``path`` and check it with ONNX Runtime."""
+    samples = samples or sample_records(kind)
+    was_training = embedder.training
+    embedder.eval()
+    device = next(embedder.parameters()).device
+    try:
+        first = _inputs_of(embedder, kind, samples[0])
+        names = list(first)
+        module = _KindGraph(embedder, kind, names).eval()  # a new module trains by default; export restores that
+        dynamic_axes: dict[str, dict[int, str]] = {
+            name: ({0: 'batch', 1: 'sequence'} if name in SEQUENCE_INPUTS else {0: 'batch'}) for name in names
+        }
+        dynamic_axes[OUTPUT_NAME] = {0: 'batch'}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    module,
+                    tuple(first[name].to(device) for name in names),
+                    str(path),
+                    input_names=names,
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes=dynamic_axes,
+                    opset_version=OPSET,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+        except Exception as e:  # the exporter raises many types; all mean "no graph"
+            raise OnnxExportError(f'exporting the {kind} graph of {embedder.name} to ONNX failed: {e}') from e
+        session = ort_session(path)
+        worst = 0.0
+        tolerance = 0.0
+        shapes = []
+        for records in samples:
+            inputs = _inputs_of(embedder, kind, records)
+            with torch.no_grad():
+                expected = module(*(inputs[name].to(device) for name in names)).float().cpu().numpy()
+            feeds = {name: inputs[name].numpy() for name in names}
+            (actual,) = session.run([OUTPUT_NAME], feeds)
+            if actual.shape != expected.shape:
+                raise OnnxExportError(
+                    f'ONNX {kind} graph of {embedder.name} returned shape {actual.shape}, torch {expected.shape}'
+                )
+            diff = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+            allowed = atol + rtol * float(np.max(np.abs(expected))) if expected.size else atol
+            worst = max(worst, diff)
+            tolerance = max(tolerance, allowed)
+            shapes.append({name: list(value.shape) for name, value in feeds.items()})
+            if not np.isfinite(actual).all() or diff > allowed:
+                raise OnnxExportError(
+                    f'ONNX Runtime disagrees with torch on the {kind} graph of {embedder.name}: max abs diff '
+                    f'{diff:.3g} > tolerance {allowed:.3g} (inputs {shapes[-1]}); the ONNX model is not shipped'
+                )
+    finally:
+        embedder.train(was_training)
+    log.info('ONNX %s graph %s: max abs diff vs torch %.3g (tolerance %.3g)', kind, path.name, worst, tolerance)
+    return GraphReport(kind, path.name, names, worst, tolerance, shapes)
+
+
+def export_onnx(
+    embedder: Any,
+    directory: Path | str,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> dict[str, Any]:
+    """Export every graph of ``embedder`` into ``directory`` and write ``export.json`` describing them.
+
+    Returns that description: {"format": "onnx", "opset", "graphs": {kind: {file, inputs,
+    max_abs_diff, tolerance}}, "max_abs_diff"}."""
+    directory = Path(directory)
+    family = str(getattr(embedder, 'family', ''))
+    kinds = ['text', 'image'] if family == 'clip' else (['text'] if family == 'text' else ['image'])
+    reports = [
+        export_kind(embedder, kind, directory / graph_file(family, kind), atol=atol, rtol=rtol) for kind in kinds
+    ]
+    description = {
+        'format': 'onnx',
+        'opset': OPSET,
+        'family': family,
+        'output': OUTPUT_NAME,
+        'graphs': {
+            r.kind: {
+                'file': r.file,
+                'inputs': r.inputs,
+                'max_abs_diff': r.max_abs_diff,
+                'tolerance': r.tolerance,
+                'shapes_checked': r.shapes_checked,
+            }
+            for r in reports
+        },
+        'max_abs_diff': max(r.max_abs_diff for r in reports),
+    }
+    (directory / EXPORT_MANIFEST).write_text(json.dumps(description, indent=2, sort_keys=True))
+    return description
+
+
+def ort_session(path: Path | str, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with all graph optimisations enabled."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = [p for p in ('CUDAExecutionProvider', 'CPUExecutionProvider') if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
