@@ -316,9 +316,9 @@ class TimmEmbedder(Embedder):
             'format': 'timm',
             'architecture': self.architecture,
             'load': (
+                "cfg = json.load(open('<folder>/config.json'))['pretrained_cfg']; "
                 f"model = timm.create_model('{self.architecture}', pretrained=True, num_classes=0, "
-                f"global_pool='{pool_type}', pretrained_cfg_overlay=dict(file='<folder>/model.safetensors', "
-                'num_classes=0)); '
+                f"global_pool='{pool_type}', pretrained_cfg_overlay=dict(cfg, file='<folder>/model.safetensors')); "
                 'transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))'
             ),
         }
