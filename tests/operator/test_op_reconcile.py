@@ -1,0 +1,221 @@
+"""Reconciler logic against an in-memory seam: idempotency, invalid specs, suspend, experiments, sweeps."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from finetuner.api.v1alpha1 import BestRunSelector, Sweep
+from finetuner_operator import experiments, kube
+from finetuner_operator.config import OperatorConfig
+from finetuner_operator.reconcile import Reconciler
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+class FakeKube:
+    """The seam's methods over dicts; counts calls so idempotency is visible."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[tuple[str, str, str]] = []
+        self.creates: list[tuple[str, str, bool]] = []
+        self.pods: list[dict[str, Any]] = []
+
+    def _new(self, body: dict[str, Any]) -> dict[str, Any]:
+        body = copy.deepcopy(body)
+        body['metadata'].setdefault('uid', str(uuid.uuid4()))
+        body['metadata'].setdefault('generation', 1)
+        return body
+
+    def add(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        body = self._new({'kind': kind, **body})
+        self.objects[(kind, body['metadata']['name'])] = body
+        return body
+
+    def create_child(self, body: dict[str, Any]) -> bool:
+        key = (body['kind'], body['metadata']['name'])
+        created = key not in self.objects
+        if created:
+            self.objects[key] = self._new(body)
+        self.creates.append((*key, created))
+        return created
+
+    def create_run(self, body: dict[str, Any]) -> bool:
+        return self.create_child({**body, 'kind': 'FinetuneRun'})
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get(('Job', name)))
+
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.objects[('Job', name)]['spec'].update(patch['spec'])
+
+    def delete_job(self, namespace: str, name: str) -> bool:
+        return self.objects.pop(('Job', name), None) is not None
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return copy.deepcopy(self.pods)
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get(('FinetuneRun', name)))
+
+    def list_runs(self, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+        key, _, value = (selector or '').partition('=')
+        return [
+            copy.deepcopy(o)
+            for (kind, _), o in self.objects.items()
+            if kind == 'FinetuneRun' and (not key or (o['metadata'].get('labels') or {}).get(key) == value)
+        ]
+
+    def patch_run(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        meta = self.objects[('FinetuneRun', name)]['metadata']
+        for key, value in patch['metadata'].items():
+            meta[key] = {**meta.get(key, {}), **value} if isinstance(value, dict) else value
+
+    def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        run = self.objects.get(('FinetuneRun', name))
+        if run is None:
+            return False
+        run['status'] = {k: v for k, v in {**run.get('status', {}), **status}.items() if v is not None}
+        return True
+
+    def get_experiment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get(('Experiment', name)))
+
+    def patch_experiment_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        self.objects[('Experiment', name)]['status'] = {k: v for k, v in status.items() if v is not None}
+        return True
+
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((obj['metadata']['name'], reason, message))
+
+
+def run_body(name: str = 'r', **spec: Any) -> dict[str, Any]:
+    return {
+        'apiVersion': 'finetuner.dev/v1alpha1',
+        'metadata': {'name': name, 'namespace': 'default'},
+        'spec': {'model': 'm', 'trainData': 'd', **spec},
+    }
+
+
+@pytest.fixture
+def fake() -> FakeKube:
+    return FakeKube()
+
+
+@pytest.fixture
+def reconciler(fake: FakeKube) -> Reconciler:
+    return Reconciler(fake, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri: {})  # type: ignore[arg-type]
+
+
+def test_reconcile_twice_creates_each_child_once(fake: FakeKube, reconciler: Reconciler) -> None:
+    body = fake.add('FinetuneRun', run_body())
+    reconciler.reconcile_run(body)
+    reconciler.reconcile_run(fake.get_run('default', 'r'))
+    created = [(kind, name) for kind, name, was_new in fake.creates if was_new]
+    assert sorted(created) == [('ConfigMap', 'r-config'), ('Job', 'r-trainer')]
+    status = fake.get_run('default', 'r')['status']
+    assert status['phase'] == 'CREATED' and status['details'] == 'Run submitted and awaits execution'
+    assert status['outputUri'] == 's3://b/runs/default/r'
+    assert [e[1] for e in fake.events].count('JobCreated') == 1
+    assert [e[1] for e in fake.events].count('Created') == 1
+
+
+def test_invalid_spec_fails_once_naming_the_field_and_creates_nothing(fake: FakeKube, reconciler: Reconciler) -> None:
+    body = fake.add('FinetuneRun', run_body(epochs=0, optimizer='adam'))
+    reconciler.reconcile_run(body)
+    reconciler.reconcile_run(fake.get_run('default', 'r'))
+    status = fake.get_run('default', 'r')['status']
+    assert status['phase'] == 'FAILED' and status['reason'] == 'InvalidSpec'
+    assert 'spec.epochs' in status['details'] and "did you mean 'Adam'?" in status['details']
+    assert fake.creates == []
+    assert [e[1] for e in fake.events] == ['InvalidSpec']
+
+
+def test_suspend_toggles_the_job_and_cancel_deletes_it(fake: FakeKube, reconciler: Reconciler) -> None:
+    body = fake.add('FinetuneRun', run_body())
+    reconciler.reconcile_run(body)
+    fake.objects[('FinetuneRun', 'r')]['spec']['suspend'] = True
+    reconciler.reconcile_run(fake.get_run('default', 'r'))
+    assert fake.get_job('default', 'r-trainer')['spec']['suspend'] is True
+    fake.objects[('FinetuneRun', 'r')]['metadata']['annotations'] = {'finetuner.dev/cancel': 'true'}
+    reconciler.reconcile_run(fake.get_run('default', 'r'))
+    assert fake.get_job('default', 'r-trainer') is None
+    status = fake.get_run('default', 'r')['status']
+    assert (status['phase'], status['reason'], status['details']) == ('FAILED', 'Cancelled', 'cancelled')
+
+
+def test_suspending_a_queued_run_gives_its_job_back(fake: FakeKube, reconciler: Reconciler) -> None:
+    body = fake.add('FinetuneRun', run_body(queueName='q'))
+    reconciler.reconcile_run(body)
+    assert fake.get_job('default', 'r-trainer')['spec']['suspend'] is True
+    assert fake.get_run('default', 'r')['status']['details'] == 'Waiting in queue q'
+    fake.objects[('FinetuneRun', 'r')]['spec']['suspend'] = True
+    reconciler.reconcile_run(fake.get_run('default', 'r'))
+    assert fake.get_job('default', 'r-trainer') is None
+
+
+def test_runs_join_their_experiment_and_it_counts_them(fake: FakeKube, reconciler: Reconciler) -> None:
+    experiment = fake.add('Experiment', {'metadata': {'name': 'exp', 'namespace': 'default'}, 'spec': {}})
+    for name in ('a', 'b'):
+        reconciler.reconcile_run(fake.add('FinetuneRun', run_body(name, experiment='exp')))
+    fake.objects[('FinetuneRun', 'b')]['status'] = {'phase': 'FINISHED', 'metrics': {'after': {'mrr': 0.7}}}
+    reconciler.sync_experiment('default', 'exp')
+    run = fake.get_run('default', 'a')
+    assert run['metadata']['labels']['finetuner.dev/experiment'] == 'exp'
+    assert run['metadata']['ownerReferences'][0]['uid'] == experiment['metadata']['uid']
+    status = fake.get_experiment('default', 'exp')['status']
+    assert status['runs'] == {'total': 2, 'created': 1, 'started': 0, 'finished': 1, 'failed': 0}
+    assert status['bestRun'] == {'name': 'b', 'metric': 'mrr', 'value': 0.7}
+
+
+def test_sweep_creates_runs_within_parallelism(fake: FakeKube, reconciler: Reconciler) -> None:
+    spec = {
+        'runTemplate': {'model': 'm', 'trainData': 'd'},
+        'sweep': {'parameters': {'learningRate': [1e-4, 1e-3], 'epochs': [1, 2]}, 'parallelism': 2},
+    }
+    fake.add('Experiment', {'metadata': {'name': 'sw', 'namespace': 'default'}, 'spec': spec})
+    reconciler.sync_experiment('default', 'sw')
+    runs = fake.list_runs('default', 'finetuner.dev/experiment=sw')
+    assert sorted(r['metadata']['name'] for r in runs) == ['sw-000', 'sw-001']
+    reconciler.sync_experiment('default', 'sw')
+    assert len(fake.list_runs('default', 'finetuner.dev/experiment=sw')) == 2  # still 2 active
+    fake.objects[('FinetuneRun', 'sw-000')]['status'] = {'phase': 'FINISHED'}
+    reconciler.sync_experiment('default', 'sw')
+    assert len(fake.list_runs('default', 'finetuner.dev/experiment=sw')) == 3
+    assert fake.get_experiment('default', 'sw')['status']['sweepCreated'] == 3
+
+
+def test_grid_and_random_sweep_points() -> None:
+    grid = Sweep(parameters={'epochs': [1, 2], 'loss': ['TripletMarginLoss', 'ArcFaceLoss']})
+    assert len(experiments.sweep_points(grid)) == 4
+    drawn = Sweep(kind='random', parameters={'epochs': [1, 2, 3, 4]}, count=3, seed=7)
+    first, second = experiments.sweep_points(drawn), experiments.sweep_points(drawn)
+    assert first == second and len({p['epochs'] for p in first}) == 3
+    assert experiments.sweep_run_name('x' * 60, 3).endswith('-003')
+    assert len(experiments.sweep_run_name('x' * 60, 3)) <= 52
+
+
+def test_best_run_min_mode_and_no_finished_run() -> None:
+    runs = [
+        {'metadata': {'name': 'a'}, 'status': {'phase': 'FINISHED', 'metrics': {'after': {'loss': 0.3}}}},
+        {'metadata': {'name': 'b'}, 'status': {'phase': 'FINISHED', 'metrics': {'after': {'loss': 0.2}}}},
+        {'metadata': {'name': 'c'}, 'status': {'phase': 'STARTED', 'metrics': {'after': {'loss': 0.1}}}},
+    ]
+    best = experiments.best_run(runs, BestRunSelector(metric='loss', mode='min'))
+    assert best is not None and best.name == 'b'
+    assert experiments.best_run(runs[2:], BestRunSelector(metric='loss')) is None
+
+
+def test_api_calls_come_from_the_seam_decorators() -> None:
+    declared = set()
+    for name in dir(kube.Kube):
+        declared |= set(getattr(getattr(kube.Kube, name), '__api_calls__', ()))
+    assert kube.API_CALLS == frozenset(declared)
+    assert ('batch', 'jobs', 'create') in kube.API_CALLS
+    assert ('finetuner.dev', 'finetuneruns/status', 'patch') in kube.API_CALLS
+    assert ('', 'events', 'create') in kube.KOPF_CALLS

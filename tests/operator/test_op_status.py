@@ -1,0 +1,288 @@
+"""The status mapping table: observed Job + pods (+ trainer reports) -> phase, reason, details."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from finetuner.api.v1alpha1 import FinetuneRunSpec, FinetuneRunStatus, Progress
+from finetuner_operator.status import Observed, derive_status, invalid_spec_status
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+OUT = 's3://b/runs/default/r'
+
+
+def stamp(minutes_ago: float = 0) -> str:
+    return (NOW - timedelta(minutes=minutes_ago)).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+def job(*conditions: tuple[str, str], suspend: bool = False, **status: Any) -> dict[str, Any]:
+    return {
+        'metadata': {'name': 'r-trainer'},
+        'spec': {'suspend': suspend},
+        'status': {
+            **status,
+            'conditions': [
+                {
+                    'type': t,
+                    'status': 'True',
+                    'reason': reason,
+                    'message': f'{t} because {reason}',
+                    'lastTransitionTime': stamp(),
+                }
+                for t, reason in conditions
+            ],
+        },
+    }
+
+
+def pod(phase: str, *, state: dict[str, Any] | None = None, conditions: list[dict] | None = None, age: float = 1):
+    status: dict[str, Any] = {'phase': phase, 'conditions': conditions or []}
+    if state is not None:
+        status['containerStatuses'] = [{'name': 'trainer', 'state': state}]
+    return {
+        'metadata': {'name': f'r-trainer-{phase.lower()}', 'creationTimestamp': stamp(age)},
+        'spec': {'containers': [{'name': 'trainer', 'image': 'trainer:1'}]},
+        'status': status,
+    }
+
+
+RUNNING = {'running': {'startedAt': stamp(2)}}
+
+
+def terminated(code: int, message: str = '', reason: str = 'Error') -> dict[str, Any]:
+    return {'terminated': {'exitCode': code, 'reason': reason, 'message': message, 'startedAt': stamp(3)}}
+
+
+def unschedulable(minutes: float) -> list[dict[str, Any]]:
+    return [
+        {
+            'type': 'PodScheduled',
+            'status': 'False',
+            'reason': 'Unschedulable',
+            'message': '0/3 nodes are available: 3 Insufficient nvidia.com/gpu.',
+            'lastTransitionTime': stamp(minutes),
+        }
+    ]
+
+
+def derive(
+    observed: Observed, *, queue: str | None = None, previous: FinetuneRunStatus | None = None, **spec: Any
+) -> FinetuneRunStatus:
+    run_spec = FinetuneRunSpec.model_validate({'model': 'm', 'trainData': 'd', 'backoffLimit': 2, **spec})
+    return derive_status(
+        run='r',
+        spec=run_spec,
+        previous=previous or FinetuneRunStatus(),
+        observed=observed,
+        output_uri=OUT,
+        queue=queue,
+        unschedulable_timeout=600,
+        now=NOW,
+    )
+
+
+TABLE = [
+    # (case, observed, extra, phase, reason, details contains)
+    ('no job yet', Observed(), {}, 'CREATED', 'Submitted', 'Run submitted and awaits execution'),
+    ('job, no pod', Observed(job=job()), {}, 'CREATED', 'Submitted', 'Run submitted and awaits execution'),
+    ('queued', Observed(job=job(suspend=True)), {'queue': 'q1'}, 'CREATED', 'Queued', 'Waiting in queue q1'),
+    (
+        'suspended run',
+        Observed(job=job(suspend=True)),
+        {'suspend': True},
+        'CREATED',
+        'Suspended',
+        'set spec.suspend to false',
+    ),
+    ('pending pod', Observed(job=job(active=1), pods=[pod('Pending')]), {}, 'CREATED', 'Submitted', 'awaits'),
+    (
+        'unschedulable briefly',
+        Observed(job=job(active=1), pods=[pod('Pending', conditions=unschedulable(2))]),
+        {},
+        'CREATED',
+        'Unschedulable',
+        'Waiting for a node that fits: 0/3 nodes',
+    ),
+    (
+        'unschedulable too long',
+        Observed(job=job(active=1), pods=[pod('Pending', conditions=unschedulable(11))]),
+        {},
+        'FAILED',
+        'Unschedulable',
+        'No node could run the trainer for 11 minutes',
+    ),
+    (
+        'image pull',
+        Observed(
+            job=job(active=1),
+            pods=[
+                pod(
+                    'Pending',
+                    state={'waiting': {'reason': 'ImagePullBackOff', 'message': 'Back-off pulling image "trainer:1"'}},
+                )
+            ],
+        ),
+        {},
+        'FAILED',
+        'ImagePullError',
+        'Cannot pull the trainer image trainer:1',
+    ),
+    (
+        'running',
+        Observed(job=job(active=1), pods=[pod('Running', state=RUNNING)]),
+        {},
+        'STARTED',
+        'Running',
+        'Training: the trainer is running',
+    ),
+    (
+        'running with progress',
+        Observed(
+            job=job(active=1),
+            pods=[pod('Running', state=RUNNING)],
+            progress=Progress(epoch=2, epochs=4, percent=37.5, eta_seconds=120),
+        ),
+        {},
+        'STARTED',
+        'Running',
+        'Training: epoch 2/4, 38%, about 120s left',
+    ),
+    (
+        'retrying',
+        Observed(
+            job=job(active=1, failed=1),
+            pods=[pod('Failed', state=terminated(137, reason='OOMKilled'), age=5), pod('Pending')],
+        ),
+        {},
+        'STARTED',
+        'Retrying',
+        'Attempt 1 failed (out of memory (OOMKilled)',
+    ),
+    (
+        'complete',
+        Observed(
+            job=job(('Complete', 'CompletionsReached'), succeeded=1),
+            pods=[pod('Succeeded', state=terminated(0, reason='Completed'))],
+            metrics={'before': {'mrr': 0.1}, 'after': {'mrr': 0.5}},
+            artifact=True,
+        ),
+        {},
+        'FINISHED',
+        'Succeeded',
+        f'Fine-tuned model at {OUT}/artifact',
+    ),
+    (
+        'config error',
+        Observed(
+            job=job(('Failed', 'PodFailurePolicy'), failed=1),
+            pods=[pod('Failed', state=terminated(3, 'trainData: no labels in s3://b/d.jsonl'))],
+        ),
+        {},
+        'FAILED',
+        'ConfigurationError',
+        'trainData: no labels in s3://b/d.jsonl',
+    ),
+    (
+        'config error, message from failure.json',
+        Observed(
+            job=job(('Failed', 'PodFailurePolicy'), failed=1),
+            pods=[],
+            failure={'reason': 'ConfigurationError', 'message': 'loss: ArcFaceLoss needs labels'},
+        ),
+        {},
+        'FAILED',
+        'ConfigurationError',
+        'loss: ArcFaceLoss needs labels',
+    ),
+    (
+        'retries exhausted',
+        Observed(
+            job=job(('Failed', 'BackoffLimitExceeded'), failed=3),
+            pods=[pod('Failed', state=terminated(1, 'CUDA error: device lost'))],
+        ),
+        {},
+        'FAILED',
+        'BackoffLimitExceeded',
+        'failed 1 times (backoffLimit 2); last attempt: CUDA error: device lost',
+    ),
+    (
+        'deadline',
+        Observed(job=job(('Failed', 'DeadlineExceeded'))),
+        {'activeDeadlineSeconds': 600},
+        'FAILED',
+        'DeadlineExceeded',
+        'activeDeadlineSeconds=600',
+    ),
+    (
+        'cancelled',
+        Observed(job=job(active=1), pods=[pod('Running', state=RUNNING)], cancelled=True),
+        {},
+        'FAILED',
+        'Cancelled',
+        'cancelled',
+    ),
+]
+
+
+@pytest.mark.parametrize(('case', 'observed', 'extra', 'phase', 'reason', 'details'), TABLE, ids=[t[0] for t in TABLE])
+def test_status_table(case: str, observed: Observed, extra: dict, phase: str, reason: str, details: str) -> None:
+    status = derive(observed, **extra)
+    assert (status.phase, status.reason) == (phase, reason), status.details
+    assert details in (status.details or '')
+    true = {c.type for c in status.conditions if c.status == 'True'}
+    assert ('Failed' in true) == (phase == 'FAILED')
+    assert ('Succeeded' in true) == (phase == 'FINISHED')
+    assert ('Created' in true) == (observed.job is not None)
+    if phase in ('FINISHED', 'FAILED'):
+        assert status.completion_time is not None
+    assert status.output_uri == OUT
+
+
+def test_finished_carries_artifact_metrics_and_times() -> None:
+    observed = Observed(
+        job=job(('Complete', 'CompletionsReached'), succeeded=1, completionTime=stamp()),
+        pods=[pod('Succeeded', state=terminated(0, reason='Completed'))],
+        metrics={'before': {'mrr': 0.1}, 'after': {'mrr': 0.5}, 'epochs': []},
+        artifact=True,
+    )
+    status = derive(observed)
+    assert status.artifact_uri == f'{OUT}/artifact'
+    assert status.metrics is not None and status.metrics.after == {'mrr': 0.5}
+    assert status.start_time == stamp(3) and status.completion_time == stamp()
+    assert status.attempts == 1 and status.job_name == 'r-trainer'
+
+
+def test_terminal_phase_is_kept_when_the_job_is_gone() -> None:
+    failed = derive(Observed(job=job(active=1), pods=[pod('Pending', state={'waiting': {'reason': 'ErrImagePull'}})]))
+    assert failed.phase == 'FAILED'
+    assert derive(Observed(), previous=failed) == failed
+
+
+def test_transition_time_moves_only_when_a_condition_changes() -> None:
+    first = derive(Observed(job=job()))
+    later = derive_status(
+        run='r',
+        spec=FinetuneRunSpec(model='m', train_data='d'),
+        previous=first,
+        observed=Observed(job=job(active=1), pods=[pod('Running', state=RUNNING)]),
+        output_uri=OUT,
+        queue=None,
+        unschedulable_timeout=600,
+        now=NOW + timedelta(minutes=5),
+    )
+    times = {c.type: c.last_transition_time for c in later.conditions}
+    assert times['Created'] == stamp()  # unchanged since the first pass
+    assert times['Started'] == (NOW + timedelta(minutes=5)).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+def test_invalid_spec_names_the_field() -> None:
+    with pytest.raises(ValidationError) as info:
+        FinetuneRunSpec.model_validate({'model': 'm', 'trainData': 'd', 'epochs': 0, 'loss': 'TripletLoss'})
+    status = invalid_spec_status(info.value, NOW, FinetuneRunStatus())
+    assert status.phase == 'FAILED' and status.reason == 'InvalidSpec'
+    assert 'spec.epochs: Input should be greater than or equal to 1' in status.details
+    assert "spec.loss: unknown loss 'TripletLoss'" in status.details
