@@ -10,11 +10,9 @@ How the pieces keep one process and N processes equivalent:
 - every rank walks the same sequence of *global* batches (the samplers are deterministic per seed and
   epoch) and takes its share with :class:`ShardedBatches`, so a class-balanced global batch stays
   class-balanced on every rank and all ranks run the same number of steps;
-- metric-learning losses and miners are wrapped in pytorch-metric-learning's distributed wrappers,
-  which gather embeddings across ranks (mining stays global) and scale the loss by the world size,
-  because DistributedDataParallel averages gradients over ranks;
-- CLIP's loss gathers both towers' embeddings with :func:`gather_with_grad` for global in-batch
-  negatives (the same world-size scaling applies, see :func:`global_clip_loss`);
+- the objective is wrapped in :class:`DistributedObjective`, which gathers embeddings (and labels)
+  across ranks first: miners mine the global batch, CLIP and other in-batch-negative losses get
+  negatives from every rank, and the gradients equal one process's (see :func:`gather_for_loss`);
 - only rank 0 writes (artifact, checkpoints, metrics); every rank takes part in the collectives of
   evaluation and early stopping (:func:`agree`), so all stop at the same step.
 """
@@ -223,59 +221,74 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, find_unused_parameters: b
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
-def wrap_metric_loss(loss: torch.nn.Module, miner: torch.nn.Module | None) -> tuple[torch.nn.Module, Any]:
-    """pytorch-metric-learning's DistributedLossWrapper / DistributedMinerWrapper when distributed.
-
-    The wrapped loss is ``world_size`` times the global loss (so that DDP's gradient averaging gives
-    the single-process gradient); divide by :func:`world_size` before logging it."""
-    if not is_distributed():
-        return loss, miner
-    from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
-    from pytorch_metric_learning.miners import BaseMiner
-    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
-
-    if isinstance(loss, (BaseMetricLossFunction, CrossBatchMemory)):
-        loss = DistributedLossWrapper(loss)
-    if isinstance(miner, BaseMiner):
-        miner = DistributedMinerWrapper(miner)
-    return loss, miner
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward returns this rank's slice of the summed gradients."""
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return tensor.view_as(tensor)
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        world = dist.get_world_size()
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous())
-        ctx.rank = dist.get_rank()
-        ctx.size = tensor.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
 
 
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """The rank-ordered concatenation of every rank's (equal-sized) ``tensor``; gradients of the
-    result flow back to each rank's own part. Identity when not distributed."""
+def gather_for_loss(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's (equal-sized) ``tensor`` concatenated in rank order, for a loss over the global batch.
+
+    Every rank then computes the same global loss L. The other ranks' parts carry no gradient; this
+    rank's part carries ``world_size`` times dL/d(part), so that DistributedDataParallel's averaging
+    of model gradients gives exactly the single-process gradient of L. Parameters of the loss itself
+    (a CLIP temperature, ArcFace class weights) see plain dL/dW, the same on every rank: they stay in
+    step without being wrapped. Identity when not distributed."""
     if not is_distributed():
         return tensor
-    return _GatherWithGrad.apply(tensor)
+    world = dist.get_world_size()
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    parts[dist.get_rank()] = _ScaleGrad.apply(tensor, float(world))
+    return torch.cat(parts, dim=0)
+
+
+def gather_labels(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's labels or scores in rank order (no gradient)."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class DistributedObjective(torch.nn.Module):
+    """Runs a training objective on the global batch: embeddings (and labels or scores) of all ranks
+    are gathered first, so miners mine globally, in-batch negatives come from every rank and the loss
+    equals the one-process loss on the same global batch.
+
+    Works for label objectives ``(embeddings, labels)`` and pair objectives
+    ``(queries, documents, scores)``. pytorch-metric-learning's DistributedLossWrapper is not used:
+    it multiplies the loss by the world size, which would also multiply the gradients of loss
+    parameters (ArcFace, ProxyAnchor) that DDP does not average."""
+
+    def __init__(self, objective: torch.nn.Module):
+        super().__init__()
+        self.objective = objective
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        if second.is_floating_point() and second.ndim == 2:  # (queries, documents, scores)
+            gathered_scores = gather_labels(scores) if scores is not None else None
+            return self.objective(gather_for_loss(first), gather_for_loss(second), gathered_scores)
+        return self.objective(gather_for_loss(first), gather_labels(second))
+
+
+def wrap_objective(objective: torch.nn.Module) -> torch.nn.Module:
+    """:class:`DistributedObjective` around the objective when distributed; the objective itself otherwise."""
+    return DistributedObjective(objective) if is_distributed() else objective
 
 
 def global_clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the *global* batch (in-batch negatives from every rank).
-
-    Every rank computes the same global loss; the backward of the gathers sums all ranks'
-    gradients, and DistributedDataParallel then averages over ranks, so the result equals the
-    gradient of one process on the whole batch. The returned value is the global loss."""
-    all_text = gather_with_grad(text_emb)
-    all_image = gather_with_grad(image_emb)
+    """Symmetric InfoNCE over the *global* batch (in-batch negatives from every rank), see
+    :func:`gather_for_loss` for why the gradients equal one process's on the whole batch."""
+    all_text = gather_for_loss(text_emb)
+    all_image = gather_for_loss(image_emb)
     all_text = torch.nn.functional.normalize(all_text, dim=-1)
     all_image = torch.nn.functional.normalize(all_image, dim=-1)
     logits = logit_scale.exp() * all_text @ all_image.T

@@ -1,7 +1,8 @@
 """Run by test_distributed.py, once as one process and once under ``torchrun --nproc-per-node 2``.
 
-Trains a tiny MLP with TripletMarginLoss (class-balanced global batches, sharded over ranks) and a
-tiny two-tower model with the global CLIP loss, and writes the per-step losses of rank 0 as JSON.
+Trains a tiny MLP with TripletMarginLoss + miner (class-balanced global batches, sharded over ranks),
+one with ArcFaceLoss (a loss with parameters) and a tiny two-tower model
+with the global CLIP loss, and writes the per-step losses of rank 0 as JSON.
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ def main(out: str) -> None:
     y = torch.tensor(labels)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
     ddp = D.wrap_model(model, info)
-    from pytorch_metric_learning.losses import TripletMarginLoss
+    from pytorch_metric_learning.losses import ArcFaceLoss, TripletMarginLoss
+    from pytorch_metric_learning.miners import TripletMarginMiner
 
-    loss_fn, _ = D.wrap_metric_loss(TripletMarginLoss(margin=0.5), None)
+    from finetuner_trainer.losses import LabelObjective
+
+    objective = LabelObjective(TripletMarginLoss(margin=0.5), TripletMarginMiner(margin=0.5))
+    loss_fn = D.wrap_objective(objective)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
     sampler = D.shard(Balanced(labels), info)
     metric_losses = []
@@ -63,7 +68,23 @@ def main(out: str) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            metric_losses.append(loss.item() / D.world_size())
+            metric_losses.append(loss.item())
+
+    # A loss with parameters of its own (ArcFace class weights): they must stay in step on every rank.
+    torch.manual_seed(2)
+    arc_model = torch.nn.Linear(6, 8)
+    arc_ddp = D.wrap_model(arc_model, info)
+    arc = D.wrap_objective(LabelObjective(ArcFaceLoss(num_classes=4, embedding_size=8)))
+    arc_optimizer = torch.optim.SGD([*arc_ddp.parameters(), *arc.parameters()], lr=0.1)
+    arc_losses = []
+    sampler.set_epoch(0)
+    for batch in sampler:
+        idx = batch if info.enabled else D.global_batch_order(batch, 2)
+        loss = arc(arc_ddp(x[idx]), y[idx])
+        arc_optimizer.zero_grad()
+        loss.backward()
+        arc_optimizer.step()
+        arc_losses.append(loss.item())
 
     # Two towers trained with the global CLIP loss: text i belongs with image i.
     torch.manual_seed(1)
@@ -88,19 +109,12 @@ def main(out: str) -> None:
         clip_losses.append(loss.item())
 
     stop = D.agree(D.rank() == 1)
-    checksum = [float(p.detach().abs().sum()) for p in [*model.parameters(), *towers.parameters()]]
+    params = [*model.parameters(), *towers.parameters(), *arc_model.parameters(), *arc.parameters()]
+    checksum = [float(p.detach().abs().sum()) for p in params]
     if D.is_main_process():
         with open(out, 'w') as f:
-            json.dump(
-                {
-                    'metric': metric_losses,
-                    'clip': clip_losses,
-                    'weights': checksum,
-                    'agree': stop,
-                    'world': D.world_size(),
-                },
-                f,
-            )
+            result = {'metric': metric_losses, 'clip': clip_losses, 'arc': arc_losses, 'weights': checksum}
+            json.dump({**result, 'agree': stop, 'world': D.world_size()}, f)
     D.shutdown()
 
 

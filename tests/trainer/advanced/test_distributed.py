@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetuner_trainer.distributed import ShardedBatches, agree, env_info, gather_with_grad, global_batch_order, shard
+from finetuner_trainer.distributed import ShardedBatches, agree, env_info, gather_for_loss, global_batch_order, shard
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -60,7 +60,7 @@ def test_single_process_helpers_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> N
     import torch
 
     t = torch.ones(2, requires_grad=True)
-    assert gather_with_grad(t) is t
+    assert gather_for_loss(t) is t
 
 
 def _free_port() -> int:
@@ -92,5 +92,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     assert double['metric'] == pytest.approx(single['metric'], rel=1e-4, abs=1e-5)
     assert len(set(single['metric'])) == len(single['metric'])  # every step differs: matching is not trivial
     assert double['weights'] == pytest.approx(single['weights'], rel=1e-4)  # the same model at the end
+    assert double['arc'] == pytest.approx(single['arc'], rel=1e-4, abs=1e-5)
     assert double['clip'] == pytest.approx(single['clip'], rel=1e-4, abs=1e-5)
     assert single['clip'][-1] < single['clip'][0]
