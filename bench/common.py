@@ -36,6 +36,10 @@ VERSIONED_PACKAGES = (
 )
 
 
+class BenchmarkUnavailable(RuntimeError):
+    """A benchmark cannot run here (a part of the project it measures is missing); its row says why."""
+
+
 class Settings(BaseModel):
     """How hard to measure. ``tiny`` swaps every model for the random tiny ones of the test suite:
     it keeps the harness working in the smoke test and measures nothing worth publishing."""

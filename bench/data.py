@@ -106,3 +106,10 @@ def write_records(records: list[Record], path: Path) -> Path:
         for record in records:
             f.write(json.dumps(record.model_dump(exclude_none=True, exclude_defaults=True)) + '\n')
     return path
+
+
+def repeat_to_pairs(pairs: list[QAPair], count: int, seed: int) -> list[QAPair]:
+    """At most ``count`` pairs, drawn at random without repetition (a smaller training set)."""
+    chosen = list(pairs)
+    random.Random(seed).shuffle(chosen)
+    return chosen[:count]

@@ -1,0 +1,1 @@
+"""Benchmarks of kube-finetuner against what users would use instead; ``python -m bench``."""

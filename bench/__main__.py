@@ -1,0 +1,131 @@
+"""``python -m bench [--quick] [--gpu] [--only NAME ...]``: run the benchmarks, write the table.
+
+Writes ``bench/results/<mode>.json`` (every round of both sides) and, for a full run,
+``docs/BENCHMARKS.md``. ``--quick`` (under 3 minutes on 2 cores) writes its table to
+``bench/results/quick.md`` so that a quick run never overwrites the published numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import BenchmarkUnavailable, Report, Row, Settings, machine_info, today, versions
+from bench.report import write
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS: tuple[str, ...] = ('text_throughput', 'image_throughput', 'quality', 'inference', 'operator_scale')
+CLOSING_NOTES = [
+    'A throughput ratio is the median samples/s of this project over the median of the reference, the '
+    'medians taken over alternating rounds; each round times only steady-state steps (the first step of '
+    'a round, which pays for lazy initialisation and worker start-up, is left out).',
+    'The machine is shared: its other work slows both sides of a round alike, which is why the sides '
+    'alternate; the spread of the rounds is in the raw JSON.',
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m bench', description=__doc__)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument('--quick', action='store_true', help='smaller settings, under 3 minutes on 2 CPU cores')
+    size.add_argument(
+        '--tiny',
+        action='store_true',
+        help="the test suite's tiny random models: checks the harness, measures nothing worth publishing",
+    )
+    parser.add_argument('--gpu', action='store_true', help='train and infer on CUDA (bf16 where the trainer uses it)')
+    parser.add_argument(
+        '--only', nargs='+', choices=BENCHMARKS, metavar='NAME', help=f'run only these: {", ".join(BENCHMARKS)}'
+    )
+    parser.add_argument('--results-dir', type=Path, default=ROOT / 'bench' / 'results', help='where the JSON goes')
+    parser.add_argument('--doc', type=Path, default=None, help='where the Markdown table goes')
+    parser.add_argument('--workdir', type=Path, default=None, help='scratch folder (default: a temporary one)')
+    parser.add_argument(
+        '--strict', action='store_true', help='stop at the first failing benchmark instead of reporting it in the table'
+    )
+    return parser.parse_args(argv)
+
+
+def run_benchmark(name: str, settings: Settings, strict: bool) -> list[Row]:
+    module = importlib.import_module(f'bench.{name}')
+    try:
+        return module.run(settings)
+    except BenchmarkUnavailable as e:
+        return [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=str(e))]
+    except Exception as e:
+        if strict:
+            raise
+        traceback.print_exc()
+        reason = f'the benchmark failed: {type(e).__name__}: {e}'
+        return [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=reason)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print('--gpu needs CUDA, and torch.cuda.is_available() is False on this machine', file=sys.stderr)
+            return 2
+    mode = 'quick' if args.quick else 'tiny' if args.tiny else 'full'
+    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+    logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s %(message)s')
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # tiny mode borrows tests.support.tiny
+    doc = args.doc if args.doc is not None else (ROOT / 'docs' / 'BENCHMARKS.md' if mode == 'full' else None)
+    if doc is None and mode == 'quick':
+        doc = args.results_dir / 'quick.md'
+    names = args.only or list(BENCHMARKS)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix='finetuner-bench-') as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        settings = Settings(mode=mode, gpu=args.gpu, workdir=workdir)
+        rows: list[Row] = []
+        runtimes: dict[str, float] = {}
+        for name in names:
+            print(f'[bench] {name} ({mode}) ...', file=sys.stderr, flush=True)
+            began = time.perf_counter()
+            new_rows = run_benchmark(name, settings, args.strict)
+            runtimes[name] = time.perf_counter() - began
+            for row in new_rows:
+                ratio = f'{row.ratio:.2f}x' if row.ratio is not None else row.note
+                print(f'[bench]   {row.measure}: {ratio}', file=sys.stderr, flush=True)
+            rows += new_rows
+    report = Report(
+        date=today(),
+        mode=mode,  # type: ignore[arg-type]
+        gpu=args.gpu,
+        machine=machine_info(args.gpu),
+        versions=versions(),
+        command='python -m bench' + ''.join(f' {shlex.quote(a)}' for a in (argv if argv is not None else sys.argv[1:])),
+        runtime_s=time.perf_counter() - started,
+        rows=rows,
+        benchmark_runtimes_s=runtimes,
+        notes=CLOSING_NOTES + [n for name in names for n in _closing_notes(name, rows)],
+    )
+    json_path, doc_path = write(report, args.results_dir, doc)
+    print(f'[bench] wrote {json_path}' + (f' and {doc_path}' if doc_path else ''), file=sys.stderr)
+    return 0
+
+
+def _closing_notes(name: str, rows: list[Row]) -> list[str]:
+    """A benchmark module may explain its misses (``closing_notes(rows) -> list[str]``)."""
+    module = importlib.import_module(f'bench.{name}')
+    explain = getattr(module, 'closing_notes', None)
+    return list(explain([r for r in rows if r.benchmark == name])) if explain else []
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

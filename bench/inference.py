@@ -1,0 +1,106 @@
+"""Inference: embedding with the artifact's ONNX graph vs torch eager, batch 32, on the CPU.
+
+The artifact is built the way a run with ``toOnnx: true`` builds it: the embedder saved with
+``Embedder.save`` and exported with ``finetuner_trainer.onnx_export.export_onnx`` (which checks ONNX
+Runtime against torch before shipping the graph). Both sides use the artifact's own preprocessing
+(tokenizer with dynamic padding, or timm's image transform) on the same records, so the ratio is the
+speed-up a user of ``encode`` sees, preprocessing included.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import data
+from bench.common import Row, Settings, alternate
+from bench.text_throughput import MAX_LENGTH, text_model
+from finetuner.api.layout import Record
+from finetuner.api.v1alpha1 import FinetuneRunSpec
+
+BENCHMARK = 'inference'
+BATCH = 32
+TARGETS = {'image': 2.0, 'text': 1.2}
+
+
+def _cases(settings: Settings) -> list[tuple[str, str, dict[str, Any], str]]:
+    """(label, spec model, model options, kind) per model measured in this mode."""
+    if settings.mode == 'tiny':
+        return [
+            ('test_resnet 32 px', 'timm:test_resnet', {'pretrained': False, 'image_size': 32}, 'image'),
+            ('tiny BERT', str(text_model(settings)), {'max_length': MAX_LENGTH}, 'text'),
+        ]
+    return [
+        ('efficientnet_b0 224 px', 'efficientnet_b0', {'pretrained': False, 'image_size': 224}, 'image'),
+        ('all-MiniLM-L6-v2', str(text_model(settings)), {'max_length': MAX_LENGTH}, 'text'),
+    ]
+
+
+def _records(kind: str, count: int, settings: Settings) -> list[Record]:
+    if kind == 'image':
+        return data.labelled_images(count, 32 if settings.mode == 'tiny' else 224)
+    if settings.mode == 'tiny':
+        from tests.support.tiny import labelled_texts
+
+        texts = labelled_texts(n_classes=4, per_class=max(1, count // 4 + 1))
+    else:
+        texts = data.labelled_sentences(data.chatterbot_pairs())
+    return [Record(text=r.text) for r in data.repeat_to(texts, count, seed=0)]
+
+
+def build_artifact(model: str, options: dict[str, Any], directory: Path) -> Path:
+    """Save an embedder with its ONNX export, as a ``toOnnx: true`` run publishes it."""
+    from finetuner_trainer.models import build_embedder
+    from finetuner_trainer.onnx_export import ONNX_DIR, export_onnx
+
+    spec = FinetuneRunSpec(model=model, train_data='file:///unused.jsonl', model_options=options)
+    embedder = build_embedder(spec)
+    embedder.eval()
+    embedder.save(directory)
+    export_onnx(embedder, directory / ONNX_DIR)
+    return directory
+
+
+def run(settings: Settings) -> list[Row]:
+    import torch
+
+    from finetuner_trainer.inference_onnx import OnnxEmbedder
+    from finetuner_trainer.models import load_embedder
+
+    rounds = settings.pick(full=5, quick=3, tiny=2)
+    batches = settings.pick(full=4, quick=2, tiny=1)
+    rows = []
+    for label, model, options, kind in _cases(settings):
+        directory = build_artifact(model, options, settings.workdir / 'inference' / kind)
+        records = _records(kind, batches * BATCH, settings)
+        eager = load_embedder(directory)
+        eager.eval()
+        onnx = OnnxEmbedder.load(directory)
+        eager.embed(records[:BATCH], batch_size=BATCH)  # warm-up: lazy initialisation of both sides
+        onnx.encode(records[:BATCH], batch_size=BATCH)
+
+        def eager_round(eager: Any = eager, records: list[Record] = records) -> float:
+            began = time.perf_counter()
+            with torch.inference_mode():
+                eager.embed(records, batch_size=BATCH)
+            return len(records) / (time.perf_counter() - began)
+
+        def onnx_round(onnx: Any = onnx, records: list[Record] = records) -> float:
+            began = time.perf_counter()
+            onnx.encode(records, batch_size=BATCH)
+            return len(records) / (time.perf_counter() - began)
+
+        samples_onnx, samples_eager = alternate(onnx_round, eager_round, rounds)
+        rows.append(
+            Row.compare(
+                benchmark=BENCHMARK,
+                measure=f'encode {label}, batch {BATCH}, CPU: ONNX artifact vs torch eager',
+                unit='items/s',
+                samples_ours=samples_onnx,
+                samples_reference=samples_eager,
+                reference_name='torch eager',
+                target_ratio=TARGETS[kind],
+            )
+        )
+    return rows
