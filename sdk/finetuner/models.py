@@ -101,7 +101,14 @@ class _Selected:
                 raise ArgumentError(
                     f'data[{i}]', f'is {record.content_kind}, but this model only encodes {self.kind} (select_model)'
                 )
-        return self.model.embed(records, batch_size=batch_size)
+        return _embed(self.model, records, batch_size)
+
+
+def _embed(model: Any, records: list[Any], batch_size: int) -> Any:
+    """torch embedders have ``embed``, ONNX ones ``encode``; both take records and a batch size."""
+    if hasattr(model, 'embed'):
+        return model.embed(records, batch_size=batch_size)
+    return model.encode(records, batch_size=batch_size)
 
 
 def get_model(
@@ -127,7 +134,10 @@ def get_model(
     directory = _artifact_directory(artifact)
     if is_onnx:
         onnx = _trainer_module('finetuner_trainer.inference_onnx')
-        model: Any = onnx.load_onnx_embedder(directory)
+        try:
+            model: Any = onnx.OnnxEmbedder.load(directory)
+        except FileNotFoundError as e:
+            raise ArgumentError('is_onnx', str(e)) from e
     else:
         models = _trainer_module('finetuner_trainer.models')
         model = models.load_embedder(directory).to(device)
@@ -143,12 +153,12 @@ def encode(model: Any, data: Any, batch_size: int | None = None) -> Any:
     ``data``: strings, Records, or documents (docarray ``DocList`` included). Documents get their
     ``embedding`` set and are returned; otherwise a ``numpy`` array (one row per item) is returned.
     """
-    if not hasattr(model, 'embed'):
+    if not (hasattr(model, 'embed') or hasattr(model, 'encode')):
         raise ArgumentError('model', f'a {type(model).__name__} cannot encode; load one with finetuner.get_model()')
     items = list(data) if is_collection(data) else [data]
     records = to_records(items, 'data', Modalities())
     size = batch_size or getattr(model, 'default_batch_size', 32)
-    embeddings = model.embed(records, batch_size=size)
+    embeddings = _embed(model, records, size)
     if hasattr(embeddings, 'detach'):
         embeddings = embeddings.detach().cpu().numpy()
     if is_collection(data) and not isinstance(items[0], (str, dict)) and hasattr(items[0], 'embedding'):

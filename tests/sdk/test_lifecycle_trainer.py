@@ -11,7 +11,7 @@ import finetuner
 from finetuner.api.v1alpha1 import FinetuneRunStatus
 from finetuner.backends.local import LocalBackend
 from finetuner.data import to_legacy_documents
-from finetuner.errors import RunFailedError
+from finetuner.errors import ArgumentError, RunFailedError
 from tests.support.tiny import labelled_texts, make_tiny_bert
 
 pytest.importorskip('finetuner_trainer.runner')
@@ -61,6 +61,9 @@ def test_fit_created_started_finished_save_get_encode(local: LocalBackend, tiny_
     trainer_side = load_embedder(local.run_dir('lifecycle') / 'output' / 'artifact')
     expected = trainer_side.embed([finetuner.Record(text=t) for t in texts], batch_size=2).numpy()
     np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ArgumentError, match=r'is_onnx: .* has no ONNX model'):
+        finetuner.get_model(saved, is_onnx=True)
 
     docs = to_legacy_documents([finetuner.Record(text=t) for t in texts])
     assert finetuner.encode(model, docs) is docs
