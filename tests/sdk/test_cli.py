@@ -1,0 +1,120 @@
+"""The ``finetuner`` command line, in-process on main(argv) and once as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import finetuner
+from finetuner.backends.local import LocalBackend
+from finetuner.cli import main
+from tests.support.tiny import labelled_texts, write_jsonl
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    return write_jsonl(labelled_texts(2, 3), tmp_path / 'train.jsonl')
+
+
+def test_fit_wait_runs_status_logs_download_metrics(
+    scripted: LocalBackend, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(['fit', '-m', 'scripted:ok', '-d', str(data_file), '--run-name', 'cli-run', '--epochs', '2', '--wait'])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.splitlines()[:2] == ['Run name: cli-run', 'Run status: CREATED']
+    assert 'read 6 records' in out
+    assert out.strip().splitlines()[-1].startswith('Run status: FINISHED: Run finished; the model is in file://')
+    assert finetuner.get_run('cli-run').config.epochs == 2
+
+    assert main(['runs']) == 0
+    listing = capsys.readouterr().out
+    assert 'cli-run' in listing and 'FINISHED' in listing and 'scripted:ok' in listing
+
+    assert main(['status', 'cli-run']) == 0
+    assert capsys.readouterr().out.splitlines()[0] == 'cli-run: FINISHED'
+    assert main(['status', 'cli-run', '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['phase'] == 'FINISHED'
+
+    assert main(['logs', 'cli-run']) == 0
+    assert 'done' in capsys.readouterr().out
+    assert main(['logs', 'cli-run', '-f']) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == 'done'
+
+    assert main(['download', 'cli-run', str(tmp_path / 'model')]) == 0
+    assert 'saved to' in capsys.readouterr().out
+    assert (tmp_path / 'model' / 'manifest.json').is_file()
+
+    assert main(['metrics', 'cli-run']) == 0
+    assert 'mrr' in capsys.readouterr().out
+
+    assert main(['experiments']) == 0
+    assert 'default' in capsys.readouterr().out
+    assert main(['delete', 'cli-run']) == 0
+    assert finetuner.list_runs() == []
+
+
+def test_fit_options_and_cancel(scripted: LocalBackend, data_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            'fit',
+            '-m',
+            'scripted:slow',
+            '-d',
+            str(data_file),
+            '--run-name',
+            'opts',
+            '--model-option',
+            'max_length=64',
+            '--set',
+            'output_dim=16',
+            '--set',
+            'miner_options={"margin": 0.3}',
+            '--set',
+            'miner=TripletMarginMiner',
+            '--device',
+            'cpu',
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    spec = finetuner.get_run('opts').config
+    assert (spec.model_options, spec.output_dim, spec.miner_options, spec.device) == (
+        {'max_length': 64},
+        16,
+        {'margin': 0.3},
+        'cpu',
+    )
+    capsys.readouterr()
+    assert main(['cancel', 'opts']) == 0
+    assert 'Run cancelled by user' in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_exit_codes(
+    scripted: LocalBackend, data_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(['fit', '-m', 'scripted:ok', '-d', str(data_file), '--lr', '5']) == 2
+    assert capsys.readouterr().err.strip() == 'error: learning_rate: must be less than or equal to 1 (got 5.0)'
+    assert main(['fit', '-m', 'scripted:ok', '-d', str(data_file), '--set', 'epochs']) == 2
+    assert "error: --set: 'epochs' is not KEY=VALUE" in capsys.readouterr().err
+    assert main(['fit', '-m', 'x', '-d', str(data_file), '--epochs', '1', '--set', 'epochs=2']) == 2
+    assert 'epochs is also given as its own flag' in capsys.readouterr().err
+    assert main(['status', 'nope']) == 1
+    assert capsys.readouterr().err.strip().startswith("error: run 'nope' not found in the local backend")
+    assert main(['models', '--task', 'text-to-text']) == 0
+    out = capsys.readouterr().out
+    assert 'bert-base-cased' in out and 'resnet50' not in out
+
+
+def test_console_script_is_installed(tmp_path: Path) -> None:
+    script = shutil.which('finetuner', path=str(Path(sys.executable).parent))
+    assert script, 'the finetuner console script is not installed in this environment'
+    out = subprocess.run([script, 'models'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 'Finetuner backbones' in out.stdout and 'efficientnet_b0' in out.stdout
+    out = subprocess.run([script, 'runs'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
