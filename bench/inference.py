@@ -68,7 +68,7 @@ def run(settings: Settings) -> list[Row]:
     from finetuner_trainer.inference_onnx import OnnxEmbedder
     from finetuner_trainer.models import load_embedder
 
-    rounds = settings.pick(full=5, quick=3, tiny=2)
+    rounds = settings.pick(full=5, quick=3, tiny=1)
     batches = settings.pick(full=4, quick=2, tiny=1)
     rows = []
     for label, model, options, kind in _cases(settings):

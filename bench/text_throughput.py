@@ -102,9 +102,9 @@ def _peak_flops() -> float | None:
 def run(settings: Settings) -> list[Row]:
     model_dir = text_model(settings)
     datasets = text_data(settings)
-    rounds = settings.pick(full=3, quick=2, tiny=2)
+    rounds = settings.pick(full=3, quick=2, tiny=1)
     steps = settings.pick(full=6, quick=3, tiny=2)
-    tasks = ('triplet', 'pairs') if settings.mode != 'quick' else ('pairs',)
+    tasks = ('triplet', 'pairs') if settings.mode == 'full' else ('pairs',)
     target = GPU_TARGET if settings.gpu else CPU_TARGET
     rows = []
     for task in tasks:

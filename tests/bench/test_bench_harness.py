@@ -1,0 +1,103 @@
+"""The benchmark harness (``python -m bench``): its pure parts, and one run of every benchmark with the
+test suite's tiny models (``--tiny``) checking that the table and the JSON come out with every column.
+Nothing here asserts a speed: timings on a shared machine are noise, and performance is never a unit
+test's business."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import common, report
+from bench.__main__ import BENCHMARKS, main
+from bench.common import Row
+from bench.operator_scale import _percentile
+
+
+def test_alternate_runs_the_sides_in_turn() -> None:
+    calls: list[str] = []
+
+    def side(name: str, value: float):  # type: ignore[no-untyped-def]
+        def run() -> float:
+            calls.append(name)
+            return value
+
+        return run
+
+    ours, reference = common.alternate(side('A', 2.0), side('B', 1.0), rounds=3)
+    assert calls == ['A', 'B', 'A', 'B', 'A', 'B']
+    assert ours == [2.0, 2.0, 2.0] and reference == [1.0, 1.0, 1.0]
+
+
+def test_steady_rate_skips_warmup_and_takes_the_median_step() -> None:
+    # step ends: a slow first step (warm-up), then steps of 1 s, 1 s and one stall of 5 s
+    ends = [10.0, 11.0, 12.0, 17.0, 18.0]
+    assert common.steady_rate(ends, 32, warmup=1) == pytest.approx(32.0)
+    with pytest.raises(ValueError, match='need at least 3 step timestamps'):
+        common.steady_rate([1.0, 2.0], 32, warmup=1)
+
+
+def test_row_compare_medians_ratio_and_target() -> None:
+    row = Row.compare(
+        benchmark='x',
+        measure='m',
+        unit='samples/s',
+        samples_ours=[30.0, 10.0, 31.0],
+        samples_reference=[20.0, 19.0, 50.0],
+        reference_name='ref',
+        target_ratio=1.5,
+    )
+    assert (row.ours, row.reference) == (30.0, 20.0)
+    assert row.ratio == pytest.approx(1.5)
+    assert row.met is True and row.target == '>= 1.5x'
+    missed = row.model_copy(update={'met': False})
+    assert '**MISSED**' in report.render_markdown(_report([missed]))
+
+
+def test_not_measured_rows_say_why_in_the_table() -> None:
+    row = Row.not_measured(benchmark='operator_scale', measure='operator scale', reason='no cluster here')
+    text = report.render_markdown(_report([row]))
+    assert 'not measured: no cluster here' in text
+    assert '| operator scale | – | – | – |' in text
+
+
+def test_percentile_interpolates() -> None:
+    assert _percentile([1.0, 2.0, 3.0, 4.0], 0.5) == pytest.approx(2.5)
+    assert _percentile(list(map(float, range(101))), 0.99) == pytest.approx(99.0)
+
+
+def _report(rows: list[Row]) -> common.Report:
+    return common.Report(
+        date='2026-01-01 00:00 UTC',
+        mode='tiny',
+        gpu=False,
+        machine=common.Machine(cpu='cpu', cores=2, torch_threads=2, gpu=None, python='3.11', platform='linux'),
+        versions={'torch': '2'},
+        command='python -m bench --tiny',
+        runtime_s=1.0,
+        rows=rows,
+    )
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_table_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every benchmark end to end on tiny models: rows with numbers, the Markdown columns, raw JSON."""
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    doc = tmp_path / 'BENCHMARKS.md'
+    results, workdir = tmp_path / 'results', tmp_path / 'w'
+    code = main(['--tiny', '--strict', '--results-dir', str(results), '--doc', str(doc), '--workdir', str(workdir)])
+    assert code == 0
+    raw = json.loads((results / 'tiny.json').read_text())
+    assert {r['benchmark'] for r in raw['rows']} == set(BENCHMARKS)
+    for row in raw['rows']:
+        assert row['ours'] is not None, row
+        assert not row['note'].startswith('not measured'), row
+    throughput = [r for r in raw['rows'] if r['benchmark'] in ('text_throughput', 'image_throughput', 'inference')]
+    assert throughput and all(r['ratio'] is not None and r['samples_reference'] for r in throughput)
+    assert raw['machine']['cores'] >= 1 and raw['versions']['torch'] != 'not installed'
+    table = doc.read_text()
+    header = '| ' + ' | '.join(report.TABLE_COLUMNS) + ' |'
+    assert header in table
+    assert table.count('\n| ') >= len(raw['rows'])  # one line per row, after the header
