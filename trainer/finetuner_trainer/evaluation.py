@@ -234,8 +234,8 @@ EmbedFn = Callable[[list[Record], int], torch.Tensor]
 class EvalSet:
     """What is embedded and how items match: queries and index items with labels (and ids)."""
 
-    queries: list[Record]
-    index: list[Record]
+    queries: list[Any]  # Records, or the trainer's Items (what the embedder takes)
+    index: list[Any]
     query_labels: list[Any]
     index_labels: list[Any]
     same_items: bool  # the index is the query set itself (exclude_self applies)
@@ -379,13 +379,20 @@ class Evaluator:
         return out
 
 
-def _describe(record: Record) -> str:
-    if record.text is not None:
-        return record.text
-    if record.uri is not None:
-        return record.uri
-    if record.blob is not None:
-        return f'<image, {len(record.blob) * 3 // 4} bytes>'
+def _describe(item: Any) -> str:
+    """A short readable form of a Record or a trainer Item for the examples in metrics.json."""
+    text = getattr(item, 'text', None)
+    if text is not None:
+        return str(text)
+    uri = getattr(item, 'uri', None)
+    if uri is not None:
+        return str(uri)
+    blob = getattr(item, 'blob', None)
+    if blob is not None:
+        return f'<image, {len(blob) * 3 // 4} bytes>'
+    image = getattr(item, 'image', None)
+    if image is not None:
+        return f'<image, {len(image)} bytes>'
     return '<tensor>'
 
 

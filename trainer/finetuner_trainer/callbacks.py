@@ -1,0 +1,601 @@
+"""The callbacks a run can name (``spec.callbacks``), on the hooks of the one training loop.
+
+Each callback's options are a pydantic model: an unknown option or a wrong type is refused before
+training with a message naming the callback and the option. Callbacks only read the state and flip
+:class:`~finetuner_trainer.hooks.Control` flags, or change the weights at the end of training
+(:class:`BestModelCheckpoint` restores the best epoch's weights, :class:`WiSEFTCallback` mixes in the
+pretrained ones) so that what is published is what they promise. Rank 0 alone logs to external
+trackers; every rank sees the same metrics (computed on rank 0 and broadcast by the loop), so
+decisions such as early stopping agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from finetuner.api.v1alpha1 import CallbackSpec
+from finetuner.catalog import CALLBACK_NAMES, EVALUATION_METRICS
+from finetuner_trainer.checkpointing import unwrap
+from finetuner_trainer.errors import ConfigError
+from finetuner_trainer.evaluation import DISTANCES, METRIC_ALIASES, EvalSet, Evaluator, build_eval_set
+from finetuner_trainer.hooks import Callback, Control, TrainState
+
+log = logging.getLogger('finetuner_trainer')
+
+LOSS_MONITORS = ('train_loss', 'val_loss')
+HIGHER_IS_BETTER = (*EVALUATION_METRICS, *METRIC_ALIASES)
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra='forbid')
+
+
+def monitored_value(state: TrainState, monitor: str) -> float | None:
+    """The current value of ``monitor``: train_loss, val_loss or an evaluation metric."""
+    if monitor == 'train_loss':
+        return state.train_loss
+    if monitor == 'val_loss':
+        return state.val_loss if state.val_loss is not None else state.metrics.get('val_loss')
+    value = state.metrics.get(monitor)
+    return None if value is None else float(value)
+
+
+def resolve_mode(monitor: str, mode: str) -> str:
+    if mode != 'auto':
+        return mode
+    return 'max' if monitor in HIGHER_IS_BETTER else 'min'
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None or math.isnan(best):
+        return True
+    return value < best - min_delta if mode == 'min' else value > best + min_delta
+
+
+def _cpu_state(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to('cpu', copy=True) for k, v in unwrap(model).state_dict().items()}
+
+
+class _MonitorMixin:
+    monitor: str
+    _warned: bool = False
+
+    def _value(self, state: TrainState) -> tuple[str, float | None]:
+        """The monitored value; val_loss falls back to train_loss without validation data (logged once)."""
+        value = monitored_value(state, self.monitor)
+        if value is None and self.monitor == 'val_loss' and state.train_loss is not None:
+            if not self._warned:
+                log.warning('%s: no val_loss (no evalData or valSplit); monitoring train_loss', type(self).__name__)
+                self._warned = True
+            return 'train_loss', state.train_loss
+        if value is None and not self._warned:
+            log.warning(
+                '%s: %r is not among the metrics of this run (%s); nothing to monitor',
+                type(self).__name__,
+                self.monitor,
+                ', '.join(['train_loss', *sorted(state.metrics)]),
+            )
+            self._warned = True
+        return self.monitor, value
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+class EvaluationOptions(_Options):
+    query_data: str | None = Field(
+        default=None, description='Dataset name or URI of the queries (default: the run evaluation data).'
+    )
+    index_data: str | None = Field(default=None, description='Dataset name or URI of the index (default: query_data).')
+    limit: int = Field(default=20, ge=1, le=10000, description='k: matches retrieved per query.')
+    distance: Literal['cosine', 'euclidean', 'sqeuclidean'] = 'cosine'
+    exclude_self: bool = Field(default=True, description='Ignore a query matching itself when index = queries.')
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    multi_modal: bool | None = Field(default=None, description='Text queries, image index (CLIP); default: the run.')
+    gather_examples: bool = Field(default=False, description='Keep the top matches of a few queries in metrics.json.')
+    num_example_queries: int = Field(default=5, ge=1, le=1000)
+
+
+class EvaluationCallback(Callback):
+    """Retrieval metrics (see :mod:`finetuner_trainer.evaluation`) before training, after every
+    epoch and after training. The loop calls :meth:`evaluate`; metrics land in the state, the
+    progress report (live, in the CR status) and ``metrics.json``."""
+
+    Options: ClassVar[type[_Options]] = EvaluationOptions
+
+    def __init__(self, **options: Any):
+        self.options = EvaluationOptions(**options)
+        self.evaluator: Evaluator | None = None
+
+    def setup(self, ctx: Any) -> Evaluator:
+        if self.evaluator is not None:
+            return self.evaluator
+        o = self.options
+        spec = ctx.spec
+        multi_modal = spec.multi_modal if o.multi_modal is None else o.multi_modal
+        if o.query_data is None:
+            if ctx.eval_records is None:
+                raise ConfigError(
+                    'callbacks.EvaluationCallback.query_data',
+                    'no query_data and the run has no evalData or valSplit; give query_data (a dataset name or URI)',
+                )
+            eval_set = eval_set_from_dataset(ctx.eval_records, multi_modal)
+        else:
+            queries = _load_records(ctx, o.query_data, 'query_data')
+            index = _load_records(ctx, o.index_data, 'index_data') if o.index_data else None
+            try:
+                eval_set = build_eval_set(
+                    [r for r, _ in queries],
+                    [r for r, _ in index] if index else None,
+                    multi_modal=multi_modal,
+                    text_modality=spec.text_modality,
+                    image_modality=spec.image_modality,
+                )
+            except ValueError as e:
+                raise ConfigError('callbacks.EvaluationCallback.query_data', str(e)) from e
+            eval_set = _records_to_items(eval_set, queries, index)
+        self.evaluator = Evaluator(
+            eval_set,
+            limit=o.limit,
+            distance=o.distance,
+            exclude_self=o.exclude_self,
+            batch_size=o.batch_size,
+            gather_examples=o.gather_examples,
+            num_example_queries=o.num_example_queries,
+        )
+        return self.evaluator
+
+    def evaluate(self, ctx: Any) -> dict[str, float]:
+        # The embedder splits a batch by content kind itself: CLIP embeds text queries with its text
+        # tower and image index items with its vision tower through the same call.
+        return self.setup(ctx).evaluate(ctx.model.embed)
+
+    @property
+    def examples(self) -> list[dict[str, Any]]:
+        return self.evaluator.examples if self.evaluator is not None else []
+
+
+def eval_set_from_dataset(dataset: Any, multi_modal: bool = False) -> EvalSet:
+    """An EvalSet from the trainer's own evaluation Dataset (labelled items, or pairs)."""
+    examples = dataset.examples
+    if all(len(e.items) == 1 for e in examples):
+        labels = [e.label for e in examples]
+        items = [e.items[0] for e in examples]
+        return EvalSet(items, items, labels, labels, same_items=True)
+    queries = [e.items[0] for e in examples]
+    docs = [e.items[1] for e in examples]
+    if multi_modal:
+        labels = list(range(len(examples)))
+        return EvalSet(queries, docs, labels, labels, same_items=False, query_is_text_of_pair=True)
+    first: dict[Any, int] = {}
+    doc_labels = [first.setdefault(d.text if d.text is not None else f'#{j}', j) for j, d in enumerate(docs)]
+    return EvalSet(queries, docs, doc_labels, doc_labels, same_items=False)
+
+
+def _load_records(ctx: Any, reference: str, field: str) -> list[tuple[Any, Any]]:
+    from finetuner_trainer.data import load_records
+
+    where = f'callbacks.EvaluationCallback.{field}'
+    try:
+        records, base = load_records(reference, ctx.config.data_uri, ctx.spec.csv_options, where)
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as e:
+        raise ConfigError(where, f'cannot read {reference!r}: {e}') from e
+    return [(record, base) for record in records]
+
+
+def _records_to_items(
+    eval_set: EvalSet, queries: list[tuple[Any, Any]], index: list[tuple[Any, Any]] | None
+) -> EvalSet:
+    from finetuner_trainer.data import to_item
+
+    base = queries[0][1] if queries else None
+    eval_set.queries = [
+        to_item(r, f'query {j}', 'callbacks.EvaluationCallback.query_data', base)
+        for j, r in enumerate(eval_set.queries)
+    ]
+    if eval_set.same_items:
+        eval_set.index = eval_set.queries
+    else:
+        index_base = index[0][1] if index else base
+        eval_set.index = [
+            to_item(r, f'index item {j}', 'callbacks.EvaluationCallback.index_data', index_base)
+            for j, r in enumerate(eval_set.index)
+        ]
+    return eval_set
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and stopping
+# ---------------------------------------------------------------------------------------------
+
+
+class BestModelOptions(_Options):
+    monitor: str = Field(default='val_loss', description='val_loss, train_loss or an evaluation metric.')
+    mode: Literal['auto', 'min', 'max'] = 'auto'
+
+
+class BestModelCheckpoint(_MonitorMixin, Callback):
+    """Keeps the weights of the best epoch by ``monitor`` and restores them when training ends, so
+    the published artifact (and its ONNX export) is the best model, not the last one."""
+
+    Options: ClassVar[type[_Options]] = BestModelOptions
+
+    def __init__(self, **options: Any):
+        self.options = BestModelOptions(**options)
+        self.monitor = self.options.monitor
+        self.mode = resolve_mode(self.monitor, self.options.mode)
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        name, value = self._value(state)
+        if value is None or math.isnan(value):
+            return
+        if improved(value, self.best_score, self.mode):
+            self.best_score, self.best_epoch = value, state.epoch
+            self.best_weights = _cpu_state(ctx.model)
+            control.should_save = True
+            log.info('BestModelCheckpoint: epoch %d is the best so far (%s %.4f)', state.epoch, name, value)
+
+    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if self.best_weights is None:
+            return
+        unwrap(ctx.model).load_state_dict(self.best_weights)
+        log.info(
+            'BestModelCheckpoint: publishing the model of epoch %d (%s %.4f)',
+            self.best_epoch,
+            self.monitor,
+            self.best_score,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'best_score': self.best_score, 'best_epoch': self.best_epoch, 'best_weights': self.best_weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_score = state.get('best_score')
+        self.best_epoch = state.get('best_epoch')
+        self.best_weights = state.get('best_weights')
+
+
+class TrainingCheckpointOptions(_Options):
+    last_k_epochs: int = Field(default=1, ge=1, le=1000, description='Epoch checkpoints kept in the store.')
+
+
+class TrainingCheckpoint(Callback):
+    """How many epoch checkpoints the store keeps (checkpoints are always taken: a retried pod resumes
+    from the latest). The loop's checkpointer reads ``last_k_epochs``."""
+
+    Options: ClassVar[type[_Options]] = TrainingCheckpointOptions
+
+    def __init__(self, **options: Any):
+        self.options = TrainingCheckpointOptions(**options)
+        self.last_k_epochs = self.options.last_k_epochs
+
+
+class EarlyStoppingOptions(_Options):
+    monitor: str = Field(default='val_loss', description='val_loss, train_loss or an evaluation metric.')
+    mode: Literal['auto', 'min', 'max'] = 'auto'
+    patience: int = Field(default=2, ge=0, le=10000, description='Epochs without improvement before stopping.')
+    min_delta: float = Field(default=0.0, ge=0, description='Smallest change that counts as an improvement.')
+    baseline: float | None = Field(default=None, description='A value the monitor must beat to count as improving.')
+
+
+class EarlyStopping(_MonitorMixin, Callback):
+    """Stops training when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    Options: ClassVar[type[_Options]] = EarlyStoppingOptions
+
+    def __init__(self, **options: Any):
+        self.options = EarlyStoppingOptions(**options)
+        self.monitor = self.options.monitor
+        self.mode = resolve_mode(self.monitor, self.options.mode)
+        self.best: float | None = self.options.baseline
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        name, value = self._value(state)
+        if value is None or math.isnan(value):
+            return
+        if improved(value, self.best, self.mode, self.options.min_delta):
+            self.best = value
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.wait > self.options.patience:
+            control.should_stop = True
+            self.stopped_epoch = state.epoch
+            log.info(
+                'EarlyStopping: %s has not improved on %.4f for %d epochs; stopping after epoch %d',
+                name,
+                self.best if self.best is not None else float('nan'),
+                self.wait,
+                state.epoch,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'best': self.best, 'wait': self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get('best', self.best)
+        self.wait = int(state.get('wait', 0))
+
+
+class WiSEFTOptions(_Options):
+    alpha: float = Field(default=0.4, ge=0, le=1, description='Weight of the fine-tuned model (0: pretrained).')
+
+
+class WiSEFTCallback(Callback):
+    """Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): at the end of training the weights
+    become ``(1 - alpha) * pretrained + alpha * fine-tuned``, which keeps much of the pretrained
+    model's robustness. Integer buffers (BatchNorm counters) keep their fine-tuned values."""
+
+    Options: ClassVar[type[_Options]] = WiSEFTOptions
+
+    def __init__(self, **options: Any):
+        self.options = WiSEFTOptions(**options)
+        self.alpha = self.options.alpha
+        self.pretrained: dict[str, torch.Tensor] | None = None
+
+    def on_train_begin(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if self.pretrained is None:  # a resumed run restored the original snapshot already
+            self.pretrained = _cpu_state(ctx.model)
+
+    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if self.pretrained is None:
+            return
+        model = unwrap(ctx.model)
+        merged = {}
+        for key, tuned in model.state_dict().items():
+            start = self.pretrained.get(key)
+            if start is None or not tuned.is_floating_point() or start.shape != tuned.shape:
+                merged[key] = tuned
+            else:
+                merged[key] = (1 - self.alpha) * start.to(tuned.device, tuned.dtype) + self.alpha * tuned
+        model.load_state_dict(merged)
+        log.info('WiSEFTCallback: weights = %.2f x pretrained + %.2f x fine-tuned', 1 - self.alpha, self.alpha)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'pretrained': self.pretrained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pretrained = state.get('pretrained')
+
+
+# ---------------------------------------------------------------------------------------------
+# Loggers (rank 0 only); their libraries are optional extras, imported when the callback is built
+# ---------------------------------------------------------------------------------------------
+
+
+def _require(module: str, callback: str, package: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(
+            f'callbacks.{callback}',
+            f'{callback} needs the {package} package, which is not installed in the trainer image; '
+            f'install it (pip install {package}, or the kube-finetuner[loggers] extra) or remove the callback',
+        ) from e
+
+
+class _Logger(Callback):
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def on_batch_end(self, ctx: Any, state: TrainState, control: Control, loss: float) -> None:
+        if state.is_world_process_zero:
+            self.log_metrics({'train/loss': loss}, state.step)
+
+    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if not state.is_world_process_zero:
+            return
+        values = {f'eval/{k}': float(v) for k, v in state.metrics.items() if isinstance(v, (int, float))}
+        if state.train_loss is not None:
+            values['epoch/train_loss'] = state.train_loss
+        values['epoch'] = float(state.epoch)
+        self.log_metrics(values, state.step)
+
+
+class TensorBoardOptions(_Options):
+    log_dir: str | None = Field(default=None, description='Local folder (default: a temporary one, uploaded).')
+
+
+class TensorBoardLogger(_Logger):
+    """TensorBoard event files; uploaded to ``logs/tensorboard/`` in the run's output after every epoch."""
+
+    Options: ClassVar[type[_Options]] = TensorBoardOptions
+    STORE_KEY = 'logs/tensorboard'
+
+    def __init__(self, **options: Any):
+        self.options = TensorBoardOptions(**options)
+        _require('tensorboard', 'TensorBoardLogger', 'tensorboard')
+        self.log_dir = Path(self.options.log_dir or tempfile.mkdtemp(prefix='finetuner-tb-'))
+        self.writer: Any = None
+
+    def _writer(self) -> Any:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self.writer
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        writer = self._writer()
+        for key, value in values.items():
+            writer.add_scalar(key, value, step)
+
+    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        super().on_epoch_end(ctx, state, control)
+        if state.is_world_process_zero:
+            self._writer().flush()
+            self._upload(ctx)
+
+    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self._upload(ctx)
+
+    def _upload(self, ctx: Any) -> None:
+        store = getattr(ctx, 'store', None)
+        if store is not None:
+            store.upload_dir(self.log_dir, self.STORE_KEY)
+
+
+class MLFlowOptions(_Options):
+    tracking_uri: str | None = Field(
+        default=None, description='MLflow server or folder (default: MLFLOW_TRACKING_URI).'
+    )
+    experiment_name: str | None = None
+    run_name: str | None = Field(default=None, description='Default: the FinetuneRun name.')
+
+
+class MLFlowLogger(_Logger):
+    Options: ClassVar[type[_Options]] = MLFlowOptions
+
+    def __init__(self, **options: Any):
+        self.options = MLFlowOptions(**options)
+        self.mlflow = _require('mlflow', 'MLFlowLogger', 'mlflow')
+        self.active = False
+
+    def on_train_begin(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if not state.is_world_process_zero:
+            return
+        if self.options.tracking_uri:
+            self.mlflow.set_tracking_uri(self.options.tracking_uri)
+        if self.options.experiment_name:
+            self.mlflow.set_experiment(self.options.experiment_name)
+        self.mlflow.start_run(run_name=self.options.run_name or ctx.config.run_name)
+        self.mlflow.log_params({k: str(v) for k, v in ctx.spec.to_k8s().items() if not isinstance(v, (dict, list))})
+        self.active = True
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        if self.active:
+            self.mlflow.log_metrics({k.replace('/', '.'): v for k, v in values.items()}, step=step)
+
+    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if self.active:
+            self.mlflow.end_run()
+            self.active = False
+
+
+class WandBOptions(_Options):
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = Field(default=None, description='Default: the FinetuneRun name.')
+    mode: Literal['online', 'offline', 'disabled'] = 'online'
+    dir: str | None = None
+
+
+class WandBLogger(_Logger):
+    Options: ClassVar[type[_Options]] = WandBOptions
+
+    def __init__(self, **options: Any):
+        self.options = WandBOptions(**options)
+        self.wandb = _require('wandb', 'WandBLogger', 'wandb')
+        self.run: Any = None
+
+    def on_train_begin(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if not state.is_world_process_zero:
+            return
+        o = self.options
+        self.run = self.wandb.init(
+            project=o.project,
+            entity=o.entity,
+            name=o.name or ctx.config.run_name,
+            mode=o.mode,
+            dir=o.dir,
+            config=ctx.spec.to_k8s(),
+        )
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+# ---------------------------------------------------------------------------------------------
+# By name
+# ---------------------------------------------------------------------------------------------
+
+CALLBACKS: dict[str, type[Callback]] = {
+    'EvaluationCallback': EvaluationCallback,
+    'BestModelCheckpoint': BestModelCheckpoint,
+    'TrainingCheckpoint': TrainingCheckpoint,
+    'EarlyStopping': EarlyStopping,
+    'WiSEFTCallback': WiSEFTCallback,
+    'TensorBoardLogger': TensorBoardLogger,
+    'MLFlowLogger': MLFlowLogger,
+    'WandBLogger': WandBLogger,
+}
+assert tuple(CALLBACKS) == CALLBACK_NAMES, 'the callback registry must hold exactly catalog.CALLBACK_NAMES'
+
+
+def build_callbacks(specs: list[CallbackSpec]) -> list[Callback]:
+    """The callbacks of a run spec, options checked; ConfigError naming the callback and option."""
+    callbacks: list[Callback] = []
+    for position, spec in enumerate(specs):
+        cls = CALLBACKS.get(spec.name)
+        if cls is None:
+            raise ConfigError(
+                f'callbacks[{position}].name',
+                f'unknown callback {spec.name!r}; choose one of {", ".join(CALLBACK_NAMES)}',
+            )
+        options_model: type[_Options] = cls.Options  # type: ignore[attr-defined]
+        try:
+            options_model(**spec.options)
+        except ValidationError as e:
+            error = e.errors()[0]
+            option = '.'.join(str(p) for p in error['loc'])
+            known = ', '.join(options_model.model_fields)
+            if error['type'] == 'extra_forbidden':
+                problem = f'{spec.name} has no option {option!r}; its options are {known}'
+            else:
+                problem = f'{spec.name} option {option!r}: {error["msg"]}'
+            raise ConfigError(f'callbacks[{position}].options.{option}', problem) from e
+        callbacks.append(cls(**spec.options))
+    return callbacks
+
+
+def evaluation_callbacks(callbacks: list[Callback]) -> list[EvaluationCallback]:
+    return [cb for cb in callbacks if isinstance(cb, EvaluationCallback)]
+
+
+def checkpoint_retention(callbacks: list[Callback]) -> int:
+    """Epoch checkpoints to keep: TrainingCheckpoint's last_k_epochs, else 1."""
+    kept = [cb.last_k_epochs for cb in callbacks if isinstance(cb, TrainingCheckpoint)]
+    return max(kept) if kept else 1
+
+
+__all__ = [
+    'CALLBACKS',
+    'DISTANCES',
+    'BestModelCheckpoint',
+    'EarlyStopping',
+    'EvaluationCallback',
+    'MLFlowLogger',
+    'TensorBoardLogger',
+    'TrainingCheckpoint',
+    'WandBLogger',
+    'WiSEFTCallback',
+    'build_callbacks',
+    'checkpoint_retention',
+    'evaluation_callbacks',
+]
