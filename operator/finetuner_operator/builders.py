@@ -17,7 +17,8 @@ MANAGED_BY = 'finetuner-operator'
 RUN_LABEL = 'finetuner.dev/run'
 EXPERIMENT_LABEL = 'finetuner.dev/experiment'
 SWEEP_POINT_ANNOTATION = 'finetuner.dev/sweep-point'
-CANCEL_ANNOTATION = 'finetuner.dev/cancel'
+# Not under 'finetuner.dev/': Kopf hides annotations with its storage prefix from its diffs.
+CANCEL_ANNOTATION = 'run.finetuner.dev/cancel'
 QUEUE_LABEL = 'kueue.x-k8s.io/queue-name'
 COMPLETION_INDEX_ANNOTATION = 'batch.kubernetes.io/job-completion-index'
 

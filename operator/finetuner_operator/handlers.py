@@ -14,7 +14,7 @@ import kopf
 
 from finetuner.api.v1alpha1 import GROUP, VERSION, Phase
 from finetuner_operator import metrics
-from finetuner_operator.builders import MANAGED_BY, RUN_LABEL
+from finetuner_operator.builders import CANCEL_ANNOTATION, MANAGED_BY, RUN_LABEL
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.kube import Kube
 from finetuner_operator.reconcile import Reconciler
@@ -83,7 +83,7 @@ def probe_runs(**_: Any) -> int:
 @kopf.on.resume(GROUP, VERSION, RUNS)
 @kopf.on.create(GROUP, VERSION, RUNS)
 @kopf.on.update(GROUP, VERSION, RUNS, field='spec')
-@kopf.on.update(GROUP, VERSION, RUNS, field=('metadata', 'annotations', 'finetuner.dev/cancel'))
+@kopf.on.update(GROUP, VERSION, RUNS, field=('metadata', 'annotations', CANCEL_ANNOTATION))
 def reconcile_run(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with metrics.timed('run'):
         memo.reconciler.reconcile_run(_plain(body))

@@ -142,7 +142,7 @@ def test_suspend_toggles_the_job_and_cancel_deletes_it(fake: FakeKube, reconcile
     fake.objects[('FinetuneRun', 'r')]['spec']['suspend'] = True
     reconciler.reconcile_run(fake.get_run('default', 'r'))
     assert fake.get_job('default', 'r-trainer')['spec']['suspend'] is True
-    fake.objects[('FinetuneRun', 'r')]['metadata']['annotations'] = {'finetuner.dev/cancel': 'true'}
+    fake.objects[('FinetuneRun', 'r')]['metadata']['annotations'] = {'run.finetuner.dev/cancel': 'true'}
     reconciler.reconcile_run(fake.get_run('default', 'r'))
     assert fake.get_job('default', 'r-trainer') is None
     status = fake.get_run('default', 'r')['status']

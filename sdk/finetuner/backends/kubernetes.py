@@ -41,7 +41,7 @@ RUNS = 'finetuneruns'
 EXPERIMENTS = 'experiments'
 RUN_LABEL = 'finetuner.dev/run'
 EXPERIMENT_LABEL = 'finetuner.dev/experiment'
-CANCEL_ANNOTATION = 'finetuner.dev/cancel'
+CANCEL_ANNOTATION = 'run.finetuner.dev/cancel'
 DEFAULT_DATA = 's3://finetuner'
 TRAINER_CONTAINER = 'trainer'
 

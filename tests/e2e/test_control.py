@@ -1,0 +1,86 @@
+"""Experiments, sweeps, suspend, cancel and invalid specs through the API (no training needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes import client
+
+import finetuner
+from finetuner.api.v1alpha1 import ExperimentSpec, FinetuneRunSpec, Sweep
+from tests.cluster.fixtures import Cluster
+from tests.cluster.harness import wait_for
+from tests.e2e.targets import Target
+
+G, V, NS = 'finetuner.dev', 'v1alpha1', 'default'
+
+
+def _target(cluster: Cluster) -> Target:
+    return Target('simulated', cluster.api, NS, cluster.bucket, timeout=60.0)
+
+
+def _objects(cluster: Cluster, key: str) -> list[str]:
+    return sorted(o['metadata']['name'] for o in cluster.server.objects(key))
+
+
+def test_sweep_runs_join_the_experiment_and_go_with_it(cluster: Cluster) -> None:
+    cluster.node.pause(True)
+    backend = _target(cluster).login()
+    template = {'model': 'timm:test_resnet', 'trainData': 's3://b/d.jsonl', 'device': 'cpu'}
+    spec = ExperimentSpec(run_template=template, sweep=Sweep(parameters={'epochs': [1, 2, 3]}, parallelism=2))
+    backend.create_experiment('sweep', spec)
+
+    def counted() -> Any:
+        status = backend.get_experiment('sweep').status
+        return status.runs.total == 2 and status.runs.created == 2 and status
+
+    status = wait_for(counted, what='two sweep runs counted')
+    assert status.sweep_created == 2
+    runs = backend.list_runs(experiment='sweep')
+    assert [r.name for r in runs] == ['sweep-000', 'sweep-001']
+    assert [r.spec.epochs for r in runs] == [1, 2]
+    wait_for(lambda: _objects(cluster, 'batch/v1/jobs') == ['sweep-000-trainer', 'sweep-001-trainer'], what='jobs')
+
+    finetuner.delete_experiment('sweep')
+
+    wait_for(lambda: not _objects(cluster, f'{G}/{V}/finetuneruns'), what='runs deleted with their experiment')
+    wait_for(lambda: not _objects(cluster, 'batch/v1/jobs'), what='jobs garbage-collected')
+    assert _objects(cluster, 'v1/configmaps') == []
+
+
+def test_suspend_and_resume_then_cancel(cluster: Cluster) -> None:
+    cluster.node.pause(True)
+    backend = _target(cluster).login()
+    spec = FinetuneRunSpec(model='timm:test_resnet', train_data='s3://b/d.jsonl', suspend=True)
+    backend.create_run('held', spec)
+    target = _target(cluster)
+    status = wait_for(lambda: (s := backend.get_run('held').status).reason == 'Suspended' and s, what='suspended')
+    assert status.phase == 'CREATED' and 'spec.suspend' in (status.details or '')
+    batch = client.BatchV1Api(cluster.api)
+    assert batch.read_namespaced_job('held-trainer', NS).spec.suspend is True
+
+    client.CustomObjectsApi(cluster.api).patch_namespaced_custom_object(
+        G, V, NS, 'finetuneruns', 'held', {'spec': {'suspend': False}}
+    )
+    wait_for(lambda: batch.read_namespaced_job('held-trainer', NS).spec.suspend is False, what='job resumed')
+
+    finetuner.get_run('held').cancel()
+    final = target.wait_phase('held', ('FAILED',))
+    assert (final['reason'], final['details']) == ('Cancelled', 'cancelled')
+    wait_for(lambda: not target.jobs('held'), what='job of the cancelled run deleted')
+
+
+def test_invalid_spec_fails_with_the_field_named_and_no_job(cluster: Cluster) -> None:
+    body = {
+        'apiVersion': f'{G}/{V}',
+        'kind': 'FinetuneRun',
+        'metadata': {'name': 'broken'},
+        'spec': {'model': 'm', 'trainData': 'd', 'optimizer': 'adamw', 'epochs': 0},
+    }
+    client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(G, V, NS, 'finetuneruns', body)
+    target = _target(cluster)
+    status = target.wait_phase('broken', ('FAILED',))
+    assert status['reason'] == 'InvalidSpec'
+    assert 'spec.epochs' in status['details'] and "spec.optimizer: unknown optimizer 'adamw'" in status['details']
+    assert target.jobs('broken') == []
+    assert [e.reason for e in target.events('broken')].count('InvalidSpec') == 1
