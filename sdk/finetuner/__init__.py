@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from finetuner import callbacks
-from finetuner.api.layout import Record
+from finetuner.api.layout import Record, dataset_key
 from finetuner.api.v1alpha1 import (
     CallbackSpec,
     CSVOptions,
@@ -343,18 +343,22 @@ def fit(
     uploads: list[tuple[str, DataRef]] = []
 
     def check(data: Any, argument: str, upload_name: str) -> str:
+        """The data's URI. Datasets are referenced by full URI, never by name, so the trainer reads
+        exactly what the SDK wrote even where the operator's data prefix differs from this login's."""
         ref = resolve(data, argument, csv_options=spec.csv_options, modalities=modalities)
         if ref.needs_upload:
             uploads.append((upload_name, ref))
-            return upload_name
+            return f'{store.uri}/{dataset_key(upload_name)}'
         assert ref.reference is not None
-        if not ref.reference.startswith(('s3://', 'file://')) and not dataset_exists(store, ref.reference):
+        if ref.reference.startswith(('s3://', 'file://')):
+            return ref.reference
+        if not dataset_exists(store, ref.reference):
             raise ArgumentError(
                 argument,
                 f'no dataset named {ref.reference!r} in {store.uri}; push it first with '
                 f'finetuner.push_data({ref.reference!r}, docs) or give documents, a file or a URI',
             )
-        return ref.reference
+        return f'{store.uri}/{dataset_key(ref.reference)}'
 
     updates: dict[str, Any] = {'train_data': check(train_data, 'train_data', f'{name}-train')}
     if eval_data is not None:

@@ -159,7 +159,7 @@ def run_demo(
         console.print(f'Logs: finetuner logs {run.name}')
         return DemoResult(run.name, final, {}, {}, None, time.monotonic() - started)
     metrics = run.metrics()
-    run.display_metrics()
+    run.display_metrics(console)
     path = run.save_model(output)
     elapsed = time.monotonic() - started
     console.print(f'Fine-tuned model saved to [bold]{Path(path).resolve()}[/] ({elapsed:.0f} s in all)')

@@ -131,11 +131,11 @@ class Run:
             return RunMetrics()
         return RunMetrics.model_validate({k: v for k, v in raw.items() if k in ('before', 'after')})
 
-    def display_metrics(self) -> None:
-        """Print the metrics before and after fine-tuning as a table."""
+    def display_metrics(self, console: Any = None) -> None:
+        """Print the metrics before and after fine-tuning as a table (on ``console``, a rich Console)."""
         from rich.console import Console
 
-        Console().print(metrics_table(self.name, self.metrics()))
+        (console or Console()).print(metrics_table(self.name, self.metrics()))
 
     def save_model(self, path: str | Path) -> str:
         """Download the fine-tuned model into the folder ``path``; return that path."""

@@ -34,7 +34,10 @@ def main() -> int:
             time.sleep(0.05)
     out.write_json(layout.PROGRESS, {'epoch': 1, 'epochs': 1, 'step': 1, 'totalSteps': 2, 'percent': 50.0})
     if behaviour == 'ok':
-        data = open_store(config.data_uri or '').read_bytes(layout.dataset_key(config.spec.train_data))
+        location, key = layout.resolve_data(config.spec.train_data, config.data_uri)
+        if key is None:  # a URI of the file itself
+            location, key = location.rsplit('/', 1)
+        data = open_store(location).read_bytes(key)
         print(f'read {len(data.splitlines())} records', flush=True)
         out.write_json(layout.METRICS, {'before': {'mrr': 0.25}, 'after': {'mrr': 0.75}, 'epochs': []})
         out.write_json(f'{layout.ARTIFACT}/weights.json', {'dim': 3})

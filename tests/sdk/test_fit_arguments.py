@@ -136,11 +136,12 @@ def test_seed_advanced_arguments_map_onto_the_spec(scripted: LocalBackend) -> No
         to_onnx=False,
     )
     spec = run.config
+    data = scripted.home.as_uri()
     assert spec == FinetuneRunSpec.model_validate(
         {
             'model': 'scripted:ok',
-            'trainData': 'finetune-flickr-dataset-efficientnet-1-train',
-            'evalData': 'finetune-flickr-dataset-efficientnet-1-eval',
+            'trainData': f'{data}/datasets/finetune-flickr-dataset-efficientnet-1-train/data.jsonl',
+            'evalData': f'{data}/datasets/finetune-flickr-dataset-efficientnet-1-eval/data.jsonl',
             'description': 'this is a trial run on flickr8k dataset with efficientnet b0.',
             'experiment': 'finetune-flickr-dataset',
             'miner': 'TripletMarginMiner',
@@ -155,16 +156,17 @@ def test_seed_advanced_arguments_map_onto_the_spec(scripted: LocalBackend) -> No
     run.cancel()
 
 
-def test_local_data_is_uploaded_and_only_its_name_is_in_the_spec(scripted: LocalBackend) -> None:
+def test_local_data_is_uploaded_and_only_its_uri_is_in_the_spec(scripted: LocalBackend) -> None:
     run = finetuner.fit(
         model='scripted:ok',
         train_data=DOCS,
         run_name='uploads',
         callbacks=[EvaluationCallback(query_data=['red'], index_data=DOCS), BestModelCheckpoint()],
     )
-    assert run.config.train_data == 'uploads-train'
-    assert run.config.callbacks[0].options['query_data'] == 'uploads-0-query'
-    assert run.config.callbacks[0].options['index_data'] == 'uploads-0-index'
+    data = scripted.home.as_uri()
+    assert run.config.train_data == f'{data}/datasets/uploads-train/data.jsonl'
+    assert run.config.callbacks[0].options['query_data'] == f'{data}/datasets/uploads-0-query/data.jsonl'
+    assert run.config.callbacks[0].options['index_data'] == f'{data}/datasets/uploads-0-index/data.jsonl'
     assert run.config.callbacks[1].model_dump() == {
         'name': 'BestModelCheckpoint',
         'options': {'monitor': 'val_loss', 'mode': 'auto'},
@@ -183,6 +185,14 @@ def test_uri_data_is_referenced_not_copied(scripted: LocalBackend, tmp_path: Pat
     assert run.config.train_data == uri
     assert not (scripted.home / 'datasets').exists()
     run.wait(timeout=60, poll=0.1)
+
+
+def test_pushed_dataset_names_become_uris(scripted: LocalBackend) -> None:
+    finetuner.push_data('shared-set', DOCS)
+    run = finetuner.fit(model='scripted:ok', train_data='shared-set', run_name='by-name')
+    assert run.config.train_data == f'{scripted.home.as_uri()}/datasets/shared-set/data.jsonl'
+    assert run.wait(timeout=60, poll=0.1)['status'] == 'FINISHED'
+    assert 'read 2 records' in run.logs()
 
 
 def test_generated_run_names_are_memorable_and_unique(scripted: LocalBackend) -> None:

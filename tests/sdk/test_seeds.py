@@ -173,4 +173,8 @@ def test_seed_clip_snippet_runs_reconnects_and_saves(
     assert (tmp_path / 'clip-model' / 'manifest.json').is_file()
     callbacks = finetuner.get_run('clip-fashion-1').config.callbacks
     assert [c.name for c in callbacks] == ['BestModelCheckpoint', 'EvaluationCallback']
-    assert callbacks[1].options['query_data'] == 'clip-fashion-eval-data'
+    data = local.home.as_uri()
+    assert callbacks[1].options['query_data'] == f'{data}/datasets/clip-fashion-eval-data/data.jsonl'
+    assert (
+        finetuner.get_run('clip-fashion-1').config.train_data == f'{data}/datasets/clip-fashion-train-data/data.jsonl'
+    )
