@@ -23,8 +23,9 @@ class _Callback(BaseModel):
     data_fields: ClassVar[tuple[str, ...]] = ()
 
     def to_spec(self, **replaced: Any) -> CallbackSpec:
-        """The contract's form; ``replaced`` overrides options (e.g. data uploaded by fit)."""
-        options = self.model_dump(exclude_none=True)
+        """The contract's form: the options the user set (the trainer applies the same defaults);
+        ``replaced`` overrides options (e.g. data uploaded by fit)."""
+        options = self.model_dump(exclude_unset=True)
         options.update(replaced)
         return CallbackSpec(name=type(self).__name__, options=options)
 
@@ -34,13 +35,17 @@ class EvaluationCallback(_Callback):
 
     data_fields: ClassVar[tuple[str, ...]] = ('query_data', 'index_data')
 
-    query_data: Any = Field(description='Queries: a dataset name, an s3:// URI or documents.')
+    query_data: Any = Field(
+        default=None, description='Queries: documents, a dataset name or a URI (default: the run evaluation data).'
+    )
     index_data: Any | None = Field(default=None, description='Index to search (default: the queries).')
-    batch_size: int = Field(default=8, ge=1)
-    exclude_self: bool = True
-    limit: int = Field(default=20, ge=1, description='Depth of the ranking (the k of the @k metrics).')
+    limit: int = Field(default=20, ge=1, le=10000, description='Depth of the ranking (the k of the @k metrics).')
     distance: Literal['cosine', 'euclidean', 'sqeuclidean'] = 'cosine'
-    num_workers: int = Field(default=0, ge=0)
+    exclude_self: bool = Field(default=True, description='Ignore a query matching itself when index = queries.')
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    multi_modal: bool | None = Field(default=None, description='Text queries, image index (CLIP); default: the run.')
+    gather_examples: bool = Field(default=False, description='Keep the top matches of a few queries in metrics.json.')
+    num_example_queries: int = Field(default=5, ge=1, le=1000)
 
 
 class BestModelCheckpoint(_Callback):
@@ -53,7 +58,7 @@ class BestModelCheckpoint(_Callback):
 class TrainingCheckpoint(_Callback):
     """Keep the last ``last_k_epochs`` full checkpoints (a retried run resumes from the newest)."""
 
-    last_k_epochs: int = Field(default=1, ge=1)
+    last_k_epochs: int = Field(default=1, ge=1, le=1000)
 
 
 class EarlyStopping(_Callback):
@@ -61,7 +66,7 @@ class EarlyStopping(_Callback):
 
     monitor: str = 'val_loss'
     mode: Mode = 'auto'
-    patience: int = Field(default=2, ge=1)
+    patience: int = Field(default=2, ge=0)
     min_delta: float = Field(default=0.0, ge=0)
     baseline: float | None = None
 
@@ -89,12 +94,17 @@ class MLFlowLogger(_Callback):
 
     tracking_uri: str | None = None
     experiment_name: str | None = None
+    run_name: str | None = Field(default=None, description='Default: the run name.')
 
 
 class WandBLogger(_Callback):
-    """Log losses and metrics to Weights & Biases (``wandb_args`` go to ``wandb.init``)."""
+    """Log losses and metrics to Weights & Biases (the options go to ``wandb.init``)."""
 
-    wandb_args: dict[str, Any] = Field(default_factory=dict)
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = Field(default=None, description='Default: the run name.')
+    mode: Literal['online', 'offline', 'disabled'] = 'online'
+    dir: str | None = None
 
 
 CALLBACK_CLASSES: dict[str, type[_Callback]] = {

@@ -153,7 +153,7 @@ def encode(model: Any, data: Any, batch_size: int | None = None) -> Any:
     ``data``: strings, Records, or documents (docarray ``DocList`` included). Documents get their
     ``embedding`` set and are returned; otherwise a ``numpy`` array (one row per item) is returned.
     """
-    if not (hasattr(model, 'embed') or hasattr(model, 'encode')):
+    if isinstance(model, (str, bytes, Path)) or not (hasattr(model, 'embed') or hasattr(model, 'encode')):
         raise ArgumentError('model', f'a {type(model).__name__} cannot encode; load one with finetuner.get_model()')
     items = list(data) if is_collection(data) else [data]
     records = to_records(items, 'data', Modalities())

@@ -167,10 +167,7 @@ def test_local_data_is_uploaded_and_only_its_uri_is_in_the_spec(scripted: LocalB
     assert run.config.train_data == f'{data}/datasets/uploads-train/data.jsonl'
     assert run.config.callbacks[0].options['query_data'] == f'{data}/datasets/uploads-0-query/data.jsonl'
     assert run.config.callbacks[0].options['index_data'] == f'{data}/datasets/uploads-0-index/data.jsonl'
-    assert run.config.callbacks[1].model_dump() == {
-        'name': 'BestModelCheckpoint',
-        'options': {'monitor': 'val_loss', 'mode': 'auto'},
-    }
+    assert run.config.callbacks[1].model_dump() == {'name': 'BestModelCheckpoint', 'options': {}}
     assert [r.text for r in finetuner.pull_data('uploads-0-index')] == DOCS
     assert (scripted.home / 'datasets' / 'uploads-train' / 'data.jsonl').read_text().splitlines() == [
         '{"text": "red cat"}',

@@ -46,14 +46,26 @@ def test_callbacks_cover_the_catalog_and_serialise_to_specs() -> None:
     assert set(callbacks.CALLBACK_CLASSES) == set(CALLBACK_NAMES)
     spec = callbacks.EarlyStopping(monitor='mrr', mode='max', patience=3).to_spec()
     assert spec.name == 'EarlyStopping'
-    assert spec.options == {'monitor': 'mrr', 'mode': 'max', 'patience': 3, 'min_delta': 0.0}
-    assert callbacks.WiSEFTCallback().to_spec().options == {'alpha': 0.4}
+    assert spec.options == {'monitor': 'mrr', 'mode': 'max', 'patience': 3}  # what was set; defaults stay out
+    assert callbacks.WiSEFTCallback().to_spec().options == {}
     with pytest.raises(ValueError, match='alpha=0 keeps only the pretrained weights'):
         callbacks.WiSEFTCallback(alpha=0)
     with pytest.raises(ValueError, match='patience'):
-        callbacks.EarlyStopping(patience=0)
+        callbacks.EarlyStopping(patience=-1)
     with pytest.raises(ValueError, match='Extra inputs are not permitted'):
         callbacks.BestModelCheckpoint(monitr='loss')
+
+
+def test_every_sdk_callback_is_accepted_by_the_trainer_with_the_same_defaults() -> None:
+    trainer_callbacks = pytest.importorskip('finetuner_trainer.callbacks')
+    for name, sdk_class in callbacks.CALLBACK_CLASSES.items():
+        options_model = trainer_callbacks.CALLBACKS[name].Options
+        assert set(sdk_class.model_fields) == set(options_model.model_fields), name
+        sdk_defaults = sdk_class.model_validate({}) if name != 'EvaluationCallback' else sdk_class()
+        for field, info in options_model.model_fields.items():
+            if not info.is_required():
+                assert getattr(sdk_defaults, field) == info.get_default(call_default_factory=True), (name, field)
+        options_model(**sdk_class().to_spec().options)
 
 
 def test_describe_models_prints_the_seed_columns(capsys: pytest.CaptureFixture[str]) -> None:
