@@ -7,6 +7,7 @@ to read it. The real target takes its settings from the environment (see docs/OP
 - ``KUBECONFIG`` (or ~/.kube/config): a cluster with the Helm chart installed;
 - ``FINETUNER_E2E_NAMESPACE`` (default ``finetuner-e2e``): where runs are created;
 - ``FINETUNER_E2E_BUCKET``: the chart's bucket (operator setting FINETUNER_DATA = s3://<bucket>);
+- ``FINETUNER_E2E_GPUS`` (default 0): GPUs per run; 0 trains on the CPU (kind);
 - ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``FINETUNER_S3_ENDPOINT``: the store, as the test
   machine reaches it.
 """
@@ -31,6 +32,7 @@ class Target:
     namespace: str
     bucket: str
     timeout: float
+    gpus: int = 1  # the simulated node has two; FINETUNER_E2E_GPUS on a real cluster (default 0: CPU)
     restart_operator: Callable[[], None] | None = None
     pause_node: Callable[[bool], None] | None = None
 
@@ -91,7 +93,8 @@ def real_target() -> Target:
     if not bucket:
         pytest.skip('-m cluster needs FINETUNER_E2E_BUCKET (the bucket the chart was installed with)')
     namespace = os.environ.get('FINETUNER_E2E_NAMESPACE', 'finetuner-e2e')
-    return Target('real', kubernetes.client.ApiClient(configuration), namespace, bucket, timeout=900.0)
+    gpus = int(os.environ.get('FINETUNER_E2E_GPUS', '0'))
+    return Target('real', kubernetes.client.ApiClient(configuration), namespace, bucket, timeout=900.0, gpus=gpus)
 
 
 def unique(prefix: str) -> str:

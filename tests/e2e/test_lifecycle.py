@@ -29,7 +29,7 @@ def images(tmp_path: Path) -> Path:
 def test_fit_finishes_and_the_model_downloads(target: Target, tmp_path: Path) -> None:
     target.login()
     name = unique('e2e-fit')
-    run = finetuner.fit(train_data=str(images(tmp_path)), run_name=name, **FIT)
+    run = finetuner.fit(train_data=str(images(tmp_path)), run_name=name, gpus=target.gpus, **FIT)
     assert run.name == name
     assert run.status()['status'] in ('CREATED', 'STARTED', 'FINISHED')
 
@@ -63,7 +63,7 @@ def test_bad_data_fails_once_with_the_trainers_reason(target: Target, tmp_path: 
     name = unique('e2e-bad')
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"text": "only one item and no label"}\n')
-    run = finetuner.fit(train_data=str(bad), run_name=name, **FIT)
+    run = finetuner.fit(train_data=str(bad), run_name=name, gpus=target.gpus, **FIT)
 
     final = run.wait(timeout=target.timeout, poll=0.2)
 
