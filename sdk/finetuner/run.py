@@ -17,6 +17,8 @@ from finetuner.backends.base import Backend, RunRecord
 from finetuner.errors import BackendError, RunFailedError, RunNotFinishedError
 from finetuner.storage import StorageError
 
+CREATED_DETAILS = 'Run submitted and awaits execution'
+
 
 class Run:
     """A FinetuneRun: CREATED → STARTED → FINISHED or FAILED."""
@@ -59,7 +61,10 @@ class Run:
     def status(self) -> dict[str, str]:
         """``{'status': 'CREATED', 'details': 'Run submitted and awaits execution'}`` and so on."""
         status = self.full_status()
-        return {'status': str(status.phase or Phase.CREATED.value), 'details': status.details or ''}
+        phase = str(status.phase or Phase.CREATED.value)
+        # A run nobody has acted on yet (no operator pass, empty status) reads like the seed's fresh run.
+        details = status.details or (CREATED_DETAILS if phase == Phase.CREATED.value else '')
+        return {'status': phase, 'details': details}
 
     @property
     def phase(self) -> str:

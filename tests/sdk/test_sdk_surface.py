@@ -148,3 +148,16 @@ def test_default_backend_follows_the_environment(monkeypatch: pytest.MonkeyPatch
 def test_local_data_can_go_to_a_bucket_prefix() -> None:
     backend = finetuner.backends.make_backend('local', bucket='team-data', prefix='/finetuner/')
     assert backend.data_store().uri == 's3://team-data/finetuner'
+
+
+def test_a_run_without_status_yet_reads_as_a_fresh_run() -> None:
+    from unittest.mock import Mock
+
+    from finetuner.api.v1alpha1 import FinetuneRunSpec
+    from finetuner.backends.base import RunRecord
+
+    record = RunRecord(name='r', namespace='ns', spec=FinetuneRunSpec(model='m', train_data='d'))
+    backend = Mock(get_run=Mock(return_value=record))
+    run = finetuner.Run(record, backend)
+    assert run.status() == {'status': 'CREATED', 'details': 'Run submitted and awaits execution'}
+    assert repr(run) == "Run(name='r', experiment='default', status=None)"
