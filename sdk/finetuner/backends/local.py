@@ -289,15 +289,16 @@ class LocalBackend(Backend):
         write_json_atomic(run_dir / COMMAND_FILE, self.command)
         write_state(run_dir, RunState())
         try:
-            child = subprocess.Popen(
-                [sys.executable, '-m', 'finetuner.backends._supervisor', str(run_dir)],
-                start_new_session=True,  # its own process group: outlives us, and cancel() kills the group
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=open(run_dir / 'supervisor.log', 'wb'),
-                cwd=run_dir,
-                close_fds=True,
-            )
+            with (run_dir / 'supervisor.log').open('wb') as supervisor_log:
+                child = subprocess.Popen(
+                    [sys.executable, '-m', 'finetuner.backends._supervisor', str(run_dir)],
+                    start_new_session=True,  # its own process group: outlives us, and cancel() kills the group
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=supervisor_log,
+                    cwd=run_dir,
+                    close_fds=True,
+                )
         except OSError as e:
             write_state(
                 run_dir, RunState(phase=Phase.FAILED, details=f'could not start the trainer: {e}', reason='StartFailed')
