@@ -596,6 +596,49 @@ __all__ = [
     'WandBLogger',
     'WiSEFTCallback',
     'build_callbacks',
+    'changes_weights_at_end',
     'checkpoint_retention',
     'evaluation_callbacks',
+    'retrieval_evaluation',
 ]
+
+
+def retrieval_evaluation(ctx: Any) -> dict[str, float]:
+    """Retrieval metrics of the current weights for the loop: every EvaluationCallback's, or, when
+    the run names none, the evaluation data's (evalData or valSplit) with the default options.
+
+    Rank 0 evaluates and broadcasts, so every rank sees the same metrics (and takes the same
+    early-stopping decision). An explicit EvaluationCallback whose data cannot be scored is a
+    configuration error; the implicit evaluation is skipped with a warning instead."""
+    from finetuner_trainer.distributed import broadcast
+    from finetuner_trainer.evaluation import EvaluationError
+
+    explicit = evaluation_callbacks(ctx.callbacks)
+    evaluators = explicit
+    if not explicit:
+        if ctx.eval_records is None or ctx.extras.get('implicit_evaluation_failed'):
+            return {}
+        implicit = ctx.extras.get('implicit_evaluation')
+        if implicit is None:
+            implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)))
+            ctx.extras['implicit_evaluation'] = implicit
+        evaluators = [implicit]
+    metrics: dict[str, float] = {}
+    if ctx.is_main:
+        for callback in evaluators:
+            try:
+                metrics.update(callback.evaluate(ctx))
+            except EvaluationError as e:
+                if explicit:
+                    raise ConfigError('callbacks.EvaluationCallback', str(e)) from e
+                ctx.logger.warning('retrieval evaluation skipped: %s', e)
+                ctx.extras['implicit_evaluation_failed'] = True
+            if callback.examples:
+                ctx.extras['examples'] = callback.examples
+    return broadcast(metrics)
+
+
+def changes_weights_at_end(callbacks: list[Callback]) -> bool:
+    """Whether a callback replaces the trained weights in on_train_end (then the final metrics are
+    measured again on what is published)."""
+    return any(isinstance(cb, (BestModelCheckpoint, WiSEFTCallback)) for cb in callbacks)

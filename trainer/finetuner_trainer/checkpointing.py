@@ -253,3 +253,81 @@ class Checkpointer:
 def _order(name: str) -> tuple[int, int]:
     kind, _, number = name.partition('-')
     return (0 if kind == 'epoch' else 1, int(number))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop's use of checkpoints (ctx is loop.TrainContext)
+# ---------------------------------------------------------------------------------------------
+
+
+def loop_components(ctx: Any) -> dict[str, Stateful | None]:
+    """What a checkpoint of the loop holds: model, optimizers, scheduler and the objective's own
+    parameters (ArcFace weights, CLIP temperature). A distributed wrapper is looked through."""
+    objective = getattr(ctx.loss, 'objective', ctx.loss)
+    return {
+        'model': ctx.model,
+        'optimizer': ctx.optimizer,
+        'scheduler': ctx.scheduler,
+        'loss': objective if any(True for _ in objective.state_dict()) else None,
+        'loss_optimizer': ctx.loss_optimizer,
+    }
+
+
+def checkpointer_of(ctx: Any) -> Checkpointer:
+    checkpointer = ctx.extras.get('checkpointer')
+    if checkpointer is None:
+        from finetuner_trainer.callbacks import checkpoint_retention
+
+        checkpointer = Checkpointer(ctx.store, keep_last=checkpoint_retention(ctx.callbacks))
+        ctx.extras['checkpointer'] = checkpointer
+    return checkpointer
+
+
+def resume_from_latest(ctx: Any) -> Checkpoint | None:
+    """Load the run's latest checkpoint into the loop (model, optimizers, callbacks, state, RNGs).
+
+    Sets ``state.epoch``/``state.step``/``state.history``/``state.resumed_from`` and
+    ``ctx.extras['skip_batches']`` (batches of the current epoch already trained, for a step
+    checkpoint) and ``ctx.extras['before']`` (the metrics before fine-tuning of the first attempt)."""
+    checkpoint = checkpointer_of(ctx).load_latest(map_location='cpu')
+    if checkpoint is None:
+        return None
+    checkpoint.restore(loop_components(ctx), ctx.callbacks)
+    state = ctx.state
+    state.epoch = checkpoint.epoch
+    state.step = checkpoint.step
+    state.history = list(checkpoint.history)
+    state.resumed_from = checkpoint.path
+    if state.history:
+        last = state.history[-1]
+        state.train_loss = last.get('train_loss')
+        state.val_loss = last.get('val_loss')
+        state.metrics = {k: v for k, v in last.items() if k not in ('epoch', 'train_loss')}
+    ctx.extras['skip_batches'] = checkpoint.batch_in_epoch
+    ctx.extras['before'] = dict(checkpoint.extra.get('before') or {})
+    ctx.logger.info(
+        'resumed from %s (epoch %d, step %d%s)',
+        checkpoint.path,
+        checkpoint.epoch,
+        checkpoint.step,
+        f', {checkpoint.batch_in_epoch} batches into epoch {checkpoint.epoch + 1}' if checkpoint.batch_in_epoch else '',
+    )
+    return checkpoint
+
+
+def save_loop_checkpoint(ctx: Any, batch_in_epoch: int = 0) -> str | None:
+    """Checkpoint the loop (rank 0 writes; the others return None). ``batch_in_epoch`` > 0 for a
+    checkpoint taken inside epoch ``state.epoch``, which then counts as not yet finished."""
+    if not ctx.is_main:
+        return None
+    state = ctx.state
+    finished_epochs = state.epoch - 1 if batch_in_epoch else state.epoch
+    return checkpointer_of(ctx).save(
+        epoch=finished_epochs,
+        step=state.step,
+        batch_in_epoch=batch_in_epoch,
+        components=loop_components(ctx),
+        callbacks=ctx.callbacks,
+        history=state.history,
+        extra={'before': ctx.extras.get('before', {})},
+    )

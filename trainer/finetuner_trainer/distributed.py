@@ -273,6 +273,8 @@ class DistributedObjective(torch.nn.Module):
         self.objective = objective
 
     def forward(self, first: torch.Tensor, second: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # validation: every rank scores the same batch itself
+            return self.objective(first, second, scores) if scores is not None else self.objective(first, second)
         if second.is_floating_point() and second.ndim == 2:  # (queries, documents, scores)
             gathered_scores = gather_labels(scores) if scores is not None else None
             return self.objective(gather_for_loss(first), gather_for_loss(second), gathered_scores)
@@ -295,3 +297,43 @@ def global_clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scal
     target = torch.arange(logits.shape[0], device=logits.device)
     loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
     return loss
+
+
+def setup_loop(ctx: Any) -> DistInfo:
+    """Make the loop's context distributed when started by torchrun: join the process group, wrap
+    the model in DDP (``ctx.module``), the objective in :class:`DistributedObjective` and the
+    batches in :class:`ShardedBatches`. A no-op for a single process."""
+    info = env_info()
+    if not info.enabled:
+        return info
+    info = init_distributed(str(getattr(ctx.spec.device, 'value', ctx.spec.device)))
+    from torch.utils.data import DataLoader
+
+    # Pair data runs the model twice per step (queries, documents): DDP's static graph mode
+    # supports that; label data runs it once.
+    pairs = not hasattr(ctx.loss, 'miner')
+    if ctx.module is None:
+        find_unused = getattr(ctx.model, 'family', '') == 'clip'
+        ctx.module = wrap_model(ctx.model, info, find_unused_parameters=find_unused and not pairs)
+        if pairs and isinstance(ctx.module, torch.nn.parallel.DistributedDataParallel):
+            ctx.module._set_static_graph()
+    ctx.loss = wrap_objective(ctx.loss)
+    loader = ctx.train_loader
+    ctx.train_loader = DataLoader(
+        loader.dataset,
+        batch_sampler=ShardedBatches(loader.batch_sampler, info.rank, info.world_size),
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        persistent_workers=loader.num_workers > 0,
+    )
+    ctx.rank, ctx.world_size, ctx.local_rank = info.rank, info.world_size, info.local_rank
+    ctx.state.is_world_process_zero = info.is_main
+    ctx.logger.info(
+        'distributed training: %d processes (%s), global batch %d = %d per process',
+        info.world_size,
+        info.backend,
+        ctx.batch_size,
+        ctx.batch_size // info.world_size,
+    )
+    return info

@@ -214,3 +214,14 @@ def ort_session(path: Path | str, threads: int | None = None) -> Any:
         options.intra_op_num_threads = threads
     providers = [p for p in ('CUDAExecutionProvider', 'CPUExecutionProvider') if p in ort.get_available_providers()]
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def export_for_artifact(embedder: Any, artifact_folder: Path | str) -> dict[str, Any]:
+    """``toOnnx``: export into ``<artifact>/onnx/``. A graph that disagrees with torch fails the run
+    with a configuration error (final: a retry would export the same graph) naming ``toOnnx``."""
+    from finetuner_trainer.errors import ConfigError
+
+    try:
+        return export_onnx(embedder, Path(artifact_folder) / ONNX_DIR)
+    except OnnxExportError as e:
+        raise ConfigError('toOnnx', f'{e}. Run again with toOnnx: false to get the torch model only') from e
