@@ -134,25 +134,67 @@ def _batches(ctx: TrainContext, epoch: int) -> Iterator[dict[str, Any]]:
 
 
 def _before_training(ctx: TrainContext) -> None:
-    """Before the first epoch: resume from a checkpoint here (sets state.epoch/step)."""
+    """Before the first epoch: resume from the latest checkpoint (sets state.epoch/step), go
+    distributed under torchrun, and measure the metrics before fine-tuning (first attempt only)."""
+    from finetuner_trainer.checkpointing import resume_from_latest
+    from finetuner_trainer.distributed import setup_loop
+
+    resumed = resume_from_latest(ctx)
+    setup_loop(ctx)
+    if resumed is None:
+        ctx.extras['before'] = _evaluate(ctx)
 
 
 def _evaluate(ctx: TrainContext) -> dict[str, float]:
     """Metrics after an epoch: validation loss here; retrieval metrics plug in beside it."""
+    from finetuner_trainer.callbacks import retrieval_evaluation
+
     metrics: dict[str, float] = {}
     val_loss = validation_loss(ctx)
     if val_loss is not None:
         metrics['val_loss'] = val_loss
+    metrics.update(retrieval_evaluation(ctx))
     return metrics
 
 
+def _after_step(ctx: TrainContext, batch_in_epoch: int) -> None:
+    """After an optimizer step: a step checkpoint every spec.checkpointEverySteps steps."""
+    every = ctx.spec.checkpoint_every_steps
+    if every and ctx.state.step % every == 0 and batch_in_epoch < len(ctx.train_loader):
+        from finetuner_trainer.checkpointing import save_loop_checkpoint
+
+        save_loop_checkpoint(ctx, batch_in_epoch=batch_in_epoch)
+
+
 def _after_epoch(ctx: TrainContext) -> None:
-    """After an epoch's bookkeeping: checkpoint here."""
+    """After an epoch's bookkeeping: live metrics.json, a checkpoint, and one stop decision for all ranks."""
+    from finetuner.api.layout import METRICS
+    from finetuner_trainer.checkpointing import save_loop_checkpoint
+    from finetuner_trainer.distributed import agree
+
     ctx.reporter.report(ctx.state, ctx.state.train_loss, force=True)
+    if ctx.is_main:
+        ctx.store.write_json(METRICS, run_metrics(ctx, dict(ctx.state.metrics)))
+    save_loop_checkpoint(ctx)
+    ctx.control.should_stop = agree(ctx.control.should_stop)
 
 
 def _publish(ctx: TrainContext) -> None:
-    """After training, before the artifact is written: export extras (ONNX) here."""
+    """After training, before the artifact is written: when a callback replaced the weights (best
+    epoch, WiSE-FT), measure the final metrics again on what is published. ONNX export and the
+    training-curves plot go into the artifact folder in runner.publish_artifact."""
+    from finetuner_trainer.callbacks import changes_weights_at_end
+
+    if changes_weights_at_end(ctx.callbacks):
+        ctx.extras['after'] = _evaluate(ctx)
+
+
+def run_metrics(ctx: TrainContext, after: dict[str, float]) -> dict[str, Any]:
+    """metrics.json: before and after fine-tuning, one entry per epoch, example queries if gathered."""
+    metrics: dict[str, Any] = {'before': ctx.extras.get('before', {}), 'after': after, 'epochs': ctx.state.history}
+    if ctx.extras.get('examples'):
+        metrics['examples'] = ctx.extras['examples']
+    return metrics
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -171,12 +213,16 @@ def run_training(ctx: TrainContext) -> TrainState:
         state.epoch = epoch
         _call(ctx, 'on_epoch_begin')
         total, count = 0.0, 0
-        for batch in _batches(ctx, epoch):
+        skip = ctx.extras.pop('skip_batches', 0)  # resumed from a step checkpoint inside this epoch
+        for position, batch in enumerate(_batches(ctx, epoch), start=1):
+            if position <= skip:
+                continue
             loss = _train_step(ctx, batch)
             state.step += 1
             total, count = total + loss, count + 1
             ctx.reporter.report(state, total / count)
             _call(ctx, 'on_batch_end', loss)
+            _after_step(ctx, position)
             if control.should_stop:
                 break
         state.train_loss = total / count if count else None

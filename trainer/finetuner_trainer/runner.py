@@ -400,6 +400,14 @@ def publish_artifact(ctx: Any, workdir: Path) -> str:
     store.delete(layout.ARTIFACT_MANIFEST)
     folder = workdir / 'artifact'
     description = ctx.model.save(folder)
+    if ctx.spec.to_onnx:
+        from finetuner_trainer.onnx_export import export_for_artifact
+
+        description['onnx'] = export_for_artifact(ctx.model, folder)
+    from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
+
+    before = ctx.extras.get('before') or {}
+    plot_training_curves([{'epoch': 0, **before}, *ctx.state.history], folder / PLOT_FILE, title=ctx.config.run_name)
     files = {
         path.relative_to(folder).as_posix(): path.stat().st_size for path in sorted(folder.rglob('*')) if path.is_file()
     }
@@ -461,14 +469,13 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
     store.write_json(layout.CONFIG, config.model_dump(by_alias=True, mode='json'))
     store.delete(layout.FAILURE)
     ctx = build_context(config, store, log)
-    from finetuner_trainer.loop import _evaluate
+    from finetuner_trainer.loop import run_metrics
 
-    before = _evaluate(ctx) if ctx.eval_loader is not None else {}
-    state = run_training(ctx)
-    after = dict(state.metrics)
+    state = run_training(ctx)  # resumes from a checkpoint, measures the metrics before and per epoch
+    after = dict(ctx.extras.get('after', state.metrics))
     with tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
         artifact_uri = publish_artifact(ctx, Path(tmp)) if ctx.is_main else ''
-    metrics = {'before': before, 'after': after, 'epochs': state.history}
+    metrics = run_metrics(ctx, after)
     if ctx.is_main:
         store.write_json(layout.METRICS, metrics)
         ctx.reporter.report(state, state.train_loss, force=True)
