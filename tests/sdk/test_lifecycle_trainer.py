@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ def test_fit_created_started_finished_save_get_encode(local: LocalBackend, tiny_
         batch_size=16,
         cpu=True,
         num_workers=0,
+        to_onnx=True,
         run_name='lifecycle',
     )
     assert run.status() == {'status': 'CREATED', 'details': 'Run submitted and awaits execution'}
@@ -62,8 +64,12 @@ def test_fit_created_started_finished_save_get_encode(local: LocalBackend, tiny_
     expected = trainer_side.embed([finetuner.Record(text=t) for t in texts], batch_size=2).numpy()
     np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-6)
 
-    with pytest.raises(ArgumentError, match=r'is_onnx: .* has no ONNX model'):
-        finetuner.get_model(saved, is_onnx=True)
+    onnx_model = finetuner.get_model(saved, is_onnx=True)
+    np.testing.assert_allclose(finetuner.encode(onnx_model, texts), expected, rtol=1e-4, atol=1e-5)
+    without_onnx = tmp_path / 'without-onnx'
+    shutil.copytree(saved, without_onnx, ignore=shutil.ignore_patterns('onnx'))
+    with pytest.raises(ArgumentError, match=r'is_onnx: .* has no ONNX model .*fine-tune with to_onnx=True'):
+        finetuner.get_model(without_onnx, is_onnx=True)
 
     docs = to_legacy_documents([finetuner.Record(text=t) for t in texts])
     assert finetuner.encode(model, docs) is docs
