@@ -200,7 +200,8 @@ class S3Store(_Base):
 
     def _key(self, key: str) -> str:
         rel = normalize_key(key)
-        return posixpath.join(self.prefix, rel) if self.prefix else rel
+        # An empty key is the prefix itself (an object URI like s3://b/datasets/x/data.jsonl), not 'prefix/'.
+        return posixpath.join(self.prefix, rel) if self.prefix and rel else (self.prefix or rel)
 
     def child(self, key: str) -> S3Store:
         return S3Store(self.bucket, self._key(key), self._client)
