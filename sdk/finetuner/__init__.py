@@ -382,6 +382,9 @@ def fit(
         )
 
     # --- upload and submit ---------------------------------------------------------------------
+    check_ready = getattr(backend, 'check_ready', None)  # the local backend checks it can train here
+    if check_ready is not None:
+        check_ready()
     for dataset, ref in uploads:
         assert ref.records is not None
         push_records(store, dataset, ref.records)

@@ -161,3 +161,20 @@ def test_a_run_without_status_yet_reads_as_a_fresh_run() -> None:
     run = finetuner.Run(record, backend)
     assert run.status() == {'status': 'CREATED', 'details': 'Run submitted and awaits execution'}
     assert repr(run) == "Run(name='r', experiment='default', status=None)"
+
+
+def test_local_backend_without_the_trainer_stack_refuses_before_upload(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'torch' else real(name, *a))
+    backend = LocalBackend()
+    finetuner.backends.use(backend)
+    try:
+        with pytest.raises(
+            MissingDependencyError, match=r"torch is not installed here: pip install 'kube-finetuner\[trainer\]'"
+        ):
+            finetuner.fit(model='efficientnet_b0', train_data=['a', 'b'])
+    finally:
+        finetuner.backends.use(None)
+    assert not (backend.home / 'datasets').exists()

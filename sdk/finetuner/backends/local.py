@@ -258,12 +258,29 @@ class LocalBackend(Backend):
         return f'LocalBackend(home={str(self.home)!r})'
 
     # --- runs ---------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        """Refuse a run this machine cannot train (called by fit() before anything is uploaded)."""
+        if self.command != trainer_command():
+            return
+        import importlib.util
+
+        missing = [m for m in ('finetuner_trainer', 'torch') if importlib.util.find_spec(m) is None]
+        if missing:
+            from finetuner.models import MissingDependencyError
+
+            raise MissingDependencyError(
+                f'the local backend trains on this machine, but {missing[0]} is not installed here: '
+                "pip install 'kube-finetuner[trainer]', or send runs to a cluster with "
+                "finetuner.login(backend='kubernetes', ...)"
+            )
+
     def output_uri(self, name: str, spec: FinetuneRunSpec) -> str:
         if spec.output:
             return f'{spec.output.rstrip("/")}/{name}'
         return (self.run_dir(name) / OUTPUT_DIR).as_uri()
 
     def create_run(self, name: str, spec: FinetuneRunSpec) -> RunRecord:
+        self.check_ready()
         run_dir = self.run_dir(name)
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
