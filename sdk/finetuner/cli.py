@@ -134,7 +134,7 @@ def _runs_table(runs: list[Any]) -> Any:
     for column in ('name', 'experiment', 'model', 'status', 'progress', 'created'):
         table.add_column(column)
     for run in runs:
-        record = run.refresh()
+        record = run.record  # list_runs() just read it
         progress = record.status.progress
         table.add_row(
             run.name,

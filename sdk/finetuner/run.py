@@ -45,6 +45,11 @@ class Run:
     def backend(self) -> Backend:
         return self._backend
 
+    @property
+    def record(self) -> RunRecord:
+        """The run as last read from the backend (no new read; see refresh())."""
+        return self._record
+
     def __repr__(self) -> str:
         status = self._record.status
         return f'Run(name={self.name!r}, experiment={self.experiment_name!r}, status={status.phase!r})'
