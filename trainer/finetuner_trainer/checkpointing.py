@@ -109,7 +109,9 @@ class Checkpoint:
     rng: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def restore(self, components: dict[str, Stateful | None], callbacks: list[Any] | None = None) -> None:
+    def restore(
+        self, components: dict[str, Stateful | None], callbacks: list[Any] | None = None, rng: bool = True
+    ) -> None:
         """Load every saved component into the live objects of the same name, then the RNGs.
 
         A live component without saved state (or the other way round) is a configuration change
@@ -134,12 +136,25 @@ class Checkpoint:
             saved = self.callbacks.get(callback_key(callback, position))
             if saved is not None:
                 callback.load_state_dict(saved)
-        if self.rng is not None:
+        if rng and self.rng is not None:
             restore_rng(self.rng)
 
 
 def callback_key(callback: Any, position: int) -> str:
     return f'{position}:{type(callback).__name__}'
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars and arrays as Python numbers and lists (weights_only loading refuses NumPy types)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
 
 
 def checkpoint_name(epoch: int, step: int, batch_in_epoch: int) -> str:
@@ -182,9 +197,9 @@ class Checkpointer:
                 if obj is not None
             },
             'callbacks': {callback_key(cb, i): cb.state_dict() for i, cb in enumerate(callbacks or [])},
-            'history': list(history or []),
+            'history': _plain(list(history or [])),
             'rng': capture_rng(),
-            'extra': dict(extra or {}),
+            'extra': _plain(dict(extra or {})),
         }
         # A temporary file and upload_file: S3 uploads large states in parts, a folder renames atomically.
         with tempfile.TemporaryDirectory(prefix='finetuner-ckpt-') as tmp:
@@ -292,7 +307,13 @@ def resume_from_latest(ctx: Any) -> Checkpoint | None:
     checkpoint = checkpointer_of(ctx).load_latest(map_location='cpu')
     if checkpoint is None:
         return None
-    checkpoint.restore(loop_components(ctx), ctx.callbacks)
+    # Inside an epoch, the data loader draws a seed from torch's RNG when the epoch starts: the RNGs
+    # are restored only after the already-trained batches are skipped (resume_rng), so the
+    # resumed attempt draws exactly what the first one drew.
+    mid_epoch = checkpoint.batch_in_epoch > 0
+    checkpoint.restore(loop_components(ctx), ctx.callbacks, rng=not mid_epoch)
+    if mid_epoch and checkpoint.rng is not None:
+        ctx.extras['resume_rng'] = checkpoint.rng
     state = ctx.state
     state.epoch = checkpoint.epoch
     state.step = checkpoint.step
@@ -331,3 +352,10 @@ def save_loop_checkpoint(ctx: Any, batch_in_epoch: int = 0) -> str | None:
         history=state.history,
         extra={'before': ctx.extras.get('before', {})},
     )
+
+
+def resume_rng(ctx: Any) -> None:
+    """Restore the RNG state of a mid-epoch checkpoint once its trained batches are skipped."""
+    state = ctx.extras.pop('resume_rng', None)
+    if state is not None:
+        restore_rng(state)

@@ -74,7 +74,7 @@ def ranking_metrics(relevance: Sequence[int] | np.ndarray, num_relevant: int) ->
     recall = hits / num_relevant
     f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
     relevant_ranks = np.flatnonzero(r) + 1
-    reciprocal_rank = 1.0 / relevant_ranks[0] if relevant_ranks.size else 0.0
+    reciprocal_rank = 1.0 / float(relevant_ranks[0]) if relevant_ranks.size else 0.0
     precision_at_hits = np.cumsum(r)[relevant_ranks - 1] / relevant_ranks
     average_precision = float(precision_at_hits.sum()) / min(num_relevant, k) if k else 0.0
     r_precision = float(r[:num_relevant].sum()) / num_relevant
@@ -217,7 +217,7 @@ def metrics_of_ranking(ranking: Ranking) -> dict[str, float]:
     for q in answerable:
         for name, value in ranking_metrics(ranking.relevance[q], int(ranking.num_relevant[q])).items():
             totals[name] += value
-    result = {name: totals[name] / answerable.size for name in EVALUATION_METRICS}
+    result = {name: float(totals[name]) / int(answerable.size) for name in EVALUATION_METRICS}
     for alias, name in METRIC_ALIASES.items():
         result[alias] = result[name]
     return result

@@ -129,3 +129,13 @@ def test_unwrap() -> None:
     wrapper.module = inner
     assert unwrap(wrapper) is inner
     assert unwrap(inner) is inner
+
+
+def test_numpy_values_in_history_load_with_weights_only(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    model, _, _ = make()
+    Checkpointer(store).save(
+        epoch=1, step=1, components={'model': model}, history=[{'mrr': np.float64(0.5)}], extra={'a': np.arange(2)}
+    )
+    checkpoint = Checkpointer(store).load_latest()
+    assert checkpoint is not None and checkpoint.history == [{'mrr': 0.5}] and checkpoint.extra == {'a': [0, 1]}

@@ -82,10 +82,16 @@ def test_early_stopping_stops_and_the_best_epoch_is_published(make_config: Confi
     output = _folder(config.output_uri)
     state = torch.load(output / f'checkpoints/epoch-{best_epoch:04d}/state.pt', weights_only=True)
     best_weights = state['components']['model']
-    published = load_file(_folder(result.artifact_uri) / 'model.safetensors')
-    assert published
-    for key, value in published.items():
-        assert torch.equal(value, best_weights[f'backbone.{key}']), key
+    from finetuner_trainer.models import load_embedder
+
+    published = load_embedder(_folder(result.artifact_uri)).state_dict()
+    trained = [key for key in best_weights if key in published]
+    assert len(trained) == len(best_weights)  # every trained weight is in the artifact
+    for key in trained:
+        assert torch.equal(published[key], best_weights[key]), key
+    if best_epoch != 3:
+        last = torch.load(output / 'checkpoints/epoch-0003/state.pt', weights_only=True)['components']['model']
+        assert any(not torch.equal(published[key], last[key]) for key in trained)
     metrics = json.loads((output / layout.METRICS).read_text())
     # The final metrics are measured again on the published (best) weights, not the last epoch's.
     assert metrics['after']['val_loss'] != pytest.approx(result.history[-1]['val_loss'], abs=0.0) or best_epoch == 3
