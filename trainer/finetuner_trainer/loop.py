@@ -217,6 +217,10 @@ def run_training(ctx: TrainContext) -> TrainState:
         for position, batch in enumerate(_batches(ctx, epoch), start=1):
             if position <= skip:
                 continue
+            if skip and position == skip + 1:
+                from finetuner_trainer.checkpointing import resume_rng
+
+                resume_rng(ctx)
             loss = _train_step(ctx, batch)
             state.step += 1
             total, count = total + loss, count + 1
