@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.data import write_records
+from bench.profiling import StepProfiler
 from finetuner.api.layout import Record
 from finetuner.api.v1alpha1 import FinetuneRunSpec, TrainerConfig
 
@@ -25,9 +26,10 @@ _RUN_NUMBERS = itertools.count()
 class StepClock:
     """A trainer callback (``finetuner_trainer.hooks.Callback`` protocol) recording step ends."""
 
-    def __init__(self, stop_after: int, synchronize_cuda: bool = False):
+    def __init__(self, stop_after: int, synchronize_cuda: bool = False, profiler: StepProfiler | None = None):
         self.stop_after = stop_after
         self.synchronize_cuda = synchronize_cuda
+        self.profiler = profiler
         self.step_ends: list[float] = []
 
     def on_train_begin(self, ctx: Any, state: Any, control: Any) -> None: ...
@@ -42,6 +44,8 @@ class StepClock:
 
             torch.cuda.synchronize()
         self.step_ends.append(time.perf_counter())
+        if self.profiler is not None:
+            self.profiler.step_end()
         if len(self.step_ends) >= self.stop_after:
             control.should_stop = True
 
@@ -69,7 +73,9 @@ def spec_for(
     return FinetuneRunSpec(model=model, train_data=data.as_uri(), **fields)
 
 
-def train_steps(spec: FinetuneRunSpec, steps: int, workdir: Path, run_prefix: str) -> list[float]:
+def train_steps(
+    spec: FinetuneRunSpec, steps: int, workdir: Path, run_prefix: str, profiler: StepProfiler | None = None
+) -> list[float]:
     """Build the trainer's context for ``spec`` and run its loop for ``steps`` optimizer steps; the
     time of every step's end. Every call gets its own output folder (``<run_prefix>-<n>``)."""
     run_name = f'{run_prefix}-{next(_RUN_NUMBERS)}'
@@ -80,7 +86,7 @@ def train_steps(spec: FinetuneRunSpec, steps: int, workdir: Path, run_prefix: st
     config = _config(spec, workdir, run_name)
     log = logging.getLogger('bench.ours')
     ctx = build_context(config, open_store(config.output_uri), log)
-    clock = StepClock(steps, synchronize_cuda=ctx.device.type == 'cuda')
+    clock = StepClock(steps, synchronize_cuda=ctx.device.type == 'cuda', profiler=profiler)
     ctx.callbacks.append(clock)
     run_training(ctx)
     if len(clock.step_ends) < steps:

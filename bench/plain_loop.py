@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 from bench.data import decode_blob
+from bench.profiling import StepProfiler
 from finetuner.api.layout import Record
 
 
@@ -62,6 +63,7 @@ def train_steps(
     learning_rate: float = 1e-4,
     device: str = 'cpu',
     seed: int = 42,
+    profiler: StepProfiler | None = None,
 ) -> list[float]:
     """Train ``steps`` optimizer steps; the time of every step's end (after ``optimizer.step()``)."""
     import timm
@@ -96,4 +98,6 @@ def train_steps(
         if device == 'cuda':
             torch.cuda.synchronize()
         step_ends.append(time.perf_counter())
+        if profiler is not None:
+            profiler.step_end()
     return step_ends

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from bench.profiling import StepProfiler
 from finetuner.api.layout import Record
 
 TextTask = Literal['triplet', 'pairs']
@@ -60,6 +61,7 @@ def train(
     device: str = 'cpu',
     output_dir: Path,
     bf16: bool = False,
+    profiler: StepProfiler | None = None,
 ) -> tuple[object, list[float]]:
     """Train with sentence-transformers' own trainer; the model and the time of every step's end."""
     import transformers
@@ -70,7 +72,13 @@ def train(
 
     class StepClock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if device == 'cuda':
+                import torch
+
+                torch.cuda.synchronize()
             step_ends.append(time.perf_counter())
+            if profiler is not None:
+                profiler.step_end()
 
     logging.getLogger('sentence_transformers').setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()

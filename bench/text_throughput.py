@@ -10,11 +10,13 @@ A sample is one labelled sentence, or one pair.
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
 from bench import data, ours, st_reference
 from bench.common import Row, Settings, alternate, steady_rate
+from bench.profiling import StepProfiler, explain_throughput
 from finetuner.api.layout import Record
 
 BENCHMARK = 'text_throughput'
@@ -111,11 +113,13 @@ def run(settings: Settings) -> list[Row]:
         records = datasets[task]
         spec = _ours_spec(model_dir, records, task, settings)
 
-        def ours_round(spec: Any = spec, task: str = task) -> float:
-            ends = ours.train_steps(spec, steps + 1, settings.workdir, f'text-{task}')
+        def ours_round(profiler: StepProfiler | None = None, spec: Any = spec, task: str = task) -> float:
+            ends = ours.train_steps(spec, steps + 1, settings.workdir, f'text-{task}', profiler=profiler)
             return steady_rate(ends, BATCH, warmup=1)
 
-        def reference_round(records: list[Record] = records, task: str = task) -> float:
+        def reference_round(
+            profiler: StepProfiler | None = None, records: list[Record] = records, task: str = task
+        ) -> float:
             _, ends = st_reference.train(
                 model_dir,
                 records,
@@ -127,6 +131,7 @@ def run(settings: Settings) -> list[Row]:
                 device=settings.device,
                 output_dir=settings.workdir / 'st-output',
                 bf16=settings.gpu,
+                profiler=profiler,
             )
             return steady_rate(ends, BATCH, warmup=1)
 
@@ -139,21 +144,22 @@ def run(settings: Settings) -> list[Row]:
             flops = flops_per_step(model_dir, records, task, settings.device)
             extra['flops_per_step'] = flops
             if peak:
-                ours_steps_per_s = sorted(samples_ours)[len(samples_ours) // 2] / BATCH
-                ref_steps_per_s = sorted(samples_reference)[len(samples_reference) // 2] / BATCH
+                ours_steps_per_s = statistics.median(samples_ours) / BATCH
+                ref_steps_per_s = statistics.median(samples_reference) / BATCH
                 extra['mfu_ours'] = flops * ours_steps_per_s / peak
                 extra['mfu_reference'] = flops * ref_steps_per_s / peak
-        rows.append(
-            Row.compare(
-                benchmark=BENCHMARK,
-                measure=f'text training: {model_dir.name if settings.mode == "tiny" else "all-MiniLM-L6-v2"}, '
-                f'{loss_words}, {what}, batch {BATCH}, max length {MAX_LENGTH}',
-                unit='samples/s',
-                samples_ours=samples_ours,
-                samples_reference=samples_reference,
-                reference_name='SentenceTransformerTrainer',
-                target_ratio=target,
-                extra=extra,
-            )
+        row = Row.compare(
+            benchmark=BENCHMARK,
+            measure=f'text training: {model_dir.name if settings.mode == "tiny" else "all-MiniLM-L6-v2"}, '
+            f'{loss_words}, {what}, batch {BATCH}, max length {MAX_LENGTH}',
+            unit='samples/s',
+            samples_ours=samples_ours,
+            samples_reference=samples_reference,
+            reference_name='SentenceTransformerTrainer',
+            target_ratio=target,
+            extra=extra,
         )
+        if row.met is False:
+            row.note = explain_throughput(ours_round, reference_round, steps + 1)
+        rows.append(row)
     return rows

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import common, report
+from bench import common, profiling, report
 from bench.__main__ import BENCHMARKS, main
 from bench.common import Row
 from bench.operator_scale import _percentile
@@ -101,3 +101,27 @@ def test_tiny_run_writes_table_and_json(tmp_path: Path, monkeypatch: pytest.Monk
     header = '| ' + ' | '.join(report.TABLE_COLUMNS) + ' |'
     assert header in table
     assert table.count('\n| ') >= len(raw['rows'])  # one line per row, after the header
+
+
+def test_summarize_stacks_reports_self_and_own_code_shares(tmp_path: Path) -> None:
+    stacks = tmp_path / 'stacks.txt'
+    stacks.write_text(
+        '<module> (/work/main/operator/finetuner_operator/__main__.py:9);'
+        'reconcile (/work/main/operator/finetuner_operator/reconcile.py:40);readinto (socket.py:700) 3\n'
+        '<module> (/work/main/operator/finetuner_operator/__main__.py:9);deepcopy (copy.py:10) 1\n'
+    )
+    sentence = profiling.summarize_stacks(stacks, mine=('finetuner_operator/',))
+    assert 'readinto (socket.py) 75%' in sentence and 'deepcopy (copy.py) 25%' in sentence
+    assert 'reconcile (operator/finetuner_operator/reconcile.py) 75%' in sentence
+    assert profiling.summarize_stacks(tmp_path / 'missing.txt') == 'py-spy recorded no samples'
+
+
+def test_step_profiler_covers_the_steps_after_the_first() -> None:
+    import torch
+
+    profiler = profiling.StepProfiler(total_steps=3)
+    for _ in range(3):
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        profiler.step_end()
+    assert profiler.result is not None
+    assert profiler.result.wall_s > 0 and 'matmul' in profiler.result.shares
