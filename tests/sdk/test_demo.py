@@ -24,6 +24,7 @@ def test_chatterbot_pairs_split_by_question_without_leaks() -> None:
     assert split_by_question(pairs)[1] == evaluation  # deterministic
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_with_a_tiny_model(local: LocalBackend, tmp_path: Path) -> None:
     pytest.importorskip('finetuner_trainer.runner')
     model = make_tiny_bert(tmp_path / 'tiny-bert')

@@ -23,6 +23,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp('tiny-bert'))
 
 
+@pytest.mark.slow
 def test_fit_created_started_finished_save_get_encode(local: LocalBackend, tiny_bert: Path, tmp_path: Path) -> None:
     train = to_legacy_documents(labelled_texts(4, 8))
     run = finetuner.fit(
