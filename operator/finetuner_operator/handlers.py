@@ -113,13 +113,15 @@ def _sync_owner(labels: kopf.Labels, namespace: str, memo: kopf.Memo) -> None:
             memo.reconciler.sync_run(namespace, run)
 
 
-def _is_started(status: kopf.Status, **_: Any) -> bool:
-    return (status or {}).get('phase') == Phase.STARTED.value
+def _is_active(status: kopf.Status, **_: Any) -> bool:
+    return (status or {}).get('phase') in (Phase.CREATED.value, Phase.STARTED.value)
 
 
-@kopf.daemon(GROUP, VERSION, RUNS, when=_is_started, cancellation_timeout=5.0)
+@kopf.daemon(GROUP, VERSION, RUNS, when=_is_active, cancellation_timeout=5.0)
 async def mirror_progress(name: str, namespace: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    """While a run trains, mirror the trainer's progress.json and metrics into its status.
+    """While a run is active, re-observe it periodically: the trainer's progress.json and metrics
+    reach the status, and time-based verdicts (unschedulable for too long) are reached even when
+    no Kubernetes event arrives.
 
     A daemon rather than a timer: its interval comes from the configuration loaded at start-up.
     """

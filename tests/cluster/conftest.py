@@ -1,6 +1,7 @@
-from tests.cluster.fixtures import api_server, cluster, s3, s3_server  # noqa: F401
+import pytest
+
+from tests.cluster.fixtures import api_server, cluster, register_markers, s3, s3_server  # noqa: F401
 
 
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'operator_config(**fields): OperatorConfig overrides for the cluster fixture')
-    config.addinivalue_line('markers', 'node(**options): SimulatedNode options for the cluster fixture')
+def pytest_configure(config: pytest.Config) -> None:
+    register_markers(config)

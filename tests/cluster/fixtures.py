@@ -28,6 +28,11 @@ NODE_ENV = {
 }
 
 
+def register_markers(config: pytest.Config) -> None:
+    config.addinivalue_line('markers', 'operator_config(**fields): OperatorConfig overrides for the cluster fixture')
+    config.addinivalue_line('markers', 'node(**options): SimulatedNode options for the cluster fixture')
+
+
 def api_client(kubeconfig: Path) -> Any:
     import kubernetes
 
@@ -114,9 +119,8 @@ def cluster(
     marker = request.node.get_closest_marker('operator_config')
     config = operator_config(s3, **(marker.kwargs if marker else {}))
     node_marker = request.node.get_closest_marker('node')
-    node = SimulatedNode(
-        api_client(kubeconfig), tmp_path / 'node', extra_env=NODE_ENV, **(node_marker.kwargs if node_marker else {})
-    )
+    node_options = {'poll': 0.1, **(node_marker.kwargs if node_marker else {})}
+    node = SimulatedNode(api_client(kubeconfig), tmp_path / 'node', extra_env=NODE_ENV, **node_options)
     server.emu.log_source = node.read_log
     node.start()
     operator = OperatorRunner(server, config).start()

@@ -3,8 +3,12 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.fixtures import api_server, cluster, s3, s3_server  # noqa: F401
+from tests.cluster.fixtures import api_server, cluster, register_markers, s3, s3_server  # noqa: F401
 from tests.e2e.targets import Target, real_target
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    register_markers(config)
 
 
 @pytest.fixture(params=['simulated', pytest.param('real', marks=pytest.mark.cluster)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 import finetuner
@@ -84,3 +85,26 @@ def test_invalid_spec_fails_with_the_field_named_and_no_job(cluster: Cluster) ->
     assert 'spec.epochs' in status['details'] and "spec.optimizer: unknown optimizer 'adamw'" in status['details']
     assert target.jobs('broken') == []
     assert [e.reason for e in target.events('broken')].count('InvalidSpec') == 1
+
+
+@pytest.mark.node(unpullable=('registry.invalid/trainer:missing',))
+def test_image_pull_error_fails_the_run_and_removes_its_job(cluster: Cluster) -> None:
+    backend = _target(cluster).login()
+    spec = FinetuneRunSpec(model='m', train_data='s3://b/d.jsonl', image='registry.invalid/trainer:missing')
+    backend.create_run('nopull', spec)
+    target = _target(cluster)
+    status = target.wait_phase('nopull', ('FAILED',))
+    assert status['reason'] == 'ImagePullError'
+    assert 'Cannot pull the trainer image registry.invalid/trainer:missing' in status['details']
+    wait_for(lambda: not target.jobs('nopull'), what='job of the failed run deleted')
+
+
+@pytest.mark.operator_config(unschedulable_timeout=1.0)
+def test_unschedulable_for_too_long_fails_the_run(cluster: Cluster) -> None:
+    backend = _target(cluster).login()
+    spec = FinetuneRunSpec.model_validate({'model': 'm', 'trainData': 's3://b/d.jsonl', 'resources': {'gpus': 8}})
+    backend.create_run('toobig', spec)
+    target = _target(cluster)
+    status = target.wait_phase('toobig', ('FAILED',))
+    assert status['reason'] == 'Unschedulable'
+    assert 'Insufficient nvidia.com/gpu' in status['details'] and 'lower spec.resources' in status['details']

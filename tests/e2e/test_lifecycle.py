@@ -42,6 +42,8 @@ def test_fit_finishes_and_the_model_downloads(target: Target, tmp_path: Path) ->
     assert status.attempts == 1
     assert {c.type for c in status.conditions if c.status == 'True'} >= {'Created', 'Started', 'Succeeded'}
     assert status.start_time and status.completion_time
+    assert status.progress is not None and status.progress.epochs == 1, 'progress.json mirrored into the status'
+    assert status.metrics is not None
     assert len(target.jobs(name)) == 1
     assert len(target.pods(name)) == 1
     prefix = status.output_uri.split('/', 3)[3]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import finetuner
 from tests.cluster.fixtures import Cluster
 from tests.cluster.harness import wait_for
@@ -20,6 +22,7 @@ def _target(cluster: Cluster) -> Target:
     return Target('simulated', cluster.api, 'default', cluster.bucket, timeout=180.0)
 
 
+@pytest.mark.slow  # two real trainings under restarts: ~35 s alone, over a minute on a busy machine
 def test_restart_in_every_phase_of_a_finishing_run(cluster: Cluster, tmp_path: Path) -> None:
     target = _target(cluster)
     target.login()
@@ -52,6 +55,7 @@ def test_restart_in_every_phase_of_a_finishing_run(cluster: Cluster, tmp_path: P
     assert run.full_status().attempts == 1
 
 
+@pytest.mark.slow
 def test_restart_after_a_failure_keeps_it_failed(cluster: Cluster, tmp_path: Path) -> None:
     target = _target(cluster)
     target.login()
