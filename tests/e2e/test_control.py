@@ -108,3 +108,17 @@ def test_unschedulable_for_too_long_fails_the_run(cluster: Cluster) -> None:
     status = target.wait_phase('toobig', ('FAILED',))
     assert status['reason'] == 'Unschedulable'
     assert 'Insufficient nvidia.com/gpu' in status['details'] and 'lower spec.resources' in status['details']
+
+
+def test_deleting_a_run_removes_its_job_pods_and_config(cluster: Cluster) -> None:
+    backend = _target(cluster).login()
+    spec = FinetuneRunSpec.model_validate({'model': 'm', 'trainData': 's3://b/d.jsonl', 'resources': {'gpus': 8}})
+    backend.create_run('doomed', spec)  # its pod waits for GPUs the node does not have
+    target = _target(cluster)
+    wait_for(lambda: target.pods('doomed'), what='pending trainer pod')
+    assert _objects(cluster, 'v1/configmaps') == ['doomed-config']
+
+    finetuner.delete_run('doomed')
+
+    wait_for(lambda: not target.pods('doomed') and not target.jobs('doomed'), what='job and pods collected')
+    assert _objects(cluster, 'v1/configmaps') == []
