@@ -45,6 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         '--only', nargs='+', choices=BENCHMARKS, metavar='NAME', help=f'run only these: {", ".join(BENCHMARKS)}'
     )
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='intra-op threads of torch and ONNX Runtime (default: their own, one per core); on a machine '
+        'shared with other work, 1 avoids the collapse of spinning thread pools',
+    )
     parser.add_argument('--results-dir', type=Path, default=ROOT / 'bench' / 'results', help='where the JSON goes')
     parser.add_argument('--doc', type=Path, default=None, help='where the Markdown table goes')
     parser.add_argument('--workdir', type=Path, default=None, help='scratch folder (default: a temporary one)')
@@ -77,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             print('--gpu needs CUDA, and torch.cuda.is_available() is False on this machine', file=sys.stderr)
             return 2
     mode = 'quick' if args.quick else 'tiny' if args.tiny else 'full'
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f'--threads must be at least 1, got {args.threads}', file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix='finetuner-bench-') as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        settings = Settings(mode=mode, gpu=args.gpu, workdir=workdir)
+        settings = Settings(mode=mode, gpu=args.gpu, threads=args.threads, workdir=workdir)
         rows: list[Row] = []
         runtimes: dict[str, float] = {}
         for name in names:

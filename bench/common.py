@@ -48,6 +48,7 @@ class Settings(BaseModel):
 
     mode: Mode = 'full'
     gpu: bool = False
+    threads: int | None = Field(default=None, description='torch and ONNX Runtime intra-op threads (None: defaults).')
     workdir: Path = Field(description='Scratch folder for data, models and run outputs.')
 
     @property

@@ -76,7 +76,7 @@ def run(settings: Settings) -> list[Row]:
         records = _records(kind, batches * BATCH, settings)
         eager = load_embedder(directory)
         eager.eval()
-        onnx = OnnxEmbedder.load(directory)
+        onnx = OnnxEmbedder.load(directory, threads=settings.threads)
         eager.embed(records[:BATCH], batch_size=BATCH)  # warm-up: lazy initialisation of both sides
         onnx.encode(records[:BATCH], batch_size=BATCH)
 

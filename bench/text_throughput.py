@@ -105,7 +105,7 @@ def run(settings: Settings) -> list[Row]:
     model_dir = text_model(settings)
     datasets = text_data(settings)
     rounds = settings.pick(full=3, quick=2, tiny=1)
-    steps = settings.pick(full=6, quick=3, tiny=2)
+    steps = settings.pick(full=5, quick=3, tiny=2)
     tasks = ('triplet', 'pairs') if settings.mode == 'full' else ('pairs',)
     target = GPU_TARGET if settings.gpu else CPU_TARGET
     rows = []

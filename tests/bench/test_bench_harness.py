@@ -125,3 +125,14 @@ def test_step_profiler_covers_the_steps_after_the_first() -> None:
         profiler.step_end()
     assert profiler.result is not None
     assert profiler.result.wall_s > 0 and 'matmul' in profiler.result.shares
+
+
+def test_bad_options_are_refused_with_the_reason(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(['--tiny', '--threads', '0', '--results-dir', str(tmp_path)]) == 2
+    assert '--threads must be at least 1, got 0' in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(['--tiny', '--gpu', '--results-dir', str(tmp_path)]) == 2
+        assert '--gpu needs CUDA' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written by a refused run
