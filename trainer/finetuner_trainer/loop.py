@@ -71,7 +71,8 @@ class TrainContext:
 def compute_loss(ctx: TrainContext, batch: dict[str, Any]) -> Tensor:
     """Forward the batch through the model and the objective."""
     groups = batch['groups']
-    if isinstance(ctx.loss, LabelObjective):
+    objective = getattr(ctx.loss, 'objective', ctx.loss)  # looks through distributed.DistributedObjective
+    if isinstance(objective, LabelObjective):
         return ctx.loss(ctx.runner(groups[0]), batch['labels'])
     queries, documents = ctx.runner(groups[0]), ctx.runner(groups[1])
     return ctx.loss(queries, documents, batch.get('scores'))
