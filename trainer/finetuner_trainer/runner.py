@@ -535,8 +535,12 @@ def main(argv: list[str] | None = None) -> int:
         for handler in log.handlers:
             handler.flush()
         if store is not None:
+            # Under torchrun every rank gets here: rank 0's log is the run's log; the others keep
+            # theirs beside it instead of overwriting it.
+            rank = int(os.environ.get('RANK', '0'))
+            log_key = layout.TRAIN_LOG if rank == 0 else layout.TRAIN_LOG.replace('.log', f'.rank-{rank}.log')
             try:
-                store.upload_file(workdir / 'train.log', layout.TRAIN_LOG)
+                store.upload_file(workdir / 'train.log', log_key)
             except Exception as e:  # the log copy is best effort
                 log.warning('could not copy the training log: %s', e)
         for handler in list(log.handlers):
