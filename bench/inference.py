@@ -1,10 +1,11 @@
 """Inference: embedding with the artifact's ONNX graph vs torch eager, batch 32, on the CPU.
 
-The artifact is built the way a run with ``toOnnx: true`` builds it: the embedder saved with
-``Embedder.save`` and exported with ``finetuner_trainer.onnx_export.export_onnx`` (which checks ONNX
-Runtime against torch before shipping the graph). Both sides use the artifact's own preprocessing
-(tokenizer with dynamic padding, or timm's image transform) on the same records, so the ratio is the
-speed-up a user of ``encode`` sees, preprocessing included.
+The artifact comes from a real run with ``toOnnx: true`` (one training step; the trainer checks ONNX
+Runtime against torch before shipping the graph). Both sides embed through ``finetuner.encode``: the
+torch side loaded with ``finetuner.get_model(artifact)``, the ONNX side with the embedder that
+``get_model(artifact, is_onnx=True)`` returns (built directly to pin its threads like torch's). Both
+use the artifact's own preprocessing (tokenizer with dynamic padding, or timm's image transform) on
+the same records, so the ratio is the speed-up a user of ``encode`` sees, preprocessing included.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import data
+from bench import data, ours
 from bench.common import Row, Settings, alternate
 from bench.text_throughput import MAX_LENGTH, text_model
 from finetuner.api.layout import Record
-from finetuner.api.v1alpha1 import FinetuneRunSpec
 
 BENCHMARK = 'inference'
 BATCH = 32
@@ -49,46 +49,56 @@ def _records(kind: str, count: int, settings: Settings) -> list[Record]:
     return [Record(text=r.text) for r in data.repeat_to(texts, count, seed=0)]
 
 
-def build_artifact(model: str, options: dict[str, Any], directory: Path) -> Path:
-    """Save an embedder with its ONNX export, as a ``toOnnx: true`` run publishes it."""
-    from finetuner_trainer.models import build_embedder
-    from finetuner_trainer.onnx_export import ONNX_DIR, export_onnx
-
-    spec = FinetuneRunSpec(model=model, train_data='file:///unused.jsonl', model_options=options)
-    embedder = build_embedder(spec)
-    embedder.eval()
-    embedder.save(directory)
-    export_onnx(embedder, directory / ONNX_DIR)
-    return directory
+def build_artifact(model: str, options: dict[str, Any], kind: str, settings: Settings) -> Path:
+    """A real ``toOnnx: true`` run (one training step) through ``finetuner_trainer.train``: the
+    artifact folder, holding the model, ``manifest.json`` and ``onnx/``."""
+    if kind == 'image':
+        records = data.labelled_images(BATCH, 32 if settings.mode == 'tiny' else 224, n_classes=BATCH // 4)
+        fields: dict[str, Any] = {'loss': 'TripletMarginLoss'}
+    else:
+        texts = _records('text', 2 * BATCH, settings)
+        records = [Record(chunks=[texts[i], texts[i + 1]]) for i in range(0, len(texts), 2)]
+        fields = {'loss': 'MultipleNegativesRankingLoss'}
+    spec = ours.spec_for(
+        model,
+        records,
+        settings.workdir,
+        f'inference-{kind}',
+        batch_size=BATCH,
+        epochs=1,
+        model_options=options,
+        to_onnx=True,
+        device='cpu',
+        **fields,
+    )
+    result = ours.train_run(spec, settings.workdir, f'inference-{kind}')
+    return Path(result.artifact_uri.removeprefix('file://'))
 
 
 def run(settings: Settings) -> list[Row]:
-    import torch
-
+    import finetuner
     from finetuner_trainer.inference_onnx import OnnxEmbedder
-    from finetuner_trainer.models import load_embedder
 
     rounds = settings.pick(full=5, quick=3, tiny=1)
     batches = settings.pick(full=4, quick=2, tiny=1)
     rows = []
     for label, model, options, kind in _cases(settings):
-        directory = build_artifact(model, options, settings.workdir / 'inference' / kind)
+        directory = build_artifact(model, options, kind, settings)
         records = _records(kind, batches * BATCH, settings)
-        eager = load_embedder(directory)
-        eager.eval()
+        eager = finetuner.get_model(directory)
+        # What get_model(is_onnx=True) returns, with the session's threads pinned like torch's.
         onnx = OnnxEmbedder.load(directory, threads=settings.threads)
-        eager.embed(records[:BATCH], batch_size=BATCH)  # warm-up: lazy initialisation of both sides
-        onnx.encode(records[:BATCH], batch_size=BATCH)
+        for side in (eager, onnx):  # warm-up: lazy initialisation of both sides
+            finetuner.encode(side, records[:BATCH], batch_size=BATCH)
 
         def eager_round(eager: Any = eager, records: list[Record] = records) -> float:
             began = time.perf_counter()
-            with torch.inference_mode():
-                eager.embed(records, batch_size=BATCH)
+            finetuner.encode(eager, records, batch_size=BATCH)
             return len(records) / (time.perf_counter() - began)
 
         def onnx_round(onnx: Any = onnx, records: list[Record] = records) -> float:
             began = time.perf_counter()
-            onnx.encode(records, batch_size=BATCH)
+            finetuner.encode(onnx, records, batch_size=BATCH)
             return len(records) / (time.perf_counter() - began)
 
         samples_onnx, samples_eager = alternate(onnx_round, eager_round, rounds)
