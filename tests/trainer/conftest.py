@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,34 @@ def make_config(tmp_path: Path) -> ConfigFactory:
         )
 
     return factory
+
+
+@pytest.fixture(scope='session')
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on loopback (real HTTP, path-style addressing)."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=port)
+    server.start()
+    yield f'http://127.0.0.1:{port}'
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A fresh bucket on the moto server, with the S3 environment the trainer reads set."""
+    for key, value in {
+        'FINETUNER_S3_ENDPOINT': s3_endpoint,
+        'AWS_ACCESS_KEY_ID': 'test',
+        'AWS_SECRET_ACCESS_KEY': 'test',
+        'AWS_DEFAULT_REGION': 'us-east-1',
+    }.items():
+        monkeypatch.setenv(key, value)
+    from finetuner.storage import s3_client
+
+    bucket = f'trainer-{abs(hash(tmp_path)) % 10**8}'
+    s3_client().create_bucket(Bucket=bucket)
+    return bucket

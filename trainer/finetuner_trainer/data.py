@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import heapq
 import io
 import json
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -140,8 +142,8 @@ def load_records(
         raise ConfigError(field_name, f'{reference!r} holds no records')
     if key:
         return records, ImageBase(store, key.rsplit('/', 1)[0] if '/' in key else '')
-    parent = urlparse(store.uri).path.rsplit('/', 1)[0]
-    return records, ImageBase(open_store(parent) if store.uri.startswith('file://') else None, '')
+    # The reference named the file itself: relative image paths are resolved in its folder.
+    return records, ImageBase(open_store(store.uri.rsplit('/', 1)[0]), '')
 
 
 def parse_jsonl(data: bytes, field_name: str) -> list[Record]:
@@ -457,10 +459,14 @@ def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Datase
 
 
 class ClassBalancedBatches:
-    """Batches of ``batch_size`` items with ``per_class`` items from each of several classes.
+    """Batches of ``classes_per_batch`` distinct classes with ``per_class`` items of each.
 
-    Classes with fewer items than ``per_class`` are sampled with replacement; one epoch yields
-    about ``len(labels) / batch_size`` batches. Deterministic per (seed, epoch).
+    Every item is in a batch of every epoch. A class's items are shuffled and cut into groups of
+    ``per_class`` (the last group topped up with other items of the class; a class smaller than
+    ``per_class`` repeats items). Each batch takes one group from each of the classes with the most
+    groups left, which uses all groups in the fewest batches: max(largest class's groups,
+    ceil(all groups / classes_per_batch)). When fewer classes than a batch needs have groups left,
+    the free places get extra groups drawn from other classes. Deterministic per (seed, epoch).
     """
 
     def __init__(self, labels: Sequence[int], batch_size: int, per_class: int, seed: int):
@@ -473,33 +479,49 @@ class ClassBalancedBatches:
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
+        groups = [math.ceil(len(indices) / self.per_class) for indices in self.by_class.values()]
+        self.length = max(max(groups, default=1), math.ceil(sum(groups) / self.classes_per_batch), 1)
 
     def __len__(self) -> int:
-        return max(1, self.num_items // (self.per_class * self.classes_per_batch))
+        return self.length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _group(self, indices: list[int], rng: random.Random) -> list[int]:
+        if len(indices) >= self.per_class:
+            return rng.sample(indices, self.per_class)
+        return indices + rng.choices(indices, k=self.per_class - len(indices))
+
     def __iter__(self) -> Iterator[list[int]]:
         rng = random.Random(self.seed * 100003 + self.epoch)
-        groups: list[list[int]] = []
-        for indices in self.by_class.values():
+        queues: dict[int, list[list[int]]] = {}
+        for label, indices in self.by_class.items():
             pool = indices[:]
             rng.shuffle(pool)
-            if len(pool) < self.per_class:
-                pool += rng.choices(indices, k=self.per_class - len(pool))
-            starts = range(0, len(pool) - self.per_class + 1, self.per_class)
-            groups.extend(pool[i : i + self.per_class] for i in starts)
-        rng.shuffle(groups)
-        produced = 0
-        while produced < len(self):
-            batch_groups: list[list[int]] = []
-            while groups and len(batch_groups) < self.classes_per_batch:
-                batch_groups.append(groups.pop())
-            if len(batch_groups) < min(2, self.classes_per_batch):
-                return
-            yield [i for group in batch_groups for i in group]
-            produced += 1
+            short = -len(pool) % self.per_class
+            if short:
+                last = set(pool[-(len(pool) % self.per_class) :])
+                others = [i for i in indices if i not in last]
+                pool += rng.sample(others, short) if len(others) >= short else rng.choices(indices, k=short)
+            queues[label] = [pool[i : i + self.per_class] for i in range(0, len(pool), self.per_class)]
+        # A max-heap on groups left; the random second key breaks ties differently every epoch.
+        heap = [(-len(groups), rng.random(), label) for label, groups in queues.items()]
+        heapq.heapify(heap)
+        batches: list[list[int]] = []
+        while heap:
+            taken = [heapq.heappop(heap) for _ in range(min(self.classes_per_batch, len(heap)))]
+            chosen = {label for _, _, label in taken}
+            batch = [i for _, _, label in taken for i in queues[label].pop()]
+            spare = [label for label in self.by_class if label not in chosen]
+            for label in rng.sample(spare, self.classes_per_batch - len(taken)):
+                batch += self._group(self.by_class[label], rng)
+            batches.append(batch)
+            for left, tie, label in taken:
+                if left + 1 < 0:
+                    heapq.heappush(heap, (left + 1, tie, label))
+        rng.shuffle(batches)
+        yield from batches
 
 
 class RandomBatches:

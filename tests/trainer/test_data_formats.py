@@ -1,0 +1,316 @@
+"""Data formats and sources: every CSV option, docarray binary files, images by path / file:// /
+s3:// and the class-balanced sampler. Parsing is tested directly; each source also trains once."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from finetuner.api.layout import Record
+from finetuner.api.v1alpha1 import CSVOptions, FinetuneRunSpec, TrainerConfig
+from finetuner_trainer import train
+from finetuner_trainer.data import (
+    ClassBalancedBatches,
+    Shape,
+    load_records,
+    parse_csv,
+    parse_docarray,
+    to_dataset,
+)
+from finetuner_trainer.errors import ConfigError
+from finetuner_trainer.models import model_cache_dir
+from tests.support.tiny import PALETTE, TINY_TIMM, labelled_texts, png_bytes, write_jsonl
+from tests.trainer.conftest import TIMM_SPEC, ConfigFactory
+
+# --- CSV ----------------------------------------------------------------------------------------
+
+
+def _csv(text: str, **options: object) -> list[Record]:
+    return parse_csv(text.encode(options.pop('encoding_of_bytes', 'utf-8')), CSVOptions(**options), 'trainData')
+
+
+def test_csv_labelled_two_columns_are_item_and_label() -> None:
+    records = _csv('text,label\nred apple,fruit\n"green, ripe pear",fruit\ncarrot,vegetable\n', is_labeled=True)
+    assert [(r.text, r.label) for r in records] == [
+        ('red apple', 'fruit'),
+        ('green, ripe pear', 'fruit'),
+        ('carrot', 'vegetable'),
+    ]
+    assert all(not r.chunks for r in records)
+
+
+def test_csv_unlabelled_two_columns_are_query_document_pairs() -> None:
+    records = _csv('how do I reset it?,Hold the button for ten seconds.\nprice?,It costs 3 euros.\n')
+    assert [(r.chunks[0].text, r.chunks[1].text, r.score) for r in records] == [
+        ('how do I reset it?', 'Hold the button for ten seconds.', None),
+        ('price?', 'It costs 3 euros.', None),
+    ]
+
+
+def test_csv_three_columns_carry_a_score_even_when_labelled_is_set() -> None:
+    for labelled in (False, True):
+        records = _csv('query,document,score\na cat,a small cat,0.9\na cat,a truck,0.1\n', is_labeled=labelled)
+        assert [(r.chunks[0].text, r.chunks[1].text, r.score) for r in records] == [
+            ('a cat', 'a small cat', 0.9),
+            ('a cat', 'a truck', 0.1),
+        ]
+
+
+@pytest.mark.parametrize('delimiter', ['\t', ';', '|', ','])
+def test_csv_dialect_is_sniffed(delimiter: str) -> None:
+    rows = [['a red, round fruit', 'fruit'], ['a long, orange root', 'vegetable'], ['sweet; yellow', 'fruit']]
+    quote = '"' if delimiter in (',', ';') else ''
+    text = '\n'.join(delimiter.join(f'{quote}{c}{quote}' if delimiter in c else c for c in row) for row in rows)
+    records = _csv(text + '\n', is_labeled=True)
+    assert [(r.text, r.label) for r in records] == [tuple(row) for row in rows]
+
+
+def test_csv_explicit_dialect_overrides_sniffing() -> None:
+    text = 'one,two\tlabel-a\nthree,four\tlabel-b\n'
+    assert [(r.text, r.label) for r in _csv(text, is_labeled=True, dialect='excel-tab')] == [
+        ('one,two', 'label-a'),
+        ('three,four', 'label-b'),
+    ]
+
+
+def test_csv_encoding_is_used_and_a_wrong_one_is_a_config_error() -> None:
+    text = 'café crème,boisson\nthé glacé,boisson\n'
+    records = parse_csv(text.encode('latin-1'), CSVOptions(encoding='latin-1', is_labeled=True), 'trainData')
+    assert records[0].text == 'café crème'
+    with pytest.raises(ConfigError) as caught:
+        parse_csv(text.encode('latin-1'), CSVOptions(is_labeled=True), 'trainData')
+    assert caught.value.field == 'csvOptions.encoding'
+    assert "not 'utf-8' text" in caught.value.problem
+
+
+def test_csv_size_and_sampling_rate() -> None:
+    text = ''.join(f'item {i},class-{i % 3}\n' for i in range(400))
+    assert [r.text for r in _csv(text, is_labeled=True, size=5)] == [f'item {i}' for i in range(5)]
+    sampled = _csv(text, is_labeled=True, sampling_rate=0.25)
+    assert 60 <= len(sampled) <= 140  # a quarter of 400 at random
+    assert [r.text for r in sampled] == [r.text for r in _csv(text, is_labeled=True, sampling_rate=0.25)]
+    both = _csv(text, is_labeled=True, sampling_rate=0.5, size=10)
+    assert len(both) == 10 and {r.text for r in both} <= {r.text for r in _csv(text, is_labeled=True)}
+
+
+def test_csv_image_cells_become_image_references() -> None:
+    records = _csv('images/cat.jpg,cat\nphotos/dog.PNG,dog\n', is_labeled=True)
+    assert [(r.uri, r.text, r.label) for r in records] == [
+        ('images/cat.jpg', None, 'cat'),
+        ('photos/dog.PNG', None, 'dog'),
+    ]
+
+
+@pytest.mark.parametrize(
+    ('text', 'message'),
+    [
+        ('a,b,c,d\n', 'CSV row 1 has 4 columns; expected 2'),
+        ('only one column\n', 'CSV row 1 has 1 columns'),
+        ('q,d,very similar\n', "CSV row 1: the third column 'very similar' is not a number"),
+    ],
+)
+def test_csv_bad_rows_name_the_row(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _csv(text)
+    assert caught.value.field == 'trainData' and message in caught.value.problem
+
+
+def test_csv_file_trains_a_text_model(make_config: ConfigFactory, tiny_bert: Path, tmp_path: Path) -> None:
+    rows = [f'{r.text};{r.label}' for r in labelled_texts(n_classes=3, per_class=6)]
+    csv_file = tmp_path / 'labelled.csv'
+    csv_file.write_text('text;label\n' + '\n'.join(rows) + '\n', encoding='utf-16')
+    config = make_config([Record(text='unused', label='a')], model=str(tiny_bert), loss='TripletMarginLoss')
+    spec = config.spec.model_copy(
+        update={
+            'train_data': str(csv_file),
+            'csv_options': CSVOptions(is_labeled=True, encoding='utf-16'),
+            'batch_size': 6,
+            'num_items_per_class': 2,
+        }
+    )
+    result = train(config.model_copy(update={'spec': spec}))
+    assert result.steps >= 1 and result.history[0]['train_loss'] > 0
+
+
+# --- docarray -----------------------------------------------------------------------------------
+
+
+def _save_doclist(docs: list, path: Path) -> Path:
+    from docarray import DocList
+    from docarray.documents.legacy import LegacyDocument
+
+    DocList[LegacyDocument](docs).save_binary(str(path), protocol='protobuf', compress=None)
+    return path
+
+
+def test_docarray_binary_file_with_labels_images_and_pairs(tmp_path: Path) -> None:
+    from docarray.documents.legacy import LegacyDocument
+
+    image = png_bytes(PALETTE[0])
+    docs = [
+        LegacyDocument(text='a red car', tags={'finetuner_label': 'car', 'source': 'web'}),
+        LegacyDocument(blob=image, tags={'finetuner_label': 'red'}),
+        LegacyDocument(
+            chunks=[LegacyDocument(text='a query'), LegacyDocument(text='its document')],
+            tags={'finetuner_score': 0.75},
+        ),
+    ]
+    records = parse_docarray(_save_doclist(docs, tmp_path / 'data.bin').read_bytes(), 'trainData')
+    assert (records[0].text, records[0].label, records[0].tags) == ('a red car', 'car', {'source': 'web'})
+    assert base64.b64decode(records[1].blob) == image and records[1].label == 'red'
+    assert [c.text for c in records[2].chunks] == ['a query', 'its document'] and records[2].score == 0.75
+
+
+def test_not_a_data_file_names_the_formats(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_docarray(b'\x00\x01 certainly not a DocList', 'trainData')
+    assert 'not JSONL, CSV or a docarray DocList[LegacyDocument] binary file' in caught.value.problem
+
+
+def test_docarray_file_trains_a_text_model(make_config: ConfigFactory, tiny_bert: Path, tmp_path: Path) -> None:
+    from docarray.documents.legacy import LegacyDocument
+
+    docs = [LegacyDocument(text=r.text, tags={'finetuner_label': str(r.label)}) for r in labelled_texts(3, 6)]
+    data = _save_doclist(docs, tmp_path / 'train.bin')
+    config = make_config([Record(text='unused', label='a')], model=str(tiny_bert), loss='TripletMarginLoss')
+    spec = config.spec.model_copy(update={'train_data': str(data), 'batch_size': 6, 'num_items_per_class': 2})
+    result = train(config.model_copy(update={'spec': spec}))
+    assert result.steps >= 1
+    saved = json.loads((Path(urlparse(result.artifact_uri).path) / 'finetuner.json').read_text())
+    assert saved['family'] == 'text'
+
+
+# --- images by path and URI ---------------------------------------------------------------------
+
+
+def _image_files(folder: Path, per_class: int = 4) -> list[tuple[Path, str]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for label in range(3):
+        for i in range(per_class):
+            path = folder / f'c{label}-{i}.png'
+            path.write_bytes(png_bytes(PALETTE[label], seed=label * 10 + i))
+            files.append((path, f'class-{label}'))
+    return files
+
+
+def test_images_by_absolute_path_file_uri_and_relative_path(tmp_path: Path) -> None:
+    files = _image_files(tmp_path / 'data' / 'images', per_class=1)
+    records = [
+        Record(uri=str(files[0][0]), label=files[0][1]),
+        Record(uri=files[1][0].as_uri(), label=files[1][1]),
+        Record(uri=f'images/{files[2][0].name}', label=files[2][1]),  # relative to the data file
+    ]
+    data = write_jsonl(records, tmp_path / 'data' / 'train.jsonl')
+    loaded, base = load_records(str(data), None, CSVOptions(), 'trainData')
+    dataset = to_dataset(loaded, FinetuneRunSpec(model=TINY_TIMM, train_data=str(data)), 'trainData', base)
+    assert [e.items[0].image for e in dataset.examples] == [path.read_bytes() for path, _ in files]
+
+
+def test_csv_with_relative_image_paths(tmp_path: Path) -> None:
+    files = _image_files(tmp_path / 'data' / 'pics', per_class=1)
+    csv_file = tmp_path / 'data' / 'train.csv'
+    csv_file.write_text(''.join(f'pics/{path.name},{label}\n' for path, label in files))
+    loaded, base = load_records(str(csv_file), None, CSVOptions(is_labeled=True), 'trainData')
+    dataset = to_dataset(loaded, FinetuneRunSpec(model=TINY_TIMM, train_data=str(csv_file)), 'trainData', base)
+    assert dataset.shape == Shape.LABELLED and dataset.classes == ['class-0', 'class-1', 'class-2']
+    assert dataset.examples[2].items[0].image == files[2][0].read_bytes()
+
+
+def test_missing_image_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    data = write_jsonl([Record(uri='images/nowhere.png', label='a')], tmp_path / 'train.jsonl')
+    loaded, base = load_records(str(data), None, CSVOptions(), 'trainData')
+    with pytest.raises(ConfigError) as caught:
+        to_dataset(loaded, FinetuneRunSpec(model=TINY_TIMM, train_data=str(data)), 'trainData', base)
+    assert "record 1: cannot read image 'images/nowhere.png'" in caught.value.problem
+
+
+def test_images_and_data_file_in_s3_train_a_cnn(s3_bucket: str, tmp_path: Path) -> None:
+    """Data in an S3 bucket: a JSONL file with relative paths, and one record by full s3:// URI."""
+    from finetuner.storage import open_store
+
+    store = open_store(f's3://{s3_bucket}/datasets/textures')
+    records = []
+    for path, label in _image_files(tmp_path / 'images'):
+        store.write_bytes(f'images/{path.name}', path.read_bytes())
+        records.append(Record(uri=f'images/{path.name}', label=label))
+    records[0] = Record(uri=f's3://{s3_bucket}/datasets/textures/images/c0-0.png', label='class-0')
+    store.write_bytes('train.jsonl', write_jsonl(records, tmp_path / 'train.jsonl').read_bytes())
+    config = TrainerConfig(
+        run_name='s3-images',
+        spec=FinetuneRunSpec(
+            train_data=f's3://{s3_bucket}/datasets/textures/train.jsonl',
+            **TIMM_SPEC,
+            loss='TripletMarginLoss',
+            batch_size=6,
+            num_items_per_class=2,
+            epochs=1,
+            num_workers=0,
+            device='cpu',
+        ),
+        output_uri=f's3://{s3_bucket}/runs/s3-images',
+        termination_log=str(tmp_path / 'termination-log'),
+    )
+    result = train(config)
+    assert result.artifact_uri.startswith(f's3://{s3_bucket}/runs/s3-images/')
+    assert open_store(result.artifact_uri).exists('manifest.json')
+
+
+# --- a Hugging Face model under an s3:// prefix (air-gapped clusters) ----------------------------
+
+
+def test_model_from_an_s3_prefix(s3_bucket: str, tiny_bert: Path, make_config: ConfigFactory) -> None:
+    from finetuner.storage import open_store
+
+    open_store(f's3://{s3_bucket}/models/tiny-bert').upload_dir(tiny_bert, '')
+    config = make_config(
+        labelled_texts(3, 4),
+        model=f's3://{s3_bucket}/models/tiny-bert',
+        loss='TripletMarginLoss',
+        batch_size=6,
+        num_items_per_class=2,
+    )
+    result = train(config)
+    assert result.output_dim == 32
+    cached = [p for p in model_cache_dir().iterdir() if (p / '.complete').exists()]
+    assert len(cached) == 1 and (cached[0] / 'config.json').exists()
+    assert (cached[0] / '.complete').read_text() == f's3://{s3_bucket}/models/tiny-bert'
+
+
+def test_missing_s3_model_prefix_is_a_config_error(s3_bucket: str, make_config: ConfigFactory) -> None:
+    config = make_config(labelled_texts(2, 2), model=f's3://{s3_bucket}/models/absent', loss='TripletMarginLoss')
+    with pytest.raises(ConfigError) as caught:
+        train(config)
+    assert caught.value.field == 'model'
+    assert f's3://{s3_bucket}/models/absent' in caught.value.problem
+
+
+# --- class-balanced sampling --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ('sizes', 'batch_size', 'per_class'),
+    [((8, 8, 8, 8), 8, 2), ((10, 3, 7, 1, 25), 12, 4), ((5, 5), 16, 4), ((40, 2, 2), 6, 2)],
+)
+def test_class_balanced_batches(sizes: tuple[int, ...], batch_size: int, per_class: int) -> None:
+    labels = [label for label, size in enumerate(sizes) for _ in range(size)]
+    sampler = ClassBalancedBatches(labels, batch_size, per_class, seed=3)
+    classes_per_batch = min(batch_size // per_class, len(sizes))
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        for batch in batches:
+            counts = Counter(labels[i] for i in batch)
+            assert len(counts) == classes_per_batch, counts
+            assert set(counts.values()) == {per_class}, counts
+        assert {i for batch in batches for i in batch} == set(range(len(labels)))  # every item every epoch
+    sampler.set_epoch(1)
+    again = list(sampler)
+    sampler.set_epoch(2)
+    assert again == batches and list(sampler) != batches  # deterministic per epoch, different across
