@@ -129,7 +129,16 @@ async def mirror_progress(name: str, namespace: str, memo: kopf.Memo, stopped: k
     while not stopped:
         with metrics.timed('progress'):
             await asyncio.to_thread(memo.reconciler.sync_run, namespace, name)
-        await stopped.wait(interval)
+        await _pause(stopped, interval)
+
+
+async def _pause(stopped: kopf.DaemonStopped, seconds: float) -> None:
+    # Not `stopped.wait(seconds)`: in kopf 1.45 its inner task outlives a cancelled daemon and
+    # raises TimeoutError into the operator's shutdown. Short sleeps end cleanly on stop or cancel.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not stopped and (left := deadline - loop.time()) > 0:
+        await asyncio.sleep(min(left, 0.25))
 
 
 # --- Experiment --------------------------------------------------------------------------------

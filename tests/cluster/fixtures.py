@@ -130,5 +130,11 @@ def cluster(
         operator.stop()
         node.stop()
         api.close()
-        assert not operator.errors, operator.errors
-        assert not node.errors, node.errors
+        assert not operator.errors, 'operator: ' + ''.join(_traceback(e) for e in operator.errors)
+        assert not node.errors, 'node: ' + ''.join(_traceback(e) for e in node.errors)
+
+
+def _traceback(error: BaseException) -> str:
+    import traceback
+
+    return ''.join(traceback.format_exception(error))
