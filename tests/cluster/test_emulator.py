@@ -230,3 +230,18 @@ def test_kubectl_get_finetuneruns_by_short_name(api_server: tuple[ApiServer, Pat
     )
     assert result.returncode == 0, result.stderr
     assert 'PHASE' in result.stdout and 'shown' in result.stdout and 'STARTED' in result.stdout
+
+
+def test_put_replaces_with_optimistic_concurrency_and_namespaces_must_agree(api: Any) -> None:
+    core = client.CoreV1Api(api)
+    created = core.create_namespaced_config_map(NS, cm('r'))
+    body = core.read_namespaced_config_map('r', NS)
+    body.data = {'k': 'new'}
+    replaced = core.replace_namespaced_config_map('r', NS, body)
+    assert replaced.data == {'k': 'new'}
+    assert replaced.metadata.uid == created.metadata.uid
+    body.data = {'k': 'stale'}  # still carries the old resourceVersion
+    assert status_code(lambda: core.replace_namespaced_config_map('r', NS, body)) == 409
+    other = cm('elsewhere')
+    other['metadata']['namespace'] = 'kube-system'
+    assert status_code(lambda: core.create_namespaced_config_map(NS, other)) == 400

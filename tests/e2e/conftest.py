@@ -11,11 +11,18 @@ def pytest_configure(config: pytest.Config) -> None:
     register_markers(config)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_sdk_session() -> Iterator[None]:
+    """Each scenario logs in itself; none leaves the SDK pointed at a stopped cluster."""
+    import finetuner.backends
+
+    yield
+    finetuner.backends.use(None)
+
+
 @pytest.fixture(params=['simulated', pytest.param('real', marks=pytest.mark.cluster)])
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     """The same scenarios on the simulated cluster (default) and on a real one (``-m cluster``)."""
-    import finetuner.backends
-
     if request.param == 'real':
         yield real_target()
     else:
@@ -29,4 +36,3 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
             restart_operator=sim.operator.restart,
             pause_node=sim.node.pause,
         )
-    finetuner.backends.use(None)
