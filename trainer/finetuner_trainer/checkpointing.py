@@ -2,7 +2,7 @@
 
 Layout under the run's output prefix::
 
-    checkpoints/epoch-0003/state.pt     model, optimizer, scheduler, loss, sampler, RNG, callbacks, history
+    checkpoints/epoch-0003/state.pt     model, optimizer, scheduler, loss, sampler, every rank's RNG, callbacks, history
     checkpoints/step-00000120/state.pt  the same, taken every ``checkpoint_every_steps`` steps
     checkpoints/latest.json             {"path": "checkpoints/epoch-0003", "epoch": 3, "step": 120, ...}
 
@@ -89,6 +89,29 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random stream: rank 0 keeps the run's seed, so a single process
+    and rank 0 draw alike; the other ranks get streams of their own (dropout masks, augmentations
+    must differ between the ranks' shares of a batch, or every share is perturbed the same way)."""
+    return seed + 1_000_003 * rank
+
+
+def reseed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seeded_rng_state(seed: int) -> dict[str, Any]:
+    """The generator states :func:`reseed` would set, without changing the current ones."""
+    current = capture_rng()
+    reseed(seed)
+    state = capture_rng()
+    restore_rng(current)
+    return state
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +131,16 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rng_per_rank: list[dict[str, Any]] = field(default_factory=list)
+
+    def rng_for(self, rank: int, world_size: int) -> dict[str, Any] | None:
+        """The RNG state rank ``rank`` of a world of ``world_size`` saved, or None when the checkpoint
+        was written by a different number of processes (then no saved stream continues this rank's)."""
+        if len(self.rng_per_rank) == world_size:
+            return self.rng_per_rank[rank]
+        if world_size == 1 and not self.rng_per_rank:  # written before per-rank states were saved
+            return self.rng
+        return None
 
     def restore(
         self, components: dict[str, Stateful | None], callbacks: list[Any] | None = None, rng: bool = True
@@ -183,9 +216,14 @@ class Checkpointer:
         callbacks: list[Any] | None = None,
         history: list[dict[str, Any]] | None = None,
         extra: dict[str, Any] | None = None,
+        rng_per_rank: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Store a checkpoint and point ``latest.json`` at it. Returns its path (e.g. checkpoints/epoch-0003)."""
+        """Store a checkpoint and point ``latest.json`` at it. Returns its path (e.g. checkpoints/epoch-0003).
+
+        ``rng_per_rank``: every rank's :func:`capture_rng` in rank order (distributed runs); this
+        process's alone when not given."""
         path = checkpoint_name(epoch, step, batch_in_epoch)
+        rng = capture_rng()
         payload = {
             'format': FORMAT_VERSION,
             'epoch': epoch,
@@ -198,7 +236,8 @@ class Checkpointer:
             },
             'callbacks': {callback_key(cb, i): cb.state_dict() for i, cb in enumerate(callbacks or [])},
             'history': _plain(list(history or [])),
-            'rng': capture_rng(),
+            'rng': rng,
+            'rng_per_rank': list(rng_per_rank) if rng_per_rank else [rng],
             'extra': _plain(dict(extra or {})),
         }
         # A temporary file and upload_file: S3 uploads large states in parts, a folder renames atomically.
@@ -248,6 +287,7 @@ class Checkpointer:
             history=payload['history'],
             rng=payload['rng'],
             extra=payload['extra'],
+            rng_per_rank=list(payload.get('rng_per_rank') or []),
         )
 
     def saved(self) -> list[str]:
@@ -301,6 +341,10 @@ def checkpointer_of(ctx: Any) -> Checkpointer:
 def resume_from_latest(ctx: Any) -> Checkpoint | None:
     """Load the run's latest checkpoint into the loop (model, optimizers, callbacks, state, RNGs).
 
+    Every rank (torchrun sets RANK and WORLD_SIZE; the process group is joined later) continues
+    its own random stream from the checkpoint. When the number of processes changed since it was
+    written, each rank starts a fresh stream seeded from (seed, rank, step) instead.
+
     Sets ``state.epoch``/``state.step``/``state.history``/``state.resumed_from`` and
     ``ctx.extras['skip_batches']`` (batches of the current epoch already trained, for a step
     checkpoint) and ``ctx.extras['before']`` (the metrics before fine-tuning of the first attempt)."""
@@ -311,9 +355,24 @@ def resume_from_latest(ctx: Any) -> Checkpoint | None:
     # are restored only after the already-trained batches are skipped (resume_rng), so the
     # resumed attempt draws exactly what the first one drew.
     mid_epoch = checkpoint.batch_in_epoch > 0
-    checkpoint.restore(loop_components(ctx), ctx.callbacks, rng=not mid_epoch)
-    if mid_epoch and checkpoint.rng is not None:
-        ctx.extras['resume_rng'] = checkpoint.rng
+    checkpoint.restore(loop_components(ctx), ctx.callbacks, rng=False)
+    from finetuner_trainer.distributed import env_info
+
+    info = env_info()
+    rng_state = checkpoint.rng_for(info.rank, info.world_size)
+    if rng_state is None:
+        ctx.logger.info(
+            'checkpoint %s holds the random state of %d processes, this run has %d: rank %d draws a fresh stream',
+            checkpoint.path,
+            len(checkpoint.rng_per_rank),
+            info.world_size,
+            info.rank,
+        )
+        rng_state = seeded_rng_state(rank_seed(ctx.spec.seed + checkpoint.step, info.rank))
+    if mid_epoch:
+        ctx.extras['resume_rng'] = rng_state
+    else:
+        restore_rng(rng_state)
     state = ctx.state
     state.epoch = checkpoint.epoch
     state.step = checkpoint.step
@@ -338,7 +397,12 @@ def resume_from_latest(ctx: Any) -> Checkpoint | None:
 
 def save_loop_checkpoint(ctx: Any, batch_in_epoch: int = 0) -> str | None:
     """Checkpoint the loop (rank 0 writes; the others return None). ``batch_in_epoch`` > 0 for a
-    checkpoint taken inside epoch ``state.epoch``, which then counts as not yet finished."""
+    checkpoint taken inside epoch ``state.epoch``, which then counts as not yet finished.
+
+    Every rank must call it (at the same step): the ranks' RNG states are gathered on rank 0."""
+    from finetuner_trainer.distributed import gather_to_main
+
+    rng_per_rank = gather_to_main(capture_rng())
     if not ctx.is_main:
         return None
     state = ctx.state
@@ -351,6 +415,7 @@ def save_loop_checkpoint(ctx: Any, batch_in_epoch: int = 0) -> str | None:
         callbacks=ctx.callbacks,
         history=state.history,
         extra={'before': ctx.extras.get('before', {})},
+        rng_per_rank=rng_per_rank,
     )
 
 

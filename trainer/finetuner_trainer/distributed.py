@@ -152,6 +152,16 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's Python object, in rank order, on rank 0 (None on the other ranks); ``[obj]``
+    when not distributed. A collective: every rank must call it."""
+    if not is_distributed():
+        return [obj]
+    holder: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, holder, dst=0)
+    return holder
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +318,14 @@ def setup_loop(ctx: Any) -> DistInfo:
         return info
     info = init_distributed(str(getattr(ctx.spec.device, 'value', ctx.spec.device)))
     from torch.utils.data import DataLoader
+
+    from finetuner_trainer.checkpointing import rank_seed, reseed
+
+    if ctx.state.resumed_from is None and info.rank > 0:
+        # Every rank built the model from the same seed (identical initial weights, also of loss
+        # parameters DDP does not broadcast); from here on each draws its own random stream. A
+        # resumed rank continues the stream its checkpoint saved for it (checkpointing.resume_from_latest).
+        reseed(rank_seed(ctx.spec.seed, info.rank))
 
     # Pair data runs the model twice per step (queries, documents): DDP's static graph mode
     # supports that; label data runs it once.
