@@ -139,3 +139,81 @@ def test_numpy_values_in_history_load_with_weights_only(tmp_path: Path) -> None:
     )
     checkpoint = Checkpointer(store).load_latest()
     assert checkpoint is not None and checkpoint.history == [{'mrr': 0.5}] and checkpoint.extra == {'a': [0, 1]}
+
+
+def _stream(seed: int) -> dict[str, Any]:
+    from finetuner_trainer.checkpointing import seeded_rng_state
+
+    return seeded_rng_state(seed)
+
+
+def _resume_as(rank: int, world: int, store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """resume_from_latest as rank ``rank`` of ``world`` processes; the next draws of torch's generator."""
+    import logging
+    from types import SimpleNamespace
+
+    from finetuner_trainer.checkpointing import resume_from_latest
+    from finetuner_trainer.hooks import TrainState
+
+    monkeypatch.setenv('RANK', str(rank))
+    monkeypatch.setenv('WORLD_SIZE', str(world))
+    model, optimizer, scheduler = make()
+    ctx = SimpleNamespace(
+        store=store,
+        extras={},
+        callbacks=[],
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss=torch.nn.Identity(),
+        loss_optimizer=None,
+        state=TrainState(),
+        logger=logging.getLogger('test'),
+        spec=SimpleNamespace(seed=5),
+    )
+    assert resume_from_latest(ctx) is not None
+    return torch.rand(3).tolist()
+
+
+def test_every_rank_resumes_its_own_random_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetuner_trainer.checkpointing import rank_seed, restore_rng
+
+    store = LocalStore(tmp_path)
+    model, optimizer, scheduler = make()
+    streams = [_stream(10), _stream(11)]
+    Checkpointer(store).save(
+        epoch=1,
+        step=4,
+        components={'model': model, 'optimizer': optimizer, 'scheduler': scheduler},
+        rng_per_rank=streams,
+    )
+    checkpoint = Checkpointer(store).load_latest()
+    assert checkpoint is not None and len(checkpoint.rng_per_rank) == 2
+    assert checkpoint.rng_for(3, 4) is None  # written by 2 processes: no saved stream for a world of 4
+
+    expected = []
+    for state in streams:
+        restore_rng(state)
+        expected.append(torch.rand(3).tolist())
+    assert expected[0] != expected[1]
+    assert _resume_as(0, 2, store, monkeypatch) == expected[0]
+    assert _resume_as(1, 2, store, monkeypatch) == expected[1]
+    # Another world size: each rank draws a fresh stream of its own, from (seed, rank, step).
+    restore_rng(_stream(rank_seed(5 + 4, 1)))
+    fresh = torch.rand(3).tolist()
+    assert _resume_as(1, 4, store, monkeypatch) == fresh
+    assert _resume_as(2, 4, store, monkeypatch) != fresh
+
+
+def test_a_single_process_checkpoint_holds_its_own_stream(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    model, _, _ = make()
+    torch.manual_seed(3)
+    Checkpointer(store).save(epoch=1, step=1, components={'model': model})
+    expected = torch.rand(2)
+    checkpoint = Checkpointer(store).load_latest()
+    assert checkpoint is not None and checkpoint.rng_for(0, 1) is not None
+    from finetuner_trainer.checkpointing import restore_rng
+
+    restore_rng(checkpoint.rng_for(0, 1))
+    assert torch.equal(torch.rand(2), expected)
