@@ -18,7 +18,16 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.common import BenchmarkUnavailable, Report, Row, Settings, machine_info, today, versions
+from bench.common import (
+    BenchmarkUnavailable,
+    Report,
+    Row,
+    Settings,
+    load_average,
+    machine_info,
+    today,
+    versions,
+)
 from bench.report import write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = args.results_dir / 'quick.md'
     names = args.only or list(BENCHMARKS)
     started = time.perf_counter()
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory(prefix='finetuner-bench-') as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime_s=time.perf_counter() - started,
         rows=rows,
         benchmark_runtimes_s=runtimes,
+        load_average={'start': load_at_start, 'end': load_average()},
         notes=CLOSING_NOTES + [n for name in names for n in _closing_notes(name, rows)],
     )
     json_path, doc_path = write(report, args.results_dir, doc)

@@ -139,6 +139,9 @@ class Report(BaseModel):
     runtime_s: float
     rows: list[Row]
     benchmark_runtimes_s: dict[str, float] = Field(default_factory=dict)
+    load_average: dict[str, float] = Field(
+        default_factory=dict, description='1-minute load average of the machine at the start and end of the run.'
+    )
     notes: list[str] = Field(default_factory=list)
 
 
@@ -218,3 +221,8 @@ def rss_mb(pid: int) -> float:
         if line.startswith('VmRSS:'):
             return int(line.split()[1]) / 1024
     raise ValueError(f'no VmRSS for process {pid}')
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (runnable processes; above the core count means sharing)."""
+    return os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')

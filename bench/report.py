@@ -97,6 +97,9 @@ def render_markdown(report: Report) -> str:
         '',
         f'- CPU: {m.cpu}; cores available: {m.cores}; torch threads: {m.torch_threads}; GPU: {m.gpu or "none"}',
         f'- Python {m.python} on {m.platform}',
+        '- 1-minute load average at the start and end of the run: '
+        + ', '.join(f'{k} {v:.1f}' for k, v in report.load_average.items())
+        + f' (on {m.cores} cores: above {m.cores} the machine was shared with other work)',
         '- ' + ', '.join(f'{k} {v}' for k, v in report.versions.items()),
         '- Seconds per benchmark: ' + ', '.join(f'{k} {v:.0f}' for k, v in report.benchmark_runtimes_s.items()),
         '',
