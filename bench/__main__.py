@@ -112,13 +112,32 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(BENCHMARKS)
     started = time.perf_counter()
     load_at_start = load_average()
+    command = 'python -m bench' + ''.join(f' {shlex.quote(a)}' for a in (argv if argv is not None else sys.argv[1:]))
+    rows: list[Row] = []
+    runtimes: dict[str, float] = {}
+
+    def report(done: list[str]) -> Report:
+        pending = [name for name in names if name not in done]
+        progress = [f'Incomplete run: {", ".join(pending)} not run yet when this was written.'] if pending else []
+        return Report(
+            date=today(),
+            mode=mode,  # type: ignore[arg-type]
+            gpu=args.gpu,
+            machine=machine_info(args.gpu),
+            versions=versions(),
+            command=command,
+            runtime_s=time.perf_counter() - started,
+            rows=rows,
+            benchmark_runtimes_s=runtimes,
+            load_average={'start': load_at_start, 'end': load_average()},
+            notes=progress + CLOSING_NOTES + [n for name in done for n in _closing_notes(name, rows)],
+        )
+
     with tempfile.TemporaryDirectory(prefix='finetuner-bench-') as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         settings = Settings(mode=mode, gpu=args.gpu, threads=args.threads, workdir=workdir)
-        rows: list[Row] = []
-        runtimes: dict[str, float] = {}
-        for name in names:
+        for index, name in enumerate(names):
             print(f'[bench] {name} ({mode}) ...', file=sys.stderr, flush=True)
             began = time.perf_counter()
             new_rows = run_benchmark(name, settings, args.strict)
@@ -127,20 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = f'{row.ratio:.2f}x' if row.ratio is not None else row.note
                 print(f'[bench]   {row.measure}: {ratio}', file=sys.stderr, flush=True)
             rows += new_rows
-    report = Report(
-        date=today(),
-        mode=mode,  # type: ignore[arg-type]
-        gpu=args.gpu,
-        machine=machine_info(args.gpu),
-        versions=versions(),
-        command='python -m bench' + ''.join(f' {shlex.quote(a)}' for a in (argv if argv is not None else sys.argv[1:])),
-        runtime_s=time.perf_counter() - started,
-        rows=rows,
-        benchmark_runtimes_s=runtimes,
-        load_average={'start': load_at_start, 'end': load_average()},
-        notes=CLOSING_NOTES + [n for name in names for n in _closing_notes(name, rows)],
-    )
-    json_path, doc_path = write(report, args.results_dir, doc)
+            # Written after every benchmark: a run stopped half-way still leaves what it measured.
+            json_path, doc_path = write(report(names[: index + 1]), args.results_dir, doc)
     print(f'[bench] wrote {json_path}' + (f' and {doc_path}' if doc_path else ''), file=sys.stderr)
     return 0
 
