@@ -79,9 +79,14 @@ def _run(args: list[str], out: Path) -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
+def test_torchrun_two_processes_match_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.trainer.advanced import ddp_worker
+
+    for key in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(key, raising=False)
+    ddp_worker.main(str(tmp_path / 'one.json'))  # the one-process reference runs here: no second interpreter
+    single = json.loads((tmp_path / 'one.json').read_text())
     worker = str(HERE / 'ddp_worker.py')
-    single = _run([sys.executable, worker, str(tmp_path / 'one.json')], tmp_path / 'one.json')
     port = str(_free_port())
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-addr', '127.0.0.1']
     torchrun += ['--master-port', port]

@@ -100,9 +100,9 @@ def test_early_stopping_stops_and_the_best_epoch_is_published(make_config: Confi
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(make_config: ConfigFactory, tiny_bert: Path, tmp_path: Path) -> None:
     config = make_config(
-        labelled_texts(4, 60, seed=0),
+        labelled_texts(4, 40, seed=0),  # 20 steps per epoch: killed after epoch 1, 40 steps still to go
         model=str(tiny_bert),
-        epochs=4,
+        epochs=3,
         batch_size=8,
         num_items_per_class=2,
         learning_rate=1e-3,
@@ -128,11 +128,11 @@ def test_sigkill_mid_epoch_then_resume(make_config: ConfigFactory, tiny_bert: Pa
     path = killed_at['path']
     assert f'resumed from {path} (epoch {killed_at["epoch"]}, step {killed_at["step"]})' in second.stdout
     # Only the epoch that was running is trained again: the resumed attempt starts right after the checkpoint.
-    trained = [line for line in second.stdout.splitlines() if 'epoch ' in line and '/4 done' in line]
-    assert [int(line.split('epoch ')[1].split('/')[0]) for line in trained] == list(range(killed_at['epoch'] + 1, 5))
+    trained = [line for line in second.stdout.splitlines() if 'epoch ' in line and '/3 done' in line]
+    assert [int(line.split('epoch ')[1].split('/')[0]) for line in trained] == list(range(killed_at['epoch'] + 1, 4))
     assert (output / layout.ARTIFACT_MANIFEST).exists()
     metrics = json.loads((output / layout.METRICS).read_text())
-    assert [row['epoch'] for row in metrics['epochs']] == [1, 2, 3, 4]
+    assert [row['epoch'] for row in metrics['epochs']] == [1, 2, 3]
 
 
 def test_step_checkpoint_resume_continues_the_same_trajectory(
