@@ -40,16 +40,31 @@ def _embedder(kind: str, tiny_models: dict[str, Path], output_dim: int | None = 
     return build_embedder(spec)
 
 
+OUTPUT_DIMS = {'timm': 8, 'bert': None, 'clip': None}  # timm with a projection head, the others without
+
+
+@pytest.fixture(scope='module')
+def exported(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """Each family saved and exported once, shared by the parity and the ONNX Runtime tests:
+    family -> (embedder, folder with the saved model and onnx/, export description)."""
+    root = tmp_path_factory.mktemp('exported')
+    result = {}
+    for family, output_dim in OUTPUT_DIMS.items():
+        embedder = _embedder(family, tiny_models, output_dim)
+        embedder.save(root / family)
+        result[family] = (embedder, root / family, export_onnx(embedder, root / family / 'onnx'))
+    return result
+
+
 @pytest.mark.parametrize(
-    ('family', 'files', 'output_dim'),
-    [('timm', ['model.onnx'], 8), ('bert', ['model.onnx'], None), ('clip', ['text.onnx', 'image.onnx'], None)],
+    ('family', 'files'),
+    [('timm', ['model.onnx']), ('bert', ['model.onnx']), ('clip', ['text.onnx', 'image.onnx'])],
 )
-def test_export_parity(family: str, files: list[str], output_dim: int | None, tiny_models, tmp_path: Path) -> None:
-    embedder = _embedder(family, tiny_models, output_dim)
-    description = export_onnx(embedder, tmp_path / 'onnx')
+def test_export_parity(family: str, files: list[str], exported: dict[str, tuple]) -> None:
+    embedder, folder, description = exported[family]
     assert sorted(g['file'] for g in description['graphs'].values()) == sorted(files)
     assert description['max_abs_diff'] < 1e-4
-    saved = json.loads((tmp_path / 'onnx' / 'export.json').read_text())
+    saved = json.loads((folder / 'onnx' / 'export.json').read_text())
     assert saved['max_abs_diff'] == description['max_abs_diff']
     for graph in description['graphs'].values():
         # Two sample batches of different batch size (and, for text, sequence length) were checked.
@@ -60,7 +75,7 @@ def test_export_parity(family: str, files: list[str], output_dim: int | None, ti
     assert embedder.training  # the export left the model in the mode it found it
 
 
-def test_onnx_runtime_embedder_matches_torch(tiny_models, tmp_path: Path) -> None:
+def test_onnx_runtime_embedder_matches_torch(exported: dict[str, tuple]) -> None:
     from finetuner_trainer.inference_onnx import OnnxEmbedder
 
     for family, records in (
@@ -68,10 +83,7 @@ def test_onnx_runtime_embedder_matches_torch(tiny_models, tmp_path: Path) -> Non
         ('bert', labelled_texts(2, 3)),
         ('clip', [r.chunks[0] for r in text_image_pairs(3)] + [r.chunks[1] for r in text_image_pairs(3)]),
     ):
-        embedder = _embedder(family, tiny_models)
-        folder = tmp_path / family
-        embedder.save(folder)
-        export_onnx(embedder, folder / 'onnx')
+        embedder, folder, _ = exported[family]
         onnx_model = OnnxEmbedder.load(folder)
         expected = embedder.embed(records).numpy()
         actual = onnx_model.encode(records, batch_size=2)
