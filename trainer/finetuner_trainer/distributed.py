@@ -221,6 +221,24 @@ def global_batch_order(batch: Sequence[int], world: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def sync_batch_norm(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """BatchNorm layers that normalise over the global batch, as one process would: SyncBatchNorm
+    on NCCL. PyTorch has no SyncBatchNorm for CPU tensors, so under gloo each rank normalises its own
+    share (said once in the log: the run then differs slightly from one process on the same batch).
+    The parameters and buffers keep their names, so checkpoints and the saved model are unchanged."""
+    if not info.enabled or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if info.backend == 'nccl':
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    log.warning(
+        'the model has BatchNorm layers: on %s each of the %d processes normalises its own share of the batch '
+        '(SyncBatchNorm needs GPUs)',
+        info.backend,
+        info.world_size,
+    )
+    return model
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` (already on its device) when distributed."""
     if not info.enabled:
@@ -332,6 +350,7 @@ def setup_loop(ctx: Any) -> DistInfo:
     pairs = not hasattr(ctx.loss, 'miner')
     if ctx.module is None:
         find_unused = getattr(ctx.model, 'family', '') == 'clip'
+        ctx.model = sync_batch_norm(ctx.model, info)
         ctx.module = wrap_model(ctx.model, info, find_unused_parameters=find_unused and not pairs)
         if pairs and isinstance(ctx.module, torch.nn.parallel.DistributedDataParallel):
             ctx.module._set_static_graph()

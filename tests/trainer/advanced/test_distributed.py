@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from finetuner_trainer.distributed import ShardedBatches, agree, env_info, gather_for_loss, global_batch_order, shard
+from finetuner_trainer.distributed import (
+    DistInfo,
+    ShardedBatches,
+    agree,
+    env_info,
+    gather_for_loss,
+    gather_to_main,
+    global_batch_order,
+    shard,
+    sync_batch_norm,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -61,6 +71,32 @@ def test_single_process_helpers_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> N
 
     t = torch.ones(2, requires_grad=True)
     assert gather_for_loss(t) is t
+    assert gather_to_main({'a': 1}) == [{'a': 1}]
+
+
+def test_batch_norm_is_synchronised_on_nccl_and_reported_on_gloo(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    def model() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+
+    single = model()
+    assert sync_batch_norm(single, DistInfo()) is single and isinstance(single[1], torch.nn.BatchNorm2d)
+    gpus = model()
+    weight, keys = gpus[1].weight, set(gpus.state_dict())
+    converted = sync_batch_norm(gpus, DistInfo(rank=0, world_size=2, backend='nccl'))
+    assert converted is gpus and isinstance(gpus[1], torch.nn.SyncBatchNorm)
+    assert gpus[1].weight is weight  # the optimizer keeps training the same parameters
+    assert set(gpus.state_dict()) == keys  # checkpoints and the saved model keep their names
+    cpus = model()
+    with caplog.at_level('WARNING', logger='finetuner_trainer.distributed'):
+        assert sync_batch_norm(cpus, DistInfo(rank=0, world_size=2, backend='gloo')) is cpus
+    assert isinstance(cpus[1], torch.nn.BatchNorm2d)
+    assert 'on gloo each of the 2 processes normalises its own share of the batch' in caplog.text
+    plain = torch.nn.Linear(2, 2)
+    caplog.clear()
+    assert sync_batch_norm(plain, DistInfo(rank=0, world_size=2, backend='gloo')) is plain
+    assert caplog.text == ''
 
 
 def _free_port() -> int:
