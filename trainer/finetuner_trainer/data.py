@@ -147,7 +147,12 @@ def load_records(
 
 
 def parse_jsonl(data: bytes, field_name: str) -> list[Record]:
-    text = data.decode('utf-8-sig')
+    try:
+        text = data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            field_name, f'the JSON data is not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8'
+        ) from e
     if text.lstrip().startswith('['):
         try:
             rows = json.loads(text)
@@ -302,11 +307,23 @@ def load_image_bytes(record: Record, base: ImageBase | None = None) -> bytes:
     return base.store.read_bytes(f'{base.directory}/{uri}' if base.directory else uri)
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than PIL's decompression-bomb limit."""
+
+
 def check_image(data: bytes) -> None:
+    import warnings
+
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        image.verify()
+    with warnings.catch_warnings():
+        # Over the limit PIL only warns (over twice the limit it raises): refuse both, before decoding.
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageTooLarge(str(e)) from e
 
 
 def to_item(record: Record, where: str, field_name: str, base: ImageBase | None = None) -> Item:
@@ -321,6 +338,11 @@ def to_item(record: Record, where: str, field_name: str, base: ImageBase | None 
         raise ConfigError(field_name, f'{where}: cannot read image {record.uri or "blob"!r}: {e}') from e
     try:
         check_image(data)
+    except ImageTooLarge as e:
+        name = record.uri or 'blob'
+        raise ConfigError(
+            field_name, f'{where}: image {name!r} is too large to decode safely ({e}); resize it before training'
+        ) from e
     except Exception as e:  # PIL raises many types for broken files
         name = record.uri or 'blob'
         raise ConfigError(field_name, f'{where}: image {name!r} is corrupt or not an image ({e})') from e
