@@ -23,6 +23,10 @@ PREFIX = 'finetuner.dev'
 RUNS = 'finetuneruns'
 EXPERIMENTS = 'experiments'
 MANAGED = {'app.kubernetes.io/managed-by': MANAGED_BY}
+# A handler that failed (an API error the seam's own retries did not outlast) runs again after
+# this many seconds instead of Kopf's default minute: every pass is safe to repeat.
+RETRY_BACKOFF = 2.0
+log = logging.getLogger('finetuner_operator')
 
 
 def api_client() -> Any:
@@ -80,16 +84,16 @@ def probe_runs(**_: Any) -> int:
 # --- FinetuneRun -------------------------------------------------------------------------------
 
 
-@kopf.on.resume(GROUP, VERSION, RUNS)
-@kopf.on.create(GROUP, VERSION, RUNS)
-@kopf.on.update(GROUP, VERSION, RUNS, field='spec')
-@kopf.on.update(GROUP, VERSION, RUNS, field=('metadata', 'annotations', CANCEL_ANNOTATION))
+@kopf.on.resume(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF)
+@kopf.on.create(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF)
+@kopf.on.update(GROUP, VERSION, RUNS, field='spec', backoff=RETRY_BACKOFF)
+@kopf.on.update(GROUP, VERSION, RUNS, field=('metadata', 'annotations', CANCEL_ANNOTATION), backoff=RETRY_BACKOFF)
 def reconcile_run(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with metrics.timed('run'):
         memo.reconciler.reconcile_run(_plain(body))
 
 
-@kopf.on.delete(GROUP, VERSION, RUNS, optional=True)
+@kopf.on.delete(GROUP, VERSION, RUNS, optional=True, backoff=RETRY_BACKOFF)
 def run_deleted(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     # optional: no finalizer; the Job, ConfigMap and pods go by owner-reference garbage collection.
     with metrics.timed('run'):
@@ -127,8 +131,11 @@ async def mirror_progress(name: str, namespace: str, memo: kopf.Memo, stopped: k
     """
     interval = memo.config.progress_interval
     while not stopped:
-        with metrics.timed('progress'):
-            await asyncio.to_thread(memo.reconciler.sync_run, namespace, name)
+        try:
+            with metrics.timed('progress'):
+                await asyncio.to_thread(memo.reconciler.sync_run, namespace, name)
+        except Exception as e:  # the API server or store failing for a while: the next pass retries
+            log.warning('re-observing FinetuneRun %s/%s failed: %s', namespace, name, e)
         await _pause(stopped, interval)
 
 
@@ -144,9 +151,9 @@ async def _pause(stopped: kopf.DaemonStopped, seconds: float) -> None:
 # --- Experiment --------------------------------------------------------------------------------
 
 
-@kopf.on.resume(GROUP, VERSION, EXPERIMENTS)
-@kopf.on.create(GROUP, VERSION, EXPERIMENTS)
-@kopf.on.update(GROUP, VERSION, EXPERIMENTS, field='spec')
+@kopf.on.resume(GROUP, VERSION, EXPERIMENTS, backoff=RETRY_BACKOFF)
+@kopf.on.create(GROUP, VERSION, EXPERIMENTS, backoff=RETRY_BACKOFF)
+@kopf.on.update(GROUP, VERSION, EXPERIMENTS, field='spec', backoff=RETRY_BACKOFF)
 def reconcile_experiment(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     with metrics.timed('experiment'):
         memo.reconciler.sync_experiment(namespace, name)

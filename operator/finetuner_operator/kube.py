@@ -7,11 +7,17 @@ is tested against ``API_CALLS | KOPF_CALLS``: a new call without a rule fails th
 
 Objects cross the seam as plain dicts (the wire format). Create treats 409 AlreadyExists as
 success (children have deterministic names), reads turn 404 into None, deletes ignore 404.
+
+Transient answers are retried inside the seam, a few times within seconds: 429 (after its
+``Retry-After``, capped), 500/502/503/504, a 409 Conflict on anything but a create, and a dropped
+connection. What still fails reaches the handler, and Kopf retries the handler.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -37,6 +43,52 @@ def api_call(*triples: ApiTriple) -> Callable[[F], F]:
 
 RUNS = 'finetuneruns'
 EXPERIMENTS = 'experiments'
+# Children carry an owner reference with blockOwnerDeletion: true. Where the API server enforces
+# OwnerReferencesPermissionEnforcement (OpenShift), setting it needs `update` on the owner's
+# finalizers subresource, or the create is answered 403. Runs own their ConfigMap, Job and Service;
+# Experiments own their sweep runs and the runs that join them.
+OWN_RUNS: ApiTriple = (GROUP, f'{RUNS}/finalizers', 'update')
+OWN_EXPERIMENTS: ApiTriple = (GROUP, f'{EXPERIMENTS}/finalizers', 'update')
+
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRY_DELAYS = (0.1, 0.3, 1.0, 2.0, 4.0)  # then the error reaches the handler
+MAX_RETRY_AFTER = 10.0
+
+log = logging.getLogger('finetuner_operator')
+
+
+def retry_delay(error: Exception, attempt: int, creating: bool) -> float | None:
+    """Seconds to wait before retrying ``error`` (attempt 0, 1, ...); None when it is not transient."""
+    from urllib3.exceptions import HTTPError as TransportError
+
+    if attempt >= len(RETRY_DELAYS):
+        return None
+    status = getattr(error, 'status', None)
+    if isinstance(error, TransportError) or status in TRANSIENT_STATUS or (status == 409 and not creating):
+        headers = getattr(error, 'headers', None) or {}
+        retry_after = headers.get('Retry-After') if hasattr(headers, 'get') else None
+        if status == 429 and retry_after:
+            try:
+                return min(max(float(retry_after), 0.0), MAX_RETRY_AFTER)
+            except ValueError:
+                pass
+        return RETRY_DELAYS[attempt]
+    return None
+
+
+def with_retries(call: Callable[[], Any], what: str, creating: bool = False) -> Any:
+    """``call()``, retried on transient API errors (see :func:`retry_delay`)."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            delay = retry_delay(e, attempt, creating)
+            if delay is None:
+                raise
+            log.warning('%s: %s; retrying in %.1fs', what, getattr(e, 'reason', None) or e, delay)
+            time.sleep(delay)
+            attempt += 1
 
 
 class Kube:
@@ -64,7 +116,7 @@ class Kube:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            create()
+            with_retries(create, 'create', creating=True)
             return True
         except ApiException as e:
             if e.status == 409:
@@ -75,7 +127,7 @@ class Kube:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            result = read()
+            result = with_retries(read, 'read')
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -86,7 +138,7 @@ class Kube:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            delete()
+            with_retries(delete, 'delete')
             return True
         except ApiException as e:
             if e.status == 404:
@@ -94,17 +146,17 @@ class Kube:
             raise
 
     # --- children of a run -------------------------------------------------------------------
-    @api_call(('', 'configmaps', 'create'))
+    @api_call(('', 'configmaps', 'create'), OWN_RUNS)
     def create_config_map(self, body: dict[str, Any]) -> bool:
         ns = body['metadata']['namespace']
         return self._created(lambda: self.core.create_namespaced_config_map(ns, body, _preload_content=False))
 
-    @api_call(('', 'services', 'create'))
+    @api_call(('', 'services', 'create'), OWN_RUNS)
     def create_service(self, body: dict[str, Any]) -> bool:
         ns = body['metadata']['namespace']
         return self._created(lambda: self.core.create_namespaced_service(ns, body, _preload_content=False))
 
-    @api_call(('batch', 'jobs', 'create'))
+    @api_call(('batch', 'jobs', 'create'), OWN_RUNS)
     def create_job(self, body: dict[str, Any]) -> bool:
         ns = body['metadata']['namespace']
         return self._created(lambda: self.batch.create_namespaced_job(ns, body, _preload_content=False))
@@ -119,7 +171,9 @@ class Kube:
 
     @api_call(('batch', 'jobs', 'patch'))
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        self.batch.patch_namespaced_job(name, namespace, patch, _preload_content=False)
+        with_retries(
+            lambda: self.batch.patch_namespaced_job(name, namespace, patch, _preload_content=False), 'patch job'
+        )
 
     @api_call(('batch', 'jobs', 'delete'))
     def delete_job(self, namespace: str, name: str) -> bool:
@@ -132,7 +186,10 @@ class Kube:
 
     @api_call(('', 'pods', 'list'))
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        response = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+        response = with_retries(
+            lambda: self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False),
+            'list pods',
+        )
         return self._json(response).get('items') or []
 
     # --- runs and experiments ----------------------------------------------------------------
@@ -142,24 +199,35 @@ class Kube:
 
     @api_call((GROUP, RUNS, 'list'))
     def list_runs(self, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
-        result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, label_selector=selector)
+        result = with_retries(
+            lambda: self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, label_selector=selector),
+            'list runs',
+        )
         return result.get('items') or []
 
-    @api_call((GROUP, RUNS, 'create'))
+    @api_call((GROUP, RUNS, 'create'), OWN_EXPERIMENTS)
     def create_run(self, body: dict[str, Any]) -> bool:
         ns = body['metadata']['namespace']
         return self._created(lambda: self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, RUNS, body))
 
-    @api_call((GROUP, RUNS, 'patch'))
+    @api_call((GROUP, RUNS, 'patch'), OWN_EXPERIMENTS)
     def patch_run(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, name, patch)
+        with_retries(
+            lambda: self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, name, patch),
+            'patch run',
+        )
 
     @api_call((GROUP, f'{RUNS}/status', 'patch'))
     def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, RUNS, name, {'status': status})
+            with_retries(
+                lambda: self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, RUNS, name, {'status': status}
+                ),
+                'patch run status',
+            )
             return True
         except ApiException as e:
             if e.status == 404:  # deleted meanwhile
@@ -177,8 +245,11 @@ class Kube:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, EXPERIMENTS, name, {'status': status}
+            with_retries(
+                lambda: self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, EXPERIMENTS, name, {'status': status}
+                ),
+                'patch experiment status',
             )
             return True
         except ApiException as e:
@@ -215,7 +286,11 @@ class Kube:
             'count': 1,
         }
         try:
-            self.core.create_namespaced_event(meta['namespace'], event, _preload_content=False)
+            with_retries(
+                lambda: self.core.create_namespaced_event(meta['namespace'], event, _preload_content=False),
+                'post event',
+                creating=True,
+            )
         except ApiException:
             pass
 

@@ -26,6 +26,7 @@ from finetuner.api.v1alpha1 import (
 )
 from finetuner.storage import open_store
 from finetuner_operator import builders, experiments, metrics
+from finetuner_operator.checks import run_problems
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.kube import Kube
 from finetuner_operator.status import Observed, derive_status, describe_validation_error, invalid_spec_status
@@ -85,7 +86,11 @@ class Reconciler:
         try:
             spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
         except ValidationError as e:
-            self._fail_invalid(body, e, previous)
+            self._fail_invalid(body, describe_validation_error(e), previous)
+            return
+        problems = run_problems(name, spec)
+        if problems:
+            self._fail_invalid(body, 'Invalid spec: ' + '; '.join(problems), previous)
             return
         self._join_experiment(body, spec)
         if previous.phase in TERMINAL:
@@ -102,28 +107,53 @@ class Reconciler:
             if job is not None:
                 self.kube.delete_job(namespace, job_name)
         else:
-            owner = {**body, 'kind': body.get('kind', 'FinetuneRun')}
-            for child in builders.build_children(name, namespace, spec, self.config, owner):
-                if child['kind'] == 'Job' and job is not None:
-                    continue
-                created = self.kube.create_child(child)
-                if created and child['kind'] == 'Job':
-                    self.kube.post_event(body, 'Normal', 'JobCreated', f'Created trainer Job {job_name}')
+            self._create_children(body, spec, job)
             if job is not None and not queue and bool(job['spec'].get('suspend')) != spec.suspend:
                 self.kube.patch_job(namespace, job_name, {'spec': {'suspend': spec.suspend}})
                 what = 'Suspended' if spec.suspend else 'Resumed'
                 self.kube.post_event(body, 'Normal', what, f'{what} trainer Job {job_name}')
         self.sync_run(namespace, name)
 
-    def _fail_invalid(self, body: dict[str, Any], error: ValidationError, previous: FinetuneRunStatus) -> None:
+    def _create_children(self, body: dict[str, Any], spec: FinetuneRunSpec, job: dict[str, Any] | None) -> bool:
+        """Create the run's children that are missing (all but the Job when it exists); True if the Job was."""
         meta = body['metadata']
-        status = invalid_spec_status(error, self.now(), previous)
+        name, namespace = meta['name'], meta['namespace']
+        owner = {**body, 'kind': body.get('kind', 'FinetuneRun')}
+        job_created = False
+        for child in builders.build_children(name, namespace, spec, self.config, owner):
+            if child['kind'] == 'Job' and job is not None:
+                continue
+            created = self.kube.create_child(child)
+            if created and child['kind'] == 'Job':
+                job_created = True
+                self.kube.post_event(body, 'Normal', 'JobCreated', f'Created trainer Job {builders.job_name(name)}')
+        return job_created
+
+    def _replace_lost_job(self, body: dict[str, Any], spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> None:
+        """An active run whose Job is gone (deleted behind the operator's back, or a create that was
+        answered 409 without the Job existing) gets it back; the trainer resumes from its checkpoint."""
+        if previous.phase in TERMINAL or _cancelled(body) or body['metadata'].get('deletionTimestamp'):
+            return
+        if spec.suspend and builders.queue_of(spec, self.config):
+            return  # a suspended queued run gave its Job back on purpose
+        name = body['metadata']['name']
+        if self._create_children(body, spec, None) and previous.job_name:
+            message = (
+                f'Trainer Job {builders.job_name(name)} was deleted outside the operator; created it again '
+                '(the trainer resumes from its last checkpoint)'
+            )
+            log.warning('FinetuneRun %s/%s: %s', body['metadata']['namespace'], name, message)
+            self.kube.post_event(body, 'Warning', 'JobRecreated', message)
+
+    def _fail_invalid(self, body: dict[str, Any], details: str, previous: FinetuneRunStatus) -> None:
+        meta = body['metadata']
+        status = invalid_spec_status(details, self.now(), previous)
         if _comparable(previous.model_dump(by_alias=True, mode='json')) != _comparable(
             status.model_dump(by_alias=True, mode='json')
         ):
             self.kube.patch_run_status(meta['namespace'], meta['name'], status_patch(status))
         if previous.reason != 'InvalidSpec':
-            self.kube.post_event(body, 'Warning', 'InvalidSpec', describe_validation_error(error))
+            self.kube.post_event(body, 'Warning', 'InvalidSpec', details)
             metrics.TRANSITIONS.labels(phase=Phase.FAILED.value).inc()
         metrics.set_phase(meta['namespace'], meta['name'], Phase.FAILED.value)
 
@@ -154,7 +184,12 @@ class Reconciler:
                 spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
             except ValidationError:
                 return previous  # reconcile_run reported it; nothing to observe
+            if run_problems(name, spec):
+                return previous
             job = self.kube.get_job(namespace, builders.job_name(name))
+            if job is None:
+                self._replace_lost_job(body, spec, previous)
+                job = self.kube.get_job(namespace, builders.job_name(name))
             pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}') if job is not None else []
             output = builders.output_uri(name, namespace, spec, self.config)
             reports = self.read_outputs(output) if pods and previous.phase not in TERMINAL else {}

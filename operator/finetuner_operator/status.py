@@ -316,9 +316,12 @@ def _job_terminal(job: dict[str, Any]) -> bool:
     return 'Complete' in true or 'Failed' in true
 
 
-def invalid_spec_status(error: Exception, now: datetime, previous: FinetuneRunStatus) -> FinetuneRunStatus:
-    """FAILED with the offending field named: a spec the contract refuses is never retried."""
-    details = describe_validation_error(error)
+def invalid_spec_status(error: Exception | str, now: datetime, previous: FinetuneRunStatus) -> FinetuneRunStatus:
+    """FAILED with the offending field named: a spec the contract refuses is never retried.
+
+    ``error`` is the contract's ValidationError, or the operator's own ``Invalid spec: ...`` text.
+    """
+    details = error if isinstance(error, str) else describe_validation_error(error)
     stamp = rfc3339(now)
     wanted = {'Failed': (True, 'InvalidSpec', details)}
     return FinetuneRunStatus(
