@@ -10,6 +10,7 @@ Every field carries a description: it becomes ``kubectl explain`` text.
 
 from __future__ import annotations
 
+import json
 import re
 from enum import Enum
 from typing import Any, Literal
@@ -36,6 +37,9 @@ EXIT_CONFIG_ERROR = 3
 
 DNS1123_LABEL = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')
 MAX_RUN_NAME = 52  # leaves room for the '-trainer' / '-workers' suffixes of child objects (63)
+# A spec is configuration, never data: it travels in the custom resource, the ConfigMap (1 MiB) and
+# every watch event. Anything bigger than this is data inlined by mistake.
+MAX_SPEC_BYTES = 256 * 1024
 
 
 def check_dns1123_name(value: str, field: str = 'name', max_len: int = MAX_RUN_NAME) -> str:
@@ -351,6 +355,22 @@ class FinetuneRunSpec(_Model):
     @classmethod
     def _experiment_name(cls, value: str) -> str:
         return check_dns1123_name(value, 'experiment')
+
+    @model_validator(mode='after')
+    def _bounded_size(self) -> FinetuneRunSpec:
+        sizes = {
+            key: len(json.dumps(value, separators=(',', ':')))
+            for key, value in self.model_dump(mode='json', by_alias=True).items()
+        }
+        total = sum(sizes.values())
+        if total > MAX_SPEC_BYTES:
+            largest = max(sizes, key=lambda key: sizes[key])
+            raise ValueError(
+                f'the spec is {total // 1024} KiB, over the limit of {MAX_SPEC_BYTES // 1024} KiB '
+                f'({largest} alone is {sizes[largest] // 1024} KiB): keep data out of the spec and reference it '
+                'by URI or dataset name'
+            )
+        return self
 
     @model_validator(mode='after')
     def _coherent(self) -> FinetuneRunSpec:
