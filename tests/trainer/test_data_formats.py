@@ -264,8 +264,12 @@ def test_images_and_data_file_in_s3_train_a_cnn(s3_bucket: str, tmp_path: Path) 
 # --- a Hugging Face model under an s3:// prefix (air-gapped clusters) ----------------------------
 
 
-def test_model_from_an_s3_prefix(s3_bucket: str, tiny_bert: Path, make_config: ConfigFactory) -> None:
+def test_model_from_an_s3_prefix(
+    s3_bucket: str, tiny_bert: Path, make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from finetuner.storage import open_store
+
+    monkeypatch.setenv('FINETUNER_MODEL_CACHE', str(tmp_path / 'cache'))
 
     open_store(f's3://{s3_bucket}/models/tiny-bert').upload_dir(tiny_bert, '')
     config = make_config(
