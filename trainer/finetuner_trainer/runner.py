@@ -472,6 +472,9 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
     from finetuner_trainer.loop import run_metrics
 
     state = run_training(ctx)  # resumes from a checkpoint, measures the metrics before and per epoch
+    from finetuner_trainer.distributed import shutdown
+
+    shutdown()  # under torchrun: no collective follows (rank 0 publishes alone); NCCL warns of a group left open
     after = dict(ctx.extras.get('after', state.metrics))
     with tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
         artifact_uri = publish_artifact(ctx, Path(tmp)) if ctx.is_main else ''
