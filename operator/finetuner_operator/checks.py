@@ -8,7 +8,8 @@ operator without either, so the operator checks what only it can see before any 
   ``<run>-trainer`` / ``<run>-workers`` and must stay DNS-1123 labels (63): a longer name would
   make every Job create fail with 422 and the handler retry forever;
 - data and output locations: only ``s3://`` and ``file://`` are stores the trainer can read and
-  write, and an ``s3://`` key never climbs out of its prefix with ``..``.
+  write, a URI never climbs out of its prefix with ``..``, and a bare word in ``trainData`` or
+  ``evalData`` is a pushed dataset's name, so a DNS-1123 label (no ``../`` into other prefixes).
 
 Each problem names the field and the fix, as the contract's own messages do.
 """
@@ -33,6 +34,13 @@ def run_problems(name: str, spec: FinetuneRunSpec) -> list[str]:
         ('output', spec.output),
         ('modelArtifact', spec.model_artifact),
     )
+    for field, value in locations[:2]:
+        # The SDK always submits data as a URI; a bare word in a CR is the name of a pushed dataset.
+        if value is not None and '://' not in value and not value.startswith('/'):
+            try:
+                check_dns1123_name(value, 'dataset name', max_len=63)
+            except ValueError as e:
+                problems.append(f'spec.{field}: {e}; give a pushed dataset name or an s3:// or file:// URI')
     for field, value in locations:
         if value is None or '://' not in value:
             continue

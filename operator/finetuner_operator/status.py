@@ -337,11 +337,10 @@ def describe_validation_error(error: Exception) -> str:
     """``spec.<field>: <problem>`` for each problem pydantic found, joined by '; '."""
     from pydantic import ValidationError
 
+    from finetuner.api.v1alpha1 import format_validation_error
+
     if not isinstance(error, ValidationError):
         return f'invalid spec: {error}'
-    parts = []
-    for item in error.errors():
-        location = '.'.join(str(p) for p in item.get('loc', ()))
-        message = str(item.get('msg', 'invalid')).removeprefix('Value error, ')
-        parts.append(f'spec.{location}: {message}' if location else f'spec: {message}')
-    return 'Invalid spec: ' + '; '.join(parts)
+    # The contract's own wording: every field by its wire path (``spec.resources.gpus``), an unknown
+    # field with the way to the known ones, a rule about several fields reported on ``spec``.
+    return 'Invalid spec: ' + format_validation_error(error, 'spec')

@@ -1,0 +1,499 @@
+"""The bad-input catalogue: one table row per distinct mistake, refused at the earliest layer that sees it.
+
+Layers, earliest first:
+
+- ``contract``: a FinetuneRun field the shared contract (``FinetuneRunSpec``) refuses. The SDK
+  validates the same model before it uploads anything; for a CR applied by hand the operator
+  fails the run with ``InvalidSpec`` before any child exists. ``crd`` says whether the CRD's
+  OpenAPI schema already makes the API server refuse it (types, ranges, enums).
+- ``operator``: a spec the contract accepts that the operator cannot run (a name too long for the
+  run's children, a location the trainer cannot use, a dataset name that climbs out of its prefix):
+  ``InvalidSpec``, nothing created.
+- ``sdk``: an argument or local file of ``finetuner.fit()`` and friends: ``ArgumentError`` naming the
+  argument, before any upload or submission.
+- ``trainer``: only the trainer reads the data and builds the model: it exits with
+  ``EXIT_CONFIG_ERROR`` (3) and writes a one-line reason naming the field, so the Job's pod failure
+  policy fails the run at once (no retry, no crash loop; see the cluster tests at the end).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+import finetuner
+from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, FinetuneRunSpec, TrainerConfig
+from finetuner.errors import ArgumentError
+from finetuner_operator.config import OperatorConfig
+from finetuner_operator.reconcile import Reconciler
+from tests.operator.test_op_reconcile import NOW, FakeKube
+from tests.support.tiny import TINY_TIMM, TINY_TIMM_OPTIONS, labelled_images, png_bytes, text_pairs
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE_SPEC = {'model': 'timm:test_resnet', 'trainData': 's3://bucket/data/train.jsonl'}
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    layer: str  # contract, operator, sdk, trainer
+    input: Any  # a spec patch, fit() arguments, or data files
+    expected: str  # a part of the message the user gets
+    crd: bool = False  # contract rows: the CRD schema refuses it too
+    spec: dict[str, Any] = field(default_factory=dict)  # trainer rows: spec fields besides the data
+    name: str = 'bad-input'  # operator rows: the run's name
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels in a few bytes (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    return (
+        b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b'\0' * 16)) + chunk(b'IEND', b'')
+    )
+
+
+def _jsonl(*rows: dict[str, Any]) -> bytes:
+    return ''.join(json.dumps(row) + '\n' for row in rows).encode()
+
+
+def _blob(data: bytes, label: str) -> dict[str, Any]:
+    return {'blob': base64.b64encode(data).decode(), 'label': label}
+
+
+GOOD_IMAGES = _jsonl(*(r.model_dump(exclude_defaults=True) for r in labelled_images(n_classes=2, per_class=2)))
+PAIRS = _jsonl(*(r.model_dump(exclude_defaults=True) for r in text_pairs(n=4)))
+TEXTS = _jsonl(*({'text': f'item {i}', 'label': f'c{i % 2}'} for i in range(4)))
+
+ROWS: list[Row] = [
+    # --- CR fields: types and ranges ---------------------------------------------------------------
+    Row('epochs-type', 'contract', {'epochs': 'five'}, 'spec.epochs: Input should be a valid integer', crd=True),
+    Row('epochs-range', 'contract', {'epochs': 0}, 'spec.epochs: Input should be greater than or equal to 1', crd=True),
+    Row(
+        'learning-rate-range', 'contract', {'learningRate': 5}, 'spec.learningRate: Input should be less than', crd=True
+    ),
+    Row('batch-size-range', 'contract', {'batchSize': -1}, 'spec.batchSize: Input should be greater', crd=True),
+    Row('val-split-range', 'contract', {'valSplit': 1.5}, 'spec.valSplit: Input should be less than 1', crd=True),
+    Row('gpus-range', 'contract', {'resources': {'gpus': 17}}, 'spec.resources.gpus: Input should be less', crd=True),
+    Row('memory-quantity', 'contract', {'resources': {'memory': 'lots'}}, "'lots' is not a Kubernetes quantity"),
+    Row('deadline-range', 'contract', {'activeDeadlineSeconds': 10}, 'spec.activeDeadlineSeconds', crd=True),
+    Row('backoff-range', 'contract', {'backoffLimit': 100}, 'spec.backoffLimit: Input should be less', crd=True),
+    Row('model-empty', 'contract', {'model': ''}, 'spec.model: String should have at least 1 character', crd=True),
+    Row('train-data-missing', 'contract', {'trainData': None}, 'spec.trainData: Field required', crd=True),
+    Row(
+        'toleration-operator',
+        'contract',
+        {'tolerations': [{'operator': 'Maybe'}]},
+        'spec.tolerations.0.operator',
+        crd=True,
+    ),
+    Row('unknown-field', 'contract', {'epoch': 3}, 'spec.epoch: unknown field (check the spelling'),
+    # --- CR fields: unknown names -----------------------------------------------------------------
+    Row('loss-unknown', 'contract', {'loss': 'TripletLoss'}, "unknown loss 'TripletLoss'; choose one of", crd=True),
+    Row('loss-case', 'contract', {'loss': 'tripletmarginloss'}, "did you mean 'TripletMarginLoss'?", crd=True),
+    Row('miner-unknown', 'contract', {'miner': 'HardMiner'}, "spec.miner: unknown miner 'HardMiner'", crd=True),
+    Row(
+        'optimizer-unknown',
+        'contract',
+        {'optimizer': 'adamw'},
+        "unknown optimizer 'adamw'; did you mean 'AdamW'?",
+        crd=True,
+    ),
+    Row('loss-optimizer-unknown', 'contract', {'lossOptimizer': 'Fast'}, "unknown lossOptimizer 'Fast'", crd=True),
+    Row(
+        'scheduler-unknown',
+        'contract',
+        {'scheduler': 'cosine_annealing'},
+        "unknown scheduler 'cosine_annealing'",
+        crd=True,
+    ),
+    Row('callback-unknown', 'contract', {'callbacks': [{'name': 'EarlyStop'}]}, "unknown callback 'EarlyStop'"),
+    Row('csv-dialect', 'contract', {'csvOptions': {'dialect': 'tsv'}}, "unknown CSV dialect 'tsv'"),
+    Row(
+        'experiment-name',
+        'contract',
+        {'experiment': 'My_Exp'},
+        "spec.experiment: experiment 'My_Exp' is not a valid name",
+    ),
+    # --- CR fields: combinations --------------------------------------------------------------------
+    Row('clip-loss-without-multimodal', 'contract', {'loss': 'CLIPLoss'}, 'loss CLIPLoss needs multiModal: true'),
+    Row('multimodal-without-clip-loss', 'contract', {'multiModal': True}, 'set loss CLIPLoss'),
+    Row(
+        'eval-data-and-val-split',
+        'contract',
+        {'valSplit': 0.2, 'evalData': 's3://b/e.jsonl'},
+        'either evalData or valSplit',
+    ),
+    Row(
+        'miner-options-without-miner', 'contract', {'minerOptions': {'margin': 0.1}}, 'minerOptions given without miner'
+    ),
+    Row(
+        'oversized-spec',
+        'contract',
+        {'lossOptions': {'inline': 'x' * 300_000}},
+        'over the limit of 256 KiB (lossOptions alone is 292 KiB)',
+    ),
+    # --- what only the operator sees ----------------------------------------------------------------
+    Row('name-too-long-for-children', 'operator', {}, "metadata.name: 'r" + 'x' * 59, name='r' + 'x' * 59),
+    Row('output-scheme', 'operator', {'output': 'http://store/runs'}, "spec.output: 'http://store/runs' uses http://"),
+    Row('train-data-scheme', 'operator', {'trainData': 'https://h/d.jsonl'}, 'give an s3:// or file:// URI'),
+    Row(
+        'uri-path-traversal', 'operator', {'trainData': 's3://b/t/../../x.jsonl'}, "climbs out of its prefix with '..'"
+    ),
+    Row(
+        'dataset-name-traversal',
+        'operator',
+        {'trainData': '../../secrets'},
+        "spec.trainData: dataset name '../../secrets'",
+    ),
+    Row(
+        'eval-dataset-name',
+        'operator',
+        {'evalData': 'Eval Set'},
+        "spec.evalData: dataset name 'Eval Set' is not a valid",
+    ),
+    # --- SDK arguments ---------------------------------------------------------------------------------
+    Row('unknown-argument', 'sdk', {'epoch': 3}, "epoch: fit() has no argument 'epoch'; did you mean 'epochs'?"),
+    Row('run-name-invalid', 'sdk', {'run_name': 'My Run'}, "run_name: 'My Run' is not a valid name"),
+    Row('run-name-too-long', 'sdk', {'run_name': 'x' * 60}, 'run_name: ' + repr('x' * 60) + ' is 60 characters long'),
+    Row('experiment-name-invalid', 'sdk', {'experiment_name': 'Exp_1'}, "experiment_name: 'Exp_1' is not a valid name"),
+    Row('cpu-contradicts-device', 'sdk', {'cpu': True, 'device': 'cuda'}, "cpu: cpu=True contradicts device='cuda'"),
+    Row('train-data-none', 'sdk', {'train_data': None}, 'train_data: is required'),
+    Row(
+        'train-data-no-such-path',
+        'sdk',
+        {'train_data': '/no/such/train.csv'},
+        "train_data: no file or folder '/no/such",
+    ),
+    Row('train-data-ftp', 'sdk', {'train_data': 'ftp://host/x.csv'}, 'uses an unsupported scheme; use s3://'),
+    Row('train-data-empty', 'sdk', {'train_data': []}, 'train_data: is empty; give at least one document'),
+    Row('no-such-dataset', 'sdk', {'train_data': 'my-set'}, "train_data: no dataset named 'my-set'"),
+    Row('callback-not-a-callback', 'sdk', {'callbacks': [object()]}, 'callbacks[0]: a object is not a callback'),
+    Row('model-blank', 'sdk', {'model': ' '}, 'model: give a backbone name'),
+    Row(
+        'multimodal-non-clip',
+        'sdk',
+        {'model': 'efficientnet_b0', 'multi_modal': True, 'loss': 'CLIPLoss'},
+        'needs a CLIP',
+    ),
+    Row(
+        'modality-without-multimodal', 'sdk', {'image_modality': 'image'}, 'image_modality: only applies to multi_modal'
+    ),
+    Row('oversized-arguments', 'sdk', {'loss_options': {'inline': 'x' * 300_000}}, 'loss_options: the spec is'),
+    Row('local-csv-one-column', 'sdk', {'train_data': 'file:one.csv'}, 'has 1 column; CSV rows need 2'),
+    Row('local-csv-bad-score', 'sdk', {'train_data': 'file:score.csv'}, "third column 'high' is not a number"),
+    Row('local-jsonl-bad-record', 'sdk', {'train_data': 'file:bad.jsonl'}, 'bad.jsonl:1:'),
+    # --- data files and models: only the trainer reads them ------------------------------------------
+    Row('empty-file', 'trainer', {'data.jsonl': b''}, "trainData: 'file://"),
+    Row(
+        'malformed-json-line', 'trainer', {'data.jsonl': TEXTS + b'{not json\n'}, 'trainData: line 5 is not valid JSON'
+    ),
+    Row('record-without-content', 'trainer', {'data.jsonl': _jsonl({'label': 'a'})}, 'record 1 is not a valid record'),
+    Row(
+        'missing-labels',
+        'trainer',
+        {'data.jsonl': _jsonl({'text': 'a'}, {'text': 'b'})},
+        '2 of 2 records have no label',
+    ),
+    Row(
+        'mixed-items-and-pairs',
+        'trainer',
+        {'data.jsonl': _jsonl({'text': 'a', 'label': 'x'}, {'chunks': [{'text': 'q'}, {'text': 'd'}]})},
+        'mixed data',
+    ),
+    Row(
+        'pair-with-three-chunks',
+        'trainer',
+        {'data.jsonl': _jsonl({'chunks': [{'text': 'q'}, {'text': 'd'}, {'text': 'e'}]})},
+        'a pair has exactly two',
+    ),
+    Row('csv-wrong-column-count', 'trainer', {'data.csv': b'a,b,1,extra\n'}, 'CSV row 1 has 4 columns'),
+    Row(
+        'csv-score-not-a-number',
+        'trainer',
+        {'data.csv': b'a question,a document,high\n'},
+        "the third column 'high' is not a number",
+    ),
+    Row('csv-header-only', 'trainer', {'data.csv': b'text,label\n'}, 'holds no records'),
+    Row(
+        'csv-wrong-encoding',
+        'trainer',
+        {'data.csv': 'café,x\nthé,y\n'.encode('latin-1')},
+        'csvOptions.encoding: the CSV',
+    ),
+    Row('jsonl-wrong-encoding', 'trainer', {'data.jsonl': TEXTS.decode().encode('utf-16')}, 'is not UTF-8 text'),
+    Row('corrupt-image', 'trainer', {'data.jsonl': _jsonl(_blob(b'not an image', 'a'))}, 'is corrupt or not an image'),
+    Row('truncated-image', 'trainer', {'data.jsonl': _jsonl(_blob(png_bytes((9, 9, 9))[:60], 'a'))}, 'is corrupt'),
+    Row(
+        'decompression-bomb',
+        'trainer',
+        {'data.jsonl': _jsonl(_blob(_png_header(30000, 30000), 'a'))},
+        'is too large to decode safely (Image size (900000000 pixels)',
+    ),
+    Row(
+        'missing-image-file', 'trainer', {'data.jsonl': _jsonl({'uri': 'nope.png', 'label': 'a'})}, 'cannot read image'
+    ),
+    Row(
+        'image-path-traversal',
+        'trainer',
+        {'data.jsonl': _jsonl({'uri': '../../etc/passwd.png', 'label': 'a'})},
+        'climbs out of the run\'s prefix with ".."',
+    ),
+    Row(
+        'loss-does-not-fit-data',
+        'trainer',
+        {'data.jsonl': TEXTS},
+        'loss: MultipleNegativesRankingLoss trains on',
+        spec={'loss': 'MultipleNegativesRankingLoss'},
+    ),
+    Row(
+        'miner-with-pair-loss',
+        'trainer',
+        {'data.jsonl': PAIRS},
+        'miner: TripletMarginMiner mines tuples for pytorch-metric-learning losses',
+        spec={'loss': 'MultipleNegativesRankingLoss', 'miner': 'TripletMarginMiner'},
+    ),
+    Row(
+        'single-class',
+        'trainer',
+        {'data.jsonl': _jsonl(_blob(png_bytes((200, 0, 0)), 'x'), _blob(png_bytes((0, 0, 200)), 'x'))},
+        "all items have the same label 'x'; TripletMarginLoss needs at least 2 classes",
+    ),
+    Row('model-cannot-embed-data', 'trainer', {'data.jsonl': TEXTS}, 'model: timm:test_resnet', spec={}),
+    Row(
+        'unknown-timm-model',
+        'trainer',
+        {'data.jsonl': GOOD_IMAGES},
+        'is not a timm model',
+        spec={'model': 'timm:no_such_net'},
+    ),
+    Row(
+        'model-folder-without-config',
+        'trainer',
+        {'data.jsonl': GOOD_IMAGES},
+        'holds no config.json',
+        spec={'model': '{folder}'},
+    ),
+    Row(
+        'freeze-without-output-dim',
+        'trainer',
+        {'data.jsonl': GOOD_IMAGES},
+        'freeze: freeze: true trains only',
+        spec={'freeze': True},
+    ),
+]
+
+
+def rows(layer: str) -> list[Any]:
+    return [pytest.param(row, id=row.id) for row in ROWS if row.layer == layer]
+
+
+def test_the_catalogue_has_forty_distinct_rows_across_all_layers() -> None:
+    assert len(ROWS) >= 40
+    assert len({row.id for row in ROWS}) == len(ROWS), 'row ids are unique'
+    assert len({row.expected for row in ROWS}) == len(ROWS), 'every row expects its own message'
+    assert {row.layer for row in ROWS} == {'contract', 'operator', 'sdk', 'trainer'}
+
+
+# --- contract and operator: a CR applied by hand --------------------------------------------------
+
+
+def _crd_spec_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((ROOT / 'crds' / 'finetuneruns.finetuner.dev.yaml').read_text())
+    return crd['spec']['versions'][0]['schema']['openAPIV3Schema']['properties']['spec']
+
+
+def _spec(patch: dict[str, Any]) -> dict[str, Any]:
+    spec = {**BASE_SPEC, **patch}
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _reconcile(name: str, spec: dict[str, Any]) -> tuple[FakeKube, dict[str, Any]]:
+    fake = FakeKube()
+    body = fake.add('FinetuneRun', {'metadata': {'name': name, 'namespace': 'default'}, 'spec': spec})
+    reconciler = Reconciler(fake, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri: {})  # type: ignore[arg-type]
+    reconciler.reconcile_run(body)
+    reconciler.reconcile_run(fake.get_run('default', name))  # a second pass changes nothing
+    return fake, fake.get_run('default', name)
+
+
+@pytest.mark.parametrize('row', rows('contract'))
+def test_contract_refuses_the_cr_field(row: Row) -> None:
+    spec = _spec(row.input)
+    refused_by_crd = not jsonschema.Draft7Validator(_crd_spec_schema()).is_valid(spec)
+    assert refused_by_crd == row.crd, f'the CRD schema {"refuses" if refused_by_crd else "accepts"} {row.id}'
+
+    fake, body = _reconcile('bad-input', spec)
+
+    status = body['status']
+    assert (status['phase'], status['reason']) == ('FAILED', 'InvalidSpec')
+    assert status['details'].startswith('Invalid spec: spec')
+    assert row.expected in status['details']
+    assert fake.creates == [], 'nothing is created for a refused spec'
+    assert [e for e in fake.events if e[1] == 'InvalidSpec'] and len(fake.events) == 1, 'one InvalidSpec event'
+
+
+@pytest.mark.parametrize('row', rows('operator'))
+def test_operator_refuses_what_only_it_sees(row: Row) -> None:
+    spec = _spec(row.input)
+    FinetuneRunSpec.model_validate(spec)  # the contract alone accepts it
+
+    fake, body = _reconcile(row.name, spec)
+
+    status = body['status']
+    assert (status['phase'], status['reason']) == ('FAILED', 'InvalidSpec')
+    assert row.expected in status['details']
+    assert fake.creates == []
+    assert [e[1] for e in fake.events] == ['InvalidSpec']
+
+
+# --- SDK ---------------------------------------------------------------------------------------------
+
+
+LOCAL_FILES = {
+    'one.csv': b'only-one-column\nanother\n',
+    'score.csv': b'a query,a document,high\n',
+    'bad.jsonl': b'{"label": "x"}\n',
+}
+
+
+@pytest.mark.parametrize('row', rows('sdk'))
+def test_sdk_refuses_the_argument_before_anything_is_stored(row: Row, tmp_path: Path) -> None:
+    backend = finetuner.login(backend='local', home=tmp_path / 'home')
+    arguments: dict[str, Any] = {'model': TINY_TIMM, 'train_data': ['a doc', 'another doc'], **row.input}
+    data = arguments.get('train_data')
+    if isinstance(data, str) and data.startswith('file:') and not data.startswith('file://'):
+        local = tmp_path / data.removeprefix('file:')
+        local.write_bytes(LOCAL_FILES[local.name])
+        arguments['train_data'] = str(local)
+
+    with pytest.raises(ArgumentError) as caught:
+        finetuner.fit(**arguments)
+
+    assert row.expected in str(caught.value)
+    assert backend.list_runs() == []
+    assert not (tmp_path / 'home' / 'datasets').exists(), 'nothing uploaded'
+
+
+def test_sdk_validates_run_names_before_any_backend_call() -> None:
+    with pytest.raises(ArgumentError, match="run_name: 'Bad_Name' is not a valid name"):
+        finetuner.get_run('Bad_Name')
+    with pytest.raises(ArgumentError, match=r"name: '\.\./x' is not a valid name"):
+        finetuner.push_data('../x', ['a doc'])
+
+
+# --- trainer ---------------------------------------------------------------------------------------
+
+
+def _trainer_config(row: Row, tmp_path: Path) -> TrainerConfig:
+    (data_name, content), *_ = row.input.items()
+    data = tmp_path / 'data' / data_name
+    data.parent.mkdir()
+    data.write_bytes(content)
+    folder = tmp_path / 'empty-model'
+    folder.mkdir()
+    spec: dict[str, Any] = {
+        'model': TINY_TIMM,
+        'modelOptions': TINY_TIMM_OPTIONS,
+        'trainData': data.as_uri(),
+        'device': 'cpu',
+        'numWorkers': 0,
+        'epochs': 1,
+        **{k: (str(folder) if v == '{folder}' else v) for k, v in row.spec.items()},
+    }
+    if row.id == 'model-cannot-embed-data':
+        spec['loss'] = 'TripletMarginLoss'
+    return TrainerConfig(
+        run_name='bad-input',
+        spec=FinetuneRunSpec.model_validate(spec),
+        output_uri=(tmp_path / 'out').as_uri(),
+        data_uri=(tmp_path / 'datasets').as_uri(),
+        termination_log=str(tmp_path / 'termination-log'),
+    )
+
+
+@pytest.mark.parametrize('row', rows('trainer'))
+def test_trainer_exits_with_the_config_error_code_and_names_the_field(row: Row, tmp_path: Path) -> None:
+    from finetuner_trainer.runner import main
+
+    config = _trainer_config(row, tmp_path)
+    path = tmp_path / 'config.json'
+    path.write_text(config.model_dump_json(by_alias=True))
+
+    code = main(['--config', str(path)])
+
+    message = (tmp_path / 'termination-log').read_text()
+    assert code == EXIT_CONFIG_ERROR, message
+    assert row.expected in message
+    assert '\n' not in message.strip(), 'one line: it becomes the run status'
+    failure = json.loads((tmp_path / 'out' / 'failure.json').read_text())
+    assert failure['reason'] == 'ConfigError' and failure['message'] == message.strip()
+    assert not (tmp_path / 'out' / 'artifact').exists()
+
+
+# --- the same refusals on the test cluster: FAILED at once, never a crash loop ---------------------
+
+
+def test_trainer_config_error_on_the_cluster_fails_after_one_attempt(cluster: Any, tmp_path: Path) -> None:
+    from tests.e2e.targets import Target
+
+    target = Target('simulated', cluster.api, 'default', cluster.bucket, timeout=120.0)
+    target.login()
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_bytes(_jsonl(_blob(b'not an image', 'a'), _blob(b'nor this', 'b')))
+    finetuner.fit(
+        model=TINY_TIMM,
+        model_options=TINY_TIMM_OPTIONS,
+        train_data=str(bad),
+        run_name='bad-data',
+        device='cpu',
+        backoff_limit=3,
+    )
+
+    status = target.wait_phase('bad-data', ('FAILED', 'FINISHED'))
+
+    assert (status['phase'], status['reason']) == ('FAILED', 'ConfigurationError')
+    assert "trainData: record 1: image 'blob' is corrupt or not an image" in status['details']
+    assert status['attempts'] == 1, 'exit code 3 is never retried (backoffLimit 3 unused)'
+    assert len(target.pods('bad-data')) == 1 and len(target.jobs('bad-data')) == 1
+    assert [e.reason for e in target.events('bad-data')].count('Failed') == 1
+
+
+def test_operator_refusal_on_the_cluster_creates_no_child(cluster: Any) -> None:
+    from kubernetes import client
+
+    from tests.e2e.targets import Target
+
+    name = 'r' + 'x' * 59  # a valid CR name (253), too long for '<name>-trainer' (63)
+    body = {
+        'apiVersion': 'finetuner.dev/v1alpha1',
+        'kind': 'FinetuneRun',
+        'metadata': {'name': name},
+        'spec': {**BASE_SPEC, 'output': 'http://store/runs'},
+    }
+    client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(
+        'finetuner.dev', 'v1alpha1', 'default', 'finetuneruns', body
+    )
+    target = Target('simulated', cluster.api, 'default', cluster.bucket, timeout=30.0)
+
+    status = target.wait_phase(name, ('FAILED',))
+
+    assert status['reason'] == 'InvalidSpec'
+    assert f'metadata.name: {name!r} is 60 characters long; use at most 52' in status['details']
+    assert "spec.output: 'http://store/runs' uses http://" in status['details']
+    cluster.operator.restart()  # a restarted operator refuses it again, still without children
+    assert target.wait_phase(name, ('FAILED',))['details'] == status['details']
+    assert cluster.server.objects('batch/v1/jobs') == [] and cluster.server.objects('v1/configmaps') == []
+    assert [e.reason for e in target.events(name)] == ['InvalidSpec']
