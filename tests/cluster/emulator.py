@@ -15,7 +15,8 @@ kube-apiserver where the operator can tell the difference (see ``/work/shared/TE
 - the status subresource isolated both ways (status ignored on the main resource and on create,
   everything but status ignored on ``/status``);
 - finalizers and ``deletionTimestamp``; owner-reference garbage collection with Background,
-  Foreground and Orphan propagation (the API's default for Jobs is Orphan, as on a real server);
+  Foreground and Orphan propagation (the API's default for Jobs is Orphan, as on a real server),
+  also of an object created after all its owners were deleted;
 - pod logs (``/log``, with ``follow``) from a pluggable source, as ``text/plain``;
 - server-side Table output with printer columns, so ``kubectl get`` shows them.
 """
@@ -449,7 +450,12 @@ class KubeEmu(kmock.KubernetesEmulator):
             meta.pop(stale, None)
         self._bucket(kind)[key] = obj
         self._emit(kind, 'ADDED', None, obj)
-        return copy.deepcopy(obj)
+        created = copy.deepcopy(obj)
+        if meta.get('ownerReferences'):
+            # The garbage collector also removes an object created with owners that are all gone
+            # (a child created a moment after its owner was deleted): it is answered 201, then collected.
+            self._collect_garbage()
+        return created
 
     def _patch(
         self, kind: Kind, ns: str | None, name: str, data: Any, content_type: str, *, status_only: bool
