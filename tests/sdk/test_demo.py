@@ -1,4 +1,4 @@
-"""The demo's plumbing with a tiny model (the real MiniLM demo is run by hand; see the README)."""
+"""The demo's plumbing with a tiny model (the real MiniLM demo is the README's main job)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,33 @@ import pytest
 from rich.console import Console
 
 from finetuner.backends.local import LocalBackend
-from finetuner.demo import chatterbot_pairs, run_demo, split_by_question
+from finetuner.demo import TASKS, main, run_demo
 from tests.support.tiny import make_tiny_bert
 
 
-def test_chatterbot_pairs_split_by_question_without_leaks() -> None:
-    pairs = chatterbot_pairs()
-    assert len(pairs) > 2000
-    train, evaluation = split_by_question(pairs)
-    train_questions = {r.chunks[0].text for r in train}
-    eval_questions = [r.chunks[0].text for r in evaluation]
-    assert len(eval_questions) == len(set(eval_questions)) > 100  # one pair per held-out question
-    assert not train_questions & set(eval_questions)
-    assert split_by_question(pairs)[1] == evaluation  # deterministic
+@pytest.mark.parametrize('task', sorted(TASKS))
+def test_demo_data_is_split_without_leaks(task: str) -> None:
+    train, held_out = TASKS[task].load()
+
+    def text(r):
+        return r.text if r.text is not None else r.chunks[0].text
+
+    assert len(train) > 100 and len(held_out) > 50
+    assert not {text(r) for r in train} & {text(r) for r in held_out}  # no held-out question is trained on
+    assert TASKS[task].load()[1] == held_out  # deterministic
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_with_a_tiny_model(local: LocalBackend, tmp_path: Path) -> None:
+@pytest.mark.parametrize('task', sorted(TASKS))
+def test_demo_runs_end_to_end_with_a_tiny_model(local: LocalBackend, tmp_path: Path, task: str) -> None:
     pytest.importorskip('finetuner_trainer.runner')
     model = make_tiny_bert(tmp_path / 'tiny-bert')
     buffer = io.StringIO()
     result = run_demo(
         model=str(model),
-        max_pairs=48,
+        task=task,
+        epochs=1,
+        max_items=48,
         batch_size=16,
         max_length=16,
         output=tmp_path / 'out',
@@ -42,7 +46,14 @@ def test_demo_runs_end_to_end_with_a_tiny_model(local: LocalBackend, tmp_path: P
     assert f'Run name: {result.run_name}' in text
     assert "Run status: {'status': 'CREATED', 'details': 'Run submitted and awaits execution'}" in text
     assert result.before and set(result.before) == set(result.after)
+    assert 'mrr' in result.after
     assert result.model_path == str(tmp_path / 'out')
     assert (tmp_path / 'out' / 'manifest.json').is_file()
     assert f'Retrieval metrics of {result.run_name}' in text
     assert 'Fine-tuned model saved to' in text
+
+
+def test_demo_refuses_an_unknown_task(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(['--task', 'poetry'])
+    assert "invalid choice: 'poetry'" in capsys.readouterr().err
