@@ -26,6 +26,7 @@ MANAGED = {'app.kubernetes.io/managed-by': MANAGED_BY}
 # A handler that failed (an API error the seam's own retries did not outlast) runs again after
 # this many seconds instead of Kopf's default minute: every pass is safe to repeat.
 RETRY_BACKOFF = 2.0
+USER_AGENT = 'finetuner-operator'
 log = logging.getLogger('finetuner_operator')
 
 
@@ -40,7 +41,9 @@ def api_client() -> Any:
         kubernetes.config.load_kube_config(
             config_file=os.environ.get('KUBECONFIG') or None, client_configuration=configuration
         )
-    return kubernetes.client.ApiClient(configuration)
+    api = kubernetes.client.ApiClient(configuration)
+    api.user_agent = USER_AGENT  # the operator's own calls are told apart in audit logs
+    return api
 
 
 @kopf.on.login()

@@ -199,6 +199,7 @@ class KubeEmu(kmock.KubernetesEmulator):
         self.watch_starts: dict[str, int] = {}
         self.log_source: Callable[[str, str], str | None] | None = None
         self.closing = False
+        self.requests: list[tuple[str, str, str]] = []  # (method, path with query, user agent), in order
         self._rv = itertools.count(1)
         self.last_rv = 0
 
@@ -254,6 +255,8 @@ class KubeEmu(kmock.KubernetesEmulator):
         return self.kinds.get(key)
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        raw = request._raw_request
+        self.requests.append((raw.method, raw.path_qs, raw.headers.get('User-Agent', '')))
         kind = self._kind_of(request)
         if kind is None:
             return await super()._handle(request)

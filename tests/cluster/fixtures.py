@@ -19,6 +19,7 @@ from tests.cluster.s3 import S3Server, start_s3
 
 TRAINER_IMAGE = 'kube-finetuner/trainer:test'
 S3_SECRET = 'finetuner-s3'
+NODE_USER_AGENT = 'simulated-node'
 NODE_ENV = {
     'HF_HUB_OFFLINE': '1',
     'TRANSFORMERS_OFFLINE': '1',
@@ -120,7 +121,9 @@ def cluster(
     config = operator_config(s3, **(marker.kwargs if marker else {}))
     node_marker = request.node.get_closest_marker('node')
     node_options = {'poll': 0.1, **(node_marker.kwargs if node_marker else {})}
-    node = SimulatedNode(api_client(kubeconfig), tmp_path / 'node', extra_env=NODE_ENV, **node_options)
+    node_api = api_client(kubeconfig)
+    node_api.user_agent = NODE_USER_AGENT  # fault rules and request logs tell the node's calls apart
+    node = SimulatedNode(node_api, tmp_path / 'node', extra_env=NODE_ENV, **node_options)
     server.emu.log_source = node.read_log
     node.start()
     operator = OperatorRunner(server, config).start()
