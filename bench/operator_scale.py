@@ -3,8 +3,9 @@
 The operator runs as its own process (``python -m finetuner_operator``, configured from the
 environment like in its Deployment) against the KubeEmu API server of the test suite, served over
 HTTP on loopback. The trainer is replaced by a short command: a minimal Job controller here watches
-Jobs, runs ``true`` for each, and marks the Job Complete. Timestamps come from watch events seen by
-this process, so both latencies carry the same small watch delay:
+Jobs, runs a shell command writing the artifact manifest for each, and marks the Job Complete.
+Timestamps come from watch events seen by this process, so both latencies carry the same small
+watch delay:
 
 - CR -> Job: from the create call of the FinetuneRun returning to its Job's ADDED event;
 - Job complete -> FINISHED: from the Job's Complete status being written to the run's phase FINISHED.
@@ -65,9 +66,10 @@ class Timeline:
 class JobCompleter:
     """A stand-in Job controller and kubelet: every new Job runs ``true`` and is marked Complete."""
 
-    def __init__(self, api: Any, timeline: Timeline, workers: int = 4):
+    def __init__(self, api: Any, timeline: Timeline, output_root: Path, workers: int = 4):
         from kubernetes import client
 
+        self.output_root = output_root
         self.batch = client.BatchV1Api(api)
         self.timeline = timeline
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix='bench-job')
@@ -108,7 +110,12 @@ class JobCompleter:
 
     def _complete(self, namespace: str, name: str, run: str) -> None:
         try:
-            subprocess.run(['true'], check=True)  # the trainer, replaced by a short command
+            # The trainer, replaced by a short command that publishes what a run must leave behind:
+            # the artifact manifest (the operator reports FINISHED only when it exists).
+            artifact = self.output_root / namespace / run / 'artifact'
+            subprocess.run(
+                ['sh', '-c', 'mkdir -p "$1" && printf "{}" > "$1/manifest.json"', 'sh', str(artifact)], check=True
+            )
             now = datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
             status = {
                 'status': {
@@ -240,7 +247,7 @@ def measure(burst: int, live: int, workdir: Path) -> dict[str, Any]:
     watcher = threading.Thread(target=_watch_runs, args=(api, timeline, stop, errors), daemon=True)
     try:
         operator = _start_operator(kubeconfig, workdir, server)
-        completer = JobCompleter(api, timeline).start()
+        completer = JobCompleter(api, timeline, workdir / 'runs').start()
         watcher.start()
         idle_rss = rss_mb(operator.pid)
         burst_names = [f'bench-{i:04d}' for i in range(burst)]
