@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
-EXTRAS="${FINETUNER_EXTRAS:-operator,trainer,docarray,demo,test}"
+EXTRAS="${FINETUNER_EXTRAS:-operator,trainer,docarray,demo,loggers,bench,test}"
 stamp_of() { cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1; echo "$EXTRAS"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
