@@ -192,7 +192,8 @@ class Reconciler:
                 job = self.kube.get_job(namespace, builders.job_name(name))
             pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}') if job is not None else []
             output = builders.output_uri(name, namespace, spec, self.config)
-            reports = self.read_outputs(output) if pods and previous.phase not in TERMINAL else {}
+            observe = (pods or job is not None) and previous.phase not in TERMINAL
+            reports = self.read_outputs(output) if observe else {}
             observed = Observed(job=job, pods=pods, cancelled=_cancelled(body), **reports)
             status = derive_status(
                 run=name,
@@ -286,24 +287,35 @@ class Reconciler:
 
 
 def read_store_outputs(output_uri: str) -> dict[str, Any]:
-    """The trainer's reports in a run's output location; {} when the store cannot be read."""
+    """The trainer's reports in a run's output location.
+
+    ``store_error`` is set when the store cannot be listed (down, unreachable): then nothing about
+    the artifact is known, and a completed Job is not reported FINISHED until it is. A report that
+    is missing or malformed is only left out.
+    """
     try:
         store = open_store(output_uri)
-        progress = store.read_json_or_none(layout.PROGRESS)
-        reports: dict[str, Any] = {
-            'metrics': store.read_json_or_none(layout.METRICS),
-            'failure': store.read_json_or_none(layout.FAILURE),
-            'artifact': store.exists(layout.ARTIFACT_MANIFEST),
-        }
-        if progress:
-            try:
-                reports['progress'] = Progress.model_validate(progress)
-            except ValidationError:
-                log.warning('ignoring malformed %s/%s', output_uri, layout.PROGRESS)
-        return reports
-    except Exception as e:  # the store is an optional source: status still follows the Job
+        artifact = layout.ARTIFACT_MANIFEST in store.list(layout.ARTIFACT)  # raises when unreachable
+    except Exception as e:
         log.warning('cannot read reports under %s: %s', output_uri, e)
-        return {}
+        return {'store_error': ' '.join(str(e).split())[:200]}
+    reports: dict[str, Any] = {'artifact': artifact}
+    for key, name in ((layout.METRICS, 'metrics'), (layout.FAILURE, 'failure'), (layout.PROGRESS, 'progress')):
+        try:
+            reports[name] = store.read_json_or_none(key)
+        except ValueError as e:  # a torn or foreign file: the status goes on without it
+            log.warning('ignoring malformed %s/%s: %s', output_uri, key, e)
+            reports[name] = None
+    if reports['progress'] is not None:
+        try:
+            reports['progress'] = Progress.model_validate(reports['progress'])
+        except ValidationError:
+            log.warning('ignoring malformed %s/%s', output_uri, layout.PROGRESS)
+            reports['progress'] = None
+    for name in ('metrics', 'failure'):
+        if reports[name] is not None and not isinstance(reports[name], dict):
+            reports[name] = None
+    return reports
 
 
 def _parse_status(body: dict[str, Any]) -> FinetuneRunStatus:

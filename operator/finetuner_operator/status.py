@@ -33,6 +33,7 @@ class Observed(BaseModel):
     metrics: dict[str, Any] | None = None  # metrics.json
     failure: dict[str, Any] | None = None  # failure.json
     artifact: bool = False  # artifact/manifest.json exists
+    store_error: str | None = None  # the reports could not be read (the store is down)
     cancelled: bool = False
 
 
@@ -207,8 +208,9 @@ def derive_status(
     job_true = _conditions_true(job)
     job_status = (job or {}).get('status') or {}
 
-    if previous.phase in (Phase.FINISHED.value, Phase.FAILED.value) and (job is None or not _job_terminal(job)):
-        # A terminal phase is final; its Job may be gone (deleted after an image-pull failure, TTL).
+    if previous.phase in (Phase.FINISHED.value, Phase.FAILED.value):
+        # A terminal phase is final; its Job may be gone (deleted after an image-pull failure, TTL), and
+        # its reports are no longer read, so nothing observed later may rewrite it.
         return previous
 
     phase = Phase.CREATED
@@ -225,6 +227,17 @@ def derive_status(
     elif job is None:
         if spec.suspend:
             phase, reason, details, suspended = Phase.CREATED, 'Suspended', _suspended_details(), True
+    elif 'Complete' in job_true and observed.store_error:
+        # Never FINISHED on the Job's word alone: the artifact exists only once its manifest does.
+        phase, reason = Phase.STARTED, 'VerifyingArtifact'
+        details = f'Training finished; waiting for the object store to confirm the artifact ({observed.store_error})'
+    elif 'Complete' in job_true and not observed.artifact:
+        phase, reason = Phase.FAILED, 'ArtifactMissing'
+        details = (
+            f'The trainer exited successfully but {output_uri}/artifact/manifest.json does not exist, so no complete '
+            'model was published; see run.logs() and run the fit again'
+        )
+        completion = job_status.get('completionTime') or job_true['Complete'].get('lastTransitionTime') or stamp
     elif 'Complete' in job_true:
         phase, reason = Phase.FINISHED, 'Succeeded'
         artifact_uri = f'{output_uri}/artifact'
@@ -309,11 +322,6 @@ def derive_status(
 
 def _suspended_details() -> str:
     return 'Suspended: set spec.suspend to false to resume'
-
-
-def _job_terminal(job: dict[str, Any]) -> bool:
-    true = _conditions_true(job)
-    return 'Complete' in true or 'Failed' in true
 
 
 def invalid_spec_status(error: Exception | str, now: datetime, previous: FinetuneRunStatus) -> FinetuneRunStatus:

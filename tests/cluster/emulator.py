@@ -19,6 +19,11 @@ kube-apiserver where the operator can tell the difference (see ``/work/shared/TE
   also of an object created after all its owners were deleted;
 - pod logs (``/log``, with ``follow``) from a pluggable source, as ``text/plain``;
 - server-side Table output with printer columns, so ``kubectl get`` shows them.
+
+Faults for reliability tests: :meth:`KubeEmu.inject` makes the server answer chosen requests with
+an error (500, 429 with ``Retry-After``, 409, ...) a number of times, and :meth:`KubeEmu.drop_watches`
+cuts every open watch connection and refuses new ones for a while. Faults only hit the clients
+whose User-Agent they name (the operator by default), never the simulated node or the test itself.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.code, self.reason, self.message, self.details = code, reason, message, details or {}
 
+    def response(self) -> aiohttp.web.Response:
+        return aiohttp.web.json_response(self.body(), status=self.code)
+
     def body(self) -> dict[str, Any]:
         return {
             'apiVersion': 'v1',
@@ -78,6 +86,42 @@ class Kind:
     columns: list[dict[str, str]] = field(default_factory=list)  # printer columns (jsonPath)
 
 
+OPERATOR_AGENTS = ('finetuner-operator', 'kopf')
+DROP = {'type': '__DROP__'}  # queued into a watcher: close its connection without an end
+
+
+@dataclass
+class Fault:
+    """Answer matching requests with ``code`` until ``times`` of them have been answered so."""
+
+    code: int
+    times: int = 1
+    method: str | None = None  # GET, POST, PATCH, PUT, DELETE; None: any
+    path: str | None = None  # a regular expression searched in the path and query
+    retry_after: float | None = None
+    agents: tuple[str, ...] = OPERATOR_AGENTS  # User-Agent prefixes it applies to
+    watches: bool = False  # also answer watch requests
+    hits: list[str] = field(default_factory=list)  # 'METHOD path' of every request answered
+
+    def matches(self, method: str, path: str, agent: str, watch: bool) -> bool:
+        return (
+            len(self.hits) < self.times
+            and (self.method is None or self.method == method)
+            and (self.path is None or re.search(self.path, path) is not None)
+            and agent.startswith(self.agents)
+            and (self.watches or not watch)
+        )
+
+    def response(self) -> aiohttp.web.Response:
+        reasons = {409: 'Conflict', 429: 'TooManyRequests', 500: 'InternalError', 503: 'ServiceUnavailable'}
+        reason = reasons.get(self.code, 'InternalError')
+        error = ApiError(self.code, reason, f'injected fault: {reason}')
+        headers = {'Retry-After': f'{self.retry_after:g}'} if self.retry_after is not None else None
+        if self.code == 429 and self.retry_after is not None:
+            error.details = {'retryAfterSeconds': int(self.retry_after)}
+        return aiohttp.web.json_response(error.body(), status=self.code, headers=headers)
+
+
 @dataclass
 class Watcher:
     key: str
@@ -85,6 +129,7 @@ class Watcher:
     labels: list[Callable[[dict[str, str]], bool]]
     fields: list[Callable[[dict[str, Any]], bool]]
     queue: asyncio.Queue[dict[str, Any]]
+    agent: str = ''  # the client's User-Agent
 
     def matches(self, obj: dict[str, Any] | None) -> bool:
         if obj is None:
@@ -200,6 +245,10 @@ class KubeEmu(kmock.KubernetesEmulator):
         self.log_source: Callable[[str, str], str | None] | None = None
         self.closing = False
         self.requests: list[tuple[str, str, str]] = []  # (method, path with query, user agent), in order
+        self.faults: list[Fault] = []
+        self.watches_down_until = 0.0  # monotonic time until which watches are refused
+        self.dropped_watches = 0
+        self._down_agents: tuple[str, ...] = OPERATOR_AGENTS
         self._rv = itertools.count(1)
         self.last_rv = 0
 
@@ -246,6 +295,36 @@ class KubeEmu(kmock.KubernetesEmulator):
         self.declare('batch/v1/jobs', 'Job', status=True)
         self.declare('apiextensions.k8s.io/v1/customresourcedefinitions', 'CustomResourceDefinition', namespaced=False)
 
+    # --- faults --------------------------------------------------------------------------------
+    def inject(self, code: int, **options: Any) -> Fault:
+        """Answer the next matching requests with ``code`` (see :class:`Fault` for the options)."""
+        fault = Fault(code, **options)
+        self.faults.append(fault)
+        return fault
+
+    def drop_watches(self, seconds: float, agents: tuple[str, ...] = OPERATOR_AGENTS) -> None:
+        """Cut every open watch of ``agents`` and answer their new watches 503 for ``seconds``.
+
+        Call it on the serving loop (``ApiServer.call``). Clients resume from their last
+        resourceVersion afterwards and get every event they missed, as from a real server."""
+        self.watches_down_until = time.monotonic() + seconds
+        self._down_agents = agents
+        for watcher in list(self.watchers):
+            if watcher.agent.startswith(agents):
+                watcher.queue.put_nowait(DROP)
+                self.dropped_watches += 1
+
+    def _fault_for(self, raw: Any) -> aiohttp.web.Response | None:
+        agent = raw.headers.get('User-Agent', '')
+        watch = raw.query.get('watch') in ('true', '1')
+        if watch and time.monotonic() < self.watches_down_until and agent.startswith(self._down_agents):
+            return ApiError(503, 'ServiceUnavailable', 'injected fault: watches are down').response()
+        for fault in self.faults:
+            if fault.matches(raw.method, raw.path_qs, agent, watch):
+                fault.hits.append(f'{raw.method} {raw.path_qs}')
+                return fault.response()
+        return None
+
     # --- HTTP entry ------------------------------------------------------------------------------
     def _kind_of(self, request: Any) -> Kind | None:
         res = request.resource
@@ -257,6 +336,9 @@ class KubeEmu(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
         raw = request._raw_request
         self.requests.append((raw.method, raw.path_qs, raw.headers.get('User-Agent', '')))
+        injected = self._fault_for(raw)
+        if injected is not None:
+            return injected
         kind = self._kind_of(request)
         if kind is None:
             return await super()._handle(request)
@@ -672,6 +754,7 @@ class KubeEmu(kmock.KubernetesEmulator):
             labels=parse_label_selector(params.get('labelSelector')),
             fields=parse_field_selector(field_selector),
             queue=asyncio.Queue(),
+            agent=request._raw_request.headers.get('User-Agent', ''),
         )
         since = params.get('resourceVersion')
         initial: list[dict[str, Any]] = []
@@ -726,6 +809,10 @@ class KubeEmu(kmock.KubernetesEmulator):
                         }
                         await response.write(json.dumps(bookmark).encode() + b'\n')
                     continue
+                if event is DROP:  # the connection breaks: no end of stream, the client must reconnect
+                    if raw.transport is not None:
+                        raw.transport.close()
+                    return response
                 await response.write(json.dumps(event).encode() + b'\n')
             await response.write_eof()
         except (ConnectionError, RuntimeError):

@@ -77,6 +77,7 @@ class SimulatedNode:
         unpullable: tuple[str, ...] = (),
         poll: float = 0.05,
         name: str = 'sim-node-1',
+        command: list[str] | None = None,
     ):
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
@@ -89,6 +90,9 @@ class SimulatedNode:
         self.unpullable = unpullable
         self.poll = poll
         self.name = name
+        # Replaces every container's command and args (a stand-in trainer for load and fault tests);
+        # paths inside the container ($(VAR), mounts) are mapped as for the real command.
+        self.command = list(command) if command else None
         self.containers: dict[str, Container] = {}  # by pod uid
         self.logs: dict[tuple[str, str], Path] = {}
         self.reported: set[tuple[str, str]] = set()  # (pod uid, condition) already written
@@ -104,6 +108,16 @@ class SimulatedNode:
         self._thread = threading.Thread(target=self._loop, name='simulated-node', daemon=True)
         self._thread.start()
         return self
+
+    def kill(self, pod: str, namespace: str = 'default') -> bool:
+        """Kill the container of ``pod`` (SIGKILL), like a node losing the process; False if none runs."""
+        with self._lock:
+            running = [c for c in self.containers.values() if c.pod == pod and c.namespace == namespace]
+        for container in running:
+            if container.process.poll() is None:
+                container.process.kill()
+                return True
+        return False
 
     def stop(self) -> None:
         self._stop.set()
@@ -488,7 +502,8 @@ class SimulatedNode:
             for inside in sorted([termination_path, *_config_mounts(container, volumes)], key=len, reverse=True):
                 text = text.replace(inside, str(mapping[inside]))
             path.write_text(text)
-        argv = [_expand(a, env) for a in [*(container.command or []), *(container.args or [])]]
+        given = self.command or [*(container.command or []), *(container.args or [])]
+        argv = [_expand(a, env) for a in given]
         argv = [_map_path(a, mapping) for a in argv]
         if argv and argv[0] in ('python', 'python3'):
             argv[0] = self.python
