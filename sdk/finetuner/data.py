@@ -19,10 +19,7 @@ Everything local is converted here, before anything is uploaded, so a bad item i
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import json
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from finetuner.api.csvformat import CSVFormatError, parse_csv_text
 from finetuner.api.layout import Record, dataset_key
 from finetuner.api.v1alpha1 import CSVOptions, check_dns1123_name
 from finetuner.errors import ArgumentError
@@ -260,42 +258,21 @@ def _cell_content(cell: str, convert_to_blob: bool, base: Path) -> dict[str, Any
 
 
 def read_csv(path: Path, argument: str, options: CSVOptions, modalities: Modalities = Modalities()) -> list[Record]:
-    """Rows are (item, label) when ``is_labeled``, else (query, document[, score]) pairs."""
-    text = path.read_text(encoding=options.encoding)
-    if options.dialect == 'auto':
-        try:
-            dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=',;\t|')
-        except csv.Error:
-            dialect = 'excel'
-    else:
-        dialect = options.dialect
-    rows = [row for row in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in row)]
-    if options.sampling_rate is not None:
-        rng = random.Random(0)
-        rows = [row for row in rows if rng.random() < options.sampling_rate]
-    if options.size is not None:
-        rows = rows[: options.size]
-    records = []
-    for number, row in enumerate(rows, 1):
-        where = f'{path}: row {number}'
-        if len(row) < 2:
-            raise ArgumentError(argument, f'{where} has {len(row)} column; CSV rows need 2 (or 3 with a score)')
-        first = _cell_content(row[0], options.convert_to_blob, path.parent)
-        if options.is_labeled:
-            records.append(Record(label=row[1].strip(), **first))
-            continue
-        second = _cell_content(row[1], options.convert_to_blob, path.parent)
-        chunks = []
-        for content in (first, second):
-            modality = modalities.text if 'text' in content else modalities.image
-            chunks.append(Record(modality=modality, **content))
-        score = None
-        if len(row) > 2 and row[2].strip():
-            try:
-                score = float(row[2])
-            except ValueError as e:
-                raise ArgumentError(argument, f'{where}: third column {row[2]!r} is not a number (a score)') from e
-        records.append(Record(chunks=chunks, score=score))
+    """Records of a local CSV file, read as the trainer reads one (:mod:`finetuner.api.csvformat`)."""
+    try:
+        text = path.read_text(encoding=options.encoding)
+    except (UnicodeDecodeError, LookupError) as e:
+        raise ArgumentError('csv_options', f'{path} is not {options.encoding!r} text; set csv_options.encoding') from e
+    try:
+        records = parse_csv_text(
+            text,
+            options,
+            lambda cell: _cell_content(cell, options.convert_to_blob, path.parent),
+            text_modality=modalities.text,
+            image_modality=modalities.image,
+        )
+    except CSVFormatError as e:
+        raise ArgumentError(argument, f'{path}: {e}') from e
     if not records:
         raise ArgumentError(argument, f'{path} has no rows')
     return records

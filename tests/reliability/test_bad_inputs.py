@@ -192,7 +192,7 @@ ROWS: list[Row] = [
         'modality-without-multimodal', 'sdk', {'image_modality': 'image'}, 'image_modality: only applies to multi_modal'
     ),
     Row('oversized-arguments', 'sdk', {'loss_options': {'inline': 'x' * 300_000}}, 'loss_options: the spec is'),
-    Row('local-csv-one-column', 'sdk', {'train_data': 'file:one.csv'}, 'has 1 column; CSV rows need 2'),
+    Row('local-csv-one-column', 'sdk', {'train_data': 'file:one.csv'}, 'CSV row 1 has 1 columns; expected 2'),
     Row('local-csv-bad-score', 'sdk', {'train_data': 'file:score.csv'}, "third column 'high' is not a number"),
     Row('local-jsonl-bad-record', 'sdk', {'train_data': 'file:bad.jsonl'}, 'bad.jsonl:1:'),
     # --- data files and models: only the trainer reads them ------------------------------------------

@@ -8,7 +8,6 @@ before training starts, so a broken file is a configuration error and not a cras
 from __future__ import annotations
 
 import base64
-import csv
 import heapq
 import io
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from finetuner.api.csvformat import CSVFormatError, parse_csv_text
 from finetuner.api.layout import DATASET_FILE, Record, resolve_data
 from finetuner.api.v1alpha1 import CSVOptions, FinetuneRunSpec
 from finetuner.storage import StorageError, open_store
@@ -178,50 +178,16 @@ def parse_jsonl(data: bytes, field_name: str) -> list[Record]:
 
 
 def parse_csv(data: bytes, options: CSVOptions, field_name: str) -> list[Record]:
-    """Finetuner's CSV semantics: (item, label) when isLabeled, else (query, document); a third
-    numeric column is a score. Cells that look like image paths or URIs become images."""
+    """Finetuner's CSV semantics (:mod:`finetuner.api.csvformat`, shared with the SDK). Cells that
+    look like image paths or URIs become images."""
     try:
         text = data.decode(options.encoding)
     except (UnicodeDecodeError, LookupError) as e:
         raise ConfigError('csvOptions.encoding', f'the CSV file is not {options.encoding!r} text: {e}') from e
-    if options.dialect == 'auto':
-        try:
-            dialect: Any = csv.Sniffer().sniff(text[:8192], delimiters=',\t;|')
-        except csv.Error:
-            dialect = csv.excel
-    else:
-        dialect = options.dialect
-    rows = [row for row in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in row)]
-    if rows and _is_header(rows[0]):
-        rows = rows[1:]
-    if options.sampling_rate is not None:
-        rng = random.Random(0)
-        rows = [row for row in rows if rng.random() < options.sampling_rate]
-    if options.size is not None:
-        rows = rows[: options.size]
-    records = []
-    for number, row in enumerate(rows, 1):
-        if len(row) not in (2, 3):
-            raise ConfigError(
-                field_name, f'CSV row {number} has {len(row)} columns; expected 2 (item,label or query,document) or 3'
-            )
-        first, second = (_csv_content(cell) for cell in row[:2])
-        score: float | None = None
-        if len(row) == 3:
-            try:
-                score = float(row[2])
-            except ValueError as e:
-                raise ConfigError(field_name, f'CSV row {number}: the third column {row[2]!r} is not a number') from e
-        if options.is_labeled and score is None:
-            records.append(Record(**first, label=row[1].strip()))
-        else:
-            records.append(Record(chunks=[Record(**first), Record(**second)], score=score))
-    return records
-
-
-def _is_header(row: list[str]) -> bool:
-    lowered = [cell.strip().lower() for cell in row]
-    return bool(lowered) and lowered[0] in ('text', 'query', 'item', 'image', 'anchor', 'sentence', 'uri', 'path')
+    try:
+        return parse_csv_text(text, options, _csv_content)
+    except CSVFormatError as e:
+        raise ConfigError(field_name, str(e)) from e
 
 
 def _csv_content(cell: str) -> dict[str, str]:
