@@ -21,7 +21,7 @@ def test_header_blank_rows_and_empty_score_cells() -> None:
 
 
 def test_labelled_rows_unless_scored() -> None:
-    labelled, scored = parse_csv_text('cat pic;cat\nq;d;0.1\n', CSVOptions(is_labeled=True), as_text)
+    labelled, scored = parse_csv_text('cat pic;cat;\nq;d;0.1\n', CSVOptions(is_labeled=True), as_text)
     assert labelled.label == 'cat' and labelled.text == 'cat pic'
     assert scored.chunks and scored.score == 0.1
 
