@@ -504,7 +504,9 @@ class SimulatedNode:
             path.write_text(text)
         given = self.command or [*(container.command or []), *(container.args or [])]
         argv = [_expand(a, env) for a in given]
-        argv = [_map_path(a, mapping) for a in argv]
+        # Files that exist on the host (the interpreter, a test's stand-in script) stay as they are even
+        # when they lie below a mount path such as /tmp (a checkout under /tmp); container paths map.
+        argv = [a if os.path.isfile(a) else _map_path(a, mapping) for a in argv]
         if argv and argv[0] in ('python', 'python3'):
             argv[0] = self.python
         elif argv and argv[0] == 'torchrun':
