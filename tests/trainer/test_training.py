@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetuner.api import layout
+from finetuner.api.layout import Record
 from finetuner_trainer import train
 from finetuner_trainer.models import load_embedder
 from tests.support.tiny import labelled_images, labelled_texts, text_image_pairs, text_pairs
@@ -156,3 +157,17 @@ def test_text_pooler_option(make_config: ConfigFactory, tiny_bert: Path, pooler:
     model = build_embedder(config.spec)
     batch = model.collate(labelled_texts(2, 2))
     assert model.pooler == pooler and batch['parts'][0][1]['input_ids'].shape[1] <= 8
+
+
+def test_embed_sorts_by_length_and_returns_the_given_order(make_config: ConfigFactory, tiny_bert: Path) -> None:
+    from finetuner_trainer.models import build_embedder
+
+    config = make_config(labelled_texts(2, 4), model=str(tiny_bert))
+    model = build_embedder(config.spec)
+    texts = ['red', 'red green blue yellow black white red green', 'blue', 'green yellow', 'white black white']
+    records = [Record(text=t) for t in texts]
+    together = model.embed(records, batch_size=2)
+    one_by_one = torch.cat([model.embed([r], batch_size=1) for r in records])
+    assert together.shape == (5, model.output_dim)
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-3)  # rows really differ: order is checked

@@ -513,12 +513,26 @@ class ClassBalancedBatches:
 
 
 class RandomBatches:
-    """Shuffled batches; a last batch of one example is dropped (in-batch negatives need two)."""
+    """Shuffled batches; a last batch of one example is dropped (in-batch negatives need two).
 
-    def __init__(self, size: int, batch_size: int, seed: int):
+    With ``lengths`` (one per example, e.g. characters of text) batches are *length-grouped*: the
+    shuffled order is cut into windows of ``window`` batches, each window sorted by length and cut into
+    batches, and the batch order shuffled, so a batch pads to a length close to its own texts' (the
+    idea of Hugging Face's ``group_by_length``). The batch holding the longest example goes first, so a
+    batch that does not fit in memory fails at step one, not hours in. Every example is still in
+    exactly one batch per epoch; which examples share a batch still changes every epoch.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None, window: int = 50
+    ):
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f'{len(lengths)} lengths for {size} examples')
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
+        self.lengths = list(lengths) if lengths is not None else None
+        self.window = max(1, window)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -530,8 +544,34 @@ class RandomBatches:
 
     def __iter__(self) -> Iterator[list[int]]:
         order = list(range(self.size))
-        random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        rng.shuffle(order)
+        if self.lengths is not None:
+            yield from self._grouped(order, rng, self.lengths)
+            return
         for start in range(0, self.size, self.batch_size):
             chunk = order[start : start + self.batch_size]
             if len(chunk) >= 2 or self.size < 2:
                 yield chunk
+
+    def _grouped(self, order: list[int], rng: random.Random, lengths: list[int]) -> Iterator[list[int]]:
+        span = self.window * self.batch_size
+        ranked: list[int] = []
+        for start in range(0, len(order), span):
+            ranked += sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches = [ranked[start : start + self.batch_size] for start in range(0, len(ranked), self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches.pop()
+        if len(batches) > 1:
+            longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+            first = batches.pop(longest)
+            rng.shuffle(batches)
+            batches.insert(0, first)
+        yield from batches
+
+
+def text_lengths(dataset: Dataset) -> list[int] | None:
+    """Characters of text per example (all its text items together), or None when no example holds
+    text: the key for length-grouped batches."""
+    lengths = [sum(len(item.text) for item in example.items if item.text is not None) for example in dataset.examples]
+    return lengths if any(lengths) else None

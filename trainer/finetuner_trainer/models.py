@@ -166,18 +166,28 @@ class Embedder(nn.Module):
 
     @torch.no_grad()
     def embed(self, values: Sequence[Item | Record], batch_size: int = 64) -> Tensor:
-        """Embeddings (float32, on CPU) of records or items, in order; no gradients, eval mode."""
+        """Embeddings (float32, on CPU) of records or items, in order; no gradients, eval mode.
+
+        Texts are encoded longest first so each batch pads to a length close to its own texts' (the
+        result is put back in the order given; padding never changes an embedding)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
+        lengths = [len(getattr(value, 'text', None) or '') for value in values]
+        order = sorted(range(len(values)), key=lambda i: -lengths[i]) if any(lengths) else list(range(len(values)))
         chunks = []
         try:
-            for start in range(0, len(values), batch_size):
-                batch = to_device(self.collate(values[start : start + batch_size]), device)
-                chunks.append(self(batch).float().cpu())
+            for start in range(0, len(order), batch_size):
+                picked = [values[i] for i in order[start : start + batch_size]]
+                chunks.append(self(to_device(self.collate(picked), device)).float().cpu())
         finally:
             self.train(was_training)
-        return torch.cat(chunks) if chunks else torch.empty((0, self.output_dim))
+        if not chunks:
+            return torch.empty((0, self.output_dim))
+        embeddings = torch.cat(chunks)
+        out = torch.empty_like(embeddings)
+        out[torch.as_tensor(order)] = embeddings
+        return out
 
     def save(self, directory: Path | str) -> dict[str, Any]:
         """Write the model in its plain library's format plus ``finetuner.json``; return its description."""

@@ -207,7 +207,7 @@ def make_loader(
 ) -> Any:
     from torch.utils.data import DataLoader
 
-    from finetuner_trainer.data import ClassBalancedBatches, RandomBatches, Shape
+    from finetuner_trainer.data import ClassBalancedBatches, RandomBatches, Shape, text_lengths
 
     labelled = dataset.shape == Shape.LABELLED
     use_classes = labelled and spec.sampler != Sampler.RANDOM
@@ -221,7 +221,8 @@ def make_loader(
             )
         sampler: Any = ClassBalancedBatches([e.label for e in dataset.examples], batch_size, per_class, spec.seed)
     else:
-        sampler = RandomBatches(len(dataset), batch_size, spec.seed)
+        lengths = text_lengths(dataset) if train and spec.group_by_length else None
+        sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths)
     if not train:
         sampler.set_epoch(0)
     workers = min(spec.num_workers, os.cpu_count() or 1)

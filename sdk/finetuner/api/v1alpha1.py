@@ -300,6 +300,11 @@ class FinetuneRunSpec(_Model):
     sampler: Sampler = Field(
         default=Sampler.AUTO, description='Batch sampler: auto (class when labelled), class or random.'
     )
+    group_by_length: bool = Field(
+        default=True,
+        description='Random batches of text: put texts of similar length together (sorted within windows of 50 '
+        'batches, batch order shuffled) so dynamic padding wastes less compute; false gives plain shuffled batches.',
+    )
     multi_modal: bool = Field(default=False, description='Text-image data (CLIP): one text and one image per item.')
     image_modality: str | None = Field(default=None, description='Modality name of the image chunk (CLIP).')
     text_modality: str | None = Field(default=None, description='Modality name of the text chunk (CLIP).')
