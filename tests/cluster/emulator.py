@@ -251,6 +251,11 @@ class KubeEmu(kmock.KubernetesEmulator):
         self._down_agents: tuple[str, ...] = OPERATOR_AGENTS
         self._rv = itertools.count(1)
         self.last_rv = 0
+        # Indexes kept by _put/_remove, so that garbage collection looks only at what a write touched.
+        self._by_uid: dict[str, tuple[str, tuple[str | None, str]]] = {}  # uid -> (kind key, store key)
+        self._children: dict[str, set[str]] = {}  # owner uid -> uids of the objects that reference it
+        self._gc_queue: list[str] = []  # uids whose owners or dependents changed
+        self._collecting = False
 
     # --- declaration ---------------------------------------------------------------------------
     def declare(
@@ -459,7 +464,9 @@ class KubeEmu(kmock.KubernetesEmulator):
 
     def _emit(self, kind: Kind, type_: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
         rv = self.last_rv
-        self.history.append((rv, kind.key, type_, copy.deepcopy(old), copy.deepcopy(new)))
+        # Stored objects are never mutated in place (every write stores a new dict), so the history
+        # and the watch events can share them: they are serialised, never changed.
+        self.history.append((rv, kind.key, type_, old, new))
         del self.history[:-HISTORY_LIMIT]
         for watcher in list(self.watchers):
             if watcher.key == kind.key:
@@ -473,13 +480,13 @@ class KubeEmu(kmock.KubernetesEmulator):
     ) -> dict[str, Any] | None:
         was, now_ = watcher.matches(old), watcher.matches(new)
         if type_ == 'DELETED':
-            return {'type': 'DELETED', 'object': copy.deepcopy(old)} if was else None
+            return {'type': 'DELETED', 'object': old} if was else None
         if was and now_:
-            return {'type': type_, 'object': copy.deepcopy(new)}
+            return {'type': type_, 'object': new}
         if now_:
-            return {'type': 'ADDED', 'object': copy.deepcopy(new)}
+            return {'type': 'ADDED', 'object': new}
         if was:
-            return {'type': 'DELETED', 'object': copy.deepcopy(new)}
+            return {'type': 'DELETED', 'object': new}
         return None
 
     def _validate_name(self, name: Any) -> None:
@@ -533,13 +540,12 @@ class KubeEmu(kmock.KubernetesEmulator):
         )
         for stale in ('deletionTimestamp', 'deletionGracePeriodSeconds'):
             meta.pop(stale, None)
-        self._bucket(kind)[key] = obj
+        self._put(kind, key, obj)
         self._emit(kind, 'ADDED', None, obj)
         created = copy.deepcopy(obj)
-        if meta.get('ownerReferences'):
-            # The garbage collector also removes an object created with owners that are all gone
-            # (a child created a moment after its owner was deleted): it is answered 201, then collected.
-            self._collect_garbage()
+        # The garbage collector also removes an object created with owners that are all gone
+        # (a child created a moment after its owner was deleted): it is answered 201, then collected.
+        self._collect_garbage()
         return created
 
     def _patch(
@@ -615,11 +621,11 @@ class KubeEmu(kmock.KubernetesEmulator):
         meta['resourceVersion'] = self._next_rv()
         key = self._key(kind, meta.get('namespace'), meta['name'])
         if meta.get('deletionTimestamp') and not meta.get('finalizers'):
-            del self._bucket(kind)[key]
+            self._remove(kind, key)
             self._emit(kind, 'DELETED', current, new)
             self._collect_garbage()
             return copy.deepcopy(new)
-        self._bucket(kind)[key] = new
+        self._put(kind, key, new)
         self._emit(kind, 'MODIFIED', current, new)
         self._collect_garbage()
         return copy.deepcopy(new)
@@ -658,11 +664,11 @@ class KubeEmu(kmock.KubernetesEmulator):
                 deletionGracePeriodSeconds=0,
                 resourceVersion=self._next_rv(),
             )
-            self._bucket(kind)[self._key(kind, meta.get('namespace'), name)] = new
+            self._put(kind, self._key(kind, meta.get('namespace'), name), new)
             self._emit(kind, 'MODIFIED', current, new)
             self._collect_garbage()
             return copy.deepcopy(new)
-        del self._bucket(kind)[self._key(kind, meta.get('namespace'), name)]
+        self._remove(kind, self._key(kind, meta.get('namespace'), name))
         self._next_rv()
         self._emit(kind, 'DELETED', current, None)
         self._collect_garbage()
@@ -682,15 +688,51 @@ class KubeEmu(kmock.KubernetesEmulator):
             'items': deleted,
         }
 
+    # --- the store and its indexes ---------------------------------------------------------------
+    def _put(self, kind: Kind, key: tuple[str | None, str], obj: dict[str, Any]) -> None:
+        """Store ``obj`` (a new dict: stored objects are never changed in place) and index it."""
+        bucket = self._bucket(kind)
+        old = bucket.get(key)
+        if old is not None:
+            self._unindex(old)
+        bucket[key] = obj
+        uid = obj['metadata']['uid']
+        self._by_uid[uid] = (kind.key, key)
+        for ref in obj['metadata'].get('ownerReferences') or []:
+            if ref.get('uid'):
+                self._children.setdefault(ref['uid'], set()).add(uid)
+        self._gc_queue.append(uid)
+
+    def _remove(self, kind: Kind, key: tuple[str | None, str]) -> None:
+        obj = self._bucket(kind).pop(key)
+        self._unindex(obj)
+        self._by_uid.pop(obj['metadata']['uid'], None)
+        # Its dependents may have lost their last owner; its owners may wait for it (foreground).
+        self._gc_queue.extend(self._children.get(obj['metadata']['uid'], ()))
+        self._gc_queue.extend(ref['uid'] for ref in obj['metadata'].get('ownerReferences') or [] if ref.get('uid'))
+
+    def _unindex(self, obj: dict[str, Any]) -> None:
+        uid = obj['metadata']['uid']
+        for ref in obj['metadata'].get('ownerReferences') or []:
+            children = self._children.get(ref.get('uid') or '')
+            if children is not None:
+                children.discard(uid)
+                if not children:
+                    del self._children[ref['uid']]
+
+    def _lookup(self, uid: str | None) -> tuple[Kind, dict[str, Any]] | None:
+        where = self._by_uid.get(uid or '')
+        if where is None:
+            return None
+        kind = self.kinds[where[0]]
+        return kind, self._bucket(kind)[where[1]]
+
     def _all(self) -> list[tuple[Kind, dict[str, Any]]]:
         return [(self.kinds[key], obj) for key, objs in self.store.items() for obj in list(objs.values())]
 
     def _dependents(self, uid: str) -> list[tuple[Kind, dict[str, Any]]]:
-        return [
-            (kind, obj)
-            for kind, obj in self._all()
-            if any(ref.get('uid') == uid for ref in obj['metadata'].get('ownerReferences') or [])
-        ]
+        found = (self._lookup(child) for child in sorted(self._children.get(uid, ())))
+        return [item for item in found if item is not None]
 
     def _orphan(self, uid: str) -> None:
         for kind, obj in self._dependents(uid):
@@ -700,46 +742,47 @@ class KubeEmu(kmock.KubernetesEmulator):
             if not refs:
                 del new['metadata']['ownerReferences']
             new['metadata']['resourceVersion'] = self._next_rv()
-            self._bucket(kind)[self._key(kind, obj['metadata'].get('namespace'), obj['metadata']['name'])] = new
+            self._put(kind, self._key(kind, obj['metadata'].get('namespace'), obj['metadata']['name']), new)
             self._emit(kind, 'MODIFIED', obj, new)
 
     def _collect_garbage(self) -> None:
-        """Delete dependents whose owners are all gone; finish foreground deletions."""
-        changed = True
-        while changed:
-            changed = False
-            objects = self._all()
-            uids = {obj['metadata']['uid']: obj for _, obj in objects}
-            for kind, obj in objects:
-                meta = obj['metadata']
-                refs = meta.get('ownerReferences') or []
-                if not refs or meta.get('deletionTimestamp'):
-                    continue
-                owners = [uids.get(ref.get('uid')) for ref in refs]
-                gone = all(owner is None for owner in owners)
-                foreground = any(
-                    owner is not None
-                    and owner['metadata'].get('deletionTimestamp')
-                    and 'foregroundDeletion' in (owner['metadata'].get('finalizers') or [])
-                    for owner in owners
-                )
-                if gone or foreground:
-                    policy = 'Foreground' if foreground else 'Background'
-                    self._delete(kind, meta.get('namespace'), meta['name'], policy)
-                    changed = True
-                    break
-            if changed:
-                continue
-            for kind, obj in objects:
-                meta = obj['metadata']
-                if 'foregroundDeletion' in (meta.get('finalizers') or []) and not self._dependents(meta['uid']):
-                    finalizers = [f for f in meta['finalizers'] if f != 'foregroundDeletion']
-                    current = copy.deepcopy(obj)
-                    patched = copy.deepcopy(obj)
-                    patched['metadata']['finalizers'] = finalizers
-                    self._update(kind, current, patched, status_only=False)
-                    changed = True
-                    break
+        """Delete dependents whose owners are all gone; finish foreground deletions.
+
+        Only the objects a write touched are looked at (``_gc_queue``, filled by ``_put`` and
+        ``_remove``): the object itself, the dependents of a removed object and its owners."""
+        if self._collecting:
+            return  # a deletion below queues more work; the outer loop takes it
+        self._collecting = True
+        try:
+            while self._gc_queue:
+                found = self._lookup(self._gc_queue.pop())
+                if found is not None:
+                    self._collect_one(*found)
+        finally:
+            self._collecting = False
+
+    def _collect_one(self, kind: Kind, obj: dict[str, Any]) -> None:
+        meta = obj['metadata']
+        refs = meta.get('ownerReferences') or []
+        if refs and not meta.get('deletionTimestamp'):
+            owners = [self._lookup(ref.get('uid')) for ref in refs]
+            foreground = any(
+                owner is not None
+                and owner[1]['metadata'].get('deletionTimestamp')
+                and 'foregroundDeletion' in (owner[1]['metadata'].get('finalizers') or [])
+                for owner in owners
+            )
+            if all(owner is None for owner in owners) or foreground:
+                self._delete(kind, meta.get('namespace'), meta['name'], 'Foreground' if foreground else 'Background')
+                return
+        if meta.get('deletionTimestamp') and 'foregroundDeletion' in (meta.get('finalizers') or []):
+            dependents = self._children.get(meta['uid'])
+            if dependents:
+                self._gc_queue.extend(dependents)  # each is deleted in the foreground
+            else:
+                patched = copy.deepcopy(obj)
+                patched['metadata']['finalizers'] = [f for f in meta['finalizers'] if f != 'foregroundDeletion']
+                self._update(kind, copy.deepcopy(obj), patched, status_only=False)
 
     # --- watch and logs --------------------------------------------------------------------------
     async def _watch(

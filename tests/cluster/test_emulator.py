@@ -175,6 +175,40 @@ def test_garbage_collection_background_foreground_and_orphan(api: Any) -> None:
     assert not left.metadata.owner_references
 
 
+def test_garbage_collection_of_chains_without_scanning_the_store(
+    api_server: tuple[ApiServer, Path], api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run -> Job -> pod chains are collected in the background and in the foreground, and a child
+    created after its owner was deleted is collected too, all without a scan of every stored object
+    (which made every write O(stored objects) and a burst of runs O(n^2))."""
+    server, _ = api_server
+    monkeypatch.setattr(server.emu, '_all', lambda: pytest.fail('garbage collection scanned the whole store'))
+    core, co, batch = client.CoreV1Api(api), client.CustomObjectsApi(api), client.BatchV1Api(api)
+
+    def chain(name: str) -> None:
+        owner = co.create_namespaced_custom_object(G, V, NS, 'finetuneruns', run(name))
+        job_body = {
+            'metadata': {'name': f'{name}-job', 'ownerReferences': cm('x', owner)['metadata']['ownerReferences']},
+            'spec': {'template': {'spec': {'restartPolicy': 'Never', 'containers': [{'name': 'c', 'image': 'i'}]}}},
+        }
+        job = batch.create_namespaced_job(NS, job_body)
+        job_owner = {'apiVersion': 'batch/v1', 'kind': 'Job', 'metadata': {'name': job.metadata.name}}
+        job_owner['metadata']['uid'] = job.metadata.uid
+        core.create_namespaced_config_map(NS, cm(f'{name}-leaf', job_owner))
+
+    for name, policy in (('bg', 'Background'), ('fg', 'Foreground')):
+        chain(name)
+        co.delete_namespaced_custom_object(G, V, NS, 'finetuneruns', name, propagation_policy=policy)
+        assert core.list_namespaced_config_map(NS).items == [], policy
+        assert batch.list_namespaced_job(NS).items == [], policy
+        assert co.list_namespaced_custom_object(G, V, NS, 'finetuneruns')['items'] == [], policy
+
+    gone = co.create_namespaced_custom_object(G, V, NS, 'finetuneruns', run('gone'))
+    co.delete_namespaced_custom_object(G, V, NS, 'finetuneruns', 'gone')
+    core.create_namespaced_config_map(NS, cm('late', gone))  # answered 201, then collected
+    assert core.list_namespaced_config_map(NS).items == []
+
+
 def test_finalizers_hold_deletion_until_removed(api: Any) -> None:
     co = client.CustomObjectsApi(api)
     body = run('held')
