@@ -26,6 +26,9 @@ MANAGED = {'app.kubernetes.io/managed-by': MANAGED_BY}
 # A handler that failed (an API error the seam's own retries did not outlast) runs again after
 # this many seconds instead of Kopf's default minute: every pass is safe to repeat.
 RETRY_BACKOFF = 2.0
+# An Experiment is recounted at most this often (its runs' phase changes are coalesced): a recount lists
+# every run of the Experiment, and one per transition made a burst of n runs cost n^2.
+EXPERIMENT_RECOUNT_DELAY = 0.25
 USER_AGENT = 'finetuner-operator'
 log = logging.getLogger('finetuner_operator')
 
@@ -66,7 +69,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 16
-    memo.reconciler = Reconciler(Kube(api_client()), config)
+    memo.reconciler = Reconciler(Kube(api_client()), config, experiment_delay=EXPERIMENT_RECOUNT_DELAY)
     metrics.serve(config.metrics_port)
     logger.info('finetuner operator configured: image %s, output %s', config.trainer_image, config.output)
 
@@ -75,6 +78,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
     reconciler = memo.get('reconciler')
     if reconciler is not None:
+        reconciler.close()
         reconciler.kube.api_client.close()
 
 
@@ -130,16 +134,19 @@ async def mirror_progress(name: str, namespace: str, memo: kopf.Memo, stopped: k
     reach the status, and time-based verdicts (unschedulable for too long) are reached even when
     no Kubernetes event arrives.
 
-    A daemon rather than a timer: its interval comes from the configuration loaded at start-up.
+    A daemon rather than a timer: its interval comes from the configuration loaded at start-up. It
+    waits before its first pass: the run's own handlers and its Job's events have just observed it.
     """
     interval = memo.config.progress_interval
     while not stopped:
+        await _pause(stopped, interval)
+        if stopped:
+            break
         try:
             with metrics.timed('progress'):
                 await asyncio.to_thread(memo.reconciler.sync_run, namespace, name)
         except Exception as e:  # the API server or store failing for a while: the next pass retries
             log.warning('re-observing FinetuneRun %s/%s failed: %s', namespace, name, e)
-        await _pause(stopped, interval)
 
 
 async def _pause(stopped: kopf.DaemonStopped, seconds: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -65,17 +66,71 @@ class Reconciler:
         config: OperatorConfig,
         now: Callable[[], datetime] = utcnow,
         read_outputs: Callable[[str], dict[str, Any]] | None = None,
+        experiment_delay: float | None = None,
     ):
+        """``experiment_delay``: None recounts an Experiment at once whenever one of its runs changes
+        phase; seconds coalesce those recounts (each lists every run of the Experiment, so doing one
+        per transition made a burst of n runs cost n^2) into one per Experiment per delay, done by a
+        background thread (:meth:`close` stops it)."""
         self.kube = kube
         self.config = config
         self.now = now
         self.read_outputs = read_outputs or read_store_outputs
+        self.experiment_delay = experiment_delay
         self._locks: dict[tuple[str, ...], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._due: dict[tuple[str, str], float] = {}  # experiments to recount: (namespace, name) -> when
+        self._due_changed = threading.Condition()
+        self._recounter: threading.Thread | None = None
+        self._closed = False
 
     def _lock(self, *key: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
+
+    def close(self) -> None:
+        """Stop the background recount of Experiments (pending recounts are dropped: the next
+        start-up's resume handlers recount every Experiment)."""
+        with self._due_changed:
+            self._closed = True
+            self._due_changed.notify_all()
+        if self._recounter is not None:
+            self._recounter.join(10)
+
+    def request_experiment_sync(self, namespace: str, name: str) -> None:
+        """Recount the Experiment now, or within ``experiment_delay`` seconds (coalesced)."""
+        if self.experiment_delay is None:
+            self.sync_experiment(namespace, name)
+            return
+        with self._due_changed:
+            if self._closed or (namespace, name) in self._due:
+                return
+            self._due[(namespace, name)] = time.monotonic() + self.experiment_delay
+            if self._recounter is None:
+                self._recounter = threading.Thread(target=self._recount_loop, name='experiment-recount', daemon=True)
+                self._recounter.start()
+            self._due_changed.notify_all()
+
+    def _recount_loop(self) -> None:
+        while True:
+            with self._due_changed:
+                while not self._closed:
+                    now = time.monotonic()
+                    ready = [key for key, when in self._due.items() if when <= now]
+                    if ready:
+                        break
+                    wait = min(self._due.values(), default=now + 60.0) - now
+                    self._due_changed.wait(wait)
+                if self._closed:
+                    return
+                for key in ready:
+                    del self._due[key]
+            for namespace, name in ready:
+                try:
+                    self.sync_experiment(namespace, name)
+                except Exception as e:  # the API failing for a while: try again after the delay
+                    log.warning('recounting Experiment %s/%s failed: %s', namespace, name, e)
+                    self.request_experiment_sync(namespace, name)
 
     # --- runs --------------------------------------------------------------------------------
     def reconcile_run(self, body: dict[str, Any]) -> None:
@@ -92,42 +147,40 @@ class Reconciler:
         if problems:
             self._fail_invalid(body, 'Invalid spec: ' + '; '.join(problems), previous)
             return
-        self._join_experiment(body, spec)
         if previous.phase in TERMINAL:
+            self._join_experiment(body, spec)
             self.sync_run(namespace, name)
             return
         job_name = builders.job_name(name)
-        job = self.kube.get_job(namespace, job_name)
         queue = builders.queue_of(spec, self.config)
-        if _cancelled(body):
-            if job is not None:
-                self.kube.delete_job(namespace, job_name)
-        elif spec.suspend and queue:
-            # Kueue owns the suspend flag of queued Jobs: a suspended run gives its Job back.
-            if job is not None:
+        fresh: dict[str, Any] | None = None
+        if _cancelled(body) or (spec.suspend and queue):
+            # Cancelled, or suspended in a queue (Kueue owns the suspend flag of queued Jobs): no Job.
+            if self.kube.get_job(namespace, job_name) is not None:
                 self.kube.delete_job(namespace, job_name)
         else:
-            self._create_children(body, spec, job)
+            # The Job first: on a new run nothing else is asked of the API server before it exists.
+            fresh = self._create_children(body, spec)
+            job = None if fresh is not None else self.kube.get_job(namespace, job_name)
             if job is not None and not queue and bool(job['spec'].get('suspend')) != spec.suspend:
                 self.kube.patch_job(namespace, job_name, {'spec': {'suspend': spec.suspend}})
                 what = 'Suspended' if spec.suspend else 'Resumed'
                 self.kube.post_event(body, 'Normal', what, f'{what} trainer Job {job_name}')
-        self.sync_run(namespace, name)
+        self._join_experiment(body, spec)
+        self.sync_run(namespace, name, created_job=fresh)
 
-    def _create_children(self, body: dict[str, Any], spec: FinetuneRunSpec, job: dict[str, Any] | None) -> bool:
-        """Create the run's children that are missing (all but the Job when it exists); True if the Job was."""
+    def _create_children(self, body: dict[str, Any], spec: FinetuneRunSpec) -> dict[str, Any] | None:
+        """Create the run's children (an existing one answers 409, which is fine); the Job's manifest
+        if this call created it, else None."""
         meta = body['metadata']
         name, namespace = meta['name'], meta['namespace']
         owner = {**body, 'kind': body.get('kind', 'FinetuneRun')}
-        job_created = False
+        created_job = None
         for child in builders.build_children(name, namespace, spec, self.config, owner):
-            if child['kind'] == 'Job' and job is not None:
-                continue
-            created = self.kube.create_child(child)
-            if created and child['kind'] == 'Job':
-                job_created = True
+            if self.kube.create_child(child) and child['kind'] == 'Job':
+                created_job = child
                 self.kube.post_event(body, 'Normal', 'JobCreated', f'Created trainer Job {builders.job_name(name)}')
-        return job_created
+        return created_job
 
     def _replace_lost_job(self, body: dict[str, Any], spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> None:
         """An active run whose Job is gone (deleted behind the operator's back, or a create that was
@@ -137,7 +190,7 @@ class Reconciler:
         if spec.suspend and builders.queue_of(spec, self.config):
             return  # a suspended queued run gave its Job back on purpose
         name = body['metadata']['name']
-        if self._create_children(body, spec, None) and previous.job_name:
+        if self._create_children(body, spec) is not None and previous.job_name:
             message = (
                 f'Trainer Job {builders.job_name(name)} was deleted outside the operator; created it again '
                 '(the trainer resumes from its last checkpoint)'
@@ -163,6 +216,9 @@ class Reconciler:
         patch: dict[str, Any] = {}
         if (meta.get('labels') or {}).get(builders.EXPERIMENT_LABEL) != spec.experiment:
             patch['labels'] = {builders.EXPERIMENT_LABEL: spec.experiment}
+        refs = meta.get('ownerReferences') or []
+        if not patch and any(r.get('kind') == 'Experiment' and r.get('name') == spec.experiment for r in refs):
+            return  # joined on an earlier pass: no need to read the Experiment again
         experiment = self.kube.get_experiment(meta['namespace'], spec.experiment)
         if experiment is not None:
             refs = list(meta.get('ownerReferences') or [])
@@ -172,8 +228,13 @@ class Reconciler:
         if patch:
             self.kube.patch_run(meta['namespace'], meta['name'], {'metadata': patch})
 
-    def sync_run(self, namespace: str, name: str) -> FinetuneRunStatus | None:
-        """Observe the run's Job, pods and reports; write the status if it changed."""
+    def sync_run(
+        self, namespace: str, name: str, created_job: dict[str, Any] | None = None
+    ) -> FinetuneRunStatus | None:
+        """Observe the run's Job, pods and reports; write the status if it changed.
+
+        ``created_job`` is the manifest of a Job this pass has just created: it is what the Job is
+        (no status, no pods yet), so it is not read back; the Job's own events bring the rest."""
         with self._lock(namespace, name):
             body = self.kube.get_run(namespace, name)
             if body is None:
@@ -186,13 +247,19 @@ class Reconciler:
                 return previous  # reconcile_run reported it; nothing to observe
             if run_problems(name, spec):
                 return previous
-            job = self.kube.get_job(namespace, builders.job_name(name))
+            job = created_job
+            pods: list[dict[str, Any]] = []
             if job is None:
-                self._replace_lost_job(body, spec, previous)
                 job = self.kube.get_job(namespace, builders.job_name(name))
-            pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}') if job is not None else []
+                if job is None:
+                    self._replace_lost_job(body, spec, previous)
+                    job = self.kube.get_job(namespace, builders.job_name(name))
+                if job is not None:
+                    pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}')
             output = builders.output_uri(name, namespace, spec, self.config)
-            observe = (pods or job is not None) and previous.phase not in TERMINAL
+            # The trainer's reports exist only once a pod has run: a Job without pods that is not done
+            # has nothing to read (and on S3 each read is a request).
+            observe = (pods or (job is not None and _job_done(job))) and previous.phase not in TERMINAL
             reports = self.read_outputs(output) if observe else {}
             observed = Observed(job=job, pods=pods, cancelled=_cancelled(body), **reports)
             status = derive_status(
@@ -217,7 +284,7 @@ class Reconciler:
                 self.kube.delete_job(namespace, builders.job_name(name))
             metrics.set_phase(namespace, name, status.phase)
         if status.phase != previous.phase:
-            self.sync_experiment(namespace, spec.experiment)
+            self.request_experiment_sync(namespace, spec.experiment)
         return status
 
     def _transition(self, body: dict[str, Any], previous: FinetuneRunStatus, status: FinetuneRunStatus) -> None:
@@ -231,7 +298,7 @@ class Reconciler:
     def run_deleted(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         metrics.set_phase(namespace, name, None)
         experiment = (body.get('spec') or {}).get('experiment') or 'default'
-        self.sync_experiment(namespace, experiment)
+        self.request_experiment_sync(namespace, experiment)
 
     # --- experiments -------------------------------------------------------------------------
     def sync_experiment(self, namespace: str, name: str) -> None:

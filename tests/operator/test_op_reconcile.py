@@ -219,3 +219,69 @@ def test_api_calls_come_from_the_seam_decorators() -> None:
     assert ('batch', 'jobs', 'create') in kube.API_CALLS
     assert ('finetuner.dev', 'finetuneruns/status', 'patch') in kube.API_CALLS
     assert ('', 'events', 'create') in kube.KOPF_CALLS
+
+
+class CallLog:
+    """The fake seam with every call recorded in order (method name and first string arguments)."""
+
+    def __init__(self, fake: FakeKube) -> None:
+        self.fake = fake
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.fake, name)
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            kind = args[0].get('kind') if args and isinstance(args[0], dict) else None
+            self.calls.append(f'{name}:{kind}' if kind else name)
+            return method(*args, **kwargs)
+
+        return recorded
+
+
+def test_a_new_run_asks_for_its_job_first_and_reads_nothing_back(fake: FakeKube) -> None:
+    log = CallLog(fake)
+    reads: list[str] = []
+    reconciler = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=reads.append)  # type: ignore[arg-type]
+    reconciler.reconcile_run(fake.add('FinetuneRun', run_body()))
+    assert log.calls[:2] == ['create_child:ConfigMap', 'create_child:Job']
+    assert 'get_job' not in log.calls and 'list_pods' not in log.calls, log.calls
+    assert reads == [], 'a Job without pods has no reports to read'
+    assert fake.get_run('default', 'r')['status']['jobName'] == 'r-trainer'
+
+    log.calls.clear()
+    reconciler.reconcile_run(fake.get_run('default', 'r'))  # a second pass (resume) finds the Job
+    assert 'get_job' in log.calls
+    assert [c for c in fake.creates if c[2]] == [('ConfigMap', 'r-config', True), ('Job', 'r-trainer', True)]
+
+
+def test_a_joined_run_does_not_read_its_experiment_again(fake: FakeKube, reconciler: Reconciler) -> None:
+    fake.add('Experiment', {'metadata': {'name': 'exp', 'namespace': 'default'}, 'spec': {}})
+    reconciler.reconcile_run(fake.add('FinetuneRun', run_body(experiment='exp')))
+    log = CallLog(fake)
+    again = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri: {})  # type: ignore[arg-type]
+    again.reconcile_run(fake.get_run('default', 'r'))
+    assert 'get_experiment' not in log.calls and 'patch_run' not in log.calls, log.calls
+
+
+def test_experiment_recounts_are_coalesced_in_the_background(fake: FakeKube) -> None:
+    import time
+
+    fake.add('Experiment', {'metadata': {'name': 'exp', 'namespace': 'default'}, 'spec': {}})
+    log = CallLog(fake)
+    config = OperatorConfig(output='s3://b/runs')
+    reconciler = Reconciler(log, config, now=lambda: NOW, read_outputs=lambda uri: {}, experiment_delay=0.2)  # type: ignore[arg-type]
+    try:
+        for name in ('a', 'b', 'c'):
+            reconciler.reconcile_run(fake.add('FinetuneRun', run_body(name, experiment='exp')))
+        assert 'list_runs' not in log.calls, 'recounts wait for the delay'
+        deadline = time.monotonic() + 10
+        while (fake.get_experiment('default', 'exp').get('status') or {}).get('runs') is None:
+            assert time.monotonic() < deadline, 'the Experiment was never recounted'
+            time.sleep(0.02)
+        assert log.calls.count('list_runs') == 1, 'three transitions, one recount'
+        assert fake.get_experiment('default', 'exp')['status']['runs']['created'] == 3
+    finally:
+        reconciler.close()
+    reconciler.request_experiment_sync('default', 'exp')  # after close: dropped, no thread left behind
+    assert log.calls.count('list_runs') == 1
