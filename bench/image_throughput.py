@@ -58,7 +58,7 @@ def run(settings: Settings) -> list[Row]:
             profiler: StepProfiler | None = None, spec: Any = spec, architecture: str = architecture, steps: int = steps
         ) -> float:
             ends = ours.train_steps(spec, steps + 1, settings.workdir, f'images-{architecture}', profiler=profiler)
-            return steady_rate(ends, BATCH, warmup=1)
+            return steady_rate(ends[1:], BATCH, warmup=1)  # ends[0] is when training began
 
         def reference_round(
             profiler: StepProfiler | None = None,

@@ -31,8 +31,11 @@ class StepClock:
         self.synchronize_cuda = synchronize_cuda
         self.profiler = profiler
         self.step_ends: list[float] = []
+        self.began = 0.0
 
-    def on_train_begin(self, ctx: Any, state: Any, control: Any) -> None: ...
+    def on_train_begin(self, ctx: Any, state: Any, control: Any) -> None:
+        self.began = time.perf_counter()
+
     def on_epoch_begin(self, ctx: Any, state: Any, control: Any) -> None: ...
     def on_evaluate(self, ctx: Any, state: Any, control: Any, metrics: dict[str, float]) -> None: ...
     def on_epoch_end(self, ctx: Any, state: Any, control: Any) -> None: ...
@@ -77,7 +80,8 @@ def train_steps(
     spec: FinetuneRunSpec, steps: int, workdir: Path, run_prefix: str, profiler: StepProfiler | None = None
 ) -> list[float]:
     """Build the trainer's context for ``spec`` and run its loop for ``steps`` optimizer steps; the
-    time of every step's end. Every call gets its own output folder (``<run_prefix>-<n>``)."""
+    time training began followed by the time of every step's end. Every call gets its own output
+    folder (``<run_prefix>-<n>``)."""
     run_name = f'{run_prefix}-{next(_RUN_NUMBERS)}'
     from finetuner.storage import open_store
     from finetuner_trainer.loop import run_training
@@ -91,7 +95,7 @@ def train_steps(
     run_training(ctx)
     if len(clock.step_ends) < steps:
         raise RuntimeError(f'the trainer ran {len(clock.step_ends)} steps, the benchmark planned {steps}')
-    return clock.step_ends
+    return [clock.began, *clock.step_ends]
 
 
 def train_run(spec: FinetuneRunSpec, workdir: Path, run_name: str) -> Any:

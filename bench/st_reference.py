@@ -63,7 +63,8 @@ def train(
     bf16: bool = False,
     profiler: StepProfiler | None = None,
 ) -> tuple[object, list[float]]:
-    """Train with sentence-transformers' own trainer; the model and the time of every step's end."""
+    """Train with sentence-transformers' own trainer; the model, and the time training began followed by
+    the time of every step's end."""
     import transformers
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
@@ -71,6 +72,9 @@ def train(
     step_ends: list[float] = []
 
     class StepClock(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            step_ends.append(time.perf_counter())
+
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             if device == 'cuda':
                 import torch

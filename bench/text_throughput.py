@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import data, ours, st_reference
-from bench.common import Row, Settings, alternate, steady_rate
+from bench.common import Row, Settings, alternate, mean_rate
 from bench.profiling import StepProfiler, explain_throughput
 from finetuner.api.layout import Record
 
@@ -105,7 +105,7 @@ def run(settings: Settings) -> list[Row]:
     model_dir = text_model(settings)
     datasets = text_data(settings)
     rounds = settings.pick(full=3, quick=2, tiny=1)
-    steps = settings.pick(full=5, quick=3, tiny=2)
+    steps = settings.pick(full=16, quick=6, tiny=2)
     tasks = ('triplet', 'pairs') if settings.mode == 'full' else ('pairs',)
     target = GPU_TARGET if settings.gpu else CPU_TARGET
     rows = []
@@ -114,8 +114,8 @@ def run(settings: Settings) -> list[Row]:
         spec = _ours_spec(model_dir, records, task, settings)
 
         def ours_round(profiler: StepProfiler | None = None, spec: Any = spec, task: str = task) -> float:
-            ends = ours.train_steps(spec, steps + 1, settings.workdir, f'text-{task}', profiler=profiler)
-            return steady_rate(ends, BATCH, warmup=1)
+            ends = ours.train_steps(spec, steps, settings.workdir, f'text-{task}', profiler=profiler)
+            return mean_rate(ends, BATCH)
 
         def reference_round(
             profiler: StepProfiler | None = None, records: list[Record] = records, task: str = task
@@ -126,14 +126,14 @@ def run(settings: Settings) -> list[Row]:
                 task,  # type: ignore[arg-type]
                 batch_size=BATCH,
                 max_length=MAX_LENGTH,
-                max_steps=steps + 1,
+                max_steps=steps,
                 learning_rate=2e-5,
                 device=settings.device,
                 output_dir=settings.workdir / 'st-output',
                 bf16=settings.gpu,
                 profiler=profiler,
             )
-            return steady_rate(ends, BATCH, warmup=1)
+            return mean_rate(ends, BATCH)
 
         samples_ours, samples_reference = alternate(ours_round, reference_round, rounds)
         loss_words = 'TripletMarginLoss vs BatchAllTripletLoss' if task == 'triplet' else 'MultipleNegativesRankingLoss'
@@ -160,6 +160,6 @@ def run(settings: Settings) -> list[Row]:
             extra=extra,
         )
         if row.met is False:
-            row.note = explain_throughput(ours_round, reference_round, steps + 1)
+            row.note = explain_throughput(ours_round, reference_round, steps)
         rows.append(row)
     return rows

@@ -126,6 +126,31 @@ def test_every_optimizer_steps_or_says_why_not(name: str) -> None:
     assert float((weight**2).sum()) < before
 
 
+@pytest.mark.parametrize('name', ['Adam', 'AdamW', 'SGD', 'Adagrad'])
+def test_fused_kernels_are_the_default_and_step_like_the_per_op_ones(name: str) -> None:
+    torch.manual_seed(0)
+    start = torch.randn(64)
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    fused = build_optimizer(name, [weights[0]], 0.1, {'weight_decay': 0.01})
+    per_op = build_optimizer(name, [weights[1]], 0.1, {'weight_decay': 0.01, 'foreach': False})
+    assert fused.param_groups[0]['fused'] is True
+    assert not per_op.param_groups[0].get('fused')  # the user's choice of implementation wins
+    for _ in range(3):
+        for weight, optimizer in zip(weights, (fused, per_op), strict=True):
+            optimizer.zero_grad()
+            ((weight - 1) ** 2).sum().backward()
+            optimizer.step()
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_fused_is_not_forced_where_it_cannot_run() -> None:
+    weight = torch.nn.Parameter(torch.ones(2))
+    assert not build_optimizer('RMSprop', [weight], 0.1, {}).param_groups[0].get('fused')  # no fused kernel
+    assert not build_optimizer('Adam', [weight], 0.1, {'differentiable': True}).param_groups[0].get('fused')
+    groups = [{'params': [weight]}]
+    assert build_optimizer('AdamW', groups, 0.1, {}).param_groups[0]['fused'] is True
+
+
 def test_optimizer_options_are_passed_and_checked() -> None:
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = build_optimizer('Adam', [weight], 0.1, {'weight_decay': 0.01})
