@@ -1,9 +1,18 @@
 """Embedding with the ONNX graphs of an artifact (``get_model(..., is_onnx=True).encode(...)``).
 
 The artifact folder holds the model in its library's format plus ``onnx/`` (see
-:mod:`finetuner_trainer.onnx_export`). Preprocessing (tokenizer, image transform) is the embedder's
-own, read from the same folder, so ONNX and torch see identical inputs; the network itself runs in
-ONNX Runtime with all graph optimisations on.
+:mod:`finetuner_trainer.onnx_export`). Preprocessing follows the embedder's own, read from the same
+folder, without torch tensors in between:
+
+- text: the artifact's (fast) tokenizer with dynamic padding, returning int64 numpy arrays. Texts are
+  batched in order of length, as ``sentence_transformers.SentenceTransformer.encode`` does, so that a
+  batch pads to a length close to its texts' own (embeddings are returned in input order);
+- timm images: decoding and the PIL steps of the timm transform (resize, centre crop) per image, then
+  one vectorised ``(pixels / 255 - mean) / std`` over the whole batch into a reused buffer, the same
+  float32 operations as torchvision's ``ToTensor`` + ``Normalize``;
+- anything else (CLIP images, tensors, an unfamiliar transform): the embedder's own ``collate``.
+
+The network itself runs in ONNX Runtime with all graph optimisations on.
 """
 
 from __future__ import annotations
@@ -19,6 +28,68 @@ from finetuner.api.layout import Record
 from finetuner_trainer.onnx_export import EXPORT_MANIFEST, ONNX_DIR, OUTPUT_NAME, ort_session
 
 
+class NumpyImageTransform:
+    """The timm eval transform (PIL steps, then ``ToTensor`` + ``Normalize``) as PIL + numpy on a batch.
+
+    Built only from a transform whose tail is exactly ``ToTensor``/``MaybeToTensor`` then ``Normalize``
+    (see :meth:`from_transform`); the PIL steps before it are the transform's own objects, so the pixels
+    are identical to the torch path's."""
+
+    def __init__(self, pil_steps: Sequence[Any], mean: Sequence[float], std: Sequence[float]):
+        self.pil_steps = list(pil_steps)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+        self._pixels: np.ndarray | None = None  # (n, h, w, 3) uint8, reused while the batch shape repeats
+        self._out: np.ndarray | None = None  # (n, 3, h, w) float32, idem
+
+    @classmethod
+    def from_transform(cls, transform: Any) -> NumpyImageTransform | None:
+        """The numpy version of a torchvision ``Compose``, or None when its steps are not the familiar ones."""
+        from torchvision import transforms as T
+
+        steps = list(getattr(transform, 'transforms', []))
+        if len(steps) < 2:
+            return None
+        to_tensor, normalize = steps[-2], steps[-1]
+        # timm's MaybeToTensor subclasses ToTensor; a ToTensor subclass with its own logic would not match.
+        if not isinstance(to_tensor, T.ToTensor) or type(to_tensor).__name__ not in ('ToTensor', 'MaybeToTensor'):
+            return None
+        if type(normalize) is not T.Normalize:
+            return None
+        pil_steps = steps[:-2]
+        if not all(type(step) in (T.Resize, T.CenterCrop) for step in pil_steps):
+            return None
+        mean = [float(v) for v in np.asarray(normalize.mean, dtype=np.float32).reshape(-1)]
+        std = [float(v) for v in np.asarray(normalize.std, dtype=np.float32).reshape(-1)]
+        return cls(pil_steps, mean, std)
+
+    def pil_image(self, data: bytes) -> Any:
+        from finetuner_trainer.models import decode_image
+
+        image = decode_image(data)
+        for step in self.pil_steps:
+            image = step(image)
+        return image
+
+    def __call__(self, images: Sequence[bytes]) -> np.ndarray:
+        """(n, 3, h, w) float32 pixel values of encoded images, ready for the graph."""
+        pil = [self.pil_image(data) for data in images]
+        shape = (len(pil), pil[0].height, pil[0].width, 3) if pil else (0, 0, 0, 3)
+        if any((image.height, image.width) != shape[1:3] for image in pil):
+            raise ValueError(f'the image transform made images of different sizes: {[image.size for image in pil]}')
+        if self._pixels is None or self._pixels.shape != shape:
+            self._pixels = np.empty(shape, dtype=np.uint8)
+            self._out = np.empty((shape[0], 3, shape[1], shape[2]), dtype=np.float32)
+        assert self._out is not None
+        for i, image in enumerate(pil):
+            self._pixels[i] = np.asarray(image, dtype=np.uint8)
+        # The float32 operations of torchvision's to_tensor (x / 255) and normalize ((x - mean) / std).
+        np.divide(self._pixels.transpose(0, 3, 1, 2), np.float32(255), out=self._out, dtype=np.float32)
+        self._out -= self.mean
+        self._out /= self.std
+        return self._out
+
+
 class OnnxEmbedder:
     """ONNX Runtime sessions for each kind of content (image, text) and the preprocessing that feeds them."""
 
@@ -26,6 +97,10 @@ class OnnxEmbedder:
         self.preprocessor = preprocessor
         self.sessions = sessions
         self.inputs = inputs
+        family = getattr(preprocessor, 'family', '')
+        transform = getattr(preprocessor, 'transform', None) if family == 'timm' else None
+        self.image_transform = NumpyImageTransform.from_transform(transform) if transform is not None else None
+        self.tokenizer = getattr(preprocessor, 'tokenizer', None) if family == 'text' else None
 
     @classmethod
     def load(cls, directory: Path | str, threads: int | None = None) -> OnnxEmbedder:
@@ -52,23 +127,53 @@ class OnnxEmbedder:
     def kinds(self) -> tuple[str, ...]:
         return tuple(self.sessions)
 
+    def _graph_kind(self, kind: str) -> str:
+        graph_kind = 'image' if kind == 'tensor' and 'image' in self.sessions else kind
+        if graph_kind not in self.sessions:
+            raise ValueError(f'this ONNX model embeds {", ".join(self.kinds)}, not {kind}')
+        return graph_kind
+
+    def feeds(self, kind: str, items: Sequence[Any]) -> dict[str, np.ndarray]:
+        """The graph inputs (numpy) for items of one kind, made by the artifact's preprocessing."""
+        graph_kind = self._graph_kind(kind)
+        names = self.inputs[graph_kind]
+        if kind == 'text' and self.tokenizer is not None:
+            encoded = self.tokenizer(
+                [item.text or '' for item in items],
+                padding=True,
+                truncation=True,
+                max_length=self.preprocessor.max_length,
+                return_tensors='np',
+            )
+            return {name: np.asarray(encoded[name], dtype=np.int64) for name in names}
+        if kind == 'image' and self.image_transform is not None and names == ['pixel_values']:
+            return {'pixel_values': self.image_transform([item.image for item in items])}
+        inputs = self.preprocessor.collate_kind(kind, list(items))
+        return {name: inputs[name].cpu().numpy() for name in names}
+
+    def run(self, kind: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        (embeddings,) = self.sessions[self._graph_kind(kind)].run([OUTPUT_NAME], feeds)
+        return embeddings
+
     def encode(self, records: Sequence[Record | Any], batch_size: int = 32) -> np.ndarray:
-        """(n, dim) float32 embeddings of records (or items), in order."""
-        chunks = []
-        for start in range(0, len(records), batch_size):
-            batch = self.preprocessor.collate(list(records[start : start + batch_size]))
-            out: np.ndarray | None = None
-            for kind, inputs, positions in batch['parts']:
-                graph_kind = 'image' if kind == 'tensor' and 'image' in self.sessions else kind
-                if graph_kind not in self.sessions:
-                    raise ValueError(f'this ONNX model embeds {", ".join(self.kinds)}, not {kind}')
-                feeds = {name: inputs[name].cpu().numpy() for name in self.inputs[graph_kind]}
-                (embeddings,) = self.sessions[graph_kind].run([OUTPUT_NAME], feeds)
+        """(n, dim) float32 embeddings of records (or items), in input order.
+
+        Items are grouped by kind; texts are taken longest first (by characters) so each batch pads
+        to similar lengths; every batch holds at most ``batch_size`` items."""
+        from finetuner_trainer.models import as_item
+
+        if batch_size < 1:
+            raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+        items = [as_item(record) for record in records]
+        out: np.ndarray | None = None
+        for kind in sorted({item.kind for item in items}):
+            positions = [i for i, item in enumerate(items) if item.kind == kind]
+            if kind == 'text':
+                positions.sort(key=lambda i: -len(items[i].text or ''))
+            for start in range(0, len(positions), batch_size):
+                chosen = positions[start : start + batch_size]
+                embeddings = self.run(kind, self.feeds(kind, [items[i] for i in chosen]))
                 if out is None:
-                    out = np.zeros((batch['size'], embeddings.shape[-1]), dtype=np.float32)
-                out[np.asarray(positions)] = embeddings
-            if out is not None:
-                chunks.append(out)
-        if not chunks:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.concatenate(chunks)
+                    out = np.zeros((len(items), embeddings.shape[-1]), dtype=np.float32)
+                out[np.asarray(chosen)] = embeddings
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)

@@ -5,6 +5,12 @@ encoder, ``text.onnx`` and ``image.onnx`` for CLIP's two towers. Each graph take
 embedder's own preprocessing produces (``pixel_values``; ``input_ids``, ``attention_mask`` ...) with
 dynamic batch and sequence axes, and returns ``embeddings`` (projection head included).
 
+Transformer text encoders (BERT-like ``text`` models) are exported with eager attention and then
+fused by ONNX Runtime's transformer optimiser (``Attention``, ``SkipLayerNormalization``,
+``BiasGelu``, ``EmbedLayerNormalization``), so the artifact ships the fused graph; the fusions are
+listed in ``export.json``. A fused graph that ONNX Runtime cannot run, or that disagrees with torch,
+is replaced by the plain graph (the reason is recorded) rather than failing the run.
+
 After export, ONNX Runtime runs every graph on sample inputs of two different shapes and the result
 is compared with torch: the maximum absolute difference is reported in ``onnx/export.json`` and an
 export above tolerance raises :class:`OnnxExportError` instead of shipping a wrong model.
@@ -16,7 +22,8 @@ import base64
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,8 @@ EXPORT_MANIFEST = 'export.json'
 OPSET = 17
 OUTPUT_NAME = 'embeddings'
 SEQUENCE_INPUTS = ('input_ids', 'attention_mask', 'token_type_ids', 'position_ids')
+# transformers model types whose exported graph ORT's 'bert' optimiser fuses (attention, layer norms, GELU).
+FUSABLE_TEXT_MODELS = frozenset({'bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra', 'camembert'})
 
 
 class OnnxExportError(RuntimeError):
@@ -48,6 +57,7 @@ class GraphReport:
     max_abs_diff: float
     tolerance: float
     shapes_checked: list[dict[str, list[int]]] = field(default_factory=list)
+    optimization: dict[str, Any] = field(default_factory=dict)
 
 
 class _KindGraph(nn.Module):
@@ -98,6 +108,90 @@ def _inputs_of(embedder: Any, kind: str, records: Sequence[Record]) -> dict[str,
     return {name: value.cpu() for name, value in inputs.items() if isinstance(value, Tensor)}
 
 
+def transformer_fusion_options(embedder: Any, kind: str) -> dict[str, Any] | None:
+    """Arguments of ``onnxruntime.transformers.optimizer.optimize_model`` for the ``kind`` graph, or None
+    when that graph is not a BERT-like text encoder the optimiser knows."""
+    if kind != 'text' or getattr(embedder, 'family', '') != 'text':
+        return None
+    config = getattr(getattr(embedder, 'backbone', None), 'config', None)
+    if getattr(config, 'model_type', None) not in FUSABLE_TEXT_MODELS:
+        return None
+    return {
+        'model_type': 'bert',
+        'num_heads': int(config.num_attention_heads),
+        'hidden_size': int(config.hidden_size),
+    }
+
+
+@contextmanager
+def _eager_attention(embedder: Any) -> Iterator[None]:
+    """Export the attention as plain MatMul/Softmax (the pattern ORT fuses), then restore the model's own."""
+    backbone = getattr(embedder, 'backbone', None)
+    config = getattr(backbone, 'config', None)
+    previous = getattr(config, '_attn_implementation', None)
+    switch = previous not in (None, 'eager') and hasattr(backbone, 'set_attn_implementation')
+    if switch:
+        backbone.set_attn_implementation('eager')
+    try:
+        yield
+    finally:
+        if switch:
+            backbone.set_attn_implementation(previous)
+
+
+def fuse_transformer(source: Path, target: Path, options: dict[str, Any]) -> dict[str, int]:
+    """Write ORT's fused version of the graph at ``source`` to ``target``; the fusions made (op: count)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # opt_level 0: only the portable python fusions, no hardware-specific ORT rewrites baked in.
+    model = optimize_model(str(source), opt_level=0, use_gpu=False, **options)
+    fused = {op: int(n) for op, n in model.get_fused_operator_statistics().items() if n}
+    if not fused.get('Attention'):
+        raise OnnxExportError(f'the optimiser found no attention to fuse (fusions: {fused or "none"})')
+    model.save_model_to_file(str(target))
+    return fused
+
+
+def _check_graph(
+    embedder: Any,
+    kind: str,
+    module: nn.Module,
+    names: list[str],
+    path: Path,
+    samples: Sequence[Sequence[Record]],
+    atol: float,
+    rtol: float,
+) -> tuple[float, float, list[dict[str, list[int]]]]:
+    """Run the graph at ``path`` in ONNX Runtime on every sample batch and compare with torch: (worst
+    difference, tolerance, shapes); raises :class:`OnnxExportError` above tolerance."""
+    device = next(embedder.parameters()).device
+    session = ort_session(path)
+    worst = 0.0
+    tolerance = 0.0
+    shapes = []
+    for records in samples:
+        inputs = _inputs_of(embedder, kind, records)
+        with torch.no_grad():
+            expected = module(*(inputs[name].to(device) for name in names)).float().cpu().numpy()
+        feeds = {name: inputs[name].numpy() for name in names}
+        (actual,) = session.run([OUTPUT_NAME], feeds)
+        if actual.shape != expected.shape:
+            raise OnnxExportError(
+                f'ONNX {kind} graph of {embedder.name} returned shape {actual.shape}, torch {expected.shape}'
+            )
+        diff = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+        allowed = atol + rtol * float(np.max(np.abs(expected))) if expected.size else atol
+        worst = max(worst, diff)
+        tolerance = max(tolerance, allowed)
+        shapes.append({name: list(value.shape) for name, value in feeds.items()})
+        if not np.isfinite(actual).all() or diff > allowed:
+            raise OnnxExportError(
+                f'ONNX Runtime disagrees with torch on the {kind} graph of {embedder.name}: max abs diff '
+                f'{diff:.3g} > tolerance {allowed:.3g} (inputs {shapes[-1]}); the ONNX model is not shipped'
+            )
+    return worst, tolerance, shapes
+
+
 def export_kind(
     embedder: Any,
     kind: str,
@@ -106,12 +200,17 @@ def export_kind(
     *,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    fuse: bool = True,
 ) -> GraphReport:
-    """Export the ``kind`` graph of ``embedder`` to ``path`` and check it with ONNX Runtime."""
+    """Export the ``kind`` graph of ``embedder`` to ``path`` and check it with ONNX Runtime.
+
+    ``fuse``: for a BERT-like text encoder, ship ORT's fused graph when it passes the same check."""
     samples = samples or sample_records(kind)
     was_training = embedder.training
     embedder.eval()
     device = next(embedder.parameters()).device
+    fusion = transformer_fusion_options(embedder, kind) if fuse else None
+    optimization: dict[str, Any] = {}
     try:
         first = _inputs_of(embedder, kind, samples[0])
         names = list(first)
@@ -121,49 +220,42 @@ def export_kind(
         }
         dynamic_axes[OUTPUT_NAME] = {0: 'batch'}
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with torch.no_grad():
-                torch.onnx.export(
-                    module,
-                    tuple(first[name].to(device) for name in names),
-                    str(path),
-                    input_names=names,
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes=dynamic_axes,
-                    opset_version=OPSET,
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
-        except Exception as e:  # the exporter raises many types; all mean "no graph"
-            raise OnnxExportError(f'exporting the {kind} graph of {embedder.name} to ONNX failed: {e}') from e
-        session = ort_session(path)
-        worst = 0.0
-        tolerance = 0.0
-        shapes = []
-        for records in samples:
-            inputs = _inputs_of(embedder, kind, records)
-            with torch.no_grad():
-                expected = module(*(inputs[name].to(device) for name in names)).float().cpu().numpy()
-            feeds = {name: inputs[name].numpy() for name in names}
-            (actual,) = session.run([OUTPUT_NAME], feeds)
-            if actual.shape != expected.shape:
-                raise OnnxExportError(
-                    f'ONNX {kind} graph of {embedder.name} returned shape {actual.shape}, torch {expected.shape}'
-                )
-            diff = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
-            allowed = atol + rtol * float(np.max(np.abs(expected))) if expected.size else atol
-            worst = max(worst, diff)
-            tolerance = max(tolerance, allowed)
-            shapes.append({name: list(value.shape) for name, value in feeds.items()})
-            if not np.isfinite(actual).all() or diff > allowed:
-                raise OnnxExportError(
-                    f'ONNX Runtime disagrees with torch on the {kind} graph of {embedder.name}: max abs diff '
-                    f'{diff:.3g} > tolerance {allowed:.3g} (inputs {shapes[-1]}); the ONNX model is not shipped'
-                )
+        with _eager_attention(embedder) if fusion else nullcontext():
+            try:
+                with torch.no_grad():
+                    torch.onnx.export(
+                        module,
+                        tuple(first[name].to(device) for name in names),
+                        str(path),
+                        input_names=names,
+                        output_names=[OUTPUT_NAME],
+                        dynamic_axes=dynamic_axes,
+                        opset_version=OPSET,
+                        do_constant_folding=True,
+                        dynamo=False,
+                    )
+            except Exception as e:  # the exporter raises many types; all mean "no graph"
+                raise OnnxExportError(f'exporting the {kind} graph of {embedder.name} to ONNX failed: {e}') from e
+            worst, tolerance, shapes = _check_graph(embedder, kind, module, names, path, samples, atol, rtol)
+            if fusion is not None:
+                fused_path = path.with_name(path.stem + '.fused.onnx')
+                try:
+                    fused = fuse_transformer(path, fused_path, fusion)
+                    worst, tolerance, shapes = _check_graph(
+                        embedder, kind, module, names, fused_path, samples, atol, rtol
+                    )
+                except Exception as e:  # the optimiser and ORT raise many types; all mean "ship the plain graph"
+                    log.warning('ONNX %s graph of %s: keeping the unfused graph (%s)', kind, embedder.name, e)
+                    optimization = {'fused': {}, 'skipped': f'{type(e).__name__}: {e}'}
+                else:
+                    fused_path.replace(path)
+                    optimization = {'fused': fused, 'optimizer': 'onnxruntime.transformers', **fusion}
+                finally:
+                    fused_path.unlink(missing_ok=True)
     finally:
         embedder.train(was_training)
     log.info('ONNX %s graph %s: max abs diff vs torch %.3g (tolerance %.3g)', kind, path.name, worst, tolerance)
-    return GraphReport(kind, path.name, names, worst, tolerance, shapes)
+    return GraphReport(kind, path.name, names, worst, tolerance, shapes, optimization)
 
 
 def export_onnx(
@@ -195,6 +287,7 @@ def export_onnx(
                 'max_abs_diff': r.max_abs_diff,
                 'tolerance': r.tolerance,
                 'shapes_checked': r.shapes_checked,
+                'optimization': r.optimization,
             }
             for r in reports
         },
@@ -210,8 +303,11 @@ def ort_session(path: Path | str, threads: int | None = None) -> Any:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if threads:
+        # Like torch.set_num_threads: the operators' own threads; nodes run one after the other.
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     providers = [p for p in ('CUDAExecutionProvider', 'CPUExecutionProvider') if p in ort.get_available_providers()]
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
