@@ -106,3 +106,135 @@ def test_wrong_graph_fails_loudly(tiny_models, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(type(embedder), 'encode', drifting)
     with pytest.raises(OnnxExportError, match='ONNX Runtime disagrees with torch on the image graph'):
         export_kind(embedder, 'image', tmp_path / 'model.onnx')
+
+
+def _graph_ops(path: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_text_graph_ships_fused_and_matches_torch(exported: dict[str, tuple]) -> None:
+    """The BERT artifact holds ORT's fused graph (attention, skip layer norms, GELU), within 1e-4 of torch."""
+    embedder, folder, description = exported['bert']
+    optimization = description['graphs']['text']['optimization']
+    assert optimization['fused']['Attention'] == embedder.backbone.config.num_hidden_layers
+    assert optimization['fused']['SkipLayerNormalization'] >= 2
+    assert optimization['num_heads'] == embedder.backbone.config.num_attention_heads
+    ops = _graph_ops(folder / 'onnx' / 'model.onnx')
+    assert {'Attention', 'SkipLayerNormalization'} <= ops
+    assert 'Softmax' not in ops  # no unfused attention left
+    assert description['graphs']['text']['max_abs_diff'] < 1e-4
+    # Exporting with eager attention did not change the model's own attention implementation.
+    assert embedder.backbone.config._attn_implementation != 'eager'
+    # Graphs that are not BERT-like text encoders are shipped as exported.
+    assert exported['timm'][2]['graphs']['image']['optimization'] == {}
+    assert exported['clip'][2]['graphs']['text']['optimization'] == {}
+
+
+def test_failed_fusion_ships_the_plain_graph(tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetuner_trainer import onnx_export
+
+    def broken(source: Path, target: Path, options: dict) -> dict[str, int]:
+        raise OnnxExportError('the optimiser found no attention to fuse (fusions: none)')
+
+    monkeypatch.setattr(onnx_export, 'fuse_transformer', broken)
+    embedder = _embedder('bert', tiny_models)
+    report = export_kind(embedder, 'text', tmp_path / 'model.onnx')
+    assert report.optimization['fused'] == {}
+    assert 'no attention to fuse' in report.optimization['skipped']
+    assert report.max_abs_diff < 1e-4
+    assert 'Attention' not in _graph_ops(tmp_path / 'model.onnx')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']  # no fused leftover
+
+
+def test_fused_graph_that_disagrees_is_not_shipped(
+    tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fused graph is checked like the plain one: one that is off is replaced by the plain graph."""
+    import onnx
+    from onnx import helper
+
+    from finetuner_trainer import onnx_export
+
+    real = onnx_export.fuse_transformer
+
+    def off_by_one(source: Path, target: Path, options: dict) -> dict[str, int]:
+        fused = real(source, target, options)
+        model = onnx.load(str(target))
+        output = model.graph.output[0].name
+        for node in model.graph.node:
+            node.output[:] = [f'{name}_raw' if name == output else name for name in node.output]
+        one = helper.make_tensor('one', onnx.TensorProto.FLOAT, [], [1.0])
+        model.graph.initializer.append(one)
+        model.graph.node.append(helper.make_node('Add', [f'{output}_raw', 'one'], [output]))
+        onnx.save(model, str(target))
+        return fused
+
+    monkeypatch.setattr(onnx_export, 'fuse_transformer', off_by_one)
+    report = export_kind(_embedder('bert', tiny_models), 'text', tmp_path / 'model.onnx')
+    assert 'ONNX Runtime disagrees with torch' in report.optimization['skipped']
+    assert report.max_abs_diff < 1e-4
+    assert 'Attention' not in _graph_ops(tmp_path / 'model.onnx')
+
+
+def test_numpy_image_transform_equals_the_torch_transform() -> None:
+    """The ONNX path's PIL + numpy preprocessing gives the torch path's pixel values exactly."""
+    import io
+
+    from PIL import Image
+
+    from finetuner_trainer.inference_onnx import NumpyImageTransform
+    from finetuner_trainer.models import TimmEmbedder, decode_image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for width, height in [(224, 224), (300, 200), (97, 123), (640, 480)]:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(out, format='JPEG')
+        images.append(out.getvalue())
+    for options in ({'pretrained': False, 'image_size': 224}, TINY_TIMM_OPTIONS):
+        model = 'efficientnet_b0' if options.get('image_size') == 224 else TINY_TIMM.removeprefix('timm:')
+        embedder = TimmEmbedder('x', model, options)
+        numpy_transform = NumpyImageTransform.from_transform(embedder.transform)
+        assert numpy_transform is not None
+        expected = torch.stack([embedder.transform(decode_image(data)) for data in images]).numpy()
+        actual = numpy_transform(images)
+        assert actual.dtype == np.float32
+        np.testing.assert_array_equal(actual, expected)
+        again = numpy_transform(images[:2])  # another batch shape: new buffers, same values
+        np.testing.assert_array_equal(again, expected[:2])
+
+
+def test_unfamiliar_image_transform_keeps_the_torch_preprocessing() -> None:
+    from torchvision import transforms as T
+
+    from finetuner_trainer.inference_onnx import NumpyImageTransform
+
+    normalize = T.Normalize([0.5] * 3, [0.5] * 3)
+    assert NumpyImageTransform.from_transform(T.Compose([T.Resize(8), T.ToTensor(), normalize])) is not None
+    assert NumpyImageTransform.from_transform(T.Compose([T.RandomCrop(8), T.ToTensor(), normalize])) is None
+    assert NumpyImageTransform.from_transform(T.Compose([T.Resize(8), T.ToTensor()])) is None
+    assert NumpyImageTransform.from_transform(None) is None
+
+
+def test_onnx_text_encoding_is_numpy_with_dynamic_padding_in_input_order(exported: dict[str, tuple]) -> None:
+    from finetuner.api.layout import Record
+    from finetuner_trainer.inference_onnx import OnnxEmbedder
+    from finetuner_trainer.models import as_item
+
+    embedder, folder, _ = exported['bert']
+    onnx_model = OnnxEmbedder.load(folder)
+    texts = ['red', 'a big blue dog runs fast and far away', 'green cat', 'old yellow train and a slow bus', 'sad']
+    records = [Record(text=t) for t in texts]
+    feeds = onnx_model.feeds('text', [as_item(r) for r in records[:3]])
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.int64 for v in feeds.values())
+    longest = max(len(embedder.tokenizer(t)['input_ids']) for t in texts[:3])
+    assert feeds['input_ids'].shape == (3, longest)  # padded to this batch's longest text, not max_length
+    expected = embedder.embed(records).numpy()
+    for batch_size in (1, 2, 32):
+        np.testing.assert_allclose(onnx_model.encode(records, batch_size=batch_size), expected, atol=1e-4)
+    with pytest.raises(ValueError, match='batch_size must be at least 1'):
+        onnx_model.encode(records, batch_size=0)
+    with pytest.raises(ValueError, match='embeds text, not image'):
+        onnx_model.encode(labelled_images(1, 1))
