@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from finetuner_operator.config import OperatorConfig
-from tests.cluster.harness import ApiServer, OperatorRunner, write_kubeconfig
+from tests.cluster.harness import ApiServer, OperatorProcess, OperatorRunner, write_kubeconfig
 from tests.cluster.node import SimulatedNode
 from tests.cluster.s3 import S3Server, start_s3
 
@@ -32,6 +32,9 @@ NODE_ENV = {
 def register_markers(config: pytest.Config) -> None:
     config.addinivalue_line('markers', 'operator_config(**fields): OperatorConfig overrides for the cluster fixture')
     config.addinivalue_line('markers', 'node(**options): SimulatedNode options for the cluster fixture')
+    config.addinivalue_line(
+        'markers', 'operator_process: the cluster fixture runs the operator as its own process, not a thread'
+    )
 
 
 def api_client(kubeconfig: Path) -> Any:
@@ -51,7 +54,7 @@ class Cluster:
     bucket: str
     config: OperatorConfig
     node: SimulatedNode
-    operator: OperatorRunner
+    operator: OperatorRunner | OperatorProcess
 
 
 @pytest.fixture
@@ -126,7 +129,11 @@ def cluster(
     node = SimulatedNode(node_api, tmp_path / 'node', extra_env=NODE_ENV, **node_options)
     server.emu.log_source = node.read_log
     node.start()
-    operator = OperatorRunner(server, config).start()
+    operator: OperatorRunner | OperatorProcess
+    if request.node.get_closest_marker('operator_process'):
+        operator = OperatorProcess(server, config, kubeconfig, tmp_path / 'operator.log').start()
+    else:
+        operator = OperatorRunner(server, config).start()
     try:
         yield Cluster(server, kubeconfig, api, s3, s3.bucket, config, node, operator)
     finally:

@@ -204,3 +204,138 @@ class OperatorRunner:
     def restart(self) -> OperatorRunner:
         self.stop()
         return self.start()
+
+
+class ServerProcess:
+    """The API server in its own process (``python -m tests.cluster.serve``), for benchmarks."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen(
+            [sys.executable, '-m', 'tests.cluster.serve'],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        first = self.process.stdout.readline().split()
+        if first[:1] != ['url']:
+            self.process.kill()
+            raise RuntimeError(f'the API server process did not start (it said {first!r})')
+        self.url = first[1]
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def ask(self, command: str) -> Any:
+        """One command of ``tests.cluster.serve`` and its JSON answer."""
+        import json
+
+        assert self.process.stdin is not None and self.process.stdout is not None
+        with self._lock:
+            self.process.stdin.write(command + '\n')
+            self.process.stdin.flush()
+            return json.loads(self.process.stdout.readline())
+
+    def watch_starts(self) -> dict[str, int]:
+        return self.ask('watch_starts')
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(30)
+            except Exception:
+                self.process.kill()
+
+
+def operator_env(config: Any) -> dict[str, str]:
+    """``FINETUNER_*`` variables that make ``python -m finetuner_operator`` read ``config`` (as the chart does)."""
+    import json
+
+    env: dict[str, str] = {}
+    for name, value in config.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, list) and name == 'namespaces':
+            text = ','.join(value)
+        elif isinstance(value, (dict, list)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f'FINETUNER_{name.upper()}'] = text
+    return env
+
+
+class OperatorProcess:
+    """The operator as its own process (``python -m finetuner_operator``), with the interface of
+    :class:`OperatorRunner`: its memory is its own, apart from the test's API server and node."""
+
+    def __init__(self, server: ApiServer, config: Any, kubeconfig: Path, log: Path):
+        self.server = server
+        self.config = config
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.process: Any = None
+        self.errors: list[BaseException] = []
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self, timeout: float = 60.0) -> OperatorProcess:
+        import os
+        import subprocess
+        import sys
+
+        emu = self.server.emu
+        wanted = (f'{GROUP}/{VERSION}/finetuneruns', f'{GROUP}/{VERSION}/experiments', 'batch/v1/jobs', 'v1/pods')
+        before = {key: emu.watch_starts.get(key, 0) for key in wanted}
+        env = {**os.environ, **operator_env(self.config), 'KUBECONFIG': str(self.kubeconfig)}
+        env['FINETUNER_HEALTH_PORT'] = str(free_port())
+        env.pop('KUBERNETES_SERVICE_HOST', None)
+        with self.log.open('ab') as sink:
+            self.process = subprocess.Popen(
+                [sys.executable, '-m', 'finetuner_operator'], env=env, stdout=sink, stderr=subprocess.STDOUT
+            )
+        wait_for(
+            lambda: (
+                self.process.poll() is not None
+                or all(emu.watch_starts.get(key, 0) > count for key, count in before.items())
+            ),
+            timeout,
+            what='operator process watches open',
+        )
+        if self.process.poll() is not None:
+            raise RuntimeError(f'the operator exited with {self.process.returncode}: {self.tail()}')
+        return self
+
+    def tail(self) -> str:
+        return self.log.read_text(errors='replace')[-3000:] if self.log.exists() else ''
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            self.errors.append(RuntimeError(f'the operator did not stop within 30 s: {self.tail()}'))
+            return
+        if self.process.returncode != 0:
+            self.errors.append(RuntimeError(f'the operator exited with {self.process.returncode}: {self.tail()}'))
+
+    def restart(self) -> OperatorProcess:
+        self.stop()
+        return self.start()

@@ -13,6 +13,12 @@ volumes under a per-pod root folder, maps the mount paths and the termination-me
 it, then runs the container's real command as a subprocess of this project's Python. Exit code,
 termination message (or the log tail with FallbackToLogsOnError) and phase go back into the pod
 status; the log is served by the emulator's ``/log`` endpoint.
+
+Like the real controllers it is driven by watches: two watch threads keep a cache of Jobs and
+pods (an informer), and the control loop handles only the Jobs and pods an event touched, plus a
+full pass every ``resync`` seconds for what time alone changes (active deadlines). Listing every
+Job and pod on each pass made a burst of n runs cost n^2. Its own writes go into the cache at once
+(the newer ``resourceVersion`` wins), so a pass never acts on a state older than its last write.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError as TransportError
 
 PULL_ERROR = 'ErrImagePull'
 
@@ -76,6 +83,7 @@ class SimulatedNode:
         labels: dict[str, str] | None = None,
         unpullable: tuple[str, ...] = (),
         poll: float = 0.05,
+        resync: float = 2.0,
         name: str = 'sim-node-1',
         command: list[str] | None = None,
     ):
@@ -98,13 +106,30 @@ class SimulatedNode:
         self.reported: set[tuple[str, str]] = set()  # (pod uid, condition) already written
         self.written: dict[str, str] = {}  # job uid -> summary of the last status written
         self.errors: list[BaseException] = []
+        self.resync = resync
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchers: list[threading.Thread] = []
         self._lock = threading.Lock()
+        # The informer: cached Jobs and pods by uid, pods by owning Job, what changed since the last pass.
+        self._cache = threading.Condition()
+        self._jobs: dict[str, Any] = {}
+        self._pods: dict[str, Any] = {}
+        self._pods_of: dict[str, set[str]] = {}
+        self._gone: set[str] = set()  # uids seen deleted: a late event must not bring them back
+        self._dirty_jobs: set[str] = set()
+        self._dirty_pods: set[str] = set()
+        self._synced = {'jobs': threading.Event(), 'pods': threading.Event()}
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> SimulatedNode:
+        for kind in ('jobs', 'pods'):
+            thread = threading.Thread(target=self._watch, args=(kind,), name=f'simulated-node-{kind}', daemon=True)
+            thread.start()
+            self._watchers.append(thread)
+        for synced in self._synced.values():
+            synced.wait(30)
         self._thread = threading.Thread(target=self._loop, name='simulated-node', daemon=True)
         self._thread.start()
         return self
@@ -121,8 +146,12 @@ class SimulatedNode:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._cache:
+            self._cache.notify_all()
         if self._thread is not None:
             self._thread.join(30)
+        for thread in self._watchers:
+            thread.join(10)
         for container in list(self.containers.values()):
             if container.process.poll() is None:
                 container.process.kill()
@@ -134,6 +163,7 @@ class SimulatedNode:
             self._paused.set()
         else:
             self._paused.clear()
+            self._touch_all()
 
     def read_log(self, namespace: str, pod: str) -> str | None:
         path = self.logs.get((namespace, pod))
@@ -141,27 +171,140 @@ class SimulatedNode:
             return None
         return path.read_text(errors='replace')
 
-    def _loop(self) -> None:
+    # --- the informer ------------------------------------------------------------------------------
+    def _watch(self, kind: str) -> None:
+        """List, then watch from the list's resourceVersion; list again after any error (410 included)."""
+        if kind == 'jobs':
+            lister: Any = self.batch.list_job_for_all_namespaces
+        else:
+            lister = self.core.list_pod_for_all_namespaces
+        version: str | None = None
         while not self._stop.is_set():
             try:
-                if not self._paused.is_set():
-                    self.step()
+                if version is None:
+                    listed = lister()
+                    self._relist(kind, listed.items, int(listed.metadata.resource_version or 0))
+                    version = listed.metadata.resource_version
+                    self._synced[kind].set()
+                stream = watch.Watch()
+                try:
+                    for event in stream.stream(lister, resource_version=version, timeout_seconds=2):
+                        self._observe(kind, event['type'], event['object'])
+                        version = event['object'].metadata.resource_version or version
+                        if self._stop.is_set():
+                            break
+                finally:
+                    stream.stop()
+            except Exception as e:  # a watch that broke or expired: list again, as informers do
+                version = None
+                if not self._stop.is_set() and not isinstance(e, (ApiException, TransportError)):
+                    self.errors.append(e)  # not the API: a bug of this node
+                self._stop.wait(0.1)
+
+    def _relist(self, kind: str, items: list[Any], version: int) -> None:
+        with self._cache:
+            table = self._jobs if kind == 'jobs' else self._pods
+            listed = {item.metadata.uid for item in items}
+            for uid, cached in list(table.items()):
+                if uid not in listed and int(cached.metadata.resource_version or 0) <= version:
+                    self._forget(kind, uid)
+            for item in items:
+                self._store(kind, item)
+            self._touch_all()
+
+    def _observe(self, kind: str, type_: str, obj: Any) -> None:
+        with self._cache:
+            if type_ == 'DELETED':
+                self._forget(kind, obj.metadata.uid)
+            else:
+                self._store(kind, obj)
+
+    def _store(self, kind: str, obj: Any) -> None:
+        """Cache ``obj`` unless the cache holds a newer version (or it was deleted); mark it to handle."""
+        uid = obj.metadata.uid
+        with self._cache:
+            table = self._jobs if kind == 'jobs' else self._pods
+            cached = table.get(uid)
+            version = int(obj.metadata.resource_version or 0)
+            if uid in self._gone or (cached is not None and int(cached.metadata.resource_version or 0) >= version):
+                return  # nothing new (the echo of this node's own write, or a late event)
+            table[uid] = obj
+            if kind == 'jobs':
+                self._dirty_jobs.add(uid)
+            else:
+                self._dirty_pods.add(uid)
+                for owner in _controllers(obj):
+                    self._pods_of.setdefault(owner, set()).add(uid)
+                    self._dirty_jobs.add(owner)
+            self._cache.notify_all()
+
+    def _forget(self, kind: str, uid: str) -> None:
+        with self._cache:
+            self._gone.add(uid)
+            if kind == 'jobs':
+                self._jobs.pop(uid, None)
+                return
+            pod = self._pods.pop(uid, None)
+            for owner in _controllers(pod) if pod is not None else []:
+                self._pods_of.get(owner, set()).discard(uid)
+                self._dirty_jobs.add(owner)
+            self._cache.notify_all()
+        with self._lock:
+            container = self.containers.get(uid)
+        if container is not None and container.process.poll() is None:
+            container.process.kill()  # the pod was deleted: stop its container
+
+    def _touch_all(self) -> None:
+        with self._cache:
+            self._dirty_jobs.update(self._jobs)
+            self._dirty_pods.update(self._pods)
+            self._cache.notify_all()
+
+    def _loop(self) -> None:
+        next_resync = time.monotonic() + self.resync
+        while not self._stop.is_set():
+            with self._cache:
+                while not self._stop.is_set() and not (self._dirty_jobs or self._dirty_pods):
+                    left = next_resync - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cache.wait(left)
+            if self._stop.is_set():
+                return
+            if time.monotonic() >= next_resync:
+                next_resync = time.monotonic() + self.resync
+                self._touch_all()  # time alone changes things: active deadlines
+            if self._paused.is_set():
+                self._stop.wait(self.poll)
+                continue
+            try:
+                self._pass()
             except Exception as e:  # surfaced by the fixture; the loop goes on like a real controller
                 self.errors.append(e)
-            self._stop.wait(self.poll)
+                self._stop.wait(self.poll)
 
     def step(self) -> None:
-        jobs = self.batch.list_job_for_all_namespaces().items
-        pods = self.core.list_pod_for_all_namespaces().items
-        live_uids = {p.metadata.uid for p in pods}
-        with self._lock:
-            for uid, container in list(self.containers.items()):
-                if uid not in live_uids and container.process.poll() is None:
-                    container.process.kill()  # the pod was deleted: stop its container
+        """One pass over everything cached (the loop normally handles only what changed)."""
+        self._touch_all()
+        self._pass()
+
+    def _pass(self) -> None:
+        with self._cache:
+            jobs = [self._jobs[uid] for uid in self._dirty_jobs if uid in self._jobs]
+            pods = [self._pods[uid] for uid in self._dirty_pods if uid in self._pods]
+            self._dirty_jobs.clear()
+            self._dirty_pods.clear()
         for job in jobs:
-            self._control_job(job, [p for p in pods if _owned_by(p, job.metadata.uid)])
+            with self._cache:
+                # The latest cached version: an earlier job in this pass may have written this one's pods.
+                job = self._jobs.get(job.metadata.uid, job)
+                owned = [self._pods[uid] for uid in self._pods_of.get(job.metadata.uid, ()) if uid in self._pods]
+            self._control_job(job, owned)
         for pod in pods:
-            self._kubelet(pod)
+            with self._cache:
+                pod = self._pods.get(pod.metadata.uid)
+            if pod is not None:
+                self._kubelet(pod)
 
     # --- Job controller --------------------------------------------------------------------------
     def _control_job(self, job: Any, pods: list[Any]) -> None:
@@ -268,11 +411,13 @@ class SimulatedNode:
         if self.written.get(job.metadata.uid) == summary:
             return
         self.written[job.metadata.uid] = summary
-        self._ignore_404(
+        written = self._ignore_404(
             lambda: self.batch.patch_namespaced_job_status(
                 job.metadata.name, job.metadata.namespace, {'status': status}
             )
         )
+        if written is not None:
+            self._store('jobs', written)
 
     def _create_pod(self, job: Any, index: int | None) -> Any:
         template = self.batch.api_client.sanitize_for_serialization(job.spec.template)
@@ -312,10 +457,13 @@ class SimulatedNode:
             },
             'spec': spec,
         }
-        return self.core.create_namespaced_pod(job.metadata.namespace, body)
+        created = self.core.create_namespaced_pod(job.metadata.namespace, body)
+        self._store('pods', created)  # seen at once: the next pass must not create it again
+        return created
 
     def _delete_pod(self, pod: Any) -> None:
         self._ignore_404(lambda: self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace))
+        self._forget('pods', pod.metadata.uid)
 
     @staticmethod
     def _ignore_404(call: Any) -> Any:
@@ -416,7 +564,9 @@ class SimulatedNode:
         self._patch_pod_status(pod.metadata.namespace, pod.metadata.name, status)
 
     def _patch_pod_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self._ignore_404(lambda: self.core.patch_namespaced_pod_status(name, namespace, {'status': status}))
+        written = self._ignore_404(lambda: self.core.patch_namespaced_pod_status(name, namespace, {'status': status}))
+        if written is not None:
+            self._store('pods', written)
 
     def _secret_value(self, namespace: str, ref: Any) -> str | None:
         try:
@@ -601,9 +751,13 @@ class SimulatedNode:
                 },
             )
         except Exception as e:  # the API server may be gone at teardown
-            self.errors.append(e)
+            if not self._stop.is_set():
+                self.errors.append(e)
         finally:
             running.done.set()
+            with self._cache:  # its GPUs are free: pending pods may fit now
+                self._dirty_pods.update(uid for uid, p in self._pods.items() if _pending(p))
+                self._cache.notify_all()
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -642,8 +796,12 @@ def _map_path(value: str, mapping: dict[str, Path]) -> str:
     return value
 
 
-def _owned_by(pod: Any, uid: str) -> bool:
-    return any(ref.uid == uid and ref.controller for ref in pod.metadata.owner_references or [])
+def _controllers(pod: Any) -> list[str]:
+    return [ref.uid for ref in pod.metadata.owner_references or [] if ref.controller and ref.uid]
+
+
+def _pending(pod: Any) -> bool:
+    return (pod.status is None or pod.status.phase in (None, 'Pending')) and not pod.metadata.deletion_timestamp
 
 
 def _active(pod: Any) -> bool:

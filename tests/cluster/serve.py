@@ -1,0 +1,50 @@
+"""``python -m tests.cluster.serve``: the test cluster's API server (KubeEmu) in a process of its own.
+
+Benchmarks run it apart from the processes they measure, so that the emulator does not share a GIL
+with the client threads that drive it. It prints ``url <server URL>`` once serving, then answers one
+command per line on stdin with one JSON line on stdout, and stops when stdin closes:
+
+- ``watch_starts``: how many watch requests each resource has had (``{key: count}``);
+- ``requests``: every request so far, counted by User-Agent and method (``{"agent method": count}``);
+- ``count <key>``: how many objects of ``key`` (``batch/v1/jobs``) are stored;
+- ``objects <key>``: those objects.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+from tests.cluster.harness import ApiServer
+
+
+def answer(server: ApiServer, line: str) -> Any:
+    command, _, argument = line.strip().partition(' ')
+    emu = server.emu
+    if command == 'watch_starts':
+        return server.call(lambda: dict(emu.watch_starts))
+    if command == 'requests':
+        return server.call(lambda: dict(Counter(f'{a.split("/")[0]} {method}' for method, _, a in emu.requests)))
+    if command == 'count':
+        return server.call(lambda: len(emu.store[argument]))
+    if command == 'objects':
+        return server.objects(argument)
+    return {'error': f'unknown command {command!r}: watch_starts, requests, count KEY, objects KEY'}
+
+
+def main() -> int:
+    server = ApiServer().start()
+    try:
+        print('url', server.url, flush=True)
+        for line in sys.stdin:
+            if line.strip():
+                print(json.dumps(answer(server, line)), flush=True)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
