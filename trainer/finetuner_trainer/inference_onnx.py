@@ -127,7 +127,7 @@ class OnnxEmbedder:
     def kinds(self) -> tuple[str, ...]:
         return tuple(self.sessions)
 
-    def _graph_kind(self, kind: str) -> str:
+    def graph_kind(self, kind: str) -> str:
         graph_kind = 'image' if kind == 'tensor' and 'image' in self.sessions else kind
         if graph_kind not in self.sessions:
             raise ValueError(f'this ONNX model embeds {", ".join(self.kinds)}, not {kind}')
@@ -135,7 +135,7 @@ class OnnxEmbedder:
 
     def feeds(self, kind: str, items: Sequence[Any]) -> dict[str, np.ndarray]:
         """The graph inputs (numpy) for items of one kind, made by the artifact's preprocessing."""
-        graph_kind = self._graph_kind(kind)
+        graph_kind = self.graph_kind(kind)
         names = self.inputs[graph_kind]
         if kind == 'text' and self.tokenizer is not None:
             encoded = self.tokenizer(
@@ -152,28 +152,35 @@ class OnnxEmbedder:
         return {name: inputs[name].cpu().numpy() for name in names}
 
     def run(self, kind: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        (embeddings,) = self.sessions[self._graph_kind(kind)].run([OUTPUT_NAME], feeds)
+        (embeddings,) = self.sessions[self.graph_kind(kind)].run([OUTPUT_NAME], feeds)
         return embeddings
 
-    def encode(self, records: Sequence[Record | Any], batch_size: int = 32) -> np.ndarray:
-        """(n, dim) float32 embeddings of records (or items), in input order.
+    def plan(self, items: Sequence[Any], batch_size: int) -> list[tuple[str, list[int]]]:
+        """The batches :meth:`encode` runs: (kind, positions of its items), at most ``batch_size`` each.
 
-        Items are grouped by kind; texts are taken longest first (by characters) so each batch pads
-        to similar lengths; every batch holds at most ``batch_size`` items."""
-        from finetuner_trainer.models import as_item
-
+        Items are grouped by kind; texts are taken longest first (by characters, like
+        sentence-transformers' ``encode``) so that each batch pads to similar lengths."""
         if batch_size < 1:
             raise ValueError(f'batch_size must be at least 1, got {batch_size}')
-        items = [as_item(record) for record in records]
-        out: np.ndarray | None = None
+        batches = []
         for kind in sorted({item.kind for item in items}):
             positions = [i for i, item in enumerate(items) if item.kind == kind]
             if kind == 'text':
                 positions.sort(key=lambda i: -len(items[i].text or ''))
-            for start in range(0, len(positions), batch_size):
-                chosen = positions[start : start + batch_size]
-                embeddings = self.run(kind, self.feeds(kind, [items[i] for i in chosen]))
-                if out is None:
-                    out = np.zeros((len(items), embeddings.shape[-1]), dtype=np.float32)
-                out[np.asarray(chosen)] = embeddings
+            batches.extend(
+                (kind, positions[start : start + batch_size]) for start in range(0, len(positions), batch_size)
+            )
+        return batches
+
+    def encode(self, records: Sequence[Record | Any], batch_size: int = 32) -> np.ndarray:
+        """(n, dim) float32 embeddings of records (or items), in input order (batches: :meth:`plan`)."""
+        from finetuner_trainer.models import as_item
+
+        items = [as_item(record) for record in records]
+        out: np.ndarray | None = None
+        for kind, chosen in self.plan(items, batch_size):
+            embeddings = self.run(kind, self.feeds(kind, [items[i] for i in chosen]))
+            if out is None:
+                out = np.zeros((len(items), embeddings.shape[-1]), dtype=np.float32)
+            out[np.asarray(chosen)] = embeddings
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
