@@ -145,10 +145,12 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
             for kind, inputs, _ in batch['parts']
         ]
 
-    def timed(work: Any) -> float:
-        began = time.perf_counter()
+    def timed(name: str, work: Any) -> None:
+        # Wall seconds, and CPU seconds of the process (robust to other load on a shared machine).
+        wall, cpu = time.perf_counter(), time.process_time()
         work()
-        return time.perf_counter() - began
+        result[f'{name}_s'] = time.perf_counter() - wall
+        result[f'{name}_cpu_s'] = time.process_time() - cpu
 
     def eager_network(batches: list[Any]) -> None:
         with torch.inference_mode():
@@ -160,18 +162,24 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
             onnx.run(kind, feed)
 
     eager_batches = collate(input_order)
-    own_feeds = [(kind, onnx.feeds(kind, [items[i] for i in positions])) for kind, positions in plan]
-    result = {
-        'eager_preprocess_s': timed(lambda: collate(input_order)),
-        'onnx_preprocess_s': timed(lambda: [onnx.feeds(kind, [items[i] for i in chosen]) for kind, chosen in plan]),
-        'eager_network_s': timed(lambda: eager_network(eager_batches)),
-        'onnx_network_s': timed(lambda: onnx_network(own_feeds)),
-        'onnx_network_same_batches_s': timed(lambda: onnx_network(onnx_feeds(eager_batches))),
-    }
+    own_feeds = [  # copies: the ONNX side reuses its pixel buffer from one batch to the next
+        (kind, {name: value.copy() for name, value in onnx.feeds(kind, [items[i] for i in positions]).items()})
+        for kind, positions in plan
+    ]
+    same_feeds = onnx_feeds(eager_batches)
+    result: dict[str, float] = {}
+    timed('eager_preprocess', lambda: collate(input_order))
+    timed('onnx_preprocess', lambda: [onnx.feeds(kind, [items[i] for i in chosen]) for kind, chosen in plan])
+    timed('eager_network', lambda: eager_network(eager_batches))
+    timed('onnx_network', lambda: onnx_network(own_feeds))
+    timed('onnx_network_same_batches', lambda: onnx_network(same_feeds))
     if [positions for _, positions in plan] != [positions for _, positions in input_order]:
         ordered = collate(plan)
-        result['eager_network_onnx_batches_s'] = timed(lambda: eager_network(ordered))
-    result['network_ratio_same_batches'] = result['eager_network_s'] / result['onnx_network_same_batches_s']
+        timed('eager_network_onnx_batches', lambda: eager_network(ordered))
+    for clock in ('', '_cpu'):
+        result[f'network_ratio_same_batches{clock}'] = (
+            result[f'eager_network{clock}_s'] / result[f'onnx_network_same_batches{clock}_s']
+        )
     return result
 
 

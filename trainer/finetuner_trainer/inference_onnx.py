@@ -134,7 +134,9 @@ class OnnxEmbedder:
         return graph_kind
 
     def feeds(self, kind: str, items: Sequence[Any]) -> dict[str, np.ndarray]:
-        """The graph inputs (numpy) for items of one kind, made by the artifact's preprocessing."""
+        """The graph inputs (numpy) for items of one kind, made by the artifact's preprocessing.
+
+        Image pixels are written into a buffer that the next call reuses: copy them to keep them."""
         graph_kind = self.graph_kind(kind)
         names = self.inputs[graph_kind]
         if kind == 'text' and self.tokenizer is not None:
