@@ -30,6 +30,7 @@ RETRY_BACKOFF = 2.0
 # every run of the Experiment, and one per transition made a burst of n runs cost n^2.
 EXPERIMENT_RECOUNT_DELAY = 0.25
 USER_AGENT = 'finetuner-operator'
+MAX_WORKERS = 16  # threads running the (synchronous) handlers
 log = logging.getLogger('finetuner_operator')
 
 
@@ -44,6 +45,9 @@ def api_client() -> Any:
         kubernetes.config.load_kube_config(
             config_file=os.environ.get('KUBECONFIG') or None, client_configuration=configuration
         )
+    # One pooled connection per worker thread (and the daemons' threads): with fewer, urllib3 discards
+    # connections under load and opens a new one per request.
+    configuration.connection_pool_maxsize = MAX_WORKERS + 8
     api = kubernetes.client.ApiClient(configuration)
     api.user_agent = USER_AGENT  # the operator's own calls are told apart in audit logs
     return api
@@ -68,7 +72,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
     settings.posting.level = logging.WARNING  # transitions are posted as Events by the reconciler
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = MAX_WORKERS
     memo.reconciler = Reconciler(Kube(api_client()), config, experiment_delay=EXPERIMENT_RECOUNT_DELAY)
     metrics.serve(config.metrics_port)
     logger.info('finetuner operator configured: image %s, output %s', config.trainer_image, config.output)
@@ -121,7 +125,7 @@ def _sync_owner(labels: kopf.Labels, namespace: str, memo: kopf.Memo) -> None:
     run = labels.get(RUN_LABEL)
     if run:
         with metrics.timed('run'):
-            memo.reconciler.sync_run(namespace, run)
+            memo.reconciler.sync_run(namespace, run, coalesce=True)
 
 
 def _is_active(status: kopf.Status, **_: Any) -> bool:

@@ -8,10 +8,12 @@ the trainer's reports, and a per-object lock keeps two passes on one run from in
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,7 +27,7 @@ from finetuner.api.v1alpha1 import (
     Phase,
     Progress,
 )
-from finetuner.storage import open_store
+from finetuner.storage import S3Store, open_store, s3_client
 from finetuner_operator import builders, experiments, metrics
 from finetuner_operator.checks import run_problems
 from finetuner_operator.config import OperatorConfig
@@ -65,7 +67,7 @@ class Reconciler:
         kube: Kube,
         config: OperatorConfig,
         now: Callable[[], datetime] = utcnow,
-        read_outputs: Callable[[str], dict[str, Any]] | None = None,
+        read_outputs: Callable[[str, Collection[str]], dict[str, Any]] | None = None,
         experiment_delay: float | None = None,
     ):
         """``experiment_delay``: None recounts an Experiment at once whenever one of its runs changes
@@ -79,6 +81,7 @@ class Reconciler:
         self.experiment_delay = experiment_delay
         self._locks: dict[tuple[str, ...], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._waiting: dict[tuple[str, str], int] = {}  # passes of a run waiting for its lock
         self._due: dict[tuple[str, str], float] = {}  # experiments to recount: (namespace, name) -> when
         self._due_changed = threading.Condition()
         self._recounter: threading.Thread | None = None
@@ -229,60 +232,81 @@ class Reconciler:
             self.kube.patch_run(meta['namespace'], meta['name'], {'metadata': patch})
 
     def sync_run(
-        self, namespace: str, name: str, created_job: dict[str, Any] | None = None
+        self, namespace: str, name: str, created_job: dict[str, Any] | None = None, coalesce: bool = False
     ) -> FinetuneRunStatus | None:
         """Observe the run's Job, pods and reports; write the status if it changed.
 
         ``created_job`` is the manifest of a Job this pass has just created: it is what the Job is
-        (no status, no pods yet), so it is not read back; the Job's own events bring the rest."""
-        with self._lock(namespace, name):
-            body = self.kube.get_run(namespace, name)
-            if body is None:
-                metrics.set_phase(namespace, name, None)
+        (no status, no pods yet), so it is not read back; the Job's own events bring the rest.
+
+        ``coalesce``: return None at once when another pass of this run already waits for its turn:
+        that pass reads everything after this call was made, so it sees what this one would have.
+        (A burst of Job and pod events otherwise parked every worker thread on one run's lock.)"""
+        key = (namespace, name)
+        with self._locks_guard:
+            if coalesce and key in self._waiting:
                 return None
-            previous = _parse_status(body)
-            try:
-                spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
-            except ValidationError:
-                return previous  # reconcile_run reported it; nothing to observe
-            if run_problems(name, spec):
-                return previous
-            job = created_job
-            pods: list[dict[str, Any]] = []
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+        lock = self._lock(namespace, name)
+        lock.acquire()
+        with self._locks_guard:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+        try:
+            return self._sync_run_locked(namespace, name, created_job)
+        finally:
+            lock.release()
+
+    def _sync_run_locked(
+        self, namespace: str, name: str, created_job: dict[str, Any] | None
+    ) -> FinetuneRunStatus | None:
+        body = self.kube.get_run(namespace, name)
+        if body is None:
+            metrics.set_phase(namespace, name, None)
+            return None
+        previous = _parse_status(body)
+        try:
+            spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
+        except ValidationError:
+            return previous  # reconcile_run reported it; nothing to observe
+        if run_problems(name, spec):
+            return previous
+        job = created_job
+        pods: list[dict[str, Any]] = []
+        if job is None:
+            job = self.kube.get_job(namespace, builders.job_name(name))
             if job is None:
+                self._replace_lost_job(body, spec, previous)
                 job = self.kube.get_job(namespace, builders.job_name(name))
-                if job is None:
-                    self._replace_lost_job(body, spec, previous)
-                    job = self.kube.get_job(namespace, builders.job_name(name))
-                if job is not None:
-                    pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}')
-            output = builders.output_uri(name, namespace, spec, self.config)
-            # The trainer's reports exist only once a pod has run: a Job without pods that is not done
-            # has nothing to read (and on S3 each read is a request).
-            observe = (pods or (job is not None and _job_done(job))) and previous.phase not in TERMINAL
-            reports = self.read_outputs(output) if observe else {}
-            observed = Observed(job=job, pods=pods, cancelled=_cancelled(body), **reports)
-            status = derive_status(
-                run=name,
-                spec=spec,
-                previous=previous,
-                observed=observed,
-                output_uri=output,
-                queue=builders.queue_of(spec, self.config),
-                unschedulable_timeout=self.config.unschedulable_timeout,
-                now=self.now(),
-                generation=body['metadata'].get('generation'),
-            )
-            before = _comparable(previous.model_dump(by_alias=True, mode='json'))
-            if before != _comparable(status.model_dump(by_alias=True, mode='json')):
-                if not self.kube.patch_run_status(namespace, name, status_patch(status)):
-                    return None
-            if status.phase != previous.phase:
-                self._transition(body, previous, status)
-            if status.phase == Phase.FAILED.value and job is not None and not _job_done(job):
-                # FAILED while the Job still runs (image pull, unschedulable, cancelled): stop its pods.
-                self.kube.delete_job(namespace, builders.job_name(name))
-            metrics.set_phase(namespace, name, status.phase)
+            if job is not None:
+                pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}')
+        output = builders.output_uri(name, namespace, spec, self.config)
+        # Only the reports this state of the Job can use (on S3 each one is a request).
+        wanted = reports_to_read(job, pods) if previous.phase not in TERMINAL else ()
+        reports = self.read_outputs(output, wanted) if wanted else {}
+        observed = Observed(job=job, pods=pods, cancelled=_cancelled(body), **reports)
+        status = derive_status(
+            run=name,
+            spec=spec,
+            previous=previous,
+            observed=observed,
+            output_uri=output,
+            queue=builders.queue_of(spec, self.config),
+            unschedulable_timeout=self.config.unschedulable_timeout,
+            now=self.now(),
+            generation=body['metadata'].get('generation'),
+        )
+        before = _comparable(previous.model_dump(by_alias=True, mode='json'))
+        if before != _comparable(status.model_dump(by_alias=True, mode='json')):
+            if not self.kube.patch_run_status(namespace, name, status_patch(status)):
+                return None
+        if status.phase != previous.phase:
+            self._transition(body, previous, status)
+        if status.phase == Phase.FAILED.value and job is not None and not _job_done(job):
+            # FAILED while the Job still runs (image pull, unschedulable, cancelled): stop its pods.
+            self.kube.delete_job(namespace, builders.job_name(name))
+        metrics.set_phase(namespace, name, status.phase)
         if status.phase != previous.phase:
             self.request_experiment_sync(namespace, spec.experiment)
         return status
@@ -353,36 +377,71 @@ class Reconciler:
         return len(existing) + created
 
 
-def read_store_outputs(output_uri: str) -> dict[str, Any]:
-    """The trainer's reports in a run's output location.
+REPORTS = ('artifact', 'metrics', 'failure', 'progress')
+_S3_ENV = ('FINETUNER_S3_ENDPOINT', 'AWS_ENDPOINT_URL', 'AWS_ACCESS_KEY_ID', 'AWS_DEFAULT_REGION', 'AWS_PROFILE')
 
-    ``store_error`` is set when the store cannot be listed (down, unreachable): then nothing about
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(environment: tuple[str | None, ...]) -> Any:
+    """One boto3 client per store configuration (clients are thread-safe; building one costs more
+    CPU than the few reads a status pass makes)."""
+    return s3_client()
+
+
+def _with_shared_client(store: Any) -> Any:
+    if isinstance(store, S3Store):
+        return S3Store(store.bucket, store.prefix, client=_s3_client(tuple(os.environ.get(k) for k in _S3_ENV)))
+    return store
+
+
+def read_store_outputs(output_uri: str, wanted: Collection[str] = REPORTS) -> dict[str, Any]:
+    """The trainer's reports in a run's output location (only those ``wanted``: each is a request).
+
+    ``store_error`` is set when the store cannot be read (down, unreachable): then nothing about
     the artifact is known, and a completed Job is not reported FINISHED until it is. A report that
     is missing or malformed is only left out.
     """
+    reports: dict[str, Any] = {}
     try:
-        store = open_store(output_uri)
-        artifact = layout.ARTIFACT_MANIFEST in store.list(layout.ARTIFACT)  # raises when unreachable
+        store = _with_shared_client(open_store(output_uri))
+        if 'artifact' in wanted:
+            reports['artifact'] = layout.ARTIFACT_MANIFEST in store.list(layout.ARTIFACT)  # raises when unreachable
+        for key, name in ((layout.METRICS, 'metrics'), (layout.FAILURE, 'failure'), (layout.PROGRESS, 'progress')):
+            if name not in wanted:
+                continue
+            try:
+                reports[name] = store.read_json_or_none(key)
+            except ValueError as e:  # a torn or foreign file: the status goes on without it
+                log.warning('ignoring malformed %s/%s: %s', output_uri, key, e)
+                reports[name] = None
     except Exception as e:
         log.warning('cannot read reports under %s: %s', output_uri, e)
         return {'store_error': ' '.join(str(e).split())[:200]}
-    reports: dict[str, Any] = {'artifact': artifact}
-    for key, name in ((layout.METRICS, 'metrics'), (layout.FAILURE, 'failure'), (layout.PROGRESS, 'progress')):
-        try:
-            reports[name] = store.read_json_or_none(key)
-        except ValueError as e:  # a torn or foreign file: the status goes on without it
-            log.warning('ignoring malformed %s/%s: %s', output_uri, key, e)
-            reports[name] = None
-    if reports['progress'] is not None:
+    if reports.get('progress') is not None:
         try:
             reports['progress'] = Progress.model_validate(reports['progress'])
         except ValidationError:
             log.warning('ignoring malformed %s/%s', output_uri, layout.PROGRESS)
             reports['progress'] = None
     for name in ('metrics', 'failure'):
-        if reports[name] is not None and not isinstance(reports[name], dict):
+        if reports.get(name) is not None and not isinstance(reports[name], dict):
             reports[name] = None
     return reports
+
+
+def reports_to_read(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Which reports the status can use now: the artifact only for a Job that completed, the failure
+    only for one that failed, progress and metrics once a pod has run; nothing before."""
+    conditions = {
+        c.get('type') for c in ((job or {}).get('status') or {}).get('conditions') or [] if c.get('status') == 'True'
+    }
+    if 'Complete' in conditions:
+        return ('artifact', 'metrics', 'progress')
+    if 'Failed' in conditions:
+        return ('failure', 'metrics', 'progress')
+    if any((p.get('status') or {}).get('phase') in ('Running', 'Succeeded', 'Failed') for p in pods):
+        return ('metrics', 'progress')
+    return ()
 
 
 def _parse_status(body: dict[str, Any]) -> FinetuneRunStatus:

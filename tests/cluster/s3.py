@@ -47,8 +47,23 @@ class S3Server:
         return sorted(obj['Key'] for page in pages for obj in page.get('Contents', []))
 
 
+def _cache_moto_module_list() -> None:
+    """moto's server lists its own package folder (a listdir and ~150 isdir calls) on every request,
+    under a lock that every request takes: under load most of its time went there. The list does not
+    change while it runs."""
+    import functools
+
+    import moto.backends
+
+    if not hasattr(moto.backends.list_of_moto_modules, 'cache_info'):
+        listed = moto.backends.list_of_moto_modules
+        moto.backends.list_of_moto_modules = functools.cache(lambda: tuple(listed()))  # type: ignore[assignment]
+
+
 def start_s3(bucket: str = 'finetuner') -> S3Server:
     from moto.server import ThreadedMotoServer
+
+    _cache_moto_module_list()
 
     port = free_port()
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)

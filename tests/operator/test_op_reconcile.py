@@ -109,7 +109,7 @@ def fake() -> FakeKube:
 
 @pytest.fixture
 def reconciler(fake: FakeKube) -> Reconciler:
-    return Reconciler(fake, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri: {})  # type: ignore[arg-type]
+    return Reconciler(fake, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri, wanted: {})  # type: ignore[arg-type]
 
 
 def test_reconcile_twice_creates_each_child_once(fake: FakeKube, reconciler: Reconciler) -> None:
@@ -242,7 +242,12 @@ class CallLog:
 def test_a_new_run_asks_for_its_job_first_and_reads_nothing_back(fake: FakeKube) -> None:
     log = CallLog(fake)
     reads: list[str] = []
-    reconciler = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=reads.append)  # type: ignore[arg-type]
+
+    def read(uri: str, wanted: Any) -> dict[str, Any]:
+        reads.append(uri)
+        return {}
+
+    reconciler = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=read)  # type: ignore[arg-type]
     reconciler.reconcile_run(fake.add('FinetuneRun', run_body()))
     assert log.calls[:2] == ['create_child:ConfigMap', 'create_child:Job']
     assert 'get_job' not in log.calls and 'list_pods' not in log.calls, log.calls
@@ -259,7 +264,7 @@ def test_a_joined_run_does_not_read_its_experiment_again(fake: FakeKube, reconci
     fake.add('Experiment', {'metadata': {'name': 'exp', 'namespace': 'default'}, 'spec': {}})
     reconciler.reconcile_run(fake.add('FinetuneRun', run_body(experiment='exp')))
     log = CallLog(fake)
-    again = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri: {})  # type: ignore[arg-type]
+    again = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri, wanted: {})  # type: ignore[arg-type]
     again.reconcile_run(fake.get_run('default', 'r'))
     assert 'get_experiment' not in log.calls and 'patch_run' not in log.calls, log.calls
 
@@ -270,7 +275,7 @@ def test_experiment_recounts_are_coalesced_in_the_background(fake: FakeKube) -> 
     fake.add('Experiment', {'metadata': {'name': 'exp', 'namespace': 'default'}, 'spec': {}})
     log = CallLog(fake)
     config = OperatorConfig(output='s3://b/runs')
-    reconciler = Reconciler(log, config, now=lambda: NOW, read_outputs=lambda uri: {}, experiment_delay=0.2)  # type: ignore[arg-type]
+    reconciler = Reconciler(log, config, now=lambda: NOW, read_outputs=lambda uri, wanted: {}, experiment_delay=0.2)  # type: ignore[arg-type]
     try:
         for name in ('a', 'b', 'c'):
             reconciler.reconcile_run(fake.add('FinetuneRun', run_body(name, experiment='exp')))
@@ -285,3 +290,59 @@ def test_experiment_recounts_are_coalesced_in_the_background(fake: FakeKube) -> 
         reconciler.close()
     reconciler.request_experiment_sync('default', 'exp')  # after close: dropped, no thread left behind
     assert log.calls.count('list_runs') == 1
+
+
+def test_only_the_reports_the_job_state_can_use_are_read(tmp_path: Any) -> None:
+    from finetuner_operator.reconcile import read_store_outputs, reports_to_read
+
+    def job(condition: str | None) -> dict[str, Any]:
+        conditions = [{'type': condition, 'status': 'True'}] if condition else []
+        return {'spec': {}, 'status': {'conditions': conditions}}
+
+    def pod(phase: str) -> dict[str, Any]:
+        return {'metadata': {'name': 'p'}, 'status': {'phase': phase}}
+
+    assert reports_to_read(job(None), []) == ()
+    assert reports_to_read(job(None), [pod('Pending')]) == ()
+    assert reports_to_read(job(None), [pod('Running')]) == ('metrics', 'progress')
+    assert reports_to_read(job('Complete'), []) == ('artifact', 'metrics', 'progress')
+    assert reports_to_read(job('Failed'), [pod('Failed')]) == ('failure', 'metrics', 'progress')
+
+    out = tmp_path / 'run'
+    (out / 'artifact').mkdir(parents=True)
+    (out / 'artifact' / 'manifest.json').write_text('{}')
+    (out / 'progress.json').write_text('{"epoch": 1, "epochs": 2, "percent": 50}')
+    assert read_store_outputs(out.as_uri(), ('progress',)).keys() == {'progress'}
+    assert read_store_outputs(out.as_uri())['artifact'] is True
+
+
+def test_event_passes_of_a_busy_run_are_coalesced(fake: FakeKube, reconciler: Reconciler) -> None:
+    import threading
+    import time
+
+    reconciler.reconcile_run(fake.add('FinetuneRun', run_body()))
+    inside, release = threading.Event(), threading.Event()
+    reads: list[str] = []
+    get_run = fake.get_run
+
+    def slow_get_run(namespace: str, name: str) -> dict[str, Any] | None:
+        reads.append(name)
+        inside.set()
+        release.wait(10)
+        return get_run(namespace, name)
+
+    fake.get_run = slow_get_run  # type: ignore[method-assign]
+    running = threading.Thread(target=reconciler.sync_run, args=('default', 'r'))
+    running.start()
+    assert inside.wait(10)
+    waiting = threading.Thread(target=reconciler.sync_run, args=('default', 'r'), kwargs={'coalesce': True})
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while not reconciler._waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reconciler.sync_run('default', 'r', coalesce=True) is None, 'a pass already waits: this one is dropped'
+    release.set()
+    running.join(10)
+    waiting.join(10)
+    assert reads == ['r', 'r'], 'the running pass and the one waiting read the run; the third did not'
+    assert reconciler.sync_run('default', 'r', coalesce=True) is not None, 'an idle run is synced at once'

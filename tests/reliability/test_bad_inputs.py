@@ -323,7 +323,8 @@ def _spec(patch: dict[str, Any]) -> dict[str, Any]:
 def _reconcile(name: str, spec: dict[str, Any]) -> tuple[FakeKube, dict[str, Any]]:
     fake = FakeKube()
     body = fake.add('FinetuneRun', {'metadata': {'name': name, 'namespace': 'default'}, 'spec': spec})
-    reconciler = Reconciler(fake, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri: {})  # type: ignore[arg-type]
+    config = OperatorConfig(output='s3://b/runs')
+    reconciler = Reconciler(fake, config, now=lambda: NOW, read_outputs=lambda uri, wanted: {})  # type: ignore[arg-type]
     reconciler.reconcile_run(body)
     reconciler.reconcile_run(fake.get_run('default', name))  # a second pass changes nothing
     return fake, fake.get_run('default', name)
