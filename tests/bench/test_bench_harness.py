@@ -39,6 +39,13 @@ def test_steady_rate_skips_warmup_and_takes_the_median_step() -> None:
         common.steady_rate([1.0, 2.0], 32, warmup=1)
 
 
+def test_mean_rate_counts_every_step_from_the_start() -> None:
+    # training began at 10 s; steps of uneven cost (length-grouped batches) end at 13, 14 and 18 s
+    assert common.mean_rate([10.0, 13.0, 14.0, 18.0], 32) == pytest.approx(3 * 32 / 8)
+    with pytest.raises(ValueError, match='need a start and at least one step end'):
+        common.mean_rate([1.0], 32)
+
+
 def test_row_compare_medians_ratio_and_target() -> None:
     row = Row.compare(
         benchmark='x',
