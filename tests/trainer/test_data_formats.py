@@ -306,9 +306,11 @@ def test_missing_s3_model_prefix_is_a_config_error(s3_bucket: str, make_config: 
     ('sizes', 'batch_size', 'per_class'),
     [((8, 8, 8, 8), 8, 2), ((10, 3, 7, 1, 25), 12, 4), ((5, 5), 16, 4), ((40, 2, 2), 6, 2)],
 )
-def test_class_balanced_batches(sizes: tuple[int, ...], batch_size: int, per_class: int) -> None:
+@pytest.mark.parametrize('grouped', [False, True], ids=['shuffled', 'length-grouped'])
+def test_class_balanced_batches(sizes: tuple[int, ...], batch_size: int, per_class: int, grouped: bool) -> None:
     labels = [label for label, size in enumerate(sizes) for _ in range(size)]
-    sampler = ClassBalancedBatches(labels, batch_size, per_class, seed=3)
+    lengths = [(i * 37) % 101 + 1 for i in range(len(labels))] if grouped else None
+    sampler = ClassBalancedBatches(labels, batch_size, per_class, seed=3, lengths=lengths)
     classes_per_batch = min(batch_size // per_class, len(sizes))
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
@@ -363,6 +365,19 @@ def test_length_grouped_batches_drop_a_lone_last_example_like_shuffled_ones() ->
     assert len(RandomBatches(65, 32, seed=0, lengths=lengths)) == 2
 
 
+def test_length_grouped_class_balanced_batches_keep_the_items_and_pad_less() -> None:
+    rng = __import__('random').Random(1)
+    labels = [rng.randrange(12) for _ in range(900)]
+    lengths = [rng.choice([6, 9, 14, 30, 64]) for _ in labels]
+    plain = list(ClassBalancedBatches(labels, 32, 4, seed=5))
+    grouped = list(ClassBalancedBatches(labels, 32, 4, seed=5, lengths=lengths))
+    assert len(grouped) == len(plain)
+    # the same items per class over the epoch (only which batch holds them changes)
+    assert Counter(i for b in grouped for i in b) == Counter(i for b in plain for i in b)
+    assert max(lengths[i] for i in grouped[0]) == max(lengths)  # the longest batch first
+    assert _padded_slots(grouped, lengths) < 0.75 * _padded_slots(plain, lengths)
+
+
 def test_text_lengths_count_every_text_item_and_ignore_image_only_data() -> None:
     texts = Dataset(
         Shape.PAIRS, [Example((Item(text='ab'), Item(text='cde'))), Example((Item(text='x'), Item(text='')))]
@@ -375,3 +390,5 @@ def test_text_lengths_count_every_text_item_and_ignore_image_only_data() -> None
 def test_a_length_mismatch_is_refused() -> None:
     with pytest.raises(ValueError, match='2 lengths for 3 examples'):
         RandomBatches(3, 2, seed=0, lengths=[1, 2])
+    with pytest.raises(ValueError, match='2 lengths for 3 examples'):
+        ClassBalancedBatches([0, 1, 1], 2, 1, seed=0, lengths=[1, 2])

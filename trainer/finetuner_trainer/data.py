@@ -457,7 +457,12 @@ class ClassBalancedBatches:
     the free places get extra groups drawn from other classes. Deterministic per (seed, epoch).
     """
 
-    def __init__(self, labels: Sequence[int], batch_size: int, per_class: int, seed: int):
+    def __init__(
+        self, labels: Sequence[int], batch_size: int, per_class: int, seed: int, lengths: Sequence[int] | None = None
+    ):
+        if lengths is not None and len(lengths) != len(labels):
+            raise ValueError(f'{len(lengths)} lengths for {len(labels)} examples')
+        self.lengths = list(lengths) if lengths is not None else None
         self.by_class: dict[int, list[int]] = defaultdict(list)
         for i, label in enumerate(labels):
             self.by_class[label].append(i)
@@ -496,20 +501,50 @@ class ClassBalancedBatches:
         # A max-heap on groups left; the random second key breaks ties differently every epoch.
         heap = [(-len(groups), rng.random(), label) for label, groups in queues.items()]
         heapq.heapify(heap)
-        batches: list[list[int]] = []
+        batches: list[list[tuple[int, list[int]]]] = []  # per batch: (class, its group)
         while heap:
             taken = [heapq.heappop(heap) for _ in range(min(self.classes_per_batch, len(heap)))]
             chosen = {label for _, _, label in taken}
-            batch = [i for _, _, label in taken for i in queues[label].pop()]
+            batch = [(label, queues[label].pop()) for _, _, label in taken]
             spare = [label for label in self.by_class if label not in chosen]
             for label in rng.sample(spare, self.classes_per_batch - len(taken)):
-                batch += self._group(self.by_class[label], rng)
+                batch.append((label, self._group(self.by_class[label], rng)))
             batches.append(batch)
             for left, tie, label in taken:
                 if left + 1 < 0:
                     heapq.heappush(heap, (left + 1, tie, label))
         rng.shuffle(batches)
-        yield from batches
+        if self.lengths is not None:
+            yield from self._length_grouped(batches, rng, self.lengths)
+            return
+        for batch in batches:
+            yield [i for _, group in batch for i in group]
+
+    def _length_grouped(
+        self, batches: list[list[tuple[int, list[int]]]], rng: random.Random, lengths: list[int]
+    ) -> Iterator[list[int]]:
+        """The same batches (same classes, same items per class over the epoch) with every class's
+        items dealt out longest first along the batch order, so every class puts its long items in
+        the early batches and its short ones in the late batches and a batch pads to a length close
+        to its own texts'. A random jitter of +-25% on the length key changes which items share a
+        group from epoch to epoch. The batch with the longest item goes first, the rest shuffled."""
+        slots: dict[int, list[list[int]]] = defaultdict(list)
+        for batch in batches:
+            for label, group in batch:
+                slots[label].append(group)
+        for groups in slots.values():
+            items = sorted(
+                (i for group in groups for i in group), key=lambda i: -lengths[i] * rng.uniform(0.75, 1.25)
+            )
+            for group in groups:
+                group[:] = items[: len(group)]
+                items = items[len(group) :]
+        flat = [[i for _, group in batch for i in group] for batch in batches]
+        if len(flat) > 1:
+            first = flat.pop(max(range(len(flat)), key=lambda b: max(lengths[i] for i in flat[b])))
+            rng.shuffle(flat)
+            flat.insert(0, first)
+        yield from flat
 
 
 class RandomBatches:

@@ -219,9 +219,11 @@ def make_loader(
                 f'a batch of {batch_size} holds fewer than 2 classes of numItemsPerClass {per_class}; '
                 'raise batchSize or lower numItemsPerClass',
             )
-        sampler: Any = ClassBalancedBatches([e.label for e in dataset.examples], batch_size, per_class, spec.seed)
+    lengths = text_lengths(dataset) if train and spec.group_by_length else None
+    if use_classes:
+        labels = [e.label for e in dataset.examples]
+        sampler: Any = ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths)
     else:
-        lengths = text_lengths(dataset) if train and spec.group_by_length else None
         sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths)
     if not train:
         sampler.set_epoch(0)

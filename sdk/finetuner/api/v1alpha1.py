@@ -302,8 +302,9 @@ class FinetuneRunSpec(_Model):
     )
     group_by_length: bool = Field(
         default=True,
-        description='Random batches of text: put texts of similar length together (sorted within windows of 50 '
-        'batches, batch order shuffled) so dynamic padding wastes less compute; false gives plain shuffled batches.',
+        description='Batches of text: put texts of similar length together (random batches: sorted within windows '
+        'of 50 batches; class-balanced batches: each class deals its items out longest first; batch order '
+        'shuffled) so dynamic padding wastes less compute; false gives plainly shuffled batches.',
     )
     multi_modal: bool = Field(default=False, description='Text-image data (CLIP): one text and one image per item.')
     image_modality: str | None = Field(default=None, description='Modality name of the image chunk (CLIP).')
