@@ -5,14 +5,13 @@ Run with ``python -m finetuner_operator`` or ``kopf run -m finetuner_operator.ha
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from typing import Any
 
 import kopf
 
-from finetuner.api.v1alpha1 import GROUP, VERSION, Phase
+from finetuner.api.v1alpha1 import GROUP, VERSION
 from finetuner_operator import metrics
 from finetuner_operator.builders import CANCEL_ANNOTATION, MANAGED_BY, RUN_LABEL
 from finetuner_operator.config import OperatorConfig
@@ -45,7 +44,7 @@ def api_client() -> Any:
         kubernetes.config.load_kube_config(
             config_file=os.environ.get('KUBECONFIG') or None, client_configuration=configuration
         )
-    # One pooled connection per worker thread (and the daemons' threads): with fewer, urllib3 discards
+    # One pooled connection per worker thread (and the background threads): with fewer, urllib3 discards
     # connections under load and opens a new one per request.
     configuration.connection_pool_maxsize = MAX_WORKERS + 8
     api = kubernetes.client.ApiClient(configuration)
@@ -74,6 +73,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
     settings.watching.client_timeout = 330
     settings.execution.max_workers = MAX_WORKERS
     memo.reconciler = Reconciler(Kube(api_client()), config, experiment_delay=EXPERIMENT_RECOUNT_DELAY)
+    memo.reconciler.start_resync(config.progress_interval)
     metrics.serve(config.metrics_port)
     logger.info('finetuner operator configured: image %s, output %s', config.trainer_image, config.output)
 
@@ -128,38 +128,18 @@ def _sync_owner(labels: kopf.Labels, namespace: str, memo: kopf.Memo) -> None:
             memo.reconciler.sync_run(namespace, run, coalesce=True)
 
 
-def _is_active(status: kopf.Status, **_: Any) -> bool:
-    return (status or {}).get('phase') in (Phase.CREATED.value, Phase.STARTED.value)
-
-
-@kopf.daemon(GROUP, VERSION, RUNS, when=_is_active, cancellation_timeout=5.0)
-async def mirror_progress(name: str, namespace: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    """While a run is active, re-observe it periodically: the trainer's progress.json and metrics
-    reach the status, and time-based verdicts (unschedulable for too long) are reached even when
-    no Kubernetes event arrives.
-
-    A daemon rather than a timer: its interval comes from the configuration loaded at start-up. It
-    waits before its first pass: the run's own handlers and its Job's events have just observed it.
-    """
-    interval = memo.config.progress_interval
-    while not stopped:
-        await _pause(stopped, interval)
-        if stopped:
-            break
-        try:
-            with metrics.timed('progress'):
-                await asyncio.to_thread(memo.reconciler.sync_run, namespace, name)
-        except Exception as e:  # the API server or store failing for a while: the next pass retries
-            log.warning('re-observing FinetuneRun %s/%s failed: %s', namespace, name, e)
-
-
-async def _pause(stopped: kopf.DaemonStopped, seconds: float) -> None:
-    # Not `stopped.wait(seconds)`: in kopf 1.45 its inner task outlives a cancelled daemon and
-    # raises TimeoutError into the operator's shutdown. Short sleeps end cleanly on stop or cancel.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not stopped and (left := deadline - loop.time()) > 0:
-        await asyncio.sleep(min(left, 0.25))
+@kopf.on.event(GROUP, VERSION, RUNS)
+async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the reconciler's list of runs (and their phases) for its periodic re-observation.
+    Async and without API calls: it runs on Kopf's loop for every event of every run."""
+    meta = body.get('metadata') or {}
+    reconciler = memo.get('reconciler')
+    if reconciler is None or not meta.get('name'):
+        return
+    if type == 'DELETED':
+        reconciler.forget(meta.get('namespace'), meta['name'])
+    else:
+        reconciler.track(meta.get('namespace'), meta['name'], (body.get('status') or {}).get('phase'))
 
 
 # --- Experiment --------------------------------------------------------------------------------

@@ -86,19 +86,66 @@ class Reconciler:
         self._due_changed = threading.Condition()
         self._recounter: threading.Thread | None = None
         self._closed = False
+        self._runs: dict[tuple[str, str], str | None] = {}  # every run seen by the watch -> its phase
+        self._resyncer: threading.Thread | None = None
 
     def _lock(self, *key: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
 
     def close(self) -> None:
-        """Stop the background recount of Experiments (pending recounts are dropped: the next
-        start-up's resume handlers recount every Experiment)."""
+        """Stop the background threads (pending recounts are dropped: the next start-up's resume
+        handlers recount every Experiment)."""
         with self._due_changed:
             self._closed = True
             self._due_changed.notify_all()
-        if self._recounter is not None:
-            self._recounter.join(10)
+        for thread in (self._recounter, self._resyncer):
+            if thread is not None:
+                thread.join(10)
+
+    # --- periodic re-observation of active runs ------------------------------------------------
+    def track(self, namespace: str, name: str, phase: str | None) -> None:
+        """Record a run seen by the watch (with its phase); ``forget`` it when it is deleted."""
+        with self._locks_guard:
+            self._runs[(namespace, name)] = phase
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._runs.pop((namespace, name), None)
+            self._locks.pop((namespace, name), None)
+
+    def active_runs(self) -> list[tuple[str, str]]:
+        """Runs not in a terminal phase, a run without any status included."""
+        with self._locks_guard:
+            return [key for key, phase in self._runs.items() if phase not in TERMINAL]
+
+    def start_resync(self, interval: float) -> None:
+        """Every ``interval`` seconds, re-observe every active run from one background thread: the
+        trainer's progress and metrics reach the status, time-based verdicts (unschedulable for too
+        long) are reached without any Kubernetes event, and a run whose event Kopf gave up on (the
+        API failing past Kopf's own retries) is still reconciled. One thread for all runs instead of a
+        Kopf daemon per run: no per-run task, and no progress annotations written for them."""
+        if self._resyncer is None:
+            self._resyncer = threading.Thread(
+                target=self._resync_loop, args=(interval,), name='run-resync', daemon=True
+            )
+            self._resyncer.start()
+
+    def _resync_loop(self, interval: float) -> None:
+        while True:
+            with self._due_changed:
+                if not self._closed:
+                    self._due_changed.wait(interval)
+                if self._closed:
+                    return
+            for namespace, name in self.active_runs():
+                if self._closed:
+                    return
+                try:
+                    with metrics.timed('progress'):
+                        self.sync_run(namespace, name, coalesce=True)
+                except Exception as e:  # the API server or store failing for a while: the next round retries
+                    log.warning('re-observing FinetuneRun %s/%s failed: %s', namespace, name, e)
 
     def request_experiment_sync(self, namespace: str, name: str) -> None:
         """Recount the Experiment now, or within ``experiment_delay`` seconds (coalesced)."""

@@ -6,6 +6,7 @@ command per line on stdin with one JSON line on stdout, and stops when stdin clo
 
 - ``watch_starts``: how many watch requests each resource has had (``{key: count}``);
 - ``requests``: every request so far, counted by User-Agent and method (``{"agent method": count}``);
+- ``paths``: the same by User-Agent, method and path (segments with digits shown as ``*``);
 - ``count <key>``: how many objects of ``key`` (``batch/v1/jobs``) are stored;
 - ``objects <key>``: those objects.
 """
@@ -20,6 +21,12 @@ from typing import Any
 from tests.cluster.harness import ApiServer
 
 
+def _shape(path: str) -> str:
+    route, _, query = path.partition('?')
+    shape = '/'.join('*' if any(c.isdigit() for c in part) else part for part in route.split('/'))
+    return shape + ('?watch' if 'watch=' in query else '')
+
+
 def answer(server: ApiServer, line: str) -> Any:
     command, _, argument = line.strip().partition(' ')
     emu = server.emu
@@ -27,6 +34,8 @@ def answer(server: ApiServer, line: str) -> Any:
         return server.call(lambda: dict(emu.watch_starts))
     if command == 'requests':
         return server.call(lambda: dict(Counter(f'{a.split("/")[0]} {method}' for method, _, a in emu.requests)))
+    if command == 'paths':
+        return server.call(lambda: dict(Counter(f'{a.split("/")[0]} {m} {_shape(p)}' for m, p, a in emu.requests)))
     if command == 'count':
         return server.call(lambda: len(emu.store[argument]))
     if command == 'objects':

