@@ -23,8 +23,8 @@ def _models(settings: Settings) -> list[tuple[str, str, int]]:
     """(spec model name, timm architecture, image size) per model measured in this mode."""
     if settings.mode == 'tiny':
         return [('timm:test_resnet', 'test_resnet', 32)]
-    if settings.mode == 'quick':
-        return [('efficientnet_b0', 'efficientnet_b0', 224)]
+    if settings.mode == 'quick':  # a smoke-sized run of the real model: smaller images
+        return [('efficientnet_b0', 'efficientnet_b0', 128)]
     return [('efficientnet_b0', 'efficientnet_b0', 224), ('resnet50', 'resnet50', 224)]
 
 

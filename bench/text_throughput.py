@@ -110,8 +110,8 @@ def _peak_flops() -> float | None:
 def run(settings: Settings) -> list[Row]:
     model_dir = text_model(settings)
     datasets = text_data(settings)
-    rounds = settings.pick(full=3, quick=3, tiny=1)
-    steps = settings.pick(full=16, quick=6, tiny=2)
+    rounds = settings.pick(full=3, quick=2, tiny=1)
+    steps = settings.pick(full=16, quick=3, tiny=2)
     tasks = ('triplet', 'pairs') if settings.mode == 'full' else ('pairs',)
     target = GPU_TARGET if settings.gpu else CPU_TARGET
     rows = []
