@@ -266,7 +266,8 @@ def test_job_deleted_behind_the_operators_back_is_recreated(cluster: Cluster) ->
     assert status['attempts'] == 1, 'the new Job counts its own attempts'
 
 
-@pytest.mark.operator_config(unschedulable_timeout=2.0)
+# 6 s: long enough that a loaded machine still sees the run waiting (CREATED) before it fails.
+@pytest.mark.operator_config(unschedulable_timeout=6.0)
 @stand_in
 def test_full_node_leaves_the_run_waiting_then_failed_with_the_reason(cluster: Cluster) -> None:
     submit(cluster, 'filler', seconds=30.0, resources={'gpus': 2})  # takes both GPUs of the node

@@ -21,6 +21,7 @@ from finetuner_trainer.data import (
     Item,
     RandomBatches,
     Shape,
+    content_keys,
     load_records,
     parse_csv,
     parse_docarray,
@@ -392,3 +393,68 @@ def test_a_length_mismatch_is_refused() -> None:
         RandomBatches(3, 2, seed=0, lengths=[1, 2])
     with pytest.raises(ValueError, match='2 lengths for 3 examples'):
         ClassBalancedBatches([0, 1, 1], 2, 1, seed=0, lengths=[1, 2])
+
+
+# --- data-loader workers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ('kind', 'num_workers', 'device', 'expected'),
+    [
+        ('text', None, 'cpu', 0),  # text on the CPU: tokenized in the training process
+        ('text', 2, 'cpu', 2),  # a number given is honoured (capped by the cores)
+        ('image', None, 'cpu', 2),  # images decode in min(4, cores) workers
+        ('text', None, 'cuda', 2),  # on a GPU, tokenizing overlaps the step
+    ],
+)
+def test_loader_workers_default_by_data_and_device(
+    kind: str, num_workers: int | None, device: str, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from finetuner_trainer.runner import make_loader
+
+    monkeypatch.setattr('os.cpu_count', lambda: 2)
+    items = [Item(text=f'words {i}') if kind == 'text' else Item(image=b'png%d' % i) for i in range(400)]
+    dataset = Dataset(Shape.PAIRS, [Example((items[i], items[i + 200])) for i in range(200)])
+    spec = FinetuneRunSpec(model='x', train_data='file:///data.jsonl', num_workers=num_workers, sampler='random')
+    loader = make_loader(dataset, lambda batch: batch, spec, 8, torch.device(device), train=True)
+    assert loader.num_workers == expected
+
+
+def test_batches_never_hold_the_same_content_twice() -> None:
+    rng = __import__('random').Random(2)
+    # 300 pairs over 60 questions: every question has about 5 answers (chatterbot-like)
+    questions = [f'question {rng.randrange(60)}' for _ in range(300)]
+    keys = [frozenset({('text', q), ('text', f'answer {i}')}) for i, q in enumerate(questions)]
+    lengths = [len(q) + rng.randrange(40) for q in questions]
+    for grouped in (None, lengths):
+        sampler = RandomBatches(300, 32, seed=4, lengths=grouped, keys=keys)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        kept = sorted(i for b in batches for i in b)
+        assert len(kept) == len(set(kept)) >= 299  # at most a lone last example dropped, as for any batches
+        for batch in batches:
+            assert len({questions[i] for i in batch}) == len(batch), 'a question twice in a batch'
+            assert 2 <= len(batch) <= 32
+        plain = list(RandomBatches(300, 32, seed=4, lengths=grouped))
+        assert any(len({questions[i] for i in b}) < len(b) for b in plain)  # the clash the keys prevent
+
+
+def test_content_keys_cover_pairs_and_text_image_only() -> None:
+    examples = [Example((Item(text='q'), Item(text='a'))), Example((Item(text='q'), Item(image=b'x')))]
+    pairs = Dataset(Shape.PAIRS, examples)
+    assert content_keys(pairs) == [
+        frozenset({('text', 'q'), ('text', 'a')}),
+        frozenset({('text', 'q'), ('image', __import__('hashlib').sha1(b'x').digest())}),
+    ]
+    assert content_keys(Dataset(Shape.LABELLED, [Example((Item(text='q'),), label=0)], classes=['a'])) is None
+
+
+def test_pairs_that_all_share_one_query_are_refused_naming_the_field(
+    make_config: ConfigFactory, tiny_bert: Path
+) -> None:
+    records = [Record(chunks=[Record(text='the same question'), Record(text=f'answer {i}')]) for i in range(6)]
+    config = make_config(records, model=str(tiny_bert), loss='MultipleNegativesRankingLoss', batch_size=4)
+    with pytest.raises(ConfigError, match='trainData: every pair shares its query or document'):
+        train(config)

@@ -8,6 +8,7 @@ before training starts, so a broken file is a configuration error and not a cras
 from __future__ import annotations
 
 import base64
+import hashlib
 import heapq
 import io
 import json
@@ -559,14 +560,22 @@ class RandomBatches:
     """
 
     def __init__(
-        self, size: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None, window: int = 50
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        window: int = 50,
+        keys: Sequence[frozenset[Any]] | None = None,
     ):
-        if lengths is not None and len(lengths) != size:
-            raise ValueError(f'{len(lengths)} lengths for {size} examples')
+        for name, values in (('lengths', lengths), ('keys', keys)):
+            if values is not None and len(values) != size:
+                raise ValueError(f'{len(values)} {name} for {size} examples')
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
         self.lengths = list(lengths) if lengths is not None else None
+        self.keys = list(keys) if keys is not None else None
         self.window = max(1, window)
         self.epoch = 0
 
@@ -574,6 +583,8 @@ class RandomBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.keys is not None:  # clashes can add batches: count this epoch's
+            return sum(1 for _ in self) or 1
         full, rest = divmod(self.size, self.batch_size)
         return full + (1 if rest >= 2 else 0) or 1
 
@@ -582,12 +593,54 @@ class RandomBatches:
         rng = random.Random(self.seed * 100003 + self.epoch)
         rng.shuffle(order)
         if self.lengths is not None:
-            yield from self._grouped(order, rng, self.lengths)
-            return
-        for start in range(0, self.size, self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            if len(chunk) >= 2 or self.size < 2:
-                yield chunk
+            batches = list(self._grouped(order, rng, self.lengths))
+        else:
+            batches = [order[start : start + self.batch_size] for start in range(0, self.size, self.batch_size)]
+        if self.keys is not None:
+            batches = self._without_duplicates(batches, self.keys)
+        for batch in batches:
+            if len(batch) >= 2 or self.size < 2:
+                yield batch
+
+    def _without_duplicates(self, batches: list[list[int]], keys: list[frozenset[Any]]) -> list[list[int]]:
+        """The batches with no content twice in a batch (``keys``: what each example holds). A clash is
+        a false negative for in-batch-negative losses: the same question paired with two answers would
+        be pushed away from itself. An example that clashes moves to the next batch it fits in (so the
+        batches keep their order and, when length-grouped, their lengths); what fits nowhere forms
+        extra batches at the end, without clashes either."""
+        out: list[list[int]] = []
+        carried: list[int] = []
+        for batch in batches:
+            placed: list[int] = []
+            seen: set[Any] = set()
+            waiting: list[int] = []
+            for i in carried + batch:
+                if len(placed) < self.batch_size and keys[i].isdisjoint(seen):
+                    placed.append(i)
+                    seen |= keys[i]
+                else:
+                    waiting.append(i)
+            out.append(placed)
+            carried = waiting
+        while carried:
+            placed, seen, waiting = [], set(), []
+            for i in carried:
+                if len(placed) < self.batch_size and keys[i].isdisjoint(seen):
+                    placed.append(i)
+                    seen |= keys[i]
+                else:
+                    waiting.append(i)
+            out.append(placed)
+            carried = waiting
+        if len(out) > 1 and len(out[-1]) == 1:  # a lone example joins a batch with room, if one fits it
+            lone = out[-1][0]
+            home = next(
+                (b for b in out[:-1] if len(b) < self.batch_size and all(keys[lone].isdisjoint(keys[i]) for i in b)),
+                None,
+            )
+            if home is not None:
+                home.append(out.pop()[0])
+        return out
 
     def _grouped(self, order: list[int], rng: random.Random, lengths: list[int]) -> Iterator[list[int]]:
         span = self.window * self.batch_size
@@ -603,6 +656,22 @@ class RandomBatches:
             rng.shuffle(batches)
             batches.insert(0, first)
         yield from batches
+
+
+def content_keys(dataset: Dataset) -> list[frozenset[Any]] | None:
+    """What each example of pairs or text-image data holds (its texts, and a digest of its images and
+    tensors), for batches without the same content twice; None for other shapes."""
+    if dataset.shape not in (Shape.PAIRS, Shape.TEXT_IMAGE):
+        return None
+
+    def key(item: Item) -> Any:
+        if item.text is not None:
+            return ('text', item.text)
+        if item.image is not None:
+            return ('image', hashlib.sha1(item.image).digest())
+        return ('tensor', id(item.tensor))
+
+    return [frozenset(key(item) for item in example.items) for example in dataset.examples]
 
 
 def text_lengths(dataset: Dataset) -> list[int] | None:

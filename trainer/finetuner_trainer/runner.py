@@ -207,7 +207,7 @@ def make_loader(
 ) -> Any:
     from torch.utils.data import DataLoader
 
-    from finetuner_trainer.data import ClassBalancedBatches, RandomBatches, Shape, text_lengths
+    from finetuner_trainer.data import ClassBalancedBatches, RandomBatches, Shape, content_keys, text_lengths
 
     labelled = dataset.shape == Shape.LABELLED
     use_classes = labelled and spec.sampler != Sampler.RANDOM
@@ -224,10 +224,19 @@ def make_loader(
         labels = [e.label for e in dataset.examples]
         sampler: Any = ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths)
     else:
-        sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths)
+        keys = content_keys(dataset) if train else None
+        sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths, keys=keys)
+        if keys is not None and len(dataset) >= 2 and not any(len(batch) >= 2 for batch in sampler):
+            raise ConfigError(
+                'trainData',
+                'every pair shares its query or document with every other pair, so no batch can hold two '
+                '(in-batch negatives need pairs with different contents); add pairs with other queries',
+            )
     if not train:
         sampler.set_epoch(0)
-    workers = min(spec.num_workers, os.cpu_count() or 1)
+    workers = min(4 if spec.num_workers is None else spec.num_workers, os.cpu_count() or 1)
+    if spec.num_workers is None and device.type == 'cpu' and dataset.kinds <= {'text'}:
+        workers = 0  # text on the CPU: worker processes would take cores from the training step
     if len(dataset) <= 4 * batch_size:  # a tiny set: worker start-up costs more than it saves
         workers = 0
     return DataLoader(

@@ -311,7 +311,13 @@ class FinetuneRunSpec(_Model):
     text_modality: str | None = Field(default=None, description='Modality name of the text chunk (CLIP).')
     csv_options: CSVOptions = Field(default_factory=CSVOptions, description='How CSV data is read.')
     device: Device = Field(default=Device.AUTO, description='auto (CUDA when present), cuda or cpu.')
-    num_workers: int = Field(default=4, ge=0, le=64, description='Data-loader worker processes.')
+    num_workers: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description='Data-loader worker processes; empty picks: none for text-only data on the CPU (tokenizing '
+        'in the training process is cheaper than shipping batches between processes), else min(4, cores).',
+    )
     to_onnx: bool = Field(default=False, description='Also export the model to ONNX (checked against torch).')
     seed: int = Field(default=42, ge=0, description='Random seed of sampling, splits and initialisation.')
     checkpoint_every_steps: int | None = Field(
