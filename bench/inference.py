@@ -133,15 +133,14 @@ def run(settings: Settings) -> list[Row]:
 
 def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]:
     """Where an encode pass goes, each part timed alone over the same records (seconds): each side's
-    preprocessing into its own batches, the torch network on its batches (input order), ONNX Runtime on
-    its batches, and both networks on the same batches (the torch side's), which isolates the network;
-    for text, also torch on the ONNX side's length-ordered batches (what that batching alone gives)."""
+    preprocessing and network on the batches ``OnnxEmbedder.plan`` names (the torch ``Embedder.embed``
+    also encodes texts longest first, so both sides batch alike), and ONNX Runtime on the very tensors
+    the torch side collated, which isolates the network."""
     import torch
 
     from finetuner_trainer.models import as_item
 
     items = [as_item(r) for r in records]
-    input_order = [('', list(range(i, min(i + BATCH, len(items))))) for i in range(0, len(items), BATCH)]
     plan = onnx.plan(items, BATCH)
 
     def collate(batches: list[tuple[str, list[int]]]) -> list[Any]:
@@ -170,21 +169,18 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
         for kind, feed in feeds:
             onnx.run(kind, feed)
 
-    eager_batches = collate(input_order)
+    eager_batches = collate(plan)
     own_feeds = [  # copies: the ONNX side reuses its pixel buffer from one batch to the next
         (kind, {name: value.copy() for name, value in onnx.feeds(kind, [items[i] for i in positions]).items()})
         for kind, positions in plan
     ]
     same_feeds = onnx_feeds(eager_batches)
     result: dict[str, float] = {}
-    timed('eager_preprocess', lambda: collate(input_order))
+    timed('eager_preprocess', lambda: collate(plan))
     timed('onnx_preprocess', lambda: [onnx.feeds(kind, [items[i] for i in chosen]) for kind, chosen in plan])
     timed('eager_network', lambda: eager_network(eager_batches))
     timed('onnx_network', lambda: onnx_network(own_feeds))
     timed('onnx_network_same_batches', lambda: onnx_network(same_feeds))
-    if [positions for _, positions in plan] != [positions for _, positions in input_order]:
-        ordered = collate(plan)
-        timed('eager_network_onnx_batches', lambda: eager_network(ordered))
     for clock in ('', '_cpu'):
         result[f'network_ratio_same_batches{clock}'] = (
             result[f'eager_network{clock}_s'] / result[f'onnx_network_same_batches{clock}_s']
@@ -195,15 +191,10 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
 def split_note(split: dict[str, float], count: int, missed: bool) -> str:
     """The profile of one pass, in words: where each side's time goes."""
     text = (
-        f'Split of one pass over the same {count} items (seconds): preprocessing torch side '
+        f'Split of one pass over the same {count} items in the same batches (seconds): preprocessing torch side '
         f'{split["eager_preprocess_s"]:.3f}, ONNX side {split["onnx_preprocess_s"]:.3f}; network torch eager '
         f'{split["eager_network_s"]:.3f}, ONNX Runtime {split["onnx_network_s"]:.3f}; on the same batches the '
         f'networks alone run at {split["network_ratio_same_batches"]:.2f}x.'
     )
-    if 'eager_network_onnx_batches_s' in split:
-        text += (
-            f" Torch on the ONNX side's length-ordered batches: {split['eager_network_onnx_batches_s']:.3f} "
-            '(the share of the ratio that comes from batching texts by length, not from ONNX Runtime).'
-        )
     text += f' End to end in process CPU seconds over the same alternating rounds: {split["ratio_cpu"]:.2f}x.'
     return ('Target missed. ' if missed else '') + text
