@@ -7,15 +7,17 @@ in-batch-negatives loss on question-answer pairs (``MultipleNegativesRankingLoss
 A sample is one labelled sentence, or one pair.
 
 A round's rate counts every step from the moment training began (the first step included, with its
-lazy initialisation), because length-grouped batches differ in cost: the pairs task trains one whole
-epoch of a random subset of ``steps`` batches, so the rate is an epoch's; the triplet task times the
-first ``steps`` steps, which holds the longest batch (this project puts it first) and so
-under-states this project's epoch rate. A discarded two-step round of each side runs first.
+lazy initialisation), because length-grouped batches differ in cost. Each round is one whole epoch of
+a subset: for pairs a random ``steps`` batches' worth, for labelled sentences the same number of
+sentences from each of the largest classes (``balanced_subset``) so that the trainer's class-balanced
+epoch is ``steps`` batches; the reference trains the same number of steps on the same subset. A
+discarded two-step round of each side runs first.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from finetuner.api.layout import Record
 BENCHMARK = 'text_throughput'
 BATCH = 32
 MAX_LENGTH = 64
+PER_CLASS = 4  # the trainer's default numItemsPerClass
 CPU_TARGET = 1.5
 GPU_TARGET = 1.5
 
@@ -56,6 +59,29 @@ def text_data(settings: Settings) -> dict[str, list[Record]]:
         return {'triplet': labelled_texts(n_classes=4, per_class=24), 'pairs': text_pairs(n=96)}
     pairs = data.chatterbot_pairs()
     return {'triplet': data.labelled_sentences(pairs), 'pairs': data.pair_records(pairs)}
+
+
+def balanced_subset(records: list[Record], steps: int, per_class: int = PER_CLASS) -> tuple[list[Record], int]:
+    """The same number of labelled sentences from each of the fewest largest classes (at least a batch's
+    worth of classes) that make about ``steps`` batches, so that one epoch of the trainer's
+    class-balanced batches is a round; (the subset, the number of batches in its epoch)."""
+    from finetuner_trainer.data import ClassBalancedBatches
+
+    by_label: dict[Any, list[Record]] = {}
+    for record in records:
+        by_label.setdefault(record.label, []).append(record)
+    groups = sorted(by_label.values(), key=len, reverse=True)
+    for count in range(BATCH // per_class, len(groups) + 1):
+        size = (steps * BATCH // count) // per_class * per_class
+        if size >= per_class and len(groups[count - 1]) >= size:
+            break
+    else:
+        raise ValueError(f'no {steps} class-balanced batches of {BATCH} can be drawn from these classes')
+    rng = random.Random(0)
+    subset = [record for group in groups[:count] for record in rng.sample(group, size)]
+    labels = {label: i for i, label in enumerate(sorted({str(r.label) for r in subset}))}
+    epoch = len(ClassBalancedBatches([labels[str(r.label)] for r in subset], BATCH, per_class, seed=0))
+    return subset, epoch
 
 
 def _ours_spec(model_dir: Path, records: list[Record], task: str, settings: Settings) -> Any:
@@ -117,20 +143,26 @@ def run(settings: Settings) -> list[Row]:
     rows = []
     for task in tasks:
         records = datasets[task]
+        task_steps = steps
+        # A subset whose epoch is about ``steps`` batches: each round is one whole epoch, so the rate is
+        # an epoch's (length-grouped batches differ in cost, and this project puts the longest first).
         if task == 'pairs':
-            # A random subset holding exactly ``steps`` batches: each round is one whole epoch, so the
-            # rate is an epoch's (length-grouped batches differ in cost; the longest one goes first).
             records = data.repeat_to(records, steps * BATCH, seed=0)
+        elif settings.mode != 'tiny':
+            records, task_steps = balanced_subset(records, steps)
         spec = _ours_spec(model_dir, records, task, settings)
 
         def ours_round(
-            profiler: StepProfiler | None = None, spec: Any = spec, task: str = task, steps: int = steps
+            profiler: StepProfiler | None = None, spec: Any = spec, task: str = task, steps: int = task_steps
         ) -> float:
             ends = ours.train_steps(spec, steps, settings.workdir, f'text-{task}', profiler=profiler)
             return mean_rate(ends, BATCH)
 
         def reference_round(
-            profiler: StepProfiler | None = None, records: list[Record] = records, task: str = task, steps: int = steps
+            profiler: StepProfiler | None = None,
+            records: list[Record] = records,
+            task: str = task,
+            steps: int = task_steps,
         ) -> float:
             _, ends = st_reference.train(
                 model_dir,
@@ -176,6 +208,6 @@ def run(settings: Settings) -> list[Row]:
             extra=extra,
         )
         if row.met is False:
-            row.note = explain_throughput(ours_round, reference_round, steps)
+            row.note = explain_throughput(ours_round, reference_round, task_steps)
         rows.append(row)
     return rows

@@ -611,27 +611,11 @@ class RandomBatches:
         out: list[list[int]] = []
         carried: list[int] = []
         for batch in batches:
-            placed: list[int] = []
-            seen: set[Any] = set()
-            waiting: list[int] = []
-            for i in carried + batch:
-                if len(placed) < self.batch_size and keys[i].isdisjoint(seen):
-                    placed.append(i)
-                    seen |= keys[i]
-                else:
-                    waiting.append(i)
+            placed, carried = self._fill(carried + batch, keys)
             out.append(placed)
-            carried = waiting
         while carried:
-            placed, seen, waiting = [], set(), []
-            for i in carried:
-                if len(placed) < self.batch_size and keys[i].isdisjoint(seen):
-                    placed.append(i)
-                    seen |= keys[i]
-                else:
-                    waiting.append(i)
+            placed, carried = self._fill(carried, keys)
             out.append(placed)
-            carried = waiting
         if len(out) > 1 and len(out[-1]) == 1:  # a lone example joins a batch with room, if one fits it
             lone = out[-1][0]
             home = next(
@@ -641,6 +625,19 @@ class RandomBatches:
             if home is not None:
                 home.append(out.pop()[0])
         return out
+
+    def _fill(self, candidates: list[int], keys: list[frozenset[Any]]) -> tuple[list[int], list[int]]:
+        """(a batch of the first candidates that clash with nothing before them, the rest in order)."""
+        placed: list[int] = []
+        seen: set[Any] = set()
+        waiting: list[int] = []
+        for i in candidates:
+            if len(placed) < self.batch_size and keys[i].isdisjoint(seen):
+                placed.append(i)
+                seen |= keys[i]
+            else:
+                waiting.append(i)
+        return placed, waiting
 
     def _grouped(self, order: list[int], rng: random.Random, lengths: list[int]) -> Iterator[list[int]]:
         span = self.window * self.batch_size
