@@ -34,8 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS: tuple[str, ...] = ('text_throughput', 'image_throughput', 'quality', 'inference', 'operator_scale')
 CLOSING_NOTES = [
     'A throughput ratio is the median samples/s of this project over the median of the reference, the '
-    'medians taken over alternating rounds; each round times only steady-state steps (the first step of '
-    'a round, which pays for lazy initialisation and worker start-up, is left out).',
+    'medians taken over alternating rounds. An image round times steady-state steps (its first step, which '
+    'pays for lazy initialisation and worker start-up, is left out); a text round is one whole epoch of a '
+    'subset timed from the start of training, first step included, because length-grouped batches differ '
+    'in cost (bench/text_throughput.py says how the subsets are drawn).',
     'The machine is shared: its other work slows both sides of a round alike, which is why the sides '
     'alternate; the spread of the rounds is in the raw JSON.',
 ]
