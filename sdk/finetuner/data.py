@@ -31,7 +31,7 @@ from finetuner.api.csvformat import CSVFormatError, parse_csv_text
 from finetuner.api.layout import Record, dataset_key
 from finetuner.api.v1alpha1 import CSVOptions, check_dns1123_name
 from finetuner.errors import ArgumentError
-from finetuner.storage import LocalStore, S3Store, StorageError
+from finetuner.storage import LocalStore, S3Store, StorageError, file_uri_path
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp', '.tif', '.tiff')
 LABEL_TAG = 'finetuner_label'
@@ -187,7 +187,7 @@ def _url_content(url: str, where: str) -> dict[str, Any]:
     """Local images are read into the record (a cluster cannot see this machine's files)."""
     if url.startswith(('http://', 'https://', 's3://', 'data:')):
         return {'uri': url}
-    path = Path(url[len('file://') :] if url.startswith('file://') else url).expanduser()
+    path = file_uri_path(url) if url.startswith('file://') else Path(url).expanduser()
     if not path.is_file():
         raise ArgumentError(where, f'url {url!r} is not a readable file here; fix the path or give a URL')
     return {'blob': base64.b64encode(path.read_bytes()).decode()}

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 
 class StorageError(RuntimeError):
@@ -45,6 +45,11 @@ def to_uri(location: str) -> str:
         scheme = location.split('://', 1)[0]
         raise StorageError(f'unsupported storage scheme {scheme!r} in {location!r}: use s3:// or file://')
     return Path(location).expanduser().resolve().as_uri()
+
+
+def file_uri_path(uri: str) -> Path:
+    """The local path of a file:// URI, unescaped (``Path.as_uri`` writes a space as %20, '+' as %2B)."""
+    return Path(unquote(urlparse(uri).path))
 
 
 class Store(Protocol):
@@ -281,4 +286,4 @@ def open_store(location: str) -> LocalStore | S3Store:
         if not parsed.netloc:
             raise StorageError(f'{location!r} names no bucket: write s3://BUCKET/PREFIX')
         return S3Store(parsed.netloc, parsed.path.lstrip('/'))
-    return LocalStore(Path(parsed.path))
+    return LocalStore(file_uri_path(uri))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from finetuner.api.layout import Record, dataset_key, resolve_data
-from finetuner.storage import LocalStore, S3Store, StorageError, normalize_key, open_store, to_uri
+from finetuner.storage import LocalStore, S3Store, StorageError, file_uri_path, normalize_key, open_store, to_uri
 
 
 def _free_port() -> int:
@@ -89,6 +89,18 @@ def test_normalize_and_uris(tmp_path: Path) -> None:
         to_uri('gs://bucket/x')
     with pytest.raises(StorageError, match='names no bucket'):
         open_store('s3:///x')
+
+
+@pytest.mark.parametrize('name', ['My Data', 'a+b', '100%', 'naïve'])
+def test_file_uris_of_folders_with_escaped_characters_open_the_folder(tmp_path: Path, name: str) -> None:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / 'train.jsonl').write_text('{}')
+    for location in (str(folder), to_uri(str(folder)), folder.as_uri()):
+        store = open_store(location)
+        assert store.read_bytes('train.jsonl') == b'{}', location
+    assert open_store(str(folder / 'train.jsonl')).root == folder / 'train.jsonl'
+    assert file_uri_path(folder.as_uri()) == folder
 
 
 def test_local_writes_are_atomic(tmp_path: Path) -> None:

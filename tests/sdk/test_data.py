@@ -61,7 +61,8 @@ def test_pairs_with_scores_and_clip_chunks_modalities() -> None:
 
 
 def test_local_image_urls_are_read_and_remote_ones_kept(tmp_path: Path) -> None:
-    path = tmp_path / 'x.png'
+    (tmp_path / 'my pictures').mkdir()
+    path = tmp_path / 'my pictures' / 'x+1.png'  # as_uri() escapes both: my%20pictures/x%2B1.png
     path.write_bytes(png_bytes((1, 2, 3)))
     records = to_records(
         [LegacyDocument(url=str(path)), LegacyDocument(url=path.as_uri()), LegacyDocument(url='https://h/x.png')], 'd'

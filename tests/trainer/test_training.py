@@ -171,3 +171,15 @@ def test_embed_sorts_by_length_and_returns_the_given_order(make_config: ConfigFa
     assert together.shape == (5, model.output_dim)
     assert torch.allclose(together, one_by_one, atol=1e-5)
     assert not torch.allclose(together[0], together[1], atol=1e-3)  # rows really differ: order is checked
+
+
+def test_a_model_folder_given_as_a_file_uri_with_a_space(tiny_bert: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from finetuner.api.v1alpha1 import FinetuneRunSpec
+    from finetuner_trainer.models import resolve_model
+
+    folder = tmp_path / 'my models' / 'bert+v2'
+    shutil.copytree(tiny_bert, folder)
+    family, source, _ = resolve_model(FinetuneRunSpec(model=folder.as_uri(), train_data='file:///x.jsonl'))
+    assert (family, Path(source)) == ('text', folder)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from finetuner.api.layout import Record
 from finetuner.api.v1alpha1 import FinetuneRunSpec
 from finetuner.catalog import Backbone, find_backbone
+from finetuner.storage import file_uri_path
 from finetuner_trainer.data import Item
 from finetuner_trainer.errors import ConfigError
 
@@ -647,7 +648,7 @@ def resolve_model(spec: FinetuneRunSpec) -> tuple[str, str, Backbone | None]:
     if name.startswith('timm:'):
         return 'timm', name.removeprefix('timm:'), None
     if name.startswith(('s3://', 'file://')):
-        path = download_model(name) if name.startswith('s3://') else Path(name.removeprefix('file://'))
+        path = download_model(name) if name.startswith('s3://') else file_uri_path(name)
         return _local_family(path, name), str(path), None
     path = Path(name).expanduser()
     if path.is_dir():
