@@ -150,6 +150,7 @@ def test_seed_advanced_arguments_map_onto_the_spec(scripted: LocalBackend) -> No
             'learningRate': 1e-4,
             'batchSize': 128,
             'outputDim': 512,
+            'numWorkers': 4,
             'schedulerOptions': {'schedulerStep': 'batch'},
         }
     )

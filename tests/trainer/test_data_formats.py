@@ -441,6 +441,25 @@ def test_batches_never_hold_the_same_content_twice() -> None:
         assert any(len({questions[i] for i in b}) < len(b) for b in plain)  # the clash the keys prevent
 
 
+def test_batches_without_clashes_keep_a_multiple_of_the_world_size() -> None:
+    from finetuner_trainer.distributed import ShardedBatches
+
+    rng = __import__('random').Random(3)
+    questions = [f'question {rng.randrange(40)}' for _ in range(200)]
+    keys = [frozenset({('text', q), ('text', f'answer {i}')}) for i, q in enumerate(questions)]
+    single = list(RandomBatches(200, 16, seed=1, keys=keys))
+    assert any(len(b) % 4 for b in single)  # clashes make uneven batches ...
+    sampler = RandomBatches(200, 16, seed=1, keys=keys, multiple=4)
+    batches = list(sampler)
+    assert sum(len(b) % 4 for b in batches[:-1]) == 0  # ... which keep a multiple of 4 but for the last
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for batch in batches:
+        assert len({questions[i] for i in batch}) == len(batch)
+    shares = [list(ShardedBatches(sampler, rank, 4)) for rank in range(4)]
+    kept = sorted(i for share in shares for b in share for i in b)
+    assert len(kept) >= 200 - 3  # only the last batch's remainder is left out of the epoch
+
+
 def test_content_keys_cover_pairs_and_text_image_only() -> None:
     examples = [Example((Item(text='q'), Item(text='a'))), Example((Item(text='q'), Item(image=b'x')))]
     pairs = Dataset(Shape.PAIRS, examples)

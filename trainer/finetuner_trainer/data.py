@@ -567,7 +567,11 @@ class RandomBatches:
         lengths: Sequence[int] | None = None,
         window: int = 50,
         keys: Sequence[frozenset[Any]] | None = None,
+        multiple: int = 1,
     ):
+        """``multiple``: the world size under DDP. A batch made smaller by a clash (``keys``) keeps a
+        multiple of it where it can (its last examples move on to the next batch), because every
+        process takes an equal share of a global batch and the rest would be left out of the epoch."""
         for name, values in (('lengths', lengths), ('keys', keys)):
             if values is not None and len(values) != size:
                 raise ValueError(f'{len(values)} {name} for {size} examples')
@@ -577,6 +581,7 @@ class RandomBatches:
         self.lengths = list(lengths) if lengths is not None else None
         self.keys = list(keys) if keys is not None else None
         self.window = max(1, window)
+        self.multiple = max(1, multiple)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -637,6 +642,9 @@ class RandomBatches:
                 seen |= keys[i]
             else:
                 waiting.append(i)
+        extra = len(placed) % self.multiple
+        if extra and waiting and len(placed) > extra:  # the rest would be cut from an uneven global batch
+            placed, waiting = placed[:-extra], placed[-extra:] + waiting
         return placed, waiting
 
     def _grouped(self, order: list[int], rng: random.Random, lengths: list[int]) -> Iterator[list[int]]:

@@ -225,7 +225,8 @@ def make_loader(
         sampler: Any = ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths)
     else:
         keys = content_keys(dataset) if train else None
-        sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths, keys=keys)
+        world = int(os.environ.get('WORLD_SIZE', '1'))
+        sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths, keys=keys, multiple=world)
         if keys is not None and len(dataset) >= 2 and not any(len(batch) >= 2 for batch in sampler):
             raise ConfigError(
                 'trainData',
