@@ -101,8 +101,13 @@ def pyspy_available() -> bool:
     return shutil.which('py-spy') is not None or (Path(sys.executable).parent / 'py-spy').exists()
 
 
-def pyspy_record(pid: int, output: Path, duration_s: int, rate: int = 100) -> subprocess.Popen[bytes]:
-    """Start sampling process ``pid`` (collapsed stacks into ``output``); wait on the returned process."""
+def pyspy_record(
+    pid: int, output: Path, duration_s: int, rate: int = 100, gil: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start sampling process ``pid`` (collapsed stacks into ``output``); wait on the returned process.
+
+    ``gil``: sample only the thread holding the GIL, i.e. where a multi-threaded Python process spends
+    its CPU (threads waiting on sockets or locks are left out)."""
     executable = shutil.which('py-spy') or str(Path(sys.executable).parent / 'py-spy')
     return subprocess.Popen(
         [
@@ -119,6 +124,7 @@ def pyspy_record(pid: int, output: Path, duration_s: int, rate: int = 100) -> su
             '--rate',
             str(rate),
             '--nonblocking',
+            *(['--gil'] if gil else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

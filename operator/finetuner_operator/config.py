@@ -57,6 +57,12 @@ class OperatorConfig(BaseModel):
     progress_interval: float = Field(
         default=10.0, gt=0, description='FINETUNER_PROGRESS_INTERVAL: seconds between progress reads.'
     )
+    relist_interval: float = Field(
+        default=300.0,
+        gt=0,
+        description='FINETUNER_RELIST_INTERVAL: seconds between full listings of runs, Jobs and pods into the '
+        "operator's cache (its watches keep it current in between).",
+    )
     unschedulable_timeout: float = Field(
         default=600.0, gt=0, description='FINETUNER_UNSCHEDULABLE_TIMEOUT: seconds Pending before FAILED.'
     )

@@ -5,6 +5,7 @@ Run with ``python -m finetuner_operator`` or ``kopf run -m finetuner_operator.ha
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import kopf
 
 from finetuner.api.v1alpha1 import GROUP, VERSION
-from finetuner_operator import metrics
+from finetuner_operator import cache, metrics
 from finetuner_operator.builders import CANCEL_ANNOTATION, MANAGED_BY, RUN_LABEL
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.kube import Kube
@@ -64,16 +65,24 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
     config = memo.get('config') or OperatorConfig.from_env()
     memo.config = config
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    # Labels are the operator's own bookkeeping (the experiment label) and no handler reacts to them:
+    # left out of Kopf's diff base, a label change costs no second write of it.
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key='last-handled-configuration'
+        prefix=PREFIX, key='last-handled-configuration', ignored_fields=[('metadata', 'labels')]
     )
     settings.persistence.finalizer = f'{PREFIX}/finalizer'
     settings.posting.level = logging.WARNING  # transitions are posted as Events by the reconciler
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = MAX_WORKERS
-    memo.reconciler = Reconciler(Kube(api_client()), config, experiment_delay=EXPERIMENT_RECOUNT_DELAY)
-    memo.reconciler.start_resync(config.progress_interval)
+    kube = Kube(api_client(), cache.ObjectCache())
+    try:
+        kube.relist(config.namespaces)  # before any handler runs: the cache answers misses from now on
+    except Exception as e:  # the API failing at start-up: misses are asked of it until a relist succeeds
+        logger.warning('listing runs, Jobs and pods into the cache failed (%s); reading through the API for now', e)
+    kube.start_event_poster()  # a pass does not wait for its Events
+    memo.reconciler = Reconciler(kube, config, experiment_delay=EXPERIMENT_RECOUNT_DELAY)
+    memo.reconciler.start_resync(config.progress_interval, config.relist_interval)
     metrics.serve(config.metrics_port)
     logger.info('finetuner operator configured: image %s, output %s', config.trainer_image, config.output)
 
@@ -83,6 +92,7 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
     reconciler = memo.get('reconciler')
     if reconciler is not None:
         reconciler.close()
+        reconciler.kube.stop_event_poster()
         reconciler.kube.api_client.close()
 
 
@@ -99,9 +109,18 @@ def probe_runs(**_: Any) -> int:
 @kopf.on.create(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, RUNS, field='spec', backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, RUNS, field=('metadata', 'annotations', CANCEL_ANNOTATION), backoff=RETRY_BACKOFF)
-def reconcile_run(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def reconcile_run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     with metrics.timed('run'):
-        memo.reconciler.reconcile_run(_plain(body))
+        plain = _plain(body)
+        memo.reconciler.observe(cache.RUNS, None, plain)
+        metadata: dict[str, Any] = {}
+        memo.reconciler.reconcile_run(plain, metadata_patch=metadata)
+        for key, value in metadata.items():  # written by Kopf with its own bookkeeping, in one request
+            if key == 'labels':
+                for label, text in value.items():
+                    patch.meta.labels[label] = text
+            else:
+                patch.meta[key] = value
 
 
 @kopf.on.delete(GROUP, VERSION, RUNS, optional=True, backoff=RETRY_BACKOFF)
@@ -112,12 +131,18 @@ def run_deleted(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_
 
 
 @kopf.on.event('batch', 'v1', 'jobs', labels=MANAGED)
-def job_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def job_event(
+    type: str | None, body: kopf.Body, labels: kopf.Labels, namespace: str, memo: kopf.Memo, **_: Any
+) -> None:
+    memo.reconciler.observe(cache.JOBS, type, body)
     _sync_owner(labels, namespace, memo)
 
 
 @kopf.on.event('', 'v1', 'pods', labels=MANAGED)
-def pod_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def pod_event(
+    type: str | None, body: kopf.Body, labels: kopf.Labels, namespace: str, memo: kopf.Memo, **_: Any
+) -> None:
+    memo.reconciler.observe(cache.PODS, type, body)
     _sync_owner(labels, namespace, memo)
 
 
@@ -136,6 +161,7 @@ async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
     reconciler = memo.get('reconciler')
     if reconciler is None or not meta.get('name'):
         return
+    reconciler.observe(cache.RUNS, type, body)
     if type == 'DELETED':
         reconciler.forget(meta.get('namespace'), meta['name'])
     else:
@@ -148,13 +174,19 @@ async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
 @kopf.on.resume(GROUP, VERSION, EXPERIMENTS, backoff=RETRY_BACKOFF)
 @kopf.on.create(GROUP, VERSION, EXPERIMENTS, backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, EXPERIMENTS, field='spec', backoff=RETRY_BACKOFF)
-def reconcile_experiment(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def reconcile_experiment(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     with metrics.timed('experiment'):
+        memo.reconciler.observe(cache.EXPERIMENTS, None, body)
         memo.reconciler.sync_experiment(namespace, name)
 
 
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    """A plain dict copy of a Kopf body (the live view must not leak into pure code)."""
-    import copy
+@kopf.on.event(GROUP, VERSION, EXPERIMENTS)
+async def experiment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    reconciler = memo.get('reconciler')
+    if reconciler is not None and (body.get('metadata') or {}).get('name'):
+        reconciler.observe(cache.EXPERIMENTS, type, body)
 
-    return copy.deepcopy(dict(body))
+
+def _plain(body: kopf.Body | dict[str, Any]) -> dict[str, Any]:
+    """A plain dict copy of a Kopf body (the live view must not leak into pure code or the cache)."""
+    return json.loads(json.dumps(dict(body)))

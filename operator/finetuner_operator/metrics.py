@@ -19,23 +19,26 @@ RECONCILE_SECONDS = Histogram(
 RECONCILE_ERRORS = Counter('finetuner_reconcile_errors_total', 'Reconcile passes that raised', ['kind'])
 TRANSITIONS = Counter('finetuner_run_transitions_total', 'Phase transitions of runs', ['phase'])
 
+for _phase in ('CREATED', 'STARTED', 'FINISHED', 'FAILED'):
+    RUNS_BY_PHASE.labels(phase=_phase)  # every phase shows, at 0 until a run reaches it
+
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
 _server_port: int | None = None
 
 
 def set_phase(namespace: str, name: str, phase: str | None) -> None:
-    """Record a run's phase (None: the run is gone) and refresh the per-phase gauge."""
+    """Record a run's phase (None: the run is gone) and move the per-phase gauge accordingly."""
     with _lock:
-        if phase is None:
-            _phases.pop((namespace, name), None)
-        else:
+        before = _phases.pop((namespace, name), None) if phase is None else _phases.get((namespace, name))
+        if phase is not None:
             _phases[(namespace, name)] = phase
-        counts: dict[str, int] = {p: 0 for p in ('CREATED', 'STARTED', 'FINISHED', 'FAILED')}
-        for value in _phases.values():
-            counts[value] = counts.get(value, 0) + 1
-        for key, count in counts.items():
-            RUNS_BY_PHASE.labels(phase=key).set(count)
+        if before == phase:
+            return
+        if before is not None:
+            RUNS_BY_PHASE.labels(phase=before).dec()
+        if phase is not None:
+            RUNS_BY_PHASE.labels(phase=phase).inc()
 
 
 def tracked_runs() -> int:

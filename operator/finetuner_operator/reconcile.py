@@ -103,6 +103,14 @@ class Reconciler:
             if thread is not None:
                 thread.join(10)
 
+    # --- what the watches saw ------------------------------------------------------------------
+    def observe(self, kind: str, event_type: str | None, body: Any) -> None:
+        """A watch event (``None``: an initial listing, or a body a handler was given) into the seam's
+        cache, if it has one."""
+        cache = getattr(self.kube, 'cache', None)
+        if cache is not None:
+            cache.observe(kind, event_type, body if isinstance(body, dict) and type(body) is dict else _copy(body))
+
     # --- periodic re-observation of active runs ------------------------------------------------
     def track(self, namespace: str, name: str, phase: str | None) -> None:
         """Record a run seen by the watch (with its phase); ``forget`` it when it is deleted."""
@@ -119,25 +127,44 @@ class Reconciler:
         with self._locks_guard:
             return [key for key, phase in self._runs.items() if phase not in TERMINAL]
 
-    def start_resync(self, interval: float) -> None:
+    def start_resync(self, interval: float, relist_interval: float | None = None) -> None:
         """Every ``interval`` seconds, re-observe every active run from one background thread: the
         trainer's progress and metrics reach the status, time-based verdicts (unschedulable for too
         long) are reached without any Kubernetes event, and a run whose event Kopf gave up on (the
         API failing past Kopf's own retries) is still reconciled. One thread for all runs instead of a
-        Kopf daemon per run: no per-run task, and no progress annotations written for them."""
+        Kopf daemon per run: no per-run task, and no progress annotations written for them.
+
+        Every ``relist_interval`` seconds (and at the next round while the cache is not synced) the
+        same thread lists runs, experiments, Jobs and pods into the seam's cache, which catches what
+        no watch reported (an object deleted while the watches were reconnecting)."""
         if self._resyncer is None:
             self._resyncer = threading.Thread(
-                target=self._resync_loop, args=(interval,), name='run-resync', daemon=True
+                target=self._resync_loop, args=(interval, relist_interval), name='run-resync', daemon=True
             )
             self._resyncer.start()
 
-    def _resync_loop(self, interval: float) -> None:
+    def _relist_due(self, last: float, relist_interval: float | None) -> bool:
+        cache = getattr(self.kube, 'cache', None)
+        if cache is None or relist_interval is None:
+            return False
+        unsynced = not all(cache.synced(kind) for kind in ('runs', 'experiments', 'jobs', 'pods'))
+        return unsynced or time.monotonic() - last >= relist_interval
+
+    def _resync_loop(self, interval: float, relist_interval: float | None) -> None:
+        listed = time.monotonic()
         while True:
-            with self._due_changed:
-                if not self._closed:
-                    self._due_changed.wait(interval)
+            deadline = time.monotonic() + interval
+            with self._due_changed:  # shared with the recount thread: its notifications must not start a round
+                while not self._closed and (left := deadline - time.monotonic()) > 0:
+                    self._due_changed.wait(left)
                 if self._closed:
                     return
+            if self._relist_due(listed, relist_interval):
+                try:
+                    self.kube.relist(self.config.namespaces)
+                    listed = time.monotonic()
+                except Exception as e:
+                    log.warning('listing runs, Jobs and pods into the cache failed: %s', e)
             for namespace, name in self.active_runs():
                 if self._closed:
                     return
@@ -183,8 +210,12 @@ class Reconciler:
                     self.request_experiment_sync(namespace, name)
 
     # --- runs --------------------------------------------------------------------------------
-    def reconcile_run(self, body: dict[str, Any]) -> None:
-        """Create (or re-find) the run's children, apply suspend/cancel, then rebuild its status."""
+    def reconcile_run(self, body: dict[str, Any], metadata_patch: dict[str, Any] | None = None) -> None:
+        """Create (or re-find) the run's children, apply suspend/cancel, then rebuild its status.
+
+        ``metadata_patch``: where to put the run's own metadata changes (its experiment label and owner)
+        instead of patching the run, for a caller that writes them itself (Kopf's handler patch, which
+        is written anyway: one request and one watch event less per new run)."""
         meta = body['metadata']
         namespace, name = meta['namespace'], meta['name']
         previous = _parse_status(body)
@@ -198,7 +229,7 @@ class Reconciler:
             self._fail_invalid(body, 'Invalid spec: ' + '; '.join(problems), previous)
             return
         if previous.phase in TERMINAL:
-            self._join_experiment(body, spec)
+            self._join_experiment(body, spec, metadata_patch)
             self.sync_run(namespace, name)
             return
         job_name = builders.job_name(name)
@@ -216,7 +247,7 @@ class Reconciler:
                 self.kube.patch_job(namespace, job_name, {'spec': {'suspend': spec.suspend}})
                 what = 'Suspended' if spec.suspend else 'Resumed'
                 self.kube.post_event(body, 'Normal', what, f'{what} trainer Job {job_name}')
-        self._join_experiment(body, spec)
+        self._join_experiment(body, spec, metadata_patch)
         self.sync_run(namespace, name, created_job=fresh)
 
     def _create_children(self, body: dict[str, Any], spec: FinetuneRunSpec) -> dict[str, Any] | None:
@@ -260,8 +291,11 @@ class Reconciler:
             metrics.TRANSITIONS.labels(phase=Phase.FAILED.value).inc()
         metrics.set_phase(meta['namespace'], meta['name'], Phase.FAILED.value)
 
-    def _join_experiment(self, body: dict[str, Any], spec: FinetuneRunSpec) -> None:
-        """Label the run with its experiment and make the Experiment (if any) an owner."""
+    def _join_experiment(
+        self, body: dict[str, Any], spec: FinetuneRunSpec, metadata_patch: dict[str, Any] | None = None
+    ) -> None:
+        """Label the run with its experiment and make the Experiment (if any) an owner (into
+        ``metadata_patch`` when given, else patched at once)."""
         meta = body['metadata']
         patch: dict[str, Any] = {}
         if (meta.get('labels') or {}).get(builders.EXPERIMENT_LABEL) != spec.experiment:
@@ -275,7 +309,9 @@ class Reconciler:
             if not any(r.get('uid') == experiment['metadata']['uid'] for r in refs):
                 refs.append({**builders.owner_reference(experiment), 'controller': False})
                 patch['ownerReferences'] = refs
-        if patch:
+        if patch and metadata_patch is not None:
+            metadata_patch.update(patch)
+        elif patch:
             self.kube.patch_run(meta['namespace'], meta['name'], {'metadata': patch})
 
     def sync_run(
@@ -489,6 +525,13 @@ def reports_to_read(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> t
     if any((p.get('status') or {}).get('phase') in ('Running', 'Succeeded', 'Failed') for p in pods):
         return ('metrics', 'progress')
     return ()
+
+
+def _copy(body: Any) -> dict[str, Any]:
+    """A plain dict copy of a body (a Kopf view, or a dict someone else may change)."""
+    import json
+
+    return json.loads(json.dumps(dict(body)))
 
 
 def _parse_status(body: dict[str, Any]) -> FinetuneRunStatus:
