@@ -135,7 +135,8 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
     """Where an encode pass goes, each part timed alone over the same records (seconds): each side's
     preprocessing and network on the batches ``OnnxEmbedder.plan`` names (the torch ``Embedder.embed``
     also encodes texts longest first, so both sides batch alike), and ONNX Runtime on the very tensors
-    the torch side collated, which isolates the network."""
+    the torch side collated, which isolates the network. The torch network is timed in eval mode, as
+    ``encode`` runs it (in training mode dropout and BatchNorm's batch statistics would inflate it)."""
     import torch
 
     from finetuner_trainer.models import as_item
@@ -161,9 +162,15 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
         result[f'{name}_cpu_s'] = time.process_time() - cpu
 
     def eager_network(batches: list[Any]) -> None:
-        with torch.inference_mode():
-            for batch in batches:
-                eager(batch)
+        # Inference like Embedder.embed: eval mode (no dropout, BatchNorm's running statistics).
+        was_training = eager.training
+        eager.eval()
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    eager(batch)
+        finally:
+            eager.train(was_training)
 
     def onnx_network(feeds: list[tuple[str, dict[str, Any]]]) -> None:
         for kind, feed in feeds:
@@ -193,8 +200,8 @@ def split_note(split: dict[str, float], count: int, missed: bool) -> str:
     text = (
         f'Split of one pass over the same {count} items in the same batches (seconds): preprocessing torch side '
         f'{split["eager_preprocess_s"]:.3f}, ONNX side {split["onnx_preprocess_s"]:.3f}; network torch eager '
-        f'{split["eager_network_s"]:.3f}, ONNX Runtime {split["onnx_network_s"]:.3f}; on the same batches the '
-        f'networks alone run at {split["network_ratio_same_batches"]:.2f}x.'
+        f'{split["eager_network_s"]:.3f} (eval mode), ONNX Runtime {split["onnx_network_s"]:.3f}; on the same '
+        f'batches the networks alone run at {split["network_ratio_same_batches"]:.2f}x.'
     )
     text += f' End to end in process CPU seconds over the same alternating rounds: {split["ratio_cpu"]:.2f}x.'
     return ('Target missed. ' if missed else '') + text

@@ -124,6 +124,7 @@ def get_model(
     ``artifact``: the folder given to ``run.save_model()``, or the name of a finished run.
     ``select_model``: for CLIP, ``'clip-text'`` or ``'clip-vision'`` keeps one tower's inputs;
     ``is_onnx``: use the ONNX export (the run needs ``to_onnx=True``); ``device``: where torch runs it.
+    A torch model is returned in eval mode (no dropout, BatchNorm with its running statistics).
     ``token`` is accepted for Finetuner compatibility and unused (no hub account here).
     """
     del token
@@ -140,7 +141,9 @@ def get_model(
             raise ArgumentError('is_onnx', str(e)) from e
     else:
         models = _trainer_module('finetuner_trainer.models')
-        model = models.load_embedder(directory).to(device)
+        # In inference mode: a user calling model(batch) gets dropout off and BatchNorm's running
+        # statistics, as encode() does (Embedder.embed switches to eval itself).
+        model = models.load_embedder(directory).to(device).eval()
     if select_model is not None:
         model = _Selected(model, 'text' if select_model == 'clip-text' else 'image')
     model.default_batch_size = batch_size

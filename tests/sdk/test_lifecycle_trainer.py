@@ -13,7 +13,7 @@ from finetuner.api.v1alpha1 import FinetuneRunStatus
 from finetuner.backends.local import LocalBackend
 from finetuner.data import to_legacy_documents
 from finetuner.errors import ArgumentError, RunFailedError
-from tests.support.tiny import labelled_texts, make_tiny_bert
+from tests.support.tiny import TINY_TIMM, TINY_TIMM_OPTIONS, labelled_images, labelled_texts, make_tiny_bert
 
 pytest.importorskip('finetuner_trainer.runner')
 
@@ -75,6 +75,28 @@ def test_fit_created_started_finished_save_get_encode(local: LocalBackend, tiny_
     docs = to_legacy_documents([finetuner.Record(text=t) for t in texts])
     assert finetuner.encode(model, docs) is docs
     np.testing.assert_allclose(np.stack([np.asarray(d.embedding) for d in docs]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_get_model_returns_the_torch_model_in_eval_mode(tmp_path: Path) -> None:
+    """model(batch) on what get_model returns is inference (no dropout, BatchNorm's running statistics),
+    the same embeddings as encode; a model fresh from load_embedder would still be in training mode."""
+    import torch
+
+    from finetuner.api.v1alpha1 import FinetuneRunSpec
+    from finetuner_trainer.models import build_embedder
+
+    torch.manual_seed(0)
+    spec = FinetuneRunSpec(model=TINY_TIMM, model_options=TINY_TIMM_OPTIONS, train_data='x', output_dim=8)
+    build_embedder(spec).save(tmp_path)
+    (tmp_path / 'manifest.json').write_text('{}')  # what makes a folder an artifact for get_model
+    model = finetuner.get_model(tmp_path)
+    assert not model.training
+    assert not any(module.training for module in model.modules())
+    records = labelled_images(2, 2)
+    with torch.no_grad():
+        direct = model(model.collate(records)).numpy()
+    np.testing.assert_allclose(direct, finetuner.encode(model, records), rtol=1e-5, atol=1e-6)
+    assert not model.training  # encode leaves it as it found it
 
 
 def test_bad_data_ends_failed_with_the_trainers_reason(local: LocalBackend, tiny_bert: Path, tmp_path: Path) -> None:
