@@ -19,6 +19,7 @@ Metrics at k = 10 from ``finetuner_trainer.evaluation.retrieval_metrics``.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class Task:
     index_labels: list[str]
     exclude_self: bool = False
     spec_fields: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 1  # both sides train once per seed; the table shows the median over seeds
 
     @property
     def setting(self) -> str:
@@ -61,6 +63,7 @@ class Task:
             f'{self.title}: {len(self.train)} training {"pairs" if self.st_task == "pairs" else "questions"}, '
             f'{len(self.queries)} held-out queries, {len(self.index)} in the index, {self.epochs} epoch'
             f'{"s" if self.epochs > 1 else ""}, lr {self.learning_rate:g}, batch {BATCH}'
+            + (f', median of {self.seeds} seeds' if self.seeds > 1 else '')
         )
 
 
@@ -88,6 +91,7 @@ def qa_task(settings: Settings) -> Task:
         query_labels=questions,
         index=[p.answer for p in test],
         index_labels=[p.question for p in test],
+        seeds=settings.pick(full=2, quick=1, tiny=1),
     )
 
 
@@ -119,6 +123,7 @@ def topics_task(settings: Settings) -> Task:
         index_labels=labels,
         exclude_self=True,
         spec_fields=dict(recipe.fit_options),
+        seeds=settings.pick(full=3, quick=1, tiny=1),
     )
 
 
@@ -148,48 +153,56 @@ def evaluate_task(task: Task, settings: Settings) -> list[Row]:
     pretrained = st_reference.load(model_dir, task.max_length, settings.device)
     before = _metrics(task, st_reference.encode(pretrained, task.queries), st_reference.encode(pretrained, task.index))
 
-    began = time.perf_counter()
-    spec = ours.spec_for(
-        str(model_dir),
-        task.train,
-        settings.workdir,
-        f'quality-{task.name}',
-        loss=task.loss,
-        batch_size=BATCH,
-        epochs=task.epochs,
-        learning_rate=task.learning_rate,
-        model_options={'max_length': task.max_length},
-        device=settings.device,
-        **task.spec_fields,
-    )
-    result = ours.train_run(spec, settings.workdir, f'quality-{task.name}-ours')
-    ours_seconds = time.perf_counter() - began
-    model = finetuner.get_model(Path(result.artifact_uri.removeprefix('file://')), device=settings.device)
-    after_ours = _metrics(task, finetuner.encode(model, task.queries), finetuner.encode(model, task.index))
+    after_ours: list[dict[str, float]] = []
+    after_st: list[dict[str, float]] = []
+    ours_seconds = st_seconds = 0.0
+    for seed in range(task.seeds):
+        began = time.perf_counter()
+        spec = ours.spec_for(
+            str(model_dir),
+            task.train,
+            settings.workdir,
+            f'quality-{task.name}-{seed}',
+            loss=task.loss,
+            batch_size=BATCH,
+            epochs=task.epochs,
+            learning_rate=task.learning_rate,
+            model_options={'max_length': task.max_length},
+            device=settings.device,
+            seed=seed,
+            **task.spec_fields,
+        )
+        result = ours.train_run(spec, settings.workdir, f'quality-{task.name}-ours-{seed}')
+        ours_seconds += time.perf_counter() - began
+        model = finetuner.get_model(Path(result.artifact_uri.removeprefix('file://')), device=settings.device)
+        after_ours.append(_metrics(task, finetuner.encode(model, task.queries), finetuner.encode(model, task.index)))
 
-    began = time.perf_counter()
-    st_model, _ = st_reference.train(
-        model_dir,
-        task.train,
-        task.st_task,
-        batch_size=BATCH,
-        max_length=task.max_length,
-        epochs=task.epochs,
-        learning_rate=task.learning_rate,
-        device=settings.device,
-        output_dir=settings.workdir / f'st-quality-{task.name}',
-        bf16=settings.gpu,
-    )
-    st_seconds = time.perf_counter() - began
-    after_st = _metrics(task, st_reference.encode(st_model, task.queries), st_reference.encode(st_model, task.index))
+        began = time.perf_counter()
+        st_model, _ = st_reference.train(
+            model_dir,
+            task.train,
+            task.st_task,
+            batch_size=BATCH,
+            max_length=task.max_length,
+            epochs=task.epochs,
+            learning_rate=task.learning_rate,
+            seed=seed,
+            device=settings.device,
+            output_dir=settings.workdir / f'st-quality-{task.name}-{seed}',
+            bf16=settings.gpu,
+        )
+        st_seconds += time.perf_counter() - began
+        after_st.append(
+            _metrics(task, st_reference.encode(st_model, task.queries), st_reference.encode(st_model, task.index))
+        )
 
     rows = [
         Row.compare(
             benchmark=BENCHMARK,
             measure=f'retrieval {label} after fine-tuning ({task.setting})',
             unit='',
-            samples_ours=[after_ours[key]],
-            samples_reference=[after_st[key]],
+            samples_ours=[after[key] for after in after_ours],
+            samples_reference=[after[key] for after in after_st],
             reference_name='sentence-transformers fine-tuned',
             target_ratio=None,
             target='–',
@@ -197,8 +210,13 @@ def evaluate_task(task: Task, settings: Settings) -> list[Row]:
         )
         for key, label in METRICS
     ]
-    uplift_ours = after_ours['mrr'] / before['mrr'] - 1 if before['mrr'] else 0.0
-    uplift_st = after_st['mrr'] / before['mrr'] - 1 if before['mrr'] else 0.0
+    mrr_ours = statistics.median(after['mrr'] for after in after_ours)
+    mrr_st = statistics.median(after['mrr'] for after in after_st)
+    uplift_ours = mrr_ours / before['mrr'] - 1 if before['mrr'] else 0.0
+    uplift_st = mrr_st / before['mrr'] - 1 if before['mrr'] else 0.0
+    per_seed = {
+        f'uplift_ours_seed{i}': 100 * (after['mrr'] / before['mrr'] - 1) for i, after in enumerate(after_ours)
+    } | {f'uplift_reference_seed{i}': 100 * (after['mrr'] / before['mrr'] - 1) for i, after in enumerate(after_st)}
     rows.append(
         Row(
             benchmark=BENCHMARK,
@@ -211,7 +229,7 @@ def evaluate_task(task: Task, settings: Settings) -> list[Row]:
             ratio=(uplift_ours / uplift_st) if uplift_st > 0 else None,
             target=f'>= +{UPLIFT_TARGET:.0%} and >= the reference',
             met=uplift_ours >= UPLIFT_TARGET and uplift_ours >= uplift_st,
-            extra={'train_seconds_ours': ours_seconds, 'train_seconds_reference': st_seconds},
+            extra={'train_seconds_ours': ours_seconds, 'train_seconds_reference': st_seconds, **per_seed},
         )
     )
     return rows
