@@ -125,6 +125,11 @@ class ObjectCache:
                 if ns == namespace and labels.items() <= ((obj['metadata'].get('labels') or {}).items())
             ]
 
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        """Every cached object of ``kind``, all namespaces (a snapshot of the list, the objects shared)."""
+        with self._lock:
+            return list(self._objects[kind].values())
+
     def count(self, kind: str) -> int:
         with self._lock:
             return len(self._objects[kind])

@@ -47,7 +47,11 @@ class OperatorConfig(BaseModel):
     )
     queue: str | None = Field(default=None, description='FINETUNER_QUEUE: default Kueue LocalQueue.')
     max_concurrent_runs: int = Field(
-        default=0, ge=0, description='FINETUNER_MAX_CONCURRENT_RUNS: 0 = no limit (Kueue is the better tool).'
+        default=0,
+        ge=0,
+        description='FINETUNER_MAX_CONCURRENT_RUNS: runs with an active trainer Job at once, over all watched '
+        'namespaces; the others wait (CREATED/Waiting) without a Job. Runs with a Kueue queue are not counted. '
+        '0 = no limit (Kueue is the better tool).',
     )
     trainer_service_account: str = Field(
         default='finetuner-trainer', description='FINETUNER_TRAINER_SERVICE_ACCOUNT: no API rights, no token.'

@@ -81,7 +81,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
     except Exception as e:  # the API failing at start-up: misses are asked of it until a relist succeeds
         logger.warning('listing runs, Jobs and pods into the cache failed (%s); reading through the API for now', e)
     kube.start_event_poster()  # a pass does not wait for its Events
-    memo.reconciler = Reconciler(kube, config, experiment_delay=EXPERIMENT_RECOUNT_DELAY)
+    memo.reconciler = Reconciler(kube, config, experiment_delay=EXPERIMENT_RECOUNT_DELAY, background_admission=True)
     memo.reconciler.start_resync(config.progress_interval, config.relist_interval)
     metrics.serve(config.metrics_port)
     logger.info('finetuner operator configured: image %s, output %s', config.trainer_image, config.output)
@@ -164,6 +164,7 @@ async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
     reconciler.observe(cache.RUNS, type, body)
     if type == 'DELETED':
         reconciler.forget(meta.get('namespace'), meta['name'])
+        reconciler.request_admission()  # its slot (FINETUNER_MAX_CONCURRENT_RUNS), if any, is free: never blocks
     else:
         reconciler.track(meta.get('namespace'), meta['name'], (body.get('status') or {}).get('phase'))
 

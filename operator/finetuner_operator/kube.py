@@ -316,24 +316,48 @@ class Kube:
         unsynced and misses are asked of the API server."""
         if self.cache is None:
             return
-        if namespaces and any(set(n) & set('*?[]!') for n in namespaces):
+        if _patterns(namespaces):
             return
-        managed = {'labelSelector': f'app.kubernetes.io/managed-by={MANAGED_BY}'}
-        kinds = (
-            (CACHED_RUNS, f'{GROUP}/{VERSION}', 'FinetuneRun', lambda ns: _custom(ns, RUNS), None),
-            (CACHED_EXPERIMENTS, f'{GROUP}/{VERSION}', 'Experiment', lambda ns: _custom(ns, EXPERIMENTS), None),
-            (JOBS, 'batch/v1', 'Job', _jobs, managed),
-            (PODS, 'v1', 'Pod', lambda ns: f'/api/v1/namespaces/{ns}/pods' if ns else '/api/v1/pods', managed),
-        )
-        for kind, api_version, item_kind, path_of, query in kinds:
+        for kind in (CACHED_RUNS, CACHED_EXPERIMENTS, JOBS, PODS):
             for namespace in list(namespaces or []) or [None]:
-                listing = with_retries(
-                    lambda path=path_of(namespace), query=query: self.request('GET', path, query=query), f'list {kind}'
-                )
-                items = [{'apiVersion': api_version, 'kind': item_kind, **item} for item in listing.get('items') or []]
-                version = (listing.get('metadata') or {}).get('resourceVersion')
+                items, version = self._list(kind, namespace)
                 self.cache.replace(kind, items, version, namespace)
             self.cache.mark_synced(kind)
+
+    def _list(self, kind: str, namespace: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """One listing of a cached ``kind`` (Jobs and pods: the operator's own) in ``namespace`` (None: all):
+        the items, with their apiVersion and kind, and the list's resourceVersion."""
+        api_version, item_kind, path_of, managed = _LISTINGS[kind]
+        query = {'labelSelector': f'app.kubernetes.io/managed-by={MANAGED_BY}'} if managed else None
+        listing = with_retries(lambda: self.request('GET', path_of(namespace), query=query), f'list {kind}')
+        items = [{'apiVersion': api_version, 'kind': item_kind, **item} for item in listing.get('items') or []]
+        return items, (listing.get('metadata') or {}).get('resourceVersion')
+
+    # --- what FINETUNER_MAX_CONCURRENT_RUNS counts -------------------------------------------------
+    @api_call(('batch', 'jobs', 'list'))
+    def list_trainer_jobs(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        """Every trainer Job in ``namespaces`` (None or empty: the whole cluster). See :meth:`_everything`."""
+        return self._everything(JOBS, namespaces)
+
+    @api_call((GROUP, RUNS, 'list'))
+    def list_all_runs(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        """Every FinetuneRun in ``namespaces`` (None or empty: the whole cluster). See :meth:`_everything`."""
+        return self._everything(CACHED_RUNS, namespaces)
+
+    def _everything(self, kind: str, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        """All objects of ``kind``: from the cache once it is synced (no request; a Job this operator
+        created is in it from the create's answer on); before that listed from the API server (into
+        the cache too); for namespace patterns, which cannot be listed one by one, what the watches
+        have put into the cache (without a cache: listed across the cluster)."""
+        if self.cache is not None and (self.cache.synced(kind) or _patterns(namespaces)):
+            return self.cache.objects(kind)
+        found: list[dict[str, Any]] = []
+        for namespace in [None] if _patterns(namespaces) else list(namespaces or []) or [None]:
+            items, _ = self._list(kind, namespace)
+            for item in items:
+                self._remember(kind, item)
+            found.extend(items)
+        return found
 
     # --- events ------------------------------------------------------------------------------
     @api_call(('', 'events', 'create'))
@@ -405,6 +429,15 @@ class Kube:
             log.warning('could not post Event %s on %s/%s: %s', reason, meta['namespace'], meta['name'], e)
 
 
+def _patterns(namespaces: list[str] | None) -> bool:
+    """Whether ``namespaces`` holds a pattern (``team-*``, ``!kube-system``), which cannot be listed."""
+    return bool(namespaces) and any(set(n) & set('*?[]!') for n in namespaces or ())
+
+
+def _pods(namespace: str | None) -> str:
+    return f'/api/v1/namespaces/{namespace}/pods' if namespace else '/api/v1/pods'
+
+
 def _jobs(namespace: str | None) -> str:
     return f'/apis/batch/v1/namespaces/{namespace}/jobs' if namespace else '/apis/batch/v1/jobs'
 
@@ -413,6 +446,16 @@ def _custom(namespace: str | None, plural: str, name: str | None = None) -> str:
     group = f'/apis/{GROUP}/{VERSION}'
     path = f'{group}/namespaces/{namespace}/{plural}' if namespace else f'{group}/{plural}'
     return f'{path}/{name}' if name else path
+
+
+# What a listing of each cached kind asks for: apiVersion and kind of the items (a list's items have
+# neither), the path in a namespace (None: all), and whether only the operator's own objects are listed.
+_LISTINGS: dict[str, tuple[str, str, Callable[[str | None], str], bool]] = {
+    CACHED_RUNS: (f'{GROUP}/{VERSION}', 'FinetuneRun', lambda ns: _custom(ns, RUNS), False),
+    CACHED_EXPERIMENTS: (f'{GROUP}/{VERSION}', 'Experiment', lambda ns: _custom(ns, EXPERIMENTS), False),
+    JOBS: ('batch/v1', 'Job', _jobs, True),
+    PODS: ('v1', 'Pod', _pods, True),
+}
 
 
 def _equalities(selector: str | None) -> dict[str, str] | None:

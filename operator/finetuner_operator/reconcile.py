@@ -4,6 +4,8 @@
 Every method is safe to run twice, concurrently and after a restart: children have
 deterministic names (409 is success), statuses are derived from the observed Job, pods and
 the trainer's reports, and a per-object lock keeps two passes on one run from interleaving.
+With FINETUNER_MAX_CONCURRENT_RUNS, every Job create (and every resume) that takes a slot goes
+through one admission lock, so that no two passes take the last slot (see :mod:`admission`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ from finetuner.api.v1alpha1 import (
     Progress,
 )
 from finetuner.storage import S3Store, open_store, s3_client
-from finetuner_operator import builders, experiments, metrics
+from finetuner_operator import admission, builders, experiments, metrics
 from finetuner_operator.checks import run_problems
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.kube import Kube
-from finetuner_operator.status import Observed, derive_status, describe_validation_error, invalid_spec_status
+from finetuner_operator.status import (
+    WAITING,
+    Observed,
+    derive_status,
+    describe_validation_error,
+    invalid_spec_status,
+)
 
 log = logging.getLogger('finetuner_operator')
 
@@ -69,11 +77,16 @@ class Reconciler:
         now: Callable[[], datetime] = utcnow,
         read_outputs: Callable[[str, Collection[str]], dict[str, Any]] | None = None,
         experiment_delay: float | None = None,
+        background_admission: bool = False,
     ):
         """``experiment_delay``: None recounts an Experiment at once whenever one of its runs changes
         phase; seconds coalesce those recounts (each lists every run of the Experiment, so doing one
         per transition made a burst of n runs cost n^2) into one per Experiment per delay, done by a
-        background thread (:meth:`close` stops it)."""
+        background thread (:meth:`close` stops it).
+
+        ``background_admission``: with FINETUNER_MAX_CONCURRENT_RUNS, a freed slot is given to the oldest
+        waiting run by a background thread (the pass that freed it, or an async watch handler, does not
+        wait for that run's pass); False does it at once, in the caller's thread."""
         self.kube = kube
         self.config = config
         self.now = now
@@ -88,6 +101,11 @@ class Reconciler:
         self._closed = False
         self._runs: dict[tuple[str, str], str | None] = {}  # every run seen by the watch -> its phase
         self._resyncer: threading.Thread | None = None
+        # FINETUNER_MAX_CONCURRENT_RUNS: held around "count the slots, then create (or resume) the Job"
+        self._admission = threading.Lock()
+        self._background_admission = background_admission
+        self._admission_wanted = threading.Event()
+        self._admitter: threading.Thread | None = None
 
     def _lock(self, *key: str) -> threading.Lock:
         with self._locks_guard:
@@ -99,7 +117,8 @@ class Reconciler:
         with self._due_changed:
             self._closed = True
             self._due_changed.notify_all()
-        for thread in (self._recounter, self._resyncer):
+        self._admission_wanted.set()
+        for thread in (self._recounter, self._resyncer, self._admitter):
             if thread is not None:
                 thread.join(10)
 
@@ -209,6 +228,69 @@ class Reconciler:
                     log.warning('recounting Experiment %s/%s failed: %s', namespace, name, e)
                     self.request_experiment_sync(namespace, name)
 
+    # --- FINETUNER_MAX_CONCURRENT_RUNS -------------------------------------------------------------
+    def _limited(self, spec: FinetuneRunSpec) -> bool:
+        """Whether this run's Job takes a slot: a limit is set, the run is not suspended, and it has no
+        Kueue queue (Kueue admits those; they neither count nor wait)."""
+        return self.config.max_concurrent_runs > 0 and not spec.suspend and builders.queue_of(spec, self.config) is None
+
+    def _slots(self) -> tuple[int, dict[admission.Key, dict[str, Any]], list[dict[str, Any]]]:
+        """(free slots, runs by key, trainer Jobs), from the seam's cache (which has every Job this
+        operator created from the create's answer on)."""
+        runs = {admission.run_key(r): r for r in self.kube.list_all_runs(self.config.namespaces)}
+        jobs = self.kube.list_trainer_jobs(self.config.namespaces)
+        return self.config.max_concurrent_runs - admission.active_count(jobs, runs), runs, jobs
+
+    def _slot_free_for(self, body: dict[str, Any]) -> bool:
+        """Whether the run may take a slot now: one is free and no older waiting run is owed it.
+        Called with ``self._admission`` held, and the caller creates (or resumes) the Job before
+        releasing it, so that the next count sees that Job."""
+        free, runs, jobs = self._slots()
+        if free <= 0:
+            return False
+        return admission.ahead_of(body, admission.waiting_line(runs, jobs, self.config.queue)) < free
+
+    def request_admission(self) -> None:
+        """A slot may have been freed (a run ended, was suspended or deleted): give the free slots to
+        the oldest waiting runs, at once or through the background thread (never blocks then)."""
+        if self.config.max_concurrent_runs <= 0:
+            return
+        if not self._background_admission:
+            self.admit_waiting()
+            return
+        if self._admitter is None:
+            with self._locks_guard:
+                if self._admitter is None and not self._closed:
+                    self._admitter = threading.Thread(target=self._admit_loop, name='run-admission', daemon=True)
+                    self._admitter.start()
+        self._admission_wanted.set()
+
+    def _admit_loop(self) -> None:
+        while True:
+            self._admission_wanted.wait()
+            if self._closed:
+                return
+            self._admission_wanted.clear()
+            try:
+                self.admit_waiting()
+            except Exception as e:  # the API failing for a while: the periodic re-observation admits them
+                log.warning('admitting waiting runs failed: %s', e)
+
+    def admit_waiting(self) -> None:
+        """One pass of each of the oldest waiting runs that fit in the free slots; each pass decides for
+        itself, under the admission lock, whether it gets its Job (this count is only a hint)."""
+        if self.config.max_concurrent_runs <= 0:
+            return
+        free, runs, jobs = self._slots()
+        if free <= 0:
+            return
+        for run in admission.waiting_line(runs, jobs, self.config.queue)[:free]:
+            namespace, name = admission.run_key(run)
+            try:
+                self.sync_run(namespace, name)
+            except Exception as e:  # the periodic re-observation tries it again
+                log.warning('admitting FinetuneRun %s/%s failed: %s', namespace, name, e)
+
     # --- runs --------------------------------------------------------------------------------
     def reconcile_run(self, body: dict[str, Any], metadata_patch: dict[str, Any] | None = None) -> None:
         """Create (or re-find) the run's children, apply suspend/cancel, then rebuild its status.
@@ -235,6 +317,7 @@ class Reconciler:
         job_name = builders.job_name(name)
         queue = builders.queue_of(spec, self.config)
         fresh: dict[str, Any] | None = None
+        freed = False  # a slot of FINETUNER_MAX_CONCURRENT_RUNS given back (the Job suspended)
         if _cancelled(body) or (spec.suspend and queue):
             # Cancelled, or suspended in a queue (Kueue owns the suspend flag of queued Jobs): no Job.
             if self.kube.get_job(namespace, job_name) is not None:
@@ -244,15 +327,48 @@ class Reconciler:
             fresh = self._create_children(body, spec)
             job = None if fresh is not None else self.kube.get_job(namespace, job_name)
             if job is not None and not queue and bool(job['spec'].get('suspend')) != spec.suspend:
-                self.kube.patch_job(namespace, job_name, {'spec': {'suspend': spec.suspend}})
-                what = 'Suspended' if spec.suspend else 'Resumed'
-                self.kube.post_event(body, 'Normal', what, f'{what} trainer Job {job_name}')
+                freed = self._set_suspend(body, spec) and spec.suspend
         self._join_experiment(body, spec, metadata_patch)
         self.sync_run(namespace, name, created_job=fresh)
+        if freed:
+            self.request_admission()
+
+    def _set_suspend(self, body: dict[str, Any], spec: FinetuneRunSpec) -> bool:
+        """Suspend or resume the run's Job as ``spec.suspend`` says; True when it was patched. Under
+        FINETUNER_MAX_CONCURRENT_RUNS a resume takes a slot: without a free one the Job stays suspended
+        and the run waits (a later pass resumes it)."""
+        meta = body['metadata']
+        job_name = builders.job_name(meta['name'])
+        patch = {'spec': {'suspend': spec.suspend}}
+        if self._limited(spec):
+            with self._admission:
+                if not self._slot_free_for(body):
+                    return False
+                self.kube.patch_job(meta['namespace'], job_name, patch)
+        else:
+            self.kube.patch_job(meta['namespace'], job_name, patch)
+        what = 'Suspended' if spec.suspend else 'Resumed'
+        self.kube.post_event(body, 'Normal', what, f'{what} trainer Job {job_name}')
+        return True
 
     def _create_children(self, body: dict[str, Any], spec: FinetuneRunSpec) -> dict[str, Any] | None:
         """Create the run's children (an existing one answers 409, which is fine); the Job's manifest
-        if this call created it, else None."""
+        if this call created it, else None.
+
+        Under FINETUNER_MAX_CONCURRENT_RUNS a run that has no Job yet gets its children only with a free
+        slot (none are created while it waits), counted and created under the admission lock; a run
+        that has its Job already is left as it is."""
+        if not self._limited(spec):
+            return self._create_all_children(body, spec)
+        meta = body['metadata']
+        if self.kube.get_job(meta['namespace'], builders.job_name(meta['name'])) is not None:
+            return None
+        with self._admission:
+            if not self._slot_free_for(body):
+                return None
+            return self._create_all_children(body, spec)
+
+    def _create_all_children(self, body: dict[str, Any], spec: FinetuneRunSpec) -> dict[str, Any] | None:
         meta = body['metadata']
         name, namespace = meta['name'], meta['namespace']
         owner = {**body, 'kind': body.get('kind', 'FinetuneRun')}
@@ -265,7 +381,11 @@ class Reconciler:
 
     def _replace_lost_job(self, body: dict[str, Any], spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> None:
         """An active run whose Job is gone (deleted behind the operator's back, or a create that was
-        answered 409 without the Job existing) gets it back; the trainer resumes from its checkpoint."""
+        answered 409 without the Job existing) gets it back; the trainer resumes from its checkpoint.
+
+        Under FINETUNER_MAX_CONCURRENT_RUNS this is also how a waiting run gets its Job, and a run whose
+        Job was lost queues for a slot like any other, at its place by creationTimestamp (see
+        docs/OPERATOR.md)."""
         if previous.phase in TERMINAL or _cancelled(body) or body['metadata'].get('deletionTimestamp'):
             return
         if spec.suspend and builders.queue_of(spec, self.config):
@@ -290,6 +410,8 @@ class Reconciler:
             self.kube.post_event(body, 'Warning', 'InvalidSpec', details)
             metrics.TRANSITIONS.labels(phase=Phase.FAILED.value).inc()
         metrics.set_phase(meta['namespace'], meta['name'], Phase.FAILED.value)
+        if previous.phase not in TERMINAL:
+            self.request_admission()  # it no longer holds a slot, nor a place in the line
 
     def _join_experiment(
         self, body: dict[str, Any], spec: FinetuneRunSpec, metadata_patch: dict[str, Any] | None = None
@@ -337,38 +459,60 @@ class Reconciler:
             if not self._waiting[key]:
                 del self._waiting[key]
         try:
-            return self._sync_run_locked(namespace, name, created_job)
+            status, freed = self._sync_run_locked(namespace, name, created_job)
         finally:
             lock.release()
+        if freed:  # after the run's lock is released: the waiting runs' passes take their own locks
+            self.request_admission()
+        return status
 
     def _sync_run_locked(
         self, namespace: str, name: str, created_job: dict[str, Any] | None
-    ) -> FinetuneRunStatus | None:
+    ) -> tuple[FinetuneRunStatus | None, bool]:
+        """The status, and whether this pass may have freed a slot of FINETUNER_MAX_CONCURRENT_RUNS (the
+        run ended, or is gone)."""
         body = self.kube.get_run(namespace, name)
         if body is None:
             metrics.set_phase(namespace, name, None)
-            return None
+            return None, True
         previous = _parse_status(body)
         try:
             spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
         except ValidationError:
-            return previous  # reconcile_run reported it; nothing to observe
+            return previous, False  # reconcile_run reported it; nothing to observe
         if run_problems(name, spec):
-            return previous
+            return previous, False
         job = created_job
         pods: list[dict[str, Any]] = []
+        limited = (
+            self._limited(spec)
+            and previous.phase not in TERMINAL
+            and not _cancelled(body)
+            and not body['metadata'].get('deletionTimestamp')
+        )
         if job is None:
             job = self.kube.get_job(namespace, builders.job_name(name))
             if job is None:
                 self._replace_lost_job(body, spec, previous)
                 job = self.kube.get_job(namespace, builders.job_name(name))
+            elif limited and admission.job_suspended(job) and not _job_done(job):
+                # Resumed (spec.suspend false) while every slot was taken: resume it once one is free.
+                if self._set_suspend(body, spec):
+                    job = self.kube.get_job(namespace, builders.job_name(name))
             if job is not None:
                 pods = self.kube.list_pods(namespace, f'{builders.RUN_LABEL}={name}')
         output = builders.output_uri(name, namespace, spec, self.config)
         # Only the reports this state of the Job can use (on S3 each one is a request).
         wanted = reports_to_read(job, pods) if previous.phase not in TERMINAL else ()
         reports = self.read_outputs(output, wanted) if wanted else {}
-        observed = Observed(job=job, pods=pods, cancelled=_cancelled(body), **reports)
+        waiting = limited and (job is None or (admission.job_suspended(job) and not _job_done(job)))
+        observed = Observed(
+            job=job,
+            pods=pods,
+            cancelled=_cancelled(body),
+            waiting_for_slot=self.config.max_concurrent_runs if waiting else None,
+            **reports,
+        )
         status = derive_status(
             run=name,
             spec=spec,
@@ -383,16 +527,29 @@ class Reconciler:
         before = _comparable(previous.model_dump(by_alias=True, mode='json'))
         if before != _comparable(status.model_dump(by_alias=True, mode='json')):
             if not self.kube.patch_run_status(namespace, name, status_patch(status)):
-                return None
+                return None, True
         if status.phase != previous.phase:
             self._transition(body, previous, status)
+        if status.reason == WAITING and previous.reason != WAITING:
+            self.kube.post_event(body, 'Normal', 'Waiting', status.details or WAITING)
+        elif (
+            previous.reason == WAITING
+            and status.reason != WAITING
+            and status.phase not in TERMINAL
+            and job is not None
+            and not admission.job_suspended(job)
+        ):
+            limit = self.config.max_concurrent_runs
+            self.kube.post_event(
+                body, 'Normal', 'Admitted', f'Got a free slot ({limit} runs allowed at once): trainer Job starts'
+            )
         if status.phase == Phase.FAILED.value and job is not None and not _job_done(job):
             # FAILED while the Job still runs (image pull, unschedulable, cancelled): stop its pods.
             self.kube.delete_job(namespace, builders.job_name(name))
         metrics.set_phase(namespace, name, status.phase)
         if status.phase != previous.phase:
             self.request_experiment_sync(namespace, spec.experiment)
-        return status
+        return status, status.phase in TERMINAL and previous.phase not in TERMINAL
 
     def _transition(self, body: dict[str, Any], previous: FinetuneRunStatus, status: FinetuneRunStatus) -> None:
         assert status.phase is not None
@@ -406,6 +563,7 @@ class Reconciler:
         metrics.set_phase(namespace, name, None)
         experiment = (body.get('spec') or {}).get('experiment') or 'default'
         self.request_experiment_sync(namespace, experiment)
+        self.request_admission()
 
     # --- experiments -------------------------------------------------------------------------
     def sync_experiment(self, namespace: str, name: str) -> None:

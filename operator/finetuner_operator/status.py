@@ -18,6 +18,7 @@ from finetuner_operator.builders import CONTAINER, job_name
 
 IMAGE_PULL_REASONS = ('ErrImagePull', 'ImagePullBackOff', 'InvalidImageName', 'ErrImageNeverPull')
 SUBMITTED = 'Run submitted and awaits execution'
+WAITING = 'Waiting'
 CANCELLED = 'cancelled'
 TERMINATION_MESSAGE_LIMIT = 1000
 
@@ -35,6 +36,9 @@ class Observed(BaseModel):
     artifact: bool = False  # artifact/manifest.json exists
     store_error: str | None = None  # the reports could not be read (the store is down)
     cancelled: bool = False
+    # FINETUNER_MAX_CONCURRENT_RUNS when the run has no running Job because every slot is taken (it has
+    # no Job yet, or its Job stays suspended after spec.suspend went false); None otherwise.
+    waiting_for_slot: int | None = None
 
 
 def rfc3339(moment: datetime) -> str:
@@ -227,6 +231,8 @@ def derive_status(
     elif job is None:
         if spec.suspend:
             phase, reason, details, suspended = Phase.CREATED, 'Suspended', _suspended_details(), True
+        elif observed.waiting_for_slot:
+            reason, details = WAITING, waiting_details(observed.waiting_for_slot)
     elif 'Complete' in job_true and observed.store_error:
         # Never FINISHED on the Job's word alone: the artifact exists only once its manifest does.
         phase, reason = Phase.STARTED, 'VerifyingArtifact'
@@ -253,6 +259,9 @@ def derive_status(
             reason, details = 'Suspended', _suspended_details()
         elif queue:
             reason, details = 'Queued', f'Waiting in queue {queue}'
+        elif observed.waiting_for_slot:
+            suspended = False  # resumed by the user; the operator holds the Job until a slot is free
+            reason, details = WAITING, waiting_details(observed.waiting_for_slot)
         else:
             reason, details = 'Suspended', 'The trainer Job is suspended'
     elif (pull := _image_pull_error(pods)) is not None:
@@ -322,6 +331,15 @@ def derive_status(
 
 def _suspended_details() -> str:
     return 'Suspended: set spec.suspend to false to resume'
+
+
+def waiting_details(limit: int) -> str:
+    """Why a run has no Job yet under FINETUNER_MAX_CONCURRENT_RUNS, and what ends the wait. The same text
+    however many runs train or wait, so that a waiting run's status is written once, not on every change."""
+    return (
+        f'Waiting for a free slot: {limit} of {limit} runs allowed at once (FINETUNER_MAX_CONCURRENT_RUNS) are '
+        'training; this run starts when one of them ends, or raise the limit (Helm value operator.maxConcurrentRuns)'
+    )
 
 
 def invalid_spec_status(error: Exception | str, now: datetime, previous: FinetuneRunStatus) -> FinetuneRunStatus:

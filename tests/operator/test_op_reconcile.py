@@ -93,6 +93,12 @@ class FakeKube:
     def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self.events.append((obj['metadata']['name'], reason, message))
 
+    def list_trainer_jobs(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        return [o for (kind, _), o in list(self.objects.items()) if kind == 'Job']
+
+    def list_all_runs(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        return [o for (kind, _), o in list(self.objects.items()) if kind == 'FinetuneRun']
+
 
 def run_body(name: str = 'r', **spec: Any) -> dict[str, Any]:
     return {
