@@ -411,6 +411,10 @@ class Reconciler:
             metrics.TRANSITIONS.labels(phase=Phase.FAILED.value).inc()
         metrics.set_phase(meta['namespace'], meta['name'], Phase.FAILED.value)
         if previous.phase not in TERMINAL:
+            # A spec edited into an invalid one while the run trains: FAILED must not leave pods running.
+            job = self.kube.get_job(meta['namespace'], builders.job_name(meta['name']))
+            if job is not None and not _job_done(job):
+                self.kube.delete_job(meta['namespace'], builders.job_name(meta['name']))
             self.request_admission()  # it no longer holds a slot, nor a place in the line
 
     def _join_experiment(

@@ -142,6 +142,19 @@ def test_invalid_spec_fails_once_naming_the_field_and_creates_nothing(fake: Fake
     assert [e[1] for e in fake.events] == ['InvalidSpec']
 
 
+def test_a_spec_edited_invalid_while_training_fails_the_run_and_stops_its_job(
+    fake: FakeKube, reconciler: Reconciler
+) -> None:
+    body = fake.add('FinetuneRun', run_body())
+    reconciler.reconcile_run(body)
+    assert fake.get_job('default', 'r-trainer') is not None
+    fake.objects[('FinetuneRun', 'r')]['spec']['epochs'] = 0
+    reconciler.reconcile_run(fake.get_run('default', 'r'))
+    status = fake.get_run('default', 'r')['status']
+    assert (status['phase'], status['reason']) == ('FAILED', 'InvalidSpec')
+    assert fake.get_job('default', 'r-trainer') is None, 'a FAILED run must not keep training'
+
+
 def test_suspend_toggles_the_job_and_cancel_deletes_it(fake: FakeKube, reconciler: Reconciler) -> None:
     body = fake.add('FinetuneRun', run_body())
     reconciler.reconcile_run(body)
