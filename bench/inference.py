@@ -6,10 +6,12 @@ torch side loaded with ``finetuner.get_model(artifact)``, the ONNX side with the
 ``get_model(artifact, is_onnx=True)`` returns (built directly to pin its threads like torch's). Both
 use the artifact's own preprocessing (tokenizer with dynamic padding, or timm's image transform) on
 the same records, so the ratio is the speed-up a user of ``encode`` sees, preprocessing included: the
-torch side through the embedder's collate (torch tensors, batches in input order), the ONNX side
-through its numpy preprocessing (texts batched longest first, as sentence-transformers' ``encode``
-does). ``split_time`` then times each part alone, including both networks on the very same batches,
-so the table says how much of a ratio is the network and how much the batching and preprocessing.
+torch side through the embedder's collate (torch tensors), the ONNX side through its numpy
+preprocessing. Both sides run the same batches (``finetuner_trainer.models.plan_batches``: texts
+longest first by token count, a few long ones in a batch of their own rather than padding 31 short
+ones to their length; images in input order). ``split_time`` then times each part alone, including
+both networks on the very same batches (torch in eval mode, as ``encode`` runs it), so the table says
+how much of a ratio is the network and how much the preprocessing.
 """
 
 from __future__ import annotations
@@ -133,10 +135,10 @@ def run(settings: Settings) -> list[Row]:
 
 def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]:
     """Where an encode pass goes, each part timed alone over the same records (seconds): each side's
-    preprocessing and network on the batches ``OnnxEmbedder.plan`` names (the torch ``Embedder.embed``
-    also encodes texts longest first, so both sides batch alike), and ONNX Runtime on the very tensors
-    the torch side collated, which isolates the network. The torch network is timed in eval mode, as
-    ``encode`` runs it (in training mode dropout and BatchNorm's batch statistics would inflate it)."""
+    preprocessing and network on the batches ``OnnxEmbedder.plan`` names (``Embedder.embed`` batches
+    by the same plan), and ONNX Runtime on the very tensors the torch side collated, which isolates the
+    network. The torch network is timed in eval mode, as ``encode`` runs it (in training mode dropout
+    and BatchNorm's batch statistics would inflate it)."""
     import torch
 
     from finetuner_trainer.models import as_item

@@ -5,8 +5,9 @@ The artifact folder holds the model in its library's format plus ``onnx/`` (see
 folder, without torch tensors in between:
 
 - text: the artifact's (fast) tokenizer with dynamic padding, returning int64 numpy arrays. Texts are
-  batched in order of length, as ``sentence_transformers.SentenceTransformer.encode`` does, so that a
-  batch pads to a length close to its texts' own (embeddings are returned in input order);
+  batched longest first by token count, in the batches the torch embedder uses
+  (:func:`~finetuner_trainer.models.plan_batches`), so that a batch pads to a length close to its
+  texts' own (embeddings are returned in input order);
 - timm images: decoding and the PIL steps of the timm transform (resize, centre crop) per image, then
   one vectorised ``(pixels / 255 - mean) / std`` over the whole batch into a reused buffer, the same
   float32 operations as torchvision's ``ToTensor`` + ``Normalize``;
@@ -160,18 +161,19 @@ class OnnxEmbedder:
     def plan(self, items: Sequence[Any], batch_size: int) -> list[tuple[str, list[int]]]:
         """The batches :meth:`encode` runs: (kind, positions of its items), at most ``batch_size`` each.
 
-        Items are grouped by kind; texts are taken longest first (by characters, like
-        sentence-transformers' ``encode``) so that each batch pads to similar lengths."""
+        Items are grouped by kind; within a kind the batches are the torch embedder's
+        (:func:`~finetuner_trainer.models.plan_batches` over the tokenizer's counts): texts longest
+        first, cut where padding would cost more than another batch; images in input order."""
+        from finetuner_trainer.models import plan_batches
+
         if batch_size < 1:
             raise ValueError(f'batch_size must be at least 1, got {batch_size}')
         batches = []
         for kind in sorted({item.kind for item in items}):
             positions = [i for i, item in enumerate(items) if item.kind == kind]
-            if kind == 'text':
-                positions.sort(key=lambda i: -len(items[i].text or ''))
-            batches.extend(
-                (kind, positions[start : start + batch_size]) for start in range(0, len(positions), batch_size)
-            )
+            lengths = self.preprocessor.token_lengths([items[i] for i in positions]) if kind == 'text' else None
+            for chosen in plan_batches(lengths or [0] * len(positions), batch_size):
+                batches.append((kind, [positions[i] for i in chosen]))
         return batches
 
     def encode(self, records: Sequence[Record | Any], batch_size: int = 32) -> np.ndarray:
