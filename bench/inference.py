@@ -116,7 +116,7 @@ def run(settings: Settings) -> list[Row]:
             return encode_round('onnx', onnx)
 
         samples_onnx, samples_eager = alternate(onnx_round, eager_round, rounds)
-        split = split_time(eager, onnx, records)
+        split = split_time(eager, onnx, records, repeats=settings.pick(full=3, quick=3, tiny=1))
         split['ratio_cpu'] = statistics.median(cpu_rates['onnx']) / statistics.median(cpu_rates['eager'])
         row = Row.compare(
             benchmark=BENCHMARK,
@@ -133,12 +133,13 @@ def run(settings: Settings) -> list[Row]:
     return rows
 
 
-def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]:
-    """Where an encode pass goes, each part timed alone over the same records (seconds): each side's
-    preprocessing and network on the batches ``OnnxEmbedder.plan`` names (``Embedder.embed`` batches
-    by the same plan), and ONNX Runtime on the very tensors the torch side collated, which isolates the
-    network. The torch network is timed in eval mode, as ``encode`` runs it (in training mode dropout
-    and BatchNorm's batch statistics would inflate it)."""
+def split_time(eager: Any, onnx: Any, records: list[Record], repeats: int = 1) -> dict[str, float]:
+    """Where an encode pass goes, each part timed alone over the same records (seconds, the median of
+    ``repeats`` passes taken in turn): each side's preprocessing and network on the batches
+    ``OnnxEmbedder.plan`` names (``Embedder.embed`` batches by the same plan), and ONNX Runtime on the
+    very tensors the torch side collated, which isolates the network. The torch network is timed in
+    eval mode, as ``encode`` runs it (in training mode dropout and BatchNorm's batch statistics would
+    inflate it)."""
     import torch
 
     from finetuner_trainer.models import as_item
@@ -156,12 +157,14 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
             for kind, inputs, _ in batch['parts']
         ]
 
+    samples: dict[str, list[float]] = {}
+
     def timed(name: str, work: Any) -> None:
         # Wall seconds, and CPU seconds of the process (robust to other load on a shared machine).
         wall, cpu = time.perf_counter(), time.process_time()
         work()
-        result[f'{name}_s'] = time.perf_counter() - wall
-        result[f'{name}_cpu_s'] = time.process_time() - cpu
+        samples.setdefault(f'{name}_s', []).append(time.perf_counter() - wall)
+        samples.setdefault(f'{name}_cpu_s', []).append(time.process_time() - cpu)
 
     def eager_network(batches: list[Any]) -> None:
         # Inference like Embedder.embed: eval mode (no dropout, BatchNorm's running statistics).
@@ -184,12 +187,13 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
         for kind, positions in plan
     ]
     same_feeds = onnx_feeds(eager_batches)
-    result: dict[str, float] = {}
-    timed('eager_preprocess', lambda: collate(plan))
-    timed('onnx_preprocess', lambda: [onnx.feeds(kind, [items[i] for i in chosen]) for kind, chosen in plan])
-    timed('eager_network', lambda: eager_network(eager_batches))
-    timed('onnx_network', lambda: onnx_network(own_feeds))
-    timed('onnx_network_same_batches', lambda: onnx_network(same_feeds))
+    for _ in range(repeats):  # the parts in turn, each part's median kept (one pass alone is noisy)
+        timed('eager_preprocess', lambda: collate(plan))
+        timed('onnx_preprocess', lambda: [onnx.feeds(kind, [items[i] for i in chosen]) for kind, chosen in plan])
+        timed('eager_network', lambda: eager_network(eager_batches))
+        timed('onnx_network', lambda: onnx_network(own_feeds))
+        timed('onnx_network_same_batches', lambda: onnx_network(same_feeds))
+    result = {name: statistics.median(values) for name, values in samples.items()}
     for clock in ('', '_cpu'):
         result[f'network_ratio_same_batches{clock}'] = (
             result[f'eager_network{clock}_s'] / result[f'onnx_network_same_batches{clock}_s']
@@ -200,10 +204,11 @@ def split_time(eager: Any, onnx: Any, records: list[Record]) -> dict[str, float]
 def split_note(split: dict[str, float], count: int, missed: bool) -> str:
     """The profile of one pass, in words: where each side's time goes."""
     text = (
-        f'Split of one pass over the same {count} items in the same batches (seconds): preprocessing torch side '
-        f'{split["eager_preprocess_s"]:.3f}, ONNX side {split["onnx_preprocess_s"]:.3f}; network torch eager '
-        f'{split["eager_network_s"]:.3f} (eval mode), ONNX Runtime {split["onnx_network_s"]:.3f}; on the same '
-        f'batches the networks alone run at {split["network_ratio_same_batches"]:.2f}x.'
+        f'Split of a pass over the same {count} items in the same batches (seconds, median of passes): '
+        f'preprocessing torch side {split["eager_preprocess_s"]:.3f}, ONNX side {split["onnx_preprocess_s"]:.3f}; '
+        f'network torch eager {split["eager_network_s"]:.3f} (eval mode), ONNX Runtime '
+        f'{split["onnx_network_s"]:.3f}; on the same batches the networks alone run at '
+        f'{split["network_ratio_same_batches"]:.2f}x.'
     )
     text += f' End to end in process CPU seconds over the same alternating rounds: {split["ratio_cpu"]:.2f}x.'
     return ('Target missed. ' if missed else '') + text
