@@ -296,6 +296,7 @@ def measure(burst: int, live: int, workdir: Path, paced: int = 0, rate: float = 
         time.sleep(2.0)  # let the operator settle (status patches, timers) before reading memory
         rss = rss_mb(operator.pid)
         peak = _peak_rss_mb(operator.pid)
+        _wait_until_quiet(server)  # the burst's Events and status writes drained: the paced runs find it idle
         paced_names = [f'bench-{i:04d}' for i in range(live, live + paced)]
         for name in paced_names:
             began_one = time.perf_counter()
@@ -359,6 +360,23 @@ def measure(burst: int, live: int, workdir: Path, paced: int = 0, rate: float = 
         if stacks.exists()
         else 'not profiled (py-spy is not installed)',
     }
+
+
+def _operator_requests(server: Any) -> int:
+    return sum(n for who, n in server.ask('requests').items() if who.startswith(OPERATOR_AGENTS))
+
+
+def _wait_until_quiet(server: Any, quiet_s: float = 1.0, timeout_s: float = 120.0) -> None:
+    """Until the operator has sent no request for ``quiet_s`` (a burst leaves Events queued behind it)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = _operator_requests(server), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _operator_requests(server)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
 
 
 def _peak_rss_mb(pid: int) -> float:
