@@ -13,7 +13,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.fixtures import api_client
-from tests.cluster.harness import ApiServer
+from tests.cluster.harness import ApiServer, wait_for
 
 G, V, NS = 'finetuner.dev', 'v1alpha1', 'default'
 
@@ -231,7 +231,9 @@ def test_pod_log_is_plain_text_from_the_log_source(api_server: tuple[ApiServer, 
     assert response.data.decode() == 'default/p: step 1 loss 0.9\n'
 
 
-def test_watch_stream_delivers_live_events(api: Any) -> None:
+def test_watch_stream_delivers_live_events(api_server: tuple[ApiServer, Path], api: Any) -> None:
+    server, _ = api_server
+    opened = server.call(lambda: server.emu.watch_starts.get('v1/configmaps', 0))
     core = client.CoreV1Api(api)
     seen: list[str] = []
     stream = watch.Watch()
@@ -244,6 +246,8 @@ def test_watch_stream_delivers_live_events(api: Any) -> None:
 
     thread = threading.Thread(target=consume)
     thread.start()
+    # A watch without a resourceVersion starts now: create only once it is open, or both events are missed.
+    wait_for(lambda: server.call(lambda: server.emu.watch_starts.get('v1/configmaps', 0)) > opened, what='watch open')
     core.create_namespaced_config_map(NS, cm('live'))
     core.delete_namespaced_config_map('live', NS)
     thread.join(10)
