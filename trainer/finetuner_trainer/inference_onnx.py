@@ -8,9 +8,10 @@ folder, without torch tensors in between:
   batched longest first by token count, in the batches the torch embedder uses
   (:func:`~finetuner_trainer.models.plan_batches`), so that a batch pads to a length close to its
   texts' own (embeddings are returned in input order);
-- timm images: decoding and the PIL steps of the timm transform (resize, centre crop) per image, then
-  one vectorised ``(pixels / 255 - mean) / std`` over the whole batch into a reused buffer, the same
-  float32 operations as torchvision's ``ToTensor`` + ``Normalize``;
+- timm images: decoding, the PIL steps of the timm transform (resize, centre crop) and a vectorised
+  ``(pixels / 255 - mean) / std`` per image into a reused batch buffer (the same float32 operations as
+  torchvision's ``ToTensor`` + ``Normalize``), the images of a batch side by side on as many threads as
+  ONNX Runtime gets (Pillow and numpy release the GIL);
 - anything else (CLIP images, tensors, an unfamiliar transform): the embedder's own ``collate``.
 
 The network itself runs in ONNX Runtime with all graph optimisations on.
@@ -19,7 +20,9 @@ The network itself runs in ONNX Runtime with all graph optimisations on.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +39,18 @@ class NumpyImageTransform:
     (see :meth:`from_transform`); the PIL steps before it are the transform's own objects, so the pixels
     are identical to the torch path's."""
 
-    def __init__(self, pil_steps: Sequence[Any], mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self, pil_steps: Sequence[Any], mean: Sequence[float], std: Sequence[float], threads: int | None = None
+    ):
         self.pil_steps = list(pil_steps)
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-        self._pixels: np.ndarray | None = None  # (n, h, w, 3) uint8, reused while the batch shape repeats
-        self._out: np.ndarray | None = None  # (n, 3, h, w) float32, idem
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        self.threads = max(1, threads or available_cpus())
+        self._pool: ThreadPoolExecutor | None = None  # made on the first batch of more than one image
+        self._out: np.ndarray | None = None  # (n, 3, h, w) float32, reused while the batch shape repeats
 
     @classmethod
-    def from_transform(cls, transform: Any) -> NumpyImageTransform | None:
+    def from_transform(cls, transform: Any, threads: int | None = None) -> NumpyImageTransform | None:
         """The numpy version of a torchvision ``Compose``, or None when its steps are not the familiar ones."""
         from torchvision import transforms as T
 
@@ -62,7 +68,7 @@ class NumpyImageTransform:
             return None
         mean = [float(v) for v in np.asarray(normalize.mean, dtype=np.float32).reshape(-1)]
         std = [float(v) for v in np.asarray(normalize.std, dtype=np.float32).reshape(-1)]
-        return cls(pil_steps, mean, std)
+        return cls(pil_steps, mean, std, threads)
 
     def pil_image(self, data: bytes) -> Any:
         from finetuner_trainer.models import decode_image
@@ -72,35 +78,61 @@ class NumpyImageTransform:
             image = step(image)
         return image
 
+    def map(self, work: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``work`` over ``items`` on the transform's threads (Pillow's decoders and resampling and
+        numpy's arithmetic release the GIL, so images are prepared side by side)."""
+        if self.threads == 1 or len(items) < 2:
+            return [work(item) for item in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix='finetuner-image')
+        return list(self._pool.map(work, items))
+
     def __call__(self, images: Sequence[bytes]) -> np.ndarray:
         """(n, 3, h, w) float32 pixel values of encoded images, ready for the graph."""
-        pil = [self.pil_image(data) for data in images]
-        shape = (len(pil), pil[0].height, pil[0].width, 3) if pil else (0, 0, 0, 3)
-        if any((image.height, image.width) != shape[1:3] for image in pil):
+        pil = self.map(self.pil_image, images)
+        shape = (len(pil), 3, pil[0].height, pil[0].width) if pil else (0, 3, 0, 0)
+        if any((image.height, image.width) != shape[2:] for image in pil):
             raise ValueError(f'the image transform made images of different sizes: {[image.size for image in pil]}')
-        if self._pixels is None or self._pixels.shape != shape:
-            self._pixels = np.empty(shape, dtype=np.uint8)
-            self._out = np.empty((shape[0], 3, shape[1], shape[2]), dtype=np.float32)
-        assert self._out is not None
-        for i, image in enumerate(pil):
-            self._pixels[i] = np.asarray(image, dtype=np.uint8)
-        # The float32 operations of torchvision's to_tensor (x / 255) and normalize ((x - mean) / std).
-        np.divide(self._pixels.transpose(0, 3, 1, 2), np.float32(255), out=self._out, dtype=np.float32)
-        self._out -= self.mean
-        self._out /= self.std
-        return self._out
+        if self._out is None or self._out.shape != shape:
+            self._out = np.empty(shape, dtype=np.float32)
+        out = self._out
+
+        def normalise(i: int) -> None:
+            # The float32 operations of torchvision's to_tensor (x / 255) and normalize ((x - mean) / std),
+            # one image at a time (element-wise: the same values as over the whole batch).
+            pixels = np.asarray(pil[i], dtype=np.uint8).transpose(2, 0, 1)
+            np.divide(pixels, np.float32(255), out=out[i], dtype=np.float32)
+            out[i] -= self.mean
+            out[i] /= self.std
+
+        self.map(normalise, range(len(pil)))
+        return out
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class OnnxEmbedder:
     """ONNX Runtime sessions for each kind of content (image, text) and the preprocessing that feeds them."""
 
-    def __init__(self, preprocessor: Any, sessions: dict[str, Any], inputs: dict[str, list[str]]):
+    def __init__(
+        self,
+        preprocessor: Any,
+        sessions: dict[str, Any],
+        inputs: dict[str, list[str]],
+        threads: int | None = None,
+    ):
         self.preprocessor = preprocessor
         self.sessions = sessions
         self.inputs = inputs
         family = getattr(preprocessor, 'family', '')
         transform = getattr(preprocessor, 'transform', None) if family == 'timm' else None
-        self.image_transform = NumpyImageTransform.from_transform(transform) if transform is not None else None
+        self.image_transform = NumpyImageTransform.from_transform(transform, threads) if transform is not None else None
         self.tokenizer = getattr(preprocessor, 'tokenizer', None) if family == 'text' else None
 
     @classmethod
@@ -122,7 +154,7 @@ class OnnxEmbedder:
             for kind, graph in manifest['graphs'].items()
         }
         inputs = {kind: list(graph['inputs']) for kind, graph in manifest['graphs'].items()}
-        return cls(preprocessor, sessions, inputs)
+        return cls(preprocessor, sessions, inputs, threads)
 
     @property
     def kinds(self) -> tuple[str, ...]:

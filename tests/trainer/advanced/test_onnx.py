@@ -178,9 +178,13 @@ def test_fused_graph_that_disagrees_is_not_shipped(
     assert 'Attention' not in _graph_ops(tmp_path / 'model.onnx')
 
 
-def test_numpy_image_transform_equals_the_torch_transform() -> None:
-    """The ONNX path's PIL + numpy preprocessing gives the torch path's pixel values exactly."""
+@pytest.mark.parametrize('threads', [1, 3])
+def test_numpy_image_transform_equals_the_torch_transform(threads: int) -> None:
+    """The ONNX path's PIL + numpy preprocessing gives the torch path's pixel values exactly, whether
+    the images of a batch are prepared one after the other or side by side on threads."""
     import io
+    import threading
+    import time
 
     from PIL import Image
 
@@ -196,9 +200,15 @@ def test_numpy_image_transform_equals_the_torch_transform() -> None:
     for options in ({'pretrained': False, 'image_size': 224}, TINY_TIMM_OPTIONS):
         model = 'efficientnet_b0' if options.get('image_size') == 224 else TINY_TIMM.removeprefix('timm:')
         embedder = TimmEmbedder('x', model, options)
-        numpy_transform = NumpyImageTransform.from_transform(embedder.transform)
-        assert numpy_transform is not None
+        numpy_transform = NumpyImageTransform.from_transform(embedder.transform, threads=threads)
+        assert numpy_transform is not None and numpy_transform.threads == threads
         expected = torch.stack([embedder.transform(decode_image(data)) for data in images]).numpy()
+        def worker(_: int) -> str:
+            time.sleep(0.02)  # long enough that the pool hands the items to several threads
+            return threading.current_thread().name
+
+        workers = set(numpy_transform.map(worker, range(8)))
+        assert (len(workers) > 1) if threads > 1 else (workers == {threading.current_thread().name})
         actual = numpy_transform(images)
         assert actual.dtype == np.float32
         np.testing.assert_array_equal(actual, expected)
