@@ -6,4 +6,5 @@ bash scripts/setup.sh
 export PYTHONDONTWRITEBYTECODE=1
 .venv/bin/python -m finetuner.api.crdgen --check
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -77,7 +77,7 @@ def test_directories_round_trip(store: LocalStore | S3Store, tmp_path: Path) -> 
 
 @pytest.mark.parametrize('key', ['../other-run/artifact', '/etc/passwd', 'a/../../b', 'a\\b'])
 def test_keys_cannot_leave_the_prefix(store: LocalStore | S3Store, key: str) -> None:
-    with pytest.raises(StorageError, match=r"run.s prefix|relative"):
+    with pytest.raises(StorageError, match=r'run.s prefix|relative'):
         store.write_bytes(key, b'x')
 
 

@@ -534,9 +534,7 @@ class ClassBalancedBatches:
             for label, group in batch:
                 slots[label].append(group)
         for groups in slots.values():
-            items = sorted(
-                (i for group in groups for i in group), key=lambda i: -lengths[i] * rng.uniform(0.75, 1.25)
-            )
+            items = sorted((i for group in groups for i in group), key=lambda i: -lengths[i] * rng.uniform(0.75, 1.25))
             for group in groups:
                 group[:] = items[: len(group)]
                 items = items[len(group) :]

@@ -203,6 +203,7 @@ def test_numpy_image_transform_equals_the_torch_transform(threads: int) -> None:
         numpy_transform = NumpyImageTransform.from_transform(embedder.transform, threads=threads)
         assert numpy_transform is not None and numpy_transform.threads == threads
         expected = torch.stack([embedder.transform(decode_image(data)) for data in images]).numpy()
+
         def worker(_: int) -> str:
             time.sleep(0.02)  # long enough that the pool hands the items to several threads
             return threading.current_thread().name
