@@ -36,8 +36,8 @@ CLOSING_NOTES = [
     'A throughput ratio is the median samples/s of this project over the median of the reference, the '
     'medians taken over alternating rounds. An image round times steady-state steps (its first step, which '
     'pays for lazy initialisation and worker start-up, is left out); a text round is one whole epoch of a '
-    'subset timed from the start of training, first step included, because length-grouped batches differ '
-    'in cost (bench/text_throughput.py says how the subsets are drawn).',
+    'subset timed from the start of training, first step included, because batches differ in cost with '
+    'the lengths of their texts (bench/text_throughput.py says how the subsets are drawn).',
     'The machine is shared: its other work slows both sides of a round alike, which is why the sides '
     'alternate; the spread of the rounds is in the raw JSON.',
 ]

@@ -169,7 +169,7 @@ def steady_rate(step_ends: list[float], items_per_step: int, warmup: int = 1) ->
 def mean_rate(timestamps: list[float], items_per_step: int) -> float:
     """Items per second from the first timestamp (training began) to the last step's end: every step
     counts, the first one with its lazy initialisation included. The rate for batches of uneven cost
-    (length-grouped text), where the median step would not be the epoch's throughput."""
+    (text batches of mixed lengths), where the median step would not be the epoch's throughput."""
     if len(timestamps) < 2:
         raise ValueError(f'need a start and at least one step end, got {len(timestamps)} timestamps')
     return items_per_step * (len(timestamps) - 1) / (timestamps[-1] - timestamps[0])

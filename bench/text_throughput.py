@@ -7,8 +7,8 @@ in-batch-negatives loss on question-answer pairs (``MultipleNegativesRankingLoss
 A sample is one labelled sentence, or one pair.
 
 A round's rate counts every step from the moment training began (the first step included, with its
-lazy initialisation), because length-grouped batches differ in cost. Each round is one whole epoch of
-a subset: for pairs a random ``steps`` batches' worth, for labelled sentences the same number of
+lazy initialisation), because batches differ in cost with the lengths of their texts. Each round is one
+whole epoch of a subset: for pairs a random ``steps`` batches' worth, for labelled sentences the same number of
 sentences from each of the largest classes (``balanced_subset``) so that the trainer's class-balanced
 epoch is ``steps`` batches; the reference trains the same number of steps on the same subset. A
 discarded two-step round of each side runs first.
@@ -145,7 +145,7 @@ def run(settings: Settings) -> list[Row]:
         records = datasets[task]
         task_steps = steps
         # A subset whose epoch is about ``steps`` batches: each round is one whole epoch, so the rate is
-        # an epoch's (length-grouped batches differ in cost, and this project puts the longest first).
+        # an epoch's (batches differ in cost with the lengths of their texts).
         if task == 'pairs':
             records = data.repeat_to(records, steps * BATCH, seed=0)
         elif settings.mode != 'tiny':

@@ -422,6 +422,29 @@ def test_loader_workers_default_by_data_and_device(
     assert loader.num_workers == expected
 
 
+@pytest.mark.parametrize('sampler', ['random', 'class'])
+def test_batches_are_grouped_by_length_only_when_asked(sampler: str) -> None:
+    """groupByLength is off by default (batches of similar lengths gave a smaller retrieval uplift:
+    docs/BENCHMARKS.md); true makes the training sampler group by the texts' lengths."""
+    import torch
+
+    from finetuner_trainer.runner import make_loader
+
+    items = [Item(text='word ' * (1 + i % 9)) for i in range(80)]
+    if sampler == 'class':
+        dataset = Dataset(Shape.LABELLED, [Example((items[i],), label=i % 4) for i in range(80)], classes=list('abcd'))
+    else:
+        dataset = Dataset(Shape.PAIRS, [Example((items[i], items[i + 40])) for i in range(40)])
+    assert FinetuneRunSpec(model='x', train_data='file:///d.jsonl').group_by_length is False
+    for group, expect in ((None, False), (False, False), (True, True)):
+        options = {} if group is None else {'group_by_length': group}
+        spec = FinetuneRunSpec(model='x', train_data='file:///d.jsonl', sampler=sampler, **options)
+        loader = make_loader(dataset, lambda batch: batch, spec, 8, torch.device('cpu'), train=True)
+        assert (loader.batch_sampler.lengths is not None) is expect
+        evaluation = make_loader(dataset, lambda batch: batch, spec, 8, torch.device('cpu'), train=False)
+        assert evaluation.batch_sampler.lengths is None  # evaluation batches are never grouped
+
+
 def test_batches_never_hold_the_same_content_twice() -> None:
     rng = __import__('random').Random(2)
     # 300 pairs over 60 questions: every question has about 5 answers (chatterbot-like)

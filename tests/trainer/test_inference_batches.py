@@ -93,3 +93,78 @@ def test_torch_and_onnx_embed_in_the_same_batches(tmp_path: Path, monkeypatch: p
     expected = embedder.embed(records, batch_size=4).numpy()
     assert calls == [len(batch) for batch in batches]
     np.testing.assert_allclose(onnx_model.encode(records, batch_size=4), expected, atol=1e-4)
+
+
+def _tiny_text_embedder(tmp_path: Path) -> object:
+    import torch
+
+    from finetuner.api.v1alpha1 import FinetuneRunSpec
+    from finetuner_trainer.models import build_embedder
+    from tests.support.tiny import make_tiny_bert
+
+    torch.manual_seed(0)
+    return build_embedder(FinetuneRunSpec(model=str(make_tiny_bert(tmp_path / 'bert')), train_data='x'))
+
+
+def test_a_training_batch_of_mixed_lengths_is_cut_into_parts_with_the_same_embeddings(tmp_path: Path) -> None:
+    """``collate(plan_lengths=True)``: the texts of one batch go through the model in parts cut by
+    token count (less padding); the batch's embeddings, in its order, and their gradients are the
+    plain batch's."""
+    import torch
+
+    from finetuner.api.layout import Record
+
+    embedder = _tiny_text_embedder(tmp_path)
+    long = ' '.join(['red green blue yellow'] * 8)
+    texts = ['cat', long, 'a big dog', 'fish', long + ' bird', 'sun', 'pear', 'old car'] * 2
+    records = [Record(text=t) for t in texts]
+    plain = embedder.collate(records)  # type: ignore[attr-defined]
+    split = embedder.collate(records, plan_lengths=True)  # type: ignore[attr-defined]
+    assert len(plain['parts']) == 1
+    assert len(split['parts']) > 1
+    assert sorted(i for _, _, positions in split['parts'] for i in positions) == list(range(len(texts)))
+    padded = {
+        name: sum(inputs['input_ids'].numel() for _, inputs, _ in batch['parts'])
+        for name, batch in (('plain', plain), ('split', split))
+    }
+    assert padded['split'] < padded['plain'] / 2  # 4 long texts no longer pad 12 short ones
+    embedder.eval()  # type: ignore[attr-defined]
+    out_plain, out_split = embedder(plain), embedder(split)  # type: ignore[operator]
+    torch.testing.assert_close(out_split, out_plain, atol=1e-5, rtol=1e-4)
+    weight = next(p for p in embedder.parameters() if p.requires_grad)  # type: ignore[attr-defined]
+    grads = []
+    for out in (out_plain, out_split):
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), weight, retain_graph=True)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+
+
+def test_a_batch_the_plan_keeps_whole_stays_in_input_order(tmp_path: Path) -> None:
+    from finetuner.api.layout import Record
+
+    embedder = _tiny_text_embedder(tmp_path)
+    records = [Record(text=t) for t in ['a', 'a big dog', 'sun', 'an old red car']]  # similar lengths
+    batch = embedder.collate(records, plan_lengths=True)  # type: ignore[attr-defined]
+    assert [positions for _, _, positions in batch['parts']] == [[0, 1, 2, 3]]
+
+
+def test_the_trainer_cuts_text_batches_on_the_cpu(tmp_path: Path) -> None:
+    """The training collator of a CPU run plans its text batches by length; both sides of pairs."""
+    from finetuner.api.layout import Record
+    from finetuner_trainer.data import Shape
+    from finetuner_trainer.runner import Collator
+
+    embedder = _tiny_text_embedder(tmp_path)
+    long = ' '.join(['red green blue yellow'] * 8)
+
+    class Example:
+        def __init__(self, query: str, document: str):
+            self.items = [Record(text=query), Record(text=document)]
+
+    documents = [long, 'sun', 'car', long + ' x', 'bus', 'pear', 'dog', 'cat']
+    examples = [Example(f'query {i}', document) for i, document in enumerate(documents)]
+    batch = Collator(embedder, Shape.PAIRS, plan_lengths=True)(examples)
+    queries, documents = batch['groups']
+    assert [p for _, _, p in queries['parts']] == [list(range(8))]  # one length: one part, in order
+    assert [sorted(p) for _, _, p in documents['parts']] == [[0, 3], [1, 2, 4, 5, 6, 7]]
+    assert len(Collator(embedder, Shape.PAIRS)(examples)['groups'][1]['parts']) == 1

@@ -185,14 +185,27 @@ class Embedder(nn.Module):
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
 
-    def collate(self, values: Sequence[Item | Record]) -> Batch:
+    def collate(self, values: Sequence[Item | Record], plan_lengths: bool = False) -> Batch:
+        """A model-ready batch: a part per content kind, with the positions of its items.
+
+        ``plan_lengths``: the texts are cut into several parts by token count
+        (:func:`plan_batches`: longest first, where padding the short ones to the long ones' length
+        would cost more than another forward call), so a batch of mixed lengths pads little without
+        its texts being chosen by length. The batch and its embeddings are the same either way: a
+        text's embedding does not depend on the other texts of its part."""
         items = [as_item(v) for v in values]
         parts = []
         for kind in sorted({item.kind for item in items}):
             if kind not in self.kinds:
                 raise ConfigError('model', f'{self.name} ({self.family}) cannot embed {kind} content')
             positions = [i for i, item in enumerate(items) if item.kind == kind]
-            parts.append((kind, self.collate_kind(kind, [items[i] for i in positions]), positions))
+            chunks = [positions]
+            if plan_lengths and kind == 'text' and len(positions) > 1:
+                planned = plan_batches(self.token_lengths([items[i] for i in positions]), len(positions))
+                if len(planned) > 1:  # one part keeps the input order (forward's fast path relies on it)
+                    chunks = [[positions[j] for j in chunk] for chunk in planned]
+            for chunk in chunks:
+                parts.append((kind, self.collate_kind(kind, [items[i] for i in chunk]), chunk))
         return {'parts': parts, 'size': len(items)}
 
     def forward(self, batch: Batch) -> Tensor:

@@ -177,9 +177,13 @@ def auto_batch_size(ctx_parts: dict[str, Any], log: logging.Logger) -> int:
 class Collator:
     """Examples -> a model-ready batch: {'groups': [inputs...], 'labels': ..., 'scores': ...}."""
 
-    def __init__(self, model: Any, shape: Any):
+    def __init__(self, model: Any, shape: Any, plan_lengths: bool = False):
         self.model = model
         self.shape = shape
+        self.plan_lengths = plan_lengths
+
+    def collate(self, items: list[Any]) -> Any:
+        return self.model.collate(items, plan_lengths=self.plan_lengths)
 
     def __call__(self, examples: list[Any]) -> dict[str, Any]:
         import torch
@@ -188,13 +192,13 @@ class Collator:
 
         if self.shape == Shape.LABELLED:
             return {
-                'groups': [self.model.collate([e.items[0] for e in examples])],
+                'groups': [self.collate([e.items[0] for e in examples])],
                 'labels': torch.tensor([e.label for e in examples], dtype=torch.long),
             }
         batch: dict[str, Any] = {
             'groups': [
-                self.model.collate([e.items[0] for e in examples]),
-                self.model.collate([e.items[1] for e in examples]),
+                self.collate([e.items[0] for e in examples]),
+                self.collate([e.items[1] for e in examples]),
             ]
         }
         if self.shape == Shape.SCORED_PAIRS:
@@ -312,7 +316,7 @@ def build_context(config: TrainerConfig, store: Any, log: logging.Logger) -> Any
     elif loss_params:
         params = [{'params': params}, {'params': loss_params}]
     optimizer = build_optimizer(spec.optimizer, params, lr, spec.optimizer_options)
-    collator = Collator(model, train.shape)
+    collator = Collator(model, train.shape, plan_lengths=device.type == 'cpu')
     batch_size = spec.batch_size or auto_batch_size(
         {'model': model, 'device': device, 'train': train, 'loss': objective, 'collator': collator}, log
     )

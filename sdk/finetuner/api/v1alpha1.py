@@ -301,10 +301,12 @@ class FinetuneRunSpec(_Model):
         default=Sampler.AUTO, description='Batch sampler: auto (class when labelled), class or random.'
     )
     group_by_length: bool = Field(
-        default=True,
+        default=False,
         description='Batches of text: put texts of similar length together (random batches: sorted within windows '
         'of 50 batches; class-balanced batches: each class deals its items out longest first; batch order '
-        'shuffled) so dynamic padding wastes less compute; false gives plainly shuffled batches.',
+        'shuffled) so dynamic padding wastes less compute. Off by default: batches of similar lengths gave a '
+        "smaller retrieval uplift, and on the CPU the trainer already pads little by running a batch's texts in "
+        'parts cut by token count.',
     )
     multi_modal: bool = Field(default=False, description='Text-image data (CLIP): one text and one image per item.')
     image_modality: str | None = Field(default=None, description='Modality name of the image chunk (CLIP).')
