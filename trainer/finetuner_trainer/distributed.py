@@ -109,7 +109,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears gloo down while another still talks to it
+    can abort the pair ("terminate called without an active exception", SIGABRT at exit)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
