@@ -199,10 +199,12 @@ def _cpu_model() -> str:
 def machine_info(gpu: bool) -> Machine:
     import torch
 
+    from finetuner_trainer.inference_onnx import available_cpus
+
     gpu_name = torch.cuda.get_device_name(0) if gpu and torch.cuda.is_available() else None
     return Machine(
         cpu=_cpu_model(),
-        cores=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1),
+        cores=available_cpus(),
         torch_threads=torch.get_num_threads(),
         gpu=gpu_name,
         python=platform.python_version(),
