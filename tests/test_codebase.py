@@ -148,8 +148,12 @@ def test_the_cycle_finder_finds_a_cycle_and_names_it(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / '__init__.py').write_text('')
     (folder / 'a.py').write_text('from pkg.b import x\n')
-    (folder / 'b.py').write_text('from typing import TYPE_CHECKING\nfrom . import c\nif TYPE_CHECKING:\n    import pkg.a\n')
-    (folder / 'c.py').write_text('def f():\n    from pkg import a\ntry:\n    import pkg.b\nexcept ImportError:\n    pass\n')
+    (folder / 'b.py').write_text(
+        'from typing import TYPE_CHECKING\nfrom . import c\nif TYPE_CHECKING:\n    import pkg.a\n'
+    )
+    (folder / 'c.py').write_text(
+        'def f():\n    from pkg import a\ntry:\n    import pkg.b\nexcept ImportError:\n    pass\n'
+    )
     graph = import_graph(module_files('pkg', folder))
     assert graph == {'pkg': set(), 'pkg.a': {'pkg.b'}, 'pkg.b': {'pkg.c'}, 'pkg.c': {'pkg.b'}}
     assert cycles(graph) == [['pkg.b', 'pkg.c', 'pkg.b']]
