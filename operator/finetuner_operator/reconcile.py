@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from finetuner.api.v1alpha1 import FinetuneRunStatus
 from finetuner_operator import cache
 from finetuner_operator.admitter import Admitter
 from finetuner_operator.background import Recounts, Resync, RunTracker
@@ -79,7 +80,7 @@ class Reconciler:
     def reconcile_run(self, body: dict[str, Any], metadata_patch: dict[str, Any] | None = None) -> None:
         self.runs.reconcile_run(body, metadata_patch)
 
-    def sync_run(self, namespace: str, name: str, coalesce: bool = False) -> Any:
+    def sync_run(self, namespace: str, name: str, coalesce: bool = False) -> FinetuneRunStatus | None:
         """A pass over the run (see :meth:`RunReconciler.sync_run`); its new status, or None."""
         return self.runs.sync_run(namespace, name, coalesce=coalesce)
 

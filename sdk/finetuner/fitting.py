@@ -24,6 +24,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from finetuner import callbacks as callback_classes
 from finetuner.api.layout import dataset_key
 from finetuner.api.v1alpha1 import CallbackSpec, FinetuneRunSpec, check_dns1123_name
 from finetuner.backends.base import Backend
@@ -307,15 +308,13 @@ def resources(given: dict[str, Any], chosen_device: str | None) -> dict[str, Any
 
 def callback_specs(callbacks_given: Any) -> list[tuple[CallbackSpec, dict[str, Any]]]:
     """(spec, {option: data to resolve}) for every callback, in order."""
-    from finetuner import callbacks
-
     if callbacks_given is None:
         return []
     if not isinstance(callbacks_given, (list, tuple)):
         raise ArgumentError('callbacks', f'must be a list of callbacks, got a {type(callbacks_given).__name__}')
     result = []
     for i, cb in enumerate(callbacks_given):
-        if isinstance(cb, callbacks._Callback):
+        if isinstance(cb, callback_classes._Callback):
             data = {f: getattr(cb, f) for f in cb.data_fields if getattr(cb, f) is not None}
             result.append((cb.to_spec(), data))
         elif isinstance(cb, (CallbackSpec, dict)):
