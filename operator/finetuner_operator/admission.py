@@ -2,7 +2,7 @@
 
 Pure functions over runs and trainer Jobs as the API server (or the operator's cache) shows them,
 plain dicts. The reconciler asks them, under its admission lock, whether a run may get its Job now
-(see ``Reconciler._slot_free_for``); nothing about slots is remembered between passes.
+(see ``Admitter.slot_for`` in :mod:`admitter`); nothing about slots is remembered between passes.
 
 - A run **holds a slot** while its trainer Job is *active*: the Job is not suspended, has no
   ``Complete`` or ``Failed`` condition, carries no Kueue queue label, and its run still exists and is

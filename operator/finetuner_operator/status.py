@@ -1,25 +1,36 @@
 """Pure mapping of the observed world to a FinetuneRun's status.
 
-``derive_status`` takes what the operator just saw — the trainer Job, its pods and the
-trainer's reports in the object store — and returns the whole status. Nothing is remembered
-between passes except what the previous status itself carries (transition times, a terminal
-phase whose Job is gone), so a restarted operator rebuilds the same status.
+``derive_status`` takes what the operator just saw (the trainer Job, its pods and the trainer's
+reports in the object store) and returns the whole status, in two steps, as Kubeflow's trainjob
+controller does:
+
+1. **the phase**: :func:`derive_phase` asks the rules of :data:`PHASE_RULES` in order; the first
+   that recognises the situation gives the :class:`Verdict` (phase, reason, details);
+2. **the conditions**: one small setter per standard condition (:func:`set_created_condition`,
+   :func:`set_started_condition`, :func:`set_suspended_condition`, :func:`set_succeeded_condition`,
+   :func:`set_failed_condition`).
+
+Reasons and details are the contract's vocabulary (:mod:`finetuner.api.reasons`), shared with the
+local backend. Nothing is remembered between passes except what the previous status itself
+carries (transition times, a terminal phase whose Job is gone), so a restarted operator rebuilds
+the same status.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from finetuner.api import reasons
+from finetuner.api.reasons import ConditionReason, ConditionType, Reason
 from finetuner.api.v1alpha1 import Condition, FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
-from finetuner_operator.builders import CONTAINER, job_name
+from finetuner_operator.builders import CANCEL_ANNOTATION, CONTAINER, job_name
 
 IMAGE_PULL_REASONS = ('ErrImagePull', 'ImagePullBackOff', 'InvalidImageName', 'ErrImageNeverPull')
-SUBMITTED = 'Run submitted and awaits execution'
-WAITING = 'Waiting'
-CANCELLED = 'cancelled'
 TERMINATION_MESSAGE_LIMIT = 1000
 
 
@@ -49,6 +60,9 @@ def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
     return datetime.fromisoformat(value.replace('Z', '+00:00'))
+
+
+# --- reading the Job and its pods -------------------------------------------------------------------
 
 
 def _conditions_true(obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -128,69 +142,286 @@ def _started_at(pods: list[dict[str, Any]]) -> str | None:
     return min(times) if times else None
 
 
-def _details_started(progress: Progress | None) -> str:
-    if progress is None or not progress.epochs:
-        return 'Training: the trainer is running'
-    text = f'Training: epoch {progress.epoch}/{progress.epochs}, {progress.percent:.0f}%'
-    if progress.eta_seconds is not None:
-        text += f', about {progress.eta_seconds:.0f}s left'
-    return text
-
-
 def _run_metrics(metrics: dict[str, Any] | None) -> RunMetrics | None:
     if not metrics:
         return None
     return RunMetrics(before=metrics.get('before') or {}, after=metrics.get('after') or {})
 
 
-def _job_failure(
-    job: dict[str, Any], failed: dict[str, Any], pods: list[dict[str, Any]], spec: FinetuneRunSpec, observed: Observed
-) -> tuple[str, str]:
-    """(reason, details) of a Job whose Failed condition is True."""
+# --- step 1: the phase ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A run's phase, why (a :class:`Reason`), in words, and what goes with it."""
+
+    phase: Phase
+    reason: str
+    details: str
+    suspended: bool = False  # the Suspended condition is True
+    completion: str | None = None  # when the Job says the run ended (its Complete/Failed condition)
+
+
+SUBMITTED = Verdict(Phase.CREATED, Reason.SUBMITTED.value, reasons.SUBMITTED)
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Everything a phase rule may look at: the run's spec and what this pass observed."""
+
+    spec: FinetuneRunSpec
+    observed: Observed
+    output_uri: str
+    queue: str | None
+    unschedulable_timeout: float
+    now: datetime
+    started_at: str | None  # when a trainer pod first ran (kept from the previous status)
+
+    @property
+    def job_true(self) -> dict[str, dict[str, Any]]:
+        """The Job's conditions that are True, by type."""
+        return _conditions_true(self.observed.job)
+
+    @property
+    def job_status(self) -> dict[str, Any]:
+        return (self.observed.job or {}).get('status') or {}
+
+    def job_ended_at(self, condition: str) -> str:
+        ended = self.job_true[condition]
+        if condition == 'Complete':
+            return self.job_status.get('completionTime') or ended.get('lastTransitionTime') or rfc3339(self.now)
+        return ended.get('lastTransitionTime') or rfc3339(self.now)
+
+
+def cancelled_phase(seen: Situation) -> Verdict | None:
+    """``run.cancel()``: FAILED at once, whatever the Job does."""
+    if not seen.observed.cancelled:
+        return None
+    return Verdict(Phase.FAILED, Reason.CANCELLED.value, reasons.CANCELLED)
+
+
+def no_job_phase(seen: Situation) -> Verdict | None:
+    """No Job (yet): suspended, waiting for a slot, or just submitted."""
+    if seen.observed.job is not None:
+        return None
+    if seen.spec.suspend:
+        return Verdict(Phase.CREATED, Reason.SUSPENDED.value, reasons.SUSPENDED, suspended=True)
+    if seen.observed.waiting_for_slot:
+        return Verdict(Phase.CREATED, Reason.WAITING.value, reasons.waiting(seen.observed.waiting_for_slot))
+    return SUBMITTED
+
+
+def complete_phase(seen: Situation) -> Verdict | None:
+    """A Complete Job is FINISHED only once the artifact's manifest is in the store."""
+    if 'Complete' not in seen.job_true:
+        return None
+    if seen.observed.store_error:
+        # Never FINISHED on the Job's word alone: the artifact exists only once its manifest does.
+        details = (
+            f'Training finished; waiting for the object store to confirm the artifact ({seen.observed.store_error})'
+        )
+        return Verdict(Phase.STARTED, Reason.VERIFYING_ARTIFACT.value, details)
+    ended = seen.job_ended_at('Complete')
+    if not seen.observed.artifact:
+        details = reasons.artifact_missing(seen.output_uri)
+        return Verdict(Phase.FAILED, Reason.ARTIFACT_MISSING.value, details, completion=ended)
+    return Verdict(Phase.FINISHED, Reason.SUCCEEDED.value, reasons.succeeded(seen.output_uri), completion=ended)
+
+
+def failed_job_phase(seen: Situation) -> Verdict | None:
+    """A Failed Job: a configuration error, retries used up, the deadline, or the Job's own reason."""
+    if 'Failed' not in seen.job_true:
+        return None
+    failed = seen.job_true['Failed']
     job_reason = failed.get('reason') or 'Failed'
-    failed_pods = _failed_pods(pods)
+    spec = seen.spec
+    failed_pods = _failed_pods(seen.observed.pods)
     last = _describe_termination(failed_pods[-1]) if failed_pods else None
-    trainer_says = (observed.failure or {}).get('message') or (observed.failure or {}).get('reason')
+    failure = seen.observed.failure or {}
+    trainer_says = failure.get('message') or failure.get('reason')
     if job_reason == 'PodFailurePolicy':
         # The trainer exited with its configuration-error code: its message is the reason.
-        message = last or trainer_says or failed.get('message') or 'configuration error'
-        return 'ConfigurationError', message
-    if job_reason == 'BackoffLimitExceeded':
+        reason, details = (
+            Reason.CONFIGURATION_ERROR.value,
+            reasons.configuration_error(last or trainer_says or failed.get('message')),
+        )
+    elif job_reason == 'BackoffLimitExceeded':
         attempts = len(failed_pods) or spec.backoff_limit + 1
         cause = last or trainer_says or 'see run.logs()'
-        return (
-            'BackoffLimitExceeded',
-            f'The trainer failed {attempts} times (backoffLimit {spec.backoff_limit}); last attempt: {cause}',
-        )
-    if job_reason == 'DeadlineExceeded':
-        return (
-            'DeadlineExceeded',
+        reason = Reason.BACKOFF_LIMIT_EXCEEDED.value
+        details = f'The trainer failed {attempts} times (backoffLimit {spec.backoff_limit}); last attempt: {cause}'
+    elif job_reason == 'DeadlineExceeded':
+        reason = Reason.DEADLINE_EXCEEDED.value
+        details = (
             f'The run exceeded activeDeadlineSeconds={spec.active_deadline_seconds}; '
-            'raise spec.activeDeadlineSeconds or train fewer epochs',
+            'raise spec.activeDeadlineSeconds or train fewer epochs'
         )
-    return job_reason, failed.get('message') or last or 'the trainer Job failed'
+    else:
+        reason, details = job_reason, failed.get('message') or last or 'the trainer Job failed'
+    return Verdict(Phase.FAILED, reason, details, completion=seen.job_ended_at('Failed'))
 
 
-def _conditions(
-    previous: list[Condition], wanted: dict[str, tuple[bool, str, str | None]], now: str
-) -> list[Condition]:
-    """Standard conditions; a transition time moves only when a condition's status changes."""
-    old = {c.type: c for c in previous}
-    result = []
-    for type_, (value, reason, message) in wanted.items():
+def suspended_job_phase(seen: Situation) -> Verdict | None:
+    """A suspended Job: suspended by the user, queued in Kueue, or held for a slot."""
+    if not ((seen.observed.job or {}).get('spec') or {}).get('suspend'):
+        return None
+    if seen.spec.suspend:
+        return Verdict(Phase.CREATED, Reason.SUSPENDED.value, reasons.SUSPENDED, suspended=True)
+    if seen.queue:
+        return Verdict(Phase.CREATED, Reason.QUEUED.value, f'Waiting in queue {seen.queue}', suspended=True)
+    if seen.observed.waiting_for_slot:
+        # Resumed by the user; the operator holds the Job until a slot is free.
+        return Verdict(Phase.CREATED, Reason.WAITING.value, reasons.waiting(seen.observed.waiting_for_slot))
+    return Verdict(Phase.CREATED, Reason.SUSPENDED.value, reasons.JOB_SUSPENDED, suspended=True)
+
+
+def image_pull_phase(seen: Situation) -> Verdict | None:
+    pull = _image_pull_error(seen.observed.pods)
+    if pull is None:
+        return None
+    image, message = pull
+    details = (
+        f'Cannot pull the trainer image {image}: {message}; fix spec.image or the operator setting '
+        'FINETUNER_TRAINER_IMAGE, or add an image pull secret'
+    )
+    return Verdict(Phase.FAILED, Reason.IMAGE_PULL_ERROR.value, details)
+
+
+def running_phase(seen: Situation) -> Verdict | None:
+    if not _running_pods(seen.observed.pods):
+        return None
+    return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress))
+
+
+def unschedulable_phase(seen: Situation) -> Verdict | None:
+    """A pod no node fits: CREATED while it waits, FAILED after the unschedulable timeout."""
+    pending = _unschedulable(seen.observed.pods)
+    if pending is None:
+        return None
+    since, message = pending
+    waited = (seen.now - since).total_seconds()
+    if waited <= seen.unschedulable_timeout:
+        return Verdict(Phase.CREATED, Reason.UNSCHEDULABLE.value, f'Waiting for a node that fits: {message}')
+    details = (
+        f'No node could run the trainer for {waited / 60:.0f} minutes ({message}); lower '
+        'spec.resources, fix spec.nodeSelector/tolerations, or add capacity'
+    )
+    return Verdict(Phase.FAILED, Reason.UNSCHEDULABLE.value, details)
+
+
+def retrying_phase(seen: Situation) -> Verdict | None:
+    """An attempt failed and the Job is still active: it retries (an infrastructure failure)."""
+    failed_pods = _failed_pods(seen.observed.pods)
+    if not failed_pods or not seen.job_status.get('active'):
+        return None
+    last = _describe_termination(failed_pods[-1]) or 'unknown cause'
+    return Verdict(Phase.STARTED, Reason.RETRYING.value, f'Attempt {len(failed_pods)} failed ({last}); retrying')
+
+
+def started_earlier_phase(seen: Situation) -> Verdict | None:
+    """A trainer pod ran before and the Job still has pods: still STARTED between attempts."""
+    if not (seen.started_at and seen.observed.pods):
+        return None
+    return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress))
+
+
+# In order: the first rule that recognises the situation decides (a cancel beats everything; a Job's
+# end beats its pods; a running pod beats an unschedulable sibling).
+PHASE_RULES: tuple[Callable[[Situation], Verdict | None], ...] = (
+    cancelled_phase,
+    no_job_phase,
+    complete_phase,
+    failed_job_phase,
+    suspended_job_phase,
+    image_pull_phase,
+    running_phase,
+    unschedulable_phase,
+    retrying_phase,
+    started_earlier_phase,
+)
+
+
+def derive_phase(seen: Situation) -> Verdict:
+    """The phase, reason and details of the situation (see the table in docs/OPERATOR.md)."""
+    for rule in PHASE_RULES:
+        verdict = rule(seen)
+        if verdict is not None:
+            return verdict
+    return SUBMITTED
+
+
+# --- step 2: the conditions --------------------------------------------------------------------------
+
+
+class Conditions:
+    """The standard conditions one pass sets, in the order set; a condition's transition time moves
+    only when its status changes (as ``meta.SetStatusCondition`` does)."""
+
+    def __init__(self, previous: list[Condition], now: str) -> None:
+        self._previous = {c.type: c for c in previous}
+        self._now = now
+        self.items: list[Condition] = []
+
+    def set(self, type_: ConditionType, value: bool, reason: str, message: str | None = None) -> None:
         status = 'True' if value else 'False'
-        before = old.get(type_)
-        changed = before is None or before.status != status
-        result.append(
-            Condition(
-                type=type_,
-                status=status,
-                reason=reason,
-                message=message,
-                last_transition_time=now if changed else before.last_transition_time,
-            )
+        before = self._previous.get(type_.value)
+        moment = self._now if before is None or before.status != status else before.last_transition_time
+        self.items.append(
+            Condition(type=type_.value, status=status, reason=reason, message=message, last_transition_time=moment)
         )
-    return result
+
+
+def set_created_condition(conditions: Conditions, created: bool) -> None:
+    """Created: True once the run has (or had) its trainer Job."""
+    reason = ConditionReason.JOB_CREATED.value if created else Reason.SUBMITTED.value
+    conditions.set(ConditionType.CREATED, created, reason)
+
+
+def set_started_condition(conditions: Conditions, started_at: str | None) -> None:
+    """Started: True once a trainer pod has run."""
+    reason = ConditionReason.POD_RUNNING if started_at else ConditionReason.NOT_STARTED
+    conditions.set(ConditionType.STARTED, started_at is not None, reason.value)
+
+
+def set_suspended_condition(conditions: Conditions, verdict: Verdict) -> None:
+    """Suspended: True with the phase's reason and details while the Job is held."""
+    if verdict.suspended:
+        conditions.set(ConditionType.SUSPENDED, True, verdict.reason, verdict.details)
+    else:
+        conditions.set(ConditionType.SUSPENDED, False, ConditionReason.NOT_SUSPENDED.value)
+
+
+def set_succeeded_condition(conditions: Conditions, verdict: Verdict) -> None:
+    """Succeeded: only on a FINISHED run."""
+    if verdict.phase is Phase.FINISHED:
+        conditions.set(ConditionType.SUCCEEDED, True, verdict.reason, verdict.details)
+
+
+def set_failed_condition(conditions: Conditions, verdict: Verdict) -> None:
+    """Failed: only on a FAILED run, with the reason a person can act on."""
+    if verdict.phase is Phase.FAILED:
+        conditions.set(ConditionType.FAILED, True, verdict.reason, verdict.details)
+
+
+# --- the whole status ---------------------------------------------------------------------------------
+
+
+def _completion_time(verdict: Verdict, previous: FinetuneRunStatus, stamp: str) -> str | None:
+    if verdict.phase is Phase.CREATED:
+        return None
+    completion = verdict.completion or previous.completion_time
+    if verdict.phase in (Phase.FINISHED, Phase.FAILED) and completion is None:
+        return stamp
+    return completion
+
+
+def _attempts(observed: Observed, previous: FinetuneRunStatus) -> int:
+    job_status = (observed.job or {}).get('status') or {}
+    return max(
+        len(observed.pods),
+        int(job_status.get('failed') or 0) + int(job_status.get('succeeded') or 0) + int(job_status.get('active') or 0),
+        previous.attempts if observed.job is None else 0,
+    )
 
 
 def derive_status(
@@ -206,139 +437,42 @@ def derive_status(
     generation: int | None = None,
 ) -> FinetuneRunStatus:
     """The whole status of a run from what was observed (see the table in docs/OPERATOR.md)."""
-    stamp = rfc3339(now)
-    job = observed.job
-    pods = observed.pods
-    job_true = _conditions_true(job)
-    job_status = (job or {}).get('status') or {}
-
     if previous.phase in (Phase.FINISHED.value, Phase.FAILED.value):
         # A terminal phase is final; its Job may be gone (deleted after an image-pull failure, TTL), and
         # its reports are no longer read, so nothing observed later may rewrite it.
         return previous
-
-    phase = Phase.CREATED
-    reason = 'Submitted'
-    details = SUBMITTED
-    suspended = False
-    started_at = previous.start_time or _started_at(pods)
-    completion = previous.completion_time
-    artifact_uri = None
-    progress = observed.progress
-
-    if observed.cancelled:
-        phase, reason, details = Phase.FAILED, 'Cancelled', CANCELLED
-    elif job is None:
-        if spec.suspend:
-            phase, reason, details, suspended = Phase.CREATED, 'Suspended', _suspended_details(), True
-        elif observed.waiting_for_slot:
-            reason, details = WAITING, waiting_details(observed.waiting_for_slot)
-    elif 'Complete' in job_true and observed.store_error:
-        # Never FINISHED on the Job's word alone: the artifact exists only once its manifest does.
-        phase, reason = Phase.STARTED, 'VerifyingArtifact'
-        details = f'Training finished; waiting for the object store to confirm the artifact ({observed.store_error})'
-    elif 'Complete' in job_true and not observed.artifact:
-        phase, reason = Phase.FAILED, 'ArtifactMissing'
-        details = (
-            f'The trainer exited successfully but {output_uri}/artifact/manifest.json does not exist, so no complete '
-            'model was published; see run.logs() and run the fit again'
-        )
-        completion = job_status.get('completionTime') or job_true['Complete'].get('lastTransitionTime') or stamp
-    elif 'Complete' in job_true:
-        phase, reason = Phase.FINISHED, 'Succeeded'
-        artifact_uri = f'{output_uri}/artifact'
-        details = f'Fine-tuned model at {artifact_uri}'
-        completion = job_status.get('completionTime') or job_true['Complete'].get('lastTransitionTime') or stamp
-    elif 'Failed' in job_true:
-        phase = Phase.FAILED
-        reason, details = _job_failure(job, job_true['Failed'], pods, spec, observed)
-        completion = job_true['Failed'].get('lastTransitionTime') or stamp
-    elif job.get('spec', {}).get('suspend'):
-        suspended = True
-        if spec.suspend:
-            reason, details = 'Suspended', _suspended_details()
-        elif queue:
-            reason, details = 'Queued', f'Waiting in queue {queue}'
-        elif observed.waiting_for_slot:
-            suspended = False  # resumed by the user; the operator holds the Job until a slot is free
-            reason, details = WAITING, waiting_details(observed.waiting_for_slot)
-        else:
-            reason, details = 'Suspended', 'The trainer Job is suspended'
-    elif (pull := _image_pull_error(pods)) is not None:
-        image, message = pull
-        phase, reason = Phase.FAILED, 'ImagePullError'
-        details = (
-            f'Cannot pull the trainer image {image}: {message}; fix spec.image or the operator setting '
-            'FINETUNER_TRAINER_IMAGE, or add an image pull secret'
-        )
-    elif _running_pods(pods):
-        phase, reason, details = Phase.STARTED, 'Running', _details_started(progress)
-    elif (pending := _unschedulable(pods)) is not None:
-        since, message = pending
-        waited = (now - since).total_seconds()
-        if waited > unschedulable_timeout:
-            phase, reason = Phase.FAILED, 'Unschedulable'
-            details = (
-                f'No node could run the trainer for {waited / 60:.0f} minutes ({message}); lower '
-                'spec.resources, fix spec.nodeSelector/tolerations, or add capacity'
-            )
-        else:
-            reason, details = 'Unschedulable', f'Waiting for a node that fits: {message}'
-    elif _failed_pods(pods) and job_status.get('active'):
-        phase, reason = Phase.STARTED, 'Retrying'
-        last = _describe_termination(_failed_pods(pods)[-1]) or 'unknown cause'
-        details = f'Attempt {len(_failed_pods(pods))} failed ({last}); retrying'
-    elif started_at and pods:
-        phase, reason, details = Phase.STARTED, 'Running', _details_started(progress)
-
-    if phase in (Phase.FINISHED, Phase.FAILED) and completion is None:
-        completion = stamp
-    if phase is Phase.CREATED:
-        completion = None
-
-    created = job is not None or previous.job_name is not None
-    wanted: dict[str, tuple[bool, str, str | None]] = {
-        'Created': (created, 'JobCreated' if created else 'Submitted', None),
-        'Started': (started_at is not None, 'PodRunning' if started_at else 'NotStarted', None),
-        'Suspended': (suspended, reason if suspended else 'NotSuspended', details if suspended else None),
-    }
-    if phase is Phase.FINISHED:
-        wanted['Succeeded'] = (True, reason, details)
-    if phase is Phase.FAILED:
-        wanted['Failed'] = (True, reason, details)
-
-    attempts = max(
-        len(pods),
-        int(job_status.get('failed') or 0) + int(job_status.get('succeeded') or 0) + int(job_status.get('active') or 0),
-        previous.attempts if job is None else 0,
+    seen = Situation(
+        spec=spec,
+        observed=observed,
+        output_uri=output_uri,
+        queue=queue,
+        unschedulable_timeout=unschedulable_timeout,
+        now=now,
+        started_at=previous.start_time or _started_at(observed.pods),
     )
+    verdict = derive_phase(seen)
+    stamp = rfc3339(now)
+    created = observed.job is not None or previous.job_name is not None
+    conditions = Conditions(previous.conditions, stamp)
+    set_created_condition(conditions, created)
+    set_started_condition(conditions, seen.started_at)
+    set_suspended_condition(conditions, verdict)
+    set_succeeded_condition(conditions, verdict)
+    set_failed_condition(conditions, verdict)
     return FinetuneRunStatus(
-        phase=phase,
-        details=details,
-        reason=reason,
-        conditions=_conditions(previous.conditions, wanted, stamp),
-        start_time=started_at,
-        completion_time=completion,
-        attempts=attempts,
-        progress=progress if progress is not None else previous.progress,
+        phase=verdict.phase,
+        details=verdict.details,
+        reason=verdict.reason,
+        conditions=conditions.items,
+        start_time=seen.started_at,
+        completion_time=_completion_time(verdict, previous, stamp),
+        attempts=_attempts(observed, previous),
+        progress=observed.progress if observed.progress is not None else previous.progress,
         metrics=_run_metrics(observed.metrics) or previous.metrics,
-        artifact_uri=artifact_uri,
+        artifact_uri=reasons.artifact_uri(output_uri) if verdict.phase is Phase.FINISHED else None,
         output_uri=output_uri,
         job_name=job_name(run) if created else None,
         observed_generation=generation if generation is not None else previous.observed_generation,
-    )
-
-
-def _suspended_details() -> str:
-    return 'Suspended: set spec.suspend to false to resume'
-
-
-def waiting_details(limit: int) -> str:
-    """Why a run has no Job yet under FINETUNER_MAX_CONCURRENT_RUNS, and what ends the wait. The same text
-    however many runs train or wait, so that a waiting run's status is written once, not on every change."""
-    return (
-        f'Waiting for a free slot: {limit} of {limit} runs allowed at once (FINETUNER_MAX_CONCURRENT_RUNS) are '
-        'training; this run starts when one of them ends, or raise the limit (Helm value operator.maxConcurrentRuns)'
     )
 
 
@@ -349,20 +483,20 @@ def invalid_spec_status(error: Exception | str, now: datetime, previous: Finetun
     """
     details = error if isinstance(error, str) else describe_validation_error(error)
     stamp = rfc3339(now)
-    wanted = {'Failed': (True, 'InvalidSpec', details)}
+    verdict = Verdict(Phase.FAILED, Reason.INVALID_SPEC.value, details)
+    conditions = Conditions(previous.conditions, stamp)
+    set_failed_condition(conditions, verdict)
     return FinetuneRunStatus(
         phase=Phase.FAILED,
-        reason='InvalidSpec',
+        reason=verdict.reason,
         details=details,
-        conditions=_conditions(previous.conditions, wanted, stamp),
+        conditions=conditions.items,
         completion_time=previous.completion_time or stamp,
     )
 
 
 def describe_validation_error(error: Exception) -> str:
     """``spec.<field>: <problem>`` for each problem pydantic found, joined by '; '."""
-    from pydantic import ValidationError
-
     from finetuner.api.v1alpha1 import format_validation_error
 
     if not isinstance(error, ValidationError):
@@ -370,3 +504,40 @@ def describe_validation_error(error: Exception) -> str:
     # The contract's own wording: every field by its wire path (``spec.resources.gpus``), an unknown
     # field with the way to the known ones, a rule about several fields reported on ``spec``.
     return 'Invalid spec: ' + format_validation_error(error, 'spec')
+
+
+# --- the status as the API server holds it -----------------------------------------------------------
+
+
+def parse_status(body: dict[str, Any]) -> FinetuneRunStatus:
+    """A run's status as last written (fields this version does not know are left out)."""
+    raw = body.get('status') or {}
+    known = {f.alias or n for n, f in FinetuneRunStatus.model_fields.items()}
+    try:
+        return FinetuneRunStatus.model_validate({k: v for k, v in raw.items() if k in known})
+    except ValidationError:
+        return FinetuneRunStatus()
+
+
+def cancelled(body: dict[str, Any]) -> bool:
+    """Whether the run carries the cancel annotation (``run.cancel()``)."""
+    return (body['metadata'].get('annotations') or {}).get(CANCEL_ANNOTATION) == 'true'
+
+
+def status_patch(status: BaseModel) -> dict[str, Any]:
+    """The status as a merge patch: every declared field present, None clearing stale values."""
+    payload = status.model_dump(by_alias=True, mode='json', exclude_none=True)
+    for name, field in type(status).model_fields.items():
+        payload.setdefault(field.alias or name, None)
+    return payload
+
+
+def comparable(status: dict[str, Any] | None) -> dict[str, Any]:
+    """A status as the API server keeps it (empty fields dropped), for comparing two of them."""
+    return {k: v for k, v in (status or {}).items() if v is not None}
+
+
+def same_status(before: BaseModel | dict[str, Any] | None, after: BaseModel) -> bool:
+    """Whether writing ``after`` over ``before`` would change nothing."""
+    old = before.model_dump(by_alias=True, mode='json') if isinstance(before, BaseModel) else before
+    return comparable(old) == comparable(after.model_dump(by_alias=True, mode='json'))

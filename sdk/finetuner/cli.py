@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args, get_origin
 
 from finetuner.errors import ArgumentError, FinetunerError
 
@@ -47,6 +47,49 @@ def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
     return result
 
 
+# fit()'s arguments that get a flag of their own: every one with a single value (a string, a number, a
+# switch). Structured ones (dicts, lists, callbacks) are given with --set ARG=JSON.
+FLAG_ALIASES = {'learning_rate': ('--lr',), 'experiment_name': ('--experiment',)}
+OWN_FLAGS = ('model', 'train_data')  # required, with short forms
+
+
+def _flag_options(annotation: Any) -> dict[str, Any] | None:
+    """argparse options of a fit() argument with a single value; None for a structured one."""
+    kinds = [a for a in get_args(annotation) if a is not type(None)] if get_args(annotation) else [annotation]
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    if get_origin(kind) is Literal:
+        return {'choices': list(get_args(kind))}
+    if kind is bool:
+        return {'action': argparse.BooleanOptionalAction}
+    if kind in (int, float, str):
+        return {'type': kind}
+    if kind is Any:  # data: a path, a URI or a dataset name on the command line
+        return {'type': str}
+    return None
+
+
+def _add_fit_flags(fit: argparse.ArgumentParser) -> None:
+    """A flag per single-valued fit() argument, documented from the same descriptions as fit()."""
+    from finetuner import fitting
+
+    for argument in fitting.arguments():
+        options = _flag_options(argument.annotation)
+        if argument.name in OWN_FLAGS or options is None:
+            continue
+        flags = [f'--{argument.name.replace("_", "-")}', *FLAG_ALIASES.get(argument.name, ())]
+        text = fitting.snake_case_words(argument.description).replace('%', '%%')
+        fit.add_argument(*flags, dest=argument.name, help=text, **options)
+
+
+def fit_flag_names() -> list[str]:
+    """fit() arguments that have a flag of their own (``--set`` gives the others)."""
+    from finetuner import fitting
+
+    return [a.name for a in fitting.arguments() if a.name not in OWN_FLAGS and _flag_options(a.annotation)]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='finetuner', description='Fine-tune embedding models, locally or on Kubernetes.'
@@ -63,18 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument(
         '--train-data', '-d', required=True, help='CSV/JSONL file, image folder, s3:// URI or dataset name'
     )
-    fit.add_argument('--eval-data', help='same forms as --train-data')
-    fit.add_argument('--run-name', help='default: a random memorable name')
-    fit.add_argument('--experiment', dest='experiment_name', help='experiment of the run (default: default)')
-    fit.add_argument('--description')
-    fit.add_argument('--loss')
-    fit.add_argument('--miner')
-    fit.add_argument('--optimizer')
-    fit.add_argument('--learning-rate', '--lr', type=float)
-    fit.add_argument('--epochs', type=int)
-    fit.add_argument('--batch-size', type=int)
-    fit.add_argument('--device', choices=['auto', 'cpu', 'cuda'])
-    fit.add_argument('--to-onnx', action='store_true', default=None)
+    _add_fit_flags(fit)
     fit.add_argument('--model-option', action='append', metavar='KEY=VALUE', help='e.g. max_length=64 (repeatable)')
     fit.add_argument(
         '--set', action='append', metavar='ARG=VALUE', help='any other fit() argument, e.g. output_dim=256 (repeatable)'
@@ -147,100 +179,135 @@ def _runs_table(runs: list[Any]) -> Any:
     return table
 
 
-def _command(args: argparse.Namespace) -> int:
+def _fit(args: argparse.Namespace) -> int:
+    import finetuner
+
+    extra = _pairs(args.set, '--set')
+    model_options = _pairs(args.model_option, '--model-option')
+    named = {k: getattr(args, k) for k in fit_flag_names() if getattr(args, k) is not None}
+    clash = sorted(set(named) & set(extra))
+    if clash:
+        raise ArgumentError('--set', f'{clash[0]} is also given as its own flag; give it once')
+    if model_options:
+        extra['model_options'] = {**extra.get('model_options', {}), **model_options}
+    run = finetuner.fit(model=args.model, train_data=args.train_data, **named, **extra)
+    print(f'Run name: {run.name}')
+    print(f'Run status: {run.status()["status"]}')
+    if not args.wait:
+        return 0
+    for line in run.stream_logs():
+        print(line)
+    final = run.wait(poll=1.0)
+    print(f'Run status: {final["status"]}: {final["details"]}')
+    return 0 if final['status'] == 'FINISHED' else EXIT_FAILED
+
+
+def _runs(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import finetuner
 
-    console = Console()
-    if args.command == 'fit':
-        extra = _pairs(args.set, '--set')
-        model_options = _pairs(args.model_option, '--model-option')
-        named = {
-            k: getattr(args, k)
-            for k in (
-                'eval_data',
-                'run_name',
-                'experiment_name',
-                'description',
-                'loss',
-                'miner',
-                'optimizer',
-                'learning_rate',
-                'epochs',
-                'batch_size',
-                'device',
-                'to_onnx',
-            )
-            if getattr(args, k) is not None
-        }
-        clash = sorted(set(named) & set(extra))
-        if clash:
-            raise ArgumentError('--set', f'{clash[0]} is also given as its own flag; give it once')
-        if model_options:
-            extra['model_options'] = {**extra.get('model_options', {}), **model_options}
-        run = finetuner.fit(model=args.model, train_data=args.train_data, **named, **extra)
-        print(f'Run name: {run.name}')
-        print(f'Run status: {run.status()["status"]}')
-        if args.wait:
-            for line in run.stream_logs():
-                print(line)
-            final = run.wait(poll=1.0)
-            print(f'Run status: {final["status"]}: {final["details"]}')
-            return 0 if final['status'] == 'FINISHED' else EXIT_FAILED
-        return 0
-    if args.command == 'runs':
-        console.print(_runs_table(finetuner.list_runs(args.experiment_name)))
-        return 0
-    if args.command == 'status':
-        run = finetuner.get_run(args.run)
-        if args.json:
-            print(json.dumps(run.full_status().to_k8s(), indent=2))
-        else:
-            _print_status(run)
-        return 0
-    if args.command == 'logs':
-        run = finetuner.get_run(args.run)
-        if args.follow:
-            for line in run.stream_logs():
-                print(line, flush=True)
-        else:
-            sys.stdout.write(run.logs())
-        return 0
-    if args.command == 'models':
-        finetuner.describe_models(task=args.task)
-        return 0
-    if args.command == 'download':
-        path = finetuner.get_run(args.run).save_model(args.directory)
-        print(f'Model of {args.run} saved to {path}')
-        return 0
-    if args.command == 'experiments':
-        from rich.table import Table
+    Console().print(_runs_table(finetuner.list_runs(args.experiment_name)))
+    return 0
 
-        table = Table(title='Experiments')
-        for column in ('name', 'runs', 'created', 'started', 'finished', 'failed'):
-            table.add_column(column)
-        for experiment in finetuner.list_experiments():
-            counts = experiment.status().runs
-            table.add_row(
-                experiment.name,
-                *(str(getattr(counts, k)) for k in ('total', 'created', 'started', 'finished', 'failed')),
-            )
-        console.print(table)
-        return 0
-    if args.command == 'cancel':
-        run = finetuner.get_run(args.run)
-        run.cancel()
+
+def _status(args: argparse.Namespace) -> int:
+    import finetuner
+
+    run = finetuner.get_run(args.run)
+    if args.json:
+        print(json.dumps(run.full_status().to_k8s(), indent=2))
+    else:
         _print_status(run)
-        return 0
-    if args.command == 'delete':
-        finetuner.delete_run(args.run)
-        print(f'Deleted run {args.run}')
-        return 0
-    if args.command == 'metrics':
-        finetuner.get_run(args.run).display_metrics()
-        return 0
-    raise AssertionError(f'unhandled command {args.command}')  # argparse only lets known commands through
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    import finetuner
+
+    run = finetuner.get_run(args.run)
+    if args.follow:
+        for line in run.stream_logs():
+            print(line, flush=True)
+    else:
+        sys.stdout.write(run.logs())
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    import finetuner
+
+    finetuner.describe_models(task=args.task)
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    import finetuner
+
+    path = finetuner.get_run(args.run).save_model(args.directory)
+    print(f'Model of {args.run} saved to {path}')
+    return 0
+
+
+def _experiments(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    import finetuner
+
+    table = Table(title='Experiments')
+    for column in ('name', 'runs', 'created', 'started', 'finished', 'failed'):
+        table.add_column(column)
+    for experiment in finetuner.list_experiments():
+        counts = experiment.status().runs
+        table.add_row(
+            experiment.name,
+            *(str(getattr(counts, k)) for k in ('total', 'created', 'started', 'finished', 'failed')),
+        )
+    Console().print(table)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    import finetuner
+
+    run = finetuner.get_run(args.run)
+    run.cancel()
+    _print_status(run)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    import finetuner
+
+    finetuner.delete_run(args.run)
+    print(f'Deleted run {args.run}')
+    return 0
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    import finetuner
+
+    finetuner.get_run(args.run).display_metrics()
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    'fit': _fit,
+    'runs': _runs,
+    'status': _status,
+    'logs': _logs,
+    'models': _models,
+    'download': _download,
+    'experiments': _experiments,
+    'cancel': _cancel,
+    'delete': _delete,
+    'metrics': _metrics,
+}
+
+
+def _command(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](args)  # argparse only lets known commands through
 
 
 def main(argv: Sequence[str] | None = None) -> int:

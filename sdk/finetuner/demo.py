@@ -85,6 +85,40 @@ class DemoResult:
     seconds: float
 
 
+def wait_with_progress(run: Any, console: Any) -> dict[str, str]:
+    """Wait for the run, drawing its phase, epoch, step and loss as a progress bar; its final status."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn('{task.description}'),
+        BarColumn(),
+        TextColumn('{task.percentage:>3.0f}%'),
+        TextColumn('{task.fields[info]}'),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task('starting', total=100, info='')
+
+        def show(status: Any) -> None:
+            p = status.progress
+            if status.phase == 'STARTED' and p is not None and p.total_steps:
+                loss = f'loss {p.loss:.4f}' if p.loss is not None else ''
+                progress.update(
+                    task,
+                    completed=p.percent,
+                    description=f'epoch {p.epoch}/{p.epochs} step {p.step}/{p.total_steps}',
+                    info=loss,
+                )
+            else:
+                progress.update(task, description=str(status.phase).lower())
+
+        final = run.wait(poll=1.0, on_progress=show)
+        if final['status'] == 'FINISHED':
+            progress.update(task, completed=100)
+    return final
+
+
 def run_demo(
     model: str | None = None,
     task: str = 'topics',
@@ -97,7 +131,6 @@ def run_demo(
     console: Any = None,
 ) -> DemoResult:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     import finetuner
 
@@ -130,34 +163,7 @@ def run_demo(
     console.print(f'Run name: [bold]{run.name}[/]')
     console.print(f'Run status: {run.status()}')
 
-    with Progress(
-        TextColumn('{task.description}'),
-        BarColumn(),
-        TextColumn('{task.percentage:>3.0f}%'),
-        TextColumn('{task.fields[info]}'),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task('starting', total=100, info='')
-
-        def show(status: Any) -> None:
-            p = status.progress
-            if status.phase == 'STARTED' and p is not None and p.total_steps:
-                loss = f'loss {p.loss:.4f}' if p.loss is not None else ''
-                progress.update(
-                    task,
-                    completed=p.percent,
-                    description=f'epoch {p.epoch}/{p.epochs} step {p.step}/{p.total_steps}',
-                    info=loss,
-                )
-            else:
-                progress.update(task, description=str(status.phase).lower())
-
-        final = run.wait(poll=1.0, on_progress=show)
-        if final['status'] == 'FINISHED':
-            progress.update(task, completed=100)
-
+    final = wait_with_progress(run, console)
     if final['status'] != 'FINISHED':
         console.print(f'[red]Run {run.name} {final["status"]}: {final["details"]}')
         console.print(f'Logs: finetuner logs {run.name}')

@@ -11,13 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetuner.api import layout
+from finetuner.api import layout, reasons
 from finetuner.api.v1alpha1 import FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
 from finetuner.backends.base import Backend, RunRecord
 from finetuner.errors import BackendError, RunFailedError, RunNotFinishedError
 from finetuner.storage import StorageError
-
-CREATED_DETAILS = 'Run submitted and awaits execution'
 
 
 class Run:
@@ -68,7 +66,7 @@ class Run:
         status = self.full_status()
         phase = str(status.phase or Phase.CREATED.value)
         # A run nobody has acted on yet (no operator pass, empty status) reads like the seed's fresh run.
-        details = status.details or (CREATED_DETAILS if phase == Phase.CREATED.value else '')
+        details = status.details or (reasons.SUBMITTED if phase == Phase.CREATED.value else '')
         return {'status': phase, 'details': details}
 
     @property

@@ -67,7 +67,7 @@ def test_suspend_and_resume_then_cancel(cluster: Cluster) -> None:
 
     finetuner.get_run('held').cancel()
     final = target.wait_phase('held', ('FAILED',))
-    assert (final['reason'], final['details']) == ('Cancelled', 'cancelled')
+    assert (final['reason'], final['details']) == ('Cancelled', 'Run cancelled by user')
     wait_for(lambda: not target.jobs('held'), what='job of the cancelled run deleted')
 
 

@@ -14,19 +14,19 @@ from finetuner_operator import admission
 from finetuner_operator.cache import JOBS, RUNS, ObjectCache
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.reconcile import Reconciler
-from tests.operator.test_op_reconcile import NOW, CallLog, FakeKube, run_body
+from tests.operator.test_op_reconcile import NOW, CallLog, FakeKube, Reports, run_body
 
 WAITING_TEXT = 'runs allowed at once (FINETUNER_MAX_CONCURRENT_RUNS) are training'
 
 
-def reports(uri: str, wanted: Any) -> dict[str, Any]:
+def published(uri: str, wanted: Any) -> dict[str, Any]:
     """Every completed Job published its artifact."""
     return {'artifact': True} if 'artifact' in wanted else {}
 
 
 def limited(fake: Any, limit: int, **config: Any) -> Reconciler:
     settings = OperatorConfig(output='s3://b/runs', max_concurrent_runs=limit, **config)
-    return Reconciler(fake, settings, now=lambda: NOW, read_outputs=reports)  # type: ignore[arg-type]
+    return Reconciler(fake, settings, now=lambda: NOW, reports=Reports(published))  # type: ignore[arg-type]
 
 
 def submit(fake: FakeKube, reconciler: Reconciler, name: str, second: int = 0, **spec: Any) -> None:
@@ -249,7 +249,7 @@ def test_without_a_limit_nothing_is_counted() -> None:
 def test_freed_slots_are_given_by_the_background_thread() -> None:
     fake = FakeKube()
     settings = OperatorConfig(output='s3://b/runs', max_concurrent_runs=1)
-    reconciler = Reconciler(fake, settings, now=lambda: NOW, read_outputs=reports, background_admission=True)  # type: ignore[arg-type]
+    reconciler = Reconciler(fake, settings, now=lambda: NOW, reports=Reports(published), background_admission=True)  # type: ignore[arg-type]
     try:
         submit(fake, reconciler, 'a', second=0)
         submit(fake, reconciler, 'b', second=1)
@@ -260,7 +260,8 @@ def test_freed_slots_are_given_by_the_background_thread() -> None:
             time.sleep(0.01)
     finally:
         reconciler.close()
-    assert reconciler._admitter is not None and not reconciler._admitter.is_alive()
+    thread = reconciler.admitter.wakeups.thread if reconciler.admitter.wakeups else None
+    assert thread is not None and not thread.is_alive()
 
 
 def test_the_seam_counts_from_the_cache_including_a_job_just_created() -> None:

@@ -13,6 +13,7 @@ from finetuner.api.v1alpha1 import BestRunSelector, Sweep
 from finetuner_operator import experiments, kube
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.reconcile import Reconciler
+from finetuner_operator.reports import TrainerReports
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -100,6 +101,16 @@ class FakeKube:
         return [o for (kind, _), o in list(self.objects.items()) if kind == 'FinetuneRun']
 
 
+class Reports:
+    """The object-store seam answered by a function of (output URI, reports wanted); none by default."""
+
+    def __init__(self, answer: Any = None) -> None:
+        self.answer = answer or (lambda uri, wanted: {})
+
+    def read(self, output_uri: str, wanted: Any) -> TrainerReports:
+        return TrainerReports(**self.answer(output_uri, wanted))
+
+
 def run_body(name: str = 'r', **spec: Any) -> dict[str, Any]:
     return {
         'apiVersion': 'finetuner.dev/v1alpha1',
@@ -115,7 +126,7 @@ def fake() -> FakeKube:
 
 @pytest.fixture
 def reconciler(fake: FakeKube) -> Reconciler:
-    return Reconciler(fake, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri, wanted: {})  # type: ignore[arg-type]
+    return Reconciler(fake, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, reports=Reports())  # type: ignore[arg-type]
 
 
 def test_reconcile_twice_creates_each_child_once(fake: FakeKube, reconciler: Reconciler) -> None:
@@ -165,7 +176,7 @@ def test_suspend_toggles_the_job_and_cancel_deletes_it(fake: FakeKube, reconcile
     reconciler.reconcile_run(fake.get_run('default', 'r'))
     assert fake.get_job('default', 'r-trainer') is None
     status = fake.get_run('default', 'r')['status']
-    assert (status['phase'], status['reason'], status['details']) == ('FAILED', 'Cancelled', 'cancelled')
+    assert (status['phase'], status['reason'], status['details']) == ('FAILED', 'Cancelled', 'Run cancelled by user')
 
 
 def test_suspending_a_queued_run_gives_its_job_back(fake: FakeKube, reconciler: Reconciler) -> None:
@@ -266,7 +277,7 @@ def test_a_new_run_asks_for_its_job_first_and_reads_nothing_back(fake: FakeKube)
         reads.append(uri)
         return {}
 
-    reconciler = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=read)  # type: ignore[arg-type]
+    reconciler = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, reports=Reports(read))  # type: ignore[arg-type]
     reconciler.reconcile_run(fake.add('FinetuneRun', run_body()))
     assert log.calls[:2] == ['create_child:ConfigMap', 'create_child:Job']
     assert 'get_job' not in log.calls and 'list_pods' not in log.calls, log.calls
@@ -283,7 +294,7 @@ def test_a_joined_run_does_not_read_its_experiment_again(fake: FakeKube, reconci
     fake.add('Experiment', {'metadata': {'name': 'exp', 'namespace': 'default'}, 'spec': {}})
     reconciler.reconcile_run(fake.add('FinetuneRun', run_body(experiment='exp')))
     log = CallLog(fake)
-    again = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri, wanted: {})  # type: ignore[arg-type]
+    again = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, reports=Reports())  # type: ignore[arg-type]
     again.reconcile_run(fake.get_run('default', 'r'))
     assert 'get_experiment' not in log.calls and 'patch_run' not in log.calls, log.calls
 
@@ -294,7 +305,7 @@ def test_experiment_recounts_are_coalesced_in_the_background(fake: FakeKube) -> 
     fake.add('Experiment', {'metadata': {'name': 'exp', 'namespace': 'default'}, 'spec': {}})
     log = CallLog(fake)
     config = OperatorConfig(output='s3://b/runs')
-    reconciler = Reconciler(log, config, now=lambda: NOW, read_outputs=lambda uri, wanted: {}, experiment_delay=0.2)  # type: ignore[arg-type]
+    reconciler = Reconciler(log, config, now=lambda: NOW, reports=Reports(), experiment_delay=0.2)  # type: ignore[arg-type]
     try:
         for name in ('a', 'b', 'c'):
             reconciler.reconcile_run(fake.add('FinetuneRun', run_body(name, experiment='exp')))
@@ -312,7 +323,7 @@ def test_experiment_recounts_are_coalesced_in_the_background(fake: FakeKube) -> 
 
 
 def test_only_the_reports_the_job_state_can_use_are_read(tmp_path: Any) -> None:
-    from finetuner_operator.reconcile import read_store_outputs, reports_to_read
+    from finetuner_operator.reports import StoreReports, reports_to_read
 
     def job(condition: str | None) -> dict[str, Any]:
         conditions = [{'type': condition, 'status': 'True'}] if condition else []
@@ -331,8 +342,8 @@ def test_only_the_reports_the_job_state_can_use_are_read(tmp_path: Any) -> None:
     (out / 'artifact').mkdir(parents=True)
     (out / 'artifact' / 'manifest.json').write_text('{}')
     (out / 'progress.json').write_text('{"epoch": 1, "epochs": 2, "percent": 50}')
-    assert read_store_outputs(out.as_uri(), ('progress',)).keys() == {'progress'}
-    assert read_store_outputs(out.as_uri())['artifact'] is True
+    assert StoreReports().read(out.as_uri(), ('progress',)).model_fields_set == {'progress'}
+    assert StoreReports().read(out.as_uri()).artifact is True
 
 
 def test_event_passes_of_a_busy_run_are_coalesced(fake: FakeKube, reconciler: Reconciler) -> None:
@@ -357,7 +368,7 @@ def test_event_passes_of_a_busy_run_are_coalesced(fake: FakeKube, reconciler: Re
     waiting = threading.Thread(target=reconciler.sync_run, args=('default', 'r'), kwargs={'coalesce': True})
     waiting.start()
     deadline = time.monotonic() + 10
-    while not reconciler._waiting and time.monotonic() < deadline:
+    while not reconciler.locks.waiting and time.monotonic() < deadline:
         time.sleep(0.01)
     assert reconciler.sync_run('default', 'r', coalesce=True) is None, 'a pass already waits: this one is dropped'
     release.set()
@@ -373,9 +384,7 @@ def test_active_runs_are_re_observed_by_one_background_thread(fake: FakeKube) ->
     import time
 
     log = CallLog(fake)
-    reconciler = Reconciler(
-        log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, read_outputs=lambda uri, wanted: {}
-    )  # type: ignore[arg-type]
+    reconciler = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, reports=Reports())  # type: ignore[arg-type]
     fake.add('FinetuneRun', run_body('lost'))  # Kopf never handled its creation
     reconciler.track('default', 'lost', None)
     reconciler.track('default', 'done', 'FINISHED')

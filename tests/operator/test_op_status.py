@@ -318,3 +318,172 @@ def test_invalid_spec_names_the_field() -> None:
     assert status.phase == 'FAILED' and status.reason == 'InvalidSpec'
     assert 'spec.epochs: Input should be greater than or equal to 1' in status.details
     assert "spec.loss: unknown loss 'TripletLoss'" in status.details
+
+
+# --- the two steps alone: each phase rule, each condition setter -----------------------------------------
+
+
+def situation(observed: Observed, *, queue: str | None = None, started_at: str | None = None, **spec: Any):
+    from finetuner_operator.status import Situation
+
+    return Situation(
+        spec=FinetuneRunSpec.model_validate({'model': 'm', 'trainData': 'd', 'backoffLimit': 2, **spec}),
+        observed=observed,
+        output_uri=OUT,
+        queue=queue,
+        unschedulable_timeout=600,
+        now=NOW,
+        started_at=started_at,
+    )
+
+
+def _rule_cases() -> list[tuple[str, Any, Any, tuple[str, str] | None]]:
+    """(rule, a situation it decides, one it leaves to the others, its (phase, reason))."""
+    running = [pod('Running', state=RUNNING)]
+    complete = job(('Complete', 'CompletionsReached'))
+    return [
+        (
+            'cancelled_phase',
+            situation(Observed(cancelled=True)),
+            situation(Observed()),
+            ('FAILED', 'Cancelled'),
+        ),
+        ('no_job_phase', situation(Observed()), situation(Observed(job=job())), ('CREATED', 'Submitted')),
+        (
+            'complete_phase',
+            situation(Observed(job=complete, artifact=True)),
+            situation(Observed(job=job(active=1))),
+            ('FINISHED', 'Succeeded'),
+        ),
+        (
+            'failed_job_phase',
+            situation(Observed(job=job(('Failed', 'DeadlineExceeded')))),
+            situation(Observed(job=complete)),
+            ('FAILED', 'DeadlineExceeded'),
+        ),
+        (
+            'suspended_job_phase',
+            situation(Observed(job=job(suspend=True)), queue='q'),
+            situation(Observed(job=job())),
+            ('CREATED', 'Queued'),
+        ),
+        (
+            'image_pull_phase',
+            situation(Observed(job=job(), pods=[pod('Pending', state={'waiting': {'reason': 'ErrImagePull'}})])),
+            situation(Observed(job=job(), pods=[pod('Pending')])),
+            ('FAILED', 'ImagePullError'),
+        ),
+        (
+            'running_phase',
+            situation(Observed(job=job(active=1), pods=running)),
+            situation(Observed(job=job(active=1), pods=[pod('Pending')])),
+            ('STARTED', 'Running'),
+        ),
+        (
+            'unschedulable_phase',
+            situation(Observed(job=job(), pods=[pod('Pending', conditions=unschedulable(1))])),
+            situation(Observed(job=job(), pods=running)),
+            ('CREATED', 'Unschedulable'),
+        ),
+        (
+            'retrying_phase',
+            situation(Observed(job=job(active=1), pods=[pod('Failed', state=terminated(1, 'boom'))])),
+            situation(Observed(job=job(), pods=[pod('Failed', state=terminated(1, 'boom'))])),
+            ('STARTED', 'Retrying'),
+        ),
+        (
+            'started_earlier_phase',
+            situation(Observed(job=job(), pods=[pod('Pending')]), started_at=stamp(5)),
+            situation(Observed(job=job(), pods=[pod('Pending')])),
+            ('STARTED', 'Running'),
+        ),
+    ]
+
+
+RULE_CASES = _rule_cases()
+
+
+@pytest.mark.parametrize(('rule', 'decides', 'leaves', 'verdict'), RULE_CASES, ids=[c[0] for c in RULE_CASES])
+def test_each_phase_rule_decides_only_its_own_situation(rule: str, decides: Any, leaves: Any, verdict: Any) -> None:
+    from finetuner_operator import status as s
+
+    decided = getattr(s, rule)(decides)
+    assert decided is not None and (decided.phase, decided.reason) == verdict
+    assert getattr(s, rule)(leaves) is None
+
+
+def test_every_phase_rule_is_tested_and_in_order() -> None:
+    from finetuner_operator import status as s
+
+    assert [rule.__name__ for rule in s.PHASE_RULES] == [case[0] for case in RULE_CASES]
+
+
+def test_the_first_rule_that_recognises_the_situation_decides() -> None:
+    from finetuner_operator.status import derive_phase
+
+    running = [pod('Running', state=RUNNING)]
+    cancelled_while_complete = situation(
+        Observed(job=job(('Complete', 'CompletionsReached')), artifact=True, cancelled=True)
+    )
+    assert derive_phase(cancelled_while_complete).reason == 'Cancelled'
+    ended_with_a_pod_left = situation(Observed(job=job(('Failed', 'BackoffLimitExceeded')), pods=running))
+    assert derive_phase(ended_with_a_pod_left).reason == 'BackoffLimitExceeded'
+    a_pod_runs_another_waits = [*running, pod('Pending', conditions=unschedulable(20))]
+    assert derive_phase(situation(Observed(job=job(active=2), pods=a_pod_runs_another_waits))).reason == 'Running'
+    assert derive_phase(situation(Observed(job=job()))).reason == 'Submitted', 'no rule: submitted'
+
+
+def test_the_job_failure_rule_names_the_cause() -> None:
+    from finetuner_operator.status import failed_job_phase
+
+    oom = pod('Failed', state=terminated(137, reason='OOMKilled'))
+    retries = failed_job_phase(situation(Observed(job=job(('Failed', 'BackoffLimitExceeded')), pods=[oom])))
+    assert retries is not None and 'last attempt: out of memory (OOMKilled): raise spec.resources.memory' in (
+        retries.details
+    )
+    other = failed_job_phase(situation(Observed(job=job(('Failed', 'SomethingElse')))))
+    assert other is not None and (other.reason, other.details) == ('SomethingElse', 'Failed because SomethingElse')
+    silent = failed_job_phase(situation(Observed(job=job(('Failed', 'PodFailurePolicy')), failure={})))
+    assert silent is not None and silent.details == 'Failed because PodFailurePolicy'
+    assert silent.completion == stamp()
+
+
+def _set(setter: str, *args: Any, previous: list[Any] | None = None) -> list[tuple[str, str, str | None]]:
+    from finetuner_operator import status as s
+
+    conditions = s.Conditions(previous or [], stamp())
+    getattr(s, setter)(conditions, *args)
+    return [(c.type, c.status, c.reason) for c in conditions.items]
+
+
+def test_each_condition_setter_sets_its_condition() -> None:
+    from finetuner.api.v1alpha1 import Phase
+    from finetuner_operator.status import Verdict
+
+    assert _set('set_created_condition', True) == [('Created', 'True', 'JobCreated')]
+    assert _set('set_created_condition', False) == [('Created', 'False', 'Submitted')]
+    assert _set('set_started_condition', stamp()) == [('Started', 'True', 'PodRunning')]
+    assert _set('set_started_condition', None) == [('Started', 'False', 'NotStarted')]
+    held = Verdict(Phase.CREATED, 'Queued', 'Waiting in queue q', suspended=True)
+    assert _set('set_suspended_condition', held) == [('Suspended', 'True', 'Queued')]
+    running = Verdict(Phase.STARTED, 'Running', 'Training')
+    assert _set('set_suspended_condition', running) == [('Suspended', 'False', 'NotSuspended')]
+    finished = Verdict(Phase.FINISHED, 'Succeeded', 'Fine-tuned model at x')
+    failed = Verdict(Phase.FAILED, 'Cancelled', 'Run cancelled by user')
+    assert _set('set_succeeded_condition', finished) == [('Succeeded', 'True', 'Succeeded')]
+    assert _set('set_succeeded_condition', failed) == [] == _set('set_succeeded_condition', running)
+    assert _set('set_failed_condition', failed) == [('Failed', 'True', 'Cancelled')]
+    assert _set('set_failed_condition', finished) == [] == _set('set_failed_condition', running)
+
+
+def test_a_condition_keeps_its_transition_time_until_its_status_changes() -> None:
+    from finetuner.api.v1alpha1 import Condition
+    from finetuner_operator.status import Conditions, set_started_condition
+
+    before = [Condition(type='Started', status='False', reason='NotStarted', last_transition_time=stamp(10))]
+    same = Conditions(before, stamp())
+    set_started_condition(same, None)
+    assert same.items[0].last_transition_time == stamp(10)
+    moved = Conditions(before, stamp())
+    set_started_condition(moved, stamp(1))
+    assert (moved.items[0].status, moved.items[0].last_transition_time) == ('True', stamp())

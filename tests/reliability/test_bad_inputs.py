@@ -35,7 +35,7 @@ from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, FinetuneRunSpec, TrainerCo
 from finetuner.errors import ArgumentError
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.reconcile import Reconciler
-from tests.operator.test_op_reconcile import NOW, FakeKube
+from tests.operator.test_op_reconcile import NOW, FakeKube, Reports
 from tests.support.tiny import TINY_TIMM, TINY_TIMM_OPTIONS, labelled_images, png_bytes, text_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -324,7 +324,7 @@ def _reconcile(name: str, spec: dict[str, Any]) -> tuple[FakeKube, dict[str, Any
     fake = FakeKube()
     body = fake.add('FinetuneRun', {'metadata': {'name': name, 'namespace': 'default'}, 'spec': spec})
     config = OperatorConfig(output='s3://b/runs')
-    reconciler = Reconciler(fake, config, now=lambda: NOW, read_outputs=lambda uri, wanted: {})  # type: ignore[arg-type]
+    reconciler = Reconciler(fake, config, now=lambda: NOW, reports=Reports())  # type: ignore[arg-type]
     reconciler.reconcile_run(body)
     reconciler.reconcile_run(fake.get_run('default', name))  # a second pass changes nothing
     return fake, fake.get_run('default', name)

@@ -93,9 +93,9 @@ def assert_ends(cluster: Cluster, run: str, phase: str = 'FINISHED', timeout: fl
     if status['phase'] != phase:
         logs = [cluster.node.read_log(NS, p.metadata.name) for p in target(cluster).pods(run)]
         keys = cluster.s3.keys(f'runs/{NS}/{run}/')
-        from finetuner_operator.reconcile import read_store_outputs
+        from finetuner_operator.reports import StoreReports
 
-        keys.append(repr(read_store_outputs(status['outputUri'])))
+        keys.append(repr(StoreReports().read(status['outputUri'])))
         raise AssertionError(f'{run} ended {status["phase"]}, not {phase}: {status}; logs {logs}; keys {keys}')
     assert most_pods_active_at_once(cluster, run) == 1
     manifest = f'runs/{NS}/{run}/artifact/manifest.json'

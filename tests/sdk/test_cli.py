@@ -29,7 +29,7 @@ def test_fit_wait_runs_status_logs_download_metrics(
     assert code == 0, out
     assert out.splitlines()[:2] == ['Run name: cli-run', 'Run status: CREATED']
     assert 'read 6 records' in out
-    assert out.strip().splitlines()[-1].startswith('Run status: FINISHED: Run finished; the model is in file://')
+    assert out.strip().splitlines()[-1].startswith('Run status: FINISHED: Fine-tuned model at file://')
     assert finetuner.get_run('cli-run').config.epochs == 2
 
     assert main(['runs']) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,58 @@ def test_generated_run_names_are_memorable_and_unique(scripted: LocalBackend) ->
     names = {finetuner.fit(model='scripted:no-artifact', train_data=DOCS).name for _ in range(3)}
     assert len(names) == 3
     assert all(re.fullmatch(r'[a-z]+-[a-z]+', name) for name in names)
+
+
+# fit() names two spec fields differently (Finetuner's names); every other spec field is an argument of its own name.
+RENAMED = {'experiment': 'experiment_name'}
+SDK_ONLY = {'run_name', 'cpu', 'scheduler_step', 'gpus', 'nodes'}  # no spec field of their own
+
+
+def test_fit_signature_covers_every_spec_field() -> None:
+    parameters = inspect.signature(finetuner.fit).parameters
+    expected = {RENAMED.get(name, name) for name in FinetuneRunSpec.model_fields} | SDK_ONLY
+    assert set(parameters) == expected
+    assert [p.name for p in parameters.values() if p.default is inspect.Parameter.empty] == ['model', 'train_data']
+    first = ['model', 'train_data', 'eval_data', 'val_split', 'model_artifact', 'run_name', 'description']
+    assert list(parameters)[:8] == [*first, 'experiment_name'], "Finetuner's positional order"
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(parameters.values())[8:])
+
+
+def _snake(text: str) -> str:
+    """camelCase words (the CR's field names) as snake_case (fit()'s argument names)."""
+    return re.sub(r'\b[a-z]+(?:[A-Z][a-z0-9]*)+\b', lambda m: re.sub('([A-Z])', r'_\1', m.group(0)).lower(), text)
+
+
+def test_fit_docstring_documents_every_argument_from_the_fields_descriptions() -> None:
+    doc = finetuner.fit.__doc__ or ''
+    section = doc.split('\nArgs:\n', 1)[1].split('\nReturns:\n', 1)[0]
+    entries = dict(re.findall(r'^    (\w+): (.+(?:\n        .+)*)', section, re.M))
+    assert list(entries) == list(inspect.signature(finetuner.fit).parameters)
+    for name, info in FinetuneRunSpec.model_fields.items():
+        text = ' '.join(entries[RENAMED.get(name, name)].split())
+        first_words = ' '.join(_snake(info.description or '').split()[:3])
+        if name not in ('model', 'train_data', 'eval_data', 'callbacks', 'experiment'):  # the SDK's own words
+            assert text.startswith(first_words), (name, text)
+        assert not re.search(r'\b[a-z]+[A-Z]\w*Data\b|\btrainData\b|\bevalData\b', text), (name, text)
+    assert 'Default: 5.' in entries['epochs'] and "Default: 'TripletMarginLoss'." in ' '.join(entries['loss'].split())
+    assert 'Raises:\n    ArgumentError' in doc
+
+
+def test_positional_arguments_keep_finetuners_order(scripted: LocalBackend) -> None:
+    run = finetuner.fit('scripted:ok', DOCS, None, 0.5, None, 'positional', 'a description')
+    assert (run.name, run.config.val_split, run.config.description) == ('positional', 0.5, 'a description')
+    run.wait(timeout=60, poll=0.1)
+    with pytest.raises(TypeError, match='too many positional arguments'):
+        finetuner.fit('scripted:ok', DOCS, None, 0.5, None, 'positional-2', None, None, {})
+
+
+def test_cli_fit_flags_follow_the_same_arguments() -> None:
+    from finetuner import cli
+
+    help_text = ' '.join(cli._parser()._subparsers._group_actions[0].choices['fit'].format_help().split())  # type: ignore[union-attr]
+    for name in cli.fit_flag_names():
+        assert f'--{name.replace("_", "-")}' in help_text, name
+    single_valued = {'epochs', 'learning_rate', 'to_onnx', 'device', 'sampler', 'queue_name', 'output_dim', 'seed'}
+    assert single_valued <= set(cli.fit_flag_names())
+    assert not {'model_options', 'resources', 'callbacks', 'tolerations'} & set(cli.fit_flag_names())
+    assert 'Passes over the training data.' in help_text and '{auto,cuda,cpu}' in help_text

@@ -105,6 +105,6 @@ def test_bad_data_ends_failed_with_the_trainers_reason(local: LocalBackend, tiny
     final = run.wait(timeout=240, poll=0.2)
     assert final['status'] == 'FAILED'
     assert "all items have the same label 'only'" in final['details']
-    assert run.full_status().reason == 'ConfigError'
+    assert run.full_status().reason == 'ConfigurationError'
     with pytest.raises(RunFailedError, match='all items have the same label'):
         run.save_model(tmp_path / 'model')

@@ -66,7 +66,7 @@ def test_failed_run_carries_the_trainers_reason(scripted: LocalBackend, tmp_path
         'status': 'FAILED',
         'details': 'train_data: 3 records have no label; labelled training needs tags["finetuner_label"]',
     }
-    assert run.full_status().reason == 'DataError'
+    assert run.full_status().reason == 'ConfigurationError'
     with pytest.raises(RunFailedError, match='failed, so it has no model: train_data: 3 records have no label'):
         run.save_model(tmp_path / 'model')
 
@@ -91,7 +91,7 @@ def test_unreachable_weights_get_an_actionable_reason(scripted: LocalBackend) ->
 def test_exit_zero_without_artifact_is_a_failure(scripted: LocalBackend) -> None:
     final = _fit(model='scripted:no-artifact').wait(timeout=60, poll=0.1)
     assert final['status'] == 'FAILED'
-    assert 'artifact/manifest.json is missing' in final['details']
+    assert 'artifact/manifest.json does not exist' in final['details']
 
 
 def test_save_model_before_the_end_is_refused(scripted: LocalBackend, tmp_path: Path) -> None:

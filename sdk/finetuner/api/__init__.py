@@ -1,5 +1,6 @@
 """The typed contract shared by the SDK, the operator and the trainer."""
 
+from finetuner.api.reasons import Reason
 from finetuner.api.v1alpha1 import (
     API_VERSION,
     EXIT_CONFIG_ERROR,
@@ -29,5 +30,6 @@ __all__ = [
     'FinetuneRunStatus',
     'Phase',
     'Progress',
+    'Reason',
     'TrainerConfig',
 ]

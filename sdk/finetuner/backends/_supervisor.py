@@ -4,7 +4,7 @@ Started by the local backend in a session of its own, it outlives the Python pro
 submitted the run. It starts the trainer (stdout and stderr to ``trainer.log``), marks the run
 STARTED once the trainer shows life (output or ``progress.json``), and when the trainer exits
 writes the terminal phase with the trainer's own reason. SIGTERM (``cancel()``) is passed to the
-trainer and the run ends FAILED, cancelled by user.
+trainer and the run ends FAILED with the reason ``Cancelled``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from finetuner.api import layout
+from finetuner.api import layout, reasons
+from finetuner.api.reasons import Reason
 from finetuner.api.v1alpha1 import Phase
 from finetuner.backends.local import (
     CANCEL_MARKER,
     COMMAND_FILE,
     CONFIG_FILE,
     OUTPUT_DIR,
-    STARTED_DETAILS,
     TRAINER_LOG,
     final_state,
     now,
@@ -76,7 +76,14 @@ def supervise(run_dir: Path) -> int:
             if state.phase == Phase.CREATED and _shows_life(run_dir):
                 write_state(
                     run_dir,
-                    state.model_copy(update={'phase': Phase.STARTED, 'details': STARTED_DETAILS, 'start_time': now()}),
+                    state.model_copy(
+                        update={
+                            'phase': Phase.STARTED,
+                            'reason': Reason.RUNNING.value,
+                            'details': reasons.RUNNING,
+                            'start_time': now(),
+                        }
+                    ),
                 )
             if stopping:
                 stop_sent_at = stop_sent_at or time.monotonic()

@@ -56,7 +56,7 @@ class Backend(ABC):
 
     @abstractmethod
     def cancel_run(self, name: str) -> None:
-        """Stop a run that is CREATED or STARTED; it ends FAILED with details 'cancelled'."""
+        """Stop a run that is CREATED or STARTED; it ends FAILED, reason Cancelled (finetuner.api.reasons)."""
 
     @abstractmethod
     def logs(self, name: str) -> str:

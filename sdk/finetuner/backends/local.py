@@ -33,7 +33,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from finetuner.api import layout
+from finetuner.api import layout, reasons
+from finetuner.api.reasons import Reason
 from finetuner.api.v1alpha1 import (
     ExperimentSpec,
     ExperimentStatus,
@@ -48,13 +49,10 @@ from finetuner.api.v1alpha1 import (
 )
 from finetuner.backends.base import Backend, ExperimentRecord, RunRecord
 from finetuner.errors import ArgumentError, BackendError, ExperimentNotFoundError, RunNotFoundError
-from finetuner.storage import LocalStore, S3Store, open_store
+from finetuner.storage import LocalStore, S3Store, StorageError, open_store
 
 NAMESPACE = 'local'
 DEFAULT_EXPERIMENT = 'default'
-CREATED_DETAILS = 'Run submitted and awaits execution'
-STARTED_DETAILS = 'Run is training'
-CANCELLED_DETAILS = 'Run cancelled by user'
 
 RUN_FILE = 'run.json'
 CONFIG_FILE = 'config.json'
@@ -87,8 +85,8 @@ class RunState(BaseModel):
     """What the supervisor observed (``state.json``)."""
 
     phase: Phase = Phase.CREATED
-    details: str = CREATED_DETAILS
-    reason: str | None = None
+    details: str = reasons.SUBMITTED
+    reason: str | None = Reason.SUBMITTED.value
     start_time: str | None = None
     completion_time: str | None = None
     exit_code: int | None = None
@@ -150,40 +148,72 @@ def explain_weights_unreachable(run_dir: Path, message: str) -> str | None:
     )
 
 
-def failure_reason(run_dir: Path, exit_code: int | None) -> tuple[str, str]:
-    """(reason, details) of a failed trainer: failure.json, the termination log, or the log's tail."""
-    failure = _read_json(run_dir / OUTPUT_DIR / layout.FAILURE)
+def run_output(run_dir: Path) -> LocalStore | S3Store:
+    """The run's output location as its trainer was told (``spec.output`` may move it off this machine)."""
+    config = _read_json(run_dir / CONFIG_FILE) or {}
+    return open_store(config.get('outputUri') or (run_dir / OUTPUT_DIR).as_uri())
+
+
+def _read_report(output: LocalStore | S3Store, key: str) -> Any:
+    try:
+        return output.read_json_or_none(key)
+    except (StorageError, ValueError):
+        return None
+
+
+def _trainer_message(output: LocalStore | S3Store, run_dir: Path) -> str | None:
+    """The trainer's own one-line reason: its failure.json, else its termination log."""
+    failure = _read_report(output, layout.FAILURE)
     if isinstance(failure, dict) and (failure.get('message') or failure.get('reason')):
-        reason = str(failure.get('reason') or 'TrainerFailed')
-        message = str(failure.get('message') or failure.get('reason'))
-        explained = explain_weights_unreachable(run_dir, message)
-        if explained:
-            return 'WeightsUnavailable', explained
-        return (reason if reason.isidentifier() else 'TrainerFailed'), message
-    termination = _read_text(run_dir / TERMINATION_LOG).strip()
-    config_error = exit_code == 3
-    reason = 'ConfigError' if config_error else 'TrainerFailed'
-    if termination:
-        return reason, termination.splitlines()[-1]
-    lines = [line for line in _read_text(run_dir / TRAINER_LOG).splitlines() if line.strip()]
-    tail = lines[-1].strip() if lines else 'no output'
-    return reason, f'trainer exited with code {exit_code}: {tail}'
+        return str(failure.get('message') or failure.get('reason'))
+    lines = [line for line in _read_text(run_dir / TERMINATION_LOG).splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def failure_reason(run_dir: Path, exit_code: int | None) -> tuple[str, str]:
+    """(reason, details) of a failed trainer, in the vocabulary the operator speaks too."""
+    message = _trainer_message(run_output(run_dir), run_dir)
+    explained = explain_weights_unreachable(run_dir, message) if message else None
+    if explained:
+        return Reason.WEIGHTS_UNAVAILABLE.value, explained
+    if message is None:
+        lines = [line for line in _read_text(run_dir / TRAINER_LOG).splitlines() if line.strip()]
+        message = reasons.trainer_exited(exit_code, lines[-1].strip() if lines else 'no output')
+    if reasons.is_configuration_error(exit_code):
+        return Reason.CONFIGURATION_ERROR.value, reasons.configuration_error(message)
+    return Reason.TRAINER_FAILED.value, message
+
+
+def ending(run_dir: Path, exit_code: int) -> tuple[Phase, str, str]:
+    """(phase, reason, details) of a trainer that exited with ``exit_code``."""
+    if (run_dir / CANCEL_MARKER).exists():
+        return Phase.FAILED, Reason.CANCELLED.value, reasons.CANCELLED
+    if exit_code == 0:
+        output = run_output(run_dir)
+        try:
+            published = output.exists(layout.ARTIFACT_MANIFEST)
+        except StorageError:
+            published = False
+        if published:
+            return Phase.FINISHED, Reason.SUCCEEDED.value, reasons.succeeded(output.uri)
+        return Phase.FAILED, Reason.ARTIFACT_MISSING.value, reasons.artifact_missing(output.uri)
+    reason, details = failure_reason(run_dir, exit_code)
+    return Phase.FAILED, reason, details
 
 
 def final_state(run_dir: Path, exit_code: int, state: RunState) -> RunState:
     """The terminal state of a trainer that exited with ``exit_code``."""
-    done = state.model_copy(update={'exit_code': exit_code, 'completion_time': now(), 'trainer_pid': None})
-    if (run_dir / CANCEL_MARKER).exists():
-        return done.model_copy(update={'phase': Phase.FAILED, 'details': CANCELLED_DETAILS, 'reason': 'Cancelled'})
-    manifest = run_dir / OUTPUT_DIR / layout.ARTIFACT_MANIFEST
-    if exit_code == 0 and manifest.is_file():
-        details = f'Run finished; the model is in {(run_dir / OUTPUT_DIR / layout.ARTIFACT).as_uri()}'
-        return done.model_copy(update={'phase': Phase.FINISHED, 'details': details, 'reason': 'Succeeded'})
-    if exit_code == 0:
-        details = 'trainer exited without writing an artifact (artifact/manifest.json is missing)'
-        return done.model_copy(update={'phase': Phase.FAILED, 'details': details, 'reason': 'NoArtifact'})
-    reason, details = failure_reason(run_dir, exit_code)
-    return done.model_copy(update={'phase': Phase.FAILED, 'details': details, 'reason': reason})
+    phase, reason, details = ending(run_dir, exit_code)
+    return state.model_copy(
+        update={
+            'exit_code': exit_code,
+            'completion_time': now(),
+            'trainer_pid': None,
+            'phase': phase,
+            'reason': reason,
+            'details': details,
+        }
+    )
 
 
 def _read_json(path: Path) -> Any:
@@ -317,9 +347,10 @@ class LocalBackend(Backend):
                     close_fds=True,
                 )
         except OSError as e:
-            write_state(
-                run_dir, RunState(phase=Phase.FAILED, details=f'could not start the trainer: {e}', reason='StartFailed')
+            failed = RunState(
+                phase=Phase.FAILED, details=f'could not start the trainer: {e}', reason=Reason.START_FAILED.value
             )
+            write_state(run_dir, failed)
             raise BackendError(f'could not start the local trainer for {name!r}: {e}') from e
         (run_dir / PID_FILE).write_text(str(child.pid))
         self._children[name] = child
@@ -338,38 +369,43 @@ class LocalBackend(Backend):
             return None
         return process_alive(pid)
 
-    def _status(self, name: str, run_dir: Path) -> FinetuneRunStatus:
+    def _state(self, name: str, run_dir: Path) -> RunState:
+        """The supervisor's record, checked against the world: a supervisor that vanished without
+        writing a final phase leaves the run FAILED, never forever STARTED."""
         state = read_state(run_dir)
+        if state.phase_is_terminal() or self._supervisor_alive(name, run_dir) is not False:
+            return state
+        state = read_state(run_dir)  # it may have written its final phase just before exiting
         if not state.phase_is_terminal():
-            alive = self._supervisor_alive(name, run_dir)
-            if alive is False:
-                state = read_state(run_dir)  # it may have written its final phase just before exiting
-                if not state.phase_is_terminal():
-                    state = state.model_copy(
-                        update={
-                            'phase': Phase.FAILED,
-                            'reason': 'SupervisorLost',
-                            'details': 'the local process running this run ended without a result '
-                            '(machine restarted or process killed); see logs() and start a new run',
-                            'completion_time': state.completion_time or now(),
-                        }
-                    )
-                    write_state(run_dir, state)
+            state = state.model_copy(
+                update={
+                    'phase': Phase.FAILED,
+                    'reason': Reason.SUPERVISOR_LOST.value,
+                    'details': 'the local process running this run ended without a result '
+                    '(machine restarted or process killed); see logs() and start a new run',
+                    'completion_time': state.completion_time or now(),
+                }
+            )
+            write_state(run_dir, state)
+        return state
+
+    def _status(self, name: str, run_dir: Path) -> FinetuneRunStatus:
+        state = self._state(name, run_dir)
         output = run_dir / OUTPUT_DIR
         stored = _read_json(run_dir / RUN_FILE) or {}
         spec_output = (stored.get('spec') or {}).get('output')
         output_uri = f'{spec_output.rstrip("/")}/{name}' if spec_output else output.as_uri()
-        progress = _read_json(output / layout.PROGRESS)
+        progress = _parse(Progress, _read_json(output / layout.PROGRESS))
         metrics = _read_json(output / layout.METRICS)
         has_artifact = (output / layout.ARTIFACT_MANIFEST).is_file()
         return FinetuneRunStatus(
             phase=state.phase,
-            details=state.details,
+            details=reasons.running(progress) if state.phase == Phase.STARTED else state.details,
             reason=state.reason,
             start_time=state.start_time,
             completion_time=state.completion_time,
             attempts=1 if state.start_time else 0,
-            progress=_parse(Progress, progress),
+            progress=progress,
             metrics=_parse(RunMetrics, {k: v for k, v in metrics.items() if k in ('before', 'after')})
             if isinstance(metrics, dict)
             else None,
@@ -439,8 +475,8 @@ class LocalBackend(Backend):
                 state.model_copy(
                     update={
                         'phase': Phase.FAILED,
-                        'details': CANCELLED_DETAILS,
-                        'reason': 'Cancelled',
+                        'details': reasons.CANCELLED,
+                        'reason': Reason.CANCELLED.value,
                         'completion_time': now(),
                     }
                 ),
