@@ -7,6 +7,9 @@ Pydantic's JSON schema is turned into the *structural* OpenAPI v3 schema the API
 demands: ``$ref`` inlined, ``anyOf [X, null]`` turned into ``nullable: true``,
 ``additionalProperties: false``/``title``/``default`` dropped, numeric exclusive bounds in the
 OpenAPI 3.0 form, and free-form option maps marked ``x-kubernetes-preserve-unknown-fields``.
+What the models declare for the API server in ``json_schema_extra`` (enums, patterns, bounds and
+``x-kubernetes-validations`` CEL rules) is kept, and a FinetuneRun's root gets the transition rule that
+freezes its training spec once it has started (:func:`immutability_rule`).
 """
 
 from __future__ import annotations
@@ -90,10 +93,36 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def immutability_rule(spec: type[BaseModel], mutable: tuple[str, ...]) -> dict[str, str]:
+    """A transition rule at the root: once the run has a Job or has left CREATED, only ``mutable`` may change.
+
+    The rule sits at the root because it reads the old status; it compares the spec field by field
+    (``has`` on both sides, then ``==``), so that a field left out and a field given stay distinct."""
+    fields = [f.alias or name for name, f in spec.model_fields.items() if (f.alias or name) not in mutable]
+    same = ' && '.join(
+        f'has(self.spec.{f}) == has(oldSelf.spec.{f}) && (!has(self.spec.{f}) || self.spec.{f} == oldSelf.spec.{f})'
+        for f in fields
+    )
+    not_started = (
+        '!has(oldSelf.status) || (!has(oldSelf.status.jobName) && (!has(oldSelf.status.phase) || '
+        "oldSelf.status.phase == 'CREATED'))"
+    )
+    allowed = ', '.join(f'spec.{m}' for m in mutable)
+    return {
+        'rule': f'{not_started} || ({same})',
+        'message': f'the training spec cannot change once the run has a trainer Job or has started: only {allowed} '
+        'may; create a new run for other settings',
+        'fieldPath': '.spec',
+    }
+
+
 def build_crd(kind: str) -> dict[str, Any]:
     info = CRD_KINDS[kind]
     spec_schema = structural_schema(info['spec'])
     status_schema = structural_schema(info['status'])
+    root_rules = []
+    if info.get('mutable_once_started') is not None:
+        root_rules.append(immutability_rule(info['spec'], info['mutable_once_started']))
     return {
         'apiVersion': 'apiextensions.k8s.io/v1',
         'kind': 'CustomResourceDefinition',
@@ -131,6 +160,7 @@ def build_crd(kind: str) -> dict[str, Any]:
                                 'spec': spec_schema,
                                 'status': status_schema,
                             },
+                            **({'x-kubernetes-validations': root_rules} if root_rules else {}),
                         }
                     },
                 }
