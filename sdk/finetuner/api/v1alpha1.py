@@ -16,7 +16,17 @@ import re
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from finetuner.api.pod import POD_SETTING_FIELDS, Affinity, EnvVar, LocalObjectReference, PodSettings, Volume
@@ -451,10 +461,14 @@ class FinetuneRunSpec(_Model):
     def pod_settings(self) -> PodSettings:
         return PodSettings.model_validate({name: getattr(self, name) for name in POD_SETTING_FIELDS})
 
-    def to_k8s(self) -> dict[str, Any]:
-        """The wire form, without empty option maps: CEL can then tell "minerOptions given" by has()."""
-        wire = super().to_k8s()
-        return {k: v for k, v in wire.items() if not (k.endswith('Options') and v == {})}
+    @model_serializer(mode='wrap')
+    def _wire(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        """The camelCase wire form leaves out empty option maps (their default), so that a CEL rule can tell
+        "minerOptions given" by ``has()``: Kubernetes' CEL cannot look inside a free-form map."""
+        data = handler(self)
+        if info.by_alias:
+            data = {k: v for k, v in data.items() if not (k.endswith('Options') and v == {})}
+        return data
 
     @field_validator('loss')
     @classmethod
