@@ -87,7 +87,13 @@ ROWS: list[Row] = [
     Row('batch-size-range', 'contract', {'batchSize': -1}, 'spec.batchSize: Input should be greater', crd=True),
     Row('val-split-range', 'contract', {'valSplit': 1.5}, 'spec.valSplit: Input should be less than 1', crd=True),
     Row('gpus-range', 'contract', {'resources': {'gpus': 17}}, 'spec.resources.gpus: Input should be less', crd=True),
-    Row('memory-quantity', 'contract', {'resources': {'memory': 'lots'}}, "'lots' is not a Kubernetes quantity"),
+    Row(
+        'memory-quantity',
+        'contract',
+        {'resources': {'memory': 'lots'}},
+        "'lots' is not a Kubernetes quantity",
+        crd=True,
+    ),
     Row('deadline-range', 'contract', {'activeDeadlineSeconds': 10}, 'spec.activeDeadlineSeconds', crd=True),
     Row('backoff-range', 'contract', {'backoffLimit': 100}, 'spec.backoffLimit: Input should be less', crd=True),
     Row('model-empty', 'contract', {'model': ''}, 'spec.model: String should have at least 1 character', crd=True),
@@ -119,13 +125,16 @@ ROWS: list[Row] = [
         "unknown scheduler 'cosine_annealing'",
         crd=True,
     ),
-    Row('callback-unknown', 'contract', {'callbacks': [{'name': 'EarlyStop'}]}, "unknown callback 'EarlyStop'"),
-    Row('csv-dialect', 'contract', {'csvOptions': {'dialect': 'tsv'}}, "unknown CSV dialect 'tsv'"),
+    Row(
+        'callback-unknown', 'contract', {'callbacks': [{'name': 'EarlyStop'}]}, "unknown callback 'EarlyStop'", crd=True
+    ),
+    Row('csv-dialect', 'contract', {'csvOptions': {'dialect': 'tsv'}}, "unknown CSV dialect 'tsv'", crd=True),
     Row(
         'experiment-name',
         'contract',
         {'experiment': 'My_Exp'},
         "spec.experiment: experiment 'My_Exp' is not a valid name",
+        crd=True,
     ),
     # --- CR fields: combinations --------------------------------------------------------------------
     Row('clip-loss-without-multimodal', 'contract', {'loss': 'CLIPLoss'}, 'loss CLIPLoss needs multiModal: true'),
