@@ -448,7 +448,7 @@ def validate_rules(
 ) -> list[FieldError]:
     """Every ``x-kubernetes-validations`` rule on the way down (cel/validation.go), old values by key."""
     errors: list[FieldError] = []
-    if schema is None or value is None:
+    if schema is None or value is None or not _subtree_has_rules(schema):
         return errors
     _evaluate_rules(value, old, schema, path, root, errors)
     if isinstance(value, dict):
@@ -468,8 +468,16 @@ def validate_rules(
     return errors
 
 
-def has_rules(schema: Any) -> bool:
-    return '"x-kubernetes-validations"' in json.dumps(schema)
+_RULES_BELOW: dict[int, tuple[Any, bool]] = {}  # id(schema node) -> (the node, kept alive; has rules below)
+
+
+def _subtree_has_rules(schema: dict[str, Any]) -> bool:
+    """Whether ``schema`` or a node under it has rules (memoised: a CRD's schema lives as long as its kind)."""
+    known = _RULES_BELOW.get(id(schema))
+    if known is None or known[0] is not schema:
+        known = (schema, '"x-kubernetes-validations"' in json.dumps(schema))
+        _RULES_BELOW[id(schema)] = known
+    return known[1]
 
 
 def compile_errors(schema: dict[str, Any], path: str) -> list[FieldError]:
