@@ -44,17 +44,29 @@ FIELD_VALIDATION = ('Strict', 'Warn', 'Ignore')
 
 
 def go_float(value: float) -> str:
-    """``fmt.Sprintf("%v", float64)``: shortest digits, exponent form below 1e-4 and from 1e21."""
-    if math.isinf(value):
-        return '+Inf' if value > 0 else '-Inf'
-    if value == int(value) and abs(value) < 1e21:
-        return str(int(value))
-    text = repr(value)
-    if 'e' in text:
-        mantissa, exponent = text.split('e')
-        sign = '-' if exponent.startswith('-') else '+'
-        return f'{mantissa}e{sign}{int(exponent.lstrip("+-")):02d}'
-    return text
+    """``fmt.Sprintf("%v", float64)``: the shortest digits, in exponent form when the exponent is below -4
+    or from 6 up (strconv's rule for the shortest 'g' format): 0.5, 1e-05, 123456, 1e+06."""
+    if math.isinf(value) or math.isnan(value):
+        return {True: '+Inf', False: '-Inf'}[value > 0] if math.isinf(value) else 'NaN'
+    if value == 0:
+        return '0'
+    sign = '-' if value < 0 else ''
+    mantissa, _, exponent = f'{abs(value)!r}'.partition('e')
+    whole, _, fraction = mantissa.partition('.')
+    digits = (whole + fraction).lstrip('0')
+    point = len(whole) + (int(exponent) if exponent else 0)  # digits before the decimal point
+    if whole == '0':  # 0.000123: the point sits before the fraction's leading zeros
+        point = -(len(fraction) - len(fraction.lstrip('0'))) + (int(exponent) if exponent else 0)
+    digits = digits.rstrip('0') or '0'
+    power = point - 1
+    if power < -4 or power >= 6:
+        body = digits[0] + ('.' + digits[1:] if len(digits) > 1 else '')
+        return f'{sign}{body}e{"-" if power < 0 else "+"}{abs(power):02d}'
+    if power < 0:
+        return f'{sign}0.{"0" * (-power - 1)}{digits}'
+    padded = digits.ljust(power + 1, '0')
+    rest = padded[power + 1 :]
+    return f'{sign}{padded[: power + 1]}{"." + rest if rest else ""}'
 
 
 def go_quote(text: str) -> str:

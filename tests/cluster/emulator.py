@@ -255,11 +255,24 @@ def _spec_part(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in ('metadata', 'status', 'apiVersion', 'kind')}
 
 
-def _jsonpath(obj: dict[str, Any], path: str) -> Any:
-    value: Any = obj
-    for part in path.strip('.').split('.'):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+def _job_selector(job: dict[str, Any]) -> None:
+    """The Job REST strategy's defaults on create: a selector on the Job's uid and the labels that match it
+    on the pod template (https://kubernetes.io/docs/concepts/workloads/controllers/job/#specifying-your-own-pod-selector),
+    which is what ``kubectl logs job/<name>`` follows to the pods."""
+    spec = job.setdefault('spec', {})
+    if spec.get('manualSelector') or spec.get('selector'):
+        return
+    uid, name = job['metadata']['uid'], job['metadata']['name']
+    spec['selector'] = {'matchLabels': {'batch.kubernetes.io/controller-uid': uid}}
+    labels = spec.setdefault('template', {}).setdefault('metadata', {}).setdefault('labels', {})
+    labels.update(
+        {
+            'batch.kubernetes.io/controller-uid': uid,
+            'batch.kubernetes.io/job-name': name,
+            'controller-uid': uid,
+            'job-name': name,
+        }
+    )
 
 
 class KubeEmu(kmock.KubernetesEmulator):
@@ -740,6 +753,8 @@ class KubeEmu(kmock.KubernetesEmulator):
             meta.pop(stale, None)
         if kind.key == CRD_KEY:
             self._install_crd(obj)
+        if kind.key == 'batch/v1/jobs':
+            _job_selector(obj)
         self._put(kind, key, obj)
         self._emit(kind, 'ADDED', None, obj)
         created = copy.deepcopy(obj)
