@@ -182,3 +182,30 @@ def test_wait_logs_and_cascading_delete_of_a_training_run(cluster: Cluster, tmp_
         what='the Job, its pods and the ConfigMap deleted with the run',
     )
     assert 'No resources found' in kubectl(cluster, 'get', 'ftr')
+
+
+def test_serve_starts_a_test_cluster_for_a_users_kubectl(tmp_path: Path) -> None:
+    """``python -m tests.cluster.serve --kubeconfig PATH`` (its module docstring): kubectl works against it."""
+    import sys
+
+    kubeconfig = tmp_path / 'kubeconfig'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'tests.cluster.serve', '--kubeconfig', str(kubeconfig)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith('url http://127.0.0.1:')
+        assert process.stderr is not None and f'KUBECONFIG={kubeconfig}' in process.stderr.readline()
+        assert KUBECTL is not None
+        crds = subprocess.run(
+            [KUBECTL, '--kubeconfig', str(kubeconfig), 'get', 'crd'], capture_output=True, text=True, check=True
+        ).stdout
+        assert header(crds) == ['NAME', 'CREATED', 'AT'] and 'finetuneruns.finetuner.dev' in crds
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        assert process.wait(30) == 0
