@@ -387,7 +387,9 @@ class RuleContext:
 def _rule_path(path: str, field_path: str | None) -> str:
     if not field_path:
         return path
-    return (path + field_path) if field_path.startswith(('.', '[')) else _child(path, field_path)
+    if field_path.startswith('['):
+        return path + field_path
+    return _child(path, field_path.removeprefix('.'))
 
 
 def _rule_error(rule: dict[str, Any], path: str, schema_type: str, detail: str) -> FieldError:

@@ -172,7 +172,10 @@ def test_wait_logs_and_cascading_delete_of_a_training_run(cluster: Cluster, tmp_
     assert kubectl(cluster, 'logs', '-l', 'finetuner.dev/run=tiny').strip() == logs.strip()
 
     edited = kubectl(cluster, 'patch', 'ftr', 'tiny', '--type=merge', '-p', '{"spec":{"epochs":3}}', ok=False)
-    assert 'spec: Invalid value: "object": the training spec cannot change once the run has a trainer Job' in edited
+    assert (
+        'is invalid: spec: Invalid value: "object": the training spec cannot change once the run has a trainer Job'
+        in edited
+    )
     kubectl(cluster, 'patch', 'ftr', 'tiny', '--type=merge', '-p', '{"spec":{"description":"kept"}}')
 
     deleted = kubectl(cluster, 'delete', 'ftr', 'tiny', '--cascade=foreground', '--wait=true', '--timeout=60s')

@@ -114,11 +114,11 @@ def immutability_rule(spec: type[BaseModel], mutable: tuple[str, ...]) -> dict[s
         '!has(oldSelf.status) || (!has(oldSelf.status.jobName) && (!has(oldSelf.status.phase) || '
         "oldSelf.status.phase == 'CREATED'))"
     )
-    allowed = ', '.join(f'spec.{m}' for m in mutable)
+    allowed = ' and '.join(f'spec.{m}' for m in mutable)
     return {
         'rule': f'{not_started} || ({same})',
         'message': f'the training spec cannot change once the run has a trainer Job or has started: only {allowed} '
-        'may; create a new run for other settings',
+        'may change; create a new run for other settings',
         'fieldPath': '.spec',
     }
 
