@@ -415,3 +415,56 @@ def test_go_formatting_of_bad_values() -> None:
         '123456',
     ]
     assert apiextensions.go_value('a"b') == '"a\\"b"' and apiextensions.go_value(True) == 'true'
+
+
+@pytest.mark.parametrize(
+    ('rule', 'self_value'),
+    [
+        ("self.name.matches('^[a-z]+$') && self.name.startsWith('a')", {'name': 'abc'}),
+        ("'abc 123'.find('[0-9]+') == '123' && 'a1b2'.findAll('[0-9]') == ['1', '2']", {}),
+        ('[1, 2, 3].isSorted() && [1, 2, 3].sum() == 6 && [3, 1].min() == 1 && [3, 1].max() == 3', {}),
+        ("isURL('https://example.com/x') && !isURL('not a url') && isQuantity('16Gi') && !isQuantity('16 gigs')", {}),
+        ("'TacoCat'.lowerAscii() == 'tacocat' && 'a,b'.split(',') == ['a', 'b'] && ['a', 'b'].join('-') == 'a-b'", {}),
+        ("self.?missing.orValue('fallback') == 'fallback' && !has(self.missing)", {}),
+        (
+            'self.items.all(i, i > 0) && self.items.exists_one(i, i == 2) && self.items.map(i, i * 2) == [2, 4]',
+            {'items': [1, 2]},
+        ),
+        (
+            "duration('1h') > duration('30m') && timestamp('2024-01-01T00:00:00Z') < timestamp('2025-01-01T00:00:00Z')",
+            {},
+        ),
+    ],
+)
+def test_cel_libraries_of_the_kubernetes_docs(rule: str, self_value: dict[str, Any]) -> None:
+    """The language and libraries listed in https://kubernetes.io/docs/reference/using-api/cel/ (the ones
+    tests/cluster/cel.py offers)."""
+    from tests.cluster import cel
+
+    assert cel.compile_rule(rule).evaluate(self_value) is True
+
+
+def test_cel_values_follow_the_schema_types() -> None:
+    """https://kubernetes.io/docs/reference/using-api/cel/#type-system-integration: an OpenAPI ``number`` is a
+    CEL double even when the JSON holds an integer; a null property of an object counts as absent."""
+    from tests.cluster import cel
+
+    schema = {
+        'type': 'object',
+        'properties': {'ratio': {'type': 'number'}, 'note': {'type': 'string', 'nullable': True}},
+    }
+    value = cel.to_cel({'ratio': 1, 'note': None}, schema)
+    assert value == {'ratio': 1.0} and isinstance(value['ratio'], float)
+    with pytest.raises(cel.CelError, match=r'Key not found in map : "note"'):
+        cel.compile_rule('self.note == "x"').evaluate(value)
+
+
+def test_watches_answer_in_tables_when_asked(http: Http) -> None:
+    """https://kubernetes.io/docs/reference/using-api/api-concepts/#receiving-resources-as-tables (watch), which
+    ``kubectl get -w`` uses."""
+    http('POST', CRONTABS, crontab())
+    accept = {'Accept': 'application/json;as=Table;v=v1;g=meta.k8s.io'}
+    status, _, body = http('GET', CRONTABS + '?watch=true&timeoutSeconds=1', headers=accept)
+    events = [json.loads(line) for line in body.splitlines() if line.strip()] if isinstance(body, str) else [body]
+    assert status == 200 and events[0]['type'] == 'ADDED'
+    assert events[0]['object']['kind'] == 'Table' and events[0]['object']['rows'][0]['cells'][0] == 'my-new-cron-object'
