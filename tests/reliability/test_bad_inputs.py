@@ -5,7 +5,9 @@ Layers, earliest first:
 - ``contract``: a FinetuneRun field the shared contract (``FinetuneRunSpec``) refuses. The SDK
   validates the same model before it uploads anything; for a CR applied by hand the operator
   fails the run with ``InvalidSpec`` before any child exists. ``crd`` says whether the CRD's
-  OpenAPI schema already makes the API server refuse it (types, ranges, enums).
+  OpenAPI schema already makes the API server refuse it (types, ranges, enums, patterns); the combination
+  rows are refused by the CRD's CEL rules too (tests/cluster/test_apiserver.py, test_kubectl.py), which
+  the jsonschema check here does not run.
 - ``operator``: a spec the contract accepts that the operator cannot run (a name too long for the
   run's children, a location the trainer cannot use, a dataset name that climbs out of its prefix):
   ``InvalidSpec``, nothing created.
