@@ -18,7 +18,13 @@ kube-apiserver where the operator can tell the difference (see ``/work/shared/TE
   Foreground and Orphan propagation (the API's default for Jobs is Orphan, as on a real server),
   also of an object created after all its owners were deleted;
 - pod logs (``/log``, with ``follow``) from a pluggable source, as ``text/plain``;
-- server-side Table output with printer columns, so ``kubectl get`` shows them.
+- CRDs served from their CustomResourceDefinition objects; every write of a custom resource pruned,
+  defaulted and validated by the CRD's structural schema and CEL rules, with ``fieldValidation`` and the
+  real 422/400 Status shapes (:mod:`tests.cluster.apiextensions`, :mod:`tests.cluster.cel`);
+- discovery (legacy and aggregated v2) and OpenAPI v2/v3 documents (:mod:`tests.cluster.openapi`), so that
+  kubectl validates on the server and ``kubectl explain`` works;
+- server-side Table output (:mod:`tests.cluster.tables`): printer columns, ages, ``-o wide`` priorities;
+- a Job's selector and its template labels defaulted on create, as the Job REST strategy does.
 
 Faults for reliability tests: :meth:`KubeEmu.inject` makes the server answer chosen requests with
 an error (500, 429 with ``Retry-After``, 409, ...) a number of times, and :meth:`KubeEmu.drop_watches`
