@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetuner.api.pod import PodSettings
 from finetuner.api.v1alpha1 import API_VERSION, EXIT_CONFIG_ERROR, FinetuneRunSpec, TrainerConfig
 from finetuner_operator.config import OperatorConfig
 
@@ -230,6 +231,17 @@ def _tolerations(spec: FinetuneRunSpec, config: OperatorConfig) -> list[dict[str
     return tolerations
 
 
+def _pod_settings(pod_spec: dict[str, Any], settings: PodSettings) -> None:
+    """The runtime template's and the run's pull secrets, affinity and priority class (env, volumes and the
+    service account are placed with the container)."""
+    if settings.image_pull_secrets:
+        pod_spec['imagePullSecrets'] = [secret.to_k8s() for secret in settings.image_pull_secrets]
+    if settings.affinity is not None:
+        pod_spec['affinity'] = settings.affinity.to_k8s()
+    if settings.priority_class_name:
+        pod_spec['priorityClassName'] = settings.priority_class_name
+
+
 def pod_failure_policy() -> dict[str, Any]:
     """Fail at once on the trainer's configuration exit code; do not count disruptions as failures."""
     return {
@@ -253,12 +265,16 @@ def build_job(
     if queue:
         job_labels[QUEUE_LABEL] = queue
     volumes, mounts = _volumes(run, spec, config)
+    settings = config.runtime_template.merged(spec.pod_settings())
+    volumes += [volume.pod_volume() for volume in settings.volumes]
+    mounts += [volume.mount() for volume in settings.volumes]
     container: dict[str, Any] = {
         'name': CONTAINER,
         'image': spec.image or config.trainer_image,
         'imagePullPolicy': 'IfNotPresent',
         'command': _command(run, spec),
-        'env': _env(run, namespace, spec, config, output_uri(run, namespace, spec, config)),
+        'env': _env(run, namespace, spec, config, output_uri(run, namespace, spec, config))
+        + [variable.to_k8s() for variable in settings.env],
         'volumeMounts': mounts,
         'terminationMessagePath': TERMINATION_LOG,
         'terminationMessagePolicy': 'FallbackToLogsOnError',
@@ -274,7 +290,7 @@ def build_job(
         container['resources'] = resources
     pod_spec: dict[str, Any] = {
         'restartPolicy': 'Never',
-        'serviceAccountName': config.trainer_service_account,
+        'serviceAccountName': settings.service_account_name or config.trainer_service_account,
         'automountServiceAccountToken': False,
         'enableServiceLinks': False,
         'securityContext': {
@@ -295,6 +311,7 @@ def build_job(
         pod_spec['tolerations'] = tolerations
     if config.runtime_class:
         pod_spec['runtimeClassName'] = config.runtime_class
+    _pod_settings(pod_spec, settings)
     job_spec: dict[str, Any] = {
         'backoffLimit': spec.backoff_limit,
         'podFailurePolicy': pod_failure_policy(),

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from finetuner.api.pod import PodSettings
+
 
 class OperatorConfig(BaseModel):
     trainer_image: str = Field(
@@ -53,6 +55,11 @@ class OperatorConfig(BaseModel):
         'namespaces; the others wait (CREATED/Waiting) without a Job. Runs with a Kueue queue are not counted. '
         '0 = no limit (Kueue is the better tool).',
     )
+    runtime_template: PodSettings = Field(
+        default_factory=PodSettings,
+        description='FINETUNER_RUNTIME_TEMPLATE: JSON pod settings every trainer pod gets (imagePullSecrets, '
+        "affinity, priorityClassName, env, volumes, serviceAccountName); a run's own settings win.",
+    )
     trainer_service_account: str = Field(
         default='finetuner-trainer', description='FINETUNER_TRAINER_SERVICE_ACCOUNT: no API rights, no token.'
     )
@@ -86,7 +93,7 @@ class OperatorConfig(BaseModel):
             raw = env.get(f'FINETUNER_{name.upper()}')
             if raw is None or raw == '':
                 continue
-            if name in ('node_selector', 'tolerations'):
+            if name in ('node_selector', 'tolerations', 'runtime_template'):
                 try:
                     values[name] = json.loads(raw)
                 except json.JSONDecodeError as e:

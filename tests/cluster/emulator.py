@@ -18,7 +18,13 @@ kube-apiserver where the operator can tell the difference (see ``/work/shared/TE
   Foreground and Orphan propagation (the API's default for Jobs is Orphan, as on a real server),
   also of an object created after all its owners were deleted;
 - pod logs (``/log``, with ``follow``) from a pluggable source, as ``text/plain``;
-- server-side Table output with printer columns, so ``kubectl get`` shows them.
+- CRDs served from their CustomResourceDefinition objects; every write of a custom resource pruned,
+  defaulted and validated by the CRD's structural schema and CEL rules, with ``fieldValidation`` and the
+  real 422/400 Status shapes (:mod:`tests.cluster.apiextensions`, :mod:`tests.cluster.cel`);
+- discovery (legacy and aggregated v2) and OpenAPI v2/v3 documents (:mod:`tests.cluster.openapi`), so that
+  kubectl validates on the server and ``kubectl explain`` works;
+- server-side Table output (:mod:`tests.cluster.tables`): printer columns, ages, ``-o wide`` priorities;
+- a Job's selector and its template labels defaulted on create, as the Job REST strategy does.
 
 Faults for reliability tests: :meth:`KubeEmu.inject` makes the server answer chosen requests with
 an error (500, 429 with ``Retry-After``, 409, ...) a number of times, and :meth:`KubeEmu.drop_watches`
@@ -44,7 +50,14 @@ import aiohttp.web
 import jsonpatch
 import kmock
 
+from tests.cluster import apiextensions, openapi, tables
+
 DNS1123_SUBDOMAIN = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')
+DNS1123_SUBDOMAIN_MESSAGE = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must "
+    "start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is "
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
 HISTORY_LIMIT = 20000
 BOOKMARK_INTERVAL = 1.0
 
@@ -74,6 +87,10 @@ class ApiError(Exception):
         }
 
 
+VERBS = ('create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch')
+CRD_KEY = 'apiextensions.k8s.io/v1/customresourcedefinitions'
+
+
 @dataclass
 class Kind:
     """What the server knows about one resource."""
@@ -83,7 +100,26 @@ class Kind:
     api_version: str
     namespaced: bool
     status_subresource: bool
-    columns: list[dict[str, str]] = field(default_factory=list)  # printer columns (jsonPath)
+    columns: list[dict[str, Any]] | None = None  # a CRD's additionalPrinterColumns; None for built-ins
+    singular: str = ''
+    shortnames: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    subresources: tuple[str, ...] = ()
+    verbs: tuple[str, ...] = VERBS
+    schema: dict[str, Any] | None = None  # a CRD version's openAPIV3Schema: validated on every write
+    crd: str | None = None  # the CustomResourceDefinition that serves it
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition('/')[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition('/')[2]
+
+    @property
+    def plural(self) -> str:
+        return self.key.rpartition('/')[2]
 
 
 OPERATOR_AGENTS = ('finetuner-operator', 'kopf')
@@ -225,11 +261,24 @@ def _spec_part(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in ('metadata', 'status', 'apiVersion', 'kind')}
 
 
-def _jsonpath(obj: dict[str, Any], path: str) -> Any:
-    value: Any = obj
-    for part in path.strip('.').split('.'):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+def _job_selector(job: dict[str, Any]) -> None:
+    """The Job REST strategy's defaults on create: a selector on the Job's uid and the labels that match it
+    on the pod template (https://kubernetes.io/docs/concepts/workloads/controllers/job/#specifying-your-own-pod-selector),
+    which is what ``kubectl logs job/<name>`` follows to the pods."""
+    spec = job.setdefault('spec', {})
+    if spec.get('manualSelector') or spec.get('selector'):
+        return
+    uid, name = job['metadata']['uid'], job['metadata']['name']
+    spec['selector'] = {'matchLabels': {'batch.kubernetes.io/controller-uid': uid}}
+    labels = spec.setdefault('template', {}).setdefault('metadata', {}).setdefault('labels', {})
+    labels.update(
+        {
+            'batch.kubernetes.io/controller-uid': uid,
+            'batch.kubernetes.io/job-name': name,
+            'controller-uid': uid,
+            'job-name': name,
+        }
+    )
 
 
 class KubeEmu(kmock.KubernetesEmulator):
@@ -256,6 +305,8 @@ class KubeEmu(kmock.KubernetesEmulator):
         self._children: dict[str, set[str]] = {}  # owner uid -> uids of the objects that reference it
         self._gc_queue: list[str] = []  # uids whose owners or dependents changed
         self._collecting = False
+        self._warnings: list[str] = []  # Warning headers of the request being served
+        self._documents: dict[str, Any] = {}  # OpenAPI documents, rebuilt when the served kinds change
 
     # --- declaration ---------------------------------------------------------------------------
     def declare(
@@ -268,37 +319,128 @@ class KubeEmu(kmock.KubernetesEmulator):
         singular: str | None = None,
         shortnames: tuple[str, ...] = (),
         categories: tuple[str, ...] = (),
-        columns: list[dict[str, str]] | None = None,
+        columns: list[dict[str, Any]] | None = None,
+        subresources: tuple[str, ...] | None = None,
+        schema: dict[str, Any] | None = None,
+        crd: str | None = None,
     ) -> None:
         """Serve ``group/version/plural`` (``v1/pods`` for the core group) with these semantics."""
         parts = key.split('/')
         api_version = '/'.join(parts[:-1])
-        verbs = {'get', 'list', 'watch', 'create', 'update', 'patch', 'delete', 'deletecollection'}
         group, version, plural = parts if len(parts) == 3 else ('', *parts)
+        subs = subresources if subresources is not None else (('status',) if status else ())
         resource = kmock.resource(group=group, version=version, plural=plural)
-        if resource not in self.resources:  # built-ins keep the bundled discovery data
+        if resource not in self.resources:  # kmock routes requests by these
             self.resources[resource] = kmock.ResourceInfo(
                 kind=kind,
                 singular=singular or kind.lower(),
                 namespaced=namespaced,
-                verbs=verbs,
-                subresources={'status'} if status else set(),
+                verbs=set(VERBS),
+                subresources=set(subs),
                 shortnames=set(shortnames),
                 categories=set(categories),
             )
-        self.kinds[key] = Kind(key, kind, api_version, namespaced, status, columns or [])
+        self.kinds[key] = Kind(
+            key,
+            kind,
+            api_version,
+            namespaced,
+            status,
+            columns,
+            singular or kind.lower(),
+            tuple(shortnames),
+            tuple(categories),
+            tuple(subs),
+            schema=schema,
+            crd=crd,
+        )
         self.store.setdefault(key, {})
+        self._documents.clear()
 
     def declare_builtins(self) -> None:
-        self.resources.load_bundled()  # discovery of everything else a K3s server has
-        self.declare('v1/namespaces', 'Namespace', namespaced=False, status=True)
-        self.declare('v1/pods', 'Pod', status=True, shortnames=('po',))
+        """The built-in kinds the operator, the simulated node and kubectl use, with their real names."""
+        self.resources.load_bundled()  # lets kmock parse the URLs of every kind a K3s server has
+        self.declare('v1/namespaces', 'Namespace', namespaced=False, status=True, shortnames=('ns',))
+        self.declare(
+            'v1/pods', 'Pod', status=True, shortnames=('po',), categories=('all',), subresources=('status', 'log')
+        )
         self.declare('v1/configmaps', 'ConfigMap', shortnames=('cm',))
         self.declare('v1/secrets', 'Secret')
-        self.declare('v1/services', 'Service', status=True, shortnames=('svc',))
+        self.declare('v1/services', 'Service', status=True, shortnames=('svc',), categories=('all',))
         self.declare('v1/events', 'Event', shortnames=('ev',))
-        self.declare('batch/v1/jobs', 'Job', status=True)
-        self.declare('apiextensions.k8s.io/v1/customresourcedefinitions', 'CustomResourceDefinition', namespaced=False)
+        self.declare('batch/v1/jobs', 'Job', status=True, categories=('all',))
+        self.declare(
+            CRD_KEY,
+            'CustomResourceDefinition',
+            namespaced=False,
+            status=True,
+            shortnames=('crd', 'crds'),
+            categories=('api-extensions',),
+        )
+
+    # --- CustomResourceDefinitions -------------------------------------------------------------
+    def _check_crd(self, crd: dict[str, Any]) -> list[apiextensions.FieldError]:
+        """The part of CRD validation that decides whether its objects can be served as written."""
+        errors: list[apiextensions.FieldError] = []
+        spec = crd.get('spec') or {}
+        names = spec.get('names') or {}
+        expected = f'{names.get("plural")}.{spec.get("group")}'
+        if crd['metadata'].get('name') != expected:
+            errors.append(
+                apiextensions.invalid(
+                    'metadata.name', crd['metadata'].get('name'), 'must be spec.names.plural+"."+spec.group'
+                )
+            )
+        for index, version in enumerate(spec.get('versions') or []):
+            schema = ((version.get('schema') or {}).get('openAPIV3Schema')) or {}
+            errors += apiextensions.compile_errors(schema, f'spec.versions[{index}].schema.openAPIV3Schema')
+        return errors
+
+    def _install_crd(self, crd: dict[str, Any]) -> None:
+        """Serve the CRD's storage version: its schema, printer columns, names and subresources."""
+        spec = crd['spec']
+        names = spec['names']
+        version = next((v for v in spec['versions'] if v.get('storage')), spec['versions'][0])
+        self.declare(
+            f'{spec["group"]}/{version["name"]}/{names["plural"]}',
+            names['kind'],
+            namespaced=spec.get('scope', 'Namespaced') == 'Namespaced',
+            status='status' in (version.get('subresources') or {}),
+            singular=names.get('singular'),
+            shortnames=tuple(names.get('shortNames') or ()),
+            categories=tuple(names.get('categories') or ()),
+            columns=version.get('additionalPrinterColumns') or [],
+            schema=(version.get('schema') or {}).get('openAPIV3Schema'),
+            crd=crd['metadata']['name'],
+        )
+        crd['status'] = {
+            'acceptedNames': {**names, 'listKind': names.get('listKind', f'{names["kind"]}List')},
+            'conditions': [
+                {
+                    'type': condition,
+                    'status': 'True',
+                    'reason': reason,
+                    'message': message,
+                    'lastTransitionTime': now_rfc3339(),
+                }
+                for condition, reason, message in (
+                    ('NamesAccepted', 'NoConflicts', 'no conflicts found'),
+                    ('Established', 'InitialNamesAccepted', 'the initial names have been accepted'),
+                )
+            ],
+            'storedVersions': [version['name']],
+        }
+
+    def _uninstall_crd(self, name: str) -> None:
+        """A deleted CRD takes its objects with it."""
+        for key, kind in list(self.kinds.items()):
+            if kind.crd == name:
+                for store_key, obj in list(self.store[key].items()):
+                    self._remove(kind, store_key)
+                    self._next_rv()
+                    self._emit(kind, 'DELETED', obj, None)
+                del self.kinds[key]
+                self._documents.clear()
 
     # --- faults --------------------------------------------------------------------------------
     def inject(self, code: int, **options: Any) -> Fault:
@@ -344,38 +486,114 @@ class KubeEmu(kmock.KubernetesEmulator):
         injected = self._fault_for(raw)
         if injected is not None:
             return injected
+        published = self._discovery(raw)
+        if published is not None:
+            return published
         kind = self._kind_of(request)
         if kind is None:
             return await super()._handle(request)
+        self._warnings = []
         try:
-            return await self._serve(kind, request)
+            response = await self._serve(kind, request)
         except ApiError as e:
-            return aiohttp.web.json_response(e.body(), status=e.code)
+            response = aiohttp.web.json_response(e.body(), status=e.code)
+        for warning in self._warnings:
+            response.headers.add('Warning', f'299 - {apiextensions.go_quote(warning)}')
+        return response
+
+    # --- discovery and OpenAPI -----------------------------------------------------------------
+    def _discovery(self, raw: Any) -> aiohttp.web.Response | None:
+        """``/api``, ``/apis``, group and group-version discovery, ``/openapi/v2`` and ``/openapi/v3``."""
+        if raw.method != 'GET':
+            return None
+        parts = [p for p in raw.path.split('/') if p]
+        served = sorted(self.kinds.values(), key=lambda k: k.key)
+        accept = raw.headers.get('Accept', '')
+        if parts == ['api'] or parts == ['apis']:
+            core = parts == ['api']
+            if openapi.wants_aggregated(accept):
+                body = openapi.aggregated(served, core)
+                return aiohttp.web.Response(
+                    body=json.dumps(body).encode(), headers={'Content-Type': openapi.AGGREGATED}
+                )
+            if core:
+                return self._json({'kind': 'APIVersions', 'versions': ['v1'], 'serverAddressByClientCIDRs': []})
+            return self._json(openapi.api_group_list(served))
+        if len(parts) == 2 and parts[0] == 'api':
+            return self._json(openapi.resource_list(served, '', parts[1]))
+        if parts[:1] == ['apis'] and len(parts) in (2, 3):
+            group = parts[1]
+            if len(parts) == 2 and any(k.group == group for k in served):
+                return self._json(openapi.api_group(served, group))
+            if len(parts) == 3 and any((k.group, k.version) == (group, parts[2]) for k in served):
+                return self._json(openapi.resource_list(served, group, parts[2]))
+            return ApiError(404, 'NotFound', 'the server could not find the requested resource').response()
+        if parts[:1] == ['openapi']:
+            return self._openapi(parts[1:], accept, served)
+        return None
+
+    def _openapi(self, parts: list[str], accept: str, served: list[Kind]) -> aiohttp.web.Response:
+        if parts == ['v2']:
+            if accept and 'json' not in accept and '*/*' not in accept:
+                return ApiError(406, 'NotAcceptable', f'only application/json is served here, not {accept}').response()
+            if 'v2' not in self._documents:
+                self._documents['v2'] = json.dumps(openapi.openapi_v2(served))
+            return aiohttp.web.Response(text=self._documents['v2'], content_type='application/json')
+        if parts == ['v3']:
+            paths = {}
+            for group, version in openapi.group_versions(served):
+                path = openapi.v3_path(group, version)
+                digest = openapi.document_hash(self._v3_document(served, group, version))
+                paths[path] = {'serverRelativeURL': f'/openapi/v3/{path}?hash={digest}'}
+            return self._json({'paths': paths})
+        if parts[:1] == ['v3'] and len(parts) in (3, 4):
+            group, version = ('', parts[2]) if parts[1] == 'api' else (parts[2], parts[3] if len(parts) == 4 else '')
+            if any((k.group, k.version) == (group, version) for k in served):
+                document = self._v3_document(served, group, version)
+                return aiohttp.web.Response(text=json.dumps(document), content_type='application/json')
+        return ApiError(404, 'NotFound', 'the server could not find the requested resource').response()
+
+    def _v3_document(self, served: list[Kind], group: str, version: str) -> dict[str, Any]:
+        key = f'v3:{group}/{version}'
+        if key not in self._documents:
+            self._documents[key] = openapi.openapi_v3(served, group, version)
+        return self._documents[key]
 
     async def _serve(self, kind: Kind, request: Any) -> aiohttp.web.StreamResponse:
         method = request.method.value if hasattr(request.method, 'value') else str(request.method)
         method = method.upper()
         params = dict(request.params)
         ns, name, sub = request.namespace, request.name, request.subresource
-        if sub not in (None, 'status', 'log'):
-            raise ApiError(404, 'NotFound', f'subresource {sub!r} of {kind.key} is not served')
-        if sub == 'status' and not kind.status_subresource:
-            raise ApiError(404, 'NotFound', f'{kind.key} has no status subresource')
+        if sub not in (None, *kind.subresources):
+            raise ApiError(404, 'NotFound', 'the server could not find the requested resource')
+        validation = params.get('fieldValidation') or 'Warn'
+        if validation not in apiextensions.FIELD_VALIDATION:
+            raise ApiError(
+                400,
+                'BadRequest',
+                f'fieldValidation parameter unsupported: {validation}; use one of Ignore, Warn or Strict',
+            )
+        accept = request.headers.get('Accept', '')
         if method == 'GET' and params.get('watch') in ('true', '1'):
             return await self._watch(kind, request, ns, name, params)
         if method == 'GET' and name and sub == 'log':
             return await self._log(request, ns, name, params)
         if method == 'GET' and name:
-            return self._json(self._get(kind, ns, name))
+            obj = self._get(kind, ns, name)
+            return self._json(self._table(kind, [obj], params) if 'as=Table' in accept else obj)
         if method == 'GET':
-            return self._json(self._list(kind, ns, params, request.headers.get('Accept', '')))
+            return self._json(self._list(kind, ns, params, accept))
         if method == 'POST' and not name:
-            return self._json(self._create(kind, ns, request.data), 201)
+            return self._json(self._create(kind, ns, request.data, validation), 201)
         if method == 'PATCH' and name:
             content_type = request.headers.get('Content-Type', 'application/merge-patch+json')
-            return self._json(self._patch(kind, ns, name, request.data, content_type, status_only=sub == 'status'))
+            patched = self._patch(
+                kind, ns, name, request.data, content_type, status_only=sub == 'status', validation=validation
+            )
+            return self._json(patched)
         if method == 'PUT' and name:
-            return self._json(self._replace(kind, ns, name, request.data, status_only=sub == 'status'))
+            replaced = self._replace(kind, ns, name, request.data, status_only=sub == 'status', validation=validation)
+            return self._json(replaced)
         if method == 'DELETE' and name:
             return self._json(self._delete(kind, ns, name, self._policy(kind, params, request.data)))
         if method == 'DELETE':
@@ -418,7 +636,7 @@ class KubeEmu(kmock.KubernetesEmulator):
     def _list(self, kind: Kind, ns: str | None, params: dict[str, str], accept: str) -> dict[str, Any]:
         items = [copy.deepcopy(o) for o in self._select(kind, ns, params)]
         if 'as=Table' in accept:
-            return self._table(kind, items)
+            return self._table(kind, items, params)
         return {
             'apiVersion': kind.api_version,
             'kind': f'{kind.kind}List',
@@ -426,36 +644,9 @@ class KubeEmu(kmock.KubernetesEmulator):
             'items': items,
         }
 
-    def _table(self, kind: Kind, items: list[dict[str, Any]]) -> dict[str, Any]:
-        columns = [{'name': 'Name', 'type': 'string', 'format': 'name', 'description': 'Name', 'priority': 0}]
-        columns += [
-            {'name': c['name'], 'type': c.get('type', 'string'), 'format': '', 'description': '', 'priority': 0}
-            for c in kind.columns
-            if c['name'] != 'Age'
-        ]
-        columns.append({'name': 'Age', 'type': 'date', 'format': '', 'description': 'Age', 'priority': 0})
-        rows = []
-        for obj in items:
-            cells: list[Any] = [obj['metadata']['name']]
-            cells += [_jsonpath(obj, c['jsonPath']) for c in kind.columns if c['name'] != 'Age']
-            cells.append(obj['metadata'].get('creationTimestamp'))
-            rows.append(
-                {
-                    'cells': ['<none>' if c is None else c for c in cells],
-                    'object': {
-                        'kind': 'PartialObjectMetadata',
-                        'apiVersion': 'meta.k8s.io/v1',
-                        'metadata': obj['metadata'],
-                    },
-                }
-            )
-        return {
-            'kind': 'Table',
-            'apiVersion': 'meta.k8s.io/v1',
-            'metadata': {'resourceVersion': str(self.last_rv)},
-            'columnDefinitions': columns,
-            'rows': rows,
-        }
+    def _table(self, kind: Kind, items: list[dict[str, Any]], params: dict[str, str]) -> dict[str, Any]:
+        include = params.get('includeObject') or 'Metadata'
+        return tables.table(kind.key, kind.columns, items, str(self.last_rv), include)
 
     # --- writes ----------------------------------------------------------------------------------
     def _next_rv(self) -> str:
@@ -489,16 +680,41 @@ class KubeEmu(kmock.KubernetesEmulator):
             return {'type': 'DELETED', 'object': new}
         return None
 
-    def _validate_name(self, name: Any) -> None:
-        if not isinstance(name, str) or not name or len(name) > 253 or not DNS1123_SUBDOMAIN.match(name):
-            raise ApiError(
-                422,
-                'Invalid',
-                f'metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain must consist of lower case '
-                "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
-            )
+    @staticmethod
+    def _name_errors(name: Any) -> list[apiextensions.FieldError]:
+        """ObjectMeta's name check for every kind (a DNS-1123 subdomain), worded as apimachinery words it."""
+        if not isinstance(name, str) or not name:
+            return [apiextensions.required('metadata.name', 'name or generateName is required')]
+        errors = []
+        if len(name) > 253:
+            errors.append(apiextensions.invalid('metadata.name', name, 'must be no more than 253 characters'))
+        if not DNS1123_SUBDOMAIN.match(name):
+            errors.append(apiextensions.invalid('metadata.name', name, DNS1123_SUBDOMAIN_MESSAGE))
+        return errors
 
-    def _create(self, kind: Kind, ns: str | None, data: Any) -> dict[str, Any]:
+    def _invalid(self, kind: Kind, name: str, errors: list[apiextensions.FieldError]) -> ApiError:
+        status = apiextensions.status_invalid(kind.kind, kind.group, name, errors)
+        return ApiError(422, 'Invalid', status['message'], status['details'])
+
+    def _admit(self, kind: Kind, obj: dict[str, Any], old: dict[str, Any] | None, validation: str) -> dict[str, Any]:
+        """Name check, then the CRD's pruning, defaulting, schema and CEL rules (apiextensions.admit)."""
+        errors = self._name_errors(obj['metadata'].get('name'))
+        if kind.schema is not None:
+            try:
+                admitted = apiextensions.admit(
+                    obj, old, kind.schema, kind=kind.kind, version=kind.version, field_validation=validation
+                )
+            except apiextensions.StrictDecodingError as e:
+                raise ApiError(400, 'BadRequest', str(e)) from e
+            self._warnings += admitted.warnings
+            obj, errors = admitted.obj, errors + admitted.errors
+        if kind.key == CRD_KEY:
+            errors += self._check_crd(obj)
+        if errors:
+            raise self._invalid(kind, obj['metadata'].get('name') or '', errors)
+        return obj
+
+    def _create(self, kind: Kind, ns: str | None, data: Any, validation: str = 'Warn') -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ApiError(400, 'BadRequest', 'the request body is not a JSON object')
         obj = copy.deepcopy(data)
@@ -515,23 +731,24 @@ class KubeEmu(kmock.KubernetesEmulator):
                 raise ApiError(400, 'BadRequest', f'{kind.kind} is namespaced: create it in a namespace')
         else:
             meta.pop('namespace', None)
-        if not meta.get('name'):
-            if not meta.get('generateName'):
-                raise ApiError(422, 'Invalid', 'metadata.name: Required value: name or generateName is required')
+        if not meta.get('name') and meta.get('generateName'):
             meta['name'] = meta['generateName'] + uuid.uuid4().hex[:5]
-        self._validate_name(meta['name'])
+        if kind.status_subresource:
+            obj.pop('status', None)
+        obj = self._admit(kind, obj, None, validation)
+        meta = obj['metadata']
         key = self._key(kind, meta.get('namespace'), meta['name'])
         if key in self._bucket(kind):
             plural = kind.key.split('/')[-1]
             raise ApiError(
                 409,
                 'AlreadyExists',
-                f'{plural} "{meta["name"]}" already exists',
-                {'name': meta['name'], 'kind': plural},
+                f'{plural}.{kind.group} "{meta["name"]}" already exists'
+                if kind.group
+                else f'{plural} "{meta["name"]}" already exists',
+                {'name': meta['name'], 'group': kind.group, 'kind': plural},
             )
         obj['apiVersion'], obj['kind'] = kind.api_version, kind.kind
-        if kind.status_subresource:
-            obj.pop('status', None)
         meta.update(
             uid=str(uuid.uuid4()),
             creationTimestamp=now_rfc3339(),
@@ -540,6 +757,10 @@ class KubeEmu(kmock.KubernetesEmulator):
         )
         for stale in ('deletionTimestamp', 'deletionGracePeriodSeconds'):
             meta.pop(stale, None)
+        if kind.key == CRD_KEY:
+            self._install_crd(obj)
+        if kind.key == 'batch/v1/jobs':
+            _job_selector(obj)
         self._put(kind, key, obj)
         self._emit(kind, 'ADDED', None, obj)
         created = copy.deepcopy(obj)
@@ -549,7 +770,15 @@ class KubeEmu(kmock.KubernetesEmulator):
         return created
 
     def _patch(
-        self, kind: Kind, ns: str | None, name: str, data: Any, content_type: str, *, status_only: bool
+        self,
+        kind: Kind,
+        ns: str | None,
+        name: str,
+        data: Any,
+        content_type: str,
+        *,
+        status_only: bool,
+        validation: str = 'Warn',
     ) -> dict[str, Any]:
         current = self._get(kind, ns, name)
         if 'json-patch' in content_type:
@@ -570,16 +799,18 @@ class KubeEmu(kmock.KubernetesEmulator):
             if wanted_rv and wanted_rv != current['metadata']['resourceVersion']:
                 raise self._conflict(kind, name)
             patched = merge_patch(current, data)
-        return self._update(kind, current, patched, status_only=status_only)
+        return self._update(kind, current, patched, status_only=status_only, validation=validation)
 
-    def _replace(self, kind: Kind, ns: str | None, name: str, data: Any, *, status_only: bool) -> dict[str, Any]:
+    def _replace(
+        self, kind: Kind, ns: str | None, name: str, data: Any, *, status_only: bool, validation: str = 'Warn'
+    ) -> dict[str, Any]:
         current = self._get(kind, ns, name)
         if not isinstance(data, dict):
             raise ApiError(400, 'BadRequest', 'the request body is not a JSON object')
         wanted_rv = (data.get('metadata') or {}).get('resourceVersion')
         if wanted_rv and wanted_rv != current['metadata']['resourceVersion']:
             raise self._conflict(kind, name)
-        return self._update(kind, current, copy.deepcopy(data), status_only=status_only)
+        return self._update(kind, current, copy.deepcopy(data), status_only=status_only, validation=validation)
 
     @staticmethod
     def _conflict(kind: Kind, name: str) -> ApiError:
@@ -591,7 +822,13 @@ class KubeEmu(kmock.KubernetesEmulator):
         )
 
     def _update(
-        self, kind: Kind, current: dict[str, Any], patched: dict[str, Any], *, status_only: bool
+        self,
+        kind: Kind,
+        current: dict[str, Any],
+        patched: dict[str, Any],
+        *,
+        status_only: bool,
+        validation: str = 'Warn',
     ) -> dict[str, Any]:
         if status_only:
             new = copy.deepcopy(current)
@@ -614,6 +851,11 @@ class KubeEmu(kmock.KubernetesEmulator):
             else:
                 meta.pop(immutable, None)
         new['apiVersion'], new['kind'] = kind.api_version, kind.kind
+        if kind.schema is not None or kind.key == CRD_KEY:
+            new = self._admit(kind, new, current, validation)
+            meta = new['metadata']
+            if kind.key == CRD_KEY and not status_only:
+                self._install_crd(new)
         if not status_only and _spec_part(new) != _spec_part(current):
             meta['generation'] = int(old_meta.get('generation') or 1) + 1
         if new == current:
@@ -671,6 +913,8 @@ class KubeEmu(kmock.KubernetesEmulator):
         self._remove(kind, self._key(kind, meta.get('namespace'), name))
         self._next_rv()
         self._emit(kind, 'DELETED', current, None)
+        if kind.key == CRD_KEY:
+            self._uninstall_crd(name)
         self._collect_garbage()
         return current
 
@@ -827,9 +1071,16 @@ class KubeEmu(kmock.KubernetesEmulator):
         timeout = float(params['timeoutSeconds']) if params.get('timeoutSeconds') else None
         deadline = time.monotonic() + timeout if timeout else None
         bookmarks = params.get('allowWatchBookmarks') in ('true', '1')
+        as_table = 'as=Table' in request.headers.get('Accept', '')
+
+        def encode(event: dict[str, Any]) -> bytes:
+            if as_table and event['type'] in ('ADDED', 'MODIFIED', 'DELETED'):
+                event = {'type': event['type'], 'object': self._table(kind, [event['object']], params)}
+            return json.dumps(event).encode() + b'\n'
+
         try:
             for event in initial:
-                await response.write(json.dumps(event).encode() + b'\n')
+                await response.write(encode(event))
             while not self.closing:
                 wait = BOOKMARK_INTERVAL
                 if deadline is not None:
@@ -856,7 +1107,7 @@ class KubeEmu(kmock.KubernetesEmulator):
                     if raw.transport is not None:
                         raw.transport.close()
                     return response
-                await response.write(json.dumps(event).encode() + b'\n')
+                await response.write(encode(event))
             await response.write_eof()
         except (ConnectionError, RuntimeError):
             pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ NODE_ENV = {
     'HF_HUB_DISABLE_TELEMETRY': '1',
     'TOKENIZERS_PARALLELISM': 'false',
     'OMP_NUM_THREADS': '1',
+    # the container's command runs on this project's Python: the same import path as the test process
+    **({'PYTHONPATH': os.environ['PYTHONPATH']} if os.environ.get('PYTHONPATH') else {}),
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import kmock
 import yaml
 
-from finetuner.api.v1alpha1 import CATEGORY, CRD_KINDS, GROUP, VERSION
+from finetuner.api.v1alpha1 import GROUP, VERSION
 from tests.cluster.emulator import KubeEmu
 
 T = TypeVar('T')
@@ -66,17 +66,7 @@ class ApiServer:
 
     def __init__(self) -> None:
         self.emu = KubeEmu()
-        self.emu.declare_builtins()
-        for kind, info in CRD_KINDS.items():
-            self.emu.declare(
-                f'{GROUP}/{VERSION}/{info["plural"]}',
-                kind,
-                status=True,
-                singular=info['singular'],
-                shortnames=tuple(info['short_names']),
-                categories=(CATEGORY,),
-                columns=info['printer_columns'],
-            )
+        self.emu.declare_builtins()  # the project's kinds are served once seed() installs their CRDs
         self.url = ''
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None

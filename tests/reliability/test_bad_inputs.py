@@ -5,7 +5,9 @@ Layers, earliest first:
 - ``contract``: a FinetuneRun field the shared contract (``FinetuneRunSpec``) refuses. The SDK
   validates the same model before it uploads anything; for a CR applied by hand the operator
   fails the run with ``InvalidSpec`` before any child exists. ``crd`` says whether the CRD's
-  OpenAPI schema already makes the API server refuse it (types, ranges, enums).
+  OpenAPI schema already makes the API server refuse it (types, ranges, enums, patterns); the combination
+  rows are refused by the CRD's CEL rules too (tests/cluster/test_apiserver.py, test_kubectl.py), which
+  the jsonschema check here does not run.
 - ``operator``: a spec the contract accepts that the operator cannot run (a name too long for the
   run's children, a location the trainer cannot use, a dataset name that climbs out of its prefix):
   ``InvalidSpec``, nothing created.
@@ -87,7 +89,13 @@ ROWS: list[Row] = [
     Row('batch-size-range', 'contract', {'batchSize': -1}, 'spec.batchSize: Input should be greater', crd=True),
     Row('val-split-range', 'contract', {'valSplit': 1.5}, 'spec.valSplit: Input should be less than 1', crd=True),
     Row('gpus-range', 'contract', {'resources': {'gpus': 17}}, 'spec.resources.gpus: Input should be less', crd=True),
-    Row('memory-quantity', 'contract', {'resources': {'memory': 'lots'}}, "'lots' is not a Kubernetes quantity"),
+    Row(
+        'memory-quantity',
+        'contract',
+        {'resources': {'memory': 'lots'}},
+        "'lots' is not a Kubernetes quantity",
+        crd=True,
+    ),
     Row('deadline-range', 'contract', {'activeDeadlineSeconds': 10}, 'spec.activeDeadlineSeconds', crd=True),
     Row('backoff-range', 'contract', {'backoffLimit': 100}, 'spec.backoffLimit: Input should be less', crd=True),
     Row('model-empty', 'contract', {'model': ''}, 'spec.model: String should have at least 1 character', crd=True),
@@ -119,13 +127,16 @@ ROWS: list[Row] = [
         "unknown scheduler 'cosine_annealing'",
         crd=True,
     ),
-    Row('callback-unknown', 'contract', {'callbacks': [{'name': 'EarlyStop'}]}, "unknown callback 'EarlyStop'"),
-    Row('csv-dialect', 'contract', {'csvOptions': {'dialect': 'tsv'}}, "unknown CSV dialect 'tsv'"),
+    Row(
+        'callback-unknown', 'contract', {'callbacks': [{'name': 'EarlyStop'}]}, "unknown callback 'EarlyStop'", crd=True
+    ),
+    Row('csv-dialect', 'contract', {'csvOptions': {'dialect': 'tsv'}}, "unknown CSV dialect 'tsv'", crd=True),
     Row(
         'experiment-name',
         'contract',
         {'experiment': 'My_Exp'},
         "spec.experiment: experiment 'My_Exp' is not a valid name",
+        crd=True,
     ),
     # --- CR fields: combinations --------------------------------------------------------------------
     Row('clip-loss-without-multimodal', 'contract', {'loss': 'CLIPLoss'}, 'loss CLIPLoss needs multiModal: true'),

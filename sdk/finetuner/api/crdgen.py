@@ -7,12 +7,16 @@ Pydantic's JSON schema is turned into the *structural* OpenAPI v3 schema the API
 demands: ``$ref`` inlined, ``anyOf [X, null]`` turned into ``nullable: true``,
 ``additionalProperties: false``/``title``/``default`` dropped, numeric exclusive bounds in the
 OpenAPI 3.0 form, and free-form option maps marked ``x-kubernetes-preserve-unknown-fields``.
+What the models declare for the API server in ``json_schema_extra`` (enums, patterns, bounds and
+``x-kubernetes-validations`` CEL rules) is kept, and a FinetuneRun's root gets the transition rule that
+freezes its training spec once it has started (:func:`immutability_rule`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,10 +24,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from finetuner.api.pod import PodSettings
 from finetuner.api.v1alpha1 import CATEGORY, CRD_KINDS, GROUP, VERSION
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CRD_DIRS = (REPO_ROOT / 'crds', REPO_ROOT / 'helm' / 'finetuner' / 'crds')
+VALUES_SCHEMA = REPO_ROOT / 'helm' / 'finetuner' / 'values.schema.json'
+RUNTIME_DESCRIPTION = (
+    "Runtime template: pod settings every trainer pod gets (FINETUNER_RUNTIME_TEMPLATE); a run's own "
+    'spec settings win. Generated from finetuner.api.pod.PodSettings.'
+)
 REGENERATE = 'python -m finetuner.api.crdgen'
 HEADER = f'# Generated from sdk/finetuner/api/v1alpha1.py by `{REGENERATE}`. Do not edit.\n'
 
@@ -90,10 +100,36 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def immutability_rule(spec: type[BaseModel], mutable: tuple[str, ...]) -> dict[str, str]:
+    """A transition rule at the root: once the run has a Job or has left CREATED, only ``mutable`` may change.
+
+    The rule sits at the root because it reads the old status; it compares the spec field by field
+    (``has`` on both sides, then ``==``), so that a field left out and a field given stay distinct."""
+    fields = [f.alias or name for name, f in spec.model_fields.items() if (f.alias or name) not in mutable]
+    same = ' && '.join(
+        f'has(self.spec.{f}) == has(oldSelf.spec.{f}) && (!has(self.spec.{f}) || self.spec.{f} == oldSelf.spec.{f})'
+        for f in fields
+    )
+    not_started = (
+        '!has(oldSelf.status) || (!has(oldSelf.status.jobName) && (!has(oldSelf.status.phase) || '
+        "oldSelf.status.phase == 'CREATED'))"
+    )
+    allowed = ' and '.join(f'spec.{m}' for m in mutable)
+    return {
+        'rule': f'{not_started} || ({same})',
+        'message': f'the training spec cannot change once the run has a trainer Job or has started: only {allowed} '
+        'may change; create a new run for other settings',
+        'fieldPath': '.spec',
+    }
+
+
 def build_crd(kind: str) -> dict[str, Any]:
     info = CRD_KINDS[kind]
     spec_schema = structural_schema(info['spec'])
     status_schema = structural_schema(info['status'])
+    root_rules = []
+    if info.get('mutable_once_started') is not None:
+        root_rules.append(immutability_rule(info['spec'], info['mutable_once_started']))
     return {
         'apiVersion': 'apiextensions.k8s.io/v1',
         'kind': 'CustomResourceDefinition',
@@ -131,12 +167,54 @@ def build_crd(kind: str) -> dict[str, Any]:
                                 'spec': spec_schema,
                                 'status': status_schema,
                             },
+                            **({'x-kubernetes-validations': root_rules} if root_rules else {}),
                         }
                     },
                 }
             ],
         },
     }
+
+
+def helm_runtime_schema() -> dict[str, Any]:
+    """The JSON Schema of the chart's ``runtime`` values: PodSettings, where "" and {} also mean unset."""
+    raw = PodSettings.model_json_schema(by_alias=True, mode='validation')
+    defs = raw.pop('$defs', {})
+    schema = _json_schema(raw, defs)
+    for node in schema['properties'].values():
+        if node.get('type') == 'string' and 'pattern' in node:
+            node['pattern'] = '^$|' + node['pattern']
+            node.pop('minLength', None)
+    schema['description'] = RUNTIME_DESCRIPTION
+    return schema
+
+
+def _json_schema(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Pydantic's JSON Schema with references inlined and ``X | None`` as plain ``X`` (Helm values)."""
+    node = _resolve(node, defs)
+    if 'anyOf' in node:
+        options = [o for o in node['anyOf'] if o.get('type') != 'null']
+        node = {**_resolve(options[0], defs), **{k: v for k, v in node.items() if k != 'anyOf'}}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == 'description' and isinstance(value, str):
+            out[key] = ' '.join(value.split())
+        elif key == 'properties':
+            out[key] = {name: _json_schema(sub, defs) for name, sub in value.items()}
+        elif key in ('items', 'additionalProperties') and isinstance(value, dict):
+            out[key] = _json_schema(value, defs)
+        elif key != 'x-kubernetes-validations':
+            out[key] = value
+    return out
+
+
+def render_values_schema() -> str:
+    """values.schema.json with its ``runtime`` entry generated from the contract."""
+    schema = json.loads(VALUES_SCHEMA.read_text())
+    schema['properties']['runtime'] = helm_runtime_schema()
+    return json.dumps(schema, indent=2) + '\n'
 
 
 def render_all() -> dict[str, str]:
@@ -156,6 +234,8 @@ def drifted() -> list[Path]:
             path = directory / name
             if not path.exists() or path.read_text() != text:
                 stale.append(path)
+    if VALUES_SCHEMA.exists() and VALUES_SCHEMA.read_text() != render_values_schema():
+        stale.append(VALUES_SCHEMA)
     return stale
 
 
@@ -173,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in render_all().items():
             (directory / name).write_text(text)
             print(f'wrote {(directory / name).relative_to(REPO_ROOT)}')
+    if VALUES_SCHEMA.exists():
+        VALUES_SCHEMA.write_text(render_values_schema())
+        print(f'wrote {VALUES_SCHEMA} (its runtime entry)')
     return 0
 
 

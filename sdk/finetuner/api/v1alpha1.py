@@ -10,14 +10,26 @@ Every field carries a description: it becomes ``kubectl explain`` text.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
+from finetuner.api.pod import POD_SETTING_FIELDS, Affinity, EnvVar, LocalObjectReference, PodSettings, Volume
 from finetuner.catalog import (
     CALLBACK_NAMES,
     LOSS_NAMES,
@@ -102,6 +114,26 @@ class Phase(str, Enum):
 
 FreeForm = dict[str, Any]  # emitted with x-kubernetes-preserve-unknown-fields
 
+# What the API server can check itself, published in the CRDs (crdgen copies ``json_schema_extra`` into the
+# schema): patterns and bounds the contract's own validators also enforce, and CEL rules
+# (``x-kubernetes-validations``) for what involves several fields. Bounded lengths keep the rules' estimated
+# cost low, as Kubernetes' CEL cost estimator demands.
+QUANTITY_PATTERN = r'^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$'
+DNS1123_LABEL_PATTERN = DNS1123_LABEL.pattern
+DNS1123_SUBDOMAIN_PATTERN = r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'
+URI_LENGTH = 2048  # data, model and output locations
+NAME_LENGTH = 253  # Kubernetes object names
+
+
+def k8s_rule(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry: a CEL ``rule`` and the ``message`` shown when it is false."""
+    entry = {'rule': rule, 'message': message}
+    if field_path:
+        entry['fieldPath'] = field_path
+    if reason:
+        entry['reason'] = reason
+    return entry
+
 
 # ---------------------------------------------------------------------------------------------
 # FinetuneRun spec
@@ -109,7 +141,10 @@ FreeForm = dict[str, Any]  # emitted with x-kubernetes-preserve-unknown-fields
 
 
 class CallbackSpec(_Model):
-    name: str = Field(description=f'Callback class name, one of: {", ".join(CALLBACK_NAMES)}.')
+    name: str = Field(
+        description=f'Callback class name, one of: {", ".join(CALLBACK_NAMES)}.',
+        json_schema_extra={'enum': list(CALLBACK_NAMES)},
+    )
     options: FreeForm = Field(
         default_factory=dict,
         description='Keyword arguments of the callback, e.g. {"monitor": "val_loss"} for '
@@ -144,6 +179,9 @@ class SchedulerOptions(_Model):
     lr_end: float | None = Field(default=None, ge=0, description='polynomial: the final learning rate.')
 
 
+CSV_DIALECTS = ('auto', 'excel', 'excel-tab', 'unix')
+
+
 class CSVOptions(_Model):
     size: int | None = Field(default=None, gt=0, description='Read at most this many rows.')
     sampling_rate: float | None = Field(
@@ -152,8 +190,9 @@ class CSVOptions(_Model):
     dialect: str = Field(
         default='auto',
         description='CSV dialect: "auto" (sniffed from the file), "excel", "excel-tab" or "unix".',
+        json_schema_extra={'enum': list(CSV_DIALECTS)},
     )
-    encoding: str = Field(default='utf-8', description='Text encoding of the file.')
+    encoding: str = Field(default='utf-8', max_length=64, description='Text encoding of the file.')
     is_labeled: bool = Field(
         default=False,
         description='Two columns are (item, label) when true, (query, document) pairs when false. '
@@ -164,9 +203,8 @@ class CSVOptions(_Model):
     @field_validator('dialect')
     @classmethod
     def _known_dialect(cls, value: str) -> str:
-        allowed = ('auto', 'excel', 'excel-tab', 'unix')
-        if value not in allowed:
-            raise ValueError(f'unknown CSV dialect {value!r}; choose one of {", ".join(allowed)}')
+        if value not in CSV_DIALECTS:
+            raise ValueError(f'unknown CSV dialect {value!r}; choose one of {", ".join(CSV_DIALECTS)}')
         return value
 
 
@@ -187,13 +225,21 @@ class Resources(_Model):
     nodes: int = Field(
         default=1, ge=1, le=64, description='Nodes (pods) of a distributed run; >1 makes an Indexed Job.'
     )
-    cpu: str | None = Field(default=None, description='CPU request and limit per pod, e.g. "8".')
-    memory: str | None = Field(default=None, description='Memory request and limit per pod, e.g. "32Gi".')
+    cpu: str | None = Field(
+        default=None,
+        description='CPU request and limit per pod, e.g. "8".',
+        json_schema_extra={'pattern': QUANTITY_PATTERN},
+    )
+    memory: str | None = Field(
+        default=None,
+        description='Memory request and limit per pod, e.g. "32Gi".',
+        json_schema_extra={'pattern': QUANTITY_PATTERN},
+    )
 
     @field_validator('cpu', 'memory')
     @classmethod
     def _quantity(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r'^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$', value):
+        if value is not None and not re.match(QUANTITY_PATTERN, value):
             raise ValueError(f'{value!r} is not a Kubernetes quantity; write e.g. "4", "500m" or "16Gi"')
         return value
 
@@ -208,6 +254,16 @@ class Toleration(_Model):
     toleration_seconds: int | None = Field(default=None, description='For NoExecute: how long to stay.')
 
 
+def _pod_field(name: str) -> Any:
+    """A pod setting declared once in :class:`PodSettings` and shared by the run's spec."""
+    return copy.copy(PodSettings.model_fields[name])
+
+
+# Once a run has a trainer Job (status.jobName) or has left CREATED, its spec is what the Job was built
+# from: only these fields may still change (the operator acts on suspend; description is free text).
+MUTABLE_ONCE_STARTED = ('suspend', 'description')
+
+
 def _choice(value: str | None, names: tuple[str, ...], what: str) -> str | None:
     if value is not None and value not in names:
         close = [n for n in names if n.lower() == value.lower()]
@@ -218,6 +274,38 @@ def _choice(value: str | None, names: tuple[str, ...], what: str) -> str | None:
 
 class FinetuneRunSpec(_Model):
     """What to fine-tune, on which data, how, and with which cluster resources."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            'x-kubernetes-validations': [
+                k8s_rule(
+                    "!has(self.loss) || self.loss != 'CLIPLoss' || (has(self.multiModal) && self.multiModal)",
+                    'loss CLIPLoss needs multiModal: true (text-image pairs)',
+                    '.multiModal',
+                ),
+                k8s_rule(
+                    "!has(self.multiModal) || !self.multiModal || (has(self.loss) && self.loss == 'CLIPLoss')",
+                    'multiModal: true trains text-image pairs; set loss CLIPLoss',
+                    '.loss',
+                ),
+                k8s_rule(
+                    '!has(self.evalData) || !has(self.valSplit) || self.valSplit == 0.0',
+                    'give either evalData or valSplit, not both',
+                    '.valSplit',
+                ),
+                k8s_rule(
+                    '!has(self.minerOptions) || has(self.miner)',
+                    'minerOptions given without miner',
+                    '.minerOptions',
+                ),
+                k8s_rule(
+                    '!has(self.lossOptimizerOptions) || has(self.lossOptimizer)',
+                    'lossOptimizerOptions given without lossOptimizer',
+                    '.lossOptimizerOptions',
+                ),
+            ]
+        }
+    )
 
     # --- model and data -----------------------------------------------------------------------
     model: str = Field(
@@ -232,18 +320,27 @@ class FinetuneRunSpec(_Model):
     )
     train_data: str = Field(
         min_length=1,
+        max_length=URI_LENGTH,
         description='Training data: an s3:// or file:// URI (JSONL, CSV or docarray binary) or the name '
         'of a dataset pushed with finetuner.push_data(). Never inline data.',
     )
-    eval_data: str | None = Field(default=None, description='Evaluation data, same forms as trainData.')
+    eval_data: str | None = Field(
+        default=None, max_length=URI_LENGTH, description='Evaluation data, same forms as trainData.'
+    )
     val_split: float = Field(
         default=0.0, ge=0, lt=1, description='Fraction of trainData held out for validation when no evalData.'
     )
     model_artifact: str | None = Field(
-        default=None, description='Continue from an earlier artifact: a run name or an artifact URI.'
+        default=None,
+        max_length=URI_LENGTH,
+        description='Continue from an earlier artifact: a run name or an artifact URI.',
     )
     description: str | None = Field(default=None, max_length=2000, description='Free text about the run.')
-    experiment: str = Field(default='default', description='Name of the Experiment this run belongs to.')
+    experiment: str = Field(
+        default='default',
+        description='Name of the Experiment this run belongs to.',
+        json_schema_extra={'pattern': DNS1123_LABEL_PATTERN, 'maxLength': MAX_RUN_NAME},
+    )
     # --- objective ----------------------------------------------------------------------------
     loss: str = Field(
         default='TripletMarginLoss',
@@ -289,7 +386,7 @@ class FinetuneRunSpec(_Model):
     scheduler_options: SchedulerOptions = Field(
         default_factory=SchedulerOptions, description='Warm-up and stepping of the scheduler.'
     )
-    callbacks: list[CallbackSpec] = Field(default_factory=list, description='Callbacks, in order.')
+    callbacks: list[CallbackSpec] = Field(default_factory=list, max_length=32, description='Callbacks, in order.')
     freeze: bool = Field(default=False, description='Freeze the backbone; train only the projection head.')
     output_dim: int | None = Field(
         default=None, ge=1, le=16384, description='Attach a projection MLP with this output size.'
@@ -309,8 +406,12 @@ class FinetuneRunSpec(_Model):
         'parts cut by token count.',
     )
     multi_modal: bool = Field(default=False, description='Text-image data (CLIP): one text and one image per item.')
-    image_modality: str | None = Field(default=None, description='Modality name of the image chunk (CLIP).')
-    text_modality: str | None = Field(default=None, description='Modality name of the text chunk (CLIP).')
+    image_modality: str | None = Field(
+        default=None, max_length=63, description='Modality name of the image chunk (CLIP).'
+    )
+    text_modality: str | None = Field(
+        default=None, max_length=63, description='Modality name of the text chunk (CLIP).'
+    )
     csv_options: CSVOptions = Field(default_factory=CSVOptions, description='How CSV data is read.')
     device: Device = Field(default=Device.AUTO, description='auto (CUDA when present), cuda or cpu.')
     num_workers: int | None = Field(
@@ -327,18 +428,47 @@ class FinetuneRunSpec(_Model):
     )
     # --- cluster ------------------------------------------------------------------------------
     resources: Resources = Field(default_factory=Resources, description='Compute per node and node count.')
-    image: str | None = Field(default=None, description='Trainer image override (default: the operator setting).')
-    node_selector: dict[str, str] = Field(default_factory=dict, description='Node labels the pods must match.')
-    tolerations: list[Toleration] = Field(default_factory=list, description='Tolerations of the trainer pods.')
-    queue_name: str | None = Field(default=None, description='Kueue LocalQueue; the Job waits there for admission.')
+    image: str | None = Field(
+        default=None, max_length=1024, description='Trainer image override (default: the operator setting).'
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description='Node labels the pods must match.'
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description='Tolerations of the trainer pods.'
+    )
+    queue_name: str | None = Field(
+        default=None, max_length=63, description='Kueue LocalQueue; the Job waits there for admission.'
+    )
     active_deadline_seconds: int | None = Field(
         default=None, ge=60, description='Fail the run after this many seconds of running.'
     )
     backoff_limit: int = Field(default=3, ge=0, le=20, description='Retries after infrastructure failures.')
     output: str | None = Field(
-        default=None, description='Where artifacts go (s3:// or file:// prefix); default: the operator setting.'
+        default=None,
+        max_length=URI_LENGTH,
+        description='Where artifacts go (s3:// or file:// prefix); default: the operator setting.',
     )
     suspend: bool = Field(default=False, description='True stops the run (its pods are removed) until false.')
+    # --- pod settings (finetuner.api.pod; the Helm values' runtime template gives their defaults) ------
+    image_pull_secrets: list[LocalObjectReference] = _pod_field('image_pull_secrets')
+    affinity: Affinity | None = _pod_field('affinity')
+    priority_class_name: str | None = _pod_field('priority_class_name')
+    env: list[EnvVar] = _pod_field('env')
+    volumes: list[Volume] = _pod_field('volumes')
+    service_account_name: str | None = _pod_field('service_account_name')
+
+    def pod_settings(self) -> PodSettings:
+        return PodSettings.model_validate({name: getattr(self, name) for name in POD_SETTING_FIELDS})
+
+    @model_serializer(mode='wrap')
+    def _wire(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        """The camelCase wire form leaves out empty option maps (their default), so that a CEL rule can tell
+        "minerOptions given" by ``has()``: Kubernetes' CEL cannot look inside a free-form map."""
+        data = handler(self)
+        if info.by_alias:
+            data = {k: v for k, v in data.items() if not (k.endswith('Options') and v == {})}
+        return data
 
     @field_validator('loss')
     @classmethod
@@ -398,6 +528,7 @@ class FinetuneRunSpec(_Model):
             raise ValueError('lossOptimizerOptions given without lossOptimizer')
         if self.miner_options and not self.miner:
             raise ValueError('minerOptions given without miner')
+        self.pod_settings()  # env and volume names given twice
         return self
 
 
@@ -460,10 +591,25 @@ class SweepKind(str, Enum):
 
 
 class Sweep(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            'x-kubernetes-validations': [
+                k8s_rule(
+                    "!has(self.kind) || self.kind != 'random' || has(self.count)",
+                    'a random sweep needs count',
+                    '.count',
+                )
+            ]
+        }
+    )
+
     kind: SweepKind = Field(default=SweepKind.GRID, description='grid (every combination) or random.')
     parameters: dict[str, list[Any]] = Field(
         description='FinetuneRun spec fields (camelCase) and the values to try, e.g. '
-        '{"learningRate": [1e-5, 1e-4], "loss": ["TripletMarginLoss", "ArcFaceLoss"]}.'
+        '{"learningRate": [1e-5, 1e-4], "loss": ["TripletMarginLoss", "ArcFaceLoss"]}.',
+        # a parameter's values can be of any type, so CEL cannot see them: which names are spec fields is
+        # the operator's check; at least one parameter with at least one value is the schema's
+        json_schema_extra={'minProperties': 1, 'additionalProperties': {'type': 'array', 'minItems': 1, 'items': {}}},
     )
     count: int | None = Field(default=None, ge=1, le=1000, description='random: how many points to draw.')
     seed: int = Field(default=0, ge=0, description='random: the seed of the draw.')
@@ -490,6 +636,18 @@ class BestRunSelector(_Model):
 
 
 class ExperimentSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            'x-kubernetes-validations': [
+                k8s_rule(
+                    '!has(self.sweep) || has(self.runTemplate)',
+                    'a sweep needs runTemplate (the FinetuneRun spec its points change)',
+                    '.runTemplate',
+                )
+            ]
+        }
+    )
+
     description: str | None = Field(default=None, max_length=2000, description='Free text.')
     run_template: FreeForm | None = Field(
         default=None, description='FinetuneRun spec (camelCase) that sweep points are applied to.'
@@ -584,12 +742,18 @@ CRD_KINDS: dict[str, dict[str, Any]] = {
         'short_names': ['ftr', 'ftrun'],
         'spec': FinetuneRunSpec,
         'status': FinetuneRunStatus,
+        'mutable_once_started': MUTABLE_ONCE_STARTED,
         'printer_columns': [
             {'name': 'Phase', 'type': 'string', 'jsonPath': '.status.phase'},
             {'name': 'Model', 'type': 'string', 'jsonPath': '.spec.model'},
             {'name': 'Loss', 'type': 'string', 'jsonPath': '.spec.loss'},
             {'name': 'Progress', 'type': 'number', 'jsonPath': '.status.progress.percent'},
             {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
+            # -o wide
+            {'name': 'Reason', 'type': 'string', 'jsonPath': '.status.reason', 'priority': 1},
+            {'name': 'Experiment', 'type': 'string', 'jsonPath': '.spec.experiment', 'priority': 1},
+            {'name': 'GPUs', 'type': 'integer', 'jsonPath': '.spec.resources.gpus', 'priority': 1},
+            {'name': 'Job', 'type': 'string', 'jsonPath': '.status.jobName', 'priority': 1},
         ],
     },
     'Experiment': {
@@ -604,6 +768,9 @@ CRD_KINDS: dict[str, dict[str, Any]] = {
             {'name': 'Failed', 'type': 'integer', 'jsonPath': '.status.runs.failed'},
             {'name': 'Best', 'type': 'string', 'jsonPath': '.status.bestRun.name'},
             {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'},
+            {'name': 'Created', 'type': 'integer', 'jsonPath': '.status.runs.created', 'priority': 1},
+            {'name': 'Started', 'type': 'integer', 'jsonPath': '.status.runs.started', 'priority': 1},
+            {'name': 'Sweep', 'type': 'integer', 'jsonPath': '.status.sweepCreated', 'priority': 1},
         ],
     },
 }
