@@ -102,7 +102,9 @@ class EvaluationOptions(_Options):
     exclude_self: bool = Field(default=True, description='Ignore a query matching itself when index = queries.')
     batch_size: int = Field(default=32, ge=1, le=65536)
     multi_modal: bool | None = Field(default=None, description='Text queries, image index (CLIP); default: the run.')
-    gather_examples: bool = Field(default=False, description='Keep the top matches of a few queries in metrics.json.')
+    gather_examples: bool = Field(
+        default=False, description='Keep the top matches of a few queries (before and after) in examples.json.'
+    )
     num_example_queries: int = Field(default=5, ge=1, le=1000)
 
 
@@ -620,7 +622,7 @@ def retrieval_evaluation(ctx: Any) -> dict[str, float]:
             return {}
         implicit = ctx.extras.get('implicit_evaluation')
         if implicit is None:
-            implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)))
+            implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)), gather_examples=True)
             ctx.extras['implicit_evaluation'] = implicit
         evaluators = [implicit]
     metrics: dict[str, float] = {}
