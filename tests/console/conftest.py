@@ -99,7 +99,7 @@ def chromium_missing() -> str | None:
         import selenium  # noqa: F401
     except ImportError:
         return "selenium is not installed (pip install 'kube-finetuner[test]')"
-    for path, package in ((CHROMIUM, 'chromium'), (CHROMEDRIVER, 'chromium-driver')):
+    for path in (CHROMIUM, CHROMEDRIVER):
         if not path.exists():
             return f'{path} is missing: bash scripts/setup.sh installs it (apt-get install -y chromium chromium-driver)'
     return None

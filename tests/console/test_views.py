@@ -21,8 +21,8 @@ from finetuner.run import ExampleResults
 
 pytest.importorskip('jinja2', reason="the console extra is not installed: pip install 'kube-finetuner[console]'")
 
-from finetuner.console import charts, views  # noqa: E402
-from finetuner.console.events import phase_events  # noqa: E402
+from finetuner.console import charts, views
+from finetuner.console.events import phase_events
 
 SVG = '{http://www.w3.org/2000/svg}'
 

@@ -32,11 +32,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from finetuner.api import layout
-from finetuner.api.v1alpha1 import Phase
+from finetuner.api.v1alpha1 import Phase, check_dns1123_name
 from finetuner.backends.base import Backend
 from finetuner.console import views
 from finetuner.console.artifacts import chunks, zip_stream
-from finetuner.errors import ArgumentError, BackendError, ExperimentNotFoundError, RunNotFoundError
+from finetuner.errors import BackendError, ExperimentNotFoundError, RunNotFoundError
 from finetuner.storage import StorageError, open_store
 
 log = logging.getLogger('finetuner.console')
@@ -172,19 +172,20 @@ class Console:
     def runs_fragment(self, request: Request) -> Response:
         return self.render(request, '_runs_table.html', **self._runs_context(request))
 
-    def _run_view(self, request: Request) -> views.RunView:
+    def _name(self, request: Request, kind: type[RunNotFoundError | ExperimentNotFoundError]) -> str:
+        """The name in the path; one that no run or experiment can have is simply not there."""
         name = request.path_params['name']
         try:
-            return views.run_view(self.source.get(), name, self.log_lines)
-        except ArgumentError as e:  # a name no run can have (the local backend checks it first)
-            raise RunNotFoundError(name, f'{self.source.description}: {e}') from e
+            check_dns1123_name(name, 'a name')
+        except ValueError as e:
+            raise kind(name, f'{self.source.description}: {e}') from e
+        return name
+
+    def _run_view(self, request: Request) -> views.RunView:
+        return views.run_view(self.source.get(), self._name(request, RunNotFoundError), self.log_lines)
 
     def _experiment_view(self, request: Request) -> views.ExperimentView:
-        name = request.path_params['name']
-        try:
-            return views.experiment_view(self.source.get(), name)
-        except ArgumentError as e:
-            raise ExperimentNotFoundError(name, f'{self.source.description}: {e}') from e
+        return views.experiment_view(self.source.get(), self._name(request, ExperimentNotFoundError))
 
     def run(self, request: Request) -> Response:
         return self.render(request, 'run.html', view=self._run_view(request))
@@ -202,11 +203,9 @@ class Console:
         return self.render(request, '_experiment_live.html', view=self._experiment_view(request))
 
     # --- artifact ------------------------------------------------------------------------------
-    def _artifact(self, name: str) -> tuple[Any, list[str]]:
-        try:
-            record = self.source.get().get_run(name)
-        except ArgumentError as e:
-            raise RunNotFoundError(name, f'{self.source.description}: {e}') from e
+    def _artifact(self, request: Request) -> tuple[Any, list[str]]:
+        name = self._name(request, RunNotFoundError)
+        record = self.source.get().get_run(name)
         reports = views.read_reports(record)
         if reports.error:
             raise BackendError(reports.error)
@@ -216,7 +215,7 @@ class Console:
 
     def artifact_file(self, request: Request) -> Response:
         name, path = request.path_params['name'], request.path_params['path']
-        store, files = self._artifact(name)
+        store, files = self._artifact(request)
         if path not in files:  # only what the manifest lists: no other key of the bucket
             raise HTTPException(404, f'the artifact of run {name!r} has no file {path!r}')
         filename = posixpath.basename(path)
@@ -226,7 +225,7 @@ class Console:
 
     def artifact_zip(self, request: Request) -> Response:
         name = request.path_params['name']
-        store, files = self._artifact(name)
+        store, files = self._artifact(request)
         headers = {'Content-Disposition': f"attachment; filename*=UTF-8''{quote(name)}-artifact.zip"}
         return StreamingResponse(zip_stream(store, files), media_type='application/zip', headers=headers)
 
@@ -241,7 +240,10 @@ def _error_handlers(console: Console) -> dict[Any, Callable[..., Any]]:
         if isinstance(exc, ExperimentNotFoundError):
             title = f'No experiment named {exc.name!r}'
             return page(request, 404, title, str(exc), kind='experiment', missing=exc.name)
-        return page(request, 404, 'Not found', getattr(exc, 'detail', '') or f'nothing at {request.url.path}')
+        detail = getattr(exc, 'detail', '')
+        if not detail or detail == 'Not Found':  # Starlette's own for a path no route matches
+            detail = f'nothing at {request.url.path}'
+        return page(request, 404, 'Not found', detail)
 
     def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:

@@ -3,6 +3,7 @@ is an error naming the port (and port 0 picks a free one, which the caller can r
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -19,8 +20,9 @@ def bind(host: str, port: int) -> socket.socket:
     except socket.gaierror as e:
         raise ArgumentError('--host', f'{host!r} is not an address of this machine ({e.strerror})') from e
     except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
         raise ArgumentError(
-            '--port', f'cannot listen on {host}:{port} ({e.strerror}); choose another --port, or 0 for any free port'
+            '--port', f'cannot listen on {host}:{port} ({why}); choose another --port, or 0 for any free port'
         ) from e
 
 

@@ -214,7 +214,9 @@ def run_charts(reports: Reports) -> list[Any]:
         for name in ('train_loss', 'val_loss')
     ]
     if any(s.points for s in epoch_losses):
-        drawn.append(charts.chart(epoch_losses, title='Loss by epoch', x=charts.Axis('epoch', integer=True), y_label='loss'))
+        drawn.append(
+            charts.chart(epoch_losses, title='Loss by epoch', x=charts.Axis('epoch', integer=True), y_label='loss')
+        )
     names = [m for m in MAIN_METRICS if m in reports.before or any(m in e for e in reports.epochs)]
     metric_series = []
     for name in names:
