@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import finetuner
 import finetuner.backends
 from finetuner.backends.local import LocalBackend
 from tests.cluster.fixtures import api_server, cluster, register_markers, s3, s3_server  # noqa: F401
@@ -66,6 +67,21 @@ def train_file(tmp_path: Path) -> str:
     from tests.support.tiny import labelled_texts, write_jsonl
 
     return str(write_jsonl(labelled_texts(2, 3), tmp_path / 'train.jsonl'))
+
+
+def start(train_file: str, name: str, gate: Path | None = None, **fit: Any) -> finetuner.Run:
+    options = {'hold_at': 2, 'gate': str(gate)} if gate else {}
+    return finetuner.fit(model='stand-in', train_data=train_file, run_name=name, model_options=options, **fit)
+
+
+@pytest.fixture
+def two_runs(stand_in: LocalBackend, train_file: str, tmp_path: Path) -> tuple[finetuner.Run, finetuner.Run]:
+    """A FINISHED run in experiment `colours` and one held STARTED (after step 2) in `other`."""
+    done = start(train_file, 'done-run', epochs=2, experiment_name='colours')
+    held = start(train_file, 'held-run', gate=tmp_path / 'gate', epochs=2, experiment_name='other')
+    assert done.wait(timeout=60, poll=0.1)['status'] == 'FINISHED', done.logs()
+    wait_for(lambda: (held.progress() or None) and held.progress().step == 2, timeout=60, what='held-run at step 2')
+    return done, held
 
 
 @contextmanager

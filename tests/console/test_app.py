@@ -19,7 +19,8 @@ import finetuner
 from finetuner.api.v1alpha1 import ExperimentSpec
 from finetuner.backends.local import LocalBackend
 from finetuner.cli import main
-from tests.cluster.harness import free_port, wait_for, write_kubeconfig
+from tests.cluster.harness import free_port, write_kubeconfig
+from tests.console.conftest import start
 
 pytest.importorskip('starlette', reason="the console extra is not installed: pip install 'kube-finetuner[console]'")
 
@@ -30,24 +31,9 @@ from finetuner.console.app import SECURITY_HEADERS, BackendSource, create_app
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start(train_file: str, name: str, gate: Path | None = None, **fit: Any) -> finetuner.Run:
-    options = {'hold_at': 2, 'gate': str(gate)} if gate else {}
-    return finetuner.fit(model='stand-in', train_data=train_file, run_name=name, model_options=options, **fit)
-
-
 def rows(html: str) -> dict[str, str]:
     """Run name -> phase, as the runs table lists them."""
     return dict(re.findall(r'<tr data-run="([^"]+)" data-phase="([^"]+)"', html))
-
-
-@pytest.fixture
-def two_runs(stand_in: LocalBackend, train_file: str, tmp_path: Path) -> tuple[finetuner.Run, finetuner.Run]:
-    """A FINISHED run in experiment `colours` and one held STARTED (after step 2) in `other`."""
-    done = start(train_file, 'done-run', epochs=2, experiment_name='colours')
-    held = start(train_file, 'held-run', gate=tmp_path / 'gate', epochs=2, experiment_name='other')
-    assert done.wait(timeout=60, poll=0.1)['status'] == 'FINISHED', done.logs()
-    wait_for(lambda: (held.progress() or None) and held.progress().step == 2, timeout=60, what='held-run at step 2')
-    return done, held
 
 
 @pytest.fixture
