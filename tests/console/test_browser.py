@@ -15,12 +15,19 @@ import pytest
 
 import finetuner
 from finetuner.backends.local import LocalBackend
+from finetuner.console import API_CALLS
 from tests.cluster.harness import wait_for
 from tests.console.conftest import STAND_IN, serving, start
 
 pytest.importorskip('starlette', reason="the console extra is not installed: pip install 'kube-finetuner[console]'")
 
 TIMEOUT = 60.0
+CONSOLE_AGENT = 'finetuner-console-test'
+# What the SDK itself calls in the cluster test (fit, wait, progress): not the console's business.
+SDK_CALLS = {
+    ('finetuner.dev', 'finetuneruns', 'create'),
+    ('finetuner.dev', 'experiments', 'create'),
+}
 
 
 def visit(driver: Any, url: str) -> None:
@@ -183,6 +190,7 @@ def test_the_console_of_the_simulated_cluster(browser: Any, cluster: Any, train_
 
     assert CONFIG_PATH == '/etc/finetuner/config.json'  # where the stand-in's --config points
     backend = finetuner.login(backend='kubernetes', namespace='default', bucket=cluster.bucket)
+    backend.api_client.user_agent = CONSOLE_AGENT  # the calls below are the console's (and the SDK's)
     gate = tmp_path / 'cluster-gate'
     done = start(train_file, 'cluster-done', epochs=2, gpus=0)
     held = start(train_file, 'cluster-held', gate=gate, epochs=2, gpus=0)
@@ -213,3 +221,21 @@ def test_the_console_of_the_simulated_cluster(browser: Any, cluster: Any, train_
             what='the cluster run page to show FINISHED',
         )
         assert same_document(browser) and series_points(browser)['train loss'] == 6
+        visit(browser, f'{url}/experiments')
+        visit(browser, f'{url}/experiments/default')
+    # Which calls did the console make?
+    made = {api_call(method, path) for method, path, agent in cluster.server.emu.requests if agent == CONSOLE_AGENT}
+    made -= SDK_CALLS  # fit() and the waits above went through the same client
+    assert made <= set(API_CALLS), f'calls the console Role does not grant: {sorted(made - set(API_CALLS))}'
+    assert ('finetuner.dev', 'finetuneruns', 'list') in made and ('', 'pods/log', 'get') in made
+
+
+def api_call(method: str, path_qs: str) -> tuple[str, str, str]:
+    """(API group, resource, verb) of a request to the API server, as RBAC names it."""
+    parts = path_qs.split('?')[0].strip('/').split('/')
+    group, rest = ('', parts[2:]) if parts[0] == 'api' else (parts[1], parts[3:])
+    if rest[:1] == ['namespaces'] and len(rest) > 2:
+        rest = rest[2:]
+    resource = rest[0] + (f'/{rest[2]}' if len(rest) > 2 else '')
+    verb = {'GET': 'get' if len(rest) > 1 else 'list', 'POST': 'create', 'PATCH': 'patch', 'DELETE': 'delete'}[method]
+    return group, resource, verb

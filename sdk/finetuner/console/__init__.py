@@ -15,6 +15,21 @@ from __future__ import annotations
 import importlib.util
 
 REQUIRED = ('starlette', 'jinja2', 'uvicorn')
+
+# Every Kubernetes API call the console makes, as (API group, resource, verb): all of them reads. The Helm
+# chart's console Role grants exactly these (tests/helm/test_chart_console.py), and tests/console checks
+# that the console makes no other call against the test cluster.
+API_CALLS: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ('finetuner.dev', 'finetuneruns', 'get'),
+        ('finetuner.dev', 'finetuneruns', 'list'),
+        ('finetuner.dev', 'experiments', 'get'),
+        ('finetuner.dev', 'experiments', 'list'),
+        ('', 'events', 'list'),
+        ('', 'pods', 'list'),
+        ('', 'pods/log', 'get'),
+    }
+)
 INSTALL_HINT = "pip install 'kube-finetuner[console]'"
 
 
