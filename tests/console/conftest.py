@@ -63,6 +63,17 @@ def stand_in(_isolated_home: Path) -> Iterator[LocalBackend]:
 
 
 @pytest.fixture
+def local(_isolated_home: Path) -> Iterator[LocalBackend]:
+    """The local backend with the real trainer, as `import finetuner` gets it."""
+    backend = LocalBackend()
+    finetuner.backends.use(backend)
+    yield backend
+    for run in backend.list_runs():
+        if run.status.phase in ('CREATED', 'STARTED'):
+            backend.cancel_run(run.name, timeout=10)
+
+
+@pytest.fixture
 def train_file(tmp_path: Path) -> str:
     from tests.support.tiny import labelled_texts, write_jsonl
 
@@ -150,8 +161,9 @@ def screenshot(driver: Any, name: str) -> Path | None:
         return None
     folder = Path(SCREENSHOTS)
     folder.mkdir(parents=True, exist_ok=True)
-    height = driver.execute_script('return document.querySelector("main").scrollHeight + 80')
-    driver.set_window_size(1280, max(600, min(int(height), 6000)))
+    driver.set_window_size(1280, 600)  # then the document is as tall as its content, not the window
+    height = driver.execute_script('return document.documentElement.scrollHeight')
+    driver.set_window_size(1280, max(600, min(int(height) + 140, 6000)))  # + the window's own bars
     path = folder / f'{name}.png'
     driver.save_screenshot(str(path))
     driver.set_window_size(1280, 900)

@@ -171,7 +171,9 @@ def eval_set_from_dataset(dataset: Any, multi_modal: bool = False) -> EvalSet:
     """An EvalSet from the trainer's own evaluation Dataset (labelled items, or pairs)."""
     examples = dataset.examples
     if all(len(e.items) == 1 for e in examples):
-        labels = [e.label for e in examples]
+        # The class names, not their indexes: the same matches, and examples.json reads as the user's data.
+        names = dataset.classes
+        labels = [names[e.label] if e.label is not None and e.label < len(names) else e.label for e in examples]
         items = [e.items[0] for e in examples]
         return EvalSet(items, items, labels, labels, same_items=True)
     queries = [e.items[0] for e in examples]

@@ -103,7 +103,9 @@ class _Scale:
         return self.start + (v - self.low) / (self.high - self.low) * self.length
 
 
-def _x_scale(series: Sequence[Series], axis: Axis, frame: _Frame) -> tuple[_Scale, list[tuple[float, str]]]:
+def _x_scale(
+    series: Sequence[Series], axis: Axis, frame: _Frame, pad: bool = False
+) -> tuple[_Scale, list[tuple[float, str]]]:
     if axis.categories:
         n = len(axis.categories)
         scale = _Scale(-0.5, n - 0.5, frame.left, frame.plot_width)
@@ -115,7 +117,7 @@ def _x_scale(series: Sequence[Series], axis: Axis, frame: _Frame) -> tuple[_Scal
         ticks = [10.0**e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)]
         ticks = [t for t in ticks if low <= t <= high] or [xs[0]]
         return _Scale(low, high, frame.left, frame.plot_width, log=True), [(t, format_number(t)) for t in ticks]
-    low, high = _extent(xs, pad=False)
+    low, high = _extent(xs, pad=pad)
     ticks = nice_ticks(low, high, integer=axis.integer)
     return _Scale(low, high, frame.left, frame.plot_width), [(t, format_number(t)) for t in ticks]
 
@@ -145,7 +147,7 @@ def chart(
             f'<text class="chart-empty" x="{width / 2}" y="{height / 2}" text-anchor="middle">no data yet</text>'
         )
         return Markup(''.join([*out, '</svg>']))
-    x_scale, x_ticks = _x_scale(drawn, x, frame)
+    x_scale, x_ticks = _x_scale(drawn, x, frame, pad=not lines)  # points off the frame's edges
     y_low, y_high = _extent([y for s in drawn for _, y in s.points], pad=True)
     y_scale = _Scale(y_low, y_high, frame.top + frame.plot_height, -frame.plot_height)
     out.extend(_axes(frame, x_scale, x_ticks, y_scale, nice_ticks(y_low, y_high), x.label, y_label))
