@@ -295,11 +295,10 @@ class ExperimentView:
     charts: list[tuple[str, Any]]  # (parameter, Markup SVG)
 
     @property
-    def terminal(self) -> bool:
-        """Nothing will change: every run ended and every sweep point has its run."""
+    def sweep_points(self) -> int | None:
+        """How many runs the sweep makes in all (None without a sweep)."""
         sweep = self.record.spec.sweep
-        expected = sweep_size(sweep) if sweep is not None else 0
-        return all(r.row.terminal for r in self.runs) and len(self.runs) >= expected
+        return sweep_size(sweep) if sweep is not None else None
 
 
 def sweep_size(sweep: Any) -> int:
