@@ -62,6 +62,8 @@ def test_runs_are_filtered_by_experiment_and_phase(client: TestClient, two_runs:
     bad = client.get('/?phase=RUNNING')
     assert bad.status_code == 400
     assert 'phase &#39;RUNNING&#39; is not one of CREATED, STARTED, FINISHED, FAILED' in bad.text
+    bad = client.get('/fragments/runs?experiment=Bad_Name')
+    assert bad.status_code == 400 and 'experiment &#39;Bad_Name&#39; is not a valid name' in bad.text
 
 
 def test_run_page_shows_spec_status_events_curves_metrics_examples_log_and_artifact(
@@ -270,3 +272,19 @@ def test_console_command_serves_the_runs_of_the_backend(two_runs: Any, stand_in:
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_a_failed_run_shows_its_reason_and_no_artifact(
+    client: TestClient, stand_in: LocalBackend, train_file: str
+) -> None:
+    run = finetuner.fit(
+        model='stand-in', train_data=train_file, run_name='bad-run', model_options={'fail': 'train_data: no labels'}
+    )
+    assert run.wait(timeout=60, poll=0.1)['status'] == 'FAILED'
+    page = client.get('/runs/bad-run').text
+    assert 'phase-failed' in page and 'data-terminal="true"' in page
+    assert '<span class="reason">TrainerFailed</span>' in page and 'train_data: no labels' in page
+    assert 'No artifact: the run failed.' in page
+    assert '<tr class="event-warning"><td>' in page  # the failure, among the phase changes
+    assert 'error: train_data: no labels' in page  # the log tail
+    assert rows(client.get('/?phase=FAILED').text) == {'bad-run': 'FAILED'}

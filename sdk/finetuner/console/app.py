@@ -155,6 +155,11 @@ class Console:
         phase = request.query_params.get('phase') or ''
         if phase and phase not in views.PHASES:
             raise HTTPException(400, f'phase {phase!r} is not one of {", ".join(views.PHASES)}')
+        if experiment:
+            try:
+                check_dns1123_name(experiment, 'experiment')
+            except ValueError as e:
+                raise HTTPException(400, str(e)) from e
         backend = self.source.get()
         query = urlencode({k: v for k, v in (('experiment', experiment), ('phase', phase)) if v})
         return {
@@ -176,7 +181,7 @@ class Console:
         """The name in the path; one that no run or experiment can have is simply not there."""
         name = request.path_params['name']
         try:
-            check_dns1123_name(name, 'a name')
+            check_dns1123_name(name, 'the name')
         except ValueError as e:
             raise kind(name, f'{self.source.description}: {e}') from e
         return name
