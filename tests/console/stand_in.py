@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -75,8 +76,10 @@ def examples(after: bool) -> list[dict[str, Any]]:
     return out
 
 
-def evaluation(epoch: int, epochs: int) -> dict[str, float]:
-    quality = 0.4 + 0.5 * epoch / max(epochs, 1)
+def evaluation(epoch: int, epochs: int, learning_rate: float | None) -> dict[str, float]:
+    """Better with every epoch; a learning rate away from 1e-3 gains less (a sweep has a best point)."""
+    gain = 1.0 if learning_rate is None else max(0.0, 1.0 - abs(math.log10(learning_rate) + 3.0) / 4.0)
+    quality = 0.4 + 0.5 * gain * epoch / max(epochs, 1)
     return {name: round(quality - 0.02 * i, 4) for i, name in enumerate(METRIC_NAMES)}
 
 
@@ -89,7 +92,8 @@ def main() -> int:
     epochs, steps = config.spec.epochs, int(options.get('steps', 6))
     per_epoch = max(1, steps // epochs)
     print(f'stand-in trainer: run {config.run_name}, {epochs} epochs of {per_epoch} steps', flush=True)
-    before = evaluation(0, epochs)
+    rate = config.spec.learning_rate
+    before = evaluation(0, epochs, rate)
     out.write_json(layout.METRICS, {'before': before, 'after': {}, 'epochs': []})
     out.write_json(layout.EXAMPLES, {'before': examples(after=False), 'after': []})
     points: list[dict[str, Any]] = []
@@ -113,7 +117,7 @@ def main() -> int:
                 while not Path(options['gate']).exists():
                     time.sleep(0.05)
             time.sleep(float(options.get('step_seconds', 0.02)))
-        metrics = evaluation(epoch, epochs)
+        metrics = evaluation(epoch, epochs, rate)
         history.append({'epoch': epoch, 'train_loss': loss, 'val_loss': round(loss * 1.1, 4), **metrics})
         out.write_json(layout.METRICS, {'before': before, 'after': metrics, 'epochs': history})
         out.write_json(layout.EXAMPLES, {'before': examples(after=False), 'after': examples(after=True)})

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import finetuner
+from finetuner.api.v1alpha1 import ExperimentSpec
 from finetuner.backends.local import LocalBackend
 from finetuner.console import API_CALLS
 from tests.cluster.harness import wait_for
@@ -222,7 +223,7 @@ def test_the_console_of_the_simulated_cluster(browser: Any, cluster: Any, train_
         )
         assert same_document(browser) and series_points(browser)['train loss'] == 6
         visit(browser, f'{url}/experiments')
-        visit(browser, f'{url}/experiments/default')
+        check_the_sweep(browser, backend, url, done.config.train_data)
     # Which calls did the console make?
     made = {api_call(method, path) for method, path, agent in cluster.server.emu.requests if agent == CONSOLE_AGENT}
     made -= SDK_CALLS  # fit() and the waits above went through the same client
@@ -239,3 +240,27 @@ def api_call(method: str, path_qs: str) -> tuple[str, str, str]:
     resource = rest[0] + (f'/{rest[2]}' if len(rest) > 2 else '')
     verb = {'GET': 'get' if len(rest) > 1 else 'list', 'POST': 'create', 'PATCH': 'patch', 'DELETE': 'delete'}[method]
     return group, resource, verb
+
+
+def check_the_sweep(browser: Any, backend: Any, url: str, train_data: str) -> None:
+    """An Experiment with a sweep: the operator creates a run per point and picks the best one."""
+    spec = ExperimentSpec.model_validate(
+        {
+            'runTemplate': {'model': 'stand-in', 'trainData': train_data, 'epochs': 1, 'resources': {'gpus': 0}},
+            'sweep': {'parameters': {'learningRate': [1e-5, 1e-3, 1e-1]}, 'parallelism': 3},
+        }
+    )
+    backend.create_experiment('rates', spec)
+
+    def best() -> Any:
+        status = backend.get_experiment('rates').status
+        return status.best_run if status.runs.finished == 3 else None
+
+    chosen = wait_for(best, timeout=120, what='the sweep to finish')
+    visit(browser, f'{url}/experiments/rates')
+    assert 'Swept parameters: learningRate.' in text(browser, '.summary')
+    assert '3 of the 3 runs of a grid sweep.' in text(browser, '.summary')
+    assert attributes(browser, 'tr.best', 'data-run') == [chosen.name]  # the operator's status.bestRun
+    assert text(browser, f'tr[data-run="{chosen.name}"] td.parameter') == '0.001'  # the stand-in's best point
+    assert series_points(browser) == {'mrr': 3}
+    assert attributes(browser, 'figure[data-parameter]', 'data-parameter') == ['learningRate']
