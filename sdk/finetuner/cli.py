@@ -10,6 +10,7 @@
     finetuner download RUN ./model
     finetuner experiments
     finetuner cancel RUN / finetuner delete RUN
+    finetuner console --port 8080       # the run console in the browser (extra: console)
 
 ``--backend kubernetes`` (with ``--kubeconfig``, ``--context``, ``--namespace``) sends everything to a
 cluster; the default is the same as the SDK's (``local`` without a cluster).
@@ -137,7 +138,52 @@ def _parser() -> argparse.ArgumentParser:
         one.add_argument('run')
     metrics = sub.add_parser('metrics', help='retrieval metrics of a finished run, before and after')
     metrics.add_argument('run')
+    _console_parser(sub)
     return parser
+
+
+def _console_parser(sub: Any) -> None:
+    console = sub.add_parser(
+        'console',
+        help='serve the run console, a read-only web page of runs and experiments (extra: console)',
+        description='Serve the run console for the backend (the same choice as the SDK, or the options below).',
+    )
+    console.add_argument('--port', '-p', type=int, default=8080, help='TCP port (default 8080; 0: any free port)')
+    console.add_argument(
+        '--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1; 0.0.0.0 in a pod)'
+    )
+    console.add_argument('--refresh', type=float, default=2.0, help='seconds between two updates of a live page')
+    # The login options again, so that `finetuner console --backend kubernetes` reads as it is written.
+    console.add_argument('--backend', choices=['local', 'kubernetes'], default=argparse.SUPPRESS)
+    for flag in ('--kubeconfig', '--context', '--namespace', '--home'):
+        console.add_argument(flag, default=argparse.SUPPRESS)
+    console.add_argument(
+        '--in-cluster', action='store_true', help="kubernetes: use the pod's service account (the Helm chart does)"
+    )
+
+
+def _console(args: argparse.Namespace) -> int:
+    from finetuner.console import check_installed
+
+    check_installed()
+    if args.refresh <= 0:
+        raise ArgumentError('--refresh', f'{args.refresh} is not a number of seconds above 0')
+    from finetuner.backends import make_backend
+    from finetuner.console.app import BackendSource
+    from finetuner.console.server import bind, make_server, url_of
+
+    options: dict[str, Any] = {k: getattr(args, k) for k in ('kubeconfig', 'context', 'namespace', 'home')}
+    options = {k: v for k, v in options.items() if v}
+    if args.in_cluster:
+        options['in_cluster'] = True
+    wanted = args.backend or ('kubernetes' if args.in_cluster else None)
+    described = ', '.join(f'{k} {v}' for k, v in options.items())
+    description = f'the {wanted or "default"} backend' + (f' ({described})' if described else '')
+    source = BackendSource(lambda: make_backend(wanted, **options), description)
+    sock = bind(args.host, args.port)
+    print(f'finetuner console for {description} at {url_of(sock)} (read-only; Ctrl-C stops it)', flush=True)
+    make_server(source, sock, refresh=args.refresh).run(sockets=[sock])
+    return 0
 
 
 def _login(args: argparse.Namespace) -> None:
@@ -313,6 +359,8 @@ def _command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == 'console':  # logs in itself: an unreachable backend is a page, not an exit
+            return _console(args)
         _login(args)
         return _command(args)
     except ArgumentError as e:

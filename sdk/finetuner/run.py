@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from finetuner.api import layout, reasons
 from finetuner.api.v1alpha1 import FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
 from finetuner.backends.base import Backend, RunRecord
@@ -139,6 +141,22 @@ class Run:
             return RunMetrics()
         return RunMetrics.model_validate({k: v for k, v in raw.items() if k in ('before', 'after')})
 
+    def example_results(self) -> ExampleResults:
+        """For a few evaluation queries, the top matches before and after fine-tuning, each marked
+        relevant or not (``ExampleResults.before`` / ``.after``, query by query in the same order).
+
+        The trainer gathers them whenever the run evaluates (``eval_data`` or ``val_split``, or an
+        ``EvaluationCallback`` with ``gather_examples=True``); a run without evaluation has none (empty
+        lists). Images come as ``data:`` URIs of small thumbnails (``ExampleQuery.image``)."""
+        self._require_finished('example results')
+        try:
+            store = self._backend.output_store(self.name)
+            examples = store.read_json_or_none(layout.EXAMPLES)  # type: ignore[union-attr]
+            metrics = None if examples is not None else store.read_json_or_none(layout.METRICS)  # type: ignore[union-attr]
+        except StorageError as e:
+            raise BackendError(f'cannot read the example results of run {self.name!r}: {e}') from e
+        return ExampleResults.from_reports(examples, metrics)
+
     def display_metrics(self, console: Any = None) -> None:
         """Print the metrics before and after fine-tuning as a table (on ``console``, a rich Console)."""
         from rich.console import Console
@@ -190,3 +208,45 @@ def metrics_table(run_name: str, metrics: RunMetrics) -> Any:
             change,
         )
     return table
+
+
+class ExampleMatch(BaseModel):
+    """One retrieved item: what it is, its label, its distance to the query and whether it is relevant."""
+
+    content: str = Field(description='The text, the image path, or "<image, N bytes>" for inline images.')
+    label: str | int | float | bool | None = None
+    distance: float
+    relevant: bool
+    image: str | None = Field(default=None, description='A thumbnail of an image item, as a data: URI.')
+
+
+class ExampleQuery(BaseModel):
+    query: str = Field(description='The query text or image, described as ExampleMatch.content.')
+    label: str | int | float | bool | None = None
+    image: str | None = Field(default=None, description='A thumbnail of an image query, as a data: URI.')
+    matches: list[ExampleMatch] = Field(default_factory=list, description='Closest first.')
+
+
+class ExampleResults(BaseModel):
+    """Top matches of the same evaluation queries before and after fine-tuning (``examples.json``)."""
+
+    before: list[ExampleQuery] = Field(default_factory=list)
+    after: list[ExampleQuery] = Field(default_factory=list)
+
+    @classmethod
+    def from_reports(cls, examples: Any, metrics: Any = None) -> ExampleResults:
+        """From examples.json, or from metrics.json of a run by an older trainer, which kept only the
+        latest evaluation's examples there (``after``). Anything malformed counts as no examples."""
+        if isinstance(examples, dict):
+            raw: dict[str, Any] = {k: examples.get(k) or [] for k in ('before', 'after')}
+        elif isinstance(metrics, dict) and isinstance(metrics.get('examples'), list):
+            raw = {'before': [], 'after': metrics['examples']}
+        else:
+            return cls()
+        try:
+            return cls.model_validate(raw)
+        except ValueError:
+            return cls()
+
+    def __bool__(self) -> bool:
+        return bool(self.before or self.after)

@@ -102,7 +102,9 @@ class EvaluationOptions(_Options):
     exclude_self: bool = Field(default=True, description='Ignore a query matching itself when index = queries.')
     batch_size: int = Field(default=32, ge=1, le=65536)
     multi_modal: bool | None = Field(default=None, description='Text queries, image index (CLIP); default: the run.')
-    gather_examples: bool = Field(default=False, description='Keep the top matches of a few queries in metrics.json.')
+    gather_examples: bool = Field(
+        default=False, description='Keep the top matches of a few queries (before and after) in examples.json.'
+    )
     num_example_queries: int = Field(default=5, ge=1, le=1000)
 
 
@@ -169,7 +171,9 @@ def eval_set_from_dataset(dataset: Any, multi_modal: bool = False) -> EvalSet:
     """An EvalSet from the trainer's own evaluation Dataset (labelled items, or pairs)."""
     examples = dataset.examples
     if all(len(e.items) == 1 for e in examples):
-        labels = [e.label for e in examples]
+        # The class names, not their indexes: the same matches, and examples.json reads as the user's data.
+        names = dataset.classes
+        labels = [names[e.label] if e.label is not None and e.label < len(names) else e.label for e in examples]
         items = [e.items[0] for e in examples]
         return EvalSet(items, items, labels, labels, same_items=True)
     queries = [e.items[0] for e in examples]
@@ -620,7 +624,7 @@ def retrieval_evaluation(ctx: Any) -> dict[str, float]:
             return {}
         implicit = ctx.extras.get('implicit_evaluation')
         if implicit is None:
-            implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)))
+            implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)), gather_examples=True)
             ctx.extras['implicit_evaluation'] = implicit
         evaluators = [implicit]
     metrics: dict[str, float] = {}

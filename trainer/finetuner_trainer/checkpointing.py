@@ -347,7 +347,8 @@ def resume_from_latest(ctx: Any) -> Checkpoint | None:
 
     Sets ``state.epoch``/``state.step``/``state.history``/``state.resumed_from`` and
     ``ctx.extras['skip_batches']`` (batches of the current epoch already trained, for a step
-    checkpoint) and ``ctx.extras['before']`` (the metrics before fine-tuning of the first attempt)."""
+    checkpoint) and ``ctx.extras['before']`` / ``['examples_before']`` (the metrics and examples before
+    fine-tuning of the first attempt)."""
     checkpoint = checkpointer_of(ctx).load_latest(map_location='cpu')
     if checkpoint is None:
         return None
@@ -385,6 +386,7 @@ def resume_from_latest(ctx: Any) -> Checkpoint | None:
         state.metrics = {k: v for k, v in last.items() if k not in ('epoch', 'train_loss')}
     ctx.extras['skip_batches'] = checkpoint.batch_in_epoch
     ctx.extras['before'] = dict(checkpoint.extra.get('before') or {})
+    ctx.extras['examples_before'] = list(checkpoint.extra.get('examples_before') or [])
     ctx.logger.info(
         'resumed from %s (epoch %d, step %d%s)',
         checkpoint.path,
@@ -414,7 +416,7 @@ def save_loop_checkpoint(ctx: Any, batch_in_epoch: int = 0) -> str | None:
         components=loop_components(ctx),
         callbacks=ctx.callbacks,
         history=state.history,
-        extra={'before': ctx.extras.get('before', {})},
+        extra={'before': ctx.extras.get('before', {}), 'examples_before': ctx.extras.get('examples_before', [])},
         rng_per_rank=rng_per_rank,
     )
 

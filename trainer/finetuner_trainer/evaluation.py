@@ -367,6 +367,7 @@ class Evaluator:
                         'label': _jsonable(self.eval_set.index_labels[j]),
                         'distance': round(float(ranking.distances[q, pos]), 6),
                         'relevant': bool(ranking.relevance[q, pos]),
+                        **_thumbnail(self.eval_set.index[j]),
                     }
                 )
             out.append(
@@ -374,6 +375,7 @@ class Evaluator:
                     'query': _describe(self.eval_set.queries[q]),
                     'label': _jsonable(self.eval_set.query_labels[q]),
                     'matches': matches,
+                    **_thumbnail(self.eval_set.queries[q]),
                 }
             )
         return out
@@ -394,6 +396,36 @@ def _describe(item: Any) -> str:
     if image is not None:
         return f'<image, {len(image)} bytes>'
     return '<tensor>'
+
+
+THUMBNAIL_SIZE = 96  # pixels of the longer side of an example's image in examples.json
+
+
+def _thumbnail(item: Any) -> dict[str, str]:
+    """``{'image': 'data:image/jpeg;base64,...'}``: a small picture of an image item for examples.json
+    (the run console shows it), or ``{}`` for text, tensors and images that cannot be decoded."""
+    import base64
+    import io
+
+    data = getattr(item, 'image', None)
+    if data is None and getattr(item, 'blob', None) is not None:
+        try:
+            data = base64.b64decode(item.blob)
+        except ValueError:
+            return {}
+    if not isinstance(data, bytes):
+        return {}
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            picture = image.convert('RGB')
+    except (UnidentifiedImageError, OSError, ValueError):
+        return {}
+    picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    out = io.BytesIO()
+    picture.save(out, format='JPEG', quality=80)
+    return {'image': 'data:image/jpeg;base64,' + base64.b64encode(out.getvalue()).decode('ascii')}
 
 
 def _jsonable(value: Any) -> Any:

@@ -144,6 +144,8 @@ def _before_training(ctx: TrainContext) -> None:
     setup_loop(ctx)
     if resumed is None:
         ctx.extras['before'] = _evaluate(ctx)
+        ctx.extras['examples_before'] = list(ctx.extras.get('examples') or [])
+        write_examples(ctx)
 
 
 def _evaluate(ctx: TrainContext) -> dict[str, float]:
@@ -176,6 +178,7 @@ def _after_epoch(ctx: TrainContext) -> None:
     ctx.reporter.report(ctx.state, ctx.state.train_loss, force=True)
     if ctx.is_main:
         ctx.store.write_json(METRICS, run_metrics(ctx, dict(ctx.state.metrics)))
+    write_examples(ctx)
     save_loop_checkpoint(ctx)
     ctx.control.should_stop = agree(ctx.control.should_stop)
 
@@ -191,11 +194,19 @@ def _publish(ctx: TrainContext) -> None:
 
 
 def run_metrics(ctx: TrainContext, after: dict[str, float]) -> dict[str, Any]:
-    """metrics.json: before and after fine-tuning, one entry per epoch, example queries if gathered."""
-    metrics: dict[str, Any] = {'before': ctx.extras.get('before', {}), 'after': after, 'epochs': ctx.state.history}
-    if ctx.extras.get('examples'):
-        metrics['examples'] = ctx.extras['examples']
-    return metrics
+    """metrics.json: before and after fine-tuning, one entry per epoch."""
+    return {'before': ctx.extras.get('before', {}), 'after': after, 'epochs': ctx.state.history}
+
+
+def write_examples(ctx: TrainContext) -> None:
+    """examples.json (rank 0, when an evaluation gathers examples): the top matches of a few queries
+    before fine-tuning and with the latest weights (after training: the published ones). Kept out of
+    metrics.json, which the operator reads on every progress poll, because examples carry pictures."""
+    from finetuner.api.layout import EXAMPLES
+
+    before, after = ctx.extras.get('examples_before') or [], ctx.extras.get('examples') or []
+    if ctx.is_main and (before or after):
+        ctx.store.write_json(EXAMPLES, {'before': before, 'after': after if ctx.state.epoch else []})
 
 
 # --- the loop ---------------------------------------------------------------------------------

@@ -486,7 +486,7 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
     store.write_json(layout.CONFIG, config.model_dump(by_alias=True, mode='json'))
     store.delete(layout.FAILURE)
     ctx = build_context(config, store, log)
-    from finetuner_trainer.loop import run_metrics
+    from finetuner_trainer.loop import run_metrics, write_examples
 
     state = run_training(ctx)  # resumes from a checkpoint, measures the metrics before and per epoch
     from finetuner_trainer.distributed import shutdown
@@ -496,6 +496,7 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
     with tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
         artifact_uri = publish_artifact(ctx, Path(tmp)) if ctx.is_main else ''
     metrics = run_metrics(ctx, after)
+    write_examples(ctx)
     if ctx.is_main:
         store.write_json(layout.METRICS, metrics)
         ctx.reporter.report(state, state.train_loss, force=True)

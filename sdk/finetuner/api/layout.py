@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIG = 'config.json'  # the TrainerConfig the run was started with
 PROGRESS = 'progress.json'  # finetuner.api.v1alpha1.Progress, rewritten while training
+PROGRESS_HISTORY = 'progress_history.json'  # {"points": [{"step", "epoch", "loss", "time"}]}: the loss curve
 METRICS = 'metrics.json'  # {"before": {...}, "after": {...}, "epochs": [...]} (RunMetrics + history)
+EXAMPLES = 'examples.json'  # {"before": [...], "after": [...]}: top matches of a few evaluation queries
 FAILURE = 'failure.json'  # {"reason": ..., "message": ..., "exitCode": ...} when the trainer failed
 TRAIN_LOG = 'logs/train.log'  # the trainer's log, copied at the end of each attempt
 ARTIFACT = 'artifact'  # the fine-tuned model (loadable without this project)
