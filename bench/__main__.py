@@ -1,8 +1,10 @@
-"""``python -m bench [--quick] [--gpu] [--only NAME ...]``: run the benchmarks, write the table.
+"""``python -m bench [--quick] [--only NAME ...]``: run the benchmarks, write the table.
 
 Writes ``bench/results/<mode>.json`` (every round of both sides) and, for a full run,
 ``docs/BENCHMARKS.md``. ``--quick`` (under 3 minutes on 2 cores) writes its table to
 ``bench/results/quick.md`` so that a quick run never overwrites the published numbers.
+``python -m bench --gpu [--dry-run] [--out DIR] [--budget SECONDS]`` runs the GPU tiers instead
+(``bench.gpu``; ``python -m bench --gpu --help``).
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action='store_true',
         help="the test suite's tiny random models: checks the harness, measures nothing worth publishing",
     )
-    parser.add_argument('--gpu', action='store_true', help='train and infer on CUDA (bf16 where the trainer uses it)')
+    parser.add_argument(
+        '--gpu',
+        action='store_true',
+        help='the GPU tiers on a CUDA machine, each with its own timeout, results as files '
+        '(python -m bench --gpu --help lists their options)',
+    )
     parser.add_argument(
         '--only', nargs='+', choices=BENCHMARKS, metavar='NAME', help=f'run only these: {", ".join(BENCHMARKS)}'
     )
@@ -87,13 +94,12 @@ def run_benchmark(name: str, settings: Settings, strict: bool) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.gpu:
-        import torch
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if '--gpu' in arguments:
+        from bench.gpu import main as gpu_main
 
-        if not torch.cuda.is_available():
-            print('--gpu needs CUDA, and torch.cuda.is_available() is False on this machine', file=sys.stderr)
-            return 2
+        return gpu_main([a for a in arguments if a != '--gpu'])
+    args = parse_args(argv)
     mode = 'quick' if args.quick else 'tiny' if args.tiny else 'full'
     if args.threads is not None:
         if args.threads < 1:
