@@ -51,6 +51,7 @@ GPU_BUDGETS: dict[str, tuple[float, float]] = {
     'quality': (150.0, 60.0),
 }
 DRY_BUDGETS: dict[str, tuple[float, float]] = {tier: (180.0, 30.0) for tier in GPU_BUDGETS}
+REHEARSAL_BUDGETS: dict[str, tuple[float, float]] = {tier: (600.0, 30.0) for tier in GPU_BUDGETS}
 TIER_FUNCTIONS = {
     'check': 'bench.gpu_check:run',
     'text': 'bench.gpu_text:run_text',
@@ -63,16 +64,23 @@ LAST_SECONDS = 15.0  # a tier is not started with less than this left
 
 @dataclass(frozen=True)
 class Scale:
-    """Sizes of a GPU run, or of a dry run (tiny models on the CPU)."""
+    """Sizes of a GPU run; of a dry run (the test suite's tiny models and data, on the CPU); or of a
+    rehearsal (the GPU run's models, data and code paths, on the CPU with the dry run's small sizes:
+    what a device run will do, checked before spending device time)."""
 
     dry: bool
+    rehearsal: bool = False
 
     @property
     def device(self) -> str:
-        return 'cpu' if self.dry else 'cuda'
+        return 'cpu' if self.dry or self.rehearsal else 'cuda'
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == 'cuda'
 
     def pick(self, gpu: Any, dry: Any) -> Any:
-        return dry if self.dry else gpu
+        return dry if self.dry or self.rehearsal else gpu
 
 
 @dataclass
@@ -161,6 +169,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         '--assets', type=Path, default=None, help=f'carried models (default: {DEFAULT_ASSETS} when present)'
     )
+    parser.add_argument(
+        '--rehearse',
+        action='store_true',
+        help="the GPU run's models, data and code paths on this CPU with small sizes (needs the carried assets)",
+    )
     parser.add_argument('--workdir', type=Path, default=None, help='scratch folder (default: a temporary one)')
     parser.add_argument('--tier', choices=TIERS, default=None, help=argparse.SUPPRESS)  # one tier, in-process
     parser.add_argument('--timeout', type=float, default=None, help=argparse.SUPPRESS)
@@ -182,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
     if args.tier is not None:
         return run_tier(args)
-    if not args.dry_run:
+    if not args.dry_run and not args.rehearse:
         import torch
 
         if not torch.cuda.is_available():
@@ -202,7 +215,7 @@ def orchestrate(args: argparse.Namespace, workdir: Path) -> int:
     from bench.gpu_results import TITLES, TierResult, load, now, save
 
     args.out.mkdir(parents=True, exist_ok=True)
-    budgets = DRY_BUDGETS if args.dry_run else GPU_BUDGETS
+    budgets = DRY_BUDGETS if args.dry_run else REHEARSAL_BUDGETS if args.rehearse else GPU_BUDGETS
     started = time.monotonic()
     failures = 0
     for index, tier in enumerate(args.tiers):
@@ -224,9 +237,12 @@ def orchestrate(args: argparse.Namespace, workdir: Path) -> int:
             write_fragment(args.out)
             continue
         print(f'[gpu] tier {tier}: up to {timeout:.0f} s ({remaining:.0f} s of the budget left)', flush=True)
+        began = time.monotonic()
         code, tail = _run_child(tier, args, workdir, timeout)
+        wall = time.monotonic() - began
         result = load(args.out, tier) or TierResult(tier=tier, title=TITLES[tier], dry_run=args.dry_run, started=now())
         result.timeout_s = timeout
+        result.seconds = wall
         if code is None:
             result.status = 'timeout'
             result.error = f'stopped at its timeout of {timeout:.0f} s; last output:\n' + tail
@@ -264,6 +280,8 @@ def _run_child(tier: str, args: argparse.Namespace, workdir: Path, timeout: floa
     ]
     if args.dry_run:
         command.append('--dry-run')
+    if args.rehearse:
+        command.append('--rehearse')
     if args.assets is not None:
         command += ['--assets', str(args.assets)]
     env = dict(os.environ, PYTHONUNBUFFERED='1')
@@ -315,7 +333,7 @@ def run_tier(args: argparse.Namespace) -> int:
     from bench.gpu_results import TITLES, TierResult, now
 
     logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s %(message)s')
-    scale = Scale(dry=args.dry_run)
+    scale = Scale(dry=args.dry_run, rehearsal=args.rehearse)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix='finetuner-gpu-'))
     workdir.mkdir(parents=True, exist_ok=True)
     result = TierResult(
@@ -338,7 +356,7 @@ def run_tier(args: argparse.Namespace) -> int:
     ctx.save()
     module_name, function_name = TIER_FUNCTIONS[args.tier].split(':')
     try:
-        result.machine = machine_info(not scale.dry)
+        result.machine = machine_info(scale.cuda)
         getattr(importlib.import_module(module_name), function_name)(ctx)
     except Exception as e:
         traceback.print_exc()

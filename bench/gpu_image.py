@@ -36,9 +36,10 @@ class ImageCase:
 def image_cases(ctx: Any) -> list[ImageCase]:
     if ctx.scale.dry:
         return [ImageCase('timm:test_resnet', 'test_resnet', 32, 8, 2)]
+    batch, steps = ctx.scale.pick(gpu=(128, 8), dry=(8, 2))
     return [
-        ImageCase('efficientnet_b0', 'efficientnet_b0', 224, 128, 8),
-        ImageCase('resnet50', 'resnet50', 224, 128, 8),
+        ImageCase('efficientnet_b0', 'efficientnet_b0', 224, batch, steps),
+        ImageCase('resnet50', 'resnet50', 224, batch, steps),
     ]
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from finetuner.api.layout import Record
 from tests.gpu.conftest import ContextFactory
 from tests.support.tiny import TINY_TIMM, TINY_TIMM_OPTIONS, labelled_images, make_tiny_bert, text_pairs
 
@@ -248,9 +249,9 @@ def test_automatic_batch_size_probes_the_gpu_and_the_choice_trains(
     tokenizer_config['model_max_length'] = 512
     (folder / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config))
     long_text = ' '.join(WORDS * 20)  # far over 512 tokens: every text is truncated to 512
-    records = [
-        r.model_copy(update={'chunks': [c.model_copy(update={'text': f'{c.text} {long_text}'}) for c in r.chunks]})
-        for r in text_pairs(n=64)
+    records = [  # every query and document distinct: no batch is cut short by a clash
+        Record(chunks=[Record(text=f'query {i} {long_text}'), Record(text=f'document {i} {long_text}')])
+        for i in range(64)
     ]
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
