@@ -34,6 +34,7 @@ from bench.report import write
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS: tuple[str, ...] = ('text_throughput', 'image_throughput', 'quality', 'inference', 'operator_scale')
+CPU_ONLY_OPTIONS = frozenset({'--quick', '--tiny', '--only', '--threads', '--results-dir', '--doc', '--strict'})
 CLOSING_NOTES = [
     'A throughput ratio is the median samples/s of this project over the median of the reference, the '
     'medians taken over alternating rounds. An image round times steady-state steps (its first step, which '
@@ -96,6 +97,14 @@ def run_benchmark(name: str, settings: Settings, strict: bool) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if '--gpu' in arguments:
+        mixed = [a for a in arguments if a.split('=')[0] in CPU_ONLY_OPTIONS]
+        if mixed:
+            print(
+                f'--gpu runs the GPU tiers (python -m bench --gpu --help lists their options); {", ".join(mixed)} '
+                'belong to the CPU benchmarks',
+                file=sys.stderr,
+            )
+            return 2
         from bench.gpu import main as gpu_main
 
         return gpu_main([a for a in arguments if a != '--gpu'])

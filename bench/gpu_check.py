@@ -7,6 +7,7 @@ events around the timed region)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from bench.common import Row
 ROOT = Path(__file__).resolve().parents[1]
 SMI_FIELDS = 'name,driver_version,memory.total,clocks.max.sm,clocks.sm,power.limit,temperature.gpu'
 TEST_MEASURE = 'GPU tests (pytest -m gpu tests/gpu)'
+PER_TEST_TIMEOUT = 100
 
 
 def nvidia_smi() -> dict[str, str]:
@@ -167,6 +169,8 @@ def run_tests(ctx: Any) -> None:
         f'--junitxml={report_path}',
         '-rs',
     ]
+    if importlib.util.find_spec('pytest_timeout') is not None:
+        command.append(f'--timeout={PER_TEST_TIMEOUT}')  # a hung test fails alone; the report still gets written
     timeout = max(10.0, ctx.seconds_left() - 10)
     print(f'[gpu:check] {" ".join(command[2:])} (up to {timeout:.0f} s)', flush=True)
     try:

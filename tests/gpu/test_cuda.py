@@ -174,7 +174,7 @@ def test_nccl_ddp_with_one_process_gives_the_plain_gradients(tiny_bert: Path) ->
         [sys.executable, str(ROOT / 'tests' / 'gpu' / 'nccl_worker.py'), str(tiny_bert), str(port)],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=90,
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
