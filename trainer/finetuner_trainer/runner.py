@@ -141,7 +141,8 @@ def largest_fitting(fits: Any, start: int, limit: int) -> int:
 
 def auto_batch_size(ctx_parts: dict[str, Any], log: logging.Logger) -> int:
     """batchSize empty: on CUDA the largest power of two that trains without running out of memory
-    (as Finetuner 0.7.3 did); on CPU a sane default per family."""
+    (as Finetuner 0.7.3 did), probed with the longest examples while the optimizer's state is held; on
+    CPU a sane default per family."""
     import torch
 
     model, device, train, loss, collator = (ctx_parts[k] for k in ('model', 'device', 'train', 'loss', 'collator'))
@@ -151,13 +152,17 @@ def auto_batch_size(ctx_parts: dict[str, Any], log: logging.Logger) -> int:
         log.info('batchSize not set: %d (the CPU default for %s models)', size, model.family)
         return size
     from finetuner_trainer.loop import compute_loss
+    from finetuner_trainer.models import to_device
+
+    order = probe_order(train)
 
     def fits(size: int) -> bool:
-        examples = [train.examples[i % len(train)] for i in range(size)]
+        examples = [train.examples[order[i % len(order)]] for i in range(size)]
+        reserve: list[Any] = []
         try:
+            # What the first optimizer step will add: two state tensors per parameter (Adam's moments).
+            reserve = [torch.empty_like(p) for p in model.parameters() if p.requires_grad for _ in range(2)]
             batch = collator(examples)
-            from finetuner_trainer.models import to_device
-
             probe = type('Probe', (), {'loss': loss, 'runner': model})()
             with torch.autocast('cuda', dtype=torch.bfloat16):
                 value = compute_loss(probe, to_device(batch, device))  # type: ignore[arg-type]
@@ -166,12 +171,24 @@ def auto_batch_size(ctx_parts: dict[str, Any], log: logging.Logger) -> int:
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
+            del reserve
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
     size = largest_fitting(fits, 8, min(1024, limit))
     log.info('batchSize not set: %d (the largest power of two that fits on the GPU)', size)
     return size
+
+
+def probe_order(train: Any) -> list[int]:
+    """Examples in the order the batch-size probe takes them: most text first. A batch pads to its
+    longest text, so a batch of the longest examples needs the most memory the epoch will ask for."""
+    from finetuner_trainer.data import text_lengths
+
+    lengths = text_lengths(train)
+    if lengths is None:
+        return list(range(len(train)))
+    return sorted(range(len(train)), key=lambda i: -lengths[i])
 
 
 class Collator:
