@@ -18,8 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from finetuner.api.callback_options import CALLBACK_NAMES
 from finetuner.catalog import (
-    CALLBACK_NAMES,
     LOSS_NAMES,
     MINER_NAMES,
     OPTIMIZER_NAMES,
