@@ -262,7 +262,6 @@ def load_image_bytes(record: Record, base: ImageBase | None = None) -> bytes:
     uri = record.uri or ''
     parsed = urlparse(uri)
     if parsed.scheme in ('http', 'https'):
-
         with urllib.request.urlopen(uri, timeout=30) as response:  # the user's own data URL
             return response.read()
     if parsed.scheme == 's3':
