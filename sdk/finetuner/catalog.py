@@ -130,8 +130,8 @@ def find_backbone(name: str) -> Backbone | None:
     return None
 
 
-# Losses in the trainer's registry order: pytorch-metric-learning's label losses (they take a
-# miner), then the pair losses of this project.
+# Losses in the trainer's registry order: label losses (pytorch-metric-learning's, and any other
+# registered (embeddings, labels) loss; they take a miner), then pair losses.
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
 PML_LOSS_NAMES: tuple[str, ...] = tuple(name for name, loss in LOSSES.items() if loss['objective'] == 'label')
 PAIR_LOSS_NAMES: tuple[str, ...] = tuple(name for name, loss in LOSSES.items() if loss['objective'] == 'pair')

@@ -8,7 +8,7 @@ Every loss is wrapped as an *objective* with one of two call forms:
   CosineSimilarityLoss, MarginMSELoss.
 
 A pytorch-metric-learning loss is one entry of :data:`PML_LOSSES`; a loss of this project is a
-:class:`PairObjective` subclass decorated with :func:`register_loss`. :data:`LOSSES` is the registry
+class decorated with :func:`register_loss` (a :class:`PairObjective`, or a label loss). :data:`LOSSES` is the registry
 the trainer builds from; the SDK's catalog and the CRD's enums are generated from it
 (``python -m finetuner.api.crdgen`` writes ``sdk/finetuner/registered.py``).
 """
@@ -53,6 +53,7 @@ class LossEntry:
 
 
 LOSSES: dict[str, LossEntry] = {}
+LABEL_SHAPES = (Shape.LABELLED, Shape.PAIRS)  # what a label loss trains on (a pair is a class of two)
 MINERS: tuple[str, ...] = (
     'AngularMiner',
     'BatchEasyHardMiner',
@@ -116,9 +117,9 @@ PML_LOSSES: dict[str, dict[str, Any]] = {
     'TupletMarginLoss': {},
 }
 for _name, _traits in PML_LOSSES.items():
-    _add(LossEntry(_name, (Shape.LABELLED, Shape.PAIRS), 'label', _pml('losses', _name), **_traits))
+    _add(LossEntry(_name, LABEL_SHAPES, 'label', _pml('losses', _name), **_traits))
 
-PairObjectiveT = TypeVar('PairObjectiveT', bound=type['PairObjective'])
+LossT = TypeVar('LossT', bound=type[nn.Module])
 
 
 def register_loss(
@@ -126,18 +127,32 @@ def register_loss(
     families: tuple[str, ...] = (),
     from_model: Callable[[Embedder], dict[str, Any]] | None = None,
     defaults: dict[str, Any] | None = None,
-) -> Callable[[PairObjectiveT], PairObjectiveT]:
-    """Class decorator: register a :class:`PairObjective` under its class name, training on ``shapes``."""
+    classifies: bool = False,
+) -> Callable[[LossT], LossT]:
+    """Class decorator: the loss a spec names by the class's name, training on data of ``shapes``.
+
+    A :class:`PairObjective` subclass is called ``(queries, documents, scores)``; any other module is a
+    label loss called like pytorch-metric-learning's, ``(embeddings, labels, indices_tuple)`` (it may
+    take a miner, and trains on labelled items or on pairs as classes of two)."""
     if not shapes:
         raise TypeError('register_loss needs the data shapes the loss trains on')
 
-    def register(cls: PairObjectiveT) -> PairObjectiveT:
-        if not issubclass(cls, PairObjective):
-            raise TypeError(f'{cls.__name__} must subclass PairObjective to be registered as a loss')
-        entry = LossEntry(
-            cls.__name__, tuple(shapes), 'pair', lambda: cls, False, dict(defaults or {}), families, from_model
+    def register(cls: LossT) -> LossT:
+        objective: Literal['label', 'pair'] = 'pair' if issubclass(cls, PairObjective) else 'label'
+        if objective == 'label' and not set(shapes) <= set(LABEL_SHAPES):
+            raise TypeError(f'{cls.__name__} is a label loss: it trains on labelled items or pairs, not {shapes}')
+        _add(
+            LossEntry(
+                cls.__name__,
+                tuple(shapes),
+                objective,
+                lambda: cls,
+                classifies,
+                dict(defaults or {}),
+                families,
+                from_model,
+            )
         )
-        _add(entry)
         return cls
 
     return register
