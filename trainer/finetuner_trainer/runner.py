@@ -174,31 +174,34 @@ class BatchProbe:
     collator: Collator
 
 
+def probe_fits(probe: BatchProbe, size: int) -> bool:
+    """Whether a training step (forward and backward, under bf16 autocast as training runs on a GPU) on a
+    batch of ``size`` examples fits in the device's memory. The gradients it made are dropped."""
+    train = probe.train
+    examples = [train.examples[i % len(train)] for i in range(size)]
+    try:
+        batch = to_device(probe.collator(examples), probe.device)
+        with torch.autocast(probe.device.type, dtype=torch.bfloat16):
+            value = forward_loss(probe.model, probe.loss, batch)
+        value.backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        probe.model.zero_grad(set_to_none=True)
+        if probe.device.type == 'cuda':
+            torch.cuda.empty_cache()
+
+
 def auto_batch_size(probe: BatchProbe, log: logging.Logger) -> int:
     """batchSize empty: on CUDA the largest power of two that trains without running out of memory
     (as Finetuner 0.7.3 did); on CPU a sane default per family."""
-    model, train = probe.model, probe.train
-    limit = max(2, len(train))
+    model, limit = probe.model, max(2, len(probe.train))
     if probe.device.type != 'cuda':
         size = min(model.cpu_batch_size, limit)
         log.info('batchSize not set: %d (the CPU default for %s models)', size, model.family)
         return size
-
-    def fits(size: int) -> bool:
-        examples = [train.examples[i % len(train)] for i in range(size)]
-        try:
-            batch = to_device(probe.collator(examples), probe.device)
-            with torch.autocast('cuda', dtype=torch.bfloat16):
-                value = forward_loss(model, probe.loss, batch)
-            value.backward()
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-
-    size = largest_fitting(fits, 8, min(1024, limit))
+    size = largest_fitting(lambda size: probe_fits(probe, size), 8, min(1024, limit))
     log.info('batchSize not set: %d (the largest power of two that fits on the GPU)', size)
     return size
 
