@@ -352,22 +352,10 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
         eval_loader = make_loader(evaluation, collator, spec, batch_size, device, train=False)
     per_epoch = spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH
     steps = spec.epochs if per_epoch else spec.epochs * len(train_loader)
-    scheduler = build_scheduler(
-        spec.scheduler, optimization.optimizer, spec.scheduler_options, steps, optimization.learning_rate
-    )
+    lr = optimization.learning_rate
+    scheduler = build_scheduler(spec.scheduler, optimization.optimizer, spec.scheduler_options, steps, lr)
     autocast = torch.bfloat16 if device.type == 'cuda' else None
-    log.info(
-        'loss %s%s, optimizer %s (lr %g), batch size %d, %d steps per epoch, %d epochs, device %s%s',
-        spec.loss,
-        f' with {spec.miner}' if spec.miner else '',
-        spec.optimizer,
-        optimization.learning_rate,
-        batch_size,
-        len(train_loader),
-        spec.epochs,
-        device,
-        ' (bf16 autocast, TF32)' if autocast else '',
-    )
+    _log_plan(log, spec, lr, batch_size, len(train_loader), device)
     callbacks = build_callbacks(spec.callbacks)
     rank = int(os.environ.get('RANK', '0'))
     return TrainContext(
@@ -393,6 +381,23 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
         world_size=int(os.environ.get('WORLD_SIZE', '1')),
         local_rank=int(os.environ.get('LOCAL_RANK', '0')),
         autocast_dtype=autocast,
+    )
+
+
+def _log_plan(
+    log: logging.Logger, spec: FinetuneRunSpec, lr: float, batch_size: int, steps: int, device: torch.device
+) -> None:
+    log.info(
+        'loss %s%s, optimizer %s (lr %g), batch size %d, %d steps per epoch, %d epochs, device %s%s',
+        spec.loss,
+        f' with {spec.miner}' if spec.miner else '',
+        spec.optimizer,
+        lr,
+        batch_size,
+        steps,
+        spec.epochs,
+        device,
+        ' (bf16 autocast, TF32)' if device.type == 'cuda' else '',
     )
 
 
