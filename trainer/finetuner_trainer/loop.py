@@ -1,7 +1,8 @@
 """The one training loop.
 
-Everything a run needs is in :class:`TrainContext`; :func:`run_training` trains it, calling the
-callbacks' hooks (``finetuner_trainer.hooks``) and honouring ``Control.should_stop``. The
+Everything a run needs is in :class:`~finetuner_trainer.context.TrainContext`; :func:`run_training`
+trains it, calling the callbacks' hooks (``finetuner_trainer.hooks``) and honouring
+``Control.should_stop``. The
 functions ``_before_training``, ``_after_epoch``, ``_evaluate`` and ``_publish`` are the seams
 where checkpoint/resume, retrieval evaluation and export plug in.
 """
