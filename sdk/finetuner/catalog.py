@@ -1,17 +1,20 @@
-"""Names the whole system agrees on: backbones, losses, miners, optimizers, schedulers, callbacks.
+"""Names the whole system agrees on: backbones, losses, miners, model families, optimizers, schedulers.
 
 Pure data, no heavy imports: the SDK shows it (``describe_models``), the contract validates
-against it (and the CRD's enums are generated from it), and the trainer's registries are tested
-to hold exactly these names.
+against it (and the CRD's enums are generated from it). Losses, miners and model families are the
+trainer's registries, copied into ``finetuner/registered.py`` by ``python -m finetuner.api.crdgen``
+(its ``--check`` fails when the copy is out of date); the callbacks' names and options are the
+contract's (``finetuner.api.callback_options``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from finetuner.registered import FAMILIES, LOSSES, MINERS
 
 Task = Literal['image-to-image', 'text-to-text', 'text-to-image']
-Family = Literal['timm', 'text', 'clip']
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class Backbone:
     output_dim: int
     architecture: str
     description: str
-    family: Family
+    family: str  # a model family of the trainer (FAMILY_NAMES)
     source: str  # timm model name or Hugging Face id the weights come from
     aliases: tuple[str, ...] = field(default=())
     default_learning_rate: float = 1e-4
@@ -127,63 +130,24 @@ def find_backbone(name: str) -> Backbone | None:
     return None
 
 
-# Every loss of pytorch-metric-learning 2.x that trains from (embeddings, labels) (ManifoldLoss
-# refuses labels, so it is not here), plus the pair losses of this project. tests/trainer checks
-# the trainer registry holds exactly these.
-PML_LOSS_NAMES: tuple[str, ...] = (
-    'AngularLoss',
-    'ArcFaceLoss',
-    'CircleLoss',
-    'ContrastiveLoss',
-    'CosFaceLoss',
-    'DynamicSoftMarginLoss',
-    'FastAPLoss',
-    'GeneralizedLiftedStructureLoss',
-    'HistogramLoss',
-    'InstanceLoss',
-    'IntraPairVarianceLoss',
-    'LargeMarginSoftmaxLoss',
-    'LiftedStructureLoss',
-    'MarginLoss',
-    'MultiSimilarityLoss',
-    'NCALoss',
-    'NPairsLoss',
-    'NTXentLoss',
-    'NormalizedSoftmaxLoss',
-    'P2SGradLoss',
-    'PNPLoss',
-    'ProxyAnchorLoss',
-    'ProxyNCALoss',
-    'RankedListLoss',
-    'SignalToNoiseRatioContrastiveLoss',
-    'SmoothAPLoss',
-    'SoftTripleLoss',
-    'SphereFaceLoss',
-    'SubCenterArcFaceLoss',
-    'SupConLoss',
-    'ThresholdConsistentMarginLoss',
-    'TripletMarginLoss',
-    'TupletMarginLoss',
-)
-PAIR_LOSS_NAMES: tuple[str, ...] = (
-    'CLIPLoss',
-    'MultipleNegativesRankingLoss',
-    'CosineSimilarityLoss',
-    'MarginMSELoss',
-)
-LOSS_NAMES: tuple[str, ...] = PML_LOSS_NAMES + PAIR_LOSS_NAMES
+# Losses in the trainer's registry order: label losses (pytorch-metric-learning's, and any other
+# registered (embeddings, labels) loss; they take a miner), then pair losses.
+LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
+PML_LOSS_NAMES: tuple[str, ...] = tuple(name for name, loss in LOSSES.items() if loss['objective'] == 'label')
+PAIR_LOSS_NAMES: tuple[str, ...] = tuple(name for name, loss in LOSSES.items() if loss['objective'] == 'pair')
+MINER_NAMES: tuple[str, ...] = MINERS
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
-MINER_NAMES: tuple[str, ...] = (
-    'AngularMiner',
-    'BatchEasyHardMiner',
-    'BatchHardMiner',
-    'DistanceWeightedMiner',
-    'HDCMiner',
-    'MultiSimilarityMiner',
-    'PairMarginMiner',
-    'TripletMarginMiner',
-    'UniformHistogramMiner',
-)
+
+def loss_shapes(name: str) -> tuple[str, ...]:
+    """The data shapes (labelled, pairs, scored-pairs, text-image) the loss ``name`` trains on."""
+    return tuple(LOSSES[name]['shapes'])
+
+
+def family_info(name: str) -> dict[str, Any]:
+    """A model family's metadata: ``kinds`` (content it embeds), ``select_models`` (get_model names)."""
+    return dict(FAMILIES[name])
+
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     'Adadelta',
@@ -208,17 +172,6 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     'polynomial',
     'constant',
     'constant_with_warmup',
-)
-
-CALLBACK_NAMES: tuple[str, ...] = (
-    'EvaluationCallback',
-    'BestModelCheckpoint',
-    'TrainingCheckpoint',
-    'EarlyStopping',
-    'WiSEFTCallback',
-    'TensorBoardLogger',
-    'MLFlowLogger',
-    'WandBLogger',
 )
 
 EVALUATION_METRICS: tuple[str, ...] = (

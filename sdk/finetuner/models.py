@@ -11,11 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, get_args
 
-from finetuner.catalog import BACKBONES, Backbone, Task
+from finetuner.catalog import BACKBONES, FAMILY_NAMES, Backbone, Task, family_info
 from finetuner.data import Modalities, is_collection, to_records
 from finetuner.errors import ArgumentError, FinetunerError
 
 TASKS: tuple[str, ...] = get_args(Task)
+# get_model(select_model=...): name -> (the family that has it, the one kind of content it keeps)
+SELECT_MODELS: dict[str, tuple[str, str]] = {
+    name: (family, kind) for family in FAMILY_NAMES for name, kind in family_info(family)['select_models'].items()
+}
 
 
 class MissingDependencyError(FinetunerError, ImportError):
@@ -88,7 +92,7 @@ def _artifact_directory(artifact: str | Path) -> Path:
 
 
 class _Selected:
-    """A CLIP model restricted to one tower (``select_model``): refuses content of the other kind."""
+    """A model of several towers (CLIP) restricted to one (``select_model``): refuses content of the other kinds."""
 
     def __init__(self, model: Any, kind: str) -> None:
         self.model = model
@@ -122,7 +126,8 @@ def get_model(
     """Load a fine-tuned model for :func:`encode`.
 
     ``artifact``: the folder given to ``run.save_model()``, or the name of a finished run.
-    ``select_model``: for CLIP, ``'clip-text'`` or ``'clip-vision'`` keeps one tower's inputs;
+    ``select_model``: keeps one tower's inputs of a model with several (CLIP: ``'clip-text'``,
+    ``'clip-vision'``);
     ``is_onnx``: use the ONNX export (the run needs ``to_onnx=True``); ``device``: where torch runs it.
     A torch model is returned in eval mode (no dropout, BatchNorm with its running statistics).
     ``token`` is accepted for Finetuner compatibility and unused (no hub account here).
@@ -130,8 +135,10 @@ def get_model(
     del token
     if batch_size < 1:
         raise ArgumentError('batch_size', f'must be at least 1, got {batch_size}')
-    if select_model not in (None, 'clip-text', 'clip-vision'):
-        raise ArgumentError('select_model', f"unknown {select_model!r}; use 'clip-text' or 'clip-vision' (CLIP only)")
+    if select_model is not None and select_model not in SELECT_MODELS:
+        names = ' or '.join(repr(name) for name in SELECT_MODELS)
+        families = ', '.join(sorted({family for family, _ in SELECT_MODELS.values()}))
+        raise ArgumentError('select_model', f'unknown {select_model!r}; use {names} ({families} models only)')
     directory = _artifact_directory(artifact)
     if is_onnx:
         onnx = _trainer_module('finetuner_trainer.inference_onnx')
@@ -145,7 +152,7 @@ def get_model(
         # statistics, as encode() does (Embedder.embed switches to eval itself).
         model = models.load_embedder(directory).to(device).eval()
     if select_model is not None:
-        model = _Selected(model, 'text' if select_model == 'clip-text' else 'image')
+        model = _Selected(model, SELECT_MODELS[select_model][1])
     model.default_batch_size = batch_size
     return model
 

@@ -14,6 +14,9 @@ import io
 import json
 import math
 import random
+import tempfile
+import urllib.request
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -200,11 +203,10 @@ def _csv_content(cell: str) -> dict[str, str]:
 def parse_docarray(data: bytes, field_name: str) -> list[Record]:
     """A docarray 0.4x ``DocList[LegacyDocument]`` saved with ``save_binary`` (protobuf)."""
     try:
-        from docarray import DocList
+        from docarray import DocList  # optional (the docarray extra): only docarray files need it
         from docarray.documents.legacy import LegacyDocument
     except ImportError as e:
         raise ConfigError(field_name, 'a docarray file needs the docarray package (pip install docarray)') from e
-    import tempfile
 
     with tempfile.NamedTemporaryFile(suffix='.bin') as tmp:
         tmp.write(data)
@@ -260,8 +262,6 @@ def load_image_bytes(record: Record, base: ImageBase | None = None) -> bytes:
     uri = record.uri or ''
     parsed = urlparse(uri)
     if parsed.scheme in ('http', 'https'):
-        import urllib.request
-
         with urllib.request.urlopen(uri, timeout=30) as response:  # the user's own data URL
             return response.read()
     if parsed.scheme == 's3':
@@ -279,9 +279,7 @@ class ImageTooLarge(ValueError):
 
 
 def check_image(data: bytes) -> None:
-    import warnings
-
-    from PIL import Image
+    from PIL import Image  # Pillow is loaded where images are checked: text-only data never needs it
 
     with warnings.catch_warnings():
         # Over the limit PIL only warns (over twice the limit it raises): refuse both, before decoding.

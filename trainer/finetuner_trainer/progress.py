@@ -38,7 +38,7 @@ def quiet_libraries() -> None:
     """No download/load progress bars or load reports from Hugging Face libraries in the run's log."""
     os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     try:
-        import transformers
+        import transformers  # heavy: quieted only where it is installed (and loaded by the model anyway)
     except ImportError:
         return
     transformers.utils.logging.set_verbosity_error()

@@ -29,9 +29,9 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from finetuner.api.callback_options import CALLBACK_NAMES
 from finetuner.api.pod import POD_SETTING_FIELDS, Affinity, EnvVar, LocalObjectReference, PodSettings, Volume
 from finetuner.catalog import (
-    CALLBACK_NAMES,
     LOSS_NAMES,
     MINER_NAMES,
     OPTIMIZER_NAMES,
