@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetuner.api.v1alpha1 import Condition, FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
-from finetuner_operator.builders import CONTAINER, job_name
+from finetuner_operator.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER, job_name
 
 IMAGE_PULL_REASONS = ('ErrImagePull', 'ImagePullBackOff', 'InvalidImageName', 'ErrImageNeverPull')
 SUBMITTED = 'Run submitted and awaits execution'
@@ -75,11 +75,47 @@ def _describe_termination(pod: dict[str, Any]) -> str | None:
     message = (terminated.get('message') or '').strip()
     if terminated.get('reason') == 'OOMKilled':
         return 'out of memory (OOMKilled): raise spec.resources.memory or lower spec.batchSize'
-    if message:
-        lines = [line for line in message.splitlines() if line.strip()]
-        return lines[-1][:TERMINATION_MESSAGE_LIMIT] if lines else None
+    lines = [line for line in message.splitlines() if line.strip()]
+    last = lines[-1][:TERMINATION_MESSAGE_LIMIT] if lines else None
     code = terminated.get('exitCode')
+    if isinstance(code, int) and code > 128:
+        # Killed by a signal: the message can only be the log tail (FallbackToLogsOnError), not a reason.
+        killed = f'killed by signal {code - 128} (exit code {code})'
+        return f'{killed}; last output: {last}' if last else killed
+    if last:
+        return last
     return f'trainer exited with code {code}' if code is not None else None
+
+
+def _rank(pod: dict[str, Any]) -> int | None:
+    """A pod's completion index: its node rank. Kubernetes >= 1.28 sets it as a label too (the one the
+    operator's cache keeps), under the same key as the annotation."""
+    meta = pod['metadata']
+    index = (meta.get('labels') or {}).get(COMPLETION_INDEX_ANNOTATION)
+    if index is None:
+        index = (meta.get('annotations') or {}).get(COMPLETION_INDEX_ANNOTATION)
+    return int(index) if index is not None and str(index).isdigit() else None
+
+
+def _describe_failure(failed: list[dict[str, Any]], nodes: int) -> str | None:
+    """What went wrong in the latest failed attempt. A multi-node run names the node rank that failed
+    first (the others' errors follow from it: a collective with a dead peer fails on every rank)."""
+    if not failed:
+        return None
+    if nodes <= 1:
+        return _describe_termination(failed[-1])
+    latest: dict[int | None, dict[str, Any]] = {}
+    for pod in failed:  # in creation order: the last pod of each rank is its latest attempt
+        latest[_rank(pod)] = pod
+
+    def order(pod: dict[str, Any]) -> tuple[str, int, int]:
+        terminated = (_container_status(pod).get('state') or {}).get('terminated') or {}
+        killed = 0 if (terminated.get('exitCode') or 0) > 128 else 1  # on a tie, the killed one went first
+        return terminated.get('finishedAt') or '', killed, _rank(pod) or 0
+
+    first = min(latest.values(), key=order)
+    cause = _describe_termination(first) or 'unknown cause'
+    return f'node rank {_rank(first)} of {nodes} (pod {first["metadata"].get("name")}) failed: {cause}'
 
 
 def _failed_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -149,14 +185,14 @@ def _job_failure(
     """(reason, details) of a Job whose Failed condition is True."""
     job_reason = failed.get('reason') or 'Failed'
     failed_pods = _failed_pods(pods)
-    last = _describe_termination(failed_pods[-1]) if failed_pods else None
+    last = _describe_failure(failed_pods, spec.resources.nodes)
     trainer_says = (observed.failure or {}).get('message') or (observed.failure or {}).get('reason')
     if job_reason == 'PodFailurePolicy':
         # The trainer exited with its configuration-error code: its message is the reason.
         message = last or trainer_says or failed.get('message') or 'configuration error'
         return 'ConfigurationError', message
     if job_reason == 'BackoffLimitExceeded':
-        attempts = len(failed_pods) or spec.backoff_limit + 1
+        attempts = _attempts(len(failed_pods), spec) or spec.backoff_limit + 1
         cause = last or trainer_says or 'see run.logs()'
         return (
             'BackoffLimitExceeded',
@@ -286,8 +322,8 @@ def derive_status(
             reason, details = 'Unschedulable', f'Waiting for a node that fits: {message}'
     elif _failed_pods(pods) and job_status.get('active'):
         phase, reason = Phase.STARTED, 'Retrying'
-        last = _describe_termination(_failed_pods(pods)[-1]) or 'unknown cause'
-        details = f'Attempt {len(_failed_pods(pods))} failed ({last}); retrying'
+        last = _describe_failure(_failed_pods(pods), spec.resources.nodes) or 'unknown cause'
+        details = f'Attempt {_attempts(len(_failed_pods(pods)), spec)} failed ({last}); retrying'
     elif started_at and pods:
         phase, reason, details = Phase.STARTED, 'Running', _details_started(progress)
 
@@ -307,11 +343,8 @@ def derive_status(
     if phase is Phase.FAILED:
         wanted['Failed'] = (True, reason, details)
 
-    attempts = max(
-        len(pods),
-        int(job_status.get('failed') or 0) + int(job_status.get('succeeded') or 0) + int(job_status.get('active') or 0),
-        previous.attempts if job is None else 0,
-    )
+    counted = sum(int(job_status.get(key) or 0) for key in ('failed', 'succeeded', 'active'))
+    attempts = max(_attempts(len(pods), spec), _attempts(counted, spec), previous.attempts if job is None else 0)
     return FinetuneRunStatus(
         phase=phase,
         details=details,
@@ -327,6 +360,12 @@ def derive_status(
         job_name=job_name(run) if created else None,
         observed_generation=generation if generation is not None else previous.observed_generation,
     )
+
+
+def _attempts(pods: int, spec: FinetuneRunSpec) -> int:
+    """Pods counted as attempts: an attempt of a multi-node run is one pod per node."""
+    nodes = max(spec.resources.nodes, 1)
+    return -(-pods // nodes)
 
 
 def _suspended_details() -> str:

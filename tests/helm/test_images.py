@@ -1,4 +1,6 @@
-"""The Dockerfiles, checked statically (no Docker engine here): pinned bases, non-root, real entrypoints."""
+"""The Dockerfiles, checked statically: pinned bases, non-root, real entrypoints, layers that cache.
+
+The images themselves are built and run by tests/e2e/test_images.py (podman)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ PACKAGE_DIRS = {'finetuner': 'sdk', 'finetuner_operator': 'operator', 'finetuner
 
 IMAGES = {
     # Dockerfile: (extra installed, entrypoint module, what the final base must be)
-    'Dockerfile.trainer': ('trainer', 'finetuner_trainer', 'nvidia/cuda'),
+    'Dockerfile.trainer': ('trainer', 'finetuner_trainer', 'python'),
     'Dockerfile.operator': ('operator', 'finetuner_operator', 'python'),
 }
 
@@ -102,8 +104,10 @@ def test_installs_its_extra_with_dependencies_before_sources(dockerfile: str) ->
     extras = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['optional-dependencies']
     assert extra in extras
     _, stages = parse(ROOT / dockerfile)
-    build = next(s for s in stages if s.name == 'build')
-    steps = [f'{keyword} {rest}' for keyword, rest in build.instructions]
+    # The build stages in order (the trainer installs its dependencies in `deps`, the project in `build`).
+    named = {s.name: s for s in stages if s.name}
+    build_stages = [named[n] for n in ('deps', 'build') if n in named]
+    steps = [f'{keyword} {rest}' for stage in build_stages for keyword, rest in stage.instructions]
 
     def first(pattern: str) -> int:
         return next(i for i, step in enumerate(steps) if re.search(pattern, step))
@@ -111,21 +115,65 @@ def test_installs_its_extra_with_dependencies_before_sources(dockerfile: str) ->
     metadata = first(r'^COPY pyproject\.toml')
     dependencies = first(rf'^RUN .*uv pip install -r pyproject\.toml --extra {extra}\b')
     sources = first(r'^COPY (sdk|operator|trainer)\b')
-    project = first(r'^RUN .*uv pip install --no-deps \.')
+    project = first(r'^RUN .*uv pip install --no-deps (--target \S+ )?\.')
     assert metadata < dependencies < sources < project, 'a code change must not re-install the dependencies'
     final = stages[-1]
-    copied = [rest for keyword, rest in final.instructions if keyword == 'COPY']
-    assert copied and all(rest.startswith('--from=build ') for rest in copied), 'the final stage takes only /opt'
+    copied = [rest.split() for keyword, rest in final.instructions if keyword == 'COPY']
+    assert copied, 'the final stage copies the environment from the build'
+    for source, *paths in copied:
+        assert source.removeprefix('--from=') in named, f'{dockerfile}: the final stage copies only from build stages'
+        assert all(path.startswith('/opt/') for path in paths), f'{dockerfile}: the final stage takes only /opt'
+
+
+def test_trainer_code_layer_is_apart_from_the_environment() -> None:
+    """A code change rebuilds a small layer: the project is installed apart from the 6 GB environment
+    (in /opt/project, on the environment's path through a .pth file), and the final stage copies the
+    environment from the dependencies stage, which sources do not touch."""
+    _, stages = parse(ROOT / 'Dockerfile.trainer')
+    named = {s.name: s for s in stages if s.name}
+    assert not [rest for keyword, rest in named['deps'].instructions if re.match(r'(sdk|operator|trainer)\b', rest)]
+    assert any('kube_finetuner.pth' in rest and '/opt/project' in rest for _, rest in named['deps'].instructions)
+    final = [rest for keyword, rest in stages[-1].instructions if keyword == 'COPY']
+    assert '--from=deps /opt/venv /opt/venv' in final
+    assert '--from=build /opt/project /opt/project' in final
 
 
 @pytest.mark.parametrize('dockerfile', sorted(IMAGES))
 def test_final_base_fits_the_image(dockerfile: str) -> None:
     _, _, base = IMAGES[dockerfile]
-    _, stages = parse(ROOT / dockerfile)
+    args, stages = parse(ROOT / dockerfile)
     assert stages[-1].base.startswith(f'{base}:')
+    assert stages[-1].base == args['PYTHON_BASE'], 'the base is a build argument (scripts/build-images.sh sets it)'
     if dockerfile == 'Dockerfile.trainer':
         tested = version('torch').split('+')[0]
         assert f'torch=={tested} ' in (ROOT / dockerfile).read_text(), 'the image installs the torch tests ran with'
+
+
+def test_trainer_image_asks_for_the_driver_its_torch_needs() -> None:
+    """No CUDA base: the torch wheels bring the CUDA libraries. The NVIDIA container toolkit mounts the
+    driver when NVIDIA_VISIBLE_DEVICES/NVIDIA_DRIVER_CAPABILITIES ask for it, and NVIDIA_REQUIRE_CUDA makes
+    it refuse a node whose driver is older than the CUDA release torch was built for."""
+    import torch
+
+    _, stages = parse(ROOT / 'Dockerfile.trainer')
+    env = dict(
+        item.split('=', 1) for keyword, rest in stages[-1].instructions if keyword == 'ENV' for item in rest.split()
+    )
+    assert env['NVIDIA_VISIBLE_DEVICES'] == 'all'
+    assert set(env['NVIDIA_DRIVER_CAPABILITIES'].split(',')) >= {'compute', 'utility'}
+    major_minor = '.'.join((torch.version.cuda or '').split('.')[:2])
+    assert major_minor, 'the tests run with a CUDA build of torch, as the image installs'
+    assert env['NVIDIA_REQUIRE_CUDA'] == f'cuda>={major_minor}'
+    text = (ROOT / 'Dockerfile.trainer').read_text()
+    assert f'CUDA {major_minor}' in text and 'driver >= 580' in text, 'the comment names the CUDA release and driver'
+
+
+def test_trainer_python_source_is_a_build_argument() -> None:
+    args, stages = parse(ROOT / 'Dockerfile.trainer')
+    assert args['PYTHON'] == 'system', 'the default works offline with a python base'
+    run = ' '.join(rest for stage in stages for keyword, rest in stage.instructions if keyword == 'RUN')
+    assert 'system) UV_PYTHON_DOWNLOADS=never uv venv --python /usr/local/bin/python3.11' in run
+    assert 'managed) uv python install 3.11' in run
 
 
 def test_dockerignore_sends_only_what_the_images_copy() -> None:
