@@ -22,8 +22,8 @@ Every pod of the node shares the machine's network (pod IP 127.0.0.1), as with h
 cluster DNS names a pod could resolve (``<svc>.<ns>.svc`` and, for a headless Service, the
 ``<hostname>.<svc>.<ns>.svc`` of the pods it selects) map to 127.0.0.1, through ``/etc/hosts`` with
 podman and by replacing them in env values and arguments for a process. Exit code, termination
-message (or the log tail with FallbackToLogsOnError), OOMKilled (podman) and phase go back into the
-pod status; the log is served by the emulator's ``/log`` endpoint.
+message (or the log tail with FallbackToLogsOnError) and phase go back into the pod status; the log
+is served by the emulator's ``/log`` endpoint.
 
 Like the real controllers it is driven by watches: two watch threads keep a cache of Jobs and
 pods (an informer), and the control loop handles only the Jobs and pods an event touched, plus a
@@ -786,7 +786,7 @@ class SimulatedNode:
         threading.Thread(target=self._wait, args=(running, container), name=f'pod-{name}', daemon=True).start()
 
     def _wait(self, running: Container, container: Any) -> None:
-        code, runtime_reason = running.handle.wait()
+        code = running.handle.wait()
         message = running.termination.read_text(errors='replace').strip() if running.termination.exists() else ''
         if not message and code != 0 and running.fallback_to_logs:
             lines = running.log.read_text(errors='replace').splitlines()[-80:]
@@ -794,7 +794,7 @@ class SimulatedNode:
         finished = now_rfc3339()
         terminated: dict[str, Any] = {
             'exitCode': code if code >= 0 else 128 - code,
-            'reason': runtime_reason or ('Completed' if code == 0 else ('Error' if code > 0 else 'Killed')),
+            'reason': 'Completed' if code == 0 else ('Error' if code > 0 else 'Killed'),
             'startedAt': running.started_at,
             'finishedAt': finished,
         }

@@ -12,6 +12,8 @@ Podman uses the project's own storage and configuration (``scripts/podman-env.sh
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -19,6 +21,8 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -79,11 +83,12 @@ class Started:
         if self.process.poll() is None:
             self._kill()
 
-    def wait(self) -> tuple[int, str | None]:
-        """The exit code (negative: killed by that signal) and a reason the runtime knows (OOMKilled)."""
+    def wait(self) -> int:
+        """The exit code (negative: killed by that signal)."""
         code = self.process.wait()
-        reason = self._finish() if self._finish is not None else None
-        return code, reason
+        if self._finish is not None:
+            self._finish()
+        return code
 
 
 class ProcessRuntime:
@@ -174,12 +179,17 @@ class PodmanRuntime:
         )
 
         def kill() -> None:
-            self.podman.run(['kill', '--signal', 'KILL', launch.name])
+            # Until the container exists (`podman run` may still be creating it), a kill finds nothing.
+            deadline = time.monotonic() + 60
+            while process.poll() is None and time.monotonic() < deadline:
+                if self.podman.run(['kill', '--signal', 'KILL', launch.name]).returncode == 0:
+                    return
+                time.sleep(0.2)
 
-        def finish() -> str | None:
-            state = self.podman.inspect(launch.name)
+        def finish() -> None:
+            # Not asked: podman's State.OOMKilled, which conmon leaves false under cgroup v1 (a container
+            # killed at its memory limit then reads as exit code 137, reason Error).
             self.podman.run(['rm', '--force', '--ignore', launch.name])
-            return 'OOMKilled' if (state or {}).get('OOMKilled') else None
 
         return Started(process, kill, finish)
 
@@ -199,15 +209,6 @@ class Podman:
     def image_exists(self, image: str) -> bool:
         return self.run(['image', 'exists', image]).returncode == 0
 
-    def inspect(self, container: str) -> dict[str, Any] | None:
-        result = self.run(['inspect', '--format', '{{json .State}}', container])
-        if result.returncode != 0:
-            return None
-        try:
-            return json.loads(result.stdout)
-        except json.JSONDecodeError:
-            return None
-
 
 @functools.cache
 def podman_environment() -> dict[str, str]:
@@ -225,13 +226,28 @@ def podman_unusable() -> str | None:
     """Why podman cannot run containers here (None when it can): the skip reason of podman tests."""
     if shutil.which('podman') is None:
         return 'podman is not installed (Debian/Ubuntu: apt-get install podman runc; see docs/INSTALL.md)'
+    podman = Podman()
     try:
-        result = Podman().run(['info', '--format', '{{.Host.OCIRuntime.Name}}'], timeout=60)
+        with build_lock(podman):  # `podman info` waits for the storage while a build commits a layer
+            result = podman.run(['info', '--format', '{{.Host.OCIRuntime.Name}}'], timeout=120)
     except (subprocess.SubprocessError, OSError) as e:
         return f'podman does not answer: {e}'
     if result.returncode != 0:
         return f'podman info failed: {result.stderr.strip()[-300:]}'
     return None
+
+
+@contextlib.contextmanager
+def build_lock(podman: Podman) -> Iterator[None]:
+    """The lock scripts/build-images.sh holds while it builds (TMPDIR of the project's podman)."""
+    folder = Path(podman.env.get('TMPDIR') or '/tmp')
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / 'kube-finetuner-build.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def map_path(value: str, mapping: dict[str, Path]) -> str:
@@ -255,3 +271,21 @@ def _resolve_hosts(value: str, hosts: dict[str, str]) -> str:
     for name in sorted(hosts, key=len, reverse=True):
         value = re.sub(rf'(?<![\w.-]){re.escape(name)}(?![\w-]|\.[\w-])', hosts[name], value)
     return value
+
+
+class BuildUnavailable(Exception):
+    """The image cannot be built on this machine (no engine, not root, no registry and no stand-in)."""
+
+
+def build_image(which: str, timeout: float = 3600.0) -> str:
+    """``scripts/build-images.sh <which>`` (the layer cache makes a build without changes take seconds);
+    the image's name. A build the script says is impossible here (exit code 2) raises BuildUnavailable;
+    any other failure is a broken image and raises RuntimeError with the build's output."""
+    result = subprocess.run(
+        ['bash', str(BUILD_SCRIPT), which], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if result.returncode == 2:
+        raise BuildUnavailable(result.stderr.strip()[-500:])
+    if result.returncode != 0:
+        raise RuntimeError(f'scripts/build-images.sh {which} failed:\n{(result.stdout + result.stderr)[-4000:]}')
+    return image_name(which)
