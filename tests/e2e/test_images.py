@@ -54,6 +54,7 @@ def _podman_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
 
 
 @pytest.mark.images
+@pytest.mark.slow
 def test_the_trainer_image_trains_inside(trainer_image: str, tmp_path: Path) -> None:
     shown = _podman_run(trainer_image, '--help')
     assert shown.returncode == 0, shown.stderr
@@ -100,6 +101,7 @@ def test_the_trainer_image_trains_inside(trainer_image: str, tmp_path: Path) -> 
 
 
 @pytest.mark.images
+@pytest.mark.slow
 @pytest.mark.operator_config(trainer_image=TRAINER)
 @pytest.mark.node(runtime='podman')
 def test_fit_lifecycle_with_the_trainer_image(trainer_image: str, cluster: Cluster, tmp_path: Path) -> None:
@@ -110,6 +112,7 @@ def test_fit_lifecycle_with_the_trainer_image(trainer_image: str, cluster: Clust
 
 
 @pytest.mark.images
+@pytest.mark.slow
 @pytest.mark.operator_config(trainer_image=TRAINER)
 @pytest.mark.node(runtime='podman')
 def test_two_nodes_with_the_trainer_image(

@@ -5,7 +5,9 @@ The images themselves are built and run by tests/e2e/test_images.py (podman)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -14,6 +16,9 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
+TRAINER_TAG = (
+    f'ghcr.io/kube-finetuner/trainer:{tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]}'
+)
 PACKAGE_DIRS = {'finetuner': 'sdk', 'finetuner_operator': 'operator', 'finetuner_trainer': 'trainer'}
 
 IMAGES = {
@@ -194,3 +199,100 @@ def test_dockerignore_sends_only_what_the_images_copy() -> None:
                 for source in sources:
                     assert source in allowed, f'{dockerfile}: COPY {source} is excluded by .dockerignore'
                     assert (ROOT / source).exists(), f'{dockerfile}: COPY {source} does not exist'
+
+
+# --- scripts/build-images.sh and scripts/podman-env.sh, without building (the builds: tests/e2e/test_images.py)
+
+
+def _script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ['bash', *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
+
+
+def test_build_script_with_docker_and_real_bases_runs_plain_docker_builds() -> None:
+    result = _script('scripts/build-images.sh', '--dry-run', '--engine', 'docker', '--bases', 'real', '--tag', '1.2.3')
+    assert result.returncode == 0, result.stderr
+    builds = [line for line in result.stdout.splitlines() if line.startswith('+ ')]
+    assert builds == [
+        '+ docker build -f Dockerfile.operator -t ghcr.io/kube-finetuner/operator:1.2.3 .',
+        '+ docker build -f Dockerfile.trainer -t ghcr.io/kube-finetuner/trainer:1.2.3 .',
+    ]
+
+
+def test_build_script_with_podman_and_stand_ins_mounts_the_machines_package_sources(tmp_path: Path) -> None:
+    mirror = tmp_path / 'mirror'
+    (mirror / 'simple').mkdir(parents=True)
+    wheels = tmp_path / 'wheels'
+    wheels.mkdir()
+    env = {
+        'TMPDIR': str(tmp_path),
+        'PIP_CONFIG_FILE': os.devnull,  # only the variables below, not this machine's pip configuration
+        'PIP_EXTRA_INDEX_URL': f'file://{mirror}/simple https://mirror.example/simple',
+        'PIP_FIND_LINKS': str(wheels),
+        'PIP_INDEX_URL': 'https://pypi.example/simple',
+    }
+    result = _script(
+        'scripts/build-images.sh', '--dry-run', '--engine', 'podman', '--bases', 'standin', 'trainer', env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == '+ bash scripts/make-standins.sh'
+    build = lines[1].split()
+    assert build[:3] == ['+', 'podman', 'build'] and build[-5:] == ['-f', 'Dockerfile.trainer', '-t', TRAINER_TAG, '.']
+    words = ' '.join(build)
+    assert '--pull=never' in words
+    assert '--build-arg PYTHON_BASE=localhost/kube-finetuner-standin/python:3.11-slim-bookworm' in words
+    assert '--build-arg UV_IMAGE=localhost/kube-finetuner-standin/uv:0.5.11' in words
+    assert '--build-arg PYTHON=system' in words
+    uv_toml = tmp_path / 'kube-finetuner-build' / 'uv.toml'
+    assert f'-v {uv_toml}:/etc/uv/uv.toml:ro' in words
+    assert f'-v {mirror}:{mirror}:ro' in words, 'a local PEP 503 tree is mounted from the folder above simple/'
+    assert f'-v {wheels}:{wheels}:ro' in words
+    settings = tomllib.loads(uv_toml.read_text())
+    assert settings == {
+        'native-tls': True,
+        'index-strategy': 'unsafe-best-match',
+        'index-url': 'https://pypi.example/simple',
+        'extra-index-url': [f'file://{mirror}/simple', 'https://mirror.example/simple'],
+        'find-links': [str(wheels)],
+    }
+
+
+def test_build_script_refuses_what_it_cannot_do() -> None:
+    unknown = _script('scripts/build-images.sh', '--dry-run', 'webui')
+    assert unknown.returncode == 2
+    assert "unknown argument 'webui' (images: operator, trainer, all; see --help)" in unknown.stderr
+    engine = _script('scripts/build-images.sh', '--dry-run', '--engine', 'buildkit')
+    assert (engine.returncode, engine.stderr.strip()) == (
+        2,
+        "build-images: --engine must be podman or docker, not 'buildkit'",
+    )
+    docker = _script('scripts/build-images.sh', '--dry-run', '--engine', 'docker', '--bases', 'standin')
+    assert (docker.returncode, docker.stderr.strip()) == (2, 'build-images: --bases standin needs podman')
+    shown = _script('scripts/build-images.sh', '--help')
+    assert shown.returncode == 0 and '--bases auto|real|standin' in shown.stdout
+
+
+def test_podman_env_keeps_the_projects_storage_apart_and_its_limits_within_the_machines(tmp_path: Path) -> None:
+    import resource
+
+    result = _script('scripts/podman-env.sh', env={'FINETUNER_PODMAN_ROOT': str(tmp_path / 'podman')})
+    assert result.returncode == 0, result.stderr
+    exported = dict(line.removeprefix('export ').replace("'", '').split('=', 1) for line in result.stdout.splitlines())
+    root = tmp_path / 'podman'
+    assert exported == {
+        'CONTAINERS_CONF': f'{root}/containers.conf',
+        'CONTAINERS_STORAGE_CONF': f'{root}/storage.conf',
+        'TMPDIR': f'{root}/tmp',
+    }
+    storage = tomllib.loads((root / 'storage.conf').read_text())['storage']
+    assert (storage['graphroot'], storage['runroot']) == (f'{root}/storage', f'{root}/run')
+    containers = tomllib.loads((root / 'containers.conf').read_text())
+    assert containers['engine']['runtime'] == 'runc'
+    limits = dict(item.split('=') for item in containers['containers']['default_ulimits'])
+    for name, which in (('nofile', resource.RLIMIT_NOFILE), ('nproc', resource.RLIMIT_NPROC)):
+        soft, hard = (int(v) for v in limits[name].split(':'))
+        machine = resource.getrlimit(which)[1]
+        assert soft == hard and (machine == resource.RLIM_INFINITY or hard <= machine), name
+    assert _script('scripts/podman-env.sh', env={'FINETUNER_PODMAN_ROOT': 'default'}).stdout == ''
