@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import boto3
+import pytest
 
 from finetuner.api.v1alpha1 import BestRunSelector, ExperimentSpec, Sweep
 from tests.cluster.fixtures import Cluster
@@ -21,6 +22,7 @@ from tests.support.tiny import TINY_TIMM, TINY_TIMM_OPTIONS, labelled_images, wr
 RATES = [1e-4, 1e-3, 1e-2, 1e-1]
 
 
+@pytest.mark.slow  # four real trainings, two at a time: ~100 s on a busy 2-core machine
 def test_sweep_of_four_points_two_at_a_time(cluster: Cluster, tmp_path: Path) -> None:
     target = Target('simulated', cluster.api, 'default', cluster.bucket, timeout=300.0)
     backend = target.login()
@@ -53,6 +55,11 @@ def test_sweep_of_four_points_two_at_a_time(cluster: Cluster, tmp_path: Path) ->
     assert status.sweep_created == 4
     assert sorted(r.spec.learning_rate for r in runs) == RATES
     assert [r.name for r in runs] == [f'lr-sweep-{i:03d}' for i in range(4)]
+
+    # Each point reached its trainer.
+    for run in runs:
+        pod = target.pods(run.name)[0].metadata.name
+        assert f'optimizer Adam (lr {run.spec.learning_rate:g})' in (cluster.node.read_log('default', pod) or '')
 
     # Never more than two at once, and two at once did happen.
     assert most_active_at_once(cluster, 'batch/v1/jobs', job_active) == 2
