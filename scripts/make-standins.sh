@@ -26,10 +26,15 @@ else
   [ -n "$mirror" ] || mirror="$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)"
   mirror="${mirror:-http://deb.debian.org/debian}"
   rootfs="$(mktemp -d /var/tmp/kube-finetuner-rootfs.XXXXXX)"
-  trap 'rm -rf "$rootfs"' EXIT
+  trap 'rm -rf "$rootfs" "$rootfs.log"' EXIT
   echo "==> debootstrap bookworm from $mirror"
   # TMPDIR stays outside the chroot: ca-certificates fails to configure with a TMPDIR that does not exist there.
-  env -u TMPDIR debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
+  if ! env -u TMPDIR debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$rootfs.log" 2>&1; then
+    tail -5 "$rootfs.log" >&2
+    echo "make-standins: debootstrap from $mirror failed (no apt mirror reachable?)" >&2
+    exit 2
+  fi
+  rm -f "$rootfs.log"
   in_root() { env -u TMPDIR DEBIAN_FRONTEND=noninteractive chroot "$rootfs" "$@"; }
   in_root apt-get update -qq
   in_root apt-get install -y -qq --no-install-recommends python3.11 ca-certificates >/dev/null
@@ -47,8 +52,11 @@ if podman image exists "$UV_STANDIN"; then
   echo "==> $UV_STANDIN exists"
 else
   wheels="$(mktemp -d)"
-  python3 -m pip download -q "uv==$UV_VERSION" --no-deps --only-binary=:all: \
-    --platform manylinux_2_17_x86_64 --python-version 3.11 -d "$wheels"
+  if ! python3 -m pip download -q "uv==$UV_VERSION" --no-deps --only-binary=:all: \
+    --platform manylinux_2_17_x86_64 --python-version 3.11 -d "$wheels"; then
+    echo "make-standins: cannot download uv $UV_VERSION's wheel (no package index reachable?)" >&2
+    exit 2
+  fi
   python3 -m zipfile -e "$wheels"/uv-*.whl "$wheels/unpacked"
   scripts_dir="$(echo "$wheels"/unpacked/uv-*.data/scripts)"
   chmod +x "$scripts_dir/uv" "$scripts_dir/uvx"

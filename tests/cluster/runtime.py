@@ -17,6 +17,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -273,19 +274,29 @@ def _resolve_hosts(value: str, hosts: dict[str, str]) -> str:
     return value
 
 
+# What uv and pip say when no package index answers: a machine without the network, not a broken image.
+NETWORK_ERRORS = re.compile(
+    r'dns error|Temporary failure in name resolution|Network is unreachable|Could not resolve host'
+    r'|Failed to fetch: `https?://|Max retries exceeded with url'
+)
+
+
 class BuildUnavailable(Exception):
     """The image cannot be built on this machine (no engine, not root, no registry and no stand-in)."""
 
 
-def build_image(which: str, timeout: float = 3600.0) -> str:
+def build_image(which: str, timeout: float = 3600.0, script: Path = BUILD_SCRIPT) -> str:
     """``scripts/build-images.sh <which>`` (the layer cache makes a build without changes take seconds);
     the image's name. A build the script says is impossible here (exit code 2) raises BuildUnavailable;
     any other failure is a broken image and raises RuntimeError with the build's output."""
     result = subprocess.run(
-        ['bash', str(BUILD_SCRIPT), which], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        ['bash', str(script), which], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
     if result.returncode == 2:
         raise BuildUnavailable(result.stderr.strip()[-500:])
+    offline = NETWORK_ERRORS.search(result.stdout + result.stderr)
+    if result.returncode != 0 and offline:
+        raise BuildUnavailable(f'the build needs a package index and got "{offline.group(0)}"')
     if result.returncode != 0:
         raise RuntimeError(f'scripts/build-images.sh {which} failed:\n{(result.stdout + result.stderr)[-4000:]}')
     return image_name(which)

@@ -16,9 +16,8 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAINER_TAG = (
-    f'ghcr.io/kube-finetuner/trainer:{tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]}'
-)
+VERSION = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['version']
+TRAINER_TAG = f'ghcr.io/kube-finetuner/trainer:{VERSION}'
 PACKAGE_DIRS = {'finetuner': 'sdk', 'finetuner_operator': 'operator', 'finetuner_trainer': 'trainer'}
 
 IMAGES = {
@@ -296,3 +295,31 @@ def test_podman_env_keeps_the_projects_storage_apart_and_its_limits_within_the_m
         machine = resource.getrlimit(which)[1]
         assert soft == hard and (machine == resource.RLIM_INFINITY or hard <= machine), name
     assert _script('scripts/podman-env.sh', env={'FINETUNER_PODMAN_ROOT': 'default'}).stdout == ''
+
+
+@pytest.mark.parametrize(
+    ('exit_code', 'output', 'outcome'),
+    [
+        (2, 'build-images: no container engine: install podman', 'unavailable'),
+        (1, 'error: Failed to fetch: `https://pypi.org/simple/kopf/`\n  Caused by: dns error', 'unavailable'),
+        (1, 'Error: building at STEP "RUN uv pip install ...": exit status 1', 'broken'),
+        (0, '==> built', 'built'),
+    ],
+)
+def test_image_fixtures_skip_only_where_the_machine_cannot_build(
+    tmp_path: Path, exit_code: int, output: str, outcome: str
+) -> None:
+    """The image tests skip where no engine, root or network is at hand, and fail on a broken image."""
+    from tests.cluster.runtime import BuildUnavailable, build_image
+
+    script = tmp_path / 'build.sh'
+    script.write_text(f'echo {json.dumps(output)} >&2\nexit {exit_code}\n')
+    if outcome == 'built':
+        assert build_image('operator', script=script) == f'ghcr.io/kube-finetuner/operator:{VERSION}'
+    elif outcome == 'unavailable':
+        with pytest.raises(BuildUnavailable) as caught:
+            build_image('operator', script=script)
+        assert ('no container engine' if exit_code == 2 else 'the build needs a package index') in str(caught.value)
+    else:
+        with pytest.raises(RuntimeError, match=r'scripts/build-images.sh operator failed:\n.*exit status 1'):
+            build_image('operator', script=script)
