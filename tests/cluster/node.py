@@ -700,7 +700,10 @@ class SimulatedNode:
         termination.touch()
         termination.chmod(0o666)
         mounts[termination_path] = Mount(termination)
-        env = {**self.extra_env, **self._environment(pod, container)}
+        extra = dict(self.extra_env)
+        if isinstance(self.runtime, PodmanRuntime):
+            extra.pop('PYTHONPATH', None)  # this machine's import path means nothing inside an image
+        env = {**extra, **self._environment(pod, container)}
         for path, text in files.items():
             if isinstance(self.runtime, ProcessRuntime):
                 # The container would see its own paths; a process of this machine needs them mapped.
