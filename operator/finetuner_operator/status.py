@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from finetuner.api import reasons
 from finetuner.api.reasons import ConditionReason, ConditionType, Reason
 from finetuner.api.v1alpha1 import Condition, FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
-from finetuner_operator.builders import CANCEL_ANNOTATION, CONTAINER, job_name
+from finetuner_operator.builders import CANCEL_ANNOTATION, COMPLETION_INDEX_ANNOTATION, CONTAINER, job_name
 
 IMAGE_PULL_REASONS = ('ErrImagePull', 'ImagePullBackOff', 'InvalidImageName', 'ErrImageNeverPull')
 TERMINATION_MESSAGE_LIMIT = 1000
@@ -89,11 +89,47 @@ def _describe_termination(pod: dict[str, Any]) -> str | None:
     message = (terminated.get('message') or '').strip()
     if terminated.get('reason') == 'OOMKilled':
         return 'out of memory (OOMKilled): raise spec.resources.memory or lower spec.batchSize'
-    if message:
-        lines = [line for line in message.splitlines() if line.strip()]
-        return lines[-1][:TERMINATION_MESSAGE_LIMIT] if lines else None
+    lines = [line for line in message.splitlines() if line.strip()]
+    last = lines[-1][:TERMINATION_MESSAGE_LIMIT] if lines else None
     code = terminated.get('exitCode')
+    if isinstance(code, int) and code > 128:
+        # Killed by a signal: the message can only be the log tail (FallbackToLogsOnError), not a reason.
+        killed = f'killed by signal {code - 128} (exit code {code})'
+        return f'{killed}; last output: {last}' if last else killed
+    if last:
+        return last
     return f'trainer exited with code {code}' if code is not None else None
+
+
+def _rank(pod: dict[str, Any]) -> int | None:
+    """A pod's completion index: its node rank. Kubernetes >= 1.28 sets it as a label too (the one the
+    operator's cache keeps), under the same key as the annotation."""
+    meta = pod['metadata']
+    index = (meta.get('labels') or {}).get(COMPLETION_INDEX_ANNOTATION)
+    if index is None:
+        index = (meta.get('annotations') or {}).get(COMPLETION_INDEX_ANNOTATION)
+    return int(index) if index is not None and str(index).isdigit() else None
+
+
+def _describe_failure(failed: list[dict[str, Any]], nodes: int) -> str | None:
+    """What went wrong in the latest failed attempt. A multi-node run names the node rank that failed
+    first (the others' errors follow from it: a collective with a dead peer fails on every rank)."""
+    if not failed:
+        return None
+    if nodes <= 1:
+        return _describe_termination(failed[-1])
+    latest: dict[int | None, dict[str, Any]] = {}
+    for pod in failed:  # in creation order: the last pod of each rank is its latest attempt
+        latest[_rank(pod)] = pod
+
+    def order(pod: dict[str, Any]) -> tuple[str, int, int]:
+        terminated = (_container_status(pod).get('state') or {}).get('terminated') or {}
+        killed = 0 if (terminated.get('exitCode') or 0) > 128 else 1  # on a tie, the killed one went first
+        return terminated.get('finishedAt') or '', killed, _rank(pod) or 0
+
+    first = min(latest.values(), key=order)
+    cause = _describe_termination(first) or 'unknown cause'
+    return f'node rank {_rank(first)} of {nodes} (pod {first["metadata"].get("name")}) failed: {cause}'
 
 
 def _failed_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -236,7 +272,7 @@ def failed_job_phase(seen: Situation) -> Verdict | None:
     job_reason = failed.get('reason') or 'Failed'
     spec = seen.spec
     failed_pods = _failed_pods(seen.observed.pods)
-    last = _describe_termination(failed_pods[-1]) if failed_pods else None
+    last = _describe_failure(failed_pods, spec.resources.nodes)
     failure = seen.observed.failure or {}
     trainer_says = failure.get('message') or failure.get('reason')
     if job_reason == 'PodFailurePolicy':
@@ -246,7 +282,7 @@ def failed_job_phase(seen: Situation) -> Verdict | None:
             reasons.configuration_error(last or trainer_says or failed.get('message')),
         )
     elif job_reason == 'BackoffLimitExceeded':
-        attempts = len(failed_pods) or spec.backoff_limit + 1
+        attempts = _node_attempts(len(failed_pods), spec) or spec.backoff_limit + 1
         cause = last or trainer_says or 'see run.logs()'
         reason = Reason.BACKOFF_LIMIT_EXCEEDED.value
         details = f'The trainer failed {attempts} times (backoffLimit {spec.backoff_limit}); last attempt: {cause}'
@@ -314,8 +350,9 @@ def retrying_phase(seen: Situation) -> Verdict | None:
     failed_pods = _failed_pods(seen.observed.pods)
     if not failed_pods or not seen.job_status.get('active'):
         return None
-    last = _describe_termination(failed_pods[-1]) or 'unknown cause'
-    return Verdict(Phase.STARTED, Reason.RETRYING.value, f'Attempt {len(failed_pods)} failed ({last}); retrying')
+    last = _describe_failure(failed_pods, seen.spec.resources.nodes) or 'unknown cause'
+    attempt = _node_attempts(len(failed_pods), seen.spec)
+    return Verdict(Phase.STARTED, Reason.RETRYING.value, f'Attempt {attempt} failed ({last}); retrying')
 
 
 def started_earlier_phase(seen: Situation) -> Verdict | None:
@@ -415,11 +452,18 @@ def _completion_time(verdict: Verdict, previous: FinetuneRunStatus, stamp: str) 
     return completion
 
 
-def _attempts(observed: Observed, previous: FinetuneRunStatus) -> int:
+def _node_attempts(pods: int, spec: FinetuneRunSpec) -> int:
+    """Pods counted as attempts: an attempt of a multi-node run is one pod per node."""
+    nodes = max(spec.resources.nodes, 1)
+    return -(-pods // nodes)
+
+
+def _attempts(observed: Observed, spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> int:
     job_status = (observed.job or {}).get('status') or {}
+    counted = sum(int(job_status.get(key) or 0) for key in ('failed', 'succeeded', 'active'))
     return max(
-        len(observed.pods),
-        int(job_status.get('failed') or 0) + int(job_status.get('succeeded') or 0) + int(job_status.get('active') or 0),
+        _node_attempts(len(observed.pods), spec),
+        _node_attempts(counted, spec),
         previous.attempts if observed.job is None else 0,
     )
 
@@ -466,7 +510,7 @@ def derive_status(
         conditions=conditions.items,
         start_time=seen.started_at,
         completion_time=_completion_time(verdict, previous, stamp),
-        attempts=_attempts(observed, previous),
+        attempts=_attempts(observed, spec, previous),
         progress=observed.progress if observed.progress is not None else previous.progress,
         metrics=_run_metrics(observed.metrics) or previous.metrics,
         artifact_uri=reasons.artifact_uri(output_uri) if verdict.phase is Phase.FINISHED else None,
