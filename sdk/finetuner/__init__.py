@@ -55,11 +55,16 @@ def login(
     profile: str | None = None,
     region: str | None = None,
     home: str | Path | None = None,
+    cpu_runs: int | None = None,
+    gpus: list[int] | None = None,
 ) -> Backend:
     """Choose where runs go. Without arguments: the ``local`` backend (or ``FINETUNER_BACKEND``).
 
     - ``backend='kubernetes'``: ``kubeconfig`` / ``context`` / ``namespace``, or ``in_cluster=True``;
     - ``backend='local'``: runs are kept under ``home`` (default ``FINETUNER_HOME`` or ~/.cache/finetuner);
+      they wait in a queue for a free GPU (one training per GPU) or CPU slot: ``cpu_runs`` sets how many
+      train at once on the CPU (default 1), ``gpus`` which GPUs are given out (default all; ``[]`` none).
+      Both are kept in ``home`` and apply to every process using it (see docs/LOCAL.md);
     - object store for data and models: ``bucket`` (and ``prefix``), ``endpoint`` for S3-compatible
       stores (MinIO, Ceph), credentials from the usual AWS variables or ``profile``, ``region``.
     """
@@ -75,6 +80,8 @@ def login(
         profile=profile,
         region=region,
         home=home,
+        cpu_runs=cpu_runs,
+        gpus=gpus,
     )
 
 
