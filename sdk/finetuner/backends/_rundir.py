@@ -76,6 +76,7 @@ class RunState(BaseModel):
     gpu_ids: list[int] = Field(default_factory=list, description='GPUs the queue gave this attempt')
     boot_id: str | None = Field(default=None, description='the boot of the machine the attempt was admitted in')
     attempts: int = Field(default=0, description='attempts the queue admitted')
+    admitted_at: str | None = Field(default=None, description='when the queue admitted the current attempt')
 
     def phase_is_terminal(self) -> bool:
         return Phase(self.phase).terminal

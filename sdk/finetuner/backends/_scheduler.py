@@ -339,6 +339,7 @@ class LocalQueue:
                 'gpu_ids': list(admission.gpu_ids),
                 'boot_id': rd.boot_id(),
                 'attempts': state.attempts + 1,
+                'admitted_at': rd.now(),
                 'reason': Reason.SUBMITTED.value,
                 'details': rd.RunState().details,
             }

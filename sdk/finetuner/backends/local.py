@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from finetuner.api import layout, reasons
 from finetuner.api.v1alpha1 import (
     ExperimentSpec,
@@ -161,9 +163,11 @@ class LocalBackend(Backend):
         """Set how many runs train at once on the CPU and which GPUs the queue gives out (see __init__)."""
         try:
             settings = self.queue.configure(cpu_runs=cpu_runs, gpus=gpus)
-        except ValueError as e:
-            field = 'cpu_runs' if 'cpu_runs' in str(e) else 'gpus'
-            raise ArgumentError(field, str(e).splitlines()[-1].strip()) from e
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = str(first['loc'][0]) if first['loc'] else 'cpu_runs'
+            message = first['msg'].replace('Input should be', 'must be')
+            raise ArgumentError(field, f'{message} (got {first.get("input")!r})') from e
         self.queue.tick()  # more room may start waiting runs now
         return settings
 
