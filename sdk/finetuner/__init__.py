@@ -135,9 +135,11 @@ def list_runs(experiment_name: str | None = None) -> list[Run]:
 
 
 def delete_run(run_name: str, experiment_name: str | None = None) -> None:
-    """Delete the run, stopping it first when it is still going."""
-    run = get_run(run_name, experiment_name)
-    _backend().delete_run(run.name)
+    """Delete the run, stopping it first when it is still going, and the data uploaded for it alone."""
+    _check_name(run_name, 'run_name')
+    if experiment_name is not None:
+        get_experiment(experiment_name).get_run(run_name)
+    _backend().delete_run(run_name)
 
 
 def delete_runs(experiment_name: str | None = None) -> None:

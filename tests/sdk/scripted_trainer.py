@@ -78,9 +78,12 @@ def main() -> int:
         return 1
     if behaviour == 'no-artifact':
         return 0
-    if behaviour == 'slow':
+    if behaviour == 'slow':  # reports progress as the real trainer does (which re-creates a deleted output folder)
+        step = 0
         while True:
+            step += 1
             print('still training', flush=True)
+            out.write_json(layout.PROGRESS, {'epoch': 1, 'epochs': 1, 'step': step, 'totalSteps': 10**6})
             time.sleep(0.2)
     print(f'unknown behaviour {behaviour}', file=sys.stderr)
     return 2
