@@ -240,6 +240,9 @@ def run_template(backend: Backend, name: str, arguments: Any) -> tuple[dict[str,
     for own in ('run_name', 'experiment_name'):
         if arguments.get(own) is not None:
             raise ArgumentError(f'run_template.{own}', f'is set by the experiment (runs {name}-000, ...); leave it out')
+    for required in ('model', 'train_data'):
+        if arguments.get(required) is None:
+            raise ArgumentError(f'run_template.{required}', f'is required: the {required} every sweep point trains')
     given = fitting.bind((), {**arguments, 'experiment_name': name})
     fitting.check_names(given)
     callbacks = fitting.callback_specs(given['callbacks'])
@@ -298,5 +301,10 @@ def experiment_spec(
             sweep_run_spec(template, point)
         except ValidationError as e:
             shown = {_SDK_NAMES.get(k, k): v for k, v in point.items()}
-            raise ArgumentError('sweep.parameters', f'point {shown}: {fitting.argument_error(e, set()).args[0]}') from e
+            first = e.errors()[0]
+            where = '.'.join([_SDK_NAMES.get(str(first['loc'][0]), str(first['loc'][0])), *map(str, first['loc'][1:])])
+            problem = first['msg'].removeprefix('Value error, ').replace('Input should be', 'must be')
+            raise ArgumentError(
+                'sweep.parameters', f'point {shown}: {where}: {problem} (got {first["input"]!r})'
+            ) from e
     return spec
