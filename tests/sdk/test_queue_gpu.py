@@ -21,8 +21,9 @@ def test_one_training_per_gpu_each_pinned_to_its_own(scripted: LocalBackend, tmp
     assert scripted.queue_settings().gpus is None  # every GPU found is given out
     gate = tmp_path / 'go'
     options = {'model_options': {'wait_for': str(gate)}}
+    data = ['a', 'b']
     on_gpus = [
-        finetuner.fit(model='scripted:ok', train_data=['a', 'b'], run_name=f'g{i}', **options) for i in range(gpus + 1)
+        finetuner.fit(model='scripted:ok', train_data=data, run_name=f'g{i}', **options) for i in range(gpus + 1)
     ]
     on_cpu = finetuner.fit(model='scripted:ok', train_data=data, run_name='c', device='cpu', **options)
     wait_until(lambda: all(r.status()['status'] == 'STARTED' for r in [*on_gpus[:gpus], on_cpu]), what='started')
