@@ -79,7 +79,8 @@ class Experiment:
 
     def runs(self) -> list[Run]:
         """Its runs, oldest first (a sweep's in the order of its points)."""
-        return sorted(self.list_runs(), key=lambda run: (self._point_index(run.name), run.record.created_at or ''))
+        order = {sweep_run_name(self.name, i): i for i in range(len(self.points()))}
+        return sorted(self.list_runs(), key=lambda run: (order.get(run.name, len(order)), run.record.created_at or ''))
 
     def get_run(self, name: str) -> Run:
         record = self._backend.get_run(name)
@@ -110,10 +111,6 @@ class Experiment:
         if sweep is None:
             return []
         return [{_SDK_NAMES.get(k, k): v for k, v in point.items()} for point in sweep_points(sweep)]
-
-    def _point_index(self, run_name: str) -> int:
-        names = [sweep_run_name(self.name, i) for i in range(len(self.points()))]
-        return names.index(run_name) if run_name in names else len(names)
 
     def best_run(self) -> Run | None:
         """The FINISHED run with the best ``metrics().after[metric]`` (``best_run`` of the spec, default:

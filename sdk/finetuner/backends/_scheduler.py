@@ -239,8 +239,9 @@ class LocalQueue:
         line: list[Waiting] = []
         holding: list[Holding] = []
         specs: dict[str, FinetuneRunSpec] = {}
-        gpus = len(capacity(self.settings()).gpu_ids) if self.tickets() else 0
-        for ticket in self.tickets():
+        tickets = self.tickets()
+        gpus = len(capacity(self.settings()).gpu_ids) if tickets else 0
+        for ticket in tickets:
             run_dir = self.run_dir(ticket.name)
             stored = rd.read_stored(run_dir)
             if stored is None or stored.uid != ticket.uid:
