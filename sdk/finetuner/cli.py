@@ -295,13 +295,15 @@ def _experiments(args: argparse.Namespace) -> int:
     import finetuner
 
     table = Table(title='Experiments')
-    for column in ('name', 'runs', 'created', 'started', 'finished', 'failed'):
+    for column in ('name', 'runs', 'created', 'started', 'finished', 'failed', 'best run'):
         table.add_column(column)
     for experiment in finetuner.list_experiments():
-        counts = experiment.status().runs
+        status = experiment.status()
+        counts = status.runs
         table.add_row(
             experiment.name,
             *(str(getattr(counts, k)) for k in ('total', 'created', 'started', 'finished', 'failed')),
+            status.best_run.name if status.best_run else '',
         )
     Console().print(table)
     return 0

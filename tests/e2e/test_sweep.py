@@ -102,3 +102,47 @@ def test_a_grid_sweep_finds_the_same_best_run_locally_and_on_the_cluster(cluster
     values = sorted(on_this_machine['metric'].values())
     assert values[-1] - values[-2] > 1e-4, f'a clear best run, not a tie broken by name: {values}'
     assert on_this_machine['most_at_once'] <= 2 and on_the_cluster['most_at_once'] <= 2, 'parallelism 2'
+
+
+def test_the_sdk_sweep_call_creates_the_experiment_cr_and_run_suspend_patches_the_spec(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """No training (the node is paused): what the SDK writes to the API server, and the operator's answer."""
+    from kubernetes import client
+
+    from tests.cluster.harness import wait_for
+
+    cluster.node.pause(True)
+    Target('simulated', cluster.api, 'default', cluster.bucket, timeout=60.0).login()
+    experiment = finetuner.sweep(
+        'cr-sweep',
+        grid={'learning_rate': [1e-4, 1e-3], 'epochs': [1, 2]},
+        parallelism=2,
+        metric='map',
+        model=TINY_TIMM,
+        train_data=[Record(text='a red cat', label='red'), Record(text='a blue dog', label='blue')],
+    )
+    body = client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
+        'finetuner.dev', 'v1alpha1', 'default', 'experiments', 'cr-sweep'
+    )
+    spec = body['spec']
+    assert spec['sweep'] == {
+        'kind': 'grid',
+        'parameters': {'learningRate': [1e-4, 1e-3], 'epochs': [1, 2]},
+        'seed': 0,
+        'parallelism': 2,
+    }
+    assert spec['bestRun'] == {'metric': 'map', 'mode': 'max'}
+    assert spec['runTemplate']['model'] == TINY_TIMM
+    assert spec['runTemplate']['trainData'].startswith(f's3://{cluster.bucket}/datasets/cr-sweep-')
+    wait_for(lambda: [r.name for r in experiment.runs()] == ['cr-sweep-000', 'cr-sweep-001'], what='two points')
+
+    run = finetuner.get_run('cr-sweep-000')
+    run.suspend()
+    assert run.config.suspend is True
+    status = wait_for(lambda: (s := run.full_status()).reason == 'Suspended' and s, what='suspended')
+    assert (status.phase, status.details) == ('CREATED', 'Suspended: set spec.suspend to false to resume')
+    run.resume()
+    assert run.config.suspend is False
+    wait_for(lambda: run.full_status().reason != 'Suspended', what='resumed')
+    finetuner.delete_experiment('cr-sweep')

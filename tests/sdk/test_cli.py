@@ -165,6 +165,9 @@ def test_sweep_and_experiment_commands(
     assert 'Experiment cli-sweep: best run cli-sweep-001 (mrr 1.0000, max)' in out
     assert main(['experiment', 'cli-sweep']) == 0
     assert 'best run cli-sweep-001' in capsys.readouterr().out
+    assert main(['experiments']) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('│ cli-sweep '))
+    assert [cell.strip() for cell in row.split('│')[1:-1]] == ['cli-sweep', '2', '0', '0', '2', '0', 'cli-sweep-001']
     assert main(['sweep', 'no-points', '-m', 'scripted:ok', '-d', str(data_file)]) == 2
     assert capsys.readouterr().err.strip() == (
         'error: grid: give grid={...} (every combination) or random={...} with count=N, not both'
