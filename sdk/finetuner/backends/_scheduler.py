@@ -35,6 +35,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from finetuner.api import reasons
 from finetuner.api.reasons import Reason
 from finetuner.api.v1alpha1 import FinetuneRunSpec, Phase
 from finetuner.backends import _rundir as rd
@@ -301,8 +302,6 @@ class LocalQueue:
     def _after_restart(self, run_dir: Path, state: rd.RunState, spec: FinetuneRunSpec) -> rd.RunState:
         """Back in its place in line to resume from its last checkpoint, unless restarts used up backoffLimit."""
         if state.attempts > spec.backoff_limit:
-            from finetuner.api import reasons
-
             return state.model_copy(
                 update={
                     'phase': Phase.FAILED,

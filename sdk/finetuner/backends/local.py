@@ -338,11 +338,6 @@ class LocalBackend(Backend):
         run_dir = self.run_dir(name)
         return self._record(name, run_dir, self.queue.tick())
 
-    def sweep_point(self, name: str) -> dict[str, Any] | None:
-        """The sweep point a run of a local sweep was created for (None for other runs)."""
-        stored = read_stored(self.run_dir(name))
-        return stored.sweep_point if stored is not None else None
-
     def list_runs(self, experiment: str | None = None) -> list[RunRecord]:
         if not self._runs_dir().is_dir():
             return []
