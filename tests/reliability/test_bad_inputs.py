@@ -440,20 +440,26 @@ def test_two_processes_fitting_one_run_name_at_once_never_mix_their_data(tmp_pat
         for me in ('a', 'b')
     ]
     winners = []
-    for i in range(rounds):
-        wait_until(lambda i=i: all((tmp_path / f'ready-{i}-{me}').exists() for me in 'ab'), what=f'round {i}')
-        (tmp_path / f'go-{i}').touch()
-        wait_until(lambda i=i: all((tmp_path / f'result-{i}-{me}').exists() for me in 'ab'), what=f'results {i}')
-        outcomes = {me: (tmp_path / f'result-{i}-{me}').read_text() for me in 'ab'}
-        won = [me for me, outcome in outcomes.items() if outcome == 'won']
-        assert len(won) == 1, outcomes
-        (lost,) = set('ab') - set(won)
-        assert (
-            outcomes[lost]
-            == f"run_name: a run named 'race-{i}' already exists; choose another name or delete_run('race-{i}')"
-        )
-        winners.append(won[0])
-    assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
+    try:
+        for i in range(rounds):
+            wait_until(lambda i=i: all((tmp_path / f'ready-{i}-{me}').exists() for me in 'ab'), what=f'round {i}')
+            (tmp_path / f'go-{i}').touch()
+            wait_until(lambda i=i: all((tmp_path / f'result-{i}-{me}').exists() for me in 'ab'), what=f'results {i}')
+            outcomes = {me: (tmp_path / f'result-{i}-{me}').read_text() for me in 'ab'}
+            won = [me for me, outcome in outcomes.items() if outcome == 'won']
+            assert len(won) == 1, outcomes
+            (lost,) = set('ab') - set(won)
+            assert (
+                outcomes[lost]
+                == f"run_name: a run named 'race-{i}' already exists; choose another name or delete_run('race-{i}')"
+            )
+            winners.append(won[0])
+        assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
+    finally:
+        for worker in workers:  # a failed round leaves the other worker waiting for its go
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
     for i, winner in enumerate(winners):
         run = finetuner.get_run(f'race-{i}')
