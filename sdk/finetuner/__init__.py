@@ -19,8 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from finetuner import callbacks, fitting
+from finetuner import experiment as _experiments
 from finetuner.api.layout import Record
-from finetuner.api.v1alpha1 import CSVOptions, ExperimentSpec, check_dns1123_name
+from finetuner.api.v1alpha1 import BestRunSelector, CSVOptions, ExperimentSpec, Sweep, check_dns1123_name
 from finetuner.backends import current as _backend
 from finetuner.backends import login as _login
 from finetuner.backends.base import Backend
@@ -55,11 +56,16 @@ def login(
     profile: str | None = None,
     region: str | None = None,
     home: str | Path | None = None,
+    cpu_runs: int | None = None,
+    gpus: list[int] | None = None,
 ) -> Backend:
     """Choose where runs go. Without arguments: the ``local`` backend (or ``FINETUNER_BACKEND``).
 
     - ``backend='kubernetes'``: ``kubeconfig`` / ``context`` / ``namespace``, or ``in_cluster=True``;
     - ``backend='local'``: runs are kept under ``home`` (default ``FINETUNER_HOME`` or ~/.cache/finetuner);
+      they wait in a queue for a free GPU (one training per GPU) or CPU slot: ``cpu_runs`` sets how many
+      train at once on the CPU (default 1), ``gpus`` which GPUs are given out (default all; ``[]`` none).
+      Both are kept in ``home`` and apply to every process using it (see docs/LOCAL.md);
     - object store for data and models: ``bucket`` (and ``prefix``), ``endpoint`` for S3-compatible
       stores (MinIO, Ceph), credentials from the usual AWS variables or ``profile``, ``region``.
     """
@@ -75,6 +81,8 @@ def login(
         profile=profile,
         region=region,
         home=home,
+        cpu_runs=cpu_runs,
+        gpus=gpus,
     )
 
 
@@ -127,9 +135,11 @@ def list_runs(experiment_name: str | None = None) -> list[Run]:
 
 
 def delete_run(run_name: str, experiment_name: str | None = None) -> None:
-    """Delete the run, stopping it first when it is still going."""
-    run = get_run(run_name, experiment_name)
-    _backend().delete_run(run.name)
+    """Delete the run, stopping it first when it is still going, and the data uploaded for it alone."""
+    _check_name(run_name, 'run_name')
+    if experiment_name is not None:
+        get_experiment(experiment_name).get_run(run_name)
+    _backend().delete_run(run_name)
 
 
 def delete_runs(experiment_name: str | None = None) -> None:
@@ -141,15 +151,80 @@ def delete_runs(experiment_name: str | None = None) -> None:
 # --- experiments --------------------------------------------------------------------------------
 
 
-def create_experiment(name: str = DEFAULT_EXPERIMENT, description: str | None = None) -> Experiment:
-    """Get or create the experiment ``name``."""
+def create_experiment(
+    name: str = DEFAULT_EXPERIMENT,
+    description: str | None = None,
+    *,
+    run_template: dict[str, Any] | None = None,
+    sweep: dict[str, Any] | Sweep | None = None,
+    best_run: str | dict[str, Any] | BestRunSelector | None = None,
+) -> Experiment:
+    """Get or create the experiment ``name``; with ``sweep``, create it with one run per sweep point.
+
+    Args:
+        name: The experiment's name (a DNS-1123 label).
+        description: Free text.
+        run_template: fit() arguments every sweep point starts from (model, train_data, epochs, ...); data
+            given as documents or files is uploaded once. Required with ``sweep``.
+        sweep: ``{'parameters': {'learning_rate': [1e-5, 1e-4], ...}, 'kind': 'grid' | 'random',
+            'count': N (random), 'seed': 0, 'parallelism': 1}``; parameters are named as fit() names
+            them. Each point becomes a run ``<name>-000``, ``<name>-001``, ..., ``parallelism`` at a time.
+        best_run: the metric of ``run.metrics().after`` that ranks runs (``'mrr'``), or
+            ``{'metric': 'val_loss', 'mode': 'min'}``. Default: highest mrr.
+
+    Returns:
+        The :class:`Experiment` (``runs()``, ``best_run()``, ``display()``, ``wait()``).
+
+    Raises:
+        ArgumentError: a bad argument, a sweep point the contract refuses, or (with a sweep) an experiment
+            of that name that exists already; nothing was uploaded or created.
+    """
     _check_name(name, 'name')
+    backend = _backend()
+    if run_template is not None or sweep is not None or best_run is not None:
+        return _experiments.create_sweep(backend, name, description, run_template, sweep, best_run)
     try:
         spec = ExperimentSpec(description=description)
     except ValidationError as e:
         raise ArgumentError('description', e.errors()[0]['msg']) from e
-    backend = _backend()
     return Experiment(backend.create_experiment(name, spec), backend)
+
+
+def sweep(
+    name: str,
+    *,
+    grid: dict[str, list[Any]] | None = None,
+    random: dict[str, list[Any]] | None = None,
+    count: int | None = None,
+    seed: int = 0,
+    parallelism: int = 1,
+    metric: str = 'mrr',
+    mode: str = 'max',
+    description: str | None = None,
+    **fit_arguments: Any,
+) -> Experiment:
+    """A sweep in one call: ``finetuner.sweep('lr', grid={'learning_rate': [1e-5, 1e-4]}, model=..., train_data=...)``.
+
+    ``grid``: every combination of the values; ``random``: ``count`` combinations drawn with ``seed``.
+    ``parallelism`` runs at a time; the best run has the best ``metric`` (``mode`` max or min). The other
+    keyword arguments are fit()'s, the run template. See :func:`create_experiment`.
+    """
+    if (grid is None) == (random is None):
+        raise ArgumentError('grid', 'give grid={...} (every combination) or random={...} with count=N, not both')
+    chosen = {
+        'kind': 'grid' if grid is not None else 'random',
+        'parameters': grid if grid is not None else random,
+        'count': count,
+        'seed': seed,
+        'parallelism': parallelism,
+    }
+    return create_experiment(
+        name,
+        description,
+        run_template=fit_arguments,
+        sweep=chosen,
+        best_run={'metric': metric, 'mode': mode},
+    )
 
 
 def get_experiment(name: str) -> Experiment:
@@ -234,4 +309,5 @@ __all__ = [
     'login',
     'pull_data',
     'push_data',
+    'sweep',
 ]

@@ -9,7 +9,10 @@
     finetuner models --task text-to-text
     finetuner download RUN ./model
     finetuner experiments
-    finetuner cancel RUN / finetuner delete RUN
+    finetuner experiment NAME          # its runs side by side, the best run marked
+    finetuner sweep NAME -m MODEL -d DATA --grid learning_rate='[1e-5,1e-4]' --parallelism 2 --wait
+    finetuner queue --cpu-runs 2       # the local queue: its limits and the runs waiting in it
+    finetuner cancel RUN / suspend RUN / resume RUN / delete RUN
     finetuner console --port 8080       # the run console in the browser (extra: console)
 
 ``--backend kubernetes`` (with ``--kubeconfig``, ``--context``, ``--namespace``) sends everything to a
@@ -71,17 +74,26 @@ def _flag_options(annotation: Any) -> dict[str, Any] | None:
     return None
 
 
-def _add_fit_flags(fit: argparse.ArgumentParser) -> None:
+def _add_fit_flags(fit: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
     """A flag per single-valued fit() argument, documented from the same descriptions as fit()."""
     from finetuner import fitting
 
+    fit.add_argument('--model', '-m', required=True, help='backbone name (see `finetuner models`) or model folder')
+    fit.add_argument(
+        '--train-data', '-d', required=True, help='CSV/JSONL file, image folder, s3:// URI or dataset name'
+    )
     for argument in fitting.arguments():
         options = _flag_options(argument.annotation)
-        if argument.name in OWN_FLAGS or options is None:
+        if argument.name in OWN_FLAGS or argument.name in leave_out or options is None:
             continue
         flags = [f'--{argument.name.replace("_", "-")}', *FLAG_ALIASES.get(argument.name, ())]
         text = fitting.snake_case_words(argument.description).replace('%', '%%')
         fit.add_argument(*flags, dest=argument.name, help=text, **options)
+    fit.add_argument('--model-option', action='append', metavar='KEY=VALUE', help='e.g. max_length=64 (repeatable)')
+    fit.add_argument(
+        '--set', action='append', metavar='ARG=VALUE', help='any other fit() argument, e.g. output_dim=256 (repeatable)'
+    )
+    fit.add_argument('--wait', action='store_true', help='follow until it ends')
 
 
 def fit_flag_names() -> list[str]:
@@ -103,18 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     fit = sub.add_parser('fit', help='start a fine-tuning run')
-    fit.add_argument('--model', '-m', required=True, help='backbone name (see `finetuner models`) or model folder')
-    fit.add_argument(
-        '--train-data', '-d', required=True, help='CSV/JSONL file, image folder, s3:// URI or dataset name'
-    )
     _add_fit_flags(fit)
-    fit.add_argument('--model-option', action='append', metavar='KEY=VALUE', help='e.g. max_length=64 (repeatable)')
-    fit.add_argument(
-        '--set', action='append', metavar='ARG=VALUE', help='any other fit() argument, e.g. output_dim=256 (repeatable)'
-    )
-    fit.add_argument('--wait', action='store_true', help='follow the logs until the run ends')
+    _add_sweep_parser(sub)
 
-    runs = sub.add_parser('runs', help='list runs')
+    runs = sub.add_parser('runs', help='list runs (waiting runs with their place in the local queue)')
     runs.add_argument('--experiment', dest='experiment_name')
 
     status = sub.add_parser('status', help="a run's status")
@@ -133,7 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument('directory')
 
     sub.add_parser('experiments', help='list experiments')
-    for name, text in (('cancel', 'stop a run'), ('delete', 'delete a run and its outputs')):
+    experiment = sub.add_parser('experiment', help="an experiment's runs side by side, the best run marked")
+    experiment.add_argument('name')
+    queue = sub.add_parser('queue', help="local backend: the queue's limits and the runs waiting in it")
+    queue.add_argument('--cpu-runs', type=int, help='trainings at once on the CPU (kept for every process)')
+    queue.add_argument('--gpus', help='GPU indices to give out, e.g. 0,1 (none: no GPU); default all found')
+    for name, text in (
+        ('cancel', 'stop a run (a waiting one never starts)'),
+        ('suspend', 'stop a run and give its GPU or slot back until resume'),
+        ('resume', 'let a suspended run train again from its last checkpoint'),
+        ('delete', 'delete a run and its outputs'),
+    ):
         one = sub.add_parser(name, help=text)
         one.add_argument('run')
     metrics = sub.add_parser('metrics', help='retrieval metrics of a finished run, before and after')
@@ -186,6 +200,19 @@ def _console(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_parser(sub: Any) -> None:
+    sweep = sub.add_parser('sweep', help='an experiment with one run per point of a grid or random sweep')
+    sweep.add_argument('name', help='the experiment (its runs: NAME-000, NAME-001, ...)')
+    sweep.add_argument('--grid', action='append', metavar='ARG=[VALUES]', help='every combination (repeatable)')
+    sweep.add_argument('--random', action='append', metavar='ARG=[VALUES]', help='points drawn at random (repeatable)')
+    sweep.add_argument('--count', type=int, help='random: how many points')
+    sweep.add_argument('--sweep-seed', type=int, default=0, help="random: seed of the draw (--seed is the runs' seed)")
+    sweep.add_argument('--parallelism', type=int, default=1, help='runs of the sweep training at once')
+    sweep.add_argument('--metric', default='mrr', help='metric of metrics().after that ranks the runs')
+    sweep.add_argument('--mode', choices=['max', 'min'], default='max', help='whether higher or lower is better')
+    _add_fit_flags(sweep, leave_out=('run_name', 'experiment_name', 'description'))
+
+
 def _login(args: argparse.Namespace) -> None:
     import finetuner
 
@@ -218,25 +245,37 @@ def _runs_table(runs: list[Any]) -> Any:
             run.name,
             run.experiment_name,
             record.spec.model,
-            str(record.status.phase),
+            f'{record.status.phase} {_queue_place(record)}'.strip(),
             f'{progress.percent:.0f}%' if progress else '',
             record.created_at or '',
         )
     return table
 
 
-def _fit(args: argparse.Namespace) -> int:
-    import finetuner
+def _queue_place(record: Any) -> str:
+    """A waiting run's place in its line of the local queue (#1: the next to start), or that it is suspended."""
+    if record.queue_position is not None:
+        return f'#{record.queue_position}'
+    return 'suspended' if record.status.reason == 'Suspended' and record.status.phase == 'CREATED' else ''
 
+
+def _fit_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """fit()'s arguments from the flags, ``--set`` and ``--model-option``."""
     extra = _pairs(args.set, '--set')
     model_options = _pairs(args.model_option, '--model-option')
-    named = {k: getattr(args, k) for k in fit_flag_names() if getattr(args, k) is not None}
+    named = {k: getattr(args, k) for k in fit_flag_names() if getattr(args, k, None) is not None}
     clash = sorted(set(named) & set(extra))
     if clash:
         raise ArgumentError('--set', f'{clash[0]} is also given as its own flag; give it once')
     if model_options:
         extra['model_options'] = {**extra.get('model_options', {}), **model_options}
-    run = finetuner.fit(model=args.model, train_data=args.train_data, **named, **extra)
+    return {'model': args.model, 'train_data': args.train_data, **named, **extra}
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import finetuner
+
+    run = finetuner.fit(**_fit_arguments(args))
     print(f'Run name: {run.name}')
     print(f'Run status: {run.status()["status"]}')
     if not args.wait:
@@ -302,16 +341,81 @@ def _experiments(args: argparse.Namespace) -> int:
     import finetuner
 
     table = Table(title='Experiments')
-    for column in ('name', 'runs', 'created', 'started', 'finished', 'failed'):
+    for column in ('name', 'runs', 'created', 'started', 'finished', 'failed', 'best run'):
         table.add_column(column)
     for experiment in finetuner.list_experiments():
-        counts = experiment.status().runs
+        status = experiment.status()
+        counts = status.runs
         table.add_row(
             experiment.name,
             *(str(getattr(counts, k)) for k in ('total', 'created', 'started', 'finished', 'failed')),
+            status.best_run.name if status.best_run else '',
         )
     Console().print(table)
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import finetuner
+
+    experiment = finetuner.sweep(
+        args.name,
+        grid=_pairs(args.grid, '--grid') if args.grid else None,
+        random=_pairs(args.random, '--random') if args.random else None,
+        count=args.count,
+        seed=args.sweep_seed,
+        parallelism=args.parallelism,
+        metric=args.metric,
+        mode=args.mode,
+        **_fit_arguments(args),
+    )
+    points = experiment.points()
+    print(f'Experiment {experiment.name}: {len(points)} points, {args.parallelism} at a time')
+    if not args.wait:
+        return 0
+    status = experiment.wait(poll=1.0)
+    experiment.display()
+    return 0 if status.runs.failed == 0 else EXIT_FAILED
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    import finetuner
+
+    finetuner.get_experiment(args.name).display()
+    return 0
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from finetuner.backends import current
+    from finetuner.backends.local import LocalBackend
+
+    backend = current()
+    if not isinstance(backend, LocalBackend):
+        raise ArgumentError('queue', "is the local backend's; on a cluster the operator and Kueue queue runs")
+    gpus = None if args.gpus is None else _gpu_list(args.gpus)
+    if args.cpu_runs is not None or gpus is not None:
+        settings = backend.configure_queue(cpu_runs=args.cpu_runs, gpus=gpus)
+    else:
+        settings = backend.queue_settings()
+    from finetuner.backends.scheduling import capacity
+
+    found = capacity(settings)
+    print(f'Local queue of {backend.home}: {settings.cpu_runs} at once on the CPU, GPUs {list(found.gpu_ids)}')
+    waiting = sorted(
+        (r for r in backend.list_runs() if r.queue_position is not None), key=lambda r: r.queue_position or 0
+    )
+    for record in waiting:
+        print(f'  #{record.queue_position} {record.name}: {record.status.details}')
+    return 0
+
+
+def _gpu_list(text: str) -> list[int]:
+    if text.strip() == 'none':
+        return []
+    try:
+        return [int(part) for part in text.split(',') if part.strip()]
+    except ValueError as e:
+        raise ArgumentError('--gpus', f'{text!r} is not a list of GPU indices; write e.g. 0,1 or none') from e
 
 
 def _cancel(args: argparse.Namespace) -> int:
@@ -319,6 +423,24 @@ def _cancel(args: argparse.Namespace) -> int:
 
     run = finetuner.get_run(args.run)
     run.cancel()
+    _print_status(run)
+    return 0
+
+
+def _suspend(args: argparse.Namespace) -> int:
+    import finetuner
+
+    run = finetuner.get_run(args.run)
+    run.suspend()
+    _print_status(run)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    import finetuner
+
+    run = finetuner.get_run(args.run)
+    run.resume()
     _print_status(run)
     return 0
 
@@ -346,7 +468,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     'models': _models,
     'download': _download,
     'experiments': _experiments,
+    'experiment': _experiment,
+    'sweep': _sweep,
+    'queue': _queue,
     'cancel': _cancel,
+    'suspend': _suspend,
+    'resume': _resume,
     'delete': _delete,
     'metrics': _metrics,
 }

@@ -185,8 +185,20 @@ class Run:
 
     # --- control ------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop the run; it ends FAILED with details saying it was cancelled."""
+        """Stop the run; it ends FAILED with details saying it was cancelled. A run still waiting in the
+        local queue never starts."""
         self._backend.cancel_run(self.name)
+        self.refresh()
+
+    def suspend(self) -> None:
+        """Stop training and give back the GPU or slot (``spec.suspend``): the run stays CREATED, reason
+        Suspended, keeping its checkpoints, until :meth:`resume`. An ended run is left as it is."""
+        self._backend.suspend_run(self.name)
+        self.refresh()
+
+    def resume(self) -> None:
+        """Let a suspended run train again: it waits for a slot and resumes from its last checkpoint."""
+        self._backend.resume_run(self.name)
         self.refresh()
 
 

@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,6 +408,120 @@ def test_sdk_validates_run_names_before_any_backend_call() -> None:
         finetuner.get_run('Bad_Name')
     with pytest.raises(ArgumentError, match=r"name: '\.\./x' is not a valid name"):
         finetuner.push_data('../x', ['a doc'])
+
+
+# --- the local backend: one name, two processes; a run folder deleted by hand ----------------------
+
+RACE_WORKER = """
+import json, sys, time
+from pathlib import Path
+import finetuner, finetuner.backends
+from finetuner.backends.local import LocalBackend
+me, folder, scripted, rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+finetuner.backends.use(LocalBackend(command=[sys.executable, scripted]))
+size = {'a': 3, 'b': 5}[me]
+for i in range(rounds):
+    docs = [f'{me}-data round {i} item {j}' for j in range(size)]
+    (folder / f'ready-{i}-{me}').touch()
+    while not (folder / f'go-{i}').exists():
+        time.sleep(0.0005)
+    try:
+        finetuner.fit(model='scripted:ok', train_data=docs, run_name=f'race-{i}')
+        outcome = 'won'
+    except finetuner.ArgumentError as e:
+        outcome = str(e)
+    (folder / f'result-{i}-{me}').write_text(outcome)
+"""
+
+
+def test_two_processes_fitting_one_run_name_at_once_never_mix_their_data(tmp_path: Path) -> None:
+    """20 times, two processes call fit() with the same run_name at the same moment, each with its own
+    data: one wins, the other is told the name is taken, and the winner's run trains on the winner's data
+    (the name is reserved before anything is uploaded, and uploads go to names of that submission alone)."""
+    from tests.sdk.conftest import SCRIPTED_TRAINER
+    from tests.sdk.queue_support import wait_until
+
+    home, rounds = tmp_path / 'home', 20
+    backend = finetuner.login(backend='local', home=home, cpu_runs=4)
+    env = {**os.environ, 'FINETUNER_HOME': str(home), 'PYTHONPATH': os.pathsep.join([str(ROOT), *sys.path])}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, '-c', RACE_WORKER, me, str(tmp_path), str(SCRIPTED_TRAINER), str(rounds)], env=env
+        )
+        for me in ('a', 'b')
+    ]
+    winners = []
+    try:
+        for i in range(rounds):
+            wait_until(lambda i=i: all((tmp_path / f'ready-{i}-{me}').exists() for me in 'ab'), what=f'round {i}')
+            (tmp_path / f'go-{i}').touch()
+            wait_until(lambda i=i: all((tmp_path / f'result-{i}-{me}').exists() for me in 'ab'), what=f'results {i}')
+            outcomes = {me: (tmp_path / f'result-{i}-{me}').read_text() for me in 'ab'}
+            won = [me for me, outcome in outcomes.items() if outcome == 'won']
+            assert len(won) == 1, outcomes
+            (lost,) = set('ab') - set(won)
+            assert (
+                outcomes[lost]
+                == f"run_name: a run named 'race-{i}' already exists; choose another name or delete_run('race-{i}')"
+            )
+            winners.append(won[0])
+        assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
+    finally:
+        for worker in workers:  # a failed round leaves the other worker waiting for its go
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+    for i, winner in enumerate(winners):
+        run = finetuner.get_run(f'race-{i}')
+        assert run.wait(timeout=120, poll=0.1)['status'] == 'FINISHED', run.logs()
+        log = run.logs()
+        assert f'read {3 if winner == "a" else 5} records' in log, (winner, log)
+        assert f'first record: {{"text": "{winner}-data round {i} item 0"}}' in log, (winner, log)
+    uploaded = sorted(p.name for p in (home / 'datasets').iterdir())
+    assert len(uploaded) == rounds, 'no upload of a losing submission is left behind'
+    assert all(name.startswith('race-') and name.endswith('-train') for name in uploaded)
+    assert len(backend.list_runs()) == rounds
+
+
+def test_a_run_whose_folder_is_deleted_while_it_trains_frees_its_name(tmp_path: Path) -> None:
+    """The trainer is stopped at once (it would re-create the folder), what is left (the re-created
+    folder, the run's uploaded datasets, its claim on the name) is deleted, and the name is free again;
+    delete_run cleans up after a folder deleted when nothing watched it any more."""
+    from finetuner.backends.local import LocalBackend, process_alive
+    from finetuner.errors import RunNotFoundError
+    from tests.sdk.conftest import SCRIPTED_TRAINER
+    from tests.sdk.queue_support import wait_until
+
+    home = tmp_path / 'home'
+    backend = LocalBackend(home=home, command=[sys.executable, str(SCRIPTED_TRAINER)])
+    finetuner.backends.use(backend)
+    run = finetuner.fit(model='scripted:slow', train_data=['red cat', 'blue dog'], run_name='doomed')
+    finetuner.fit(model='scripted:ok', train_data=['green fish'], run_name='queued-then-deleted')
+    wait_until(lambda: run.status()['status'] == 'STARTED', what='training')
+    trainer = json.loads((backend.run_dir('doomed') / 'state.json').read_text())['trainer_pid']
+    assert len(list((home / 'datasets').iterdir())) == 2
+
+    shutil.rmtree(backend.run_dir('doomed'))  # by hand, while it trains
+    shutil.rmtree(backend.run_dir('queued-then-deleted'))  # and one still waiting in line
+
+    wait_until(lambda: not process_alive(trainer), timeout=15, what='the trainer stopped')
+    wait_until(lambda: not backend.run_dir('doomed').exists(), timeout=15, what='the re-created folder removed')
+    with pytest.raises(RunNotFoundError, match="run 'doomed' not found"):
+        finetuner.get_run('doomed')
+    assert [r.name for r in finetuner.list_runs()] == []
+    assert not list((home / 'datasets').iterdir()), 'the uploads of both runs are deleted'
+    assert not list((home / 'claims').iterdir()) and not list((home / 'queue' / 'tickets').iterdir())
+    again = finetuner.fit(model='scripted:ok', train_data=['a new start'], run_name='doomed')
+    assert again.wait(timeout=60, poll=0.1)['status'] == 'FINISHED'
+    assert 'first record: {"text": "a new start"}' in again.logs()
+
+    shutil.rmtree(backend.run_dir('doomed'))  # deleted by hand after it ended: nothing watches it now
+    assert len(list((home / 'datasets').iterdir())) == 1
+    finetuner.delete_run('doomed')  # cleans what is left: its uploaded datasets and its claim
+    assert not list((home / 'datasets').iterdir()) and not (home / 'claims' / 'doomed.json').exists()
+    with pytest.raises(RunNotFoundError, match="run 'doomed' not found"):
+        finetuner.delete_run('doomed')
 
 
 # --- trainer ---------------------------------------------------------------------------------------

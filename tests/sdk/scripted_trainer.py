@@ -4,13 +4,15 @@ The local backend's phases, logs, failure reasons and cancellation are tested ag
 milliseconds; tests with the real trainer cover training itself. What it does is chosen by the
 spec's ``model``: ``scripted:ok`` trains "instantly", ``scripted:fail`` exits with the config-error
 code and a reason, ``scripted:crash`` dies without one, ``scripted:hub-offline`` cannot fetch weights,
-``scripted:slow`` runs until stopped,
+``scripted:slow`` runs until stopped (``model_options.seconds``: that long, then like ``ok``),
 ``scripted:no-artifact`` exits 0 without writing an artifact.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,12 @@ from pathlib import Path
 from finetuner.api import layout
 from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, TrainerConfig
 from finetuner.storage import open_store
+
+
+def _mrr(config: TrainerConfig) -> float:
+    """0.75; with a learning rate, the closer it is to 1e-3 the higher (sweeps have a best run to find)."""
+    rate = config.spec.learning_rate
+    return 0.75 if rate is None else round(1.0 - abs(math.log10(rate) + 3.0) / 10.0, 4)
 
 
 def main() -> int:
@@ -28,18 +36,25 @@ def main() -> int:
     out = open_store(config.output_uri)
     behaviour = config.spec.model.removeprefix('scripted:')
     print(f'scripted trainer: run {config.run_name}, behaviour {behaviour}', flush=True)
+    print(f'CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES")!r}', flush=True)
     wait_file = config.spec.model_options.get('wait_for')
     if wait_file:  # hold before reporting progress until the test says go
         while not Path(wait_file).exists():
             time.sleep(0.05)
     out.write_json(layout.PROGRESS, {'epoch': 1, 'epochs': 1, 'step': 1, 'totalSteps': 2, 'percent': 50.0})
+    seconds = config.spec.model_options.get('seconds')
+    if behaviour == 'slow' and seconds is not None:
+        time.sleep(float(seconds))
+        behaviour = 'ok'
     if behaviour == 'ok':
         location, key = layout.resolve_data(config.spec.train_data, config.data_uri)
         if key is None:  # a URI of the file itself
             location, key = location.rsplit('/', 1)
         data = open_store(location).read_bytes(key)
-        print(f'read {len(data.splitlines())} records', flush=True)
-        out.write_json(layout.METRICS, {'before': {'mrr': 0.25}, 'after': {'mrr': 0.75}, 'epochs': []})
+        lines = data.splitlines()
+        print(f'read {len(lines)} records', flush=True)
+        print(f'first record: {lines[0].decode() if lines else None}', flush=True)
+        out.write_json(layout.METRICS, {'before': {'mrr': 0.25}, 'after': {'mrr': _mrr(config)}, 'epochs': []})
         out.write_json(f'{layout.ARTIFACT}/weights.json', {'dim': 3})
         out.write_json(layout.ARTIFACT_MANIFEST, {'files': {'weights.json': {}}, 'format': 'scripted'})
         out.write_json(layout.PROGRESS, {'epoch': 1, 'epochs': 1, 'step': 2, 'totalSteps': 2, 'percent': 100.0})
@@ -63,9 +78,12 @@ def main() -> int:
         return 1
     if behaviour == 'no-artifact':
         return 0
-    if behaviour == 'slow':
+    if behaviour == 'slow':  # reports progress as the real trainer does (which re-creates a deleted output folder)
+        step = 0
         while True:
+            step += 1
             print('still training', flush=True)
+            out.write_json(layout.PROGRESS, {'epoch': 1, 'epochs': 1, 'step': step, 'totalSteps': 10**6})
             time.sleep(0.2)
     print(f'unknown behaviour {behaviour}', file=sys.stderr)
     return 2
