@@ -14,6 +14,7 @@ from pydantic import Field
 
 import finetuner
 from finetuner.api.layout import Record
+from finetuner.api.tensors import decode_tensor, encode_tensor
 from finetuner.api.v1alpha1 import CSVOptions
 from finetuner.backends.local import LocalBackend
 from finetuner.data import Modalities, read_csv, resolve, to_legacy_documents, to_records
@@ -22,17 +23,20 @@ from tests.support.tiny import png_bytes
 
 
 def test_labelled_legacy_documents() -> None:
+    image = png_bytes((9, 9, 9))
     docs = DocList[LegacyDocument](
         [
             LegacyDocument(text='a red cat', tags={'finetuner_label': 'cat', 'source': 'web'}),
-            LegacyDocument(blob=b'\x89PNG', tags={'finetuner_label': 7}),
+            LegacyDocument(blob=image, tags={'finetuner_label': 7}),
             LegacyDocument(tensor=np.zeros((2, 2)), tags={'finetuner_label': 'zero', 'array': np.ones(2)}),
         ]
     )
     records = to_records(docs, 'train_data')
     assert records[0] == Record(text='a red cat', label='cat', tags={'source': 'web'})
-    assert records[1] == Record(blob=base64.b64encode(b'\x89PNG').decode(), label=7)
-    assert records[2] == Record(tensor=[[0.0, 0.0], [0.0, 0.0]], label='zero')  # non-JSON tags stay behind
+    assert records[1] == Record(blob=base64.b64encode(image).decode(), label=7)
+    # A tensor is stored as .npy bytes (its dtype and shape kept); non-JSON tags stay behind.
+    assert records[2] == Record(tensor=encode_tensor(np.zeros((2, 2))), label='zero')
+    assert decode_tensor(records[2].tensor).dtype == np.float64
 
 
 def test_pairs_with_scores_and_clip_chunks_modalities() -> None:
@@ -166,7 +170,9 @@ def test_push_and_pull_a_named_dataset(scripted: LocalBackend) -> None:
 
 
 def test_records_round_trip_to_legacy_documents() -> None:
-    records = [Record(text='a', label='x', score=0.5), Record(tensor=[[1.0, 2.0]])]
+    pixels = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    records = [Record(text='a', label='x', score=0.5), Record(tensor=encode_tensor(pixels))]
     docs = to_legacy_documents(records)
     assert docs[0].tags == {'finetuner_label': 'x', 'finetuner_score': 0.5}
     assert to_records(docs, 'data') == records
+    assert to_legacy_documents([Record(tensor=[[1.0, 2.0]])])[0].tensor.tolist() == [[1.0, 2.0]]  # lists too
