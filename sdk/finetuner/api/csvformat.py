@@ -200,8 +200,9 @@ def _decide_header(
 ) -> bool:
     first = rows[0] if rows else []
     if options.header is not None:
-        said = 'a header' if options.header else 'data'
-        read.notes.append(f'CSV: the first row {first} is read as {said} ({option("header")} is {options.header})')
+        said = 'a header and skipped' if options.header else 'data'
+        given = str(options.header).lower()
+        read.notes.append(f'CSV: the first row {first} is read as {said} ({option("header")} is {given})')
         return options.header
     if _column_names(first):
         reason = 'its cells are column names'

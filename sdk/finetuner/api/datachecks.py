@@ -67,10 +67,44 @@ def _bmp_problem(data: bytes) -> str | None:
     return None
 
 
+TIFF_DATA_TAGS = {273: 279, 324: 325}  # StripOffsets -> StripByteCounts, TileOffsets -> TileByteCounts
+TIFF_TYPES = {3: 'H', 4: 'I'}  # SHORT, LONG
+
+
+def _tiff_values(data: bytes, order: str, entry: int) -> list[int]:
+    """The values of a TIFF directory entry of SHORT or LONG numbers (inline or at their offset)."""
+    kind, count = struct.unpack(order + 'HI', data[entry + 2 : entry + 8])
+    code = TIFF_TYPES.get(kind)
+    if code is None:
+        return []
+    size = struct.calcsize(code) * count
+    start = entry + 8 if size <= 4 else struct.unpack(order + 'I', data[entry + 8 : entry + 12])[0]
+    if start + size > len(data):
+        return []
+    return list(struct.unpack(f'{order}{count}{code}', data[start : start + size]))
+
+
 def _tiff_problem(data: bytes) -> str | None:
-    ifd = struct.unpack('<I' if data[:2] == b'II' else '>I', data[4:8])[0]
+    """The first directory must be in the file, and so must the end of every strip (or tile) it lists."""
+    order = '<' if data[:2] == b'II' else '>'
+    ifd = struct.unpack(order + 'I', data[4:8])[0]
     if ifd + 2 > len(data):
         return f'a TIFF cut short: its first directory is at byte {ifd}, the file has {len(data)}'
+    entries = struct.unpack(order + 'H', data[ifd : ifd + 2])[0]
+    if ifd + 2 + 12 * entries > len(data):
+        return f'a TIFF cut short inside its first directory (at byte {ifd})'
+    found = {}
+    for i in range(entries):
+        entry = ifd + 2 + 12 * i
+        found[struct.unpack(order + 'H', data[entry : entry + 2])[0]] = entry
+    for offsets, counts in TIFF_DATA_TAGS.items():
+        if offsets in found and counts in found:
+            pieces = zip(
+                _tiff_values(data, order, found[offsets]), _tiff_values(data, order, found[counts]), strict=False
+            )
+            end = max((start + size for start, size in pieces), default=0)
+            if end > len(data):
+                return f'a TIFF cut short: its image data ends at byte {end}, the file has {len(data)}'
     return None
 
 
