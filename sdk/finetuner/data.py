@@ -180,7 +180,7 @@ def check_content(record: Record, where: str) -> Record:
         try:
             check_image_tensor(decode_tensor(record.tensor))
         except TensorError as e:
-            raise ArgumentError(where, str(e)) from e
+            raise ArgumentError(where, f'tensor: {e}') from e
     return record
 
 
