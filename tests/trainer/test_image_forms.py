@@ -375,3 +375,17 @@ def test_a_pushed_tensor_is_stored_as_npy_bytes_not_json_numbers(tmp_path: Path)
     assert stored.startswith('data:application/x-npy;base64,')
     assert len(line) < 17_000 < 60_000 < len(json.dumps(pixels.tolist()))
     assert np.array_equal(finetuner.pull_data('one-tensor', as_documents=True)[0].tensor, pixels)
+
+
+def test_an_item_made_with_a_tensor_gets_the_image_preprocessing() -> None:
+    """A timm model collates a tensor Item as the image it holds: the same pixels as its PNG, no raw path."""
+    import torch
+
+    from finetuner_trainer.data import Item
+    from finetuner_trainer.models import build_embedder
+
+    model = build_embedder(FinetuneRunSpec(model=TINY_TIMM, model_options=TINY_TIMM_OPTIONS, train_data='file:///d'))
+    rgb = reference(8)
+    from_tensor = model.collate_kind('tensor', [Item(tensor=np.moveaxis(rgb, -1, 0).astype(np.float32) / 255)])
+    from_png = model.collate_kind('image', [Item(image=encoded(Image.fromarray(rgb)))])
+    assert torch.equal(from_tensor['pixel_values'], from_png['pixel_values'])
