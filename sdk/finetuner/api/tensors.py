@@ -110,8 +110,8 @@ def image_layout(shape: tuple[int, ...]) -> str:
         if first and last:
             raise TensorError(
                 f'a tensor of shape {tuple(shape)} could be channels first or channels last; '
-                f'accepted layouts: {ACCEPTED_LAYOUTS}. Give an image larger than 4 pixels on each side, '
-                'or its encoded bytes (PNG) as blob'
+                f'accepted layouts: {ACCEPTED_LAYOUTS}. Give it channels last with a height and width other '
+                'than 1, 3 or 4, or its encoded bytes (a PNG) as blob'
             )
     raise TensorError(f'a tensor of shape {tuple(shape)} is not an image; accepted layouts: {ACCEPTED_LAYOUTS}')
 
