@@ -362,7 +362,7 @@ def test_class_balanced_batches_make_an_epoch_one_pass(
             for label, n in counts.items():
                 assert n % per_class == 0 and n // per_class <= -(-groups[label] // count), (label, counts)
         # A class's groups spread: it is in min(groups, batches) batches (repeats fill the rest).
-        for label, size in enumerate(sizes):
+        for label in range(len(sizes)):
             holding = sum(1 for batch in batches if any(labels[i] == label for i in batch))
             assert holding >= min(groups[label], count)
     sampler.set_epoch(1)
