@@ -389,3 +389,22 @@ def test_an_item_made_with_a_tensor_gets_the_image_preprocessing() -> None:
     from_tensor = model.collate_kind('tensor', [Item(tensor=np.moveaxis(rgb, -1, 0).astype(np.float32) / 255)])
     from_png = model.collate_kind('image', [Item(image=encoded(Image.fromarray(rgb)))])
     assert torch.equal(from_tensor['pixel_values'], from_png['pixel_values'])
+
+
+def test_a_clip_vision_model_encodes_a_tensor_as_an_image(tiny_clip: Path) -> None:
+    """encode() with select_model='clip-vision' takes pixel tensors (docarray's layout) like image bytes."""
+    from docarray.documents.legacy import LegacyDocument
+
+    from finetuner.models import _Selected
+    from finetuner_trainer.models import build_embedder
+
+    clip = build_embedder(
+        FinetuneRunSpec(model=str(tiny_clip), train_data='file:///d', multi_modal=True, loss='CLIPLoss')
+    )
+    vision = _Selected(clip.eval(), 'image')
+    rgb = reference(9)
+    from_tensor = finetuner.encode(vision, [LegacyDocument(tensor=rgb)])
+    from_bytes = finetuner.encode(vision, [LegacyDocument(blob=encoded(Image.fromarray(rgb)))])
+    assert np.allclose(from_tensor[0].embedding, from_bytes[0].embedding, atol=1e-6)
+    with pytest.raises(ArgumentError, match=r'data\[0\]: is text, but this model only encodes image'):
+        finetuner.encode(vision, ['a caption'])
