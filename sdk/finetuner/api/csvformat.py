@@ -241,10 +241,6 @@ def read_rows(
     return rows, read
 
 
-def csv_rows(text: str, options: CSVOptions) -> list[list[str]]:
-    return read_rows(text, options)[0]
-
-
 def _label_warning(rows: list[list[str]], options: CSVOptions, option: Callable[[str], str]) -> str | None:
     """A warning when pairs (isLabeled false) have a second column of class names."""
     if options.is_labeled or not rows or any(len(row) != 2 for row in rows):

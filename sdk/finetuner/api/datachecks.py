@@ -131,15 +131,10 @@ def image_problem(data: bytes) -> str | None:
 class EmptyTexts:
     empty: int
     total: int
-    first: int  # position of the first empty text (0-based)
 
     @property
     def all_empty(self) -> bool:
         return self.empty == self.total
-
-    @property
-    def most_empty(self) -> bool:
-        return 2 * self.empty > self.total
 
 
 def empty_texts(texts: Sequence[str]) -> EmptyTexts | None:
@@ -147,7 +142,7 @@ def empty_texts(texts: Sequence[str]) -> EmptyTexts | None:
     empty = [i for i, text in enumerate(texts) if not text.strip()]
     if not texts or 2 * len(empty) <= len(texts):
         return None
-    return EmptyTexts(len(empty), len(texts), empty[0])
+    return EmptyTexts(len(empty), len(texts))
 
 
 def looks_like_labels(values: Sequence[str], others: Sequence[str]) -> list[str] | None:
