@@ -154,6 +154,9 @@ class Embedder(nn.Module):
         self.name = name
         self.options = dict(options)
         self.head: ProjectionHead | None = None
+        # Set while an artifact is saved (finetuner_trainer.model_card.CardFacts): a family whose library
+        # writes its own model card (sentence-transformers) fills it from these.
+        self.card_facts: Any = None
 
     # --- per family: finding and building ----------------------------------------------------
     @classmethod
