@@ -255,10 +255,13 @@ def misspelt_backbone(name: str) -> tuple[str, ...] | None:
     level (``bert-base-uncased``, ``gpt2``, ``roberta-base``) are lower case with hyphens; any other id
     has an organisation (``org/name``). So a bare name with an underscore or a capital letter
     (``efficentnet_b0``, ``ResNet50``) is no hub id: it is refused, with the closest catalog names."""
-    if find_backbone(name) is not None or name.startswith(MODEL_PREFIXES) or '/' in name or '\\' in name:
-        return None
-    if name.startswith(('.', '~')):
+    if find_backbone(name) is not None or not is_bare_name(name):
         return None
     if '_' not in name and name == name.lower():
         return None
     return tuple(close_backbones(name))
+
+
+def is_bare_name(name: str) -> bool:
+    """A name without a family prefix, URI scheme, organisation or path: a catalog name or a top-level hub id."""
+    return not (name.startswith((*MODEL_PREFIXES, '.', '~')) or '/' in name or '\\' in name or ':' in name)

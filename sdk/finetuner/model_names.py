@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from finetuner.catalog import close_backbones, find_backbone, misspelt_backbone
+from finetuner.catalog import close_backbones, find_backbone, is_bare_name, misspelt_backbone
 from finetuner.errors import ArgumentError
 
 
@@ -28,10 +28,10 @@ def check_model_name(name: str, argument: str = 'model') -> None:
         hint = f'did you mean {close[0]!r}?' if close else 'see finetuner.describe_models() for the catalog'
         raise ArgumentError(
             argument,
-            f'unknown backbone {name!r}; {hint} (a timm model outside the catalog is written "timm:<name>", '
+            f'unknown backbone {name!r}; {hint} (a timm model outside the catalog is written "timm:{name}", '
             'a Hugging Face model by its id "org/name", a model folder by its path)',
         )
-    near = close_backbones(name)
+    near = close_backbones(name) if is_bare_name(name) else []
     if near:
         warnings.warn(
             f'{argument} {name!r} is not in the catalog and is taken as a Hugging Face model id; '
