@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from finetuner import pretrained
-from finetuner.catalog import BACKBONES, FAMILY_NAMES, Backbone, Task, family_info
+from finetuner.catalog import BACKBONES, FAMILY_NAMES, Backbone, Task, family_info, find_backbone
 from finetuner.data import is_collection
 from finetuner.errors import ArgumentError, FinetunerError
 
@@ -98,8 +98,14 @@ def _artifact_directory(artifact: str | Path, token: str | None = None) -> Path:
 
     try:
         run = get_run(artifact)
-    except RunNotFoundError as e:
-        raise ArgumentError('artifact', f'{e}{pretrained.backbone_hint(artifact)}') from e
+    except (RunNotFoundError, ArgumentError) as e:
+        if find_backbone(artifact) is None:
+            raise
+        raise ArgumentError(
+            'artifact',
+            f'{artifact!r} is no fine-tuned run here but a backbone of the catalog: load it as it is with '
+            f'finetuner.build_model({artifact!r})',
+        ) from e
     target = Path(tempfile.mkdtemp(prefix=f'finetuner-{run.name}-'))
     run.save_model(target, overwrite=True)
     return target

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from finetuner.api.layout import Record
-from finetuner.catalog import find_backbone
 from finetuner.data import IMAGE_SUFFIXES, Modalities, _to_record
 from finetuner.errors import ArgumentError
 
@@ -133,13 +132,6 @@ def build_model(
         return inference.OnnxEmbedder.load(folder)  # the sessions and the tokenizer are in memory now
 
 
-def backbone_hint(name: str) -> str:
-    """What to say when a catalog name is given to get_model, which loads fine-tuned models."""
-    if find_backbone(name) is not None:
-        return f'; {name!r} is a backbone of the catalog: load it as it is with finetuner.build_model({name!r})'
-    return ''
-
-
 # --- what encode() accepts ------------------------------------------------------------------------
 
 
@@ -177,14 +169,14 @@ def _string_record(value: str, kinds: tuple[str, ...], where: str) -> Record:
 
 def _array_record(value: Any, kinds: tuple[str, ...], where: str) -> Record:
     array = value.detach().cpu().numpy() if hasattr(value, 'detach') else value
-    if 'tensor' in kinds:
-        return Record(tensor=array.tolist())
     if 'image' in kinds and array.ndim == 3 and array.shape[-1] in (3, 4) and str(array.dtype) == 'uint8':
-        from PIL import Image
+        from PIL import Image  # a decoded picture (HxWx3 uint8): encoded losslessly, preprocessed as images are
 
         out = io.BytesIO()
         Image.fromarray(array).save(out, format='PNG')
         return _image_record(out.getvalue())
+    if 'tensor' in kinds:
+        return Record(tensor=array.tolist())
     raise ArgumentError(
         where,
         f'an array of shape {tuple(array.shape)} ({array.dtype}) cannot be embedded by this model '
