@@ -207,7 +207,7 @@ class Run:
         first and moved into place only once complete, so a failed download leaves the folder as it was.
         """
         self._require_finished('model')
-        target = _save_target(Path(path).expanduser(), overwrite)
+        target = check_save_target(Path(path).expanduser(), overwrite)
         store = self._backend.output_store(self.name)
         try:
             if not store.exists(layout.ARTIFACT_MANIFEST):
@@ -272,7 +272,7 @@ class Run:
         self.refresh()
 
 
-def _save_target(target: Path, overwrite: bool) -> Path:
+def check_save_target(target: Path, overwrite: bool) -> Path:
     """Check the folder save_model writes to: refused when it is a file, or a non-empty folder unless overwrite."""
     if target.exists() and not target.is_dir():
         raise ArgumentError('path', f'{str(target)!r} is a file; give a folder (new or empty) to save the model in')
