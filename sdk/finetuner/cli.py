@@ -280,6 +280,8 @@ def _runs_table(runs: list[Any]) -> Any:
 
 def _run_rows(runs: list[Any]) -> list[dict[str, Any]]:
     """What `finetuner runs` shows of each run (the table's cells; `--output json` as they are)."""
+    from finetuner.wording import for_sdk
+
     rows = []
     for run in runs:
         record = run.record  # the listing just read it
@@ -290,7 +292,7 @@ def _run_rows(runs: list[Any]) -> list[dict[str, Any]]:
                 'experiment': run.experiment_name,
                 'model': record.spec.model,
                 'status': str(record.status.phase or 'CREATED'),
-                'details': record.status.details or '',
+                'details': for_sdk(record.status.details) or '',
                 'queue_position': record.queue_position,
                 'suspended': _queue_place(record) == 'suspended',
                 'progress': progress.percent if progress else None,

@@ -20,6 +20,7 @@ from finetuner.api.v1alpha1 import FinetuneRunSpec, FinetuneRunStatus, Phase, Pr
 from finetuner.backends.base import Backend, RunRecord
 from finetuner.errors import ArgumentError, BackendError, RunFailedError, RunNotFinishedError
 from finetuner.storage import StorageError
+from finetuner.wording import for_sdk
 
 if TYPE_CHECKING:
     from finetuner.console.events import EventRow
@@ -65,8 +66,11 @@ class Run:
         return self._record
 
     def full_status(self) -> FinetuneRunStatus:
-        """Everything observed: phase, details, reason, times, progress, metrics, artifact URI."""
-        return self.refresh().status
+        """Everything observed: phase, details, reason, times, progress, metrics, artifact URI. The details
+        name fields as fit() does (``batch_size``, ``train_data[3]``), where the custom resource's status
+        says ``spec.batchSize``, ``spec.trainData[3]``."""
+        status = self.refresh().status
+        return status.model_copy(update={'details': for_sdk(status.details)}) if status.details else status
 
     def status(self) -> dict[str, str]:
         """``{'status': 'CREATED', 'details': 'Run submitted and awaits execution'}`` and so on."""

@@ -275,15 +275,14 @@ def _records_to_items(
 ) -> EvalSet:
     base = queries[0][1] if queries else None
     eval_set.queries = [
-        to_item(r, f'query {j}', 'callbacks.EvaluationCallback.query_data', base)
-        for j, r in enumerate(eval_set.queries)
+        to_item(r, f'[{j}]', 'callbacks.EvaluationCallback.query_data', base) for j, r in enumerate(eval_set.queries)
     ]
     if eval_set.same_items:
         eval_set.index = eval_set.queries
     else:
         index_base = index[0][1] if index else base
         eval_set.index = [
-            to_item(r, f'index item {j}', 'callbacks.EvaluationCallback.index_data', index_base)
+            to_item(r, f'[{j}]', 'callbacks.EvaluationCallback.index_data', index_base)
             for j, r in enumerate(eval_set.index)
         ]
     return eval_set

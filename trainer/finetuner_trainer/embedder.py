@@ -92,7 +92,7 @@ class ProjectionHead(nn.Sequential):
 def as_item(value: Item | Record) -> Item:
     if isinstance(value, Item):
         return value
-    return to_item(value, 'record', 'data')
+    return to_item(value, '', 'data')
 
 
 def to_device(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
