@@ -100,6 +100,10 @@ def resolve(
     modalities: Modalities = Modalities(),
 ) -> DataRef:
     """Classify and convert one data argument; raise ArgumentError naming ``argument``."""
+    from finetuner import hf_datasets  # a Hugging Face Dataset, read by sentence-transformers' conventions
+
+    if hf_datasets.is_hf_dataset(data):
+        return DataRef(None, hf_datasets.to_records(data, argument, modalities.text, modalities.image))
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     if isinstance(data, str):

@@ -33,6 +33,7 @@ from finetuner.backends.base import Backend, Reservation
 from finetuner.catalog import find_backbone
 from finetuner.data import DataRef, Modalities, dataset_exists, push_records, resolve
 from finetuner.errors import ArgumentError
+from finetuner.model_names import check_model_name
 from finetuner.names import unique_name
 from finetuner.run import Run
 
@@ -268,6 +269,7 @@ def check_names(given: dict[str, Any]) -> str:
         model = given['model'] = str(folder.resolve()) if folder.exists() else os.fspath(model)
     if not isinstance(model, str) or not model.strip():
         raise ArgumentError('model', 'give a backbone name (see finetuner.describe_models()) or a model folder')
+    check_model_name(model)
     if given['train_data'] is None:
         raise ArgumentError('train_data', 'is required: documents, a CSV path, a folder, a URI or a dataset name')
     return experiment

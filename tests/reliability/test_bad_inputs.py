@@ -241,7 +241,12 @@ ROWS: list[Row] = [
     Row(
         'malformed-json-line', 'trainer', {'data.jsonl': TEXTS + b'{not json\n'}, 'trainData: line 5 is not valid JSON'
     ),
-    Row('record-without-content', 'trainer', {'data.jsonl': _jsonl({'label': 'a'})}, 'record 1 is not a valid record'),
+    Row(
+        'record-without-content',
+        'trainer',
+        {'data.jsonl': _jsonl({'label': 'a'})},
+        'trainData[0]: is not a valid record',
+    ),
     Row(
         'missing-labels',
         'trainer',
@@ -337,7 +342,7 @@ ROWS: list[Row] = [
         'tensor-layout-ambiguous-in-a-file',
         'trainer',
         {'data.jsonl': _jsonl({'tensor': _ambiguous_tensor(), 'label': 'a'})},
-        'trainData: record 1: tensor: a tensor of shape (3, 32, 4) could be channels first or channels last',
+        'trainData[0]: tensor: a tensor of shape (3, 32, 4) could be channels first or channels last',
     ),
     Row(
         'pairs-batch-of-two-for-a-label-loss',
@@ -837,7 +842,7 @@ def test_trainer_config_error_on_the_cluster_fails_after_one_attempt(cluster: An
     status = target.wait_phase('bad-data', ('FAILED', 'FINISHED'))
 
     assert (status['phase'], status['reason']) == ('FAILED', 'ConfigurationError')
-    assert "trainData: record 1: image 'blob' is corrupt or not an image" in status['details']
+    assert "spec.trainData[0]: image 'blob' is corrupt or not an image" in status['details']
     assert status['attempts'] == 1, 'exit code 3 is never retried (backoffLimit 3 unused)'
     assert len(target.pods('bad-data')) == 1 and len(target.jobs('bad-data')) == 1
     assert [e.reason for e in target.events('bad-data')].count('Failed') == 1

@@ -233,7 +233,8 @@ def test_missing_image_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
     loaded, base = load_records(str(data), None, CSVOptions(), 'trainData')
     with pytest.raises(ConfigError) as caught:
         to_dataset(loaded, FinetuneRunSpec(model=TINY_TIMM, train_data=str(data)), 'trainData', base)
-    assert "record 1: cannot read image 'images/nowhere.png'" in caught.value.problem
+    assert caught.value.field == 'trainData[0]'  # counted from 0, as the SDK counts train_data[0]
+    assert "cannot read image 'images/nowhere.png'" in caught.value.problem
 
 
 def test_images_and_data_file_in_s3_train_a_cnn(s3_bucket: str, tmp_path: Path) -> None:

@@ -187,12 +187,12 @@ def parse_jsonl(data: bytes, field_name: str) -> list[Record]:
             except json.JSONDecodeError as e:
                 raise ConfigError(field_name, f'line {number} is not valid JSON: {e.msg}') from e
     records = []
-    for number, row in enumerate(rows, 1):
+    for position, row in enumerate(rows):
         try:
             records.append(Record.model_validate(row))
         except Exception as e:  # pydantic's ValidationError, reworded to one line
             first = e.errors()[0] if hasattr(e, 'errors') else {'msg': str(e)}
-            raise ConfigError(field_name, f'record {number} is not a valid record: {first["msg"]}') from e
+            raise ConfigError(f'{field_name}[{position}]', f'is not a valid record: {first["msg"]}') from e
     return records
 
 
@@ -315,29 +315,30 @@ def tensor_item(record: Record, where: str, field_name: str) -> Item:
     try:
         return Item(image=tensor_png(decode_tensor(record.tensor)))
     except TensorError as e:
-        raise ConfigError(field_name, f'{where}: tensor: {e}') from e
+        raise ConfigError(f'{field_name}{where}', f'tensor: {e}') from e
 
 
 def to_item(record: Record, where: str, field_name: str, base: ImageBase | None = None) -> Item:
+    """The model's input of a record. ``where`` is the record's place after ``field_name`` (``'[6]'``): an
+    error names ``trainData[6]``, counted from 0 as the SDK counts ``train_data[6]``."""
     kind = record.content_kind
     if kind == 'text':
         return Item(text=record.text)
     if kind == 'tensor':
         return tensor_item(record, where, field_name)
+    place = f'{field_name}{where}'
+    name = record.uri or 'blob'
     try:
         data = load_image_bytes(record, base)
     except (OSError, StorageError, ValueError) as e:
-        raise ConfigError(field_name, f'{where}: cannot read image {record.uri or "blob"!r}: {e}') from e
+        raise ConfigError(place, f'cannot read image {name!r}: {e}') from e
     try:
         check_image(data)
     except ImageTooLarge as e:
-        name = record.uri or 'blob'
-        raise ConfigError(
-            field_name, f'{where}: image {name!r} is too large to decode safely ({e}); resize it before training'
-        ) from e
+        problem = f'image {name!r} is too large to decode safely ({e}); resize it before training'
+        raise ConfigError(place, problem) from e
     except Exception as e:  # PIL raises many types for broken files
-        name = record.uri or 'blob'
-        raise ConfigError(field_name, f'{where}: image {name!r} is corrupt or not an image ({e})') from e
+        raise ConfigError(place, f'image {name!r} is corrupt or not an image ({e})') from e
     return Item(image=data)
 
 
@@ -357,19 +358,19 @@ def detect_shape(records: list[Record], spec: FinetuneRunSpec, field_name: str) 
             field_name, f'{with_chunks} of {len(records)} records have chunks (pairs) and the rest do not: mixed data'
         )
     if not with_chunks:
-        missing = [i for i, r in enumerate(records, 1) if _label_of(r) is None]
+        missing = [i for i, r in enumerate(records) if _label_of(r) is None]
         if missing:
             raise ConfigError(
                 field_name,
-                f'{len(missing)} of {len(records)} records have no label (first: record {missing[0]}); labelled '
+                f'{len(missing)} of {len(records)} records have no label (first: {field_name}[{missing[0]}]); labelled '
                 f'items need "label" (or tags.{LABEL_TAG}), or give pairs as a parent with two chunks',
             )
         return Shape.LABELLED
-    wrong = [i for i, r in enumerate(records, 1) if len(r.chunks) != 2]
+    wrong = [i for i, r in enumerate(records) if len(r.chunks) != 2]
     if wrong:
         raise ConfigError(
-            field_name,
-            f'record {wrong[0]} has {len(records[wrong[0] - 1].chunks)} chunks; a pair has exactly two '
+            f'{field_name}[{wrong[0]}]',
+            f'has {len(records[wrong[0]].chunks)} chunks; a pair has exactly two '
             '(query then document, or a text and an image)',
         )
     if spec.multi_modal:
@@ -381,16 +382,17 @@ def detect_shape(records: list[Record], spec: FinetuneRunSpec, field_name: str) 
 
 
 def _text_image_items(
-    record: Record, number: int, spec: FinetuneRunSpec, field_name: str, base: ImageBase | None
+    record: Record, position: int, spec: FinetuneRunSpec, field_name: str, base: ImageBase | None
 ) -> tuple[Item, Item]:
     text_name = spec.text_modality or 'text'
     image_name = spec.image_modality or 'image'
+    place = f'{field_name}[{position}]'
     modalities = [c.modality or c.tags.get(MODALITY_TAG) for c in record.chunks]
     if all(m is not None for m in modalities):
         if text_name not in modalities or image_name not in modalities:
             raise ConfigError(
                 'textModality' if text_name not in modalities else 'imageModality',
-                f'record {number} has chunks with modalities {modalities}, not {text_name!r} and {image_name!r}; '
+                f'{place} has chunks with modalities {modalities}, not {text_name!r} and {image_name!r}; '
                 'set textModality and imageModality to the names your data uses',
             )
         text_chunk = record.chunks[modalities.index(text_name)]
@@ -398,16 +400,14 @@ def _text_image_items(
     else:
         kinds = ['image' if c.content_kind == 'tensor' else c.content_kind for c in record.chunks]
         if sorted(kinds) != ['image', 'text']:
-            raise ConfigError(field_name, f'record {number}: a text-image pair needs one text and one image chunk')
+            raise ConfigError(place, 'a text-image pair needs one text and one image chunk')
         text_chunk = record.chunks[kinds.index('text')]
         image_chunk = record.chunks[kinds.index('image')]
-    where = f'record {number}'
+    where = f'[{position}]'
     text_item = to_item(text_chunk, where, field_name, base)
     image_item = to_item(image_chunk, where, field_name, base)
     if text_item.kind != 'text' or image_item.kind != 'image':
-        raise ConfigError(
-            field_name, f'record {number}: the {text_name!r} chunk must hold text and the {image_name!r} chunk an image'
-        )
+        raise ConfigError(place, f'the {text_name!r} chunk must hold text and the {image_name!r} chunk an image')
     return text_item, image_item
 
 
@@ -425,8 +425,8 @@ def to_dataset(
     examples: list[Example] = []
     class_names: list[str] = list(classes or [])
     index = {name: i for i, name in enumerate(class_names)}
-    for number, record in enumerate(records, 1):
-        where = f'record {number}'
+    for position, record in enumerate(records):
+        where = f'[{position}]'  # counted from 0, as the SDK counts train_data[i]
         if shape == Shape.LABELLED:
             name = str(_label_of(record))
             if name not in index:
@@ -434,7 +434,7 @@ def to_dataset(
                 class_names.append(name)
             examples.append(Example((to_item(record, where, field_name, base),), label=index[name]))
         elif shape == Shape.TEXT_IMAGE:
-            examples.append(Example(_text_image_items(record, number, spec, field_name, base)))
+            examples.append(Example(_text_image_items(record, position, spec, field_name, base)))
         else:
             query, document = (to_item(chunk, where, field_name, base) for chunk in record.chunks)
             examples.append(Example((query, document), score=_score_of(record)))

@@ -91,7 +91,7 @@ class ProjectionHead(nn.Sequential):
 def as_item(value: Item | Record) -> Item:
     if isinstance(value, Item):
         return value
-    return to_item(value, 'record', 'data')
+    return to_item(value, '', 'data')
 
 
 def to_device(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
@@ -153,6 +153,9 @@ class Embedder(nn.Module):
         self.name = name
         self.options = dict(options)
         self.head: ProjectionHead | None = None
+        # Set while an artifact is saved (finetuner_trainer.model_card.CardFacts): a family whose library
+        # writes its own model card (sentence-transformers) fills it from these.
+        self.card_facts: Any = None
 
     # --- per family: finding and building ----------------------------------------------------
     @classmethod

@@ -55,7 +55,8 @@ from finetuner_trainer.embedder import Embedder, to_device
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.loop import forward_loss, run_metrics, run_training, write_examples
 from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry
-from finetuner_trainer.models import build_embedder
+from finetuner_trainer.model_card import CardFacts, base_model_of, data_name_of_reference, write_card
+from finetuner_trainer.models import build_embedder, resolve_model
 from finetuner_trainer.onnx_export import export_for_artifact
 from finetuner_trainer.optim import build_optimizer, build_scheduler
 from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
@@ -466,15 +467,74 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def publish_artifact(ctx: TrainContext, workdir: Path) -> str:
-    """Save the model, upload every file under artifact/, then write artifact/manifest.json last.
+def card_facts(ctx: TrainContext, after: dict[str, Any]) -> CardFacts:
+    """What the artifact's model card says: base model, task, data, loss, hyper-parameters, metrics."""
+    spec, train, evaluation = ctx.spec, ctx.train_records, ctx.eval_records
+    family = ctx.model.family
+    source = resolve_model(spec)[1]
+    task = 'text-to-image' if family == 'clip' else 'text-to-text' if family == 'text' else 'image-to-image'
+    given = spec.model_dump(exclude_defaults=True, by_alias=False)
+    hyperparameters = {
+        'epochs': spec.epochs,
+        'batch_size': ctx.batch_size,
+        'learning_rate': ctx.optimizer.param_groups[0].get('initial_lr', ctx.optimizer.param_groups[0]['lr']),
+        'optimizer': spec.optimizer,
+        'scheduler': spec.scheduler or 'none',
+        'total_steps': ctx.state.total_steps,
+        'sampler': str(spec.sampler.value if hasattr(spec.sampler, 'value') else spec.sampler),
+        'output_dim': spec.output_dim,
+        'freeze': spec.freeze,
+        'seed': spec.seed,
+    }
+    evaluation_callbacks = [cb for cb in ctx.callbacks if type(cb).__name__ == 'EvaluationCallback']
+    return CardFacts(
+        run_name=ctx.config.run_name,
+        model=spec.model,
+        base_model_id=None
+        if spec.model_options.get('pretrained') is False
+        else base_model_of(spec.model, source, family, ctx.model),
+        family=family,
+        task=task,
+        output_dim=ctx.model.output_dim,
+        pretrained=spec.model_options.get('pretrained') is not False,
+        data_shape=train.shape.value,
+        train_size=len(train),
+        train_source=data_name_of_reference(spec.train_data),
+        eval_size=len(evaluation) if evaluation is not None else None,
+        eval_source=eval_name(spec, evaluation is not None),
+        classes=len(train.classes) if train.shape == Shape.LABELLED else None,
+        loss=spec.loss,
+        miner=spec.miner,
+        hyperparameters=hyperparameters,
+        non_default={k: v for k, v in given.items() if k in hyperparameters},
+        before=dict(ctx.metrics.before),
+        after=dict(after),
+        history=list(ctx.state.history),
+        limit=evaluation_callbacks[0].options.limit if evaluation_callbacks else 20,
+    )
+
+
+def eval_name(spec: FinetuneRunSpec, evaluated: bool) -> str | None:
+    if spec.eval_data:
+        return data_name_of_reference(spec.eval_data)
+    return f'{data_name_of_reference(spec.train_data)}, val_split {spec.val_split}' if evaluated else None
+
+
+def publish_artifact(ctx: TrainContext, workdir: Path, after: dict[str, Any] | None = None) -> str:
+    """Save the model and its card, upload every file under artifact/, then write artifact/manifest.json last.
 
     A manifest left by an earlier attempt is removed first, so an upload that dies half-way never
     looks complete."""
     store = ctx.store
     store.delete(layout.ARTIFACT_MANIFEST)
     folder = workdir / 'artifact'
-    description = ctx.model.save(folder)
+    facts = card_facts(ctx, after if after is not None else ctx.state.metrics)
+    ctx.model.card_facts = facts  # a text model's card is written by sentence-transformers from these
+    try:
+        description = ctx.model.save(folder)
+    finally:
+        ctx.model.card_facts = None
+    write_card(folder, facts, description.get('load'))
     if ctx.spec.to_onnx:
         description['onnx'] = export_for_artifact(ctx.model, folder)
     plot_training_curves(
@@ -545,7 +605,7 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
     shutdown()  # under torchrun: no collective follows (rank 0 publishes alone); NCCL warns of a group left open
     after = dict(ctx.metrics.after if ctx.metrics.after is not None else state.metrics)
     with tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
-        artifact_uri = publish_artifact(ctx, Path(tmp)) if ctx.is_main else ''
+        artifact_uri = publish_artifact(ctx, Path(tmp), after) if ctx.is_main else ''
     metrics = run_metrics(ctx, after)
     write_examples(ctx)
     if ctx.is_main:

@@ -281,10 +281,20 @@ def explain_weights_unreachable(run_dir: Path, message: str) -> str | None:
     if not any(marker in message for marker in _WEIGHTS_UNREACHABLE):
         return None
     config = read_json(run_dir / CONFIG_FILE) or {}
-    model = (config.get('spec') or {}).get('model', 'the model')
+    spec = config.get('spec') or {}
+    model = spec.get('model', 'the model')
+    offline = '(no connection to the Hugging Face hub, or HF_HUB_OFFLINE is set)'
+    if (spec.get('modelOptions') or {}).get('pretrained') is False:
+        # Advice that fits what was asked: the weights were not wanted, the configuration and tokenizer are.
+        return (
+            f"model_options={{'pretrained': False}} skips only the weights: the configuration and tokenizer of "
+            f'{model!r} still come from the hub, and they are not on this machine and cannot be downloaded {offline}. '
+            'Give a local model folder (config.json and tokenizer files) as model=..., or set HF_ENDPOINT to a '
+            f'reachable hub mirror. (trainer: {message[:300]})'
+        )
     return (
-        f'the pretrained weights of {model!r} are not on this machine and cannot be downloaded '
-        '(no connection to the Hugging Face hub, or HF_HUB_OFFLINE is set). Give a local model folder as model=..., '
+        f'the pretrained weights of {model!r} are not on this machine and cannot be downloaded {offline}. '
+        'Give a local model folder as model=..., '
         "set HF_ENDPOINT to a reachable hub mirror, or train from scratch with model_options={'pretrained': False}. "
         f'(trainer: {message[:300]})'
     )
