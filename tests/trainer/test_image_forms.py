@@ -406,5 +406,6 @@ def test_a_clip_vision_model_encodes_a_tensor_as_an_image(tiny_clip: Path) -> No
     from_tensor = finetuner.encode(vision, [LegacyDocument(tensor=rgb)])
     from_bytes = finetuner.encode(vision, [LegacyDocument(blob=encoded(Image.fromarray(rgb)))])
     assert np.allclose(from_tensor[0].embedding, from_bytes[0].embedding, atol=1e-6)
-    with pytest.raises(ArgumentError, match=r"data\[0\]: 'a caption' is not an image file here; this model embeds image"):
+    not_an_image = r"data\[0\]: 'a caption' is not an image file here; this model embeds image"
+    with pytest.raises(ArgumentError, match=not_an_image):
         finetuner.encode(vision, ['a caption'])
