@@ -37,8 +37,10 @@ from finetuner.errors import (
 )
 from finetuner.experiment import Experiment
 from finetuner.fitting import DEFAULT_EXPERIMENT
+from finetuner.mining import mine_hard_negatives
 from finetuner.models import describe_models, encode, get_model, list_models
 from finetuner.run import Run
+from finetuner.synthesis import SynthesisModels, synthesize
 
 __version__ = '0.1.0'
 
@@ -291,6 +293,7 @@ __all__ = [
     'RunFailedError',
     'RunNotFinishedError',
     'RunNotFoundError',
+    'SynthesisModels',
     'callbacks',
     'create_experiment',
     'delete_experiment',
@@ -307,7 +310,9 @@ __all__ = [
     'list_models',
     'list_runs',
     'login',
+    'mine_hard_negatives',
     'pull_data',
     'push_data',
     'sweep',
+    'synthesize',
 ]

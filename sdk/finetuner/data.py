@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from finetuner.api.columns import ColumnError, is_column_row, json_row_to_record
 from finetuner.api.csvformat import CSVFormatError, parse_csv_text
 from finetuner.api.layout import Record, dataset_key
 from finetuner.api.v1alpha1 import CSVOptions, check_dns1123_name
@@ -133,7 +134,9 @@ def _to_record(item: Any, where: str, modalities: Modalities, top: bool) -> Reco
         return Record(text=item)
     if isinstance(item, dict):
         try:
-            return Record.model_validate(item)
+            return json_row_to_record(item) if is_column_row(item) else Record.model_validate(item)
+        except ColumnError as e:
+            raise ArgumentError(where, str(e)) from e
         except ValidationError as e:
             raise ArgumentError(where, _first_error(e)) from e
     return _document_to_record(item, where, modalities, top)
@@ -221,7 +224,12 @@ def read_jsonl(path: Path, argument: str) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                records.append(Record.model_validate_json(line))
+                row = json.loads(line)
+                records.append(json_row_to_record(row) if is_column_row(row) else Record.model_validate(row))
+            except json.JSONDecodeError as e:
+                raise ArgumentError(argument, f'{path}:{number}: not valid JSON: {e.msg}') from e
+            except ColumnError as e:
+                raise ArgumentError(argument, f'{path}:{number}: {e}') from e
             except ValidationError as e:
                 raise ArgumentError(argument, f'{path}:{number}: {_first_error(e)}') from e
     if not records:
