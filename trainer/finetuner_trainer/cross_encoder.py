@@ -13,7 +13,6 @@ Scores follow sentence-transformers' ``CrossEncoder.predict``: one label -> the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,17 +49,15 @@ def locate(name: str, field: str) -> str:
 
 
 def read_config(source: str, name: str, field: str) -> dict[str, Any]:
-    folder = Path(source)
-    if folder.is_dir():
-        return dict(json.loads((folder / 'config.json').read_text()))
-    from transformers import AutoConfig  # heavy: only for a hub id
+    """The model's configuration as transformers reads it (defaults filled in, e.g. two labels)."""
+    from transformers import AutoConfig  # heavy: loaded when a cross-encoder is
 
     try:
         return dict(AutoConfig.from_pretrained(source).to_dict())
     except Exception as e:  # OSError, RepositoryNotFoundError, ValueError from transformers
         raise ConfigError(
             field,
-            f'cannot load cross-encoder {name!r}: not a local folder and not a loadable Hugging Face model id '
+            f'cannot load cross-encoder {name!r}: not a local model folder and not a loadable Hugging Face model id '
             f'({type(e).__name__}); give a folder or an id such as {EXAMPLE}',
         ) from e
 
@@ -75,7 +72,7 @@ def check_is_cross_encoder(config: dict[str, Any], name: str, field: str) -> int
             f'{name!r} is not a cross-encoder: its config.json declares {what}, not a *ForSequenceClassification '
             f'model; give a cross-encoder (a sequence-classification model such as {EXAMPLE})',
         )
-    labels = len(config.get('id2label') or {}) or int(config.get('num_labels') or 1)
+    labels = len(config.get('id2label') or {}) or 2  # transformers' default: two labels
     if labels not in (1, 2):
         raise ConfigError(
             field,
