@@ -401,17 +401,22 @@ def _rows(
     return rows
 
 
-def mine_dataset(
-    model: Embedder, dataset: Dataset, options: HardNegativeOptions, device: torch.device, log: logging.Logger
-) -> Dataset:
-    """``fit(hard_negatives=...)``: the (query, document) pairs of ``dataset`` as tuples with the negatives
-    mined by ``model`` (the pretrained model, before training), scored tuples with ``outputScores``."""
+def check_minable(dataset: Dataset) -> None:
+    """ConfigError unless ``dataset`` holds (query, document) pairs, what mining adds negatives to."""
     if dataset.shape != Shape.PAIRS:
         raise ConfigError(
             'hardNegatives',
             f'mining needs query-document pairs, but trainData holds {dataset.shape.value}; give pairs (records with '
             'two chunks) or remove hardNegatives',
         )
+
+
+def mine_dataset(
+    model: Embedder, dataset: Dataset, options: HardNegativeOptions, device: torch.device, log: logging.Logger
+) -> Dataset:
+    """``fit(hard_negatives=...)``: the (query, document) pairs of ``dataset`` as tuples with the negatives
+    mined by ``model`` (the pretrained model, before training), scored tuples with ``outputScores``."""
+    check_minable(dataset)
     scorer = None
     if options.cross_encoder is not None:
         scorer = CrossEncoderScorer.load(options.cross_encoder, 'hardNegatives.crossEncoder', device)

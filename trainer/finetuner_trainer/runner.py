@@ -53,7 +53,7 @@ from finetuner_trainer.embedder import Embedder, to_device
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.loop import forward_loss, run_metrics, run_training, write_examples
 from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry
-from finetuner_trainer.mining import mine_dataset
+from finetuner_trainer.mining import check_minable, mine_dataset
 from finetuner_trainer.models import build_embedder
 from finetuner_trainer.onnx_export import export_for_artifact
 from finetuner_trainer.optim import build_optimizer, build_scheduler
@@ -142,8 +142,9 @@ def check_fit(spec: FinetuneRunSpec, model: Embedder, train: Dataset, original_s
 
 def mined_shape(spec: FinetuneRunSpec, train: Dataset) -> Shape:
     """The shape the run trains on: tuples when hardNegatives mines negatives for the pairs of trainData."""
-    if spec.hard_negatives is None or train.shape != Shape.PAIRS:
-        return train.shape  # data that is not pairs: mine_dataset refuses it with its own message
+    if spec.hard_negatives is None:
+        return train.shape
+    check_minable(train)  # before the model loads
     return Shape.SCORED_TUPLES if spec.hard_negatives.output_scores else Shape.TUPLES
 
 

@@ -69,6 +69,24 @@ def _search_field() -> object:
 class HardNegativeOptions(_Options):
     """Options of hard-negative mining, as sentence-transformers names them."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            'x-kubernetes-validations': [  # what the API server can judge itself (CEL), as _window does
+                {
+                    'rule': '!has(self.rangeMax) || self.rangeMax > (has(self.rangeMin) ? self.rangeMin : 0)',
+                    'message': 'rangeMax must be larger than rangeMin',
+                    'fieldPath': '.rangeMax',
+                },
+                {
+                    'rule': '!has(self.rangeMax) || (has(self.numNegatives) ? self.numNegatives : 3) <= '
+                    'self.rangeMax - (has(self.rangeMin) ? self.rangeMin : 0)',
+                    'message': 'numNegatives must fit between rangeMin and rangeMax',
+                    'fieldPath': '.numNegatives',
+                },
+            ]
+        }
+    )
+
     num_negatives: int = Field(default=3, ge=1, le=100, description='Negatives mined per (query, document) pair.')
     range_min: int = Field(
         default=0, ge=0, description='Skip this many of the closest candidates (they may be unlabelled positives).'
