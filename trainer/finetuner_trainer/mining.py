@@ -38,7 +38,8 @@ from finetuner_trainer.embedder import Embedder
 from finetuner_trainer.errors import ConfigError
 
 # Up to this many documents ``search: auto`` ranks exactly; past it a faiss HNSW index (when faiss is
-# installed) costs less in all, index build included, for as many queries as documents (bench/mining.py).
+# installed). bench/mining.py measured exact search faster up to 50,000 random vectors (docs/MINING.md):
+# this limit is a memory bound (a block of 1024 queries x the corpus), not a measured crossover.
 EXACT_LIMIT = 20_000
 QUERY_BLOCK = 1024  # queries ranked at once: a block x corpus similarity matrix at most
 EMBED_CHUNK = 1024  # items embedded between two progress reports
