@@ -33,6 +33,7 @@ VERSIONED_PACKAGES = (
     'onnx',
     'kopf',
     'kmock',
+    'faiss-cpu',
 )
 
 

@@ -15,6 +15,7 @@ RELEVANT_VERSIONS = {
     'quality': ('torch', 'transformers', 'sentence-transformers'),
     'operator_scale': ('kopf', 'kmock'),
     'inference': ('torch', 'onnxruntime', 'onnx'),
+    'mining': ('torch', 'transformers', 'faiss-cpu'),
 }
 
 

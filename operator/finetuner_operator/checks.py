@@ -9,7 +9,8 @@ operator without either, so the operator checks what only it can see before any 
   make every Job create fail with 422 and the handler retry forever;
 - data and output locations: only ``s3://`` and ``file://`` are stores the trainer can read and
   write, a URI never climbs out of its prefix with ``..``, and a bare word in ``trainData`` or
-  ``evalData`` is a pushed dataset's name, so a DNS-1123 label (no ``../`` into other prefixes).
+  ``evalData`` (or a synthesis run's ``synthesis.corpusData``) is a pushed dataset's name, so a DNS-1123
+  label (no ``../`` into other prefixes).
 
 Each problem names the field and the fix, as the contract's own messages do.
 """
@@ -28,13 +29,15 @@ def run_problems(name: str, spec: FinetuneRunSpec) -> list[str]:
         check_dns1123_name(name, 'metadata.name')
     except ValueError as e:
         problems.append(f'metadata.name: {str(e).removeprefix("metadata.name ")}')
+    corpus = spec.synthesis.corpus_data if spec.synthesis is not None else None
     locations = (
         ('trainData', spec.train_data),
         ('evalData', spec.eval_data),
+        ('synthesis.corpusData', corpus),
         ('output', spec.output),
         ('modelArtifact', spec.model_artifact),
     )
-    for field, value in locations[:2]:
+    for field, value in locations[:3]:
         # The SDK always submits data as a URI; a bare word in a CR is the name of a pushed dataset.
         if value is not None and '://' not in value and not value.startswith('/'):
             try:

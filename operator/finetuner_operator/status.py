@@ -261,7 +261,9 @@ def complete_phase(seen: Situation) -> Verdict | None:
     if not seen.observed.artifact:
         details = reasons.artifact_missing(seen.output_uri)
         return Verdict(Phase.FAILED, Reason.ARTIFACT_MISSING.value, details, completion=ended)
-    return Verdict(Phase.FINISHED, Reason.SUCCEEDED.value, reasons.succeeded(seen.output_uri), completion=ended)
+    return Verdict(
+        Phase.FINISHED, Reason.SUCCEEDED.value, reasons.succeeded(seen.output_uri, seen.spec.task), completion=ended
+    )
 
 
 def failed_job_phase(seen: Situation) -> Verdict | None:
@@ -326,7 +328,7 @@ def image_pull_phase(seen: Situation) -> Verdict | None:
 def running_phase(seen: Situation) -> Verdict | None:
     if not _running_pods(seen.observed.pods):
         return None
-    return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress))
+    return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress, seen.spec.task))
 
 
 def unschedulable_phase(seen: Situation) -> Verdict | None:
@@ -359,7 +361,7 @@ def started_earlier_phase(seen: Situation) -> Verdict | None:
     """A trainer pod ran before and the Job still has pods: still STARTED between attempts."""
     if not (seen.started_at and seen.observed.pods):
         return None
-    return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress))
+    return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress, seen.spec.task))
 
 
 # In order: the first rule that recognises the situation decides (a cancel beats everything; a Job's

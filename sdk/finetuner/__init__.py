@@ -38,9 +38,11 @@ from finetuner.errors import (
 )
 from finetuner.experiment import Experiment
 from finetuner.fitting import DEFAULT_EXPERIMENT
+from finetuner.mining import mine_hard_negatives
 from finetuner.models import build_model, describe_models, encode, get_model, list_models
 from finetuner.pretrained import cos_sim
 from finetuner.run import Run
+from finetuner.synthesis import SynthesisModels, synthesize
 
 __version__ = '0.1.0'
 
@@ -348,6 +350,7 @@ __all__ = [
     'RunFailedError',
     'RunNotFinishedError',
     'RunNotFoundError',
+    'SynthesisModels',
     'build_model',
     'callbacks',
     'cos_sim',
@@ -370,7 +373,9 @@ __all__ = [
     'list_models',
     'list_runs',
     'login',
+    'mine_hard_negatives',
     'pull_data',
     'push_data',
     'sweep',
+    'synthesize',
 ]

@@ -124,6 +124,35 @@ BACKBONES: tuple[Backbone, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class CrossEncoder:
+    """A cross-encoder for synthesis runs and hard-negative mining (a transformers sequence classifier)."""
+
+    name: str
+    description: str
+    aliases: tuple[str, ...] = field(default=())
+
+
+# Any sequence-classification model id or folder works; these are the usual ones (Finetuner's alias kept).
+CROSS_ENCODERS: tuple[CrossEncoder, ...] = (
+    CrossEncoder(
+        'cross-encoder/ms-marco-MiniLM-L6-v2',
+        'MiniLM cross-encoder trained on MS MARCO passage ranking (English)',
+        ('crossencoder-base-en',),
+    ),
+    CrossEncoder(
+        'cross-encoder/mmarco-mMiniLMv2-L12-H384-v1',
+        'multilingual MiniLM cross-encoder trained on mMARCO (machine-translated MS MARCO)',
+        ('crossencoder-base-ml',),
+    ),
+)
+
+
+def find_cross_encoder(name: str) -> CrossEncoder | None:
+    """The catalog entry of a cross-encoder name or alias, or None (any other id or folder also works)."""
+    return next((c for c in CROSS_ENCODERS if name == c.name or name in c.aliases), None)
+
+
 def find_backbone(name: str) -> Backbone | None:
     """The catalog entry for a name or alias, or None (the trainer also takes other ids)."""
     for backbone in BACKBONES:

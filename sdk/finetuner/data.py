@@ -37,6 +37,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from finetuner.api.columns import ColumnError, is_column_row, json_row_to_record
 from finetuner.api.csvformat import CSVFormatError, decode_csv, read_csv_text
 from finetuner.api.datachecks import empty_texts, image_problem
 from finetuner.api.layout import Record, dataset_key
@@ -162,7 +163,9 @@ def _to_record(item: Any, where: str, modalities: Modalities, top: bool) -> Reco
         return Record(text=item)
     if isinstance(item, dict):
         try:
-            record = Record.model_validate(item)
+            record = json_row_to_record(item) if is_column_row(item) else Record.model_validate(item)
+        except ColumnError as e:
+            raise ArgumentError(where, str(e)) from e
         except ValidationError as e:
             raise ArgumentError(where, _first_error(e)) from e
         return check_content(record, where)
@@ -317,7 +320,12 @@ def read_jsonl(path: Path, argument: str) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                record = Record.model_validate_json(line)
+                row = json.loads(line)
+                record = json_row_to_record(row) if is_column_row(row) else Record.model_validate(row)
+            except json.JSONDecodeError as e:
+                raise ArgumentError(argument, f'{path}:{number}: not valid JSON: {e.msg}') from e
+            except ColumnError as e:
+                raise ArgumentError(argument, f'{path}:{number}: {e}') from e
             except ValidationError as e:
                 raise ArgumentError(argument, f'{path}:{number}: {_first_error(e)}') from e
             records.append(check_content(record, f'{argument}: {path}:{number}'))

@@ -132,6 +132,17 @@ class Experiment:
             **fit_arguments,
         )
 
+    def create_synthesis_run(
+        self, query_data: Any, corpus_data: Any, models: Any, num_relations: int = 3, **arguments: Any
+    ) -> Run:
+        """``finetuner.synthesize(...)`` with this experiment: a synthesis run whose ``train_data``
+        feeds ``create_run(loss='MarginMSELoss', train_data=run.train_data, ...)``."""
+        if 'experiment_name' in arguments and arguments['experiment_name'] != self.name:
+            raise ArgumentError('experiment_name', f'is set by the experiment ({self.name!r}); leave it out')
+        from finetuner.synthesis import synthesize
+
+        return synthesize(query_data, corpus_data, models, num_relations, **{**arguments, 'experiment_name': self.name})
+
     # --- sweeps -------------------------------------------------------------------------------
     def points(self) -> list[dict[str, Any]]:
         """The sweep's points in order (fit() argument names), one run each; [] without a sweep."""

@@ -455,6 +455,10 @@ def fit(backend: Backend, given: dict[str, Any]) -> Run:
     """Check every argument, reserve the run's name, then upload the data and submit the run (see
     ``finetuner.fit``). A name in use is refused before anything is uploaded; a submission that fails
     after its uploads deletes them and frees the name."""
+    if given['task'] not in (None, 'finetune'):
+        raise ArgumentError(
+            'task', f'fit() fine-tunes a model; a {given["task"]} run comes from finetuner.synthesize(...)'
+        )
     experiment = check_names(given)
     device(given)  # contradictions between the two generations before anything is read
     scheduler_options(given)
@@ -463,6 +467,14 @@ def fit(backend: Backend, given: dict[str, Any]) -> Run:
     spec = build_spec(given, name, experiment, callbacks)
     reservation = Reservation(name=name)
     spec, data = plan_data(given, reservation, spec, callbacks, backend)
+    return submit(backend, name, experiment, spec, reservation, data)
+
+
+def submit(
+    backend: Backend, name: str, experiment: str, spec: FinetuneRunSpec, reservation: Reservation, data: DataPlan
+) -> Run:
+    """Reserve the run's name, upload its data and create the run (the uploads are deleted and the name
+    freed when a step fails)."""
     check_ready = getattr(backend, 'check_ready', None)  # the local backend checks it can train here
     if check_ready is not None:
         check_ready()

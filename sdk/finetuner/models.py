@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from finetuner import pretrained
-from finetuner.catalog import BACKBONES, FAMILY_NAMES, Backbone, Task, family_info, find_backbone
+from finetuner.catalog import BACKBONES, CROSS_ENCODERS, FAMILY_NAMES, Backbone, Task, family_info, find_backbone
 from finetuner.data import is_collection
 from finetuner.errors import ArgumentError, FinetunerError
 
@@ -49,15 +49,35 @@ def models_table(task: str | None = None) -> Any:
     return table
 
 
+def cross_encoders_table() -> Any:
+    """The cross-encoders of the catalog: for finetuner.synthesize and mine_hard_negatives(cross_encoder=...)."""
+    from rich.table import Table
+
+    table = Table(
+        title='Cross-encoders (finetuner.synthesize, mine_hard_negatives)',
+        caption='relation miners: any text-to-text backbone above; any sequence-classification model id or folder '
+        'is a cross-encoder too',
+    )
+    for column in ('cross_encoder', 'alias', 'description'):
+        table.add_column(column, no_wrap=column != 'description')
+    for entry in CROSS_ENCODERS:
+        table.add_row(entry.name, ', '.join(entry.aliases), entry.description)
+    return table
+
+
 def describe_models(task: str | None = None) -> None:
-    """Print the backbones (model, task, output_dim, architecture, description) as a table."""
+    """Print the backbones (model, task, output_dim, architecture, description) as a table, then (for
+    text) the cross-encoders that synthesis runs and hard-negative mining take."""
     from rich.console import Console
 
-    table = models_table(task)
-    console = Console()
-    needed = Console(width=10_000).measure(table).maximum
-    # Names are what users copy into fit(): never cut them, even when the terminal is narrow.
-    (console if console.width >= needed else Console(width=needed)).print(table)
+    tables = [models_table(task)]
+    if task in (None, 'text-to-text'):
+        tables.append(cross_encoders_table())
+    for table in tables:
+        console = Console()
+        needed = Console(width=10_000).measure(table).maximum
+        # Names are what users copy into fit(): never cut them, even when the terminal is narrow.
+        (console if console.width >= needed else Console(width=needed)).print(table)
 
 
 def _trainer_module(name: str) -> Any:

@@ -20,11 +20,11 @@ LOSSES: dict[str, dict[str, Any]] = {
         'objective': 'label',
     },
     'CircleLoss': {
-        'shapes': ('labelled', 'pairs'),
+        'shapes': ('labelled', 'pairs', 'tuples'),
         'objective': 'label',
     },
     'ContrastiveLoss': {
-        'shapes': ('labelled', 'pairs'),
+        'shapes': ('labelled', 'pairs', 'tuples'),
         'objective': 'label',
     },
     'CosFaceLoss': {
@@ -64,11 +64,11 @@ LOSSES: dict[str, dict[str, Any]] = {
         'objective': 'label',
     },
     'MarginLoss': {
-        'shapes': ('labelled', 'pairs'),
+        'shapes': ('labelled', 'pairs', 'tuples'),
         'objective': 'label',
     },
     'MultiSimilarityLoss': {
-        'shapes': ('labelled', 'pairs'),
+        'shapes': ('labelled', 'pairs', 'tuples'),
         'objective': 'label',
     },
     'NCALoss': {
@@ -80,7 +80,7 @@ LOSSES: dict[str, dict[str, Any]] = {
         'objective': 'label',
     },
     'NTXentLoss': {
-        'shapes': ('labelled', 'pairs'),
+        'shapes': ('labelled', 'pairs', 'tuples'),
         'objective': 'label',
     },
     'NormalizedSoftmaxLoss': {
@@ -136,7 +136,7 @@ LOSSES: dict[str, dict[str, Any]] = {
         'objective': 'label',
     },
     'TripletMarginLoss': {
-        'shapes': ('labelled', 'pairs'),
+        'shapes': ('labelled', 'pairs', 'tuples'),
         'objective': 'label',
     },
     'TupletMarginLoss': {
@@ -148,7 +148,7 @@ LOSSES: dict[str, dict[str, Any]] = {
         'objective': 'pair',
     },
     'MultipleNegativesRankingLoss': {
-        'shapes': ('pairs', 'scored-pairs'),
+        'shapes': ('pairs', 'scored-pairs', 'tuples'),
         'objective': 'pair',
     },
     'CosineSimilarityLoss': {
@@ -156,7 +156,7 @@ LOSSES: dict[str, dict[str, Any]] = {
         'objective': 'pair',
     },
     'MarginMSELoss': {
-        'shapes': ('scored-pairs',),
+        'shapes': ('scored-pairs', 'scored-tuples'),
         'objective': 'pair',
     },
 }

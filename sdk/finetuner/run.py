@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from finetuner.api import layout, reasons
+from finetuner.api.mining import SYNTHESIS_DATA, Task
 from finetuner.api.v1alpha1 import FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
 from finetuner.backends.base import Backend, RunRecord
 from finetuner.errors import ArgumentError, BackendError, RunFailedError, RunNotFinishedError
@@ -90,6 +91,17 @@ class Run:
     @property
     def artifact_uri(self) -> str | None:
         return self.full_status().artifact_uri
+
+    @property
+    def train_data(self) -> str:
+        """The training data a synthesis run wrote (the URI of ``artifact/data.jsonl``), for
+        ``fit(train_data=run.train_data)``; RunNotFinishedError / RunFailedError until it is FINISHED.
+        A fine-tuning run: the data it trained on."""
+        if self.config.task != Task.SYNTHESIS.value:
+            return self.config.train_data
+        status = self._require_finished('training data')
+        output = status.output_uri or self._backend.output_store(self.name).uri
+        return f'{output.rstrip("/")}/{SYNTHESIS_DATA}'
 
     # --- logs ---------------------------------------------------------------------------------
     def logs(self) -> str:

@@ -23,6 +23,12 @@ CEL_ROWS = {  # row id -> the field the CEL rule names
     'multimodal-without-clip-loss': 'spec.loss',
     'eval-data-and-val-split': 'spec.valSplit',
     'miner-options-without-miner': 'spec.minerOptions',
+    'synthesis-without-options': 'spec.synthesis',
+    'synthesis-options-without-task': 'spec.task',
+    'synthesis-on-several-gpus': 'spec.resources',
+    'hard-negatives-in-synthesis': 'spec.hardNegatives',
+    'hard-negatives-window': 'spec.hardNegatives.numNegatives',
+    'synthesis-num-relations-range': 'spec.synthesis.numRelations',  # schema minimum, not CEL: the nested field
 }
 STRICT_ROWS = {'unknown-field': 'strict decoding error: unknown field "spec.epoch"'}
 

@@ -100,7 +100,7 @@ def test_finetunerun_crd_names_columns_and_subresource() -> None:
     columns = [c['name'] for c in version['additionalPrinterColumns'] if not c.get('priority')]
     assert columns == ['Phase', 'Model', 'Loss', 'Progress', 'Age']
     wide = [c['name'] for c in version['additionalPrinterColumns'] if c.get('priority')]
-    assert wide == ['Reason', 'Experiment', 'GPUs', 'Job'], 'kubectl get ftr -o wide adds these'
+    assert wide == ['Reason', 'Experiment', 'GPUs', 'Job', 'Task'], 'kubectl get ftr -o wide adds these'
     exp = yaml.safe_load((ROOT / 'crds' / 'experiments.finetuner.dev.yaml').read_text())
     assert exp['spec']['names']['shortNames'] == ['ftexp'] and exp['spec']['names']['categories'] == ['finetuner']
 

@@ -62,6 +62,7 @@ class Row:
     crd: bool = False  # contract rows: the CRD schema refuses it too
     spec: dict[str, Any] = field(default_factory=dict)  # trainer rows: spec fields besides the data
     name: str = 'bad-input'  # operator rows: the run's name
+    call: str = 'fit'  # sdk rows: the function given the arguments (fit, synthesize, mine_hard_negatives)
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -98,6 +99,7 @@ IMAGE_PAIRS = _jsonl(*(_image_pair(seed) for seed in range(4)))
 GOOD_IMAGES = _jsonl(*(r.model_dump(exclude_defaults=True) for r in labelled_images(n_classes=2, per_class=2)))
 PAIRS = _jsonl(*(r.model_dump(exclude_defaults=True) for r in text_pairs(n=4)))
 TEXTS = _jsonl(*({'text': f'item {i}', 'label': f'c{i % 2}'} for i in range(4)))
+SYNTHESIS = {'corpusData': 's3://b/corpus.jsonl', 'crossEncoder': 'cross-encoder/ms-marco-MiniLM-L6-v2'}
 
 ROWS: list[Row] = [
     # --- CR fields: types and ranges ---------------------------------------------------------------
@@ -170,6 +172,39 @@ ROWS: list[Row] = [
     Row(
         'miner-options-without-miner', 'contract', {'minerOptions': {'margin': 0.1}}, 'minerOptions given without miner'
     ),
+    Row('task-unknown', 'contract', {'task': 'mine'}, "spec.task: Input should be 'finetune' or 'synthesis'", crd=True),
+    Row('synthesis-without-options', 'contract', {'task': 'synthesis'}, 'task synthesis needs synthesis (corpusData'),
+    Row(
+        'synthesis-options-without-task',
+        'contract',
+        {'synthesis': SYNTHESIS},
+        'synthesis options are for task synthesis; set task: synthesis',
+    ),
+    Row(
+        'synthesis-num-relations-range',
+        'contract',
+        {'task': 'synthesis', 'synthesis': {**SYNTHESIS, 'numRelations': 0}},
+        'spec.synthesis.numRelations: Input should be greater than or equal to 1',
+        crd=True,
+    ),
+    Row(
+        'synthesis-on-several-gpus',
+        'contract',
+        {'task': 'synthesis', 'synthesis': SYNTHESIS, 'resources': {'gpus': 2}},
+        'a synthesis run uses one node and at most one GPU',
+    ),
+    Row(
+        'hard-negatives-window',
+        'contract',
+        {'hardNegatives': {'numNegatives': 5, 'rangeMin': 3, 'rangeMax': 6}},
+        'numNegatives 5 do not fit between rangeMin 3 and rangeMax 6',
+    ),
+    Row(
+        'hard-negatives-in-synthesis',
+        'contract',
+        {'task': 'synthesis', 'synthesis': SYNTHESIS, 'hardNegatives': {}},
+        'hardNegatives are mined before fine-tuning; a synthesis run takes none',
+    ),
     Row(
         'oversized-spec',
         'contract',
@@ -188,6 +223,12 @@ ROWS: list[Row] = [
         'operator',
         {'trainData': '../../secrets'},
         "spec.trainData: dataset name '../../secrets'",
+    ),
+    Row(
+        'corpus-dataset-name',
+        'operator',
+        {'task': 'synthesis', 'synthesis': {**SYNTHESIS, 'corpusData': '../corpus'}},
+        "spec.synthesis.corpusData: dataset name '../corpus'",
     ),
     Row(
         'eval-dataset-name',
@@ -223,6 +264,50 @@ ROWS: list[Row] = [
         'modality-without-multimodal', 'sdk', {'image_modality': 'image'}, 'image_modality: only applies to multi_modal'
     ),
     Row('oversized-arguments', 'sdk', {'loss_options': {'inline': 'x' * 300_000}}, 'loss_options: the spec is'),
+    Row('fit-another-task', 'sdk', {'task': 'synthesis'}, 'task: fit() fine-tunes a model; a synthesis run comes from'),
+    Row(
+        'fit-hard-negatives-range',
+        'sdk',
+        {'hard_negatives': {'num_negatives': 0}},
+        'hard_negatives.num_negatives: must be greater than or equal to 1',
+    ),
+    Row('synthesis-empty-corpus', 'sdk', {'corpus_data': []}, 'corpus_data: is empty', call='synthesize'),
+    Row(
+        'synthesis-query-without-text',
+        'sdk',
+        {'query_data': [{'chunks': [{'text': 'q'}, {'text': 'd'}]}]},
+        'query_data[0]: has no text (chunks)',
+        call='synthesize',
+    ),
+    Row(
+        'synthesis-not-a-cross-encoder',
+        'sdk',
+        {'models': {'relation_miner': TINY_TIMM, 'cross_encoder': '{embedding-model}'}},
+        'is not a cross-encoder: its config.json declares BertModel, not a *ForSequenceClassification',
+        call='synthesize',
+    ),
+    Row(
+        'synthesis-more-relations-than-documents',
+        'sdk',
+        {'num_relations': 5},
+        'num_relations: 5 relations per query, but corpus_data holds 2 distinct documents',
+        call='synthesize',
+    ),
+    Row('mining-empty-pairs', 'sdk', {'pairs': []}, 'pairs: is empty', call='mine_hard_negatives'),
+    Row(
+        'mining-items-not-pairs',
+        'sdk',
+        {'pairs': ['a doc']},
+        'pairs[0]: has no chunks (a single item); mining takes (query, document) pairs',
+        call='mine_hard_negatives',
+    ),
+    Row(
+        'mining-window',
+        'sdk',
+        {'num_negatives': 3, 'range_min': 2, 'range_max': 4},
+        'num_negatives: num_negatives 3 do not fit between range_min 2 and range_max 4',
+        call='mine_hard_negatives',
+    ),
     Row('local-csv-one-column', 'sdk', {'train_data': 'file:one.csv'}, 'CSV row 1 has 1 columns; expected 2'),
     Row('local-csv-bad-score', 'sdk', {'train_data': 'file:score.csv'}, "third column 'high' is not a number"),
     Row('local-jsonl-bad-record', 'sdk', {'train_data': 'file:bad.jsonl'}, 'bad.jsonl:1:'),
@@ -260,12 +345,31 @@ ROWS: list[Row] = [
         'mixed data',
     ),
     Row(
-        'pair-with-three-chunks',
+        'chunk-counts-differ',
         'trainer',
-        {'data.jsonl': _jsonl({'chunks': [{'text': 'q'}, {'text': 'd'}, {'text': 'e'}]})},
-        'a pair has exactly two',
+        {
+            'data.jsonl': _jsonl(
+                {'chunks': [{'text': 'q'}, {'text': 'd'}]}, {'chunks': [{'text': 'q'}, {'text': 'd'}, {'text': 'e'}]}
+            )
+        },
+        'trainData[1]: has 3 chunks and trainData[0] has 2; a pair has exactly two',
     ),
-    Row('csv-wrong-column-count', 'trainer', {'data.csv': b'a,b,1,extra\n'}, 'CSV row 1 has 4 columns'),
+    Row(
+        'tuple-scores-partial',
+        'trainer',
+        {'data.jsonl': _jsonl({'chunks': [{'text': 'q'}, {'text': 'd', 'score': 1.0}, {'text': 'e'}]})},
+        'trainData[0]: scores 1 of its 2 documents',
+        spec={'loss': 'MarginMSELoss'},
+    ),
+    Row(
+        'st-columns-scores-length',
+        'trainer',
+        {'data.jsonl': _jsonl({'anchor': 'q', 'positive': 'd', 'negative': 'e', 'scores': [0.5]})},
+        "trainData[0]: 'scores' has 1 values for 2 documents",
+    ),
+    Row(
+        'csv-wrong-column-count', 'trainer', {'data.csv': b'a,b,c,d\ne,f\n'}, 'CSV row 2 has 2 columns and row 1 has 4'
+    ),
     Row(
         'csv-score-not-a-number',
         'trainer',
@@ -331,6 +435,44 @@ ROWS: list[Row] = [
         {'data.jsonl': GOOD_IMAGES},
         'holds no config.json',
         spec={'model': '{folder}'},
+    ),
+    Row(
+        'hard-negatives-on-labelled-data',
+        'trainer',
+        {'data.jsonl': TEXTS},
+        'hardNegatives: mining needs query-document pairs, but trainData holds labelled',
+        spec={'hardNegatives': {'numNegatives': 1}},
+    ),
+    Row(
+        'synthesis-corpus-empty',
+        'trainer',
+        {'data.jsonl': _jsonl({'text': 'a question'}), 'corpus.jsonl': b''},
+        'synthesis.corpusData: ',
+        spec={'task': 'synthesis', 'synthesis': {'corpusData': '{data}/corpus.jsonl', 'crossEncoder': 'ce'}},
+    ),
+    Row(
+        'synthesis-query-is-an-image',
+        'trainer',
+        {'data.jsonl': GOOD_IMAGES, 'corpus.jsonl': _jsonl({'text': 'a document'})},
+        'trainData: record 1 has no text (image): synthesis reads texts',
+        spec={'task': 'synthesis', 'synthesis': {'corpusData': '{data}/corpus.jsonl', 'crossEncoder': 'ce'}},
+    ),
+    Row(
+        'synthesis-relations-beyond-corpus',
+        'trainer',
+        {'data.jsonl': _jsonl({'text': 'a question'}), 'corpus.jsonl': _jsonl({'text': 'a'}, {'text': 'b'})},
+        'synthesis.numRelations: 3 relations per query, but the corpus holds 2 distinct documents',
+        spec={'task': 'synthesis', 'synthesis': {'corpusData': '{data}/corpus.jsonl', 'crossEncoder': 'ce'}},
+    ),
+    Row(
+        'synthesis-folder-not-a-cross-encoder',
+        'trainer',
+        {'data.jsonl': _jsonl({'text': 'a question'}), 'corpus.jsonl': _jsonl({'text': 'a'}, {'text': 'b'})},
+        "synthesis.crossEncoder: '",
+        spec={
+            'task': 'synthesis',
+            'synthesis': {'corpusData': '{data}/corpus.jsonl', 'crossEncoder': '{folder}', 'numRelations': 1},
+        },
     ),
     Row(
         'texts-all-empty-in-a-file',
@@ -464,11 +606,31 @@ def test_sdk_refuses_the_argument_before_anything_is_stored(row: Row, tmp_path: 
         arguments['train_data'] = str(local)
 
     with pytest.raises(ArgumentError) as caught:
-        finetuner.fit(**arguments)
+        _call_sdk(row, arguments, tmp_path)
 
     assert row.expected in str(caught.value)
     assert backend.list_runs() == []
     assert not (tmp_path / 'home' / 'datasets').exists(), 'nothing uploaded'
+
+
+def _call_sdk(row: Row, arguments: dict[str, Any], tmp_path: Path) -> Any:
+    """The row's SDK function with its arguments (fit's are the base; the others get their own base)."""
+    if row.call == 'fit':
+        return finetuner.fit(**arguments)
+    embedding_model = tmp_path / 'embedding-model'
+    embedding_model.mkdir()
+    (embedding_model / 'config.json').write_text(json.dumps({'architectures': ['BertModel'], 'model_type': 'bert'}))
+    given = {k: str(embedding_model) if v == '{embedding-model}' else v for k, v in row.input.items()}
+    if isinstance(given.get('models'), dict):
+        given['models'] = {
+            k: str(embedding_model) if v == '{embedding-model}' else v for k, v in given['models'].items()
+        }
+    if row.call == 'synthesize':
+        base = {'query_data': ['a question'], 'corpus_data': ['a', 'b'], 'num_relations': 1}
+        models = {'relation_miner': TINY_TIMM, 'cross_encoder': 'cross-encoder/ms-marco-MiniLM-L6-v2'}
+        return finetuner.synthesize(**{**base, 'models': models, **given})
+    pairs = [{'chunks': [{'text': 'q'}, {'text': 'd'}]}, {'chunks': [{'text': 'r'}, {'text': 'e'}]}]
+    return finetuner.mine_hard_negatives(**{'pairs': pairs, 'model': TINY_TIMM, 'show_progress': False, **given})
 
 
 def test_sdk_validates_run_names_before_any_backend_call() -> None:
@@ -775,12 +937,23 @@ def test_data_is_read_as_the_user_meant_it(behaviour: Callable[[Path], None], tm
 
 
 def _trainer_config(row: Row, tmp_path: Path) -> TrainerConfig:
-    (data_name, content), *_ = row.input.items()
+    (data_name, _), *_ = row.input.items()
+    (tmp_path / 'data').mkdir()
+    for name, content in row.input.items():
+        (tmp_path / 'data' / name).write_bytes(content)
     data = tmp_path / 'data' / data_name
-    data.parent.mkdir()
-    data.write_bytes(content)
     folder = tmp_path / 'empty-model'
     folder.mkdir()
+    if row.id == 'synthesis-folder-not-a-cross-encoder':  # a model folder, of an embedding model
+        (folder / 'config.json').write_text(json.dumps({'architectures': ['BertModel'], 'model_type': 'bert'}))
+
+    def placed(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: placed(v) for k, v in value.items()}
+        if value == '{folder}':
+            return str(folder)
+        return value.replace('{data}', str(tmp_path / 'data')) if isinstance(value, str) else value
+
     spec: dict[str, Any] = {
         'model': TINY_TIMM,
         'modelOptions': TINY_TIMM_OPTIONS,
@@ -788,7 +961,7 @@ def _trainer_config(row: Row, tmp_path: Path) -> TrainerConfig:
         'device': 'cpu',
         'numWorkers': 0,
         'epochs': 1,
-        **{k: (str(folder) if v == '{folder}' else v) for k, v in row.spec.items()},
+        **{k: placed(v) for k, v in row.spec.items()},
     }
     if row.id == 'model-cannot-embed-data':
         spec['loss'] = 'TripletMarginLoss'

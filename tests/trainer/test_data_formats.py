@@ -115,7 +115,7 @@ def test_csv_image_cells_become_image_references() -> None:
 @pytest.mark.parametrize(
     ('text', 'message'),
     [
-        ('a,b,c,d\n', 'CSV row 1 has 4 columns; expected 2'),
+        ('a,b,c,d\ne,f,g\n', 'CSV row 2 has 3 columns and row 1 has 4'),  # four columns or more: tuples
         ('only one column\n', 'CSV row 1 has 1 columns'),
         ('q,d,very similar\n', "CSV row 1: the third column 'very similar' is not a number"),
     ],

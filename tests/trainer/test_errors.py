@@ -91,7 +91,8 @@ CASES = {
     ),
     'margin loss without scores': (
         lambda t: {'records': text_pairs(4), 'model': str(t['bert']), 'loss': 'MarginMSELoss'},
-        r'loss: MarginMSELoss trains on pairs with a score, but the data holds query-document pairs',
+        r'loss: MarginMSELoss trains on pairs with a score or tuples with a score per document, but the data holds '
+        'query-document pairs',
     ),
     'freeze without projection': (
         lambda t: {'records': labelled_texts(2, 4), 'model': str(t['bert']), 'freeze': True},

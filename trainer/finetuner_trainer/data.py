@@ -1,7 +1,8 @@
 """Training data: reading (JSONL, CSV, docarray), shape detection, checks, splits and batching.
 
 Everything a dataset can be is reduced to :class:`Example` objects holding one item (a labelled
-item) or two (a query-document pair or a text-image pair). Images are fetched and checked here,
+item), two (a query-document pair or a text-image pair) or more (a query, its document and explicit
+negatives: an n-tuple). Images are fetched and checked here,
 before training starts, so a broken file is a configuration error and not a crash at step 500; a
 pixel tensor becomes an image here too (:mod:`finetuner_trainer.images`), so every model family gets
 the same kind of image from any form of data.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from finetuner.api.columns import ColumnError, is_column_row, json_row_to_record
 from finetuner.api.csvformat import CSVFormatError, decode_csv, read_csv_text
 from finetuner.api.datachecks import empty_texts
 from finetuner.api.layout import DATASET_FILE, Record, resolve_data
@@ -52,6 +54,8 @@ class Shape(str, Enum):
     PAIRS = 'pairs'  # (query, document)
     SCORED_PAIRS = 'scored-pairs'  # (query, document) + a similarity score
     TEXT_IMAGE = 'text-image'  # (text, image)
+    TUPLES = 'tuples'  # (query, document, negative_1, ..., negative_n)
+    SCORED_TUPLES = 'scored-tuples'  # the same with a score per document (MarginMSE: cross-encoder scores)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Example:
     items: tuple[Item, ...]
     label: int | None = None  # index into Dataset.classes
     score: float | None = None
+    scores: tuple[float, ...] | None = None  # scored tuples: one per document (items[1:])
 
 
 @dataclass
@@ -189,7 +194,9 @@ def parse_jsonl(data: bytes, field_name: str) -> list[Record]:
     records = []
     for position, row in enumerate(rows):
         try:
-            records.append(Record.model_validate(row))
+            records.append(json_row_to_record(row) if is_column_row(row) else Record.model_validate(row))
+        except ColumnError as e:
+            raise ConfigError(f'{field_name}[{position}]', str(e)) from e
         except Exception as e:  # pydantic's ValidationError, reworded to one line
             first = e.errors()[0] if hasattr(e, 'errors') else {'msg': str(e)}
             raise ConfigError(f'{field_name}[{position}]', f'is not a valid record: {first["msg"]}') from e
@@ -366,19 +373,50 @@ def detect_shape(records: list[Record], spec: FinetuneRunSpec, field_name: str) 
                 f'items need "label" (or tags.{LABEL_TAG}), or give pairs as a parent with two chunks',
             )
         return Shape.LABELLED
-    wrong = [i for i, r in enumerate(records) if len(r.chunks) != 2]
-    if wrong:
+    counts = {len(r.chunks) for r in records}
+    if len(counts) > 1 or min(counts) < 2:
+        odd = next(i for i, r in enumerate(records) if len(r.chunks) != len(records[0].chunks) or len(r.chunks) < 2)
         raise ConfigError(
-            f'{field_name}[{wrong[0]}]',
-            f'has {len(records[wrong[0]].chunks)} chunks; a pair has exactly two '
-            '(query then document, or a text and an image)',
+            f'{field_name}[{odd}]',
+            f'has {len(records[odd].chunks)} chunks and {field_name}[0] has {len(records[0].chunks)}; a pair '
+            'has exactly two (query then document, or a text and an image) and a tuple the same number in every '
+            'record (query, document, then the negatives)',
         )
+    if min(counts) > 2:
+        return tuple_shape(records, spec, field_name)
     if spec.multi_modal:
         return Shape.TEXT_IMAGE
     scored = sum(1 for r in records if _score_of(r) is not None)
     if scored and scored != len(records):
         raise ConfigError(field_name, f'{scored} of {len(records)} pairs have a score and the rest do not')
     return Shape.SCORED_PAIRS if scored else Shape.PAIRS
+
+
+def tuple_shape(records: list[Record], spec: FinetuneRunSpec, field_name: str) -> Shape:
+    """TUPLES or SCORED_TUPLES: every document chunk of every record scored, or none."""
+    if spec.multi_modal:
+        raise ConfigError(
+            f'{field_name}[0]', f'text-image (CLIP) data is pairs; this record has {len(records[0].chunks)} chunks'
+        )
+    parent_scored = next((i for i, r in enumerate(records) if _score_of(r) is not None), None)
+    if parent_scored is not None:
+        raise ConfigError(
+            f'{field_name}[{parent_scored}]',
+            'is a tuple with a score on the parent; give each document chunk its own score '
+            '(tags.finetuner_score / "score" on chunks 2..n), or "scores" in sentence-transformers columns',
+        )
+    scored = [sum(1 for c in r.chunks[1:] if _score_of(c) is not None) for r in records]
+    documents = len(records[0].chunks) - 1
+    if not any(scored):
+        return Shape.TUPLES
+    partial = next((i for i, n in enumerate(scored) if n != documents), None)
+    if partial is not None:
+        raise ConfigError(
+            f'{field_name}[{partial}]',
+            f'scores {scored[partial]} of its {documents} documents; score every document '
+            'of every tuple (scored tuples) or none',
+        )
+    return Shape.SCORED_TUPLES
 
 
 def _text_image_items(
@@ -435,6 +473,12 @@ def to_dataset(
             examples.append(Example((to_item(record, where, field_name, base),), label=index[name]))
         elif shape == Shape.TEXT_IMAGE:
             examples.append(Example(_text_image_items(record, position, spec, field_name, base)))
+        elif shape in (Shape.TUPLES, Shape.SCORED_TUPLES):
+            items = tuple(to_item(chunk, where, field_name, base) for chunk in record.chunks)
+            scores = (
+                tuple(float(_score_of(c) or 0.0) for c in record.chunks[1:]) if shape == Shape.SCORED_TUPLES else None
+            )
+            examples.append(Example(items, scores=scores))
         else:
             query, document = (to_item(chunk, where, field_name, base) for chunk in record.chunks)
             examples.append(Example((query, document), score=_score_of(record)))
@@ -797,9 +841,9 @@ class RandomBatches:
 
 
 def content_keys(dataset: Dataset) -> list[frozenset[Any]] | None:
-    """What each example of pairs or text-image data holds (its texts, and a digest of its images and
-    tensors), for batches without the same content twice; None for other shapes."""
-    if dataset.shape not in (Shape.PAIRS, Shape.TEXT_IMAGE):
+    """What each example of pairs, tuples or text-image data holds (its texts, and a digest of its images
+    and tensors), for batches without the same content twice; None for other shapes."""
+    if dataset.shape not in (Shape.PAIRS, Shape.TEXT_IMAGE, Shape.TUPLES):
         return None
 
     def key(item: Item) -> Any:

@@ -322,12 +322,23 @@ class DistributedObjective(torch.nn.Module):
         super().__init__()
         self.objective = objective
 
-    def forward(self, first: torch.Tensor, second: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``negatives``: tuple data's explicit negatives (batch x n x dim), gathered like the documents."""
+        extra = () if negatives is None else (negatives,)
         if not torch.is_grad_enabled():  # validation: every rank scores the same batch itself
-            return self.objective(first, second, scores) if scores is not None else self.objective(first, second)
+            if scores is None and not extra:
+                return self.objective(first, second)
+            return self.objective(first, second, scores, *extra)
         if second.is_floating_point() and second.ndim == 2:  # (queries, documents, scores)
             gathered_scores = gather_labels(scores) if scores is not None else None
-            return self.objective(gather_for_loss(first), gather_for_loss(second), gathered_scores)
+            gathered = tuple(gather_for_loss(t) for t in extra)
+            return self.objective(gather_for_loss(first), gather_for_loss(second), gathered_scores, *gathered)
         return self.objective(gather_for_loss(first), gather_labels(second))
 
 

@@ -23,7 +23,7 @@ from finetuner_trainer.checkpointing import resume_from_latest, resume_rng, save
 from finetuner_trainer.context import TrainContext
 from finetuner_trainer.distributed import agree, setup_loop
 from finetuner_trainer.hooks import TrainState
-from finetuner_trainer.losses import LabelObjective
+from finetuner_trainer.losses import LabelObjective, tuple_triplets
 from finetuner_trainer.models import to_device
 
 __all__ = ['TrainContext', 'compute_loss', 'forward_loss', 'run_metrics', 'run_training', 'validation_loss']
@@ -34,8 +34,12 @@ def forward_loss(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Te
     groups = batch['groups']
     objective = getattr(loss, 'objective', loss)  # looks through distributed.DistributedObjective
     if isinstance(objective, LabelObjective):
-        return loss(model(groups[0]), batch['labels'])
-    queries, documents = model(groups[0]), model(groups[1])
+        if len(groups) == 1:
+            return loss(model(groups[0]), batch['labels'])
+        return loss(*tuple_triplets([model(group) for group in groups]))  # tuples: their own triplets
+    queries, documents, *negatives = (model(group) for group in groups)
+    if negatives:  # tuples: (batch, n, dim) explicit negatives
+        return loss(queries, documents, batch.get('scores'), torch.stack(negatives, dim=1))
     return loss(queries, documents, batch.get('scores'))
 
 

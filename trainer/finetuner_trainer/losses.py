@@ -5,7 +5,13 @@ Every loss is wrapped as an *objective* with one of two call forms:
 - ``LabelObjective(embeddings, labels)``: pytorch-metric-learning losses (with an optional miner);
   they train on labelled items, and on query-document pairs taken as classes of two;
 - ``PairObjective(queries, documents, scores)``: CLIPLoss, MultipleNegativesRankingLoss,
-  CosineSimilarityLoss, MarginMSELoss.
+  CosineSimilarityLoss, MarginMSELoss; on (query, document, negative_1, ..., negative_n) tuples also
+  ``negatives`` (batch x n x dim): the explicit negatives of MultipleNegativesRankingLoss and the
+  per-query margins of MarginMSELoss.
+
+A label loss trains on tuples too (:data:`TUPLE_PML_LOSSES`): the tuple's own (query, document,
+negative) triplets are handed to it as pytorch-metric-learning's ``indices_tuple`` (see
+:func:`tuple_triplets`), so TripletMarginLoss trains on exactly the given triplets.
 
 A pytorch-metric-learning loss is one entry of :data:`PML_LOSSES`; a loss of this project is a
 class decorated with :func:`register_loss` (a :class:`PairObjective`, or a label loss). :data:`LOSSES` is the registry
@@ -35,6 +41,8 @@ SHAPE_WORDS = {
     Shape.PAIRS: 'query-document pairs',
     Shape.SCORED_PAIRS: 'pairs with a score',
     Shape.TEXT_IMAGE: 'text-image pairs',
+    Shape.TUPLES: 'tuples with negatives (query, document, negative...)',
+    Shape.SCORED_TUPLES: 'tuples with a score per document',
 }
 
 
@@ -116,8 +124,18 @@ PML_LOSSES: dict[str, dict[str, Any]] = {
     'TripletMarginLoss': {},
     'TupletMarginLoss': {},
 }
+# Label losses that also train on the given (query, document, negative) triplets of tuple data.
+TUPLE_PML_LOSSES = (
+    'CircleLoss',
+    'ContrastiveLoss',
+    'MarginLoss',
+    'MultiSimilarityLoss',
+    'NTXentLoss',
+    'TripletMarginLoss',
+)
 for _name, _traits in PML_LOSSES.items():
-    _add(LossEntry(_name, LABEL_SHAPES, 'label', _pml('losses', _name), **_traits))
+    _shapes = (*LABEL_SHAPES, Shape.TUPLES) if _name in TUPLE_PML_LOSSES else LABEL_SHAPES
+    _add(LossEntry(_name, _shapes, 'label', _pml('losses', _name), **_traits))
 
 LossT = TypeVar('LossT', bound=type[nn.Module])
 
@@ -189,6 +207,10 @@ def check_loss_fits(loss: str, shape: Shape, miner: str | None) -> None:
         )
     if miner is not None and entry.objective == 'pair':
         raise ConfigError('miner', f'{miner} mines tuples for pytorch-metric-learning losses; {loss} takes no miner')
+    if miner is not None and shape in (Shape.TUPLES, Shape.SCORED_TUPLES):
+        raise ConfigError(
+            'miner', f'the data gives every query its negatives, so there is nothing for {miner} to mine; remove miner'
+        )
 
 
 def _construct(
@@ -255,16 +277,36 @@ class LabelObjective(nn.Module):
         self.loss = loss
         self.miner = miner
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, indices: tuple[Tensor, ...] | None = None) -> Tensor:
+        """``indices``: the tuples to train on (tuple data gives them); else the miner's, else all."""
         embeddings = embeddings.float()
-        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        if indices is None and self.miner is not None:
+            indices = self.miner(embeddings, labels)
         return self.loss(embeddings, labels, indices)
+
+
+def tuple_triplets(embedded: list[Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """A batch of tuples as a label loss sees it: (embeddings, labels, (anchors, positives, negatives)).
+
+    ``embedded`` holds the queries, the documents and each negative column (batch x dim each). The
+    embeddings are stacked column after column; query i and document i share label i, every negative
+    has a label of its own; the triplets are exactly (query i, document i, negative j of tuple i)."""
+    size, negatives = len(embedded[0]), len(embedded) - 2
+    device = embedded[0].device
+    rows = torch.arange(size, device=device)
+    labels = torch.cat([rows, rows, size + torch.arange(size * negatives, device=device)])
+    anchors = rows.repeat_interleave(negatives)
+    negative_positions = 2 * size + torch.arange(negatives, device=device).repeat(size) * size + anchors
+    return torch.cat(embedded), labels, (anchors, anchors + size, negative_positions)
 
 
 class PairObjective(nn.Module):
     """A loss over a batch of (query, document) embeddings, with the pairs' scores when the data has them."""
 
-    def forward(self, queries: Tensor, documents: Tensor, scores: Tensor | None = None) -> Tensor:
+    def forward(
+        self, queries: Tensor, documents: Tensor, scores: Tensor | None = None, negatives: Tensor | None = None
+    ) -> Tensor:
+        """``negatives``: tuple data's explicit negatives (batch x n x dim), for losses registered for tuples."""
         raise NotImplementedError
 
 
@@ -295,20 +337,27 @@ class CLIPLoss(PairObjective):
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-@register_loss(Shape.PAIRS, Shape.SCORED_PAIRS)
+@register_loss(Shape.PAIRS, Shape.SCORED_PAIRS, Shape.TUPLES)
 class MultipleNegativesRankingLoss(PairObjective):
-    """In-batch negatives: each query's document is the positive, the others' documents negatives."""
+    """In-batch negatives: each query's document is the positive, the others' documents negatives; on
+    tuples every tuple's explicit negatives are candidates for every query too (sentence-transformers'
+    MultipleNegativesRankingLoss with hard negatives). ``symmetric`` adds document -> query."""
 
     def __init__(self, scale: float = 20.0, symmetric: bool = False):
         super().__init__()
         self.scale = scale
         self.symmetric = symmetric
 
-    def forward(self, queries: Tensor, documents: Tensor, scores: Tensor | None = None) -> Tensor:
-        logits = self.scale * F.normalize(queries.float(), dim=-1) @ F.normalize(documents.float(), dim=-1).T
+    def forward(
+        self, queries: Tensor, documents: Tensor, scores: Tensor | None = None, negatives: Tensor | None = None
+    ) -> Tensor:
+        candidates = documents.float()
+        if negatives is not None:
+            candidates = torch.cat([candidates, negatives.float().reshape(-1, negatives.shape[-1])])
+        logits = self.scale * F.normalize(queries.float(), dim=-1) @ F.normalize(candidates, dim=-1).T
         targets = torch.arange(len(queries), device=queries.device)
         loss = F.cross_entropy(logits, targets)
-        return (loss + F.cross_entropy(logits.T, targets)) / 2 if self.symmetric else loss
+        return (loss + F.cross_entropy(logits[:, : len(queries)].T, targets)) / 2 if self.symmetric else loss
 
 
 @register_loss(Shape.SCORED_PAIRS)
@@ -321,10 +370,13 @@ class CosineSimilarityLoss(PairObjective):
         return F.mse_loss(similarity, scores.float())
 
 
-@register_loss(Shape.SCORED_PAIRS)
+@register_loss(Shape.SCORED_PAIRS, Shape.SCORED_TUPLES)
 class MarginMSELoss(PairObjective):
-    """MarginMSE across the pairs of a batch: the difference of two pairs' similarities should
-    equal the difference of their scores (Hofstätter et al.'s margin distillation, in-batch)."""
+    """Margin distillation (Hofstätter et al.). On scored tuples (query, document_1, ..., document_n,
+    a score each, e.g. a cross-encoder's): sim(q, d_1) - sim(q, d_j) should equal s_1 - s_j for every
+    other document of the same query, as sentence-transformers' MarginMSELoss with several negatives.
+    On scored pairs: across the pairs of a batch, the difference of two pairs' similarities should
+    equal the difference of their scores (in-batch)."""
 
     def __init__(self, similarity: str = 'dot'):
         super().__init__()
@@ -332,11 +384,20 @@ class MarginMSELoss(PairObjective):
             raise ValueError(f'similarity must be dot or cosine, not {similarity!r}')
         self.similarity = similarity
 
-    def forward(self, queries: Tensor, documents: Tensor, scores: Tensor | None = None) -> Tensor:
+    def forward(
+        self, queries: Tensor, documents: Tensor, scores: Tensor | None = None, negatives: Tensor | None = None
+    ) -> Tensor:
         assert scores is not None
         q, d = queries.float(), documents.float()
+        others = negatives.float() if negatives is not None else None
         if self.similarity == 'cosine':
             q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+            others = F.normalize(others, dim=-1) if others is not None else None
+        if others is not None:
+            first = (q * d).sum(-1, keepdim=True)
+            predicted_margins = first - (q.unsqueeze(1) * others).sum(-1)
+            target_margins = scores.float()[:, :1] - scores.float()[:, 1:]
+            return F.mse_loss(predicted_margins, target_margins)
         predicted = (q * d).sum(-1)
         predicted_margins = predicted.unsqueeze(1) - predicted.unsqueeze(0)
         target_margins = scores.float().unsqueeze(1) - scores.float().unsqueeze(0)

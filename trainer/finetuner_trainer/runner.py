@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 from finetuner.api import layout
+from finetuner.api.mining import Task
 from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, FinetuneRunSpec, Sampler, SchedulerStep, TrainerConfig
 from finetuner.catalog import find_backbone
 from finetuner.storage import LocalStore, S3Store, StorageError, open_store
@@ -55,6 +56,7 @@ from finetuner_trainer.embedder import Embedder, to_device
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.loop import forward_loss, run_metrics, run_training, write_examples
 from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry
+from finetuner_trainer.mining import check_minable, mine_dataset
 from finetuner_trainer.model_card import CardFacts, base_model_of, data_name_of_reference, write_card
 from finetuner_trainer.models import build_embedder, resolve_model
 from finetuner_trainer.onnx_export import export_for_artifact
@@ -62,6 +64,7 @@ from finetuner_trainer.optim import build_optimizer, build_scheduler
 from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
 from finetuner_trainer.progress import ProgressReporter, quiet_libraries, setup_logging
 from finetuner_trainer.rng import reseed
+from finetuner_trainer.synthesis import synthesize
 
 EXIT_OK = 0
 EXIT_INFRA_ERROR = 1
@@ -134,6 +137,25 @@ def check_fit(spec: FinetuneRunSpec, model: Embedder, train: Dataset, original_s
             )
     elif len(train) < 2:
         raise ConfigError('trainData', f'{spec.loss} needs at least 2 pairs (the other pairs are the negatives)')
+
+
+def mined_shape(spec: FinetuneRunSpec, train: Dataset) -> Shape:
+    """The shape the run trains on: tuples when hardNegatives mines negatives for the pairs of trainData."""
+    if spec.hard_negatives is None:
+        return train.shape
+    check_minable(train)  # before the model loads
+    return Shape.SCORED_TUPLES if spec.hard_negatives.output_scores else Shape.TUPLES
+
+
+def check_tuples_in_one_process(spec: FinetuneRunSpec, train: Dataset, label_loss: bool) -> None:
+    """A label loss takes each tuple's own triplets, whose positions hold within one process's batch only."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if label_loss and world > 1 and train.shape in (Shape.TUPLES, Shape.SCORED_TUPLES):
+        raise ConfigError(
+            'loss',
+            f'{spec.loss} on tuples trains in one process; use MultipleNegativesRankingLoss for a run on '
+            f'{world} processes, or resources.gpus 1 and nodes 1',
+        )
 
 
 def pick_device(spec: FinetuneRunSpec) -> torch.device:
@@ -237,14 +259,12 @@ class Collator:
                 'groups': [self.collate([e.items[0] for e in examples])],
                 'labels': torch.tensor([e.label for e in examples], dtype=torch.long),
             }
-        batch: dict[str, Any] = {
-            'groups': [
-                self.collate([e.items[0] for e in examples]),
-                self.collate([e.items[1] for e in examples]),
-            ]
-        }
+        width = len(examples[0].items)
+        batch: dict[str, Any] = {'groups': [self.collate([e.items[j] for e in examples]) for j in range(width)]}
         if self.shape == Shape.SCORED_PAIRS:
             batch['scores'] = torch.tensor([e.score for e in examples], dtype=torch.float32)
+        elif self.shape == Shape.SCORED_TUPLES:
+            batch['scores'] = torch.tensor([e.scores for e in examples], dtype=torch.float32)
         return batch
 
 
@@ -367,15 +387,20 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
     spec = config.spec
     reseed(spec.seed)
     train, evaluation = load_data(config, log)
-    shape = train.shape
+    shape = mined_shape(spec, train)
     check_loss_fits(spec.loss, shape, spec.miner)  # before the (slow) model load
-    if shape == Shape.PAIRS and loss_entry(spec.loss).objective == 'label':
+    label_loss = loss_entry(spec.loss).objective == 'label'
+    if train.shape == Shape.PAIRS and label_loss and spec.hard_negatives is None:
         # Finetuner semantics: a query and its document form a class of two.
         train = pairs_as_classes(train)
-        evaluation = pairs_as_classes(evaluation) if evaluation is not None else None
+    if evaluation is not None and evaluation.shape == Shape.PAIRS and label_loss:
+        evaluation = pairs_as_classes(evaluation)
     model = _prepare_model(spec, train, shape, log)
     device = pick_device(spec)
     model.to(device)
+    if spec.hard_negatives is not None:  # mined with the pretrained model, before the first step
+        train = mine_dataset(model, train, spec.hard_negatives, device, log)
+    check_tuples_in_one_process(spec, train, label_loss)
     objective = build_objective(
         spec.loss, spec.loss_options, spec.miner, spec.miner_options, model.output_dim, len(train.classes), model
     ).to(device)
@@ -386,7 +411,10 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
     train_loader = make_loader(train, collator, spec, batch_size, device, train=True)
     eval_loader = None
     if evaluation is not None and _can_score(spec, evaluation, len(train.classes)):
-        eval_loader = make_loader(evaluation, collator, spec, batch_size, device, train=False)
+        eval_collator = (
+            collator if evaluation.shape == train.shape else Collator(model, evaluation.shape, collator.plan_lengths)
+        )
+        eval_loader = make_loader(evaluation, eval_collator, spec, batch_size, device, train=False)
     per_epoch = spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH
     steps = spec.epochs if per_epoch else spec.epochs * len(train_loader)
     lr = optimization.learning_rate
@@ -600,6 +628,10 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
         raise ConfigError('output', str(e)) from e
     store.write_json(layout.CONFIG, config.model_dump(by_alias=True, mode='json'))
     store.delete(layout.FAILURE)
+    if config.spec.task == Task.SYNTHESIS.value:
+        done = synthesize(config, store, pick_device(config.spec), log)
+        log.info('synthesized %d records at %s', done.records, done.artifact_uri)
+        return TrainResult(done.artifact_uri, {'before': {}, 'after': done.metrics}, 0, 1, done.records)
     ctx = build_context(config, store, log)
     state = run_training(ctx)  # resumes from a checkpoint, measures the metrics before and per epoch
     shutdown()  # under torchrun: no collective follows (rank 0 publishes alone); NCCL warns of a group left open

@@ -2,7 +2,10 @@
 
 Rows are ``item,label`` when ``csvOptions.isLabeled``, else ``query,document``; a third numeric
 column is a similarity score (an empty one is none; a score makes the row a scored pair even when
-labelled). Blank rows are ignored, then ``samplingRate`` and ``size`` apply. How a cell becomes
+labelled). Under a header row naming a negative column (``anchor,positive,negative`` or
+``negative_1..n``, sentence-transformers' conventions), or with four or more columns, rows are
+(query, document, negatives...) tuples (:mod:`finetuner.api.columns`). Blank rows are ignored, then
+``samplingRate`` and ``size`` apply. How a cell becomes
 content (text, an image path, image bytes) is the caller's choice: the SDK can inline local images,
 the trainer resolves paths against the data's location.
 
@@ -33,6 +36,7 @@ from typing import Any
 
 from pydantic.alias_generators import to_camel
 
+from finetuner.api.columns import ColumnError, csv_rows_to_records, is_tuple_header
 from finetuner.api.datachecks import looks_like_labels
 from finetuner.api.layout import Record
 from finetuner.api.v1alpha1 import CSVOptions
@@ -63,6 +67,7 @@ class CSVRead:
     """The records of a CSV text and what was decided reading it."""
 
     records: list[Record]
+    header: list[str] | None = None  # the header row, when one was detected or given
     notes: list[str] = field(default_factory=list)  # decisions: delimiter, header (log them)
     warnings: list[str] = field(default_factory=list)  # what may not be what the user meant
 
@@ -204,7 +209,7 @@ def _decide_header(
         given = str(options.header).lower()
         read.notes.append(f'CSV: the first row {first} is read as {said} ({option("header")} is {given})')
         return options.header
-    if _column_names(first):
+    if _column_names(first) or is_tuple_header(first):
         reason = 'its cells are column names'
     elif len(rows) > 1 and _numeric_header(rows):
         reason = 'a column of numbers starts with a name'
@@ -232,7 +237,7 @@ def read_rows(
     dialect = _choose_delimiter(sample, options, option, read)
     rows = _split(text, dialect)
     if rows and _decide_header(rows, sample, dialect, options, option, read):
-        rows = rows[1:]
+        read.header, rows = rows[0], rows[1:]
     if options.sampling_rate is not None:
         rng = random.Random(0)
         rows = [row for row in rows if rng.random() < options.sampling_rate]
@@ -267,20 +272,31 @@ def read_csv_text(
     """Records of a CSV text, with what was decided; ``content(cell)`` gives a cell's Record fields
     (text, uri or blob); ``option(name)`` how the caller names a CSV option in its messages."""
     rows, read = read_rows(text, options, option)
+    header = read.header
+    if (header is not None and is_tuple_header(header)) or (header is None and any(len(row) >= 4 for row in rows)):
+        try:
+            read.records = csv_rows_to_records(header, rows, content)
+        except ColumnError as e:
+            raise CSVFormatError(str(e)) from e
+        return read
     warning = _label_warning(rows, options, option)
     if warning:
         read.warnings.append(warning)
     for number, row in enumerate(rows, 1):
         if len(row) not in (2, 3):
             raise CSVFormatError(
-                f'CSV row {number} has {len(row)} columns; expected 2 (item,label or query,document) or 3'
+                f'CSV row {number} has {len(row)} columns; expected 2 (item,label or query,document), 3 (with a '
+                'score), or a header row anchor,positive,negative[_1,...] for tuples with negatives'
             )
         score: float | None = None
         if len(row) == 3 and row[2].strip():  # an empty third cell is no score
             try:
                 score = float(row[2])
             except ValueError as e:
-                raise CSVFormatError(f'CSV row {number}: the third column {row[2]!r} is not a number') from e
+                raise CSVFormatError(
+                    f'CSV row {number}: the third column {row[2]!r} is not a number; for (anchor, positive, '
+                    'negative) triplets give a header row anchor,positive,negative'
+                ) from e
         first = content(row[0])
         if options.is_labeled and score is None:
             read.records.append(Record(**first, label=row[1].strip()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from enum import Enum
 
 from finetuner.api.layout import ARTIFACT, ARTIFACT_MANIFEST
+from finetuner.api.mining import SYNTHESIS_DATA_FILE
 from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, Progress
 
 
@@ -71,18 +72,28 @@ CONFIGURATION_ERROR = 'configuration error'  # when the trainer left no message 
 RUNNING = 'Training: the trainer is running'
 
 
-def running(progress: Progress | None) -> str:
-    """STARTED: the trainer's latest progress report in words."""
-    if progress is None or not progress.epochs:
+SYNTHESIZING = 'Synthesis: the trainer is running'
+
+
+def running(progress: Progress | None, task: str = 'finetune') -> str:
+    """STARTED: the trainer's latest progress report in words (a synthesis run counts its queries)."""
+    if task == 'synthesis':
+        if progress is None or not progress.total_steps:
+            return SYNTHESIZING
+        text = f'Synthesis: {progress.step}/{progress.total_steps} queries, {progress.percent:.0f}%'
+    elif progress is None or not progress.epochs:
         return RUNNING
-    text = f'Training: epoch {progress.epoch}/{progress.epochs}, {progress.percent:.0f}%'
+    else:
+        text = f'Training: epoch {progress.epoch}/{progress.epochs}, {progress.percent:.0f}%'
     if progress.eta_seconds is not None:
         text += f', about {progress.eta_seconds:.0f}s left'
     return text
 
 
-def succeeded(output_uri: str) -> str:
-    """FINISHED: where the fine-tuned model is."""
+def succeeded(output_uri: str, task: str = 'finetune') -> str:
+    """FINISHED: where the fine-tuned model is (a synthesis run: where its training data is)."""
+    if task == 'synthesis':
+        return f'Training data at {artifact_uri(output_uri)}/{SYNTHESIS_DATA_FILE} (run.train_data)'
     return f'Fine-tuned model at {artifact_uri(output_uri)}'
 
 

@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from finetuner.api.callback_options import CALLBACK_NAMES
+from finetuner.api.mining import HardNegativeOptions, SynthesisOptions, Task
 from finetuner.api.pod import POD_SETTING_FIELDS, Affinity, EnvVar, LocalObjectReference, PodSettings, Volume
 from finetuner.catalog import (
     LOSS_NAMES,
@@ -336,6 +337,28 @@ class FinetuneRunSpec(_Model):
                     'lossOptimizerOptions given without lossOptimizer',
                     '.lossOptimizerOptions',
                 ),
+                k8s_rule(
+                    "!has(self.task) || self.task != 'synthesis' || has(self.synthesis)",
+                    'task synthesis needs synthesis (corpusData and crossEncoder)',
+                    '.synthesis',
+                ),
+                k8s_rule(
+                    "!has(self.synthesis) || (has(self.task) && self.task == 'synthesis')",
+                    'synthesis options are for task synthesis; set task: synthesis or remove synthesis',
+                    '.task',
+                ),
+                k8s_rule(
+                    "!has(self.hardNegatives) || !has(self.task) || self.task == 'finetune'",
+                    'hardNegatives are mined before fine-tuning; a synthesis run takes none',
+                    '.hardNegatives',
+                ),
+                k8s_rule(
+                    "!has(self.task) || self.task != 'synthesis' || !has(self.resources) || "
+                    '((!has(self.resources.nodes) || self.resources.nodes == 1) && '
+                    '(!has(self.resources.gpus) || self.resources.gpus <= 1))',
+                    'a synthesis run uses one node and at most one GPU',
+                    '.resources',
+                ),
             ]
         }
     )
@@ -374,6 +397,15 @@ class FinetuneRunSpec(_Model):
         description='Name of the Experiment this run belongs to.',
         json_schema_extra={'pattern': DNS1123_LABEL_PATTERN, 'maxLength': MAX_RUN_NAME},
     )
+    task: Task = Field(
+        default=Task.FINETUNE,
+        description='finetune (train the model on trainData) or synthesis (train nothing: write training data for '
+        'MarginMSELoss from the unlabelled queries in trainData and the documents of synthesis.corpusData, '
+        'relations mined with model and scored by synthesis.crossEncoder; see finetuner.synthesize).',
+    )
+    synthesis: SynthesisOptions | None = Field(
+        default=None, description='task synthesis: the corpus, the cross-encoder and relations per query.'
+    )
     # --- objective ----------------------------------------------------------------------------
     loss: str = Field(
         default='TripletMarginLoss',
@@ -396,6 +428,13 @@ class FinetuneRunSpec(_Model):
     )
     loss_optimizer_options: FreeForm = Field(
         default_factory=dict, description='Keyword arguments of the loss optimizer (lr defaults to learningRate).'
+    )
+    hard_negatives: HardNegativeOptions | None = Field(
+        default=None,
+        description='Mine hard negatives with the pretrained model before training: each (query, document) pair '
+        'of trainData gets the closest other documents as explicit negatives (numNegatives, rangeMin, rangeMax, '
+        'margins, samplingStrategy, crossEncoder; sentence-transformers semantics), for '
+        'MultipleNegativesRankingLoss or TripletMarginLoss.',
     )
     # --- optimisation -------------------------------------------------------------------------
     optimizer: str = Field(
@@ -571,8 +610,20 @@ class FinetuneRunSpec(_Model):
             raise ValueError('lossOptimizerOptions given without lossOptimizer')
         if self.miner_options and not self.miner:
             raise ValueError('minerOptions given without miner')
+        self._coherent_task()
         self.pod_settings()  # env and volume names given twice
         return self
+
+    def _coherent_task(self) -> None:
+        if self.task == Task.SYNTHESIS.value:
+            if self.synthesis is None:
+                raise ValueError('task synthesis needs synthesis (corpusData and crossEncoder)')
+            if self.hard_negatives is not None:
+                raise ValueError('hardNegatives are mined before fine-tuning; a synthesis run takes none')
+            if self.resources.nodes != 1 or self.resources.gpus > 1:
+                raise ValueError('a synthesis run uses one node and at most one GPU (resources.nodes 1, gpus <= 1)')
+        elif self.synthesis is not None:
+            raise ValueError('synthesis options are for task synthesis; set task: synthesis or remove synthesis')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,6 +848,7 @@ CRD_KINDS: dict[str, dict[str, Any]] = {
             {'name': 'Experiment', 'type': 'string', 'jsonPath': '.spec.experiment', 'priority': 1},
             {'name': 'GPUs', 'type': 'integer', 'jsonPath': '.spec.resources.gpus', 'priority': 1},
             {'name': 'Job', 'type': 'string', 'jsonPath': '.status.jobName', 'priority': 1},
+            {'name': 'Task', 'type': 'string', 'jsonPath': '.spec.task', 'priority': 1},
         ],
     },
     'Experiment': {

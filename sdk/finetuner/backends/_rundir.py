@@ -347,7 +347,8 @@ def ending(run_dir: Path, exit_code: int) -> tuple[Phase, str, str]:
         except StorageError:
             published = False
         if published:
-            return Phase.FINISHED, Reason.SUCCEEDED.value, reasons.succeeded(output.uri)
+            task = ((read_json(run_dir / RUN_FILE) or {}).get('spec') or {}).get('task') or 'finetune'
+            return Phase.FINISHED, Reason.SUCCEEDED.value, reasons.succeeded(output.uri, task)
         return Phase.FAILED, Reason.ARTIFACT_MISSING.value, reasons.artifact_missing(output.uri)
     reason, details = failure_reason(run_dir, exit_code)
     return Phase.FAILED, reason, details

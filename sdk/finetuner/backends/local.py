@@ -303,7 +303,7 @@ class LocalBackend(Backend):
         has_artifact = (output / layout.ARTIFACT_MANIFEST).is_file()
         reason, details = state.reason, state.details
         if state.phase == Phase.STARTED:
-            details = reasons.running(progress)
+            details = reasons.running(progress, (stored.get('spec') or {}).get('task') or 'finetune')
         elif state.phase == Phase.CREATED and not state.admitted and name in waits:
             reason, details = waits[name].reason, waits[name].details
         return FinetuneRunStatus(
