@@ -44,6 +44,7 @@ from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.evaluation import (
     DISTANCES,
     METRIC_ALIASES,
+    EmbedFn,
     EvalSet,
     EvaluationError,
     Evaluator,
@@ -181,10 +182,12 @@ class EvaluationCallback(Callback):
         )
         return self.evaluator
 
-    def evaluate(self, ctx: TrainContext) -> dict[str, float]:
+    def evaluate(self, ctx: TrainContext, embed: EmbedFn | None = None) -> dict[str, float]:
+        """``embed``: how items are embedded (the loop passes an EmbeddingMemo); the model's own ``embed``
+        by default."""
         # The embedder splits a batch by content kind itself: CLIP embeds text queries with its text
         # tower and image index items with its vision tower through the same call.
-        return self.setup(ctx).evaluate(ctx.model.embed)
+        return self.setup(ctx).evaluate(embed or ctx.model.embed)
 
     @property
     def examples(self) -> list[dict[str, Any]]:
@@ -575,7 +578,7 @@ class RetrievalEvaluation:
             self.implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)), gather_examples=True)
         return [self.implicit]
 
-    def __call__(self, ctx: TrainContext) -> dict[str, float]:
+    def __call__(self, ctx: TrainContext, embed: EmbedFn | None = None) -> dict[str, float]:
         evaluators = self.evaluators(ctx)
         if not evaluators and ctx.eval_records is None:
             return {}  # nothing to evaluate on any rank: no collective
@@ -583,7 +586,7 @@ class RetrievalEvaluation:
         if ctx.is_main:
             for callback in evaluators:
                 try:
-                    metrics.update(callback.evaluate(ctx))
+                    metrics.update(callback.evaluate(ctx, embed))
                 except EvaluationError as e:
                     if callback is not self.implicit:
                         raise ConfigError('callbacks.EvaluationCallback', str(e)) from e
