@@ -15,6 +15,7 @@ RELEVANT_VERSIONS = {
     'quality': ('torch', 'transformers', 'sentence-transformers'),
     'operator_scale': ('kopf', 'kmock'),
     'inference': ('torch', 'onnxruntime', 'onnx'),
+    'ttq': ('torch', 'transformers', 'sentence-transformers', 'timm'),
 }
 
 
@@ -106,9 +107,11 @@ def render_markdown(report: Report) -> str:
         'Raw samples of every round: `bench/results/' + results_name(report) + '`.',
         '',
     ]
-    if report.mode == 'full':  # the published GPU run (or the plain fact that none has happened) stays
+    if report.mode == 'full':  # the published time-to-quality and GPU runs (or the fact that none happened) stay
         from bench.gpu_report import gpu_section
+        from bench.ttq_report import ttq_section
 
+        lines += [ttq_section(), '']
         lines.append(gpu_section())
     return '\n'.join(lines)
 
