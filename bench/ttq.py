@@ -352,8 +352,10 @@ def pretrained_score(case: Case, device: str) -> float:
 
 def our_breakdown(result: dict[str, Any]) -> dict[str, float]:
     """Seconds of our side by stage: the SDK's, then the trainer's phases, then the SDK's again."""
+    from finetuner_trainer.progress import PHASES
+
     stages, timings = result['stages'], result.get('timings') or {}
-    trainer = {name: float(v) for name, v in timings.items() if name != 'total'}
+    trainer = {name: float(timings[name]) for name in PHASES if name in timings}  # in the order they happen
     waited = stages['finished'] - stages['submitted']
     return {
         'python start and import finetuner': stages['imported'] - result['launched'],
