@@ -188,7 +188,63 @@ def test_kernel_names_are_sorted_into_kinds() -> None:
     assert gpu_text.kernel_kind('fmha_cutlassF_bf16_aligned_64x64_rf_sm80') == 'attention'  # a CUTLASS kernel too
     assert gpu_text.kernel_kind('pytorch_flash::flash_fwd_kernel') == 'attention'
     assert gpu_text.kernel_kind('void at::native::(anonymous namespace)::fused_adam_kernel') == 'optimizer'
-    assert gpu_text.kernel_kind('void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>') == 'other'
+    assert (
+        gpu_text.kernel_kind('void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>') == 'elementwise'
+    )
+    assert gpu_text.kernel_kind('void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel<float>') == (
+        'normalization'
+    )
+    assert gpu_text.kernel_kind('Memcpy HtoD (Pinned -> Device)') == 'copies'
+    assert gpu_text.kernel_kind('void at::native::reduce_kernel<128, 4, ReduceOp<float>>') == 'reduction'
+    assert gpu_text.kernel_kind('void cub::DeviceScanKernel<int>') == 'other'
+
+
+class _Span:
+    def __init__(self, start: float, end: float):
+        self.start, self.end = start, end
+
+
+class _Event:
+    """A profiler event as torch.profiler reports it (times in microseconds)."""
+
+    def __init__(self, key: str, start: float, end: float, annotation: bool = False, cuda: bool = True):
+        import torch
+
+        self.key = self.name = key
+        self.time_range = _Span(start, end)
+        self.self_device_time_total = end - start
+        self.is_user_annotation = annotation
+        self.device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+
+
+class _Profile:
+    def __init__(self, events: list[_Event]):
+        self._events = events
+
+    def events(self) -> list[_Event]:
+        return self._events
+
+    def key_averages(self) -> list[_Event]:
+        return self._events
+
+
+def test_the_kernel_profile_counts_real_kernels_only_and_their_union_as_busy_time() -> None:
+    """The first GPU run counted the optimizer's user annotation (a range on the GPU timeline spanning its
+    kernels) as a kernel: optimizer 51% of kernel time, the GPU busy 120% of the wall time."""
+    events = [
+        _Event('nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT', 0, 400_000),  # 0.4 s of matrix multiply
+        _Event('flash_fwd_kernel', 300_000, 500_000),  # overlaps the matmul by 0.1 s (another stream)
+        _Event('void at::native::fused_adam_kernel', 600_000, 700_000),
+        _Event('Optimizer.step#Adam.step', 590_000, 710_000, annotation=True),  # a range, not a kernel
+        _Event('ProfilerStep#3', 0, 1_000_000),  # a range, old profilers do not flag it
+        _Event('aten::mm', 0, 900_000, cuda=False),  # CPU side
+    ]
+    assert [e.key for e in events if gpu_text.is_kernel(e)] == [e.key for e in events[:3]]
+    assert gpu_text.busy_seconds(events) == pytest.approx(0.6)  # 0-0.5 and 0.6-0.7
+    summary = gpu_text.summarize_kernels(_Profile(events), wall=1.0, steps=3)
+    assert summary['gpu_busy_share'] == pytest.approx(0.6)
+    assert summary['kernel_shares'] == pytest.approx({'matrix multiply': 4 / 7, 'attention': 2 / 7, 'optimizer': 1 / 7})
+    assert summary['top_kernels'][0][0].startswith('nvjet')
 
 
 def test_junit_reports_become_one_row(tmp_path: Path) -> None:
