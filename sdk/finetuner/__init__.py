@@ -13,6 +13,7 @@ neither torch nor a Kubernetes client: those come with the backend or model that
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,8 @@ def push_data(name: str, data: Any, csv_options: dict[str, Any] | None = None) -
         check_dns1123_name(name, 'name', max_len=63)
     except ValueError as e:
         raise ArgumentError('name', str(e).removeprefix('name ')) from e
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
     if isinstance(data, str) and not Path(data).expanduser().exists():
         raise ArgumentError('data', f'no file or folder {data!r}; push documents or a local path')
     ref = resolve(data, 'data', csv_options=CSVOptions.model_validate(csv_options or {}))

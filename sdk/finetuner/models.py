@@ -101,7 +101,8 @@ class _Selected:
 
     def embed(self, records: list[Any], batch_size: int = 32) -> Any:
         for i, record in enumerate(records):
-            if record.content_kind != self.kind:
+            kind = 'image' if record.content_kind == 'tensor' else record.content_kind  # a tensor is an image
+            if kind != self.kind:
                 raise ArgumentError(
                     f'data[{i}]', f'is {record.content_kind}, but this model only encodes {self.kind} (select_model)'
                 )

@@ -35,6 +35,8 @@ from finetuner_trainer.callbacks import TrainingCheckpoint, build_callbacks, che
 from finetuner_trainer.checkpointing import Checkpointer, CheckpointPolicy
 from finetuner_trainer.context import TrainContext
 from finetuner_trainer.data import (
+    LARGEST_CLASS,
+    ONE_PASS,
     ClassBalancedBatches,
     Dataset,
     Example,
@@ -43,6 +45,7 @@ from finetuner_trainer.data import (
     Shape,
     content_keys,
     load_records,
+    pairs_as_classes,
     split,
     text_lengths,
     to_dataset,
@@ -99,11 +102,6 @@ def load_data(config: TrainerConfig, log: logging.Logger) -> tuple[Dataset, Data
         train, evaluation = split(train, spec.val_split, spec.seed)
         log.info('valSplit %.2f: %d training, %d validation examples', spec.val_split, len(train), len(evaluation))
     return train, evaluation
-
-
-def pairs_as_classes(dataset: Dataset) -> Dataset:
-    examples = [Example((item,), label=i) for i, pair in enumerate(dataset.examples) for item in pair.items]
-    return Dataset(Shape.LABELLED, examples, [str(i) for i in range(len(dataset))], dataset.source)
 
 
 def check_fit(spec: FinetuneRunSpec, model: Embedder, train: Dataset, original_shape: Shape) -> None:
@@ -257,14 +255,19 @@ def _batch_sampler(
     lengths = text_lengths(dataset) if train and spec.group_by_length else None
     if use_classes:
         per_class = spec.num_items_per_class if train else max(1, min(spec.num_items_per_class, batch_size // 2))
-        if batch_size < 2 * per_class:
-            raise ConfigError(
-                'batchSize',
-                f'a batch of {batch_size} holds fewer than 2 classes of numItemsPerClass {per_class}; '
-                'raise batchSize or lower numItemsPerClass',
-            )
+        if dataset.from_pairs:  # a query and its document: a class of two
+            per_class = 2
+        check_class_batch(dataset, spec, batch_size, per_class)
         labels = [e.label for e in dataset.examples]
-        return ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths)
+        epoch = LARGEST_CLASS if spec.sampler == Sampler.CLASS_OVERSAMPLE else ONE_PASS
+        return ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths, epoch=epoch)
+    if batch_size < 2 and len(dataset) >= 2:
+        unit = 'item' if dataset.shape == Shape.LABELLED else 'pair'
+        raise ConfigError(
+            'batchSize',
+            f'a batch of 1 {unit} has nothing to compare it with: {spec.loss} needs at least 2 {unit}s in a batch '
+            '(the others are its negatives); set batchSize to 2 or more',
+        )
     keys = content_keys(dataset) if train else None
     world = int(os.environ.get('WORLD_SIZE', '1'))
     sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths, keys=keys, multiple=world)
@@ -275,6 +278,24 @@ def _batch_sampler(
             '(in-batch negatives need pairs with different contents); add pairs with other queries',
         )
     return sampler
+
+
+def check_class_batch(dataset: Dataset, spec: FinetuneRunSpec, batch_size: int, per_class: int) -> None:
+    """ConfigError when a class-balanced batch cannot hold two classes, in the words of the data's shape."""
+    if batch_size >= 2 * per_class:
+        return
+    if dataset.from_pairs:
+        raise ConfigError(
+            'batchSize',
+            f'a batch of {batch_size} holds {"no whole pair" if batch_size < 2 else "one pair"}: {spec.loss} sees '
+            'each query and its document as a class of two and needs another pair in the batch as its negative; '
+            'set batchSize to 4 or more (2 pairs)',
+        )
+    raise ConfigError(
+        'batchSize',
+        f'a batch of {batch_size} holds fewer than 2 classes of numItemsPerClass {per_class}; '
+        'raise batchSize or lower numItemsPerClass',
+    )
 
 
 def make_loader(
