@@ -166,3 +166,13 @@ def test_the_section_goes_before_the_gpu_section_and_is_replaced_on_a_rerun(tmp_
     second = ttq_report.replace_section(first, ttq_report.BEGIN + '\nnew\n' + ttq_report.END)
     assert 'old' not in second and second.count(ttq_report.BEGIN) == 1 and '## GPU' in second
     assert ttq_report.replace_section('# B\n', 'S').endswith('S\n')
+
+
+def test_benchmarks_doc_shows_the_published_time_to_quality_run() -> None:
+    """docs/BENCHMARKS.md carries the section of what bench/results/ttq.json holds (the published run),
+    and that run covers unseen classes, pairs and an image task, each with a breakdown of our time."""
+    assert ttq_report.ttq_section() in (ttq.ROOT / 'docs' / 'BENCHMARKS.md').read_text()
+    data = json.loads(ttq_report.RESULTS.read_text())
+    tasks = {t['name']: t for t in data['tasks']}
+    assert any(t['unseen_classes'] for t in tasks.values()) and any(t['kind'] == 'image' for t in tasks.values())
+    assert len(tasks) >= 3 and all(t['breakdown']['ours'] and t['row']['ours_s'] > 0 for t in tasks.values())
