@@ -40,6 +40,7 @@ BENCHMARKS: tuple[str, ...] = (
     'inference',
     'operator_scale',
     'mining',
+    'ttq',
 )
 CPU_ONLY_OPTIONS = frozenset({'--quick', '--tiny', '--only', '--threads', '--results-dir', '--doc', '--strict'})
 CLOSING_NOTES = [

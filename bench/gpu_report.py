@@ -85,11 +85,12 @@ def render_body(results: list[TierResult]) -> list[str]:
     lines = []
     if any(r.dry_run for r in results):
         lines += ['**Dry run**: tiny models on the CPU; a harness check, not a measurement.', '']
-    lines.append('| tier | status | seconds | timeout |')
-    lines.append('|---|---|---|---|')
+    lines.append('| tier | status | seconds | timeout | started |')
+    lines.append('|---|---|---|---|---|')
     for result in results:
         timeout = f'{result.timeout_s:.0f}' if result.timeout_s else '–'
-        lines.append(f'| {result.tier}: {result.title} | {result.status} | {result.seconds:.0f} | {timeout} |')
+        cells = f'{result.status} | {result.seconds:.0f} | {timeout} | {result.started}'
+        lines.append(f'| {result.tier}: {result.title} | {cells} |')
     lines += ['', '| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
     rows = [row for result in results for row in result.rows]
     for row in rows:
@@ -145,9 +146,10 @@ def gpu_section(published: Path = PUBLISHED) -> str:
     if not results:
         body = [NO_RUN]
     else:
-        started = min(r.started for r in results)
+        first, last = min(r.started for r in results), max(r.started for r in results)
+        when = f'on {first}' if first[:13] == last[:13] else f"from {first} to {last} (the tiers' start in the table)"
         body = [
-            f'Measured by `scripts/gpu-check.sh` (`python -m bench --gpu`) on {started}; raw results in '
+            f'Measured by `scripts/gpu-check.sh` (`python -m bench --gpu`) {when}; raw results in '
             '`bench/results/gpu/`. Ratios are this project / reference (higher is better, except where a row '
             'says lower is better).',
             '',
@@ -166,7 +168,9 @@ def replace_section(document: str, section: str) -> str:
 
 
 def publish(source: Path, doc: Path, published: Path = PUBLISHED, allow_dry_run: bool = False) -> list[Path]:
-    """Copy a run's tier files into ``published`` and rewrite the GPU section of ``doc``."""
+    """Copy a run's tier files into ``published`` and rewrite the GPU section of ``doc``. A run of some
+    tiers (``scripts/gpu-check.sh --tiers check,text,mfu``) replaces those tiers' files and keeps the
+    others' from the earlier run; each tier's start time says which run it comes from."""
     results = load_all(source)
     if not results:
         raise SystemExit(f'{source} holds no gpu-<tier>.json file ({", ".join(TIERS)}): nothing to publish')
@@ -176,8 +180,6 @@ def publish(source: Path, doc: Path, published: Path = PUBLISHED, allow_dry_run:
             'publish the files of a GPU run'
         )
     published.mkdir(parents=True, exist_ok=True)
-    for stale in published.glob('gpu-*.json'):
-        stale.unlink()
     copied = []
     for result in results:
         target = tier_file(published, result.tier)

@@ -16,6 +16,7 @@ RELEVANT_VERSIONS = {
     'operator_scale': ('kopf', 'kmock'),
     'inference': ('torch', 'onnxruntime', 'onnx'),
     'mining': ('torch', 'transformers', 'faiss-cpu'),
+    'ttq': ('torch', 'transformers', 'sentence-transformers', 'timm'),
 }
 
 
@@ -107,9 +108,11 @@ def render_markdown(report: Report) -> str:
         'Raw samples of every round: `bench/results/' + results_name(report) + '`.',
         '',
     ]
-    if report.mode == 'full':  # the published GPU run (or the plain fact that none has happened) stays
+    if report.mode == 'full':  # the published time-to-quality and GPU runs (or the fact that none happened) stay
         from bench.gpu_report import gpu_section
+        from bench.ttq_report import ttq_section
 
+        lines += [ttq_section(), '']
         lines.append(gpu_section())
     return '\n'.join(lines)
 

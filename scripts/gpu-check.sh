@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for a CUDA machine that may have no network:
-#   scripts/gpu-check.sh [--dry-run] [--out DIR] [--budget SECONDS]
+#   scripts/gpu-check.sh [--dry-run] [--out DIR] [--budget SECONDS] [--tiers check,text,mfu,image,quality]
 #
 # 1. installs the wheels carried in .whl/ (packages the machine lacks: pydantic, pytorch-metric-learning,
 #    datasets, chatterbot-corpus, ...; made by `python -m bench.gpu_prepare`) into a folder of its own;
@@ -9,6 +9,8 @@
 #    sentence-transformers, MFU, image throughput against a plain timm loop, time to a fine-tuned model),
 #    each with its own timeout inside --budget (default 480 s), each writing its JSON into --out as soon
 #    as it has a number, plus gpu.md (the Markdown of all tiers) and gpu-check.log (this output).
+# --tiers runs only the named tiers (comma-separated, in the order given): the short rerun is
+#   scripts/gpu-check.sh --tiers check,text,mfu --budget 300   (about 5 minutes on an H200)
 # --dry-run runs the same code on the CPU with tiny models (about a minute): the test suite does that.
 # Publish a GPU run's files with `python -m bench.gpu_report --from DIR`.
 set -uo pipefail
@@ -18,7 +20,9 @@ OUT=bench/results/gpu-run
 BUDGET=480
 DRY_RUN=0
 PYTHON="${PYTHON:-python3}"
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+TIERS=""
+KNOWN_TIERS="check text mfu image quality"
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
@@ -26,19 +30,31 @@ while [ $# -gt 0 ]; do
     --out=*) OUT="${1#--out=}" ;;
     --budget) BUDGET="${2:?--budget needs a number of seconds}"; shift ;;
     --budget=*) BUDGET="${1#--budget=}" ;;
+    --tiers) TIERS="${2:?--tiers needs a comma-separated list of tiers}"; shift ;;
+    --tiers=*) TIERS="${1#--tiers=}" ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "gpu-check.sh: unknown argument '$1' (use --dry-run, --out DIR, --budget SECONDS)" >&2; exit 2 ;;
+    *) echo "gpu-check.sh: unknown argument '$1' (use --dry-run, --out DIR, --budget SECONDS, --tiers LIST)" >&2; exit 2 ;;
   esac
   shift
 done
 case "$BUDGET" in
   ''|*[!0-9]*) echo "gpu-check.sh: --budget must be a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;;
 esac
+TIER_ARGS=()
+if [ -n "$TIERS" ]; then
+  for tier in ${TIERS//,/ }; do
+    case " $KNOWN_TIERS " in
+      *" $tier "*) TIER_ARGS+=("$tier") ;;
+      *) echo "gpu-check.sh: unknown tier '$tier' in --tiers (the tiers: ${KNOWN_TIERS// /, })" >&2; exit 2 ;;
+    esac
+  done
+  [ ${#TIER_ARGS[@]} -gt 0 ] || { echo "gpu-check.sh: --tiers names no tier (the tiers: ${KNOWN_TIERS// /, })" >&2; exit 2; }
+fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
 run() {
-  echo "==> gpu-check $(date -u '+%Y-%m-%d %H:%M:%S UTC'): budget ${BUDGET} s, results in $OUT$([ "$DRY_RUN" = 1 ] && echo ', DRY RUN on the CPU')"
+  echo "==> gpu-check $(date -u '+%Y-%m-%d %H:%M:%S UTC'): budget ${BUDGET} s, tiers ${TIER_ARGS[*]:-all}, results in $OUT$([ "$DRY_RUN" = 1 ] && echo ', DRY RUN on the CPU')"
   if { [ "$DRY_RUN" = 0 ] || [ "${GPU_CHECK_INSTALL_WHEELS:-0}" = 1 ]; } && ls .whl/*.whl >/dev/null 2>&1; then
     SITE="${GPU_CHECK_SITE:-/tmp/site}"
     echo "==> installing $(ls .whl/*.whl | wc -l) carried wheels into $SITE"
@@ -73,6 +89,7 @@ if missing:
 EOF
   local args=(--gpu --out "$OUT" --budget "$BUDGET")
   [ "$DRY_RUN" = 1 ] && args+=(--dry-run)
+  [ ${#TIER_ARGS[@]} -gt 0 ] && args+=(--tiers "${TIER_ARGS[@]}")
   local limit=$((BUDGET + 45))
   if command -v timeout >/dev/null 2>&1; then
     timeout --kill-after=15 "$limit" "$PYTHON" -m bench "${args[@]}"

@@ -103,11 +103,35 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
     assert "--budget must be a whole number of seconds, got 'soon'" in done.stderr
     done = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu-check.sh'), '--fast'], capture_output=True, text=True,
                           timeout=30)  # fmt: skip
-    assert (
-        done.returncode == 2 and "unknown argument '--fast' (use --dry-run, --out DIR, --budget SECONDS)" in done.stderr
-    )
+    assert done.returncode == 2
+    assert "unknown argument '--fast' (use --dry-run, --out DIR, --budget SECONDS, --tiers LIST)" in done.stderr
+    for tiers, message in (
+        ('check,texts', "unknown tier 'texts' in --tiers (the tiers: check, text, mfu, image, quality)"),
+        (',', '--tiers names no tier (the tiers: check, text, mfu, image, quality)'),
+    ):
+        done = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu-check.sh'), '--tiers', tiers], capture_output=True,
+                              text=True, timeout=30)  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr, done.stderr
     with pytest.raises(SystemExit):
         gpu.parse_args(['--budget', '0'])
+
+
+def test_tiers_reach_the_benchmark_in_the_order_given(tmp_path: Path) -> None:
+    """``--tiers check,text,mfu``: the short rerun runs only those tiers (a stand-in python records the
+    arguments the script passes to ``python -m bench``)."""
+    recorder = tmp_path / 'python'
+    recorder.write_text('#!/usr/bin/env bash\nif [ "$1" = -m ]; then echo "ARGS: $*"; fi\nexit 0\n')
+    recorder.chmod(0o755)
+    out = tmp_path / 'out'
+    done = subprocess.run(
+        ['bash', str(ROOT / 'scripts' / 'gpu-check.sh'), '--dry-run', '--out', str(out), '--tiers=mfu,check,text',
+         '--budget', '300'],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHON=str(recorder)),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f'ARGS: -m bench --gpu --out {out} --budget 300 --dry-run --tiers mfu check text' in done.stdout
+    assert 'budget 300 s, tiers mfu check text, results in' in done.stdout
+    assert gpu.parse_args(['--tiers', 'mfu', 'check', 'text']).tiers == ['mfu', 'check', 'text']
 
 
 def test_each_tier_gets_its_cap_and_leaves_the_later_ones_their_floor() -> None:
@@ -188,7 +212,63 @@ def test_kernel_names_are_sorted_into_kinds() -> None:
     assert gpu_text.kernel_kind('fmha_cutlassF_bf16_aligned_64x64_rf_sm80') == 'attention'  # a CUTLASS kernel too
     assert gpu_text.kernel_kind('pytorch_flash::flash_fwd_kernel') == 'attention'
     assert gpu_text.kernel_kind('void at::native::(anonymous namespace)::fused_adam_kernel') == 'optimizer'
-    assert gpu_text.kernel_kind('void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>') == 'other'
+    assert (
+        gpu_text.kernel_kind('void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>') == 'elementwise'
+    )
+    assert gpu_text.kernel_kind('void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel<float>') == (
+        'normalization'
+    )
+    assert gpu_text.kernel_kind('Memcpy HtoD (Pinned -> Device)') == 'copies'
+    assert gpu_text.kernel_kind('void at::native::reduce_kernel<128, 4, ReduceOp<float>>') == 'reduction'
+    assert gpu_text.kernel_kind('void cub::DeviceScanKernel<int>') == 'other'
+
+
+class _Span:
+    def __init__(self, start: float, end: float):
+        self.start, self.end = start, end
+
+
+class _Event:
+    """A profiler event as torch.profiler reports it (times in microseconds)."""
+
+    def __init__(self, key: str, start: float, end: float, annotation: bool = False, cuda: bool = True):
+        import torch
+
+        self.key = self.name = key
+        self.time_range = _Span(start, end)
+        self.self_device_time_total = end - start
+        self.is_user_annotation = annotation
+        self.device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+
+
+class _Profile:
+    def __init__(self, events: list[_Event]):
+        self._events = events
+
+    def events(self) -> list[_Event]:
+        return self._events
+
+    def key_averages(self) -> list[_Event]:
+        return self._events
+
+
+def test_the_kernel_profile_counts_real_kernels_only_and_their_union_as_busy_time() -> None:
+    """The first GPU run counted the optimizer's user annotation (a range on the GPU timeline spanning its
+    kernels) as a kernel: optimizer 51% of kernel time, the GPU busy 120% of the wall time."""
+    events = [
+        _Event('nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT', 0, 400_000),  # 0.4 s of matrix multiply
+        _Event('flash_fwd_kernel', 300_000, 500_000),  # overlaps the matmul by 0.1 s (another stream)
+        _Event('void at::native::fused_adam_kernel', 600_000, 700_000),
+        _Event('Optimizer.step#Adam.step', 590_000, 710_000, annotation=True),  # a range, not a kernel
+        _Event('ProfilerStep#3', 0, 1_000_000),  # a range, old profilers do not flag it
+        _Event('aten::mm', 0, 900_000, cuda=False),  # CPU side
+    ]
+    assert [e.key for e in events if gpu_text.is_kernel(e)] == [e.key for e in events[:3]]
+    assert gpu_text.busy_seconds(events) == pytest.approx(0.6)  # 0-0.5 and 0.6-0.7
+    summary = gpu_text.summarize_kernels(_Profile(events), wall=1.0, steps=3)
+    assert summary['gpu_busy_share'] == pytest.approx(0.6)
+    assert summary['kernel_shares'] == pytest.approx({'matrix multiply': 4 / 7, 'attention': 2 / 7, 'optimizer': 1 / 7})
+    assert summary['top_kernels'][0][0].startswith('nvjet')
 
 
 def test_junit_reports_become_one_row(tmp_path: Path) -> None:
@@ -234,6 +314,29 @@ def test_publishing_refuses_dry_runs_and_rewrites_only_the_gpu_section(tmp_path:
     assert text.startswith('# Benchmarks\n\nCPU table.') and text.rstrip().endswith('## After')
     assert '| text measure | 3 samples/s | 2 samples/s (ref) | 1.50x | >= 1.5x | yes |' in text
     assert json.loads((tmp_path / 'published' / 'gpu-text.json').read_text())['tier'] == 'text'
+    assert '| text: text title | ok | 12 | – | 2026-12-04 10:00:00 UTC |' in text
+    assert 'on 2026-12-04 10:00:00 UTC; raw results' in text
+
+
+def test_publishing_some_tiers_keeps_the_other_tiers_of_the_earlier_run(tmp_path: Path) -> None:
+    """The short rerun (``--tiers check,text,mfu``) must not drop the image and quality tiers of the
+    first run from the published results."""
+    from bench.gpu_results import save
+
+    doc, published = tmp_path / 'BENCHMARKS.md', tmp_path / 'published'
+    first, rerun = tmp_path / 'first', tmp_path / 'rerun'
+    for tier in ('text', 'image'):
+        save(_result(tier, dry_run=False), first)
+    gpu_report.publish(first, doc, published)
+    again = _result('text', dry_run=False)
+    again.started, again.seconds = '2026-12-05 09:00:00 UTC', 20.0
+    save(again, rerun)
+    gpu_report.publish(rerun, doc, published)
+    text = doc.read_text()
+    assert sorted(path.name for path in published.iterdir()) == ['gpu-image.json', 'gpu-text.json']
+    assert '| text: text title | ok | 20 | – | 2026-12-05 09:00:00 UTC |' in text
+    assert '| image: image title | ok | 12 | – | 2026-12-04 10:00:00 UTC |' in text
+    assert 'from 2026-12-04 10:00:00 UTC to 2026-12-05 09:00:00 UTC' in text
 
 
 def test_benchmarks_doc_shows_the_published_gpu_state() -> None:

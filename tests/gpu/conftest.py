@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,23 @@ from finetuner.api.v1alpha1 import FinetuneRunSpec, TrainerConfig
 from tests.support.tiny import make_tiny_bert, write_jsonl
 
 ContextFactory = Callable[..., Any]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_ddp_pairs_worker(model_dir: Path, *options: str) -> dict[str, Any]:
+    """``tests/gpu/ddp_pairs_worker.py`` in a process of its own (it joins a process group); its JSON line."""
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / 'tests' / 'gpu' / 'ddp_pairs_worker.py'), str(model_dir), str(port), *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope='session')

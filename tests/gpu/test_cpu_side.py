@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finetuner.api.layout import Record
-from tests.gpu.conftest import ContextFactory
+from tests.gpu.conftest import ContextFactory, run_ddp_pairs_worker
 from tests.support.tiny import WORDS, labelled_images, text_pairs
 
 
@@ -104,3 +104,33 @@ def test_the_onnx_reference_is_computed_without_tf32_and_the_setting_comes_back(
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_ddp_buffer_broadcast_between_the_two_forwards_of_a_pair_batch_is_reproduced_and_avoided(
+    tiny_bert: Path,
+) -> None:
+    """The first GPU run's NCCL failure, on gloo: with DDP's default buffer broadcast and torch 2.11's
+    version counting, the second forward of a pair batch rewrites BERT's position_ids in place before the
+    first forward's backward. The trainer's wrapper does not broadcast constant buffers: plain gradients."""
+    plain = run_ddp_pairs_worker(tiny_bert, '--backend', 'gloo', '--wrapper', 'plain', '--unpreserved-buffer-versions')
+    assert plain['broadcast_buffers'] is True
+    assert 'modified by an inplace operation' in plain['error']
+    assert 'torch.LongTensor [1, ' in plain['error']  # position_ids sliced to the batch's length
+    ours = run_ddp_pairs_worker(tiny_bert, '--backend', 'gloo', '--unpreserved-buffer-versions')
+    assert ours['backend'] == 'gloo' and ours['broadcast_buffers'] is False
+    assert 'error' not in ours, ours['error']
+    assert ours['losses'][0] == pytest.approx(ours['losses'][1], rel=1e-5)
+    assert ours['grad_diff'] <= 1e-6
+
+
+def test_only_models_with_running_statistics_broadcast_their_buffers(tiny_bert: Path) -> None:
+    from finetuner.api.v1alpha1 import FinetuneRunSpec
+    from finetuner_trainer.distributed import buffers_change_in_training
+    from finetuner_trainer.models import build_embedder
+
+    text = build_embedder(FinetuneRunSpec(model=str(tiny_bert), train_data='x.jsonl'))
+    assert dict(text.named_buffers())  # it has buffers, constant ones
+    assert not buffers_change_in_training(text)
+    assert buffers_change_in_training(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    frozen_statistics = torch.nn.BatchNorm2d(4, track_running_stats=False)
+    assert not buffers_change_in_training(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), frozen_statistics))

@@ -7,9 +7,6 @@ CPU can check)."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +26,13 @@ from finetuner_trainer.models import build_embedder, to_device
 from finetuner_trainer.onnx_export import export_onnx
 from finetuner_trainer.optim import build_optimizer
 from finetuner_trainer.runner import pick_device
-from tests.gpu.conftest import ContextFactory
+from tests.gpu.conftest import ContextFactory, run_ddp_pairs_worker
 from tests.support.tiny import TINY_TIMM, TINY_TIMM_OPTIONS, WORDS, labelled_images, make_tiny_bert, text_pairs
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (torch.cuda.is_available() is False)'),
 ]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -171,20 +167,11 @@ def test_images_train_channels_last_in_bf16(make_context: ContextFactory) -> Non
 
 
 def test_nccl_ddp_with_one_process_gives_the_plain_gradients(tiny_bert: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        port = probe.getsockname()[1]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / 'tests' / 'gpu' / 'nccl_worker.py'), str(tiny_bert), str(port)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_ddp_pairs_worker(tiny_bert, '--backend', 'nccl')
     assert result['backend'] == 'nccl'
     assert result['all_reduce'] == [1.0, 1.0, 1.0]
+    assert 'error' not in result, result['error']
+    assert result['broadcast_buffers'] is False  # BERT's buffers are constant tables
     assert result['losses'][0] == pytest.approx(result['losses'][1], rel=1e-5)
     assert result['grad_diff'] <= 1e-6
 

@@ -44,6 +44,7 @@ from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.evaluation import (
     DISTANCES,
     METRIC_ALIASES,
+    EmbedFn,
     EvalSet,
     EvaluationError,
     Evaluator,
@@ -187,11 +188,15 @@ class EvaluationCallback(Callback):
         )
         return self.evaluator
 
-    def evaluate(self, ctx: TrainContext) -> dict[str, float]:
+    def evaluate(self, ctx: TrainContext, embed: EmbedFn | None = None) -> dict[str, float]:
+        """``embed``: how items are embedded (the loop passes an EmbeddingMemo); the model's own ``embed``
+        by default."""
         # The embedder splits a batch by content kind itself: CLIP embeds text queries with its text
         # tower and image index items with its vision tower through the same call. ``model`` and
         # ``index_model`` name the tower that must embed each side (a mismatch is a configuration error).
         evaluator = self.setup(ctx)
+        if self.options.model is None and self.options.index_model is None:
+            return self.captioned(evaluator.evaluate(embed or ctx.model.embed))
         embed_query = tower(ctx, self.options.model, 'model')
         embed_index = tower(ctx, self.options.index_model, 'index_model') if self.options.index_model else None
         return self.captioned(evaluator.evaluate(embed_query, embed_index))
@@ -652,7 +657,7 @@ class RetrievalEvaluation:
             self.implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)), gather_examples=True)
         return [self.implicit]
 
-    def __call__(self, ctx: TrainContext) -> dict[str, float]:
+    def __call__(self, ctx: TrainContext, embed: EmbedFn | None = None) -> dict[str, float]:
         evaluators = self.evaluators(ctx)
         if not evaluators and ctx.eval_records is None:
             return {}  # nothing to evaluate on any rank: no collective
@@ -660,7 +665,7 @@ class RetrievalEvaluation:
         if ctx.is_main:
             for callback in evaluators:
                 try:
-                    metrics.update(callback.evaluate(ctx))
+                    metrics.update(callback.evaluate(ctx, embed))
                 except EvaluationError as e:
                     if callback is not self.implicit:
                         raise ConfigError('callbacks.EvaluationCallback', str(e)) from e

@@ -10,6 +10,13 @@ Layout under the run's output prefix::
 sees a half-written checkpoint: a trainer killed while uploading leaves the previous ``latest.json``
 in place. Old checkpoints are pruned after the new ``latest.json`` is written.
 
+When and where (:class:`CheckpointPolicy`): the loop copies the state (a snapshot, so training can go
+on changing the weights) and a background thread writes and uploads it while the next steps train; the
+next checkpoint, and the end of training, wait for it. A run whose output is in an object store (a
+cluster) checkpoints every epoch, the last one included, and keeps them; a run whose output is a
+local folder (the local backend) keeps only what a resume needs: no checkpoint after the last epoch
+(the artifact is published right after) and none once the artifact is published.
+
 The state is loaded with ``torch.load(weights_only=True)``: only tensors and plain containers, no
 pickled code (RNG states are converted to tensors for that reason).
 """
@@ -20,6 +27,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,6 +39,7 @@ from finetuner.api.layout import CHECKPOINT_LATEST, CHECKPOINTS
 from finetuner.storage import LocalStore, S3Store, StorageError
 from finetuner_trainer.distributed import env_info, gather_to_main, unwrap
 from finetuner_trainer.hooks import Callback, TrainState
+from finetuner_trainer.progress import phase
 from finetuner_trainer.rng import capture_rng, rank_seed, restore_rng, seeded_rng_state
 
 if TYPE_CHECKING:
@@ -129,6 +138,34 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _snapshot(value: Any) -> Any:
+    """``value`` with every tensor copied to the CPU: what a background writer may keep while training
+    changes the weights and the optimizer's state in place."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to('cpu', copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When the loop checkpoints and what is left once the run is done (see the module's docstring)."""
+
+    after_last_epoch: bool = True  # checkpoint the last epoch too (a pod lost while publishing only publishes)
+    keep_when_done: bool = True  # leave the checkpoints in the store once the artifact is published
+    background: bool = True  # write and upload in a thread while training goes on
+
+    @classmethod
+    def for_output(cls, store: LocalStore | S3Store, asked_to_keep: bool = False) -> CheckpointPolicy:
+        """A cluster's policy for an object store, the local backend's for a folder; ``asked_to_keep``
+        (a TrainingCheckpoint callback) asks for the cluster's anywhere."""
+        local = isinstance(store, LocalStore) and not asked_to_keep
+        return cls(after_last_epoch=not local, keep_when_done=not local)
+
+
 def checkpoint_name(epoch: int, step: int, batch_in_epoch: int) -> str:
     if batch_in_epoch:
         return f'{CHECKPOINTS}/step-{step:08d}'
@@ -139,11 +176,30 @@ class Checkpointer:
     """Writes checkpoints to a store, keeps the newest ``keep_last`` epoch checkpoints (and only the
     newest step checkpoint), and finds the latest complete one."""
 
-    def __init__(self, store: LocalStore | S3Store, keep_last: int = 1):
+    def __init__(self, store: LocalStore | S3Store, keep_last: int = 1, policy: CheckpointPolicy | None = None):
         if keep_last < 1:
             raise ValueError(f'keep_last must be at least 1, got {keep_last}')
         self.store = store
         self.keep_last = keep_last
+        self.policy = policy or CheckpointPolicy(background=False)
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        """Until the checkpoint being written in the background is stored; its failure is raised here."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def clear(self) -> None:
+        """Delete every checkpoint of the run (``latest.json`` first: a reader never finds a pointer to
+        a deleted state)."""
+        self.wait()
+        self.store.delete(CHECKPOINT_LATEST)
+        self.store.delete(CHECKPOINTS)
 
     def save(
         self,
@@ -159,8 +215,12 @@ class Checkpointer:
     ) -> str:
         """Store a checkpoint and point ``latest.json`` at it. Returns its path (e.g. checkpoints/epoch-0003).
 
+        With a background policy the state is copied now and stored by a thread: the call returns at
+        once, and the checkpoint is complete once :meth:`wait` returns (the next save waits too).
+
         ``rng_per_rank``: every rank's :func:`capture_rng` in rank order (distributed runs); this
         process's alone when not given."""
+        self.wait()  # one checkpoint at a time, in order
         path = checkpoint_name(epoch, step, batch_in_epoch)
         rng = capture_rng()
         payload = {
@@ -179,19 +239,34 @@ class Checkpointer:
             'rng_per_rank': list(rng_per_rank) if rng_per_rank else [rng],
             'extra': _plain(dict(extra or {})),
         }
+        if not self.policy.background:
+            self._store(path, payload)
+            return path
+        payload = _snapshot(payload)
+        self._writer = threading.Thread(target=self._store_in_background, args=(path, payload), daemon=True)
+        self._writer.start()
+        return path
+
+    def _store_in_background(self, path: str, payload: dict[str, Any]) -> None:
+        try:
+            self._store(path, payload)
+        except BaseException as e:  # raised in the training thread by wait()
+            self._error = e
+
+    def _store(self, path: str, payload: dict[str, Any]) -> None:
         # A temporary file and upload_file: S3 uploads large states in parts, a folder renames atomically.
         with tempfile.TemporaryDirectory(prefix='finetuner-ckpt-') as tmp:
             local = Path(tmp) / STATE_FILE
             torch.save(payload, local)
             self.store.upload_file(local, f'{path}/{STATE_FILE}')
             size = os.path.getsize(local)
+        epoch, step, batch_in_epoch = payload['epoch'], payload['step'], payload['batch_in_epoch']
         self.store.write_json(
             CHECKPOINT_LATEST,
             {'path': path, 'epoch': epoch, 'step': step, 'batchInEpoch': batch_in_epoch, 'bytes': size},
         )
         self._prune(keep=path)
         log.info('checkpoint %s saved (epoch %d, step %d, %.1f MB)', path, epoch, step, size / 1e6)
-        return path
 
     def latest_pointer(self) -> dict[str, Any] | None:
         try:
@@ -278,7 +353,8 @@ def resume_from_latest(ctx: TrainContext) -> Checkpoint | None:
     (batches of the current epoch already trained, for a step checkpoint, and the RNG state to
     restore after them) and ``ctx.metrics.before`` / ``ctx.metrics.examples_before`` (the metrics and examples before
     fine-tuning of the first attempt)."""
-    checkpoint = ctx.checkpointer.load_latest(map_location='cpu')
+    with phase('checkpoints'):
+        checkpoint = ctx.checkpointer.load_latest(map_location='cpu')
     if checkpoint is None:
         return None
     checkpoint.restore(loop_components(ctx), ctx.callbacks, rng=False)
@@ -338,6 +414,11 @@ def save_loop_checkpoint(ctx: TrainContext, batch_in_epoch: int = 0) -> str | No
     checkpoint taken inside epoch ``state.epoch``, which then counts as not yet finished.
 
     Every rank must call it (at the same step): the ranks' RNG states are gathered on rank 0."""
+    with phase('checkpoints'):
+        return _save_loop_checkpoint(ctx, batch_in_epoch)
+
+
+def _save_loop_checkpoint(ctx: TrainContext, batch_in_epoch: int) -> str | None:
     rng_per_rank = gather_to_main(capture_rng())
     if not ctx.is_main:
         return None

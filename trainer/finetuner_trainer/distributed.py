@@ -263,12 +263,45 @@ def unwrap(module: Any) -> Any:
     return module
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> torch.nn.Module:
-    """DistributedDataParallel around ``model`` (already on its device) when distributed."""
+def buffers_change_in_training(model: torch.nn.Module) -> bool:
+    """Whether training writes any of the model's buffers: BatchNorm's running statistics. A text
+    encoder's buffers (BERT's ``position_ids`` and ``token_type_ids``) are constant tables."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def ddp_wrapper(
+    model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False, static_graph: bool = False
+) -> DistributedDataParallel:
+    """The trainer's DistributedDataParallel around ``model`` (already on its device).
+
+    Buffers are broadcast from rank 0 before every forward only when training changes them
+    (:func:`buffers_change_in_training`). DDP's broadcast writes every buffer in place, and a pair
+    batch runs two forwards before one backward: the second forward's broadcast then rewrites
+    ``position_ids``, which the first forward's embedding lookup saved for its backward, and autograd
+    refuses ("modified by an inplace operation: [torch.cuda.LongTensor [1, n]] is at version 3"), as
+    the first GPU run found with NCCL on torch 2.11 (newer torch keeps the buffers' version counters
+    across the broadcast). Constant buffers are identical on every rank by construction: nothing to
+    broadcast. Running statistics are not saved for backward, so models with BatchNorm keep the
+    broadcast (and under NCCL SyncBatchNorm keeps them equal anyway).
+
+    ``static_graph``: the graph is the same every step (pair data: two forwards per step)."""
+    device_ids = [info.local_rank] if info.backend == 'nccl' else None
+    return DistributedDataParallel(
+        model,
+        device_ids=device_ids,
+        find_unused_parameters=find_unused_parameters,
+        broadcast_buffers=buffers_change_in_training(model),
+        static_graph=static_graph,
+    )
+
+
+def wrap_model(
+    model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False, static_graph: bool = False
+) -> torch.nn.Module:
+    """:func:`ddp_wrapper` around ``model`` (already on its device) when distributed; ``model`` otherwise."""
     if not info.enabled:
         return model
-    device_ids = [info.local_rank] if info.backend == 'nccl' else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+    return ddp_wrapper(model, info, find_unused_parameters=find_unused_parameters, static_graph=static_graph)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -381,9 +414,7 @@ def setup_loop(ctx: TrainContext) -> DistInfo:
         # A model with towers for several kinds of content (CLIP) leaves the other towers unused on label data.
         find_unused = ctx.model.find_unused_parameters and not pairs
         ctx.model = sync_batch_norm(ctx.model, info)
-        ctx.module = wrap_model(ctx.model, info, find_unused_parameters=find_unused)
-        if pairs and isinstance(ctx.module, DistributedDataParallel):
-            ctx.module._set_static_graph()
+        ctx.module = wrap_model(ctx.model, info, find_unused_parameters=find_unused, static_graph=pairs)
     ctx.loss = wrap_objective(ctx.loss)
     loader = ctx.train_loader
     ctx.train_loader = DataLoader(

@@ -231,6 +231,28 @@ def metrics_of_ranking(ranking: Ranking) -> dict[str, float]:
 EmbedFn = Callable[[list[Record], int], torch.Tensor]
 
 
+class EmbeddingMemo:
+    """An :data:`EmbedFn` that embeds each item once for one set of weights: what the validation loss
+    embedded, the retrieval evaluation of the same items reuses (an evaluation of the run's own
+    evaluation data then encodes it once, not once for the loss and again for the ranking). Items are
+    known by identity; the memo keeps them alive while it lives. Build a new one whenever the weights
+    change."""
+
+    def __init__(self, embed: EmbedFn):
+        self.embed = embed
+        self.rows: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    def __call__(self, values: list[Any], batch_size: int) -> torch.Tensor:
+        missing = list({id(v): v for v in values if id(v) not in self.rows}.values())
+        if missing:
+            embedded = self.embed(missing, batch_size)
+            for value, row in zip(missing, embedded, strict=True):
+                self.rows[id(value)] = (value, row)
+        if not values:
+            return self.embed([], batch_size)
+        return torch.stack([self.rows[id(v)][1] for v in values])
+
+
 @dataclass
 class EvalSet:
     """What is embedded and how items match: queries and index items with labels (and ids)."""
@@ -356,7 +378,7 @@ class Evaluator:
         if self.limit < 1:
             raise EvaluationError(f'EvaluationCallback limit must be at least 1, got {self.limit}')
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate(self, embed_query: EmbedFn, embed_index: EmbedFn | None = None) -> dict[str, float]:
         embed_index = embed_index or embed_query
         query_emb = embed_query(self.eval_set.queries, self.batch_size).detach().float().cpu()

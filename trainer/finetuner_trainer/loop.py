@@ -22,25 +22,43 @@ from finetuner_trainer.callbacks import changes_weights_at_end
 from finetuner_trainer.checkpointing import resume_from_latest, resume_rng, save_loop_checkpoint
 from finetuner_trainer.context import TrainContext
 from finetuner_trainer.distributed import agree, setup_loop
+from finetuner_trainer.evalcache import load_before, store_before
+from finetuner_trainer.evaluation import EmbeddingMemo, EmbedFn
 from finetuner_trainer.hooks import TrainState
 from finetuner_trainer.losses import LabelObjective, tuple_triplets
 from finetuner_trainer.models import to_device
+from finetuner_trainer.progress import phase
 
 __all__ = ['TrainContext', 'compute_loss', 'forward_loss', 'run_metrics', 'run_training', 'validation_loss']
 
 
 def forward_loss(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Forward the batch through ``model`` and the objective ``loss``."""
-    groups = batch['groups']
+    return loss_of_embeddings(loss, [model(group) for group in batch['groups']], batch)
+
+
+def loss_of_embeddings(loss: nn.Module, embedded: list[Tensor], batch: dict[str, Any]) -> Tensor:
+    """The objective ``loss`` of a batch's embedded groups (labels and scores from ``batch``)."""
     objective = getattr(loss, 'objective', loss)  # looks through distributed.DistributedObjective
     if isinstance(objective, LabelObjective):
-        if len(groups) == 1:
-            return loss(model(groups[0]), batch['labels'])
-        return loss(*tuple_triplets([model(group) for group in groups]))  # tuples: their own triplets
-    queries, documents, *negatives = (model(group) for group in groups)
+        if len(embedded) == 1:
+            return loss(embedded[0], batch['labels'])
+        return loss(*tuple_triplets(embedded))  # tuples: their own triplets
+    queries, documents, *negatives = embedded
     if negatives:  # tuples: (batch, n, dim) explicit negatives
         return loss(queries, documents, batch.get('scores'), torch.stack(negatives, dim=1))
     return loss(queries, documents, batch.get('scores'))
+
+
+def _eval_scores(examples: list[Any]) -> Tensor | None:
+    """Scores of scored pairs (one per example) or scored tuples (one per document), None unscored."""
+    if not examples:
+        return None
+    if getattr(examples[0], 'scores', None) is not None:
+        return torch.tensor([e.scores for e in examples], dtype=torch.float32)
+    if examples[0].score is not None:
+        return torch.tensor([e.score for e in examples], dtype=torch.float32)
+    return None
 
 
 def compute_loss(ctx: TrainContext, batch: dict[str, Any]) -> Tensor:
@@ -78,19 +96,35 @@ def _train_step(ctx: TrainContext, batch: dict[str, Any]) -> float:
     return loss
 
 
-@torch.no_grad()
-def validation_loss(ctx: TrainContext) -> float | None:
-    """Mean loss over the evaluation data (None without it, or when the loss cannot score it)."""
-    if ctx.eval_loader is None:
+def evaluation_batch_size(ctx: TrainContext) -> int:
+    """Items per forward pass when embedding for evaluation (no activations are kept for a backward)."""
+    return max(1, min(ctx.batch_size, 256))
+
+
+@torch.inference_mode()
+def validation_loss(ctx: TrainContext, embed: EmbedFn | None = None) -> float | None:
+    """Mean loss over the evaluation batches (None without evaluation data, or when the loss cannot score
+    it), computed on embeddings of the evaluation items made once each (``embed``: an
+    :class:`~finetuner_trainer.evaluation.EmbeddingMemo` the retrieval evaluation then reuses) in eval
+    mode, length-planned batches and inference mode: the same numbers as forwarding every batch
+    through the model, for one encoding of the data."""
+    if ctx.eval_loader is None or ctx.eval_records is None:
         return None
-    ctx.runner.eval()
+    embed = embed or ctx.model.embed
+    examples = ctx.eval_records.examples
+    size = evaluation_batch_size(ctx)
+    groups = [embed([e.items[g] for e in examples], size) for g in range(len(examples[0].items))] if examples else []
+    labels = torch.tensor([e.label if e.label is not None else -1 for e in examples], dtype=torch.long)
+    scores = _eval_scores(examples)
     losses = []
-    try:
-        for batch in ctx.eval_loader:
-            with ctx.autocast():
-                losses.append(float(compute_loss(ctx, to_device(batch, ctx.device))))
-    finally:
-        ctx.runner.train()
+    for positions in ctx.eval_loader.batch_sampler:
+        rows = torch.as_tensor(list(positions), dtype=torch.long)
+        parts = [to_device(group[rows], ctx.device) for group in groups]
+        batch = {'labels': to_device(labels[rows], ctx.device)}
+        if scores is not None:
+            batch['scores'] = to_device(scores[rows], ctx.device)
+        value = loss_of_embeddings(ctx.loss, parts, batch)
+        losses.append(float(value))
     return sum(losses) / len(losses) if losses else None
 
 
@@ -106,22 +140,38 @@ def _batches(ctx: TrainContext, epoch: int) -> Iterator[dict[str, Any]]:
 
 def _before_training(ctx: TrainContext) -> None:
     """Before the first epoch: resume from the latest checkpoint (sets state.epoch/step), go
-    distributed under torchrun, and measure the metrics before fine-tuning (first attempt only)."""
+    distributed under torchrun, and measure the metrics before fine-tuning (first attempt only; taken
+    from the evaluation cache when an earlier run measured the same base model on the same data)."""
     resumed = resume_from_latest(ctx)
     setup_loop(ctx)
     if resumed is None:
-        ctx.metrics.before = _evaluate(ctx)
-        ctx.metrics.examples_before = list(ctx.metrics.examples)
+        key, cached = load_before(ctx)
+        if cached is not None:
+            ctx.metrics.before = dict(cached['before'])
+            ctx.metrics.examples_before = list(cached.get('examples_before') or [])
+            ctx.metrics.examples = list(ctx.metrics.examples_before)
+            ctx.logger.info('metrics before fine-tuning: from the evaluation cache (run %s)', cached.get('run'))
+        else:
+            ctx.metrics.before = _evaluate(ctx)
+            ctx.metrics.examples_before = list(ctx.metrics.examples)
+            if key is not None:
+                store_before(ctx, key)
         write_examples(ctx)
 
 
 def _evaluate(ctx: TrainContext) -> dict[str, float]:
     """Metrics after an epoch: validation loss here; retrieval metrics plug in beside it."""
+    with phase('evaluation'):
+        return _measure(ctx)
+
+
+def _measure(ctx: TrainContext) -> dict[str, float]:
+    embed = EmbeddingMemo(ctx.model.embed)  # the current weights: each evaluation item is encoded once
     metrics: dict[str, float] = {}
-    val_loss = validation_loss(ctx)
+    val_loss = validation_loss(ctx, embed)
     if val_loss is not None:
         metrics['val_loss'] = val_loss
-    metrics.update(ctx.evaluation(ctx))
+    metrics.update(ctx.evaluation(ctx, embed))
     return metrics
 
 
@@ -133,13 +183,16 @@ def _after_step(ctx: TrainContext, batch_in_epoch: int) -> None:
 
 
 def _after_epoch(ctx: TrainContext) -> None:
-    """After an epoch's bookkeeping: live metrics.json, a checkpoint, and one stop decision for all ranks."""
+    """After an epoch's bookkeeping: live metrics.json, one stop decision for all ranks, and a checkpoint
+    (after the last epoch only when the policy asks for one: checkpointing.CheckpointPolicy)."""
     ctx.reporter.report(ctx.state, ctx.state.train_loss, force=True)
     if ctx.is_main:
         ctx.store.write_json(METRICS, run_metrics(ctx, dict(ctx.state.metrics)))
     write_examples(ctx)
-    save_loop_checkpoint(ctx)
     ctx.control.should_stop = agree(ctx.control.should_stop)
+    last = ctx.control.should_stop or ctx.state.epoch >= ctx.spec.epochs
+    if not last or ctx.checkpointer.policy.after_last_epoch:
+        save_loop_checkpoint(ctx)
 
 
 def _publish(ctx: TrainContext) -> None:
@@ -220,18 +273,19 @@ def run_training(ctx: TrainContext) -> TrainState:
     state.epochs = ctx.spec.epochs
     state.total_steps = ctx.spec.epochs * len(ctx.train_loader)
     state.is_world_process_zero = ctx.is_main
-    _before_training(ctx)
-    ctx.reporter.begin(state)
-    ctx.runner.train()
-    _call(ctx, 'on_train_begin')
-    for epoch in range(state.epoch + 1, ctx.spec.epochs + 1):
-        state.epoch = epoch
-        _call(ctx, 'on_epoch_begin')
-        _train_epoch(ctx, epoch)
-        _end_epoch(ctx, epoch)
-        if ctx.control.should_stop:
-            ctx.logger.info('stopping early after epoch %d (a callback asked to stop)', epoch)
-            break
-    _call(ctx, 'on_train_end')
-    _publish(ctx)
+    with phase('training'):
+        _before_training(ctx)
+        ctx.reporter.begin(state)
+        ctx.runner.train()
+        _call(ctx, 'on_train_begin')
+        for epoch in range(state.epoch + 1, ctx.spec.epochs + 1):
+            state.epoch = epoch
+            _call(ctx, 'on_epoch_begin')
+            _train_epoch(ctx, epoch)
+            _end_epoch(ctx, epoch)
+            if ctx.control.should_stop:
+                ctx.logger.info('stopping early after epoch %d (a callback asked to stop)', epoch)
+                break
+        _call(ctx, 'on_train_end')
+        _publish(ctx)
     return state

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -159,3 +161,91 @@ class ProgressReporter:
             except StorageError as e:  # progress is best effort: training goes on
                 self.logger.warning('could not write progress: %s', e)
             self.last_write = now
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a run's time goes
+# ---------------------------------------------------------------------------------------------
+
+# The phases of a run, in order. ``start-up`` is the process's own start (interpreter, imports) until
+# the run began; ``other`` is what no phase claimed (config, stores, tidying up).
+PHASES: tuple[str, ...] = (
+    'start-up',
+    'data',
+    'model',
+    'evaluation',
+    'training',
+    'checkpoints',
+    'artifact',
+    'other',
+)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None where that cannot be read."""
+    try:
+        fields = Path('/proc/self/stat').read_text().rsplit(')', 1)[1].split()
+        started = int(fields[19]) / os.sysconf('SC_CLK_TCK')  # field 22: start time, ticks after boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class PhaseClock:
+    """Wall seconds of a run by phase (:data:`PHASES`). Phases nest: an inner phase's time is its own,
+    not its outer phase's (evaluation and checkpoints inside the training loop count as themselves), so
+    the phases add up to the run's wall time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.began = time.perf_counter()
+        self.stack: list[tuple[str, float]] = []
+
+    def start_run(self, include_process_start: bool = False) -> None:
+        """Begin a new run's account; with ``include_process_start`` (the program, not ``train()`` called
+        in-process) the time since the process started counts as ``start-up``."""
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.began = time.perf_counter()
+        self.stack = []
+        age = process_age() if include_process_start else None
+        if age is not None:
+            self.seconds['start-up'] = age
+            self.began -= age
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in PHASES:
+            raise ValueError(f'unknown phase {name!r}; the phases are {", ".join(PHASES)}')
+        now = time.perf_counter()
+        if self.stack:
+            outer, since = self.stack[-1]
+            self.seconds[outer] = self.seconds.get(outer, 0.0) + now - since
+        self.stack.append((name, now))
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            _, since = self.stack.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - since
+            if self.stack:
+                self.stack[-1] = (self.stack[-1][0], now)
+
+    def summary(self) -> dict[str, float]:
+        """Seconds per phase (``other``: the rest of the wall time so far) and ``total``."""
+        total = time.perf_counter() - self.began
+        seconds = {name: self.seconds.get(name, 0.0) for name in PHASES if name != 'other'}
+        seconds['other'] = max(0.0, total - sum(seconds.values()))
+        return {**{k: round(v, 3) for k, v in seconds.items()}, 'total': round(total, 3)}
+
+    def sentence(self) -> str:
+        summary = self.summary()
+        parts = ', '.join(f'{name} {summary[name]:.1f} s' for name in PHASES if summary[name] >= 0.05)
+        return f'time: {parts} (total {summary["total"]:.1f} s)'
+
+
+CLOCK = PhaseClock()  # the process's run: the runner starts it, the loop and the checkpointer add to it
+
+
+def phase(name: str) -> contextlib.AbstractContextManager[None]:
+    """``with phase('evaluation'): ...`` counts the block's wall time to that phase of the current run."""
+    return CLOCK.phase(name)

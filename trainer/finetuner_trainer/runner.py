@@ -32,8 +32,8 @@ from finetuner.api.mining import Task
 from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, FinetuneRunSpec, Sampler, SchedulerStep, TrainerConfig
 from finetuner.catalog import find_backbone
 from finetuner.storage import LocalStore, S3Store, StorageError, open_store
-from finetuner_trainer.callbacks import build_callbacks, checkpoint_retention
-from finetuner_trainer.checkpointing import Checkpointer
+from finetuner_trainer.callbacks import TrainingCheckpoint, build_callbacks, checkpoint_retention
+from finetuner_trainer.checkpointing import Checkpointer, CheckpointPolicy
 from finetuner_trainer.context import TrainContext
 from finetuner_trainer.data import (
     LARGEST_CLASS,
@@ -62,7 +62,7 @@ from finetuner_trainer.models import build_embedder, resolve_model
 from finetuner_trainer.onnx_export import export_for_artifact
 from finetuner_trainer.optim import build_optimizer, build_scheduler
 from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
-from finetuner_trainer.progress import ProgressReporter, quiet_libraries, setup_logging
+from finetuner_trainer.progress import CLOCK, ProgressReporter, phase, quiet_libraries, setup_logging
 from finetuner_trainer.rng import reseed
 from finetuner_trainer.synthesis import synthesize
 
@@ -386,7 +386,16 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
     """Everything the loop needs, checked: data, model, loss, optimizers, schedule, loaders."""
     spec = config.spec
     reseed(spec.seed)
-    train, evaluation = load_data(config, log)
+    with phase('data'):
+        train, evaluation = load_data(config, log)
+    with phase('model'):
+        return _build_context(config, store, log, train, evaluation)
+
+
+def _build_context(
+    config: TrainerConfig, store: RunStore, log: logging.Logger, train: Dataset, evaluation: Dataset | None
+) -> TrainContext:
+    spec = config.spec
     shape = mined_shape(spec, train)
     check_loss_fits(spec.loss, shape, spec.miner)  # before the (slow) model load
     label_loss = loss_entry(spec.loss).objective == 'label'
@@ -440,13 +449,22 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
         eval_loader=eval_loader,
         batch_size=batch_size,
         reporter=ProgressReporter(store, log, enabled=rank == 0),
-        checkpointer=Checkpointer(store, keep_last=checkpoint_retention(callbacks)),
+        checkpointer=Checkpointer(
+            store,
+            keep_last=checkpoint_retention(callbacks),
+            policy=CheckpointPolicy.for_output(store, asked_to_keep=keeps_checkpoints(callbacks)),
+        ),
         callbacks=callbacks,
         rank=rank,
         world_size=int(os.environ.get('WORLD_SIZE', '1')),
         local_rank=int(os.environ.get('LOCAL_RANK', '0')),
         autocast_dtype=autocast,
     )
+
+
+def keeps_checkpoints(callbacks: list[Any]) -> bool:
+    """A TrainingCheckpoint callback asks for every epoch's checkpoint, kept (the cluster's policy)."""
+    return any(isinstance(cb, TrainingCheckpoint) for cb in callbacks)
 
 
 def _log_plan(
@@ -618,9 +636,13 @@ def write_termination_log(path: str, message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResult:
-    """Run the whole fine-tuning in this process; raises ConfigError on a user mistake."""
+def train(config: TrainerConfig, log: logging.Logger | None = None, count_process_start: bool = False) -> TrainResult:
+    """Run the whole fine-tuning in this process; raises ConfigError on a user mistake.
+
+    ``count_process_start``: this process was started for this run (the program): the time since it
+    started counts as the run's ``start-up`` in ``metrics.json``'s ``timings``."""
     log = log or logging.getLogger('finetuner_trainer')
+    CLOCK.start_run(include_process_start=count_process_start)
     quiet_libraries()
     try:
         store = open_store(config.output_uri)
@@ -633,17 +655,25 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
         log.info('synthesized %d records at %s', done.records, done.artifact_uri)
         return TrainResult(done.artifact_uri, {'before': {}, 'after': done.metrics}, 0, 1, done.records)
     ctx = build_context(config, store, log)
-    state = run_training(ctx)  # resumes from a checkpoint, measures the metrics before and per epoch
+    try:
+        state = run_training(ctx)  # resumes from a checkpoint, measures the metrics before and per epoch
+    finally:
+        with phase('checkpoints'):
+            ctx.checkpointer.wait()  # the last checkpoint is stored before anything else happens
     shutdown()  # under torchrun: no collective follows (rank 0 publishes alone); NCCL warns of a group left open
     after = dict(ctx.metrics.after if ctx.metrics.after is not None else state.metrics)
-    with tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
+    with phase('artifact'), tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
         artifact_uri = publish_artifact(ctx, Path(tmp), after) if ctx.is_main else ''
     metrics = run_metrics(ctx, after)
     write_examples(ctx)
     if ctx.is_main:
+        metrics['timings'] = CLOCK.summary()
         store.write_json(layout.METRICS, metrics)
         ctx.reporter.report(state, state.train_loss, force=True)
         log.info('artifact published at %s', artifact_uri)
+        if not ctx.checkpointer.policy.keep_when_done:
+            ctx.checkpointer.clear()  # the local backend: a finished run resumes nothing
+        log.info(CLOCK.sentence())
     return TrainResult(artifact_uri, metrics, ctx.model.output_dim, state.epoch, state.step, state.history)
 
 
@@ -679,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             store = open_store(config.output_uri)
         except StorageError as e:
             raise ConfigError('outputUri', str(e)) from e
-        train(config, log)
+        train(config, log, count_process_start=True)
         log.info('run %s finished', config.run_name)
     except ConfigError as e:
         code = EXIT_CONFIG_ERROR

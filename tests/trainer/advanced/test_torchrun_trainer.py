@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 
 from finetuner.api import layout
 from finetuner.api.layout import Record
-from finetuner.api.v1alpha1 import TrainerConfig
+from finetuner.api.v1alpha1 import CallbackSpec, TrainerConfig
 from finetuner_trainer import train
 from tests.support.tiny import labelled_images, make_tiny_bert, make_tiny_clip, text_image_pairs, text_pairs
 from tests.trainer.conftest import ConfigFactory
@@ -127,7 +127,10 @@ def _torchrun(config: TrainerConfig, folder: Path) -> subprocess.CompletedProces
 
 def _compare(make_config: ConfigFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture, **spec: Any) -> None:
     records = spec.pop('records')
-    base = make_config(records, epochs=2, seed=7, **spec)
+    # TrainingCheckpoint: the cluster's checkpoint policy (every epoch, kept once the run is done) on these
+    # file:// outputs, whose last checkpoint the assertions below read.
+    keep = [CallbackSpec(name='TrainingCheckpoint')]
+    base = make_config(records, epochs=2, seed=7, callbacks=keep, **spec)
     one = base.model_copy(update={'output_uri': (tmp_path / 'one').as_uri()})
     two = base.model_copy(update={'output_uri': (tmp_path / 'two').as_uri()})
 
