@@ -60,7 +60,7 @@ def test_caption_prefixes_the_metrics_and_best_model_checkpoint_follows_it(make_
 def test_two_evaluation_callbacks_need_their_own_captions() -> None:
     with pytest.raises(ConfigError) as caught:
         build_callbacks([CallbackSpec(name='EvaluationCallback'), CallbackSpec(name='EvaluationCallback')])
-    assert str(caught.value).startswith('callbacks[1].options.caption: EvaluationCallback 1 has the caption None')
+    assert str(caught.value).startswith('spec.callbacks[1].options.caption: EvaluationCallback 1 has the caption None')
     assert 'give each EvaluationCallback its own caption' in str(caught.value)
     build_callbacks(
         [
