@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from finetuner.api.layout import Record
+from finetuner_trainer.cpus import available_cpus
 from finetuner_trainer.data import Item
 from finetuner_trainer.embedder import Embedder, OnnxFeeder, as_item, plan_batches
 from finetuner_trainer.models import load_embedder
-from finetuner_trainer.numpy_images import available_cpus
 from finetuner_trainer.onnx_export import EXPORT_MANIFEST, ONNX_DIR, OUTPUT_NAME, ort_session
 
 __all__ = ['OnnxEmbedder', 'available_cpus']  # available_cpus: bench.common counts cores with it
