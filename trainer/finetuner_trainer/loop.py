@@ -147,8 +147,12 @@ def _publish(ctx: TrainContext) -> None:
 
 
 def run_metrics(ctx: TrainContext, after: dict[str, float]) -> dict[str, Any]:
-    """metrics.json: before and after fine-tuning, one entry per epoch."""
-    return {'before': ctx.metrics.before, 'after': after, 'epochs': ctx.state.history}
+    """metrics.json: before and after fine-tuning, one entry per epoch (and the int8 ONNX model's, once
+    measured)."""
+    report: dict[str, Any] = {'before': ctx.metrics.before, 'after': after, 'epochs': ctx.state.history}
+    if ctx.metrics.quantized is not None:
+        report['quantized'] = ctx.metrics.quantized
+    return report
 
 
 def write_examples(ctx: TrainContext) -> None:
