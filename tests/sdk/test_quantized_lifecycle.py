@@ -66,9 +66,10 @@ def test_fit_with_onnx_quantize_reports_the_int8_models_quality_and_ships_it(
 
 
 def test_onnx_quantize_needs_to_onnx(local: LocalBackend) -> None:
-    with pytest.raises(ArgumentError, match='onnx_quantize: onnx_quantize makes an int8 copy of the ONNX model: set to_onnx=True as well'):
+    needs = 'onnx_quantize: onnx_quantize makes an int8 copy of the ONNX model: set to_onnx=True as well'
+    with pytest.raises(ArgumentError, match=needs):
         finetuner.fit(model='bert-base-cased', train_data=labelled_texts(2, 2), onnx_quantize='auto')
-    with pytest.raises(ArgumentError, match="onnx_quantize: .*'auto', 'dynamic' or 'static'"):
+    with pytest.raises(ArgumentError, match=r"onnx_quantize: .*'auto', 'dynamic' or 'static'"):
         finetuner.fit(model='bert-base-cased', train_data=labelled_texts(2, 2), to_onnx=True, onnx_quantize='int4')
 
 
@@ -86,6 +87,6 @@ def test_get_model_quantized_mistakes_name_the_fix(tmp_path: Path) -> None:
     (tmp_path / 'artifact' / 'manifest.json').write_text('{}')
     with pytest.raises(ArgumentError, match='quantized: int8 models are ONNX graphs: pass is_onnx=True'):
         finetuner.get_model(tmp_path / 'artifact', quantized=True)
-    with pytest.raises(ArgumentError, match='quantized: .* has no int8 ONNX model; fine-tune with to_onnx=True and'):
+    with pytest.raises(ArgumentError, match=r'quantized: .* has no int8 ONNX model; fine-tune with to_onnx=True and'):
         finetuner.get_model(tmp_path / 'artifact', is_onnx=True, quantized=True)
     assert finetuner.get_model(tmp_path / 'artifact', is_onnx=True).precision == 'float32'

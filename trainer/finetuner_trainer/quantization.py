@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +144,9 @@ def quantize_static_graph(
     with tempfile.TemporaryDirectory(prefix='finetuner-quantize-') as tmp:
         prepared = Path(tmp) / 'prepared.onnx'
         try:
-            quant_pre_process(str(source), str(prepared), auto_merge=True, guess_output_rank=True)
+            # In the scratch folder: a failing symbolic shape inference leaves its files in the working directory.
+            with _working_directory(tmp):
+                quant_pre_process(str(source), str(prepared), auto_merge=True, guess_output_rank=True)
         except Exception as e:  # symbolic shape inference fails on some graphs: quantise the graph as exported
             log.warning('quantisation pre-processing of %s skipped: %s', source.name, e)
             prepared = source
@@ -160,6 +164,16 @@ def quantize_static_graph(
             extra_options={'DefaultTensorType': TensorProto.FLOAT},  # as in quantize_dynamic_graph
         )
     return {'format': 'QDQ (static)', 'weights': 'int8', 'activations': 'uint8, calibrated (MinMax)'}
+
+
+@contextmanager
+def _working_directory(path: str) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _excluded_nodes(path: Path, patterns: Sequence[str]) -> list[str]:
@@ -241,7 +255,7 @@ def quantize_onnx(
 ) -> dict[str, Any]:
     """Quantise every graph listed in ``directory/export.json`` (``choice``: auto, dynamic or static) and add
     a ``quantized`` section to it (kind -> description); returns the updated description."""
-    directory = Path(directory)
+    directory = Path(directory).resolve()  # absolute: pre-processing runs in a scratch working directory
     manifest_path = directory / EXPORT_MANIFEST
     description = json.loads(manifest_path.read_text())
     forced = None if choice == 'auto' else choice
