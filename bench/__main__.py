@@ -42,7 +42,9 @@ BENCHMARKS: tuple[str, ...] = (
     'mining',
     'ttq',
 )
-CPU_ONLY_OPTIONS = frozenset({'--quick', '--tiny', '--only', '--threads', '--results-dir', '--doc', '--strict'})
+CPU_ONLY_OPTIONS = frozenset(
+    {'--quick', '--tiny', '--only', '--threads', '--results-dir', '--doc', '--strict', '--update'}
+)
 CLOSING_NOTES = [
     'A throughput ratio is the median samples/s of this project over the median of the reference, the '
     'medians taken over alternating rounds. An image round times steady-state steps (its first step, which '
@@ -84,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--workdir', type=Path, default=None, help='scratch folder (default: a temporary one)')
     parser.add_argument(
         '--strict', action='store_true', help='stop at the first failing benchmark instead of reporting it in the table'
+    )
+    parser.add_argument(
+        '--update',
+        action='store_true',
+        help="replace only the rows of the benchmarks run (--only) in this mode's existing results JSON and "
+        'table, keeping every other row; the table says which rows came from which run',
     )
     return parser.parse_args(argv)
 
@@ -135,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     if doc is None and mode == 'quick':
         doc = args.results_dir / 'quick.md'
     names = args.only or list(BENCHMARKS)
+    previous = None
+    if args.update:
+        previous_path = args.results_dir / f'{mode}.json'
+        if not previous_path.is_file():
+            print(f'--update needs an earlier run to update: {previous_path} does not exist', file=sys.stderr)
+            return 2
+        previous = Report.model_validate_json(previous_path.read_text())
     started = time.perf_counter()
     load_at_start = load_average()
     command = 'python -m bench' + ''.join(f' {shlex.quote(a)}' for a in (argv if argv is not None else sys.argv[1:]))
@@ -144,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     def report(done: list[str]) -> Report:
         pending = [name for name in names if name not in done]
         progress = [f'Incomplete run: {", ".join(pending)} not run yet when this was written.'] if pending else []
+        if previous is not None:
+            load = {'start': load_at_start, 'end': load_average()}
+            return updated(previous, rows, done, command, time.perf_counter() - started, runtimes, progress, load)
         return Report(
             date=today(),
             mode=mode,  # type: ignore[arg-type]
@@ -175,6 +193,39 @@ def main(argv: list[str] | None = None) -> int:
             json_path, doc_path = write(report(names[: index + 1]), args.results_dir, doc)
     print(f'[bench] wrote {json_path}' + (f' and {doc_path}' if doc_path else ''), file=sys.stderr)
     return 0
+
+
+def updated(
+    previous: Report,
+    rows: list[Row],
+    done: list[str],
+    command: str,
+    runtime_s: float,
+    runtimes: dict[str, float],
+    progress: list[str],
+    load: dict[str, float],
+) -> Report:
+    """``previous`` with the rows (and closing notes) of the benchmarks in ``done`` replaced by ``rows``,
+    in the order of ``BENCHMARKS``, and a line saying which run they came from and under what load."""
+    kept = [row for row in previous.rows if row.benchmark not in done]
+    order = {name: i for i, name in enumerate(BENCHMARKS)}
+    merged = sorted(kept + rows, key=lambda row: order.get(row.benchmark, len(order)))
+    old_notes = {note for name in done for note in _closing_notes(name, previous.rows)}
+    notes = [n for n in previous.notes if n not in old_notes and not n.startswith('Incomplete run')]
+    notes = progress + notes + [n for name in done for n in _closing_notes(name, rows)]
+    update = (
+        f'the rows of {", ".join(done)} were replaced by `{command}` on {today()} in {runtime_s / 60:.1f} minutes '
+        f'(1-minute load average at its start {load["start"]:.1f}, end {load["end"]:.1f}, on '
+        f'{previous.machine.cores} cores)'
+    )
+    return previous.model_copy(
+        update={
+            'rows': merged,
+            'notes': notes,
+            'updates': [u for u in previous.updates if not u.startswith(f'the rows of {", ".join(done)} ')] + [update],
+            'benchmark_runtimes_s': {**previous.benchmark_runtimes_s, **runtimes},
+        }
+    )
 
 
 def _closing_notes(name: str, rows: list[Row]) -> list[str]:

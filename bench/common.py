@@ -144,6 +144,10 @@ class Report(BaseModel):
         default_factory=dict, description='1-minute load average of the machine at the start and end of the run.'
     )
     notes: list[str] = Field(default_factory=list)
+    updates: list[str] = Field(
+        default_factory=list,
+        description='Later runs (--update) whose rows replaced those of their benchmarks: command, date, load.',
+    )
 
 
 def alternate(

@@ -181,7 +181,7 @@ def _started_at(pods: list[dict[str, Any]]) -> str | None:
 def _run_metrics(metrics: dict[str, Any] | None) -> RunMetrics | None:
     if not metrics:
         return None
-    return RunMetrics(before=metrics.get('before') or {}, after=metrics.get('after') or {})
+    return RunMetrics.from_report(metrics)
 
 
 # --- step 1: the phase ----------------------------------------------------------------------------------

@@ -163,6 +163,7 @@ def get_model(
     device: str = 'cpu',
     is_onnx: bool = False,
     token: str | None = None,
+    quantized: bool | None = None,
 ) -> Any:
     """Load a fine-tuned model for :func:`encode`.
 
@@ -172,18 +173,23 @@ def get_model(
     ``select_model``: keeps one tower's inputs of a model with several (CLIP: ``'clip-text'``,
     ``'clip-vision'``);
     ``is_onnx``: use the ONNX export (the run needs ``to_onnx=True``); ``device``: where torch runs it.
+    ``quantized`` (with ``is_onnx``): None loads the int8 ONNX model when the run made one
+    (``onnx_quantize``), else the float one; True insists on the int8 model, False loads the float one.
+    The model's ``precision`` says which it is (``'int8'`` or ``'float32'``).
     A torch model is returned in eval mode (no dropout, BatchNorm with its running statistics).
     """
     if batch_size < 1:
         raise ArgumentError('batch_size', f'must be at least 1, got {batch_size}')
     _check_select_model(select_model)
+    if quantized is not None and not is_onnx:
+        raise ArgumentError('quantized', 'int8 models are ONNX graphs: pass is_onnx=True with quantized')
     directory = _artifact_directory(artifact, token)
     if is_onnx:
         onnx = _trainer_module('finetuner_trainer.inference_onnx')
         try:
-            model: Any = onnx.OnnxEmbedder.load(directory)
+            model: Any = onnx.OnnxEmbedder.load(directory, quantized=quantized)
         except FileNotFoundError as e:
-            raise ArgumentError('is_onnx', str(e)) from e
+            raise ArgumentError('quantized' if quantized and 'int8' in str(e) else 'is_onnx', str(e)) from e
     else:
         # In inference mode: a user calling model(batch) gets dropout off and BatchNorm's running
         # statistics, as encode() does (Embedder.embed switches to eval itself).

@@ -160,7 +160,7 @@ class Run:
             raise BackendError(f'cannot read the metrics of run {self.name!r}: {e}') from e
         if not isinstance(raw, dict):
             return RunMetrics()
-        return RunMetrics.model_validate({k: v for k, v in raw.items() if k in ('before', 'after')})
+        return RunMetrics.from_report(raw)
 
     def example_results(self) -> ExampleResults:
         """For a few evaluation queries, the top matches before and after fine-tuning, each marked

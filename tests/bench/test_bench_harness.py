@@ -145,3 +145,53 @@ def test_bad_options_are_refused_with_the_reason(capsys: pytest.CaptureFixture[s
     assert main(['--tiny', '--gpu', '--results-dir', str(tmp_path)]) == 2
     assert '--tiny, --results-dir belong to the CPU benchmarks' in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written by a refused run
+
+
+def test_update_replaces_only_the_rows_of_the_benchmarks_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from bench.__main__ import updated
+
+    assert main(['--tiny', '--update', '--only', 'inference', '--results-dir', str(tmp_path)]) == 2
+    assert (
+        f'--update needs an earlier run to update: {tmp_path / "tiny.json"} does not exist' in capsys.readouterr().err
+    )
+
+    def row(benchmark: str, value: float) -> Row:
+        return Row.compare(
+            benchmark=benchmark,
+            measure=f'{benchmark} {value}',
+            unit='items/s',
+            samples_ours=[value],
+            samples_reference=[1.0],
+            reference_name='ref',
+            target_ratio=None,
+        )
+
+    previous = _report([row('text_throughput', 2.0), row('inference', 3.0), row('operator_scale', 4.0)])
+    previous = previous.model_copy(update={'notes': ['kept note'], 'benchmark_runtimes_s': {'inference': 9.0}})
+    load = {'start': 3.5, 'end': 4.25}
+    result = updated(
+        previous,
+        [row('inference', 5.0), row('inference', 6.0)],
+        ['inference'],
+        'cmd',
+        120.0,
+        {'inference': 7.0},
+        [],
+        load,
+    )
+    assert [r.measure for r in result.rows] == [
+        'text_throughput 2.0', 'inference 5.0', 'inference 6.0', 'operator_scale 4.0'
+    ]  # fmt: skip
+    assert result.notes == ['kept note'] and result.benchmark_runtimes_s == {'inference': 7.0}
+    assert result.date == previous.date and result.command == previous.command
+    assert result.updates == [
+        f'the rows of inference were replaced by `cmd` on {common.today()} in 2.0 minutes '
+        '(1-minute load average at its start 3.5, end 4.2, on 2 cores)'
+    ]
+    again = updated(result, [row('inference', 8.0)], ['inference'], 'cmd2', 60.0, {}, [], load)
+    assert len(again.updates) == 1 and '`cmd2`' in again.updates[0]  # the latest run of those rows only
+    text = report.render_markdown(result)
+    assert '(mode `tiny`). Then the rows of inference were replaced by `cmd`' in text
+    assert '| inference 5.0 |' in text and '| inference 3.0 |' not in text

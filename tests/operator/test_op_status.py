@@ -288,6 +288,29 @@ def test_finished_carries_artifact_metrics_and_times() -> None:
     assert status.attempts == 1 and status.job_name == 'r-trainer'
 
 
+def test_finished_carries_what_the_int8_model_lost() -> None:
+    """metrics.json's quantized section (onnxQuantize) reaches status.metrics.quantized, camelCase on the wire."""
+    quantized = {
+        'methods': {'text': 'dynamic'},
+        'metrics': {'mrr': 0.495},
+        'relative_change': {'mrr': -1.0},
+    }
+    observed = Observed(
+        job=job(('Complete', 'CompletionsReached'), succeeded=1, completionTime=stamp()),
+        pods=[pod('Succeeded', state=terminated(0, reason='Completed'))],
+        metrics={'before': {'mrr': 0.1}, 'after': {'mrr': 0.5}, 'epochs': [], 'quantized': quantized},
+        artifact=True,
+    )
+    status = derive(observed)
+    assert status.metrics is not None and status.metrics.quantized is not None
+    assert status.metrics.quantized.relative_change == {'mrr': -1.0}
+    assert status.to_k8s()['metrics']['quantized'] == {
+        'methods': {'text': 'dynamic'},
+        'metrics': {'mrr': 0.495},
+        'relativeChange': {'mrr': -1.0},
+    }
+
+
 def test_terminal_phase_is_kept_when_the_job_is_gone() -> None:
     failed = derive(Observed(job=job(active=1), pods=[pod('Pending', state={'waiting': {'reason': 'ErrImagePull'}})]))
     assert failed.phase == 'FAILED'

@@ -36,6 +36,8 @@ class RunMetrics:
     examples: list[dict[str, Any]] = field(default_factory=list)  # top matches of a few queries, latest weights
     # the same before fine-tuning (kept by checkpoints)
     examples_before: list[dict[str, Any]] = field(default_factory=list)
+    # the int8 ONNX model's evaluation (onnxQuantize): metrics.json's "quantized", measured at publishing
+    quantized: dict[str, Any] | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -35,6 +36,30 @@ PROJECTION_FILE = 'projection.safetensors'
 
 # The ONNX inputs (numpy) of a batch of items of one kind, made without torch: see Embedder.onnx_feeder.
 OnnxFeeder = Callable[[Sequence[Item]], dict[str, np.ndarray]]
+
+QUANTIZATION_METHODS: tuple[str, ...] = ('dynamic', 'static')
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """How a family's ONNX graph of one kind of content becomes int8 (``Embedder.onnx_quantization``;
+    :mod:`finetuner_trainer.quantization` carries it out with ONNX Runtime's tools).
+
+    ``dynamic``: int8 weights, activations quantised at run time from each batch's range (no data needed);
+    ``static``: int8 weights and uint8 activations whose ranges are calibrated on ``calibration_items``
+    items of the run's training data (QDQ format). ``op_types``: the operators to quantise (None: ONNX
+    Runtime's defaults for the method); ``exclude``: substrings of node names to keep in float."""
+
+    method: str
+    per_channel: bool = True
+    op_types: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    calibration_items: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANTIZATION_METHODS:
+            raise ValueError(f'unknown quantisation method {self.method!r}; use {" or ".join(QUANTIZATION_METHODS)}')
+
 
 Batch = dict[str, Any]  # {'parts': [(kind, inputs, positions), ...], 'size': n}
 
@@ -211,6 +236,12 @@ class Embedder(nn.Module):
     def onnx_feeder(self, kind: str, input_names: Sequence[str], threads: int | None) -> OnnxFeeder | None:
         """Numpy preprocessing of ``kind`` items for the ONNX graph, or None to use :meth:`collate_kind`."""
         return None
+
+    def onnx_quantization(self, kind: str, method: str | None = None) -> QuantizationPlan:
+        """How the ``kind`` graph becomes int8 (``onnxQuantize``): ``method`` when the spec forces one, else
+        the family's choice. Default: dynamic for text (transformers: weights dominate, activations vary
+        with the text), static calibrated on training data for images (CNNs: activations dominate)."""
+        return QuantizationPlan(method or ('dynamic' if kind == 'text' else 'static'))
 
     # --- shared ------------------------------------------------------------------------------
     @property

@@ -11,7 +11,10 @@ folder, without torch tensors in between where the family provides it (``Embedde
 Texts are batched longest first by token count, in the batches the torch embedder uses
 (:func:`~finetuner_trainer.embedder.plan_batches`), so that a batch pads to a length close to its
 texts' own (embeddings are returned in input order). The network itself runs in ONNX Runtime with
-all graph optimisations on.
+all graph optimisations on, on as many threads as the process has CPUs (its container's CPU quota
+included: :func:`~finetuner_trainer.cpus.available_cpus`). An artifact with int8 graphs
+(``onnxQuantize``, :mod:`finetuner_trainer.quantization`) is loaded with them unless the float ones
+are asked for.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from finetuner.api.layout import Record
+from finetuner_trainer.cpus import available_cpus
 from finetuner_trainer.data import Item
 from finetuner_trainer.embedder import Embedder, OnnxFeeder, as_item, plan_batches
 from finetuner_trainer.models import load_embedder
-from finetuner_trainer.numpy_images import available_cpus
 from finetuner_trainer.onnx_export import EXPORT_MANIFEST, ONNX_DIR, OUTPUT_NAME, ort_session
 
 __all__ = ['OnnxEmbedder', 'available_cpus']  # available_cpus: bench.common counts cores with it
@@ -46,6 +49,8 @@ class OnnxEmbedder:
         self.preprocessor = preprocessor
         self.sessions = sessions
         self.inputs = inputs
+        self.precision = 'float32'  # 'int8' for the quantised graphs (onnxQuantize)
+        self.quantization: dict[str, str] = {}  # kind -> dynamic or static, for int8 graphs
         # The family's numpy preprocessing per kind of content (made once: it may hold threads and buffers).
         self.feeders: dict[str, OnnxFeeder] = {}
         for kind in preprocessor.kinds:
@@ -55,9 +60,20 @@ class OnnxEmbedder:
                 self.feeders[kind] = feeder
 
     @classmethod
-    def load(cls, directory: Path | str, threads: int | None = None) -> OnnxEmbedder:
-        """Open an artifact folder that contains ``onnx/export.json`` (a run with ``toOnnx: true``)."""
+    def load(cls, directory: Path | str, threads: int | None = None, quantized: bool | None = None) -> OnnxEmbedder:
+        """Open an artifact folder that contains ``onnx/export.json`` (a run with ``toOnnx: true``).
+
+        ``quantized``: None takes the int8 graphs when the artifact has them (``onnxQuantize``), else the
+        float ones; True insists on the int8 graphs, False takes the float ones."""
         directory = Path(directory)
+        return cls.from_manifest(directory, load_embedder(directory), threads, quantized)
+
+    @classmethod
+    def from_manifest(
+        cls, directory: Path, preprocessor: Embedder, threads: int | None = None, quantized: bool | None = None
+    ) -> OnnxEmbedder:
+        """The graphs of the artifact folder ``directory`` with ``preprocessor`` (an embedder of the same
+        model: only its preprocessing is used) making their inputs."""
         manifest_path = directory / ONNX_DIR / EXPORT_MANIFEST
         if not manifest_path.exists():
             raise FileNotFoundError(
@@ -65,13 +81,21 @@ class OnnxEmbedder:
                 'to get one, or load the model without is_onnx'
             )
         manifest = json.loads(manifest_path.read_text())
-        preprocessor = load_embedder(directory)
-        sessions = {
-            kind: ort_session(directory / ONNX_DIR / graph['file'], threads)
-            for kind, graph in manifest['graphs'].items()
-        }
-        inputs = {kind: list(graph['inputs']) for kind, graph in manifest['graphs'].items()}
-        return cls(preprocessor, sessions, inputs, threads)
+        int8 = manifest.get('quantized') or {}
+        if quantized and not int8:
+            raise FileNotFoundError(
+                f'{directory} has no int8 ONNX model; fine-tune with to_onnx=True and onnx_quantize="auto" to get '
+                'one, or load the float ONNX model (quantized=None or False)'
+            )
+        use_int8 = bool(int8) and quantized is not False
+        graphs = manifest['graphs']
+        files = {kind: (int8[kind]['file'] if use_int8 else graph['file']) for kind, graph in graphs.items()}
+        sessions = {kind: ort_session(directory / ONNX_DIR / file, threads) for kind, file in files.items()}
+        inputs = {kind: list(graph['inputs']) for kind, graph in graphs.items()}
+        embedder = cls(preprocessor, sessions, inputs, threads)
+        embedder.precision = 'int8' if use_int8 else 'float32'
+        embedder.quantization = {kind: int8[kind]['method'] for kind in graphs} if use_int8 else {}
+        return embedder
 
     @property
     def kinds(self) -> tuple[str, ...]:

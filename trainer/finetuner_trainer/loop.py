@@ -205,11 +205,13 @@ def _publish(ctx: TrainContext) -> None:
 
 def run_metrics(ctx: TrainContext, after: dict[str, float]) -> dict[str, Any]:
     """metrics.json: before and after fine-tuning, one entry per epoch (and per interval of an
-    EvaluationCallback's steps_per_interval)."""
+    EvaluationCallback's steps_per_interval, and the int8 ONNX model's, once measured)."""
     report: dict[str, Any] = {'before': ctx.metrics.before, 'after': after, 'epochs': ctx.state.history}
     intervals = [entry for cb in ctx.callbacks for entry in getattr(cb, 'intervals', [])]
     if intervals:
         report['intervals'] = sorted(intervals, key=lambda entry: entry['step'])
+    if ctx.metrics.quantized is not None:
+        report['quantized'] = ctx.metrics.quantized
     return report
 
 

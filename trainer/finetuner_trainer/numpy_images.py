@@ -8,13 +8,13 @@ as ONNX Runtime gets (Pillow and numpy release the GIL).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from finetuner_trainer.cpus import available_cpus
 from finetuner_trainer.embedder import decode_image
 
 
@@ -91,11 +91,3 @@ class NumpyImageTransform:
 
         self.map(normalise, range(len(pil)))
         return out
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

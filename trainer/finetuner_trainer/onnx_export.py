@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from finetuner.api.layout import Record
+from finetuner_trainer.cpus import available_cpus
 from finetuner_trainer.embedder import Embedder
 from finetuner_trainer.errors import ConfigError
 
@@ -279,16 +280,17 @@ def export_onnx(
 
 
 def ort_session(path: Path | str, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session with all graph optimisations enabled."""
+    """An ONNX Runtime CPU session with all graph optimisations enabled, on ``threads`` intra-op threads
+    (default: the CPUs the process may use, its container's CPU quota included; ONNX Runtime's own
+    default is one thread per core of the machine, which a CPU-limited container cannot run at once)."""
     import onnxruntime as ort  # heavy: loaded only where a graph is run
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if threads:
-        # Like torch.set_num_threads: the operators' own threads; nodes run one after the other.
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    # Like torch.set_num_threads: the operators' own threads; nodes run one after the other.
+    options.intra_op_num_threads = threads or available_cpus()
+    options.inter_op_num_threads = 1
     providers = [p for p in ('CUDAExecutionProvider', 'CPUExecutionProvider') if p in ort.get_available_providers()]
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 

@@ -17,7 +17,7 @@ import tempfile
 import traceback
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -63,6 +63,7 @@ from finetuner_trainer.onnx_export import export_for_artifact
 from finetuner_trainer.optim import build_optimizer, build_scheduler
 from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
 from finetuner_trainer.progress import CLOCK, ProgressReporter, phase, quiet_libraries, setup_logging
+from finetuner_trainer.quantization import quantize_for_artifact
 from finetuner_trainer.rng import reseed
 from finetuner_trainer.synthesis import synthesize
 
@@ -566,6 +567,35 @@ def eval_name(spec: FinetuneRunSpec, evaluated: bool) -> str | None:
     return f'{data_name_of_reference(spec.train_data)}, val_split {spec.val_split}' if evaluated else None
 
 
+def final_metrics(ctx: TrainContext) -> dict[str, float]:
+    """The metrics of the published weights: re-measured when a callback replaced them, else the last epoch's."""
+    return dict(ctx.metrics.after if ctx.metrics.after is not None else ctx.state.metrics)
+
+
+def evaluate_quantized(ctx: TrainContext, folder: Path, after: dict[str, float]) -> dict[str, Any] | None:
+    """The int8 ONNX graphs in ``folder`` evaluated like the float model (every evaluation of the run), and
+    each metric's change against ``after`` in percent; None when the run has no evaluation."""
+    from finetuner_trainer.inference_onnx import OnnxEmbedder  # ONNX Runtime: loaded only for onnxQuantize
+
+    evaluators = [replace(cb.setup(ctx), gather_examples=False) for cb in ctx.evaluation.evaluators(ctx)]
+    if not evaluators:
+        return None
+    int8 = OnnxEmbedder.from_manifest(folder, ctx.model, quantized=True)
+
+    def embed(values: list[Any], batch_size: int) -> torch.Tensor:
+        return torch.from_numpy(int8.encode(values, batch_size=batch_size))
+
+    metrics: dict[str, float] = {}
+    for evaluator in evaluators:
+        metrics.update(evaluator.evaluate(embed))
+    change = {name: 100.0 * (value / after[name] - 1.0) for name, value in metrics.items() if after.get(name)}
+    ctx.logger.info(
+        'int8 ONNX model: %s',
+        ', '.join(f'{name} {metrics[name]:.4f} ({change[name]:+.2f}%)' for name in sorted(change)) or 'evaluated',
+    )
+    return {'methods': int8.quantization, 'metrics': metrics, 'relative_change': change}
+
+
 def publish_artifact(ctx: TrainContext, workdir: Path, after: dict[str, Any] | None = None) -> str:
     """Save the model and its card, upload every file under artifact/, then write artifact/manifest.json last.
 
@@ -583,6 +613,9 @@ def publish_artifact(ctx: TrainContext, workdir: Path, after: dict[str, Any] | N
     write_card(folder, facts, description.get('load'))
     if ctx.spec.to_onnx:
         description['onnx'] = export_for_artifact(ctx.model, folder)
+    if ctx.spec.to_onnx and ctx.spec.onnx_quantize:
+        description['onnx'] = quantize_for_artifact(ctx.model, folder, ctx.spec.onnx_quantize, ctx.train_records)
+        ctx.metrics.quantized = evaluate_quantized(ctx, folder, after if after is not None else final_metrics(ctx))
     plot_training_curves(
         [{'epoch': 0, **ctx.metrics.before}, *ctx.state.history], folder / PLOT_FILE, title=ctx.config.run_name
     )
@@ -661,7 +694,7 @@ def train(config: TrainerConfig, log: logging.Logger | None = None, count_proces
         with phase('checkpoints'):
             ctx.checkpointer.wait()  # the last checkpoint is stored before anything else happens
     shutdown()  # under torchrun: no collective follows (rank 0 publishes alone); NCCL warns of a group left open
-    after = dict(ctx.metrics.after if ctx.metrics.after is not None else state.metrics)
+    after = final_metrics(ctx)
     with phase('artifact'), tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
         artifact_uri = publish_artifact(ctx, Path(tmp), after) if ctx.is_main else ''
     metrics = run_metrics(ctx, after)

@@ -254,6 +254,12 @@ class Sampler(str, Enum):
     RANDOM = 'random'
 
 
+class OnnxQuantization(str, Enum):
+    AUTO = 'auto'  # each graph as its model family plans: text dynamic, images static
+    DYNAMIC = 'dynamic'
+    STATIC = 'static'
+
+
 class Resources(_Model):
     gpus: int = Field(default=1, ge=0, le=16, description='GPUs per node (0 trains on CPU).')
     nodes: int = Field(
@@ -326,6 +332,11 @@ class FinetuneRunSpec(_Model):
                     '!has(self.evalData) || !has(self.valSplit) || self.valSplit == 0.0',
                     'give either evalData or valSplit, not both',
                     '.valSplit',
+                ),
+                k8s_rule(
+                    '!has(self.onnxQuantize) || (has(self.toOnnx) && self.toOnnx)',
+                    'onnxQuantize makes an int8 copy of the ONNX model: set toOnnx: true as well',
+                    '.onnxQuantize',
                 ),
                 k8s_rule(
                     '!has(self.minerOptions) || has(self.miner)',
@@ -504,6 +515,14 @@ class FinetuneRunSpec(_Model):
         'in the training process is cheaper than shipping batches between processes), else min(4, cores).',
     )
     to_onnx: bool = Field(default=False, description='Also export the model to ONNX (checked against torch).')
+    onnx_quantize: OnnxQuantization | None = Field(
+        default=None,
+        description="Also ship an int8 ONNX model beside the float one (needs toOnnx), made with ONNX Runtime's "
+        'quantisation tools: auto quantises text graphs dynamically (int8 weights, activations per batch) and '
+        'image graphs statically (QDQ, activation ranges calibrated on a sample of the training data); dynamic or '
+        'static forces one method on every graph. The int8 model is evaluated on the evaluation data too '
+        '(status.metrics.quantized) and is what get_model(..., is_onnx=True) loads.',
+    )
     seed: int = Field(default=42, ge=0, description='Random seed of sampling, splits and initialisation.')
     checkpoint_every_steps: int | None = Field(
         default=None, ge=1, description='Also checkpoint every N steps (checkpoints are always taken per epoch).'
@@ -611,6 +630,8 @@ class FinetuneRunSpec(_Model):
         if self.miner_options and not self.miner:
             raise ValueError('minerOptions given without miner')
         self._coherent_task()
+        if self.onnx_quantize is not None and not self.to_onnx:
+            raise ValueError('onnxQuantize makes an int8 copy of the ONNX model: set toOnnx: true as well')
         self.pod_settings()  # env and volume names given twice
         return self
 
@@ -653,9 +674,33 @@ class Progress(_Model):
     updated_at: str | None = Field(default=None, description='RFC 3339 time of this report.')
 
 
+class QuantizedMetrics(_Model):
+    """The int8 ONNX model (``onnxQuantize``) evaluated like the float model, and what it lost."""
+
+    methods: dict[str, str] = Field(
+        default_factory=dict, description='How each ONNX graph was quantised (content kind -> dynamic or static).'
+    )
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description='Evaluation of the int8 ONNX model, on the same data as after.'
+    )
+    relative_change: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per metric, the int8 model against the float one in percent (int8 / float - 1; negative: '
+        'lost by quantisation).',
+    )
+
+
 class RunMetrics(_Model):
     before: dict[str, float] = Field(default_factory=dict, description='Evaluation before fine-tuning.')
     after: dict[str, float] = Field(default_factory=dict, description='Evaluation after fine-tuning.')
+    quantized: QuantizedMetrics | None = Field(
+        default=None, description='Evaluation of the int8 ONNX model (onnxQuantize) and its change against after.'
+    )
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any]) -> RunMetrics:
+        """The parts of the trainer's metrics.json that the status carries (not the per-epoch history)."""
+        return cls.model_validate({k: v for k, v in report.items() if k in ('before', 'after', 'quantized')})
 
 
 class FinetuneRunStatus(_Model):

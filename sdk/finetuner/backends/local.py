@@ -314,7 +314,7 @@ class LocalBackend(Backend):
             completion_time=state.completion_time,
             attempts=max(state.attempts, 1) if state.start_time else 0,
             progress=progress,
-            metrics=_parse(RunMetrics, {k: v for k, v in metrics.items() if k in ('before', 'after')})
+            metrics=_parse(RunMetrics, {k: v for k, v in metrics.items() if k in RunMetrics.model_fields})
             if isinstance(metrics, dict)
             else None,
             artifact_uri=f'{output_uri}/{layout.ARTIFACT}' if has_artifact or spec_output else None,

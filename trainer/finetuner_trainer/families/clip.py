@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from finetuner_trainer.data import Item
-from finetuner_trainer.embedder import Embedder, decode_image, register_family
+from finetuner_trainer.embedder import Embedder, QuantizationPlan, decode_image, register_family
 from finetuner_trainer.errors import ConfigError
 
 
@@ -117,3 +117,12 @@ class ClipEmbedder(Embedder):
                 'image: model.visual_projection(model.vision_model(pixel_values).pooler_output)'
             ),
         }
+
+    # --- ONNX ----------------------------------------------------------------------------------
+    def onnx_quantization(self, kind: str, method: str | None = None) -> QuantizationPlan:
+        """The text tower dynamically (its matrix multiplications), the vision tower statically, calibrated
+        on the run's images (its patch convolution and matrix multiplications), both per channel."""
+        chosen = method or ('dynamic' if kind == 'text' else 'static')
+        if chosen == 'dynamic':
+            return QuantizationPlan('dynamic', per_channel=True, op_types=('MatMul',))
+        return QuantizationPlan('static', per_channel=True, op_types=('Conv', 'MatMul'))

@@ -21,6 +21,7 @@ from finetuner_trainer.data import Item
 from finetuner_trainer.embedder import (
     Embedder,
     OnnxFeeder,
+    QuantizationPlan,
     decode_image,
     package_path,
     read_state_dict,
@@ -183,6 +184,14 @@ class TimmEmbedder(Embedder):
         return info
 
     # --- ONNX ----------------------------------------------------------------------------------
+    def onnx_quantization(self, kind: str, method: str | None = None) -> QuantizationPlan:
+        """Static int8 by default (QDQ, weights per channel, activation ranges calibrated on the run's
+        images): a CNN's cost is its convolutions over activations, which dynamic quantisation would
+        re-measure at every batch. Dynamic: convolutions (``ConvInteger``) and matrix multiplications."""
+        if (method or 'static') == 'static':
+            return QuantizationPlan('static', per_channel=True)
+        return QuantizationPlan('dynamic', per_channel=True, op_types=('Conv', 'MatMul'))
+
     def onnx_feeder(self, kind: str, input_names: Sequence[str], threads: int | None) -> OnnxFeeder | None:
         """Images through the numpy version of the timm transform (the same pixels, no torch tensors)."""
         if kind != 'image' or list(input_names) != ['pixel_values']:
