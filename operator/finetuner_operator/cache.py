@@ -55,11 +55,17 @@ def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def strip_job(job: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a Job the operator reads: metadata, ``spec.suspend`` and the status."""
+    """The fields of a Job the operator reads: metadata (of its annotations, the operator's own), ``spec.suspend``
+    and the status."""
+    metadata = _metadata(job)
+    annotations = (job.get('metadata') or {}).get('annotations') or {}
+    own = {key: value for key, value in annotations.items() if key.startswith('finetuner.dev/')}
+    if own:
+        metadata['annotations'] = own
     return {
         'apiVersion': job.get('apiVersion', 'batch/v1'),
         'kind': 'Job',
-        'metadata': _metadata(job),
+        'metadata': metadata,
         'spec': {'suspend': bool((job.get('spec') or {}).get('suspend'))},
         'status': job.get('status') or {},
     }

@@ -366,6 +366,8 @@ class KubeEmu(kmock.KubernetesEmulator):
         )
         self.declare('v1/configmaps', 'ConfigMap', shortnames=('cm',))
         self.declare('v1/secrets', 'Secret')
+        self.declare('v1/serviceaccounts', 'ServiceAccount', shortnames=('sa',))
+        self.declare('coordination.k8s.io/v1/leases', 'Lease')
         self.declare('v1/services', 'Service', status=True, shortnames=('svc',), categories=('all',))
         self.declare('v1/events', 'Event', shortnames=('ev',))
         self.declare('batch/v1/jobs', 'Job', status=True, categories=('all',))

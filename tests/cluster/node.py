@@ -537,6 +537,9 @@ class SimulatedNode:
         try:
             self._run(pod, gpus)
         except ConfigError as e:
+            # Like the kubelet, try again: the Secret or ConfigMap may be created a moment later (the operator
+            # creates a run's ConfigMap right after its Job).
+            self._retry_later(pod.metadata.uid)
             self._report(
                 pod,
                 'config',
@@ -555,6 +558,19 @@ class SimulatedNode:
                     ],
                 },
             )
+
+    CONFIG_RETRY = 0.5  # seconds before a pod in CreateContainerConfigError is tried again
+
+    def _retry_later(self, uid: str) -> None:
+        def touch() -> None:
+            with self._cache:
+                if uid in self._pods:
+                    self._dirty_pods.add(uid)
+                    self._cache.notify_all()
+
+        timer = threading.Timer(self.CONFIG_RETRY, touch)
+        timer.daemon = True
+        timer.start()
 
     def _report(self, pod: Any, what: str, status: dict[str, Any]) -> None:
         key = (pod.metadata.uid, what)
@@ -630,6 +646,8 @@ class SimulatedNode:
         files: dict[Path, str] = {}
         for mount in container.volume_mounts or []:
             target = rootfs / mount.mount_path.lstrip('/')
+            if target.is_symlink():  # a claim mounted by an earlier try of this pod (CreateContainerConfigError)
+                target.unlink()
             target.mkdir(parents=True, exist_ok=True)
             mapping[mount.mount_path] = target
             volume = volumes.get(mount.name)
