@@ -28,7 +28,7 @@ from finetuner_operator.kube import Kube
 
 log = logging.getLogger('finetuner_operator')
 
-GRACE = 5.0  # seconds a new Job has before its lack of pods or of a Workload means anything
+GRACE = 5.0  # at most this many seconds a new Job has before its lack of pods or of a Workload means anything
 JOB_UID_LABEL = 'kueue.x-k8s.io/job-uid'
 SCALE_UP_REASONS = ('TriggeredScaleUp', 'NotTriggerScaleUp')
 FAILED = object()  # a read that failed: nothing is known
@@ -68,6 +68,7 @@ class Diagnostics:
     def __init__(self, kube: Kube, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.kube = kube
         self.interval = interval
+        self.grace = min(GRACE, 2 * interval)
         self.clock = clock
         self._seen: dict[tuple[str, str], tuple[float, Any]] = {}
         self._guard = threading.Lock()
@@ -93,7 +94,7 @@ class Diagnostics:
         self, job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetime
     ) -> tuple[str | None, str | None]:
         """(the latest FailedCreate message, when the first was posted) of a Job without pods."""
-        if job is None or pods or job_suspended(job) or job_done(job) or _age(job, now) < GRACE:
+        if job is None or pods or job_suspended(job) or job_done(job) or _age(job, now) < self.grace:
             return None, None
         meta = job['metadata']
         if meta.get('deletionTimestamp') or not meta.get('uid'):
@@ -126,7 +127,7 @@ class Diagnostics:
 
     def workload(self, job: dict[str, Any] | None, queue: str | None, now: datetime) -> dict[str, Any] | None:
         """The Kueue Workload of a Job waiting in ``queue`` ({}: none; None: not looked for)."""
-        if job is None or not queue or not job_suspended(job) or job_done(job) or _age(job, now) < GRACE:
+        if job is None or not queue or not job_suspended(job) or job_done(job) or _age(job, now) < self.grace:
             return None
         meta = job['metadata']
         if not meta.get('uid'):

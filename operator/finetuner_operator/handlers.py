@@ -23,6 +23,11 @@ PREFIX = 'finetuner.dev'
 RUNS = 'finetuneruns'
 EXPERIMENTS = 'experiments'
 MANAGED = {'app.kubernetes.io/managed-by': MANAGED_BY}
+# Sent with the Job and pod watches and listings: the API server streams only the operator's own, not every
+# Job and pod of the cluster (the handlers' ``labels=`` filters act after the stream, in this process).
+MANAGED_SELECTOR = f'app.kubernetes.io/managed-by={MANAGED_BY}'
+SELECTED_KINDS = (('batch', 'jobs'), ('v1', 'pods'))
+TERMINAL_PHASES = ('FINISHED', 'FAILED')
 # A handler that failed (an API error the seam's own retries did not outlast) runs again after
 # this many seconds instead of Kopf's default minute: every pass is safe to repeat.
 RETRY_BACKOFF = 2.0
@@ -74,6 +79,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
     settings.posting.level = logging.WARNING  # transitions are posted as Events by the reconciler
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    for kind in SELECTED_KINDS:
+        settings.watching.label_selectors[kind] = MANAGED_SELECTOR
     settings.execution.max_workers = MAX_WORKERS
     kube = Kube(api_client(), cache.ObjectCache())
     try:
@@ -105,7 +112,13 @@ def probe_runs(**_: Any) -> int:
 # --- FinetuneRun -------------------------------------------------------------------------------
 
 
-@kopf.on.resume(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF)
+def _not_terminal(status: kopf.Status, **_: Any) -> bool:
+    """A run that has ended needs no pass at start-up (its status is final; its Job may be gone with its TTL):
+    with thousands of finished runs, the operator starts without a handler call for each."""
+    return (status or {}).get('phase') not in TERMINAL_PHASES
+
+
+@kopf.on.resume(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF, when=_not_terminal)
 @kopf.on.create(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, RUNS, field='spec', backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, RUNS, field=('metadata', 'annotations', CANCEL_ANNOTATION), backoff=RETRY_BACKOFF)
@@ -166,7 +179,10 @@ async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
         reconciler.forget(meta.get('namespace'), meta['name'])
         reconciler.request_admission()  # its slot (FINETUNER_MAX_CONCURRENT_RUNS), if any, is free: never blocks
     else:
-        reconciler.track(meta.get('namespace'), meta['name'], (body.get('status') or {}).get('phase'))
+        phase = (body.get('status') or {}).get('phase')
+        reconciler.track(meta.get('namespace'), meta['name'], phase)
+        if phase in TERMINAL_PHASES:  # counted without a pass (ended runs get none at start-up)
+            metrics.set_phase(meta.get('namespace'), meta['name'], phase)
 
 
 # --- Experiment --------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from finetuner_operator.status import (
     cancelled,
     derive_status,
     describe_validation_error,
+    job_restart,
     parse_status,
     parse_time,
     refused_status,
@@ -445,8 +446,8 @@ class RunReconciler:
         if status.phase == Phase.FAILED.value and job is not None and not job_done(job):
             # FAILED while the Job still runs (image pull, unschedulable, cancelled): stop its pods.
             self.kube.delete_job(meta['namespace'], builders.job_name(meta['name']))
-        if status.reason == RESTARTING and job is not None and job_done(job):
-            self._restart(body, previous, status, job)
+        if status.reason == RESTARTING and job is not None and job_done(job) and (status.restarts or 0) > job_restart(job):
+            self._restart(body, previous, status, job)  # this Job's failure is counted: the next Job replaces it
         metrics.set_phase(meta['namespace'], meta['name'], status.phase)
         if status.phase != previous.phase:
             self.phase_changed(meta['namespace'], spec.experiment)

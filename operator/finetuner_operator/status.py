@@ -50,6 +50,9 @@ IMAGE_PULL_REASONS = ('ErrImagePull', 'ImagePullBackOff', 'InvalidImageName', 'E
 FINAL_IMAGE_REASONS = ('InvalidImageName', 'ErrImageNeverPull')
 CONTAINER_CONFIG_REASONS = ('CreateContainerConfigError',)
 TERMINATION_MESSAGE_LIMIT = 1000
+# Seconds a failed multi-node Job may wait for its failed pod to be seen (the pod's watch event can come
+# after the Job's) before the restart is decided without the pod's cause.
+FAILED_POD_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,8 @@ def failed_job_phase(seen: Situation) -> Verdict | None:
     if job_reason == 'DeadlineExceeded':
         return deadline_verdict(seen, ended)
     if spec.resources.nodes > 1 and job_reason in ('BackoffLimitExceeded', 'PodFailurePolicy'):
+        if not failed_pods and seen.waited(parse_time(failed.get('lastTransitionTime'))) < FAILED_POD_GRACE:
+            return hold_verdict(seen)  # the failed pod's own event follows the Job's: decide with its cause
         disruption = job_reason == 'PodFailurePolicy' or (bool(failed_pods) and all(map(_disrupted, failed_pods)))
         return gang_restart_verdict(seen, last or trainer_says or 'see run.logs()', disruption, ended)
     if job_reason == 'BackoffLimitExceeded':
@@ -388,6 +393,14 @@ def failed_job_phase(seen: Situation) -> Verdict | None:
     return Verdict(Phase.FAILED, job_reason, details, completion=ended)
 
 
+def hold_verdict(seen: Situation) -> Verdict:
+    """The previous verdict, unchanged (a decision waits for what the next event brings)."""
+    previous = seen.previous
+    if previous.phase is None or previous.reason is None:
+        return SUBMITTED
+    return Verdict(Phase(previous.phase), previous.reason, previous.details or '')
+
+
 def deadline_verdict(seen: Situation, ended: str | None = None) -> Verdict:
     deadline = seen.active_deadline or seen.spec.active_deadline_seconds
     details = (
@@ -396,7 +409,7 @@ def deadline_verdict(seen: Situation, ended: str | None = None) -> Verdict:
     return Verdict(Phase.FAILED, Reason.DEADLINE_EXCEEDED.value, details, completion=ended)
 
 
-def _job_restart(job: dict[str, Any] | None) -> int:
+def job_restart(job: dict[str, Any] | None) -> int:
     """Which restart of its run a Job is (its annotation; 0 for the first Job)."""
     value = ((job or {}).get('metadata', {}).get('annotations') or {}).get(RESTART_ANNOTATION, '0')
     return int(value) if str(value).isdigit() else 0
@@ -410,8 +423,8 @@ def gang_restart_verdict(seen: Situation, cause: str, disruption: bool, ended: s
     first time it is seen, and a later pass over the same (still failed, or being deleted) Job keeps it."""
     spec, previous = seen.spec, seen.previous
     restarts, failed_attempts = previous.restarts or 0, previous.failed_attempts or 0
-    if restarts <= _job_restart(seen.observed.job):  # not counted yet
-        restarts = _job_restart(seen.observed.job) + 1
+    if restarts <= job_restart(seen.observed.job):  # not counted yet
+        restarts = job_restart(seen.observed.job) + 1
         failed_attempts += 0 if disruption else 1
     nodes = spec.resources.nodes
     if failed_attempts > spec.backoff_limit:
