@@ -9,6 +9,7 @@ and stops (exit code 1, so that its pod restarts as a candidate) when it loses i
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,7 +43,9 @@ def main() -> int:
         with leader.standby_health(config.health_port):
             if not elector.acquire(stop):
                 return 0  # stopped while standing by
-        elector.start_renewing(on_lost=stop.set)
+        # Losing the Lease stops Kopf as SIGTERM does (a stop flag of Kopf's would be waited for in a thread
+        # that blocks the interpreter's exit).
+        elector.start_renewing(on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
     try:
         kopf.run(
             standalone=True,
@@ -50,7 +53,6 @@ def main() -> int:
             namespaces=config.namespaces,
             liveness_endpoint=f'http://0.0.0.0:{config.health_port}/healthz',
             memo=kopf.Memo(config=config),
-            stop_flag=stop,
         )
     finally:
         if elector is not None:

@@ -446,7 +446,8 @@ class RunReconciler:
         if status.phase == Phase.FAILED.value and job is not None and not job_done(job):
             # FAILED while the Job still runs (image pull, unschedulable, cancelled): stop its pods.
             self.kube.delete_job(meta['namespace'], builders.job_name(meta['name']))
-        if status.reason == RESTARTING and job is not None and job_done(job) and (status.restarts or 0) > job_restart(job):
+        counted = job is not None and (status.restarts or 0) > job_restart(job)
+        if status.reason == RESTARTING and job is not None and job_done(job) and counted:
             self._restart(body, previous, status, job)  # this Job's failure is counted: the next Job replaces it
         metrics.set_phase(meta['namespace'], meta['name'], status.phase)
         if status.phase != previous.phase:
