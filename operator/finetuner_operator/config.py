@@ -171,7 +171,7 @@ class OperatorConfig(BaseModel):
         default=2.0, gt=0, description='FINETUNER_LEASE_RETRY_PERIOD: seconds between tries to acquire or renew.'
     )
     identity: str = Field(
-        default_factory=lambda: os.environ.get('POD_NAME') or socket.gethostname(),
+        default_factory=socket.gethostname,
         description='FINETUNER_IDENTITY: holder identity in the Lease (default: POD_NAME or the host name).',
     )
 
@@ -197,4 +197,6 @@ class OperatorConfig(BaseModel):
                     raise ValueError(f'FINETUNER_{name.upper()} is not valid JSON: {e}') from e
             else:
                 values[name] = raw
+        if 'identity' not in values and env.get('POD_NAME'):
+            values['identity'] = env['POD_NAME']  # the chart's downward-API variable
         return cls(**values)

@@ -59,7 +59,8 @@ KUEUE_VERSION = 'v1beta1'
 LEASES_GROUP = 'coordination.k8s.io'
 # Children carry an owner reference with blockOwnerDeletion: true. Where the API server enforces
 # OwnerReferencesPermissionEnforcement (OpenShift), setting it needs `update` on the owner's
-# finalizers subresource, or the create is answered 403. Runs own their ConfigMap, Job and Service;
+# finalizers subresource, or the create is answered 403. Runs own their Job (which owns the ConfigMap and Service,
+# without blockOwnerDeletion, so creating those needs no such right);
 # Experiments own their sweep runs and the runs that join them.
 OWN_RUNS: ApiTriple = (GROUP, f'{RUNS}/finalizers', 'update')
 OWN_EXPERIMENTS: ApiTriple = (GROUP, f'{EXPERIMENTS}/finalizers', 'update')
@@ -198,11 +199,11 @@ class Kube:
             raise
 
     # --- children of a run -------------------------------------------------------------------
-    @api_call(('', 'configmaps', 'create'), OWN_RUNS)
+    @api_call(('', 'configmaps', 'create'))
     def create_config_map(self, body: dict[str, Any]) -> bool:
         return self._create(f'/api/v1/namespaces/{body["metadata"]["namespace"]}/configmaps', body)
 
-    @api_call(('', 'services', 'create'), OWN_RUNS)
+    @api_call(('', 'services', 'create'))
     def create_service(self, body: dict[str, Any]) -> bool:
         return self._create(f'/api/v1/namespaces/{body["metadata"]["namespace"]}/services', body)
 
