@@ -77,7 +77,7 @@ def image_allowed(image: str, prefixes: list[str]) -> bool:
     for prefix in prefixes:
         wanted = prefix.rstrip('/')
         for candidate in {wanted, normalize_image(wanted)}:
-            if full == candidate or full.startswith(candidate + '/') or full.startswith(candidate + ':'):
+            if full == candidate or any(full.startswith(candidate + sep) for sep in '/:@'):
                 return True
     return False
 
