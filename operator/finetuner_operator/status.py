@@ -591,10 +591,15 @@ def retrying_phase(seen: Situation) -> Verdict | None:
 
 
 def started_earlier_phase(seen: Situation) -> Verdict | None:
-    """A trainer pod ran before and the Job still has pods: still STARTED between attempts."""
-    if not (seen.started_at and seen.observed.pods):
+    """A trainer pod ran before: still STARTED between attempts while the Job has pods, and between the
+    Jobs of a multi-node run's restart until the new Job's pods run."""
+    if not seen.started_at:
         return None
-    return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress))
+    if seen.observed.pods:
+        return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress))
+    if job_restart(seen.observed.job) > 0 and seen.previous.reason == Reason.RESTARTING.value:
+        return Verdict(Phase.STARTED, Reason.RESTARTING.value, seen.previous.details or reasons.RESTARTING)
+    return None
 
 
 # In order: the first rule that recognises the situation decides (a cancel beats everything; a Job's
