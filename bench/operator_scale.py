@@ -193,7 +193,12 @@ def _run_body(name: str) -> dict[str, Any]:
 
 
 def _start_operator(
-    kubeconfig: Path, workdir: Path, server: Any, progress_interval: float = 600.0, log_name: str = 'operator.log'
+    kubeconfig: Path,
+    workdir: Path,
+    server: Any,
+    progress_interval: float = 600.0,
+    log_name: str = 'operator.log',
+    timeout: float = 60.0,
 ) -> subprocess.Popen[bytes]:
     from tests.cluster.harness import free_port, wait_for
 
@@ -221,11 +226,7 @@ def _start_operator(
         [sys.executable, '-m', 'finetuner_operator'], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        wait_for(
-            lambda: process.poll() is not None or watching(),
-            timeout=60,
-            what='operator watches open',
-        )
+        wait_for(lambda: process.poll() is not None or watching(), timeout=timeout, what='operator watches open')
     except TimeoutError:
         process.kill()
         raise
@@ -530,7 +531,7 @@ def _measure_size(
     kube = Kube(api)
     probe = f'probe-{stage}'
     spawned = time.perf_counter()
-    operator = _start_operator(kubeconfig, workdir, server, RESYNC_INTERVAL, f'operator-{stage}.log')
+    operator = _start_operator(kubeconfig, workdir, server, RESYNC_INTERVAL, f'operator-{stage}.log', timeout=600)
     try:
         kube.request('POST', f'/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/{PLURAL}', _run_body(probe))
         job = f'/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{probe}-trainer'
@@ -602,6 +603,7 @@ def measure_accumulation(sizes: tuple[int, ...], active: int, workdir: Path) -> 
             _populate_finished(api, populated, total)
             populated = total
             results.append(_measure_size(api, server, kubeconfig, workdir, total, active, str(total)))
+            print(f'operator_scale: {results[-1]}', file=sys.stderr, flush=True)
         _finish_active(api, names[: active // 2], output_root)
         left = active - active // 2
         results.append(_measure_size(api, server, kubeconfig, workdir, sizes[-1], left, f'{sizes[-1]}-half'))

@@ -500,3 +500,69 @@ def test_derive_status_keeps_the_restart_counts() -> None:
         now=NOW,
     )
     assert (status.restarts, status.failed_attempts, status.attempts) == (2, 1, 3)
+
+
+# --- runs accumulating: ended runs cost little ------------------------------------------------------------
+
+
+def _ended_run(i: int) -> dict[str, Any]:
+    status = {
+        'phase': 'FINISHED',
+        'reason': 'Succeeded',
+        'metrics': {'before': {f'm{k}': 0.1 * k for k in range(10)}, 'after': {f'm{k}': 0.2 * k for k in range(10)}},
+        'conditions': [{'type': t, 'status': 'True', 'lastTransitionTime': stamp()} for t in ('Created', 'Started')],
+    }
+    return {
+        'apiVersion': 'finetuner.dev/v1alpha1',
+        'kind': 'FinetuneRun',
+        'metadata': {'name': f'r{i}', 'namespace': 'ns', 'resourceVersion': str(10 + i), 'uid': f'u{i}',
+                     'labels': {builders.EXPERIMENT_LABEL: 'exp'}, 'creationTimestamp': stamp()},
+        'spec': {'model': 'efficientnet_b0', 'trainData': 's3://b/d.jsonl', 'experiment': 'exp'},
+        'status': status,
+    }  # fmt: skip
+
+
+def test_ended_runs_are_kept_packed_and_read_back_whole() -> None:
+    import tracemalloc
+
+    from finetuner_operator.cache import RUNS, ObjectCache
+
+    cache = ObjectCache()
+    run = _ended_run(1)
+    cache.put(RUNS, json.loads(json.dumps(run)))
+    assert cache.get(RUNS, 'ns', 'r1') == run
+    assert cache.select(RUNS, 'ns', {builders.EXPERIMENT_LABEL: 'exp'}) == [run]
+    (light,) = cache.objects(RUNS)
+    assert light['metadata'] == run['metadata'] and light['status'] == {'phase': 'FINISHED'}
+    active = {**_ended_run(2), 'status': {'phase': 'STARTED'}}
+    cache.put(RUNS, active)
+    assert cache.get(RUNS, 'ns', 'r2') is active, 'a run that has not ended is kept as it is'
+
+    def traced(texts: list[str]) -> int:
+        """Memory the cache holds once each body was decoded from its watch event and cached."""
+        tracemalloc.start()
+        kept = ObjectCache()
+        for text in texts:
+            kept.put(RUNS, json.loads(text))
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return size
+
+    ended = [json.dumps(_ended_run(i)) for i in range(300)]
+    started = [text.replace('"FINISHED"', '"STARTED"') for text in ended]
+    assert traced(ended) < 0.5 * traced(started)
+
+
+def test_kopf_s_lines_for_every_event_handler_call_are_dropped() -> None:
+    import logging
+
+    from finetuner_operator.handlers import QuietEventHandlers
+
+    def record(level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord('kopf.objects', level, __file__, 1, message, None, None)
+
+    quiet = QuietEventHandlers()
+    assert not quiet.filter(record(logging.INFO, "Handler 'run_event' succeeded."))
+    assert not quiet.filter(record(logging.INFO, "Handler 'pod_event' succeeded."))
+    assert quiet.filter(record(logging.INFO, "Handler 'reconcile_run' succeeded."))
+    assert quiet.filter(record(logging.ERROR, "Handler 'run_event' failed with an exception. Will retry."))
