@@ -1,8 +1,10 @@
-"""``python -m bench [--quick] [--gpu] [--only NAME ...]``: run the benchmarks, write the table.
+"""``python -m bench [--quick] [--only NAME ...]``: run the benchmarks, write the table.
 
 Writes ``bench/results/<mode>.json`` (every round of both sides) and, for a full run,
 ``docs/BENCHMARKS.md``. ``--quick`` (under 3 minutes on 2 cores) writes its table to
 ``bench/results/quick.md`` so that a quick run never overwrites the published numbers.
+``python -m bench --gpu [--dry-run] [--out DIR] [--budget SECONDS]`` runs the GPU tiers instead
+(``bench.gpu``; ``python -m bench --gpu --help``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bench.report import write
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS: tuple[str, ...] = ('text_throughput', 'image_throughput', 'quality', 'inference', 'operator_scale')
+CPU_ONLY_OPTIONS = frozenset({'--quick', '--tiny', '--only', '--threads', '--results-dir', '--doc', '--strict'})
 CLOSING_NOTES = [
     'A throughput ratio is the median samples/s of this project over the median of the reference, the '
     'medians taken over alternating rounds. An image round times steady-state steps (its first step, which '
@@ -52,7 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action='store_true',
         help="the test suite's tiny random models: checks the harness, measures nothing worth publishing",
     )
-    parser.add_argument('--gpu', action='store_true', help='train and infer on CUDA (bf16 where the trainer uses it)')
+    parser.add_argument(
+        '--gpu',
+        action='store_true',
+        help='the GPU tiers on a CUDA machine, each with its own timeout, results as files '
+        '(python -m bench --gpu --help lists their options)',
+    )
     parser.add_argument(
         '--only', nargs='+', choices=BENCHMARKS, metavar='NAME', help=f'run only these: {", ".join(BENCHMARKS)}'
     )
@@ -87,13 +95,20 @@ def run_benchmark(name: str, settings: Settings, strict: bool) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            print('--gpu needs CUDA, and torch.cuda.is_available() is False on this machine', file=sys.stderr)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if '--gpu' in arguments:
+        mixed = [a for a in arguments if a.split('=')[0] in CPU_ONLY_OPTIONS]
+        if mixed:
+            print(
+                f'--gpu runs the GPU tiers (python -m bench --gpu --help lists their options); {", ".join(mixed)} '
+                'belong to the CPU benchmarks',
+                file=sys.stderr,
+            )
             return 2
+        from bench.gpu import main as gpu_main
+
+        return gpu_main([a for a in arguments if a != '--gpu'])
+    args = parse_args(argv)
     mode = 'quick' if args.quick else 'tiny' if args.tiny else 'full'
     if args.threads is not None:
         if args.threads < 1:

@@ -106,6 +106,10 @@ def render_markdown(report: Report) -> str:
         'Raw samples of every round: `bench/results/' + results_name(report) + '`.',
         '',
     ]
+    if report.mode == 'full':  # the published GPU run (or the plain fact that none has happened) stays
+        from bench.gpu_report import gpu_section
+
+        lines.append(gpu_section())
     return '\n'.join(lines)
 
 

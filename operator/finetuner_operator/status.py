@@ -147,7 +147,8 @@ def _describe_termination(pod: dict[str, Any]) -> str | None:
 
 
 def _rank(pod: dict[str, Any]) -> int | None:
-    """A pod's completion index, its node rank (a label since Kubernetes 1.28, and an annotation)."""
+    """A pod's completion index: its node rank. Kubernetes >= 1.28 sets it as a label too (the one the
+    operator's cache keeps), under the same key as the annotation."""
     meta = pod['metadata']
     index = (meta.get('labels') or {}).get(COMPLETION_INDEX_ANNOTATION)
     if index is None:
@@ -166,13 +167,16 @@ def _failure_cause(failed: list[dict[str, Any]], nodes: int) -> str | None:
         return None
     if nodes <= 1:
         return _describe_termination(failed[-1])
+    latest: dict[int | None, dict[str, Any]] = {}
+    for pod in failed:  # in creation order: the last pod of each rank is its latest attempt
+        latest[_rank(pod)] = pod
 
     def order(pod: dict[str, Any]) -> tuple[str, int, int]:
         terminated = _terminated(pod)
         killed = 0 if (terminated.get('exitCode') or 0) > 128 else 1  # on a tie, the killed one went first
         return terminated.get('finishedAt') or '~', killed, _rank(pod) or 0
 
-    first = min(failed, key=order)
+    first = min(latest.values(), key=order)
     cause = _describe_termination(first) or ('evicted' if _disrupted(first) else 'unknown cause')
     return f'node rank {_rank(first)} of {nodes} (pod {first["metadata"].get("name")}) failed: {cause}'
 
@@ -587,7 +591,8 @@ def retrying_phase(seen: Situation) -> Verdict | None:
     if not failed_pods or not seen.job_status.get('active'):
         return None
     last = _failure_cause(failed_pods, seen.spec.resources.nodes) or 'unknown cause'
-    return Verdict(Phase.STARTED, Reason.RETRYING.value, f'Attempt {len(failed_pods)} failed ({last}); retrying')
+    attempt = _node_attempts(len(failed_pods), seen.spec)
+    return Verdict(Phase.STARTED, Reason.RETRYING.value, f'Attempt {attempt} failed ({last}); retrying')
 
 
 def started_earlier_phase(seen: Situation) -> Verdict | None:
@@ -698,14 +703,18 @@ def _completion_time(verdict: Verdict, previous: FinetuneRunStatus, stamp: str) 
 def _attempts(observed: Observed, previous: FinetuneRunStatus, spec: FinetuneRunSpec, restarts: int | None) -> int:
     """Attempts so far: pods tried (one pod per attempt), or for a multi-node run its Jobs (each attempt is
     a Job with a pod per node)."""
-    if spec.resources.nodes > 1:
-        return (restarts or 0) + (1 if observed.job is not None or previous.job_name is not None else 0)
     job_status = (observed.job or {}).get('status') or {}
-    return max(
-        len(observed.pods),
-        int(job_status.get('failed') or 0) + int(job_status.get('succeeded') or 0) + int(job_status.get('active') or 0),
-        previous.attempts if observed.job is None else 0,
-    )
+    counted = sum(int(job_status.get(key) or 0) for key in ('failed', 'succeeded', 'active'))
+    if spec.resources.nodes > 1:
+        # A Job made by an operator without gang restarts may retry its pods itself: a pod per node each time.
+        jobs = (restarts or 0) + (1 if observed.job is not None or previous.job_name is not None else 0)
+        return max(jobs, _node_attempts(len(observed.pods), spec), _node_attempts(counted, spec))
+    return max(len(observed.pods), counted, previous.attempts if observed.job is None else 0)
+
+
+def _node_attempts(pods: int, spec: FinetuneRunSpec) -> int:
+    """Pods counted as attempts: an attempt of a multi-node run is one pod per node."""
+    return -(-pods // max(spec.resources.nodes, 1))
 
 
 def derive_status(

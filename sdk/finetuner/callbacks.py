@@ -1,19 +1,29 @@
 """The callbacks a run can be given: ``finetuner.fit(..., callbacks=[BestModelCheckpoint()])``.
 
 These are light descriptions (no torch): each one turns into a ``CallbackSpec(name, options)`` of
-the run's spec, and the trainer builds the real callback from it. Field names follow Finetuner's.
-Data given to ``EvaluationCallback`` as documents is uploaded with the run's data by ``fit``.
+the run's spec, and the trainer builds the real callback from it. Their options are the contract's
+(``finetuner.api.callback_options``), which the trainer checks with the same models: field names
+follow Finetuner's, defaults and limits are the trainer's. Data given to ``EvaluationCallback`` as
+documents is uploaded with the run's data by ``fit``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from finetuner.api.callback_options import (
+    BestModelOptions,
+    EarlyStoppingOptions,
+    EvaluationOptions,
+    MLFlowOptions,
+    TensorBoardOptions,
+    TrainingCheckpointOptions,
+    WandBOptions,
+    WiSEFTOptions,
+)
 from finetuner.api.v1alpha1 import CallbackSpec
-
-Mode = Literal['auto', 'min', 'max']
 
 
 class _Callback(BaseModel):
@@ -30,83 +40,47 @@ class _Callback(BaseModel):
         return CallbackSpec(name=type(self).__name__, options=options)
 
 
-class EvaluationCallback(_Callback):
+class EvaluationCallback(_Callback, EvaluationOptions):
     """Retrieval metrics (mrr, map, ndcg, precision/recall@k, hit@k) on held-out data after each epoch."""
 
     data_fields: ClassVar[tuple[str, ...]] = ('query_data', 'index_data')
 
+    # Documents are accepted here too: fit() uploads them and puts the dataset's URI in the spec.
     query_data: Any = Field(
         default=None, description='Queries: documents, a dataset name or a URI (default: the run evaluation data).'
     )
     index_data: Any | None = Field(default=None, description='Index to search (default: the queries).')
-    limit: int = Field(default=20, ge=1, le=10000, description='Depth of the ranking (the k of the @k metrics).')
-    distance: Literal['cosine', 'euclidean', 'sqeuclidean'] = 'cosine'
-    exclude_self: bool = Field(default=True, description='Ignore a query matching itself when index = queries.')
-    batch_size: int = Field(default=32, ge=1, le=65536)
-    multi_modal: bool | None = Field(default=None, description='Text queries, image index (CLIP); default: the run.')
-    gather_examples: bool = Field(default=False, description='Keep the top matches of a few queries in metrics.json.')
-    num_example_queries: int = Field(default=5, ge=1, le=1000)
 
 
-class BestModelCheckpoint(_Callback):
+class BestModelCheckpoint(_Callback, BestModelOptions):
     """Keep the weights of the best epoch by ``monitor`` as the run's artifact."""
 
-    monitor: str = 'val_loss'
-    mode: Mode = 'auto'
 
-
-class TrainingCheckpoint(_Callback):
+class TrainingCheckpoint(_Callback, TrainingCheckpointOptions):
     """Keep the last ``last_k_epochs`` full checkpoints (a retried run resumes from the newest)."""
 
-    last_k_epochs: int = Field(default=1, ge=1, le=1000)
 
-
-class EarlyStopping(_Callback):
+class EarlyStopping(_Callback, EarlyStoppingOptions):
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
 
-    monitor: str = 'val_loss'
-    mode: Mode = 'auto'
-    patience: int = Field(default=2, ge=0)
-    min_delta: float = Field(default=0.0, ge=0)
-    baseline: float | None = None
 
-
-class WiSEFTCallback(_Callback):
+class WiSEFTCallback(_Callback, WiSEFTOptions):
     """Robust fine-tuning: average the fine-tuned and pretrained weights with factor ``alpha``."""
 
-    alpha: float = Field(default=0.4, ge=0, le=1)
 
-    @model_validator(mode='after')
-    def _alpha_meaningful(self) -> WiSEFTCallback:
-        if self.alpha == 0:
-            raise ValueError('alpha=0 keeps only the pretrained weights; use a value in (0, 1]')
-        return self
-
-
-class TensorBoardLogger(_Callback):
+class TensorBoardLogger(_Callback, TensorBoardOptions):
     """Write losses and metrics as TensorBoard events under the run's output (``logs/tensorboard``)."""
 
-    log_dir: str | None = None
 
-
-class MLFlowLogger(_Callback):
+class MLFlowLogger(_Callback, MLFlowOptions):
     """Log parameters and metrics to an MLflow tracking server."""
 
-    tracking_uri: str | None = None
-    experiment_name: str | None = None
-    run_name: str | None = Field(default=None, description='Default: the run name.')
 
-
-class WandBLogger(_Callback):
+class WandBLogger(_Callback, WandBOptions):
     """Log losses and metrics to Weights & Biases (the options go to ``wandb.init``)."""
 
-    project: str | None = None
-    entity: str | None = None
-    name: str | None = Field(default=None, description='Default: the run name.')
-    mode: Literal['online', 'offline', 'disabled'] = 'online'
-    dir: str | None = None
 
-
+# One class per name of the contract's CALLBACK_OPTIONS (tests/sdk checks that none is missing).
 CALLBACK_CLASSES: dict[str, type[_Callback]] = {
     cls.__name__: cls
     for cls in (

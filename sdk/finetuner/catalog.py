@@ -1,17 +1,20 @@
-"""Names the whole system agrees on: backbones, losses, miners, optimizers, schedulers, callbacks.
+"""Names the whole system agrees on: backbones, losses, miners, model families, optimizers, schedulers.
 
 Pure data, no heavy imports: the SDK shows it (``describe_models``), the contract validates
-against it (and the CRD's enums are generated from it), and the trainer's registries are tested
-to hold exactly these names.
+against it (and the CRD's enums are generated from it). Losses, miners and model families are the
+trainer's registries, copied into ``finetuner/registered.py`` by ``python -m finetuner.api.crdgen``
+(its ``--check`` fails when the copy is out of date); the callbacks' names and options are the
+contract's (``finetuner.api.callback_options``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from finetuner.registered import FAMILIES, LOSSES, MINERS
 
 Task = Literal['image-to-image', 'text-to-text', 'text-to-image']
-Family = Literal['timm', 'text', 'clip']
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class Backbone:
     output_dim: int
     architecture: str
     description: str
-    family: Family
+    family: str  # a model family of the trainer (FAMILY_NAMES)
     source: str  # timm model name or Hugging Face id the weights come from
     aliases: tuple[str, ...] = field(default=())
     default_learning_rate: float = 1e-4
@@ -32,16 +35,8 @@ BACKBONES: tuple[Backbone, ...] = (
     Backbone(
         'resnet152', 'image-to-image', 2048, 'CNN', 'Pretrained on ImageNet', 'timm', 'resnet152', ('resnet-large',)
     ),
-    Backbone(
-        'efficientnet_b0',
-        'image-to-image',
-        1280,
-        'CNN',
-        'Pretrained on ImageNet',
-        'timm',
-        'efficientnet_b0',
-        ('efficientnet-base',),
-    ),
+    Backbone('efficientnet_b0', 'image-to-image', 1280, 'CNN', 'Pretrained on ImageNet', 'timm', 'efficientnet_b0'),
+    # Finetuner's names: efficientnet-base is EfficientNet-B4, efficientnet-large EfficientNet-B7.
     Backbone(
         'efficientnet_b4',
         'image-to-image',
@@ -50,6 +45,16 @@ BACKBONES: tuple[Backbone, ...] = (
         'Pretrained on ImageNet',
         'timm',
         'efficientnet_b4',
+        ('efficientnet-base',),
+    ),
+    Backbone(
+        'efficientnet_b7',
+        'image-to-image',
+        2560,
+        'CNN',
+        'Pretrained on ImageNet (large)',
+        'timm',
+        'efficientnet_b7',
         ('efficientnet-large',),
     ),
     Backbone(
@@ -127,63 +132,24 @@ def find_backbone(name: str) -> Backbone | None:
     return None
 
 
-# Every loss of pytorch-metric-learning 2.x that trains from (embeddings, labels) (ManifoldLoss
-# refuses labels, so it is not here), plus the pair losses of this project. tests/trainer checks
-# the trainer registry holds exactly these.
-PML_LOSS_NAMES: tuple[str, ...] = (
-    'AngularLoss',
-    'ArcFaceLoss',
-    'CircleLoss',
-    'ContrastiveLoss',
-    'CosFaceLoss',
-    'DynamicSoftMarginLoss',
-    'FastAPLoss',
-    'GeneralizedLiftedStructureLoss',
-    'HistogramLoss',
-    'InstanceLoss',
-    'IntraPairVarianceLoss',
-    'LargeMarginSoftmaxLoss',
-    'LiftedStructureLoss',
-    'MarginLoss',
-    'MultiSimilarityLoss',
-    'NCALoss',
-    'NPairsLoss',
-    'NTXentLoss',
-    'NormalizedSoftmaxLoss',
-    'P2SGradLoss',
-    'PNPLoss',
-    'ProxyAnchorLoss',
-    'ProxyNCALoss',
-    'RankedListLoss',
-    'SignalToNoiseRatioContrastiveLoss',
-    'SmoothAPLoss',
-    'SoftTripleLoss',
-    'SphereFaceLoss',
-    'SubCenterArcFaceLoss',
-    'SupConLoss',
-    'ThresholdConsistentMarginLoss',
-    'TripletMarginLoss',
-    'TupletMarginLoss',
-)
-PAIR_LOSS_NAMES: tuple[str, ...] = (
-    'CLIPLoss',
-    'MultipleNegativesRankingLoss',
-    'CosineSimilarityLoss',
-    'MarginMSELoss',
-)
-LOSS_NAMES: tuple[str, ...] = PML_LOSS_NAMES + PAIR_LOSS_NAMES
+# Losses in the trainer's registry order: label losses (pytorch-metric-learning's, and any other
+# registered (embeddings, labels) loss; they take a miner), then pair losses.
+LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
+PML_LOSS_NAMES: tuple[str, ...] = tuple(name for name, loss in LOSSES.items() if loss['objective'] == 'label')
+PAIR_LOSS_NAMES: tuple[str, ...] = tuple(name for name, loss in LOSSES.items() if loss['objective'] == 'pair')
+MINER_NAMES: tuple[str, ...] = MINERS
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
-MINER_NAMES: tuple[str, ...] = (
-    'AngularMiner',
-    'BatchEasyHardMiner',
-    'BatchHardMiner',
-    'DistanceWeightedMiner',
-    'HDCMiner',
-    'MultiSimilarityMiner',
-    'PairMarginMiner',
-    'TripletMarginMiner',
-    'UniformHistogramMiner',
-)
+
+def loss_shapes(name: str) -> tuple[str, ...]:
+    """The data shapes (labelled, pairs, scored-pairs, text-image) the loss ``name`` trains on."""
+    return tuple(LOSSES[name]['shapes'])
+
+
+def family_info(name: str) -> dict[str, Any]:
+    """A model family's metadata: ``kinds`` (content it embeds), ``select_models`` (get_model names)."""
+    return dict(FAMILIES[name])
+
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     'Adadelta',
@@ -210,17 +176,6 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     'constant_with_warmup',
 )
 
-CALLBACK_NAMES: tuple[str, ...] = (
-    'EvaluationCallback',
-    'BestModelCheckpoint',
-    'TrainingCheckpoint',
-    'EarlyStopping',
-    'WiSEFTCallback',
-    'TensorBoardLogger',
-    'MLFlowLogger',
-    'WandBLogger',
-)
-
 EVALUATION_METRICS: tuple[str, ...] = (
     'average_precision',
     'dcg_at_k',
@@ -232,3 +187,81 @@ EVALUATION_METRICS: tuple[str, ...] = (
     'recall_at_k',
     'reciprocal_rank',
 )
+
+
+# --- model options (fit(model_options=...), build_model(model_options=...)) --------------------------
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    """One option a model family takes in ``model_options``; the trainer refuses the others."""
+
+    name: str
+    type: type
+    default: Any
+    description: str
+    choices: tuple[str, ...] = ()
+
+
+_PRETRAINED = ModelOption(
+    'pretrained', bool, True, 'Start from the pretrained weights (False: random weights of the same architecture).'
+)
+MODEL_OPTIONS: dict[str, tuple[ModelOption, ...]] = {
+    'timm': (
+        _PRETRAINED,
+        ModelOption('pooler', str, 'mean', 'Pooling of the feature map.', ('mean', 'max', 'gem')),
+        ModelOption('image_size', int, None, "Side of the square input image (default: the model's own)."),
+    ),
+    'text': (
+        _PRETRAINED,
+        ModelOption('pooler', str, 'mean', 'Pooling of the token embeddings.', ('mean', 'cls')),
+        ModelOption('max_length', int, None, "Tokens per text (default: the folder's, else 256, within the model's)."),
+    ),
+    'clip': (
+        _PRETRAINED,
+        ModelOption('max_length', int, None, "Tokens per text (default: the text tower's maximum, 77 for OpenAI's)."),
+    ),
+}
+
+
+def model_options_of(family: str) -> tuple[ModelOption, ...]:
+    return MODEL_OPTIONS.get(family, ())
+
+
+# --- model names --------------------------------------------------------------------------------
+
+# Family prefixes a model name may start with ('timm:resnet18'), and URI schemes the trainer reads.
+MODEL_PREFIXES: tuple[str, ...] = ('timm:', 's3://', 'file://')
+
+
+def catalog_names() -> list[str]:
+    return [name for b in BACKBONES for name in (b.name, *b.aliases)]
+
+
+def close_backbones(name: str) -> list[str]:
+    """Catalog names and aliases that ``name`` is a likely misspelling of, closest first."""
+    import difflib
+
+    names = catalog_names()
+    lowered = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.8)
+    return [lowered[n] for n in close]
+
+
+def misspelt_backbone(name: str) -> tuple[str, ...] | None:
+    """The close catalog names when ``name`` can only be a misspelt catalog name, else None.
+
+    A name outside the catalog is taken as a Hugging Face model id (or a folder). Ids of the hub's top
+    level (``bert-base-uncased``, ``gpt2``, ``roberta-base``) are lower case with hyphens; any other id
+    has an organisation (``org/name``). So a bare name with an underscore or a capital letter
+    (``efficentnet_b0``, ``ResNet50``) is no hub id: it is refused, with the closest catalog names."""
+    if find_backbone(name) is not None or not is_bare_name(name):
+        return None
+    if '_' not in name and name == name.lower():
+        return None
+    return tuple(close_backbones(name))
+
+
+def is_bare_name(name: str) -> bool:
+    """A name without a family prefix, URI scheme, organisation or path: a catalog name or a top-level hub id."""
+    return not (name.startswith((*MODEL_PREFIXES, '.', '~')) or '/' in name or '\\' in name or ':' in name)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
 import re
 import textwrap
 import types
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
@@ -27,10 +29,11 @@ from pydantic.fields import FieldInfo
 from finetuner import callbacks as callback_classes
 from finetuner.api.layout import dataset_key
 from finetuner.api.v1alpha1 import CallbackSpec, FinetuneRunSpec, check_dns1123_name
-from finetuner.backends.base import Backend
+from finetuner.backends.base import Backend, Reservation
 from finetuner.catalog import find_backbone
 from finetuner.data import DataRef, Modalities, dataset_exists, push_records, resolve
-from finetuner.errors import ArgumentError, RunNotFoundError
+from finetuner.errors import ArgumentError
+from finetuner.model_names import check_model_name
 from finetuner.names import unique_name
 from finetuner.run import Run
 
@@ -261,8 +264,12 @@ def check_names(given: dict[str, Any]) -> str:
     experiment = given['experiment_name'] or DEFAULT_EXPERIMENT
     _dns_name(experiment, 'experiment_name')
     model = given['model']
+    if isinstance(model, os.PathLike):  # a model folder as a Path: the spec holds its absolute path
+        folder = Path(os.fspath(model)).expanduser()
+        model = given['model'] = str(folder.resolve()) if folder.exists() else os.fspath(model)
     if not isinstance(model, str) or not model.strip():
         raise ArgumentError('model', 'give a backbone name (see finetuner.describe_models()) or a model folder')
+    check_model_name(model)
     if given['train_data'] is None:
         raise ArgumentError('train_data', 'is required: documents, a CSV path, a folder, a URI or a dataset name')
     return experiment
@@ -416,25 +423,28 @@ class DataPlan:
 
 def plan_data(
     given: dict[str, Any],
-    name: str,
+    reservation: Reservation,
     spec: FinetuneRunSpec,
     callbacks: list[tuple[CallbackSpec, dict[str, Any]]],
     backend: Backend,
 ) -> tuple[FinetuneRunSpec, DataPlan]:
-    """The spec with every data argument replaced by its URI, and what to upload before submitting."""
+    """The spec with every data argument replaced by its URI, and what to upload before submitting
+    (under dataset names of this submission alone, ``<run>-<uid>-train``: see Reservation)."""
     modalities = Modalities(text=given['text_modality'] or 'text', image=given['image_modality'] or 'image')
     plan = DataPlan(backend.data_store(), spec, modalities)
-    updates: dict[str, Any] = {'train_data': plan.uri(given['train_data'], 'train_data', f'{name}-train')}
+    updates: dict[str, Any] = {'train_data': plan.uri(given['train_data'], 'train_data', reservation.dataset('train'))}
     if given['eval_data'] is not None:
-        updates['eval_data'] = plan.uri(given['eval_data'], 'eval_data', f'{name}-eval')
+        updates['eval_data'] = plan.uri(given['eval_data'], 'eval_data', reservation.dataset('eval'))
     resolved = []
     for i, (cb_spec, data_fields) in enumerate(callbacks):
         options = dict(cb_spec.options)
         for option, data in data_fields.items():
             short = option.removesuffix('_data')
-            options[option] = plan.uri(data, f'callbacks[{i}].{option}', f'{name}-{i}-{short}')
+            options[option] = plan.uri(data, f'callbacks[{i}].{option}', reservation.dataset(f'{i}-{short}'))
         resolved.append(CallbackSpec(name=cb_spec.name, options=options))
     updates['callbacks'] = resolved
+    reservation.data_uri = plan.store.uri
+    reservation.datasets = [dataset for dataset, _ in plan.uploads]
     return spec.model_copy(update=updates), plan
 
 
@@ -442,27 +452,26 @@ def plan_data(
 
 
 def fit(backend: Backend, given: dict[str, Any]) -> Run:
-    """Check every argument, then upload the data and submit the run (see ``finetuner.fit``)."""
+    """Check every argument, reserve the run's name, then upload the data and submit the run (see
+    ``finetuner.fit``). A name in use is refused before anything is uploaded; a submission that fails
+    after its uploads deletes them and frees the name."""
     experiment = check_names(given)
     device(given)  # contradictions between the two generations before anything is read
     scheduler_options(given)
     name = given['run_name'] or unique_name({r.name for r in backend.list_runs()})
     callbacks = callback_specs(given['callbacks'])
     spec = build_spec(given, name, experiment, callbacks)
-    spec, data = plan_data(given, name, spec, callbacks, backend)
-    _check_name_free(backend, name)
+    reservation = Reservation(name=name)
+    spec, data = plan_data(given, reservation, spec, callbacks, backend)
     check_ready = getattr(backend, 'check_ready', None)  # the local backend checks it can train here
     if check_ready is not None:
         check_ready()
-    data.upload()
-    if experiment != DEFAULT_EXPERIMENT:
-        backend.create_experiment(experiment)
-    return Run(backend.create_run(name, spec), backend)
-
-
-def _check_name_free(backend: Backend, name: str) -> None:
+    backend.reserve_run(reservation)
     try:
-        backend.get_run(name)
-    except RunNotFoundError:
-        return
-    raise ArgumentError('run_name', f'a run named {name!r} already exists; choose another name or delete_run({name!r})')
+        data.upload()
+        if experiment != DEFAULT_EXPERIMENT:
+            backend.create_experiment(experiment)
+        return Run(backend.create_run(name, spec, reservation), backend)
+    except BaseException:
+        backend.release_run(reservation)
+        raise

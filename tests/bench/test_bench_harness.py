@@ -140,6 +140,8 @@ def test_bad_options_are_refused_with_the_reason(capsys: pytest.CaptureFixture[s
     import torch
 
     if not torch.cuda.is_available():
-        assert main(['--tiny', '--gpu', '--results-dir', str(tmp_path)]) == 2
-        assert '--gpu needs CUDA' in capsys.readouterr().err
+        assert main(['--gpu', '--out', str(tmp_path / 'gpu')]) == 2
+        assert 'python -m bench --gpu needs CUDA' in capsys.readouterr().err
+    assert main(['--tiny', '--gpu', '--results-dir', str(tmp_path)]) == 2
+    assert '--tiny, --results-dir belong to the CPU benchmarks' in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written by a refused run

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from finetuner_operator.config import OperatorConfig
-from tests.cluster.harness import ApiServer, OperatorProcess, OperatorRunner, write_kubeconfig
+from tests.cluster.harness import ApiServer, OperatorContainer, OperatorProcess, OperatorRunner, write_kubeconfig
 from tests.cluster.node import SimulatedNode
 from tests.cluster.s3 import S3Server, start_s3
 
@@ -38,6 +38,9 @@ def register_markers(config: pytest.Config) -> None:
     config.addinivalue_line(
         'markers', 'operator_process: the cluster fixture runs the operator as its own process, not a thread'
     )
+    config.addinivalue_line(
+        'markers', 'operator_image: the cluster fixture runs the operator from its image (podman; built if needed)'
+    )
 
 
 def api_client(kubeconfig: Path) -> Any:
@@ -46,6 +49,39 @@ def api_client(kubeconfig: Path) -> Any:
     configuration = kubernetes.client.Configuration()
     kubernetes.config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
     return kubernetes.client.ApiClient(configuration)
+
+
+def _built(which: str) -> str:
+    from tests.cluster.runtime import BuildUnavailable, build_image, podman_unusable
+
+    reason = podman_unusable()
+    if reason:
+        pytest.skip(reason)
+    try:
+        return build_image(which)
+    except BuildUnavailable as e:
+        pytest.skip(f'scripts/build-images.sh {which} cannot build here: {e}')
+
+
+@pytest.fixture(scope='session')
+def operator_image() -> str:
+    """The operator image, built (or brought up to date from the layer cache) by scripts/build-images.sh."""
+    return _built('operator')
+
+
+@pytest.fixture(scope='session')
+def trainer_image() -> str:
+    """The trainer image, built (or brought up to date) by scripts/build-images.sh: ~6 min the first time."""
+    return _built('trainer')
+
+
+@pytest.fixture
+def podman_ready() -> None:
+    from tests.cluster.runtime import podman_unusable
+
+    reason = podman_unusable()
+    if reason:
+        pytest.skip(reason)
 
 
 @dataclass
@@ -57,7 +93,7 @@ class Cluster:
     bucket: str
     config: OperatorConfig
     node: SimulatedNode
-    operator: OperatorRunner | OperatorProcess
+    operator: OperatorRunner | OperatorProcess | OperatorContainer
 
 
 @pytest.fixture
@@ -136,13 +172,18 @@ def cluster(
     create_trainer_service_account(api, config.trainer_service_account)
     node_marker = request.node.get_closest_marker('node')
     node_options = {'poll': 0.1, **(node_marker.kwargs if node_marker else {})}
+    if node_options.get('runtime') == 'podman':
+        request.getfixturevalue('podman_ready')
+    image = request.getfixturevalue('operator_image') if request.node.get_closest_marker('operator_image') else None
     node_api = api_client(kubeconfig)
     node_api.user_agent = NODE_USER_AGENT  # fault rules and request logs tell the node's calls apart
     node = SimulatedNode(node_api, tmp_path / 'node', extra_env=NODE_ENV, **node_options)
     server.emu.log_source = node.read_log
     node.start()
-    operator: OperatorRunner | OperatorProcess
-    if request.node.get_closest_marker('operator_process'):
+    operator: OperatorRunner | OperatorProcess | OperatorContainer
+    if image is not None:
+        operator = OperatorContainer(server, config, kubeconfig, tmp_path / 'operator.log', image).start()
+    elif request.node.get_closest_marker('operator_process'):
         operator = OperatorProcess(server, config, kubeconfig, tmp_path / 'operator.log').start()
     else:
         operator = OperatorRunner(server, config).start()

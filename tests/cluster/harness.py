@@ -8,7 +8,9 @@ must not share pytest's loop (it cancels foreign tasks on exit and installs sign
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -280,9 +282,7 @@ class OperatorProcess:
         return self.process.pid
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
-        import os
         import subprocess
-        import sys
 
         emu = self.server.emu
         wanted = (f'{GROUP}/{VERSION}/finetuneruns', f'{GROUP}/{VERSION}/experiments', 'batch/v1/jobs', 'v1/pods')
@@ -290,10 +290,9 @@ class OperatorProcess:
         env = {**os.environ, **operator_env(self.config), 'KUBECONFIG': str(self.kubeconfig)}
         env['FINETUNER_HEALTH_PORT'] = str(free_port())
         env.pop('KUBERNETES_SERVICE_HOST', None)
+        argv, env = self.command(env)
         with self.log.open('ab') as sink:
-            self.process = subprocess.Popen(
-                [sys.executable, '-m', 'finetuner_operator'], env=env, stdout=sink, stderr=subprocess.STDOUT
-            )
+            self.process = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
         wait_for(
             lambda: (
                 self.process.poll() is not None
@@ -305,6 +304,10 @@ class OperatorProcess:
         if self.process.poll() is not None:
             raise RuntimeError(f'the operator exited with {self.process.returncode}: {self.tail()}')
         return self
+
+    def command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """The operator's command line and environment."""
+        return [sys.executable, '-m', 'finetuner_operator'], env
 
     def tail(self) -> str:
         return self.log.read_text(errors='replace')[-3000:] if self.log.exists() else ''
@@ -329,3 +332,33 @@ class OperatorProcess:
     def restart(self) -> OperatorProcess:
         self.stop()
         return self.start()
+
+
+class OperatorContainer(OperatorProcess):
+    """The operator from its image (``podman run``), as the Helm chart runs it: its settings in
+    FINETUNER_* variables, the object store's keys in AWS_* variables, a kubeconfig for the test's API
+    server mounted read-only, the host's network (the API server and S3 listen on loopback)."""
+
+    KUBECONFIG = '/etc/finetuner-test/kubeconfig'
+
+    def __init__(self, server: ApiServer, config: Any, kubeconfig: Path, log: Path, image: str):
+        super().__init__(server, config, kubeconfig, log)
+        self.image = image
+        self.name = f'kube-finetuner-operator-{os.getpid()}-{free_port()}'
+
+    def command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        from tests.cluster.runtime import Podman
+
+        podman = Podman()
+        passed = sorted(k for k in env if k.startswith(('FINETUNER_', 'AWS_')))
+        argv = [podman.binary, 'run', '--rm', '--name', self.name, '--network=host', '--pull=never']
+        argv += ['-v', f'{self.kubeconfig}:{self.KUBECONFIG}:ro', '-e', f'KUBECONFIG={self.KUBECONFIG}']
+        for key in passed:
+            argv += ['-e', key]  # values from podman's own environment: never on a command line
+        return [*argv, self.image], {**podman.env, **{k: env[k] for k in passed}}
+
+    def stop(self) -> None:
+        super().stop()  # SIGTERM to `podman run`, which passes it on to the operator
+        from tests.cluster.runtime import Podman
+
+        Podman().run(['rm', '--force', '--ignore', self.name])

@@ -8,11 +8,22 @@ the pods of suspended Jobs, and writes Job status and conditions.
 As the kubelet it schedules pods against its GPU capacity and node labels (a pod that does not
 fit stays Pending with PodScheduled=False/Unschedulable), refuses images the test declares
 unpullable (ErrImagePull), resolves the container environment (values, ``$(VAR)`` expansion,
-Secret and ConfigMap key references, field references), materialises ConfigMap and emptyDir
-volumes under a per-pod root folder, maps the mount paths and the termination-message path into
-it, then runs the container's real command as a subprocess of this project's Python. Exit code,
-termination message (or the log tail with FallbackToLogsOnError) and phase go back into the pod
-status; the log is served by the emulator's ``/log`` endpoint.
+Secret and ConfigMap key references, field references), materialises ConfigMap, emptyDir and
+PersistentVolumeClaim volumes under a per-pod root folder, and runs the container with one of two
+runtimes (``tests/cluster/runtime.py``):
+
+- ``process`` (the default): the container's real command as a process group of this machine, with
+  this project's Python for ``python``/``torchrun`` and the mount paths and the termination-message
+  path mapped into the pod's folder;
+- ``podman``: ``podman run`` of the pod's image (a missing image is ErrImagePull) with the pod's
+  command, args, env, mounts, working directory, user, security settings and memory limit.
+
+Every pod of the node shares the machine's network (pod IP 127.0.0.1), as with host networking: the
+cluster DNS names a pod could resolve (``<svc>.<ns>.svc`` and, for a headless Service, the
+``<hostname>.<svc>.<ns>.svc`` of the pods it selects) map to 127.0.0.1, through ``/etc/hosts`` with
+podman and by replacing them in env values and arguments for a process. Exit code, termination
+message (or the log tail with FallbackToLogsOnError) and phase go back into the pod status; the log
+is served by the emulator's ``/log`` endpoint.
 
 Like the real controllers it is driven by watches: two watch threads keep a cache of Jobs and
 pods (an informer), and the control loop handles only the Jobs and pods an event touched, plus a
@@ -24,10 +35,8 @@ Job and pod on each pass made a burst of n runs cost n^2. Its own writes go into
 from __future__ import annotations
 
 import base64
-import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -40,7 +49,11 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as TransportError
 
+from tests.cluster.runtime import Launch, Mount, PodmanRuntime, ProcessRuntime, Started
+
 PULL_ERROR = 'ErrImagePull'
+POD_IP = '127.0.0.1'
+CLUSTER_DOMAIN = 'cluster.local'
 
 
 def now_rfc3339() -> str:
@@ -60,7 +73,7 @@ class Container:
     pod: str
     namespace: str
     uid: str
-    process: subprocess.Popen[bytes]
+    handle: Started
     root: Path
     log: Path
     termination: Path
@@ -86,6 +99,7 @@ class SimulatedNode:
         resync: float = 2.0,
         name: str = 'sim-node-1',
         command: list[str] | None = None,
+        runtime: str = 'process',
     ):
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
@@ -101,6 +115,15 @@ class SimulatedNode:
         # Replaces every container's command and args (a stand-in trainer for load and fault tests);
         # paths inside the container ($(VAR), mounts) are mapped as for the real command.
         self.command = list(command) if command else None
+        self.runtime: ProcessRuntime | PodmanRuntime
+        if runtime == 'podman':
+            if command:
+                raise ValueError('command replaces a container with a program of this machine: not with podman')
+            self.runtime = PodmanRuntime()
+        elif runtime == 'process':
+            self.runtime = ProcessRuntime(python)
+        else:
+            raise ValueError(f"runtime must be 'process' or 'podman', not {runtime!r}")
         self.containers: dict[str, Container] = {}  # by pod uid
         self.logs: dict[tuple[str, str], Path] = {}
         self.reported: set[tuple[str, str]] = set()  # (pod uid, condition) already written
@@ -139,8 +162,8 @@ class SimulatedNode:
         with self._lock:
             running = [c for c in self.containers.values() if c.pod == pod and c.namespace == namespace]
         for container in running:
-            if container.process.poll() is None:
-                container.process.kill()
+            if container.handle.process.poll() is None:
+                container.handle.kill()
                 return True
         return False
 
@@ -153,8 +176,7 @@ class SimulatedNode:
         for thread in self._watchers:
             thread.join(10)
         for container in list(self.containers.values()):
-            if container.process.poll() is None:
-                container.process.kill()
+            container.handle.kill()
             container.done.wait(10)
 
     def pause(self, paused: bool = True) -> None:
@@ -251,8 +273,8 @@ class SimulatedNode:
             self._cache.notify_all()
         with self._lock:
             container = self.containers.get(uid)
-        if container is not None and container.process.poll() is None:
-            container.process.kill()  # the pod was deleted: stop its container
+        if container is not None:
+            container.handle.kill()  # the pod was deleted: stop its container
 
     def _touch_all(self) -> None:
         with self._cache:
@@ -556,7 +578,8 @@ class SimulatedNode:
                 },
             )
             return
-        if container.image in self.unpullable:
+        missing = self.runtime.image_missing(container.image) if isinstance(self.runtime, PodmanRuntime) else None
+        if container.image in self.unpullable or missing:
             self._report(
                 pod,
                 'pull',
@@ -573,7 +596,8 @@ class SimulatedNode:
                             'state': {
                                 'waiting': {
                                     'reason': PULL_ERROR,
-                                    'message': f'failed to pull and unpack image "{container.image}": not found',
+                                    'message': f'failed to pull and unpack image "{container.image}": '
+                                    + (missing or 'not found'),
                                 }
                             },
                         }
@@ -664,7 +688,7 @@ class SimulatedNode:
             return (getattr(pod.metadata, m.group(1)) or {}).get(m.group(2), '')
         raise ConfigError(f'unsupported fieldRef {path}')
 
-    def _environment(self, pod: Any, container: Any, mapping: dict[str, Path]) -> dict[str, str]:
+    def _environment(self, pod: Any, container: Any) -> dict[str, str]:
         env: dict[str, str] = {}
         for var in container.env or []:
             if var.value_from is None:
@@ -679,68 +703,121 @@ class SimulatedNode:
             else:
                 raise ConfigError(f'unsupported valueFrom in env {var.name}')
             if value is not None:
-                env[var.name] = _map_path(value, mapping)
+                env[var.name] = value
         return env
 
-    def _run(self, pod: Any, gpus: int) -> None:
-        ns, name, uid = pod.metadata.namespace, pod.metadata.name, pod.metadata.uid
-        container = pod.spec.containers[0]
-        root = self.workdir / f'{name}-{uid[:8]}'
-        rootfs = root / 'rootfs'
-        mapping: dict[str, Path] = {}
+    def _volumes(self, pod: Any, container: Any, rootfs: Path) -> tuple[dict[str, Mount], dict[Path, str]]:
+        """Each volume mount as a folder under the pod's ``rootfs``, and the files of ConfigMap volumes."""
+        ns = pod.metadata.namespace
         volumes = {v.name: v for v in pod.spec.volumes or []}
-        termination_path = container.termination_message_path or '/dev/termination-log'
+        mounts: dict[str, Mount] = {}
         files: dict[Path, str] = {}
         for mount in container.volume_mounts or []:
             target = rootfs / mount.mount_path.lstrip('/')
             if target.is_symlink():  # a claim mounted by an earlier try of this pod (CreateContainerConfigError)
                 target.unlink()
             target.mkdir(parents=True, exist_ok=True)
-            mapping[mount.mount_path] = target
             volume = volumes.get(mount.name)
+            read_only = bool(mount.read_only)
             if volume is not None and volume.config_map is not None:
-                data = self._config_map(ns, volume.config_map.name)
-                for key, text in data.items():
+                for key, text in self._config_map(ns, volume.config_map.name).items():
                     files[target / key] = text
+                read_only = True
             elif volume is not None and volume.persistent_volume_claim is not None:
                 shared = self.workdir / 'pvcs' / volume.persistent_volume_claim.claim_name
                 shared.mkdir(parents=True, exist_ok=True)
+                shared.chmod(0o777)
                 target.rmdir()
                 target.symlink_to(shared, target_is_directory=True)
+            else:
+                target.chmod(0o777)  # an emptyDir: writable by the pod's user, whoever that is
+            mounts[mount.mount_path] = Mount(target, read_only)
+        return mounts, files
+
+    def _cluster_hosts(self, pod: Any) -> dict[str, str]:
+        """The cluster DNS names of the pod's namespace that resolve, each to the node's one address."""
+        ns = pod.metadata.namespace
+        names: dict[str, str] = {}
+        with self._cache:
+            pods = [p for p in self._pods.values() if p.metadata.namespace == ns and not p.metadata.deletion_timestamp]
+        for service in self.core.list_namespaced_service(ns).items:
+            svc = service.metadata.name
+            domains = [f'{svc}.{ns}.svc', f'{svc}.{ns}.svc.{CLUSTER_DOMAIN}']
+            for domain in domains:
+                names[domain] = POD_IP
+            if service.spec.cluster_ip != 'None' or not service.spec.selector:
+                continue
+            for member in pods:  # a headless Service: a record per selected pod with this subdomain
+                labels = member.metadata.labels or {}
+                if member.spec.subdomain != svc or not member.spec.hostname:
+                    continue
+                if all(labels.get(k) == v for k, v in service.spec.selector.items()):
+                    for domain in domains:
+                        names[f'{member.spec.hostname}.{domain}'] = POD_IP
+        return names
+
+    def _launch(self, pod: Any, container: Any, root: Path) -> Launch:
+        rootfs = root / 'rootfs'
+        mounts, files = self._volumes(pod, container, rootfs)
+        termination_path = container.termination_message_path or '/dev/termination-log'
         termination = rootfs / termination_path.lstrip('/')
         termination.parent.mkdir(parents=True, exist_ok=True)
         termination.touch()
-        mapping[termination_path] = termination
-        env = self._environment(pod, container, mapping)
+        termination.chmod(0o666)
+        mounts[termination_path] = Mount(termination)
+        extra = dict(self.extra_env)
+        if isinstance(self.runtime, PodmanRuntime):
+            extra.pop('PYTHONPATH', None)  # this machine's import path means nothing inside an image
+        env = {**extra, **self._environment(pod, container)}
         for path, text in files.items():
-            # The container would see its own paths; the host process needs them mapped into its root.
-            for inside in sorted([termination_path, *_config_mounts(container, volumes)], key=len, reverse=True):
-                text = text.replace(inside, str(mapping[inside]))
+            if isinstance(self.runtime, ProcessRuntime):
+                # The container would see its own paths; a process of this machine needs them mapped.
+                for inside in sorted([termination_path, *_config_mounts(container, pod)], key=len, reverse=True):
+                    text = text.replace(inside, str(mounts[inside].host))
             path.write_text(text)
         given = self.command or [*(container.command or []), *(container.args or [])]
-        argv = [_expand(a, env) for a in given]
-        # Files that exist on the host (the interpreter, a test's stand-in script) stay as they are even
-        # when they lie below a mount path such as /tmp (a checkout under /tmp); container paths map.
-        argv = [a if os.path.isfile(a) else _map_path(a, mapping) for a in argv]
-        if argv and argv[0] in ('python', 'python3'):
-            argv[0] = self.python
-        elif argv and argv[0] == 'torchrun':
-            argv = [self.python, '-m', 'torch.distributed.run', *argv[1:]]
-        process_env = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), **self.extra_env, **env}
+        security = _security(pod, container)
+        user = (security['uid'], security['gid'] if security['gid'] is not None else 0)
+        if security['non_root'] and user[0] == 0:
+            raise ConfigError('container has runAsNonRoot and image will run as root')
+        limits = (container.resources and container.resources.limits) or {}
+        return Launch(
+            name=f'kf-{pod.metadata.uid[:12]}',
+            image=container.image,
+            argv=[_expand(a, env) for a in given],
+            command_given=bool(self.command or container.command),
+            env=env,
+            mounts=mounts,
+            root=root,
+            working_dir=container.working_dir,
+            user=user if security['uid'] is not None else None,
+            hostname=pod.spec.hostname or pod.metadata.name,
+            hosts=self._cluster_hosts(pod),
+            memory_bytes=_bytes(limits['memory']) if 'memory' in limits else None,
+            read_only_root=bool(security['read_only']),
+            drop_all_capabilities=bool(security['drop_all']),
+            no_new_privileges=security['no_escalation'] is False,
+        )
+
+    def _run(self, pod: Any, gpus: int) -> None:
+        ns, name, uid = pod.metadata.namespace, pod.metadata.name, pod.metadata.uid
+        container = pod.spec.containers[0]
+        root = self.workdir / f'{name}-{uid[:8]}'
+        launch = self._launch(pod, container, root)
         log = root / 'container.log'
         log.parent.mkdir(parents=True, exist_ok=True)
         started = now_rfc3339()
         with log.open('wb') as sink:
-            process = subprocess.Popen(argv, cwd=rootfs, env=process_env, stdout=sink, stderr=subprocess.STDOUT)
+            handle = self.runtime.start(launch, sink)
         self.logs[(ns, name)] = log
         running = Container(
             pod=name,
             namespace=ns,
             uid=uid,
-            process=process,
+            handle=handle,
             root=root,
             log=log,
-            termination=termination,
+            termination=mounts_host(launch, container),
             gpus=gpus,
             started_at=started,
             fallback_to_logs=container.termination_message_policy == 'FallbackToLogsOnError',
@@ -753,8 +830,8 @@ class SimulatedNode:
             {
                 'phase': 'Running',
                 'startTime': started,
-                'hostIP': '127.0.0.1',
-                'podIP': '127.0.0.1',
+                'hostIP': POD_IP,
+                'podIP': POD_IP,
                 'conditions': [
                     _pod_condition('PodScheduled', 'True'),
                     _pod_condition('Initialized', 'True'),
@@ -777,7 +854,7 @@ class SimulatedNode:
         threading.Thread(target=self._wait, args=(running, container), name=f'pod-{name}', daemon=True).start()
 
     def _wait(self, running: Container, container: Any) -> None:
-        code = running.process.wait()
+        code = running.handle.wait()
         message = running.termination.read_text(errors='replace').strip() if running.termination.exists() else ''
         if not message and code != 0 and running.fallback_to_logs:
             lines = running.log.read_text(errors='replace').splitlines()[-80:]
@@ -834,12 +911,51 @@ class SimulatedNode:
             time.sleep(0.05)
 
 
-def _config_mounts(container: Any, volumes: dict[str, Any]) -> list[str]:
+def _config_mounts(container: Any, pod: Any) -> list[str]:
+    volumes = {v.name: v for v in pod.spec.volumes or []}
     return [
         m.mount_path
         for m in container.volume_mounts or []
         if volumes.get(m.name) is not None and volumes[m.name].config_map is not None
     ]
+
+
+def mounts_host(launch: Launch, container: Any) -> Path:
+    """The host file behind the container's termination-message path."""
+    return launch.mounts[container.termination_message_path or '/dev/termination-log'].host
+
+
+def _security(pod: Any, container: Any) -> dict[str, Any]:
+    """The effective security settings: the container's securityContext over the pod's."""
+    pod_context = pod.spec.security_context
+    own = container.security_context
+
+    def pick(name: str) -> Any:
+        value = getattr(own, name, None) if own is not None else None
+        if value is None and pod_context is not None:
+            value = getattr(pod_context, name, None)
+        return value
+
+    capabilities = own.capabilities if own is not None else None
+    return {
+        'uid': pick('run_as_user'),
+        'gid': pick('run_as_group'),
+        'non_root': pick('run_as_non_root'),
+        'read_only': own.read_only_root_filesystem if own is not None else None,
+        'drop_all': 'ALL' in ((capabilities and capabilities.drop) or []),
+        'no_escalation': own.allow_privilege_escalation if own is not None else None,
+    }
+
+
+_UNITS = {'': 1, 'k': 10**3, 'M': 10**6, 'G': 10**9, 'T': 10**12, 'Ki': 2**10, 'Mi': 2**20, 'Gi': 2**30, 'Ti': 2**40}
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``512Mi``, ``4G``, ``1e9``) in bytes."""
+    match = re.fullmatch(r'([0-9.e+]+)([kMGT]i?|)', str(quantity))
+    if match is None:
+        raise ConfigError(f'cannot read the memory quantity {quantity!r}')
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
@@ -849,16 +965,6 @@ def _expand(value: str, env: dict[str, str]) -> str:
         lambda m: '$(' if m.group(1) is None else env.get(m.group(1), m.group(0)),
         value,
     )
-
-
-def _map_path(value: str, mapping: dict[str, Path]) -> str:
-    for inside in sorted(mapping, key=len, reverse=True):
-        if value == inside or value.startswith(inside.rstrip('/') + '/'):
-            return str(mapping[inside]) + value[len(inside) :]
-        prefix, sep, rest = value.partition('=')
-        if sep and (rest == inside or rest.startswith(inside.rstrip('/') + '/')):
-            return f'{prefix}={mapping[inside]}{rest[len(inside) :]}'
-    return value
 
 
 def _controllers(pod: Any) -> list[str]:

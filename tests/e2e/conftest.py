@@ -3,7 +3,16 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.fixtures import api_server, cluster, register_markers, s3, s3_server  # noqa: F401
+from tests.cluster.fixtures import (  # noqa: F401
+    api_server,
+    cluster,
+    operator_image,
+    podman_ready,
+    register_markers,
+    s3,
+    s3_server,
+    trainer_image,
+)
 from tests.e2e.targets import Target, real_target
 
 

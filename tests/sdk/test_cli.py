@@ -118,3 +118,57 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     assert 'Finetuner backbones' in out.stdout and 'efficientnet_b0' in out.stdout
     out = subprocess.run([script, 'runs'], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_runs_show_queue_places_and_the_queue_command(
+    scripted: LocalBackend, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gate = tmp_path / 'go'
+    for name in ('first', 'second', 'third'):
+        args = ['fit', '-m', 'scripted:ok', '-d', str(data_file), '--run-name', name]
+        assert main([*args, '--model-option', f'wait_for={gate}']) == 0
+    capsys.readouterr()
+    assert main(['runs']) == 0
+    rows = {line.split('│')[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith('│')}
+    assert rows['second'].split('│')[4].strip() == 'CREATED #1'
+    assert rows['third'].split('│')[4].strip() == 'CREATED #2'
+
+    assert main(['queue']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f'Local queue of {scripted.home}: 1 at once on the CPU, GPUs []'
+    assert out[1].startswith('  #1 second: Waiting for a free CPU slot: 1 of 1 trainings allowed at once')
+    assert out[2] == '  #2 third: Waiting: 1 run ahead (queued for a CPU slot)'
+
+    assert main(['suspend', 'second']) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        'second: CREATED',
+        '  Suspended: set suspend to false to resume',
+    ]
+    assert main(['queue', '--cpu-runs', '2']) == 0  # 'third' takes the second slot; 'second' stays suspended
+    assert capsys.readouterr().out.splitlines()[0].endswith('2 at once on the CPU, GPUs []')
+    assert finetuner.get_run('third').full_status().reason in ('Submitted', 'Running')
+    assert main(['resume', 'second']) == 0
+    assert main(['queue', '--gpus', 'zero']) == 2
+    assert "error: --gpus: 'zero' is not a list of GPU indices; write e.g. 0,1 or none" in capsys.readouterr().err
+    gate.touch()
+    for name in ('first', 'second', 'third'):
+        assert finetuner.get_run(name).wait(timeout=60, poll=0.1)['status'] == 'FINISHED'
+
+
+def test_sweep_and_experiment_commands(
+    scripted: LocalBackend, data_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ['sweep', 'cli-sweep', '-m', 'scripted:ok', '-d', str(data_file), '--grid', 'learning_rate=[0.0001,0.001]']
+    assert main([*args, '--parallelism', '2', '--wait']) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == 'Experiment cli-sweep: 2 points, 2 at a time'
+    assert 'Experiment cli-sweep: best run cli-sweep-001 (mrr 1.0000, max)' in out
+    assert main(['experiment', 'cli-sweep']) == 0
+    assert 'best run cli-sweep-001' in capsys.readouterr().out
+    assert main(['experiments']) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('│ cli-sweep '))
+    assert [cell.strip() for cell in row.split('│')[1:-1]] == ['cli-sweep', '2', '0', '0', '2', '0', 'cli-sweep-001']
+    assert main(['sweep', 'no-points', '-m', 'scripted:ok', '-d', str(data_file)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        'error: grid: give grid={...} (every combination) or random={...} with count=N, not both'
+    )

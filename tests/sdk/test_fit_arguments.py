@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ CASES: list[tuple[dict[str, Any], str, str]] = [
     ({'device': 'tpu'}, 'device', "must be 'auto', 'cuda' or 'cpu'"),
     ({'cpu': True, 'device': 'cuda'}, 'cpu', "cpu=True contradicts device='cuda'"),
     ({'num_workers': -1}, 'num_workers', 'must be greater than or equal to 0'),
-    ({'sampler': 'balanced'}, 'sampler', "must be 'auto', 'class' or 'random'"),
+    ({'sampler': 'balanced'}, 'sampler', "must be 'auto', 'class', 'class-oversample' or 'random'"),
     ({'gpus': 99}, 'gpus', 'must be less than or equal to 16'),
     ({'resources': {'memory': '32 GB'}}, 'resources.memory', 'is not a Kubernetes quantity'),
     ({'csv_options': {'dialect': 'tsv'}}, 'csv_options.dialect', "unknown CSV dialect 'tsv'"),
@@ -111,6 +112,12 @@ def test_both_generations_of_arguments_give_the_same_spec(scripted: LocalBackend
     assert finetuner.fit(model='scripted:ok', train_data=DOCS, cpu=False).config.device == 'auto'
 
 
+def _uid(backend: LocalBackend, run: str) -> str:
+    uid = json.loads((backend.run_dir(run) / 'run.json').read_text())['uid']
+    assert re.fullmatch(r'[0-9a-f]{8}', uid)
+    return uid
+
+
 def test_seed_advanced_arguments_map_onto_the_spec(scripted: LocalBackend) -> None:
     finetuner.create_experiment(name='finetune-flickr-dataset')
     run = finetuner.fit(
@@ -138,11 +145,12 @@ def test_seed_advanced_arguments_map_onto_the_spec(scripted: LocalBackend) -> No
     )
     spec = run.config
     data = scripted.home.as_uri()
+    uid = _uid(scripted, run.name)  # uploads are named for this submission alone: <run>-<uid>-train
     assert spec == FinetuneRunSpec.model_validate(
         {
             'model': 'scripted:ok',
-            'trainData': f'{data}/datasets/finetune-flickr-dataset-efficientnet-1-train/data.jsonl',
-            'evalData': f'{data}/datasets/finetune-flickr-dataset-efficientnet-1-eval/data.jsonl',
+            'trainData': f'{data}/datasets/finetune-flickr-dataset-efficientnet-1-{uid}-train/data.jsonl',
+            'evalData': f'{data}/datasets/finetune-flickr-dataset-efficientnet-1-{uid}-eval/data.jsonl',
             'description': 'this is a trial run on flickr8k dataset with efficientnet b0.',
             'experiment': 'finetune-flickr-dataset',
             'miner': 'TripletMarginMiner',
@@ -166,12 +174,13 @@ def test_local_data_is_uploaded_and_only_its_uri_is_in_the_spec(scripted: LocalB
         callbacks=[EvaluationCallback(query_data=['red'], index_data=DOCS), BestModelCheckpoint()],
     )
     data = scripted.home.as_uri()
-    assert run.config.train_data == f'{data}/datasets/uploads-train/data.jsonl'
-    assert run.config.callbacks[0].options['query_data'] == f'{data}/datasets/uploads-0-query/data.jsonl'
-    assert run.config.callbacks[0].options['index_data'] == f'{data}/datasets/uploads-0-index/data.jsonl'
+    uid = _uid(scripted, 'uploads')
+    assert run.config.train_data == f'{data}/datasets/uploads-{uid}-train/data.jsonl'
+    assert run.config.callbacks[0].options['query_data'] == f'{data}/datasets/uploads-{uid}-0-query/data.jsonl'
+    assert run.config.callbacks[0].options['index_data'] == f'{data}/datasets/uploads-{uid}-0-index/data.jsonl'
     assert run.config.callbacks[1].model_dump() == {'name': 'BestModelCheckpoint', 'options': {}}
-    assert [r.text for r in finetuner.pull_data('uploads-0-index')] == DOCS
-    assert (scripted.home / 'datasets' / 'uploads-train' / 'data.jsonl').read_text().splitlines() == [
+    assert [r.text for r in finetuner.pull_data(f'uploads-{uid}-0-index')] == DOCS
+    assert (scripted.home / 'datasets' / f'uploads-{uid}-train' / 'data.jsonl').read_text().splitlines() == [
         '{"text": "red cat"}',
         '{"text": "blue dog"}',
     ]
@@ -252,4 +261,4 @@ def test_cli_fit_flags_follow_the_same_arguments() -> None:
     single_valued = {'epochs', 'learning_rate', 'to_onnx', 'device', 'sampler', 'queue_name', 'output_dim', 'seed'}
     assert single_valued <= set(cli.fit_flag_names())
     assert not {'model_options', 'resources', 'callbacks', 'tolerations'} & set(cli.fit_flag_names())
-    assert 'Passes over the training data.' in help_text and '{auto,cuda,cpu}' in help_text
+    assert 'Passes over the training data' in help_text and '{auto,cuda,cpu}' in help_text

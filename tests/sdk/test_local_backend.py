@@ -125,7 +125,7 @@ def test_cancel_stops_the_trainer_process_group(scripted: LocalBackend) -> None:
 
 def test_run_survives_its_submitter_and_a_new_process_sees_it(scripted: LocalBackend, tmp_path: Path) -> None:
     """Submit from one process that exits at once; watch from another."""
-    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
     submit = (
         'import sys, finetuner, finetuner.backends\n'
         'from finetuner.backends.local import LocalBackend\n'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from collections.abc import Iterator
@@ -47,7 +48,8 @@ def test_login_with_a_bucket_uploads_there_and_the_run_reads_it(
         finetuner.push_data('questions', ['what is red', 'what is blue'])
         assert [r.text for r in finetuner.pull_data('questions')] == ['what is red', 'what is blue']
         run = finetuner.fit(model='scripted:ok', train_data=['a red cat', 'a blue dog', 'a fish'], run_name='s3-run')
-        assert run.config.train_data == 's3://team-data/finetuner/datasets/s3-run-train/data.jsonl'
+        uid = json.loads((backend.run_dir('s3-run') / 'run.json').read_text())['uid']
+        assert run.config.train_data == f's3://team-data/finetuner/datasets/s3-run-{uid}-train/data.jsonl'
         assert run.wait(timeout=60, poll=0.1)['status'] == 'FINISHED', run.logs()
         assert 'read 3 records' in run.logs()  # the trainer process read it back from the bucket
         with pytest.raises(finetuner.ArgumentError, match="train_data: no dataset named 'absent' in s3://team-data"):

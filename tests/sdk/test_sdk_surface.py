@@ -14,8 +14,9 @@ import pytest
 import finetuner
 import finetuner.backends
 from finetuner import callbacks
+from finetuner.api.callback_options import CALLBACK_NAMES
 from finetuner.backends.local import LocalBackend
-from finetuner.catalog import BACKBONES, CALLBACK_NAMES
+from finetuner.catalog import BACKBONES
 from finetuner.errors import ArgumentError
 from finetuner.models import MissingDependencyError
 from finetuner.names import random_name, unique_name

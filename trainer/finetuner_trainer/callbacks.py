@@ -1,7 +1,9 @@
 """The callbacks a run can name (``spec.callbacks``), on the hooks of the one training loop.
 
-Each callback's options are a pydantic model: an unknown option or a wrong type is refused before
-training with a message naming the callback and the option. Callbacks only read the state and flip
+Each callback is registered by name with :func:`register_callback` and its options model from the
+contract (``finetuner.api.callback_options``, the same model the SDK's callback classes are made
+of): an unknown option or a wrong type is refused before training with a message naming the
+callback and the option. Callbacks only read the state and flip
 :class:`~finetuner_trainer.hooks.Control` flags, or change the weights at the end of training
 (:class:`BestModelCheckpoint` restores the best epoch's weights, :class:`WiSEFTCallback` mixes in the
 pretrained ones) so that what is published is what they promise. Rank 0 alone logs to external
@@ -15,18 +17,42 @@ import importlib
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from finetuner.api.callback_options import (
+    BestModelOptions,
+    CallbackOptions,
+    EarlyStoppingOptions,
+    EvaluationOptions,
+    MLFlowOptions,
+    TensorBoardOptions,
+    TrainingCheckpointOptions,
+    WandBOptions,
+    WiSEFTOptions,
+)
+from finetuner.api.layout import Record
 from finetuner.api.v1alpha1 import CallbackSpec
-from finetuner.catalog import CALLBACK_NAMES, EVALUATION_METRICS
-from finetuner_trainer.checkpointing import unwrap
+from finetuner.catalog import EVALUATION_METRICS
+from finetuner_trainer.data import Dataset, ImageBase, load_records, to_item
+from finetuner_trainer.distributed import broadcast, unwrap
 from finetuner_trainer.errors import ConfigError
-from finetuner_trainer.evaluation import DISTANCES, METRIC_ALIASES, EvalSet, Evaluator, build_eval_set
+from finetuner_trainer.evaluation import (
+    DISTANCES,
+    METRIC_ALIASES,
+    EvalSet,
+    EvaluationError,
+    Evaluator,
+    build_eval_set,
+)
 from finetuner_trainer.hooks import Callback, Control, TrainState
+
+if TYPE_CHECKING:
+    from finetuner_trainer.context import TrainContext
 
 log = logging.getLogger('finetuner_trainer')
 
@@ -34,8 +60,23 @@ LOSS_MONITORS = ('train_loss', 'val_loss')
 HIGHER_IS_BETTER = (*EVALUATION_METRICS, *METRIC_ALIASES)
 
 
-class _Options(BaseModel):
-    model_config = ConfigDict(extra='forbid')
+CALLBACKS: dict[str, type[Callback]] = {}
+CallbackT = TypeVar('CallbackT', bound=type[Callback])
+
+
+def register_callback(options: type[CallbackOptions]) -> Callable[[CallbackT], CallbackT]:
+    """Class decorator: the callback a spec names by the class's name, with its options model
+    (``cls(**options)`` gets options the model accepted; ``cls.Options`` is the model)."""
+
+    def register(cls: CallbackT) -> CallbackT:
+        registered = CALLBACKS.get(cls.__name__)
+        if registered is not None and registered is not cls:
+            raise ValueError(f'callback {cls.__name__!r} is already registered')
+        cls.Options = options
+        CALLBACKS[cls.__name__] = cls
+        return cls
+
+    return register
 
 
 def monitored_value(state: TrainState, monitor: str) -> float | None:
@@ -51,7 +92,9 @@ def monitored_value(state: TrainState, monitor: str) -> float | None:
 def resolve_mode(monitor: str, mode: str) -> str:
     if mode != 'auto':
         return mode
-    return 'max' if monitor in HIGHER_IS_BETTER else 'min'
+    # An EvaluationCallback's caption prefixes its metrics: 'test_mrr' is an mrr.
+    higher = any(monitor == name or monitor.endswith(f'_{name}') for name in HIGHER_IS_BETTER)
+    return 'max' if higher else 'min'
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -60,7 +103,7 @@ def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0
     return value < best - min_delta if mode == 'min' else value > best + min_delta
 
 
-def _cpu_state(model: Any) -> dict[str, torch.Tensor]:
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to('cpu', copy=True) for k, v in unwrap(model).state_dict().items()}
 
 
@@ -92,32 +135,18 @@ class _MonitorMixin:
 # ---------------------------------------------------------------------------------------------
 
 
-class EvaluationOptions(_Options):
-    query_data: str | None = Field(
-        default=None, description='Dataset name or URI of the queries (default: the run evaluation data).'
-    )
-    index_data: str | None = Field(default=None, description='Dataset name or URI of the index (default: query_data).')
-    limit: int = Field(default=20, ge=1, le=10000, description='k: matches retrieved per query.')
-    distance: Literal['cosine', 'euclidean', 'sqeuclidean'] = 'cosine'
-    exclude_self: bool = Field(default=True, description='Ignore a query matching itself when index = queries.')
-    batch_size: int = Field(default=32, ge=1, le=65536)
-    multi_modal: bool | None = Field(default=None, description='Text queries, image index (CLIP); default: the run.')
-    gather_examples: bool = Field(default=False, description='Keep the top matches of a few queries in metrics.json.')
-    num_example_queries: int = Field(default=5, ge=1, le=1000)
-
-
+@register_callback(EvaluationOptions)
 class EvaluationCallback(Callback):
     """Retrieval metrics (see :mod:`finetuner_trainer.evaluation`) before training, after every
     epoch and after training. The loop calls :meth:`evaluate`; metrics land in the state, the
     progress report (live, in the CR status) and ``metrics.json``."""
 
-    Options: ClassVar[type[_Options]] = EvaluationOptions
-
     def __init__(self, **options: Any):
         self.options = EvaluationOptions(**options)
         self.evaluator: Evaluator | None = None
+        self.intervals: list[dict[str, Any]] = []  # the evaluations every steps_per_interval batches
 
-    def setup(self, ctx: Any) -> Evaluator:
+    def setup(self, ctx: TrainContext) -> Evaluator:
         if self.evaluator is not None:
             return self.evaluator
         o = self.options
@@ -144,6 +173,8 @@ class EvaluationCallback(Callback):
             except ValueError as e:
                 raise ConfigError('callbacks.EvaluationCallback.query_data', str(e)) from e
             eval_set = _records_to_items(eval_set, queries, index)
+        if o.query_sample_size is not None:
+            eval_set = eval_set.sample_queries(o.query_sample_size, spec.seed)
         self.evaluator = Evaluator(
             eval_set,
             limit=o.limit,
@@ -152,24 +183,70 @@ class EvaluationCallback(Callback):
             batch_size=o.batch_size,
             gather_examples=o.gather_examples,
             num_example_queries=o.num_example_queries,
+            num_workers=o.num_workers,
         )
         return self.evaluator
 
-    def evaluate(self, ctx: Any) -> dict[str, float]:
+    def evaluate(self, ctx: TrainContext) -> dict[str, float]:
         # The embedder splits a batch by content kind itself: CLIP embeds text queries with its text
-        # tower and image index items with its vision tower through the same call.
-        return self.setup(ctx).evaluate(ctx.model.embed)
+        # tower and image index items with its vision tower through the same call. ``model`` and
+        # ``index_model`` name the tower that must embed each side (a mismatch is a configuration error).
+        evaluator = self.setup(ctx)
+        embed_query = tower(ctx, self.options.model, 'model')
+        embed_index = tower(ctx, self.options.index_model, 'index_model') if self.options.index_model else None
+        return self.captioned(evaluator.evaluate(embed_query, embed_index))
+
+    def captioned(self, metrics: dict[str, float]) -> dict[str, float]:
+        caption = self.options.caption
+        return {f'{caption}_{k}': v for k, v in metrics.items()} if caption else metrics
+
+    def on_batch_end(self, ctx: TrainContext, state: TrainState, control: Control, loss: float) -> None:
+        """Every ``steps_per_interval`` batches (rank 0, not at the end of an epoch, which evaluates anyway)."""
+        every = self.options.steps_per_interval
+        per_epoch = len(ctx.train_loader) if getattr(ctx, 'train_loader', None) is not None else 0
+        if not every or state.step % every or not ctx.is_main or (per_epoch and state.step % per_epoch == 0):
+            return
+        metrics = self.evaluate(ctx)
+        state.metrics = {**state.metrics, **metrics}
+        self.intervals.append({'epoch': state.epoch, 'step': state.step, **metrics})
+        log.info('step %d: %s', state.step, ' '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
 
     @property
     def examples(self) -> list[dict[str, Any]]:
         return self.evaluator.examples if self.evaluator is not None else []
 
 
-def eval_set_from_dataset(dataset: Any, multi_modal: bool = False) -> EvalSet:
+def tower(ctx: TrainContext, name: str | None, option: str) -> Any:
+    """The embed function of the model ``name`` of a run's model (a CLIP tower: clip-text, clip-vision);
+    the run's whole model for None. It refuses content the tower does not embed."""
+    if name is None:
+        return ctx.model.embed
+    towers = dict(getattr(ctx.model, 'select_models', {}) or {})
+    where = f'callbacks.EvaluationCallback.{option}'
+    if name not in towers:
+        if not towers:
+            raise ConfigError(where, f'{ctx.spec.model} is a single model; leave {option} out (CLIP only)')
+        raise ConfigError(where, f'unknown model {name!r}; {ctx.spec.model} has {" and ".join(map(repr, towers))}')
+    kind = towers[name]
+
+    def embed(items: list[Any], batch_size: int) -> Any:
+        for position, item in enumerate(items):
+            found = getattr(item, 'kind', None) or getattr(item, 'content_kind', None)
+            if found != kind:
+                data = 'index_data' if option == 'index_model' else 'query_data'
+                raise ConfigError(where, f'{name} embeds {kind}, but {data}[{position}] is {found}')
+        return ctx.model.embed(items, batch_size)
+
+    return embed
+
+
+def eval_set_from_dataset(dataset: Dataset, multi_modal: bool = False) -> EvalSet:
     """An EvalSet from the trainer's own evaluation Dataset (labelled items, or pairs)."""
     examples = dataset.examples
     if all(len(e.items) == 1 for e in examples):
-        labels = [e.label for e in examples]
+        # The class names, not their indexes: the same matches, and examples.json reads as the user's data.
+        names = dataset.classes
+        labels = [names[e.label] if e.label is not None and e.label < len(names) else e.label for e in examples]
         items = [e.items[0] for e in examples]
         return EvalSet(items, items, labels, labels, same_items=True)
     queries = [e.items[0] for e in examples]
@@ -182,9 +259,7 @@ def eval_set_from_dataset(dataset: Any, multi_modal: bool = False) -> EvalSet:
     return EvalSet(queries, docs, doc_labels, doc_labels, same_items=False)
 
 
-def _load_records(ctx: Any, reference: str, field: str) -> list[tuple[Any, Any]]:
-    from finetuner_trainer.data import load_records
-
+def _load_records(ctx: TrainContext, reference: str, field: str) -> list[tuple[Record, ImageBase]]:
     where = f'callbacks.EvaluationCallback.{field}'
     try:
         records, base = load_records(reference, ctx.config.data_uri, ctx.spec.csv_options, where)
@@ -196,21 +271,18 @@ def _load_records(ctx: Any, reference: str, field: str) -> list[tuple[Any, Any]]
 
 
 def _records_to_items(
-    eval_set: EvalSet, queries: list[tuple[Any, Any]], index: list[tuple[Any, Any]] | None
+    eval_set: EvalSet, queries: list[tuple[Record, ImageBase]], index: list[tuple[Record, ImageBase]] | None
 ) -> EvalSet:
-    from finetuner_trainer.data import to_item
-
     base = queries[0][1] if queries else None
     eval_set.queries = [
-        to_item(r, f'query {j}', 'callbacks.EvaluationCallback.query_data', base)
-        for j, r in enumerate(eval_set.queries)
+        to_item(r, f'[{j}]', 'callbacks.EvaluationCallback.query_data', base) for j, r in enumerate(eval_set.queries)
     ]
     if eval_set.same_items:
         eval_set.index = eval_set.queries
     else:
         index_base = index[0][1] if index else base
         eval_set.index = [
-            to_item(r, f'index item {j}', 'callbacks.EvaluationCallback.index_data', index_base)
+            to_item(r, f'[{j}]', 'callbacks.EvaluationCallback.index_data', index_base)
             for j, r in enumerate(eval_set.index)
         ]
     return eval_set
@@ -221,16 +293,12 @@ def _records_to_items(
 # ---------------------------------------------------------------------------------------------
 
 
-class BestModelOptions(_Options):
-    monitor: str = Field(default='val_loss', description='val_loss, train_loss or an evaluation metric.')
-    mode: Literal['auto', 'min', 'max'] = 'auto'
-
-
+@register_callback(BestModelOptions)
 class BestModelCheckpoint(_MonitorMixin, Callback):
     """Keeps the weights of the best epoch by ``monitor`` and restores them when training ends, so
     the published artifact (and its ONNX export) is the best model, not the last one."""
 
-    Options: ClassVar[type[_Options]] = BestModelOptions
+    changes_weights_at_end: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         self.options = BestModelOptions(**options)
@@ -240,7 +308,7 @@ class BestModelCheckpoint(_MonitorMixin, Callback):
         self.best_epoch: int | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
 
-    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_epoch_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         name, value = self._value(state)
         if value is None or math.isnan(value):
             return
@@ -250,7 +318,7 @@ class BestModelCheckpoint(_MonitorMixin, Callback):
             control.should_save = True
             log.info('BestModelCheckpoint: epoch %d is the best so far (%s %.4f)', state.epoch, name, value)
 
-    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_train_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if self.best_weights is None:
             return
         unwrap(ctx.model).load_state_dict(self.best_weights)
@@ -270,33 +338,19 @@ class BestModelCheckpoint(_MonitorMixin, Callback):
         self.best_weights = state.get('best_weights')
 
 
-class TrainingCheckpointOptions(_Options):
-    last_k_epochs: int = Field(default=1, ge=1, le=1000, description='Epoch checkpoints kept in the store.')
-
-
+@register_callback(TrainingCheckpointOptions)
 class TrainingCheckpoint(Callback):
     """How many epoch checkpoints the store keeps (checkpoints are always taken: a retried pod resumes
     from the latest). The loop's checkpointer reads ``last_k_epochs``."""
-
-    Options: ClassVar[type[_Options]] = TrainingCheckpointOptions
 
     def __init__(self, **options: Any):
         self.options = TrainingCheckpointOptions(**options)
         self.last_k_epochs = self.options.last_k_epochs
 
 
-class EarlyStoppingOptions(_Options):
-    monitor: str = Field(default='val_loss', description='val_loss, train_loss or an evaluation metric.')
-    mode: Literal['auto', 'min', 'max'] = 'auto'
-    patience: int = Field(default=2, ge=0, le=10000, description='Epochs without improvement before stopping.')
-    min_delta: float = Field(default=0.0, ge=0, description='Smallest change that counts as an improvement.')
-    baseline: float | None = Field(default=None, description='A value the monitor must beat to count as improving.')
-
-
+@register_callback(EarlyStoppingOptions)
 class EarlyStopping(_MonitorMixin, Callback):
     """Stops training when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
-
-    Options: ClassVar[type[_Options]] = EarlyStoppingOptions
 
     def __init__(self, **options: Any):
         self.options = EarlyStoppingOptions(**options)
@@ -306,7 +360,7 @@ class EarlyStopping(_MonitorMixin, Callback):
         self.wait = 0
         self.stopped_epoch: int | None = None
 
-    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_epoch_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         name, value = self._value(state)
         if value is None or math.isnan(value):
             return
@@ -334,27 +388,24 @@ class EarlyStopping(_MonitorMixin, Callback):
         self.wait = int(state.get('wait', 0))
 
 
-class WiSEFTOptions(_Options):
-    alpha: float = Field(default=0.4, ge=0, le=1, description='Weight of the fine-tuned model (0: pretrained).')
-
-
+@register_callback(WiSEFTOptions)
 class WiSEFTCallback(Callback):
     """Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): at the end of training the weights
     become ``(1 - alpha) * pretrained + alpha * fine-tuned``, which keeps much of the pretrained
     model's robustness. Integer buffers (BatchNorm counters) keep their fine-tuned values."""
 
-    Options: ClassVar[type[_Options]] = WiSEFTOptions
+    changes_weights_at_end: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         self.options = WiSEFTOptions(**options)
         self.alpha = self.options.alpha
         self.pretrained: dict[str, torch.Tensor] | None = None
 
-    def on_train_begin(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_train_begin(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if self.pretrained is None:  # a resumed run restored the original snapshot already
             self.pretrained = _cpu_state(ctx.model)
 
-    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_train_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if self.pretrained is None:
             return
         model = unwrap(ctx.model)
@@ -395,11 +446,11 @@ class _Logger(Callback):
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         raise NotImplementedError
 
-    def on_batch_end(self, ctx: Any, state: TrainState, control: Control, loss: float) -> None:
+    def on_batch_end(self, ctx: TrainContext, state: TrainState, control: Control, loss: float) -> None:
         if state.is_world_process_zero:
             self.log_metrics({'train/loss': loss}, state.step)
 
-    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_epoch_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if not state.is_world_process_zero:
             return
         values = {f'eval/{k}': float(v) for k, v in state.metrics.items() if isinstance(v, (int, float))}
@@ -409,14 +460,10 @@ class _Logger(Callback):
         self.log_metrics(values, state.step)
 
 
-class TensorBoardOptions(_Options):
-    log_dir: str | None = Field(default=None, description='Local folder (default: a temporary one, uploaded).')
-
-
+@register_callback(TensorBoardOptions)
 class TensorBoardLogger(_Logger):
     """TensorBoard event files; uploaded to ``logs/tensorboard/`` in the run's output after every epoch."""
 
-    Options: ClassVar[type[_Options]] = TensorBoardOptions
     STORE_KEY = 'logs/tensorboard'
 
     def __init__(self, **options: Any):
@@ -427,7 +474,7 @@ class TensorBoardLogger(_Logger):
 
     def _writer(self) -> Any:
         if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional (the loggers extra)
 
             self.writer = SummaryWriter(log_dir=str(self.log_dir))
         return self.writer
@@ -437,41 +484,32 @@ class TensorBoardLogger(_Logger):
         for key, value in values.items():
             writer.add_scalar(key, value, step)
 
-    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_epoch_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         super().on_epoch_end(ctx, state, control)
         if state.is_world_process_zero:
             self._writer().flush()
             self._upload(ctx)
 
-    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_train_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
             self._upload(ctx)
 
-    def _upload(self, ctx: Any) -> None:
+    def _upload(self, ctx: TrainContext) -> None:
         store = getattr(ctx, 'store', None)
         if store is not None:
             store.upload_dir(self.log_dir, self.STORE_KEY)
 
 
-class MLFlowOptions(_Options):
-    tracking_uri: str | None = Field(
-        default=None, description='MLflow server or folder (default: MLFLOW_TRACKING_URI).'
-    )
-    experiment_name: str | None = None
-    run_name: str | None = Field(default=None, description='Default: the FinetuneRun name.')
-
-
+@register_callback(MLFlowOptions)
 class MLFlowLogger(_Logger):
-    Options: ClassVar[type[_Options]] = MLFlowOptions
-
     def __init__(self, **options: Any):
         self.options = MLFlowOptions(**options)
         self.mlflow = _require('mlflow', 'MLFlowLogger', 'mlflow')
         self.active = False
 
-    def on_train_begin(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_train_begin(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if not state.is_world_process_zero:
             return
         if self.options.tracking_uri:
@@ -486,46 +524,49 @@ class MLFlowLogger(_Logger):
         if self.active:
             self.mlflow.log_metrics({k.replace('/', '.'): v for k, v in values.items()}, step=step)
 
-    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_train_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if self.active:
             self.mlflow.end_run()
             self.active = False
 
 
-class WandBOptions(_Options):
-    project: str | None = None
-    entity: str | None = None
-    name: str | None = Field(default=None, description='Default: the FinetuneRun name.')
-    mode: Literal['online', 'offline', 'disabled'] = 'online'
-    dir: str | None = None
-
-
+@register_callback(WandBOptions)
 class WandBLogger(_Logger):
-    Options: ClassVar[type[_Options]] = WandBOptions
+    """Weights & Biases: ``wandb_args`` go to ``wandb.init`` too; the training loss per batch or per epoch
+    (``metrics_logger_step``); the metrics before fine-tuning at step 0 (``log_zero_shot``)."""
 
     def __init__(self, **options: Any):
         self.options = WandBOptions(**options)
         self.wandb = _require('wandb', 'WandBLogger', 'wandb')
         self.run: Any = None
 
-    def on_train_begin(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_train_begin(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if not state.is_world_process_zero:
             return
         o = self.options
-        self.run = self.wandb.init(
-            project=o.project,
-            entity=o.entity,
-            name=o.name or ctx.config.run_name,
-            mode=o.mode,
-            dir=o.dir,
-            config=ctx.spec.to_k8s(),
-        )
+        arguments = {
+            'project': o.project,
+            'entity': o.entity,
+            'name': o.name or ctx.config.run_name,
+            'mode': o.mode,
+            'dir': o.dir,
+            'config': ctx.spec.to_k8s(),
+            **(o.wandb_args or {}),
+        }
+        self.run = self.wandb.init(**arguments)
+        before = getattr(getattr(ctx, 'metrics', None), 'before', None) or {}
+        if o.log_zero_shot and before and not state.step:
+            self.log_metrics({f'eval/{k}': float(v) for k, v in before.items()}, 0)
+
+    def on_batch_end(self, ctx: TrainContext, state: TrainState, control: Control, loss: float) -> None:
+        if self.options.metrics_logger_step == 'batch':
+            super().on_batch_end(ctx, state, control, loss)
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         if self.run is not None:
             self.run.log(values, step=step)
 
-    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None:
+    def on_train_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
@@ -534,18 +575,6 @@ class WandBLogger(_Logger):
 # ---------------------------------------------------------------------------------------------
 # By name
 # ---------------------------------------------------------------------------------------------
-
-CALLBACKS: dict[str, type[Callback]] = {
-    'EvaluationCallback': EvaluationCallback,
-    'BestModelCheckpoint': BestModelCheckpoint,
-    'TrainingCheckpoint': TrainingCheckpoint,
-    'EarlyStopping': EarlyStopping,
-    'WiSEFTCallback': WiSEFTCallback,
-    'TensorBoardLogger': TensorBoardLogger,
-    'MLFlowLogger': MLFlowLogger,
-    'WandBLogger': WandBLogger,
-}
-assert tuple(CALLBACKS) == CALLBACK_NAMES, 'the callback registry must hold exactly catalog.CALLBACK_NAMES'
 
 
 def build_callbacks(specs: list[CallbackSpec]) -> list[Callback]:
@@ -556,9 +585,9 @@ def build_callbacks(specs: list[CallbackSpec]) -> list[Callback]:
         if cls is None:
             raise ConfigError(
                 f'callbacks[{position}].name',
-                f'unknown callback {spec.name!r}; choose one of {", ".join(CALLBACK_NAMES)}',
+                f'unknown callback {spec.name!r}; choose one of {", ".join(CALLBACKS)}',
             )
-        options_model: type[_Options] = cls.Options  # type: ignore[attr-defined]
+        options_model = cls.Options
         try:
             options_model(**spec.options)
         except ValidationError as e:
@@ -571,7 +600,24 @@ def build_callbacks(specs: list[CallbackSpec]) -> list[Callback]:
                 problem = f'{spec.name} option {option!r}: {error["msg"]}'
             raise ConfigError(f'callbacks[{position}].options.{option}', problem) from e
         callbacks.append(cls(**spec.options))
+    check_captions(specs)
     return callbacks
+
+
+def check_captions(specs: list[CallbackSpec]) -> None:
+    """Several EvaluationCallbacks write the same metric names unless each has its own caption."""
+    seen: dict[str | None, int] = {}
+    for position, spec in enumerate(specs):
+        if spec.name != 'EvaluationCallback':
+            continue
+        caption = spec.options.get('caption')
+        if caption in seen:
+            raise ConfigError(
+                f'callbacks[{position}].options.caption',
+                f'EvaluationCallback {position} has the caption {caption!r} of EvaluationCallback {seen[caption]}: '
+                'their metrics would overwrite each other; give each EvaluationCallback its own caption',
+            )
+        seen[caption] = position
 
 
 def evaluation_callbacks(callbacks: list[Callback]) -> list[EvaluationCallback]:
@@ -584,6 +630,54 @@ def checkpoint_retention(callbacks: list[Callback]) -> int:
     return max(kept) if kept else 1
 
 
+class RetrievalEvaluation:
+    """Retrieval metrics of the current weights for the loop: every EvaluationCallback's, or, when
+    the run names none, the evaluation data's (evalData or valSplit) with the default options.
+
+    Rank 0 evaluates and broadcasts, so every rank sees the same metrics (and takes the same
+    early-stopping decision). An explicit EvaluationCallback whose data cannot be scored is a
+    configuration error; the implicit evaluation is skipped with a warning instead (and not tried again)."""
+
+    def __init__(self) -> None:
+        self.implicit: EvaluationCallback | None = None
+        self.implicit_failed = False
+
+    def evaluators(self, ctx: TrainContext) -> list[EvaluationCallback]:
+        explicit = evaluation_callbacks(ctx.callbacks)
+        if explicit:
+            return explicit
+        if ctx.eval_records is None or self.implicit_failed:
+            return []
+        if self.implicit is None:
+            self.implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)), gather_examples=True)
+        return [self.implicit]
+
+    def __call__(self, ctx: TrainContext) -> dict[str, float]:
+        evaluators = self.evaluators(ctx)
+        if not evaluators and ctx.eval_records is None:
+            return {}  # nothing to evaluate on any rank: no collective
+        metrics: dict[str, float] = {}
+        if ctx.is_main:
+            for callback in evaluators:
+                try:
+                    metrics.update(callback.evaluate(ctx))
+                except EvaluationError as e:
+                    if callback is not self.implicit:
+                        raise ConfigError('callbacks.EvaluationCallback', str(e)) from e
+                    ctx.logger.warning('retrieval evaluation skipped: %s', e)
+                    self.implicit_failed = True
+                if callback.examples:
+                    ctx.metrics.examples = callback.examples
+        return broadcast(metrics)
+
+
+def changes_weights_at_end(callbacks: list[Callback]) -> bool:
+    """Whether a callback replaces the trained weights in on_train_end (then the final metrics are
+    measured again on what is published)."""
+    # getattr: a callback may implement the hooks without subclassing Callback (bench.ours.StepClock does)
+    return any(getattr(cb, 'changes_weights_at_end', False) for cb in callbacks)
+
+
 __all__ = [
     'CALLBACKS',
     'DISTANCES',
@@ -591,6 +685,7 @@ __all__ = [
     'EarlyStopping',
     'EvaluationCallback',
     'MLFlowLogger',
+    'RetrievalEvaluation',
     'TensorBoardLogger',
     'TrainingCheckpoint',
     'WandBLogger',
@@ -599,46 +694,5 @@ __all__ = [
     'changes_weights_at_end',
     'checkpoint_retention',
     'evaluation_callbacks',
-    'retrieval_evaluation',
+    'register_callback',
 ]
-
-
-def retrieval_evaluation(ctx: Any) -> dict[str, float]:
-    """Retrieval metrics of the current weights for the loop: every EvaluationCallback's, or, when
-    the run names none, the evaluation data's (evalData or valSplit) with the default options.
-
-    Rank 0 evaluates and broadcasts, so every rank sees the same metrics (and takes the same
-    early-stopping decision). An explicit EvaluationCallback whose data cannot be scored is a
-    configuration error; the implicit evaluation is skipped with a warning instead."""
-    from finetuner_trainer.distributed import broadcast
-    from finetuner_trainer.evaluation import EvaluationError
-
-    explicit = evaluation_callbacks(ctx.callbacks)
-    evaluators = explicit
-    if not explicit:
-        if ctx.eval_records is None or ctx.extras.get('implicit_evaluation_failed'):
-            return {}
-        implicit = ctx.extras.get('implicit_evaluation')
-        if implicit is None:
-            implicit = EvaluationCallback(batch_size=max(1, min(ctx.batch_size, 256)))
-            ctx.extras['implicit_evaluation'] = implicit
-        evaluators = [implicit]
-    metrics: dict[str, float] = {}
-    if ctx.is_main:
-        for callback in evaluators:
-            try:
-                metrics.update(callback.evaluate(ctx))
-            except EvaluationError as e:
-                if explicit:
-                    raise ConfigError('callbacks.EvaluationCallback', str(e)) from e
-                ctx.logger.warning('retrieval evaluation skipped: %s', e)
-                ctx.extras['implicit_evaluation_failed'] = True
-            if callback.examples:
-                ctx.extras['examples'] = callback.examples
-    return broadcast(metrics)
-
-
-def changes_weights_at_end(callbacks: list[Callback]) -> bool:
-    """Whether a callback replaces the trained weights in on_train_end (then the final metrics are
-    measured again on what is published)."""
-    return any(isinstance(cb, (BestModelCheckpoint, WiSEFTCallback)) for cb in callbacks)

@@ -19,17 +19,22 @@ from __future__ import annotations
 import io
 import logging
 import os
-import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from finetuner.api.layout import CHECKPOINT_LATEST, CHECKPOINTS
-from finetuner.storage import StorageError
+from finetuner.storage import LocalStore, S3Store, StorageError
+from finetuner_trainer.distributed import env_info, gather_to_main, unwrap
+from finetuner_trainer.hooks import Callback, TrainState
+from finetuner_trainer.rng import capture_rng, rank_seed, restore_rng, seeded_rng_state
+
+if TYPE_CHECKING:
+    from finetuner_trainer.context import TrainContext
 
 log = logging.getLogger(__name__)
 
@@ -44,72 +49,6 @@ class Stateful(Protocol):
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored into this run (different model or config)."""
-
-
-def unwrap(module: Any) -> Any:
-    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while isinstance(module, torch.nn.Module):
-        inner = getattr(module, 'module', None)
-        if inner is None:
-            inner = getattr(module, '_orig_mod', None)
-        if not isinstance(inner, torch.nn.Module):
-            return module
-        module = inner
-    return module
-
-
-# ---------------------------------------------------------------------------------------------
-# Random number generators
-# ---------------------------------------------------------------------------------------------
-
-
-def capture_rng() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states, as tensors and plain values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-    py_version, py_internal, py_gauss = random.getstate()
-    state: dict[str, Any] = {
-        'python': [py_version, torch.tensor(py_internal, dtype=torch.int64), py_gauss],
-        'numpy': [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached],
-        'torch': torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    py_version, py_internal, py_gauss = state['python']
-    random.setstate((py_version, tuple(int(x) for x in py_internal.tolist()), py_gauss))
-    kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        cuda_states = state['cuda']
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s random stream: rank 0 keeps the run's seed, so a single process
-    and rank 0 draw alike; the other ranks get streams of their own (dropout masks, augmentations
-    must differ between the ranks' shares of a batch, or every share is perturbed the same way)."""
-    return seed + 1_000_003 * rank
-
-
-def reseed(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def seeded_rng_state(seed: int) -> dict[str, Any]:
-    """The generator states :func:`reseed` would set, without changing the current ones."""
-    current = capture_rng()
-    reseed(seed)
-    state = capture_rng()
-    restore_rng(current)
-    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +82,7 @@ class Checkpoint:
         return None
 
     def restore(
-        self, components: dict[str, Stateful | None], callbacks: list[Any] | None = None, rng: bool = True
+        self, components: dict[str, Stateful | None], callbacks: list[Callback] | None = None, rng: bool = True
     ) -> None:
         """Load every saved component into the live objects of the same name, then the RNGs.
 
@@ -173,7 +112,7 @@ class Checkpoint:
             restore_rng(self.rng)
 
 
-def callback_key(callback: Any, position: int) -> str:
+def callback_key(callback: Callback, position: int) -> str:
     return f'{position}:{type(callback).__name__}'
 
 
@@ -200,7 +139,7 @@ class Checkpointer:
     """Writes checkpoints to a store, keeps the newest ``keep_last`` epoch checkpoints (and only the
     newest step checkpoint), and finds the latest complete one."""
 
-    def __init__(self, store: Any, keep_last: int = 1):
+    def __init__(self, store: LocalStore | S3Store, keep_last: int = 1):
         if keep_last < 1:
             raise ValueError(f'keep_last must be at least 1, got {keep_last}')
         self.store = store
@@ -213,7 +152,7 @@ class Checkpointer:
         step: int,
         components: dict[str, Stateful | None],
         batch_in_epoch: int = 0,
-        callbacks: list[Any] | None = None,
+        callbacks: list[Callback] | None = None,
         history: list[dict[str, Any]] | None = None,
         extra: dict[str, Any] | None = None,
         rng_per_rank: list[dict[str, Any]] | None = None,
@@ -311,11 +250,11 @@ def _order(name: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop's use of checkpoints (ctx is loop.TrainContext)
+# The training loop's use of checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
-def loop_components(ctx: Any) -> dict[str, Stateful | None]:
+def loop_components(ctx: TrainContext) -> dict[str, Stateful | None]:
     """What a checkpoint of the loop holds: model, optimizers, scheduler and the objective's own
     parameters (ArcFace weights, CLIP temperature). A distributed wrapper is looked through."""
     objective = getattr(ctx.loss, 'objective', ctx.loss)
@@ -328,63 +267,33 @@ def loop_components(ctx: Any) -> dict[str, Stateful | None]:
     }
 
 
-def checkpointer_of(ctx: Any) -> Checkpointer:
-    checkpointer = ctx.extras.get('checkpointer')
-    if checkpointer is None:
-        from finetuner_trainer.callbacks import checkpoint_retention
-
-        checkpointer = Checkpointer(ctx.store, keep_last=checkpoint_retention(ctx.callbacks))
-        ctx.extras['checkpointer'] = checkpointer
-    return checkpointer
-
-
-def resume_from_latest(ctx: Any) -> Checkpoint | None:
+def resume_from_latest(ctx: TrainContext) -> Checkpoint | None:
     """Load the run's latest checkpoint into the loop (model, optimizers, callbacks, state, RNGs).
 
     Every rank (torchrun sets RANK and WORLD_SIZE; the process group is joined later) continues
     its own random stream from the checkpoint. When the number of processes changed since it was
     written, each rank starts a fresh stream seeded from (seed, rank, step) instead.
 
-    Sets ``state.epoch``/``state.step``/``state.history``/``state.resumed_from`` and
-    ``ctx.extras['skip_batches']`` (batches of the current epoch already trained, for a step
-    checkpoint) and ``ctx.extras['before']`` (the metrics before fine-tuning of the first attempt)."""
-    checkpoint = checkpointer_of(ctx).load_latest(map_location='cpu')
+    Sets ``state.epoch``/``state.step``/``state.history``/``state.resumed_from``, ``ctx.resume``
+    (batches of the current epoch already trained, for a step checkpoint, and the RNG state to
+    restore after them) and ``ctx.metrics.before`` / ``ctx.metrics.examples_before`` (the metrics and examples before
+    fine-tuning of the first attempt)."""
+    checkpoint = ctx.checkpointer.load_latest(map_location='cpu')
     if checkpoint is None:
         return None
+    checkpoint.restore(loop_components(ctx), ctx.callbacks, rng=False)
+    rng_state = _rank_rng(ctx, checkpoint)
     # Inside an epoch, the data loader draws a seed from torch's RNG when the epoch starts: the RNGs
     # are restored only after the already-trained batches are skipped (resume_rng), so the
     # resumed attempt draws exactly what the first one drew.
-    mid_epoch = checkpoint.batch_in_epoch > 0
-    checkpoint.restore(loop_components(ctx), ctx.callbacks, rng=False)
-    from finetuner_trainer.distributed import env_info
-
-    info = env_info()
-    rng_state = checkpoint.rng_for(info.rank, info.world_size)
-    if rng_state is None:
-        ctx.logger.info(
-            'checkpoint %s holds the random state of %d processes, this run has %d: rank %d draws a fresh stream',
-            checkpoint.path,
-            len(checkpoint.rng_per_rank),
-            info.world_size,
-            info.rank,
-        )
-        rng_state = seeded_rng_state(rank_seed(ctx.spec.seed + checkpoint.step, info.rank))
-    if mid_epoch:
-        ctx.extras['resume_rng'] = rng_state
+    if checkpoint.batch_in_epoch > 0:
+        ctx.resume.rng = rng_state
     else:
         restore_rng(rng_state)
-    state = ctx.state
-    state.epoch = checkpoint.epoch
-    state.step = checkpoint.step
-    state.history = list(checkpoint.history)
-    state.resumed_from = checkpoint.path
-    if state.history:
-        last = state.history[-1]
-        state.train_loss = last.get('train_loss')
-        state.val_loss = last.get('val_loss')
-        state.metrics = {k: v for k, v in last.items() if k not in ('epoch', 'train_loss')}
-    ctx.extras['skip_batches'] = checkpoint.batch_in_epoch
-    ctx.extras['before'] = dict(checkpoint.extra.get('before') or {})
+    _restore_state(ctx.state, checkpoint)
+    ctx.resume.skip_batches = checkpoint.batch_in_epoch
+    ctx.metrics.before = dict(checkpoint.extra.get('before') or {})
+    ctx.metrics.examples_before = list(checkpoint.extra.get('examples_before') or [])
     ctx.logger.info(
         'resumed from %s (epoch %d, step %d%s)',
         checkpoint.path,
@@ -395,32 +304,59 @@ def resume_from_latest(ctx: Any) -> Checkpoint | None:
     return checkpoint
 
 
-def save_loop_checkpoint(ctx: Any, batch_in_epoch: int = 0) -> str | None:
+def _rank_rng(ctx: TrainContext, checkpoint: Checkpoint) -> dict[str, Any]:
+    """The random state this rank continues from: its saved one, or a fresh stream when the number of
+    processes changed."""
+    info = env_info()
+    rng_state = checkpoint.rng_for(info.rank, info.world_size)
+    if rng_state is not None:
+        return rng_state
+    ctx.logger.info(
+        'checkpoint %s holds the random state of %d processes, this run has %d: rank %d draws a fresh stream',
+        checkpoint.path,
+        len(checkpoint.rng_per_rank),
+        info.world_size,
+        info.rank,
+    )
+    return seeded_rng_state(rank_seed(ctx.spec.seed + checkpoint.step, info.rank))
+
+
+def _restore_state(state: TrainState, checkpoint: Checkpoint) -> None:
+    state.epoch = checkpoint.epoch
+    state.step = checkpoint.step
+    state.history = list(checkpoint.history)
+    state.resumed_from = checkpoint.path
+    if state.history:
+        last = state.history[-1]
+        state.train_loss = last.get('train_loss')
+        state.val_loss = last.get('val_loss')
+        state.metrics = {k: v for k, v in last.items() if k not in ('epoch', 'train_loss')}
+
+
+def save_loop_checkpoint(ctx: TrainContext, batch_in_epoch: int = 0) -> str | None:
     """Checkpoint the loop (rank 0 writes; the others return None). ``batch_in_epoch`` > 0 for a
     checkpoint taken inside epoch ``state.epoch``, which then counts as not yet finished.
 
     Every rank must call it (at the same step): the ranks' RNG states are gathered on rank 0."""
-    from finetuner_trainer.distributed import gather_to_main
-
     rng_per_rank = gather_to_main(capture_rng())
     if not ctx.is_main:
         return None
     state = ctx.state
     finished_epochs = state.epoch - 1 if batch_in_epoch else state.epoch
-    return checkpointer_of(ctx).save(
+    return ctx.checkpointer.save(
         epoch=finished_epochs,
         step=state.step,
         batch_in_epoch=batch_in_epoch,
         components=loop_components(ctx),
         callbacks=ctx.callbacks,
         history=state.history,
-        extra={'before': ctx.extras.get('before', {})},
+        extra={'before': ctx.metrics.before, 'examples_before': ctx.metrics.examples_before},
         rng_per_rank=rng_per_rank,
     )
 
 
-def resume_rng(ctx: Any) -> None:
+def resume_rng(ctx: TrainContext) -> None:
     """Restore the RNG state of a mid-epoch checkpoint once its trained batches are skipped."""
-    state = ctx.extras.pop('resume_rng', None)
+    state, ctx.resume.rng = ctx.resume.rng, None
     if state is not None:
         restore_rng(state)

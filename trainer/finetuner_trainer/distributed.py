@@ -24,12 +24,21 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from finetuner_trainer.rng import rank_seed, reseed
+
+if TYPE_CHECKING:
+    from finetuner_trainer.context import TrainContext
 
 log = logging.getLogger(__name__)
+
+ModuleT = TypeVar('ModuleT', bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,7 @@ def global_batch_order(batch: Sequence[int], world: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def sync_batch_norm(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def sync_batch_norm(model: ModuleT, info: DistInfo) -> ModuleT:
     """BatchNorm layers that normalise over the global batch, as one process would: SyncBatchNorm
     on NCCL. PyTorch has no SyncBatchNorm for CPU tensors, so under gloo each rank normalises its own
     share (said once in the log: the run then differs slightly from one process on the same batch).
@@ -232,7 +241,7 @@ def sync_batch_norm(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     if not info.enabled or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
     if info.backend == 'nccl':
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[return-value]  # the same module
     log.warning(
         'the model has BatchNorm layers: on %s each of the %d processes normalises its own share of the batch '
         '(SyncBatchNorm needs GPUs)',
@@ -242,12 +251,22 @@ def sync_batch_norm(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return model
 
 
+def unwrap(module: Any) -> Any:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while isinstance(module, torch.nn.Module):
+        inner = getattr(module, 'module', None)
+        if inner is None:
+            inner = getattr(module, '_orig_mod', None)
+        if not isinstance(inner, torch.nn.Module):
+            return module
+        module = inner
+    return module
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` (already on its device) when distributed."""
     if not info.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     device_ids = [info.local_rank] if info.backend == 'nccl' else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
@@ -330,7 +349,7 @@ def global_clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scal
     return loss
 
 
-def setup_loop(ctx: Any) -> DistInfo:
+def setup_loop(ctx: TrainContext) -> DistInfo:
     """Make the loop's context distributed when started by torchrun: join the process group, wrap
     the model in DDP (``ctx.module``), the objective in :class:`DistributedObjective` and the
     batches in :class:`ShardedBatches`. A no-op for a single process."""
@@ -338,10 +357,6 @@ def setup_loop(ctx: Any) -> DistInfo:
     if not info.enabled:
         return info
     info = init_distributed(str(getattr(ctx.spec.device, 'value', ctx.spec.device)))
-    from torch.utils.data import DataLoader
-
-    from finetuner_trainer.checkpointing import rank_seed, reseed
-
     if ctx.state.resumed_from is None and info.rank > 0:
         # Every rank built the model from the same seed (identical initial weights, also of loss
         # parameters DDP does not broadcast); from here on each draws its own random stream. A
@@ -352,10 +367,11 @@ def setup_loop(ctx: Any) -> DistInfo:
     # supports that; label data runs it once.
     pairs = not hasattr(ctx.loss, 'miner')
     if ctx.module is None:
-        find_unused = getattr(ctx.model, 'family', '') == 'clip'
+        # A model with towers for several kinds of content (CLIP) leaves the other towers unused on label data.
+        find_unused = ctx.model.find_unused_parameters and not pairs
         ctx.model = sync_batch_norm(ctx.model, info)
-        ctx.module = wrap_model(ctx.model, info, find_unused_parameters=find_unused and not pairs)
-        if pairs and isinstance(ctx.module, torch.nn.parallel.DistributedDataParallel):
+        ctx.module = wrap_model(ctx.model, info, find_unused_parameters=find_unused)
+        if pairs and isinstance(ctx.module, DistributedDataParallel):
             ctx.module._set_static_graph()
     ctx.loss = wrap_objective(ctx.loss)
     loader = ctx.train_loader

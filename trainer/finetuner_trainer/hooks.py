@@ -8,7 +8,12 @@ every callback in order; a callback reads :class:`TrainState` and may only flip 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from finetuner.api.callback_options import CallbackOptions
+
+if TYPE_CHECKING:
+    from finetuner_trainer.context import TrainContext
 
 
 @dataclass
@@ -33,15 +38,23 @@ class Control:
 
 
 class Callback:
-    """No-op base; override what you need. ``ctx`` is the loop's TrainContext (model, optimizer,
-    scheduler, data, config, stores) so a callback can evaluate or snapshot weights."""
+    """No-op base; override what you need. ``ctx`` is the loop's :class:`~finetuner_trainer.context.TrainContext`
+    (model, optimizer, scheduler, data, config, store) so a callback can evaluate or snapshot weights."""
 
-    def on_train_begin(self, ctx: Any, state: TrainState, control: Control) -> None: ...
-    def on_epoch_begin(self, ctx: Any, state: TrainState, control: Control) -> None: ...
-    def on_batch_end(self, ctx: Any, state: TrainState, control: Control, loss: float) -> None: ...
-    def on_evaluate(self, ctx: Any, state: TrainState, control: Control, metrics: dict[str, float]) -> None: ...
-    def on_epoch_end(self, ctx: Any, state: TrainState, control: Control) -> None: ...
-    def on_train_end(self, ctx: Any, state: TrainState, control: Control) -> None: ...
+    # The options a run's spec may give it (finetuner_trainer.callbacks.register_callback sets them).
+    Options: ClassVar[type[CallbackOptions]] = CallbackOptions
+    # True when on_train_end replaces the trained weights (best epoch, WiSE-FT): the loop then measures
+    # the final metrics again on what is published.
+    changes_weights_at_end: ClassVar[bool] = False
+
+    def on_train_begin(self, ctx: TrainContext, state: TrainState, control: Control) -> None: ...
+    def on_epoch_begin(self, ctx: TrainContext, state: TrainState, control: Control) -> None: ...
+    def on_batch_end(self, ctx: TrainContext, state: TrainState, control: Control, loss: float) -> None: ...
+    def on_evaluate(
+        self, ctx: TrainContext, state: TrainState, control: Control, metrics: dict[str, float]
+    ) -> None: ...
+    def on_epoch_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None: ...
+    def on_train_end(self, ctx: TrainContext, state: TrainState, control: Control) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this callback (best score so far, patience left, ...)."""

@@ -1,81 +1,47 @@
 """The one training loop.
 
-Everything a run needs is in :class:`TrainContext`; :func:`run_training` trains it, calling the
-callbacks' hooks (``finetuner_trainer.hooks``) and honouring ``Control.should_stop``. The
+Everything a run needs is in :class:`~finetuner_trainer.context.TrainContext`; :func:`run_training`
+trains it, calling the callbacks' hooks (``finetuner_trainer.hooks``) and honouring
+``Control.should_stop``. The
 functions ``_before_training``, ``_after_epoch``, ``_evaluate`` and ``_publish`` are the seams
 where checkpoint/resume, retrieval evaluation and export plug in.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from finetuner.api.v1alpha1 import FinetuneRunSpec, SchedulerStep, TrainerConfig
-from finetuner_trainer.data import Dataset
-from finetuner_trainer.hooks import Callback, Control, TrainState
+from finetuner.api.layout import EXAMPLES, METRICS
+from finetuner.api.v1alpha1 import SchedulerStep
+from finetuner_trainer.callbacks import changes_weights_at_end
+from finetuner_trainer.checkpointing import resume_from_latest, resume_rng, save_loop_checkpoint
+from finetuner_trainer.context import TrainContext
+from finetuner_trainer.distributed import agree, setup_loop
+from finetuner_trainer.hooks import TrainState
 from finetuner_trainer.losses import LabelObjective
-from finetuner_trainer.models import Embedder, to_device
-from finetuner_trainer.progress import ProgressReporter
+from finetuner_trainer.models import to_device
+
+__all__ = ['TrainContext', 'compute_loss', 'forward_loss', 'run_metrics', 'run_training', 'validation_loss']
 
 
-@dataclass
-class TrainContext:
-    config: TrainerConfig
-    spec: FinetuneRunSpec
-    model: Embedder  # the embedder itself (what is saved)
-    optimizer: torch.optim.Optimizer
-    scheduler: Any  # a LambdaLR or None
-    loss: nn.Module  # a LabelObjective or a PairObjective
-    loss_optimizer: torch.optim.Optimizer | None
-    device: torch.device
-    store: Any  # the run's output Store
-    train_records: Dataset
-    eval_records: Dataset | None
-    logger: logging.Logger
-    train_loader: Any  # torch DataLoader over train_records
-    eval_loader: Any  # DataLoader over eval_records, or None
-    batch_size: int
-    reporter: ProgressReporter
-    callbacks: list[Callback] = field(default_factory=list)
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    autocast_dtype: torch.dtype | None = None  # bf16 on CUDA, None on CPU
-    module: nn.Module | None = None  # what forward() runs: the model, or its DDP wrapper
-    state: TrainState = field(default_factory=TrainState)
-    control: Control = field(default_factory=Control)
-    extras: dict[str, Any] = field(default_factory=dict)  # room for callbacks and plug-ins
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def runner(self) -> nn.Module:
-        return self.module if self.module is not None else self.model
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+def forward_loss(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Forward the batch through ``model`` and the objective ``loss``."""
+    groups = batch['groups']
+    objective = getattr(loss, 'objective', loss)  # looks through distributed.DistributedObjective
+    if isinstance(objective, LabelObjective):
+        return loss(model(groups[0]), batch['labels'])
+    queries, documents = model(groups[0]), model(groups[1])
+    return loss(queries, documents, batch.get('scores'))
 
 
 def compute_loss(ctx: TrainContext, batch: dict[str, Any]) -> Tensor:
-    """Forward the batch through the model and the objective."""
-    groups = batch['groups']
-    objective = getattr(ctx.loss, 'objective', ctx.loss)  # looks through distributed.DistributedObjective
-    if isinstance(objective, LabelObjective):
-        return ctx.loss(ctx.runner(groups[0]), batch['labels'])
-    queries, documents = ctx.runner(groups[0]), ctx.runner(groups[1])
-    return ctx.loss(queries, documents, batch.get('scores'))
+    """Forward the batch through the run's model (or its DDP wrapper) and objective."""
+    return forward_loss(ctx.runner, ctx.loss, batch)
 
 
 def _call(ctx: TrainContext, hook: str, *args: Any) -> None:
@@ -137,24 +103,21 @@ def _batches(ctx: TrainContext, epoch: int) -> Iterator[dict[str, Any]]:
 def _before_training(ctx: TrainContext) -> None:
     """Before the first epoch: resume from the latest checkpoint (sets state.epoch/step), go
     distributed under torchrun, and measure the metrics before fine-tuning (first attempt only)."""
-    from finetuner_trainer.checkpointing import resume_from_latest
-    from finetuner_trainer.distributed import setup_loop
-
     resumed = resume_from_latest(ctx)
     setup_loop(ctx)
     if resumed is None:
-        ctx.extras['before'] = _evaluate(ctx)
+        ctx.metrics.before = _evaluate(ctx)
+        ctx.metrics.examples_before = list(ctx.metrics.examples)
+        write_examples(ctx)
 
 
 def _evaluate(ctx: TrainContext) -> dict[str, float]:
     """Metrics after an epoch: validation loss here; retrieval metrics plug in beside it."""
-    from finetuner_trainer.callbacks import retrieval_evaluation
-
     metrics: dict[str, float] = {}
     val_loss = validation_loss(ctx)
     if val_loss is not None:
         metrics['val_loss'] = val_loss
-    metrics.update(retrieval_evaluation(ctx))
+    metrics.update(ctx.evaluation(ctx))
     return metrics
 
 
@@ -162,20 +125,15 @@ def _after_step(ctx: TrainContext, batch_in_epoch: int) -> None:
     """After an optimizer step: a step checkpoint every spec.checkpointEverySteps steps."""
     every = ctx.spec.checkpoint_every_steps
     if every and ctx.state.step % every == 0 and batch_in_epoch < len(ctx.train_loader):
-        from finetuner_trainer.checkpointing import save_loop_checkpoint
-
         save_loop_checkpoint(ctx, batch_in_epoch=batch_in_epoch)
 
 
 def _after_epoch(ctx: TrainContext) -> None:
     """After an epoch's bookkeeping: live metrics.json, a checkpoint, and one stop decision for all ranks."""
-    from finetuner.api.layout import METRICS
-    from finetuner_trainer.checkpointing import save_loop_checkpoint
-    from finetuner_trainer.distributed import agree
-
     ctx.reporter.report(ctx.state, ctx.state.train_loss, force=True)
     if ctx.is_main:
         ctx.store.write_json(METRICS, run_metrics(ctx, dict(ctx.state.metrics)))
+    write_examples(ctx)
     save_loop_checkpoint(ctx)
     ctx.control.should_stop = agree(ctx.control.should_stop)
 
@@ -184,25 +142,77 @@ def _publish(ctx: TrainContext) -> None:
     """After training, before the artifact is written: when a callback replaced the weights (best
     epoch, WiSE-FT), measure the final metrics again on what is published. ONNX export and the
     training-curves plot go into the artifact folder in runner.publish_artifact."""
-    from finetuner_trainer.callbacks import changes_weights_at_end
-
     if changes_weights_at_end(ctx.callbacks):
-        ctx.extras['after'] = _evaluate(ctx)
+        ctx.metrics.after = _evaluate(ctx)
 
 
 def run_metrics(ctx: TrainContext, after: dict[str, float]) -> dict[str, Any]:
-    """metrics.json: before and after fine-tuning, one entry per epoch, example queries if gathered."""
-    metrics: dict[str, Any] = {'before': ctx.extras.get('before', {}), 'after': after, 'epochs': ctx.state.history}
-    if ctx.extras.get('examples'):
-        metrics['examples'] = ctx.extras['examples']
-    return metrics
+    """metrics.json: before and after fine-tuning, one entry per epoch (and per interval of an
+    EvaluationCallback's steps_per_interval)."""
+    report: dict[str, Any] = {'before': ctx.metrics.before, 'after': after, 'epochs': ctx.state.history}
+    intervals = [entry for cb in ctx.callbacks for entry in getattr(cb, 'intervals', [])]
+    if intervals:
+        report['intervals'] = sorted(intervals, key=lambda entry: entry['step'])
+    return report
+
+
+def write_examples(ctx: TrainContext) -> None:
+    """examples.json (rank 0, when an evaluation gathers examples): the top matches of a few queries
+    before fine-tuning and with the latest weights (after training: the published ones). Kept out of
+    metrics.json, which the operator reads on every progress poll, because examples carry pictures."""
+    before, after = ctx.metrics.examples_before, ctx.metrics.examples
+    if ctx.is_main and (before or after):
+        ctx.store.write_json(EXAMPLES, {'before': before, 'after': after if ctx.state.epoch else []})
 
 
 # --- the loop ---------------------------------------------------------------------------------
 
 
+def _train_epoch(ctx: TrainContext, epoch: int) -> None:
+    """One epoch of optimizer steps (the batches a resumed step checkpoint already trained skipped);
+    sets ``state.train_loss`` to their mean loss."""
+    state = ctx.state
+    total, count = 0.0, 0
+    skip, ctx.resume.skip_batches = ctx.resume.skip_batches, 0  # resumed from a step checkpoint inside this epoch
+    for position, batch in enumerate(_batches(ctx, epoch), start=1):
+        if position <= skip:
+            continue
+        if skip and position == skip + 1:
+            resume_rng(ctx)
+        loss = _train_step(ctx, batch)
+        state.step += 1
+        total, count = total + loss, count + 1
+        ctx.reporter.report(state, total / count)
+        _call(ctx, 'on_batch_end', loss)
+        _after_step(ctx, position)
+        if ctx.control.should_stop:
+            break
+    state.train_loss = total / count if count else None
+
+
+def _end_epoch(ctx: TrainContext, epoch: int) -> None:
+    """After an epoch's steps: the epoch-wise scheduler, evaluation, history, the callbacks' hooks."""
+    state = ctx.state
+    if ctx.scheduler is not None and ctx.spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH:
+        ctx.scheduler.step()
+    metrics = _evaluate(ctx)
+    state.val_loss = metrics.get('val_loss')
+    state.metrics = {**state.metrics, **metrics}
+    _call(ctx, 'on_evaluate', metrics)
+    state.history.append({'epoch': epoch, 'train_loss': state.train_loss, **state.metrics})
+    ctx.logger.info(
+        'epoch %d/%d done: train_loss %.4f%s',
+        epoch,
+        ctx.spec.epochs,
+        state.train_loss if state.train_loss is not None else float('nan'),
+        ''.join(f' {k} {v:.4f}' for k, v in metrics.items()),
+    )
+    _call(ctx, 'on_epoch_end')
+    _after_epoch(ctx)
+
+
 def run_training(ctx: TrainContext) -> TrainState:
-    state, control = ctx.state, ctx.control
+    state = ctx.state
     state.epochs = ctx.spec.epochs
     state.total_steps = ctx.spec.epochs * len(ctx.train_loader)
     state.is_world_process_zero = ctx.is_main
@@ -213,41 +223,9 @@ def run_training(ctx: TrainContext) -> TrainState:
     for epoch in range(state.epoch + 1, ctx.spec.epochs + 1):
         state.epoch = epoch
         _call(ctx, 'on_epoch_begin')
-        total, count = 0.0, 0
-        skip = ctx.extras.pop('skip_batches', 0)  # resumed from a step checkpoint inside this epoch
-        for position, batch in enumerate(_batches(ctx, epoch), start=1):
-            if position <= skip:
-                continue
-            if skip and position == skip + 1:
-                from finetuner_trainer.checkpointing import resume_rng
-
-                resume_rng(ctx)
-            loss = _train_step(ctx, batch)
-            state.step += 1
-            total, count = total + loss, count + 1
-            ctx.reporter.report(state, total / count)
-            _call(ctx, 'on_batch_end', loss)
-            _after_step(ctx, position)
-            if control.should_stop:
-                break
-        state.train_loss = total / count if count else None
-        if ctx.scheduler is not None and ctx.spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH:
-            ctx.scheduler.step()
-        metrics = _evaluate(ctx)
-        state.val_loss = metrics.get('val_loss')
-        state.metrics = {**state.metrics, **metrics}
-        _call(ctx, 'on_evaluate', metrics)
-        state.history.append({'epoch': epoch, 'train_loss': state.train_loss, **state.metrics})
-        ctx.logger.info(
-            'epoch %d/%d done: train_loss %.4f%s',
-            epoch,
-            ctx.spec.epochs,
-            state.train_loss if state.train_loss is not None else float('nan'),
-            ''.join(f' {k} {v:.4f}' for k, v in metrics.items()),
-        )
-        _call(ctx, 'on_epoch_end')
-        _after_epoch(ctx)
-        if control.should_stop:
+        _train_epoch(ctx, epoch)
+        _end_epoch(ctx, epoch)
+        if ctx.control.should_stop:
             ctx.logger.info('stopping early after epoch %d (a callback asked to stop)', epoch)
             break
     _call(ctx, 'on_train_end')

@@ -1,55 +1,35 @@
-"""Losses and miners by name, and which data shape each loss trains on.
+"""Losses and miners by name, each registered once with the data shapes it trains on.
 
 Every loss is wrapped as an *objective* with one of two call forms:
 
 - ``LabelObjective(embeddings, labels)``: pytorch-metric-learning losses (with an optional miner);
+  they train on labelled items, and on query-document pairs taken as classes of two;
 - ``PairObjective(queries, documents, scores)``: CLIPLoss, MultipleNegativesRankingLoss,
   CosineSimilarityLoss, MarginMSELoss.
+
+A pytorch-metric-learning loss is one entry of :data:`PML_LOSSES`; a loss of this project is a
+class decorated with :func:`register_loss` (a :class:`PairObjective`, or a label loss). :data:`LOSSES` is the registry
+the trainer builds from; the SDK's catalog and the CRD's enums are generated from it
+(``python -m finetuner.api.crdgen`` writes ``sdk/finetuner/registered.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from finetuner.catalog import MINER_NAMES, PAIR_LOSS_NAMES, PML_LOSS_NAMES
 from finetuner_trainer.data import Shape
+from finetuner_trainer.embedder import Embedder
 from finetuner_trainer.errors import ConfigError
 
-# Losses holding one weight vector per class: they need the class count and embedding size.
-CLASS_PROXY_LOSSES = frozenset(
-    {
-        'ArcFaceLoss',
-        'CosFaceLoss',
-        'LargeMarginSoftmaxLoss',
-        'NormalizedSoftmaxLoss',
-        'ProxyAnchorLoss',
-        'ProxyNCALoss',
-        'SoftTripleLoss',
-        'SphereFaceLoss',
-        'SubCenterArcFaceLoss',
-    }
-)
-# Losses that classify rather than compare items: one item per class is enough for them.
-SINGLE_ITEM_OK = CLASS_PROXY_LOSSES | {'P2SGradLoss'}
-# Arguments some losses require, with the defaults this project picks (the user may override).
-REQUIRED_DEFAULTS: dict[str, dict[str, Any]] = {
-    'RankedListLoss': {'margin': 0.4, 'Tn': 1.0},
-    'HistogramLoss': {'n_bins': 100},
-}
-
-LOSS_SHAPES: dict[str, tuple[Shape, ...]] = {
-    **{name: (Shape.LABELLED, Shape.PAIRS) for name in PML_LOSS_NAMES},
-    'CLIPLoss': (Shape.TEXT_IMAGE,),
-    'MultipleNegativesRankingLoss': (Shape.PAIRS, Shape.SCORED_PAIRS),
-    'CosineSimilarityLoss': (Shape.SCORED_PAIRS,),
-    'MarginMSELoss': (Shape.SCORED_PAIRS,),
-}
 SHAPE_WORDS = {
     Shape.LABELLED: 'labelled items',
     Shape.PAIRS: 'query-document pairs',
@@ -58,34 +38,148 @@ SHAPE_WORDS = {
 }
 
 
+@dataclass(frozen=True)
+class LossEntry:
+    """A registered loss: what it trains on and how it is built."""
+
+    name: str
+    shapes: tuple[Shape, ...]  # the data shapes it trains on
+    objective: Literal['label', 'pair']  # LabelObjective (takes a miner) or PairObjective
+    resolve: Callable[[], Any]  # -> the loss class (pytorch-metric-learning's are imported when needed)
+    classifies: bool = False  # one weight vector per class: one item per class is enough, unseen classes unscored
+    defaults: dict[str, Any] = field(default_factory=dict)  # required arguments, with this project's values
+    families: tuple[str, ...] = ()  # the model families it trains (empty: any)
+    from_model: Callable[[Embedder], dict[str, Any]] | None = None  # arguments it takes from the model
+
+
+LOSSES: dict[str, LossEntry] = {}
+LABEL_SHAPES = (Shape.LABELLED, Shape.PAIRS)  # what a label loss trains on (a pair is a class of two)
+MINERS: tuple[str, ...] = (
+    'AngularMiner',
+    'BatchEasyHardMiner',
+    'BatchHardMiner',
+    'DistanceWeightedMiner',
+    'HDCMiner',
+    'MultiSimilarityMiner',
+    'PairMarginMiner',
+    'TripletMarginMiner',
+    'UniformHistogramMiner',
+)
+
+
+def _add(entry: LossEntry) -> None:
+    if entry.name in LOSSES and LOSSES[entry.name] != entry:
+        raise ValueError(f'loss {entry.name!r} is already registered')
+    LOSSES[entry.name] = entry
+
+
+def _pml(module: str, name: str) -> Callable[[], Any]:
+    # heavy: pytorch-metric-learning is imported only when one of its losses or miners is built
+    return lambda: getattr(importlib.import_module(f'pytorch_metric_learning.{module}'), name)
+
+
+# Every loss of pytorch-metric-learning 2.x that trains from (embeddings, labels) (ManifoldLoss
+# refuses labels, so it is not here), with what sets it apart: ``classifies`` (class weights),
+# ``defaults`` (arguments it requires, with the values this project picks; the user may override).
+PML_LOSSES: dict[str, dict[str, Any]] = {
+    'AngularLoss': {},
+    'ArcFaceLoss': {'classifies': True},
+    'CircleLoss': {},
+    'ContrastiveLoss': {},
+    'CosFaceLoss': {'classifies': True},
+    'DynamicSoftMarginLoss': {},
+    'FastAPLoss': {},
+    'GeneralizedLiftedStructureLoss': {},
+    'HistogramLoss': {'defaults': {'n_bins': 100}},
+    'InstanceLoss': {},
+    'IntraPairVarianceLoss': {},
+    'LargeMarginSoftmaxLoss': {'classifies': True},
+    'LiftedStructureLoss': {},
+    'MarginLoss': {},
+    'MultiSimilarityLoss': {},
+    'NCALoss': {},
+    'NPairsLoss': {},
+    'NTXentLoss': {},
+    'NormalizedSoftmaxLoss': {'classifies': True},
+    'P2SGradLoss': {'classifies': True},
+    'PNPLoss': {},
+    'ProxyAnchorLoss': {'classifies': True},
+    'ProxyNCALoss': {'classifies': True},
+    'RankedListLoss': {'defaults': {'margin': 0.4, 'Tn': 1.0}},
+    'SignalToNoiseRatioContrastiveLoss': {},
+    'SmoothAPLoss': {},
+    'SoftTripleLoss': {'classifies': True},
+    'SphereFaceLoss': {'classifies': True},
+    'SubCenterArcFaceLoss': {'classifies': True},
+    'SupConLoss': {},
+    'ThresholdConsistentMarginLoss': {},
+    'TripletMarginLoss': {},
+    'TupletMarginLoss': {},
+}
+for _name, _traits in PML_LOSSES.items():
+    _add(LossEntry(_name, LABEL_SHAPES, 'label', _pml('losses', _name), **_traits))
+
+LossT = TypeVar('LossT', bound=type[nn.Module])
+
+
+def register_loss(
+    *shapes: Shape,
+    families: tuple[str, ...] = (),
+    from_model: Callable[[Embedder], dict[str, Any]] | None = None,
+    defaults: dict[str, Any] | None = None,
+    classifies: bool = False,
+) -> Callable[[LossT], LossT]:
+    """Class decorator: the loss a spec names by the class's name, training on data of ``shapes``.
+
+    A :class:`PairObjective` subclass is called ``(queries, documents, scores)``; any other module is a
+    label loss called like pytorch-metric-learning's, ``(embeddings, labels, indices_tuple)`` (it may
+    take a miner, and trains on labelled items or on pairs as classes of two)."""
+    if not shapes:
+        raise TypeError('register_loss needs the data shapes the loss trains on')
+
+    def register(cls: LossT) -> LossT:
+        objective: Literal['label', 'pair'] = 'pair' if issubclass(cls, PairObjective) else 'label'
+        if objective == 'label' and not set(shapes) <= set(LABEL_SHAPES):
+            raise TypeError(f'{cls.__name__} is a label loss: it trains on labelled items or pairs, not {shapes}')
+        _add(
+            LossEntry(
+                cls.__name__,
+                tuple(shapes),
+                objective,
+                lambda: cls,
+                classifies,
+                dict(defaults or {}),
+                families,
+                from_model,
+            )
+        )
+        return cls
+
+    return register
+
+
+def loss_entry(name: str) -> LossEntry:
+    entry = LOSSES.get(name)
+    if entry is None:
+        raise ConfigError('loss', f'unknown loss {name!r}; choose one of {", ".join(LOSSES)}')
+    return entry
+
+
 def loss_registry() -> dict[str, Any]:
     """Name -> constructor of every loss the trainer can build."""
-    from pytorch_metric_learning import losses
-
-    registry: dict[str, Any] = {name: getattr(losses, name) for name in PML_LOSS_NAMES}
-    registry.update(
-        {
-            'CLIPLoss': CLIPLoss,
-            'MultipleNegativesRankingLoss': MultipleNegativesRankingLoss,
-            'CosineSimilarityLoss': CosineSimilarityLoss,
-            'MarginMSELoss': MarginMSELoss,
-        }
-    )
-    return registry
+    return {name: entry.resolve() for name, entry in LOSSES.items()}
 
 
 def miner_registry() -> dict[str, Any]:
-    from pytorch_metric_learning import miners
-
-    return {name: getattr(miners, name) for name in MINER_NAMES}
+    return {name: _pml('miners', name)() for name in MINERS}
 
 
 def check_loss_fits(loss: str, shape: Shape, miner: str | None) -> None:
     """ConfigError unless ``loss`` trains on data of this shape (and a miner makes sense with it)."""
-    allowed = LOSS_SHAPES[loss]
-    if shape not in allowed:
-        wanted = ' or '.join(SHAPE_WORDS[s] for s in allowed)
-        fits = [name for name in PAIR_LOSS_NAMES if shape in LOSS_SHAPES[name]]
+    entry = loss_entry(loss)
+    if shape not in entry.shapes:
+        wanted = ' or '.join(SHAPE_WORDS[s] for s in entry.shapes)
+        fits = [e.name for e in LOSSES.values() if e.objective == 'pair' and shape in e.shapes]
         if shape == Shape.LABELLED:
             fits = ['TripletMarginLoss', 'ArcFaceLoss', '...']
         raise ConfigError(
@@ -93,18 +187,22 @@ def check_loss_fits(loss: str, shape: Shape, miner: str | None) -> None:
             f'{loss} trains on {wanted}, but the data holds {SHAPE_WORDS[shape]}; '
             f'use {", ".join(fits)} or change the data',
         )
-    if miner is not None and loss in PAIR_LOSS_NAMES:
+    if miner is not None and entry.objective == 'pair':
         raise ConfigError('miner', f'{miner} mines tuples for pytorch-metric-learning losses; {loss} takes no miner')
 
 
-def _construct(name: str, cls: Any, options: dict[str, Any], field: str, **given: Any) -> Any:
+def _construct(
+    name: str, cls: Any, options: dict[str, Any], field: str, defaults: dict[str, Any] | None = None, **given: Any
+) -> Any:
+    """``cls(**defaults, **options)``, plus the ``given`` arguments its signature takes; a ConfigError
+    naming ``field`` when it refuses them."""
     parameters: set[str] = set()
     for klass in getattr(cls, '__mro__', (cls,)):  # CosFaceLoss & co. take (*args, **kwargs)
         try:
             parameters.update(inspect.signature(klass.__init__).parameters)
         except (TypeError, ValueError):
             continue
-    kwargs = {**REQUIRED_DEFAULTS.get(name, {}), **options}
+    kwargs = {**(defaults or {}), **options}
     for key, value in given.items():
         if key in parameters and key not in kwargs:
             kwargs[key] = value
@@ -121,20 +219,21 @@ def build_objective(
     miner_options: dict[str, Any],
     embedding_size: int,
     num_classes: int,
-    logit_scale: float | None = None,
+    model: Embedder | None = None,
 ) -> nn.Module:
-    """The loss ``name`` ready to call, as a LabelObjective or a PairObjective."""
-    registry = loss_registry()
-    if name not in registry:
-        raise ConfigError('loss', f'unknown loss {name!r}')
-    if name in PAIR_LOSS_NAMES:
-        extra = {'logit_scale': logit_scale} if name == 'CLIPLoss' and logit_scale is not None else {}
-        return _construct(name, registry[name], {**extra, **options}, 'lossOptions')
+    """The loss ``name`` ready to call, as a LabelObjective or a PairObjective. ``model``: the run's
+    embedder, for losses that start from the model's own values (CLIP's temperature)."""
+    entry = loss_entry(name)
+    from_model = entry.from_model(model) if entry.from_model is not None and model is not None else {}
+    defaults = {**entry.defaults, **from_model}
+    if entry.objective == 'pair':
+        return _construct(name, entry.resolve(), options, 'lossOptions', defaults)
     loss = _construct(
         name,
-        registry[name],
+        entry.resolve(),
         options,
         'lossOptions',
+        defaults,
         num_classes=max(num_classes, 1),
         embedding_size=embedding_size,
         descriptors_dim=embedding_size,
@@ -142,8 +241,9 @@ def build_objective(
     )
     mined = None
     if miner is not None:
-        miners = miner_registry()
-        mined = _construct(miner, miners[miner], miner_options, 'minerOptions')
+        if miner not in MINERS:
+            raise ConfigError('miner', f'unknown miner {miner!r}; choose one of {", ".join(MINERS)}')
+        mined = _construct(miner, _pml('miners', miner)(), miner_options, 'minerOptions')
     return LabelObjective(loss, mined)
 
 
@@ -162,10 +262,19 @@ class LabelObjective(nn.Module):
 
 
 class PairObjective(nn.Module):
+    """A loss over a batch of (query, document) embeddings, with the pairs' scores when the data has them."""
+
     def forward(self, queries: Tensor, documents: Tensor, scores: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
 
+def _clip_logit_scale(model: Embedder) -> dict[str, Any]:
+    """CLIP's own temperature as the loss's starting value (a model without one keeps log(1/0.07))."""
+    scale = getattr(model, 'logit_scale', None)
+    return {'logit_scale': float(scale.detach())} if scale is not None else {}
+
+
+@register_loss(Shape.TEXT_IMAGE, families=('clip',), from_model=_clip_logit_scale)
 class CLIPLoss(PairObjective):
     """Symmetric InfoNCE over a batch of (text, image) pairs with a learnable temperature.
 
@@ -186,6 +295,7 @@ class CLIPLoss(PairObjective):
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
+@register_loss(Shape.PAIRS, Shape.SCORED_PAIRS)
 class MultipleNegativesRankingLoss(PairObjective):
     """In-batch negatives: each query's document is the positive, the others' documents negatives."""
 
@@ -201,6 +311,7 @@ class MultipleNegativesRankingLoss(PairObjective):
         return (loss + F.cross_entropy(logits.T, targets)) / 2 if self.symmetric else loss
 
 
+@register_loss(Shape.SCORED_PAIRS)
 class CosineSimilarityLoss(PairObjective):
     """Mean squared error between cos(query, document) and the pair's score."""
 
@@ -210,6 +321,7 @@ class CosineSimilarityLoss(PairObjective):
         return F.mse_loss(similarity, scores.float())
 
 
+@register_loss(Shape.SCORED_PAIRS)
 class MarginMSELoss(PairObjective):
     """MarginMSE across the pairs of a batch: the difference of two pairs' similarities should
     equal the difference of their scores (Hofstätter et al.'s margin distillation, in-batch)."""

@@ -1,15 +1,17 @@
 """ONNX export of a fine-tuned embedder, checked against torch before it is shipped.
 
-One graph per kind of content the model embeds: ``model.onnx`` for a timm CNN (images) or a text
-encoder, ``text.onnx`` and ``image.onnx`` for CLIP's two towers. Each graph takes the tensors the
-embedder's own preprocessing produces (``pixel_values``; ``input_ids``, ``attention_mask`` ...) with
-dynamic batch and sequence axes, and returns ``embeddings`` (projection head included).
+One graph per kind of content the model embeds, as its family declares (``Embedder.onnx_graphs``:
+``model.onnx`` for a timm CNN (images) or a text encoder, ``text.onnx`` and ``image.onnx`` for CLIP's
+two towers). Each graph takes the tensors the embedder's own preprocessing produces
+(``pixel_values``; ``input_ids``, ``attention_mask`` ...) with dynamic batch and sequence axes, and
+returns ``embeddings`` (projection head included).
 
-Transformer text encoders (BERT-like ``text`` models) are exported with eager attention and then
-fused by ONNX Runtime's transformer optimiser (``Attention``, ``SkipLayerNormalization``,
-``BiasGelu``, ``EmbedLayerNormalization``), so the artifact ships the fused graph; the fusions are
-listed in ``export.json``. A fused graph that ONNX Runtime cannot run, or that disagrees with torch,
-is replaced by the plain graph (the reason is recorded) rather than failing the run.
+A family may have a graph fused after export (``Embedder.onnx_fusion_options``: BERT-like text
+encoders are exported with eager attention and fused by ONNX Runtime's transformer optimiser into
+``Attention``, ``SkipLayerNormalization``, ``BiasGelu``, ``EmbedLayerNormalization``), so the
+artifact ships the fused graph; the fusions are listed in ``export.json``. A fused graph that ONNX
+Runtime cannot run, or that disagrees with torch, is replaced by the plain graph (the reason is
+recorded) rather than failing the run.
 
 After export, ONNX Runtime runs every graph on sample inputs of two different shapes and the result
 is compared with torch: the maximum absolute difference is reported in ``onnx/export.json`` and an
@@ -33,6 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from finetuner.api.layout import Record
+from finetuner_trainer.embedder import Embedder
+from finetuner_trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ EXPORT_MANIFEST = 'export.json'
 OPSET = 17
 OUTPUT_NAME = 'embeddings'
 SEQUENCE_INPUTS = ('input_ids', 'attention_mask', 'token_type_ids', 'position_ids')
-# transformers model types whose exported graph ORT's 'bert' optimiser fuses (attention, layer norms, GELU).
-FUSABLE_TEXT_MODELS = frozenset({'bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra', 'camembert'})
 
 
 class OnnxExportError(RuntimeError):
@@ -63,7 +65,7 @@ class GraphReport:
 class _KindGraph(nn.Module):
     """The part of an embedder that embeds one kind of content, as a function of plain tensors."""
 
-    def __init__(self, embedder: Any, kind: str, input_names: Sequence[str]):
+    def __init__(self, embedder: Embedder, kind: str, input_names: Sequence[str]):
         super().__init__()
         self.embedder = embedder
         self.kind = kind
@@ -72,12 +74,8 @@ class _KindGraph(nn.Module):
     def forward(self, *tensors: Tensor) -> Tensor:
         inputs = dict(zip(self.input_names, tensors, strict=True))
         out = self.embedder.encode(self.kind, inputs)
-        head = getattr(self.embedder, 'head', None)
+        head = self.embedder.head
         return head(out) if head is not None else out
-
-
-def graph_file(family: str, kind: str) -> str:
-    return f'{kind}.onnx' if family == 'clip' else 'model.onnx'
 
 
 def sample_records(kind: str, seed: int = 0) -> list[list[Record]]:
@@ -87,7 +85,7 @@ def sample_records(kind: str, seed: int = 0) -> list[list[Record]]:
             [Record(text='red cat'), Record(text='a big blue dog runs fast'), Record(text='green')],
             [Record(text='old yellow train and a slow white bus with a happy bird'), Record(text='sad fish')],
         ]
-    from PIL import Image
+    from PIL import Image  # Pillow is imported where images are made: a text export never loads it
 
     rng = np.random.default_rng(seed)
 
@@ -100,7 +98,7 @@ def sample_records(kind: str, seed: int = 0) -> list[list[Record]]:
     return [[image(48), image(40)], [image(64), image(32), image(56)]]
 
 
-def _inputs_of(embedder: Any, kind: str, records: Sequence[Record]) -> dict[str, Tensor]:
+def _inputs_of(embedder: Embedder, kind: str, records: Sequence[Record]) -> dict[str, Tensor]:
     batch = embedder.collate(list(records))
     ((part_kind, inputs, _),) = batch['parts']
     if part_kind != kind:
@@ -108,40 +106,9 @@ def _inputs_of(embedder: Any, kind: str, records: Sequence[Record]) -> dict[str,
     return {name: value.cpu() for name, value in inputs.items() if isinstance(value, Tensor)}
 
 
-def transformer_fusion_options(embedder: Any, kind: str) -> dict[str, Any] | None:
-    """Arguments of ``onnxruntime.transformers.optimizer.optimize_model`` for the ``kind`` graph, or None
-    when that graph is not a BERT-like text encoder the optimiser knows."""
-    if kind != 'text' or getattr(embedder, 'family', '') != 'text':
-        return None
-    config = getattr(getattr(embedder, 'backbone', None), 'config', None)
-    if getattr(config, 'model_type', None) not in FUSABLE_TEXT_MODELS:
-        return None
-    return {
-        'model_type': 'bert',
-        'num_heads': int(config.num_attention_heads),
-        'hidden_size': int(config.hidden_size),
-    }
-
-
-@contextmanager
-def _eager_attention(embedder: Any) -> Iterator[None]:
-    """Export the attention as plain MatMul/Softmax (the pattern ORT fuses), then restore the model's own."""
-    backbone = getattr(embedder, 'backbone', None)
-    config = getattr(backbone, 'config', None)
-    previous = getattr(config, '_attn_implementation', None)
-    switch = previous not in (None, 'eager') and hasattr(backbone, 'set_attn_implementation')
-    if switch:
-        backbone.set_attn_implementation('eager')
-    try:
-        yield
-    finally:
-        if switch:
-            backbone.set_attn_implementation(previous)
-
-
 def fuse_transformer(source: Path, target: Path, options: dict[str, Any]) -> dict[str, int]:
     """Write ORT's fused version of the graph at ``source`` to ``target``; the fusions made (op: count)."""
-    from onnxruntime.transformers.optimizer import optimize_model
+    from onnxruntime.transformers.optimizer import optimize_model  # heavy: loaded only to fuse a graph
 
     # opt_level 0: only the portable python fusions, no hardware-specific ORT rewrites baked in.
     model = optimize_model(str(source), opt_level=0, use_gpu=False, **options)
@@ -152,8 +119,22 @@ def fuse_transformer(source: Path, target: Path, options: dict[str, Any]) -> dic
     return fused
 
 
+@contextmanager
+def _full_float32() -> Iterator[None]:
+    """torch's reference outputs in full float32 precision. The trainer switches TF32 on for training on
+    CUDA (runner.pick_device); a TF32 reference differs from ONNX Runtime's float32 by about 1e-3 of the
+    output, over the export tolerance, and the check would refuse a correct graph."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _check_graph(
-    embedder: Any,
+    embedder: Embedder,
     kind: str,
     module: nn.Module,
     names: list[str],
@@ -171,7 +152,7 @@ def _check_graph(
     shapes = []
     for records in samples:
         inputs = _inputs_of(embedder, kind, records)
-        with torch.no_grad():
+        with torch.no_grad(), _full_float32():
             expected = module(*(inputs[name].to(device) for name in names)).float().cpu().numpy()
         feeds = {name: inputs[name].numpy() for name in names}
         (actual,) = session.run([OUTPUT_NAME], feeds)
@@ -193,7 +174,7 @@ def _check_graph(
 
 
 def export_kind(
-    embedder: Any,
+    embedder: Embedder,
     kind: str,
     path: Path,
     samples: Sequence[Sequence[Record]] | None = None,
@@ -204,12 +185,13 @@ def export_kind(
 ) -> GraphReport:
     """Export the ``kind`` graph of ``embedder`` to ``path`` and check it with ONNX Runtime.
 
-    ``fuse``: for a BERT-like text encoder, ship ORT's fused graph when it passes the same check."""
+    ``fuse``: when the family fuses this graph (a BERT-like text encoder), ship ORT's fused graph when it
+    passes the same check."""
     samples = samples or sample_records(kind)
     was_training = embedder.training
     embedder.eval()
     device = next(embedder.parameters()).device
-    fusion = transformer_fusion_options(embedder, kind) if fuse else None
+    fusion = embedder.onnx_fusion_options(kind) if fuse else None
     optimization: dict[str, Any] = {}
     try:
         first = _inputs_of(embedder, kind, samples[0])
@@ -220,7 +202,7 @@ def export_kind(
         }
         dynamic_axes[OUTPUT_NAME] = {0: 'batch'}
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _eager_attention(embedder) if fusion else nullcontext():
+        with embedder.onnx_fusion_export() if fusion else nullcontext():
             try:
                 with torch.no_grad():
                     torch.onnx.export(
@@ -259,7 +241,7 @@ def export_kind(
 
 
 def export_onnx(
-    embedder: Any,
+    embedder: Embedder,
     directory: Path | str,
     *,
     atol: float = 1e-4,
@@ -270,15 +252,14 @@ def export_onnx(
     Returns that description: {"format": "onnx", "opset", "graphs": {kind: {file, inputs,
     max_abs_diff, tolerance}}, "max_abs_diff"}."""
     directory = Path(directory)
-    family = str(getattr(embedder, 'family', ''))
-    kinds = ['text', 'image'] if family == 'clip' else (['text'] if family == 'text' else ['image'])
     reports = [
-        export_kind(embedder, kind, directory / graph_file(family, kind), atol=atol, rtol=rtol) for kind in kinds
+        export_kind(embedder, kind, directory / file, atol=atol, rtol=rtol)
+        for kind, file in embedder.onnx_graphs.items()
     ]
     description = {
         'format': 'onnx',
         'opset': OPSET,
-        'family': family,
+        'family': embedder.family,
         'output': OUTPUT_NAME,
         'graphs': {
             r.kind: {
@@ -299,7 +280,7 @@ def export_onnx(
 
 def ort_session(path: Path | str, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session with all graph optimisations enabled."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded only where a graph is run
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -312,11 +293,9 @@ def ort_session(path: Path | str, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
-def export_for_artifact(embedder: Any, artifact_folder: Path | str) -> dict[str, Any]:
+def export_for_artifact(embedder: Embedder, artifact_folder: Path | str) -> dict[str, Any]:
     """``toOnnx``: export into ``<artifact>/onnx/``. A graph that disagrees with torch fails the run
     with a configuration error (final: a retry would export the same graph) naming ``toOnnx``."""
-    from finetuner_trainer.errors import ConfigError
-
     try:
         return export_onnx(embedder, Path(artifact_folder) / ONNX_DIR)
     except OnnxExportError as e:

@@ -15,7 +15,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path | str, title:
     ``history`` is the loop's ``state.history``: one dict per epoch with ``epoch``, ``train_loss``,
     ``val_loss`` and metrics. ``before`` metrics, when given as an entry with epoch 0, start the
     metric curves. Returns the path, or None when there is nothing to draw."""
-    import matplotlib
+    import matplotlib  # heavy: loaded only to draw the plot, once per run
 
     matplotlib.use('Agg')  # no display in a pod
     import matplotlib.pyplot as plt

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from finetuner.api.layout import PROGRESS
+from finetuner.api.layout import PROGRESS, PROGRESS_HISTORY
 from finetuner.api.v1alpha1 import Progress
 from finetuner.storage import StorageError
 from finetuner_trainer.hooks import TrainState
@@ -38,7 +38,7 @@ def quiet_libraries() -> None:
     """No download/load progress bars or load reports from Hugging Face libraries in the run's log."""
     os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     try:
-        import transformers
+        import transformers  # heavy: quieted only where it is installed (and loaded by the model anyway)
     except ImportError:
         return
     transformers.utils.logging.set_verbosity_error()
@@ -55,9 +55,14 @@ def format_seconds(seconds: float | None) -> str:
     return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes:02d}:{secs:02d}'
 
 
+MAX_HISTORY_POINTS = 2000  # beyond this the loss curve keeps every other point (the shape stays)
+
+
 class ProgressReporter:
     """Writes progress.json at most every ``interval`` seconds (and when forced) and logs a line
-    about twenty times per run, or at least every ``log_every_seconds``."""
+    about twenty times per run, or at least every ``log_every_seconds``. The loss of every step goes into
+    progress_history.json with each write: the curve the run console draws (progress.json holds only the
+    latest report)."""
 
     def __init__(
         self,
@@ -77,11 +82,33 @@ class ProgressReporter:
         self.last_write = 0.0
         self.last_log = self.started
         self.last_logged_step = -1
+        self.history: list[dict[str, Any]] = []
+        self.history_changed = False
 
     def begin(self, state: TrainState) -> None:
         self.started = time.monotonic()
         self.start_step = state.step
+        if state.step and self.enabled:  # resumed: the curve goes on from the checkpoint's step
+            self.history = [p for p in self._stored_history() if p.get('step', 0) <= state.step]
         self.report(state, force=True)
+
+    def _stored_history(self) -> list[dict[str, Any]]:
+        try:
+            stored = self.store.read_json_or_none(PROGRESS_HISTORY)
+        except (StorageError, ValueError):
+            return []
+        points = stored.get('points') if isinstance(stored, dict) else None
+        return [p for p in points if isinstance(p, dict)] if isinstance(points, list) else []
+
+    def _record(self, state: TrainState, loss: float | None) -> None:
+        """Append the loss of this step to the history (written with the next progress.json)."""
+        if loss is None or (self.history and self.history[-1]['step'] >= state.step):
+            return
+        now = datetime.now(timezone.utc).isoformat(timespec='seconds')
+        self.history.append({'step': state.step, 'epoch': state.epoch, 'loss': loss, 'time': now})
+        self.history_changed = True
+        if len(self.history) > MAX_HISTORY_POINTS:
+            self.history = [*self.history[:-1:2], self.history[-1]]
 
     def eta(self, state: TrainState) -> float | None:
         done = state.step - self.start_step
@@ -122,9 +149,13 @@ class ProgressReporter:
                 )
                 self.last_logged_step = state.step
                 self.last_log = now
+        self._record(state, loss)
         if force or now - self.last_write >= self.interval:
             try:
                 self.store.write_json(PROGRESS, self.progress(state, loss).to_k8s())
+                if self.history_changed:
+                    self.store.write_json(PROGRESS_HISTORY, {'points': self.history})
+                    self.history_changed = False
             except StorageError as e:  # progress is best effort: training goes on
                 self.logger.warning('could not write progress: %s', e)
             self.last_write = now

@@ -9,29 +9,63 @@ model and check that model, loss, miner and data fit together, train, then publi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+from pydantic import ValidationError
+from torch.utils.data import DataLoader
+
 from finetuner.api import layout
 from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, FinetuneRunSpec, Sampler, SchedulerStep, TrainerConfig
-from finetuner.storage import StorageError, open_store
+from finetuner.catalog import find_backbone
+from finetuner.storage import LocalStore, S3Store, StorageError, open_store
+from finetuner_trainer.callbacks import build_callbacks, checkpoint_retention
+from finetuner_trainer.checkpointing import Checkpointer
+from finetuner_trainer.context import TrainContext
+from finetuner_trainer.data import (
+    LARGEST_CLASS,
+    ONE_PASS,
+    ClassBalancedBatches,
+    Dataset,
+    Example,
+    Item,
+    RandomBatches,
+    Shape,
+    content_keys,
+    load_records,
+    pairs_as_classes,
+    split,
+    text_lengths,
+    to_dataset,
+)
+from finetuner_trainer.distributed import shutdown
+from finetuner_trainer.embedder import Embedder, to_device
 from finetuner_trainer.errors import ConfigError
-from finetuner_trainer.progress import quiet_libraries, setup_logging
+from finetuner_trainer.loop import forward_loss, run_metrics, run_training, write_examples
+from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry
+from finetuner_trainer.model_card import CardFacts, base_model_of, data_name_of_reference, write_card
+from finetuner_trainer.models import build_embedder, resolve_model
+from finetuner_trainer.onnx_export import export_for_artifact
+from finetuner_trainer.optim import build_optimizer, build_scheduler
+from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
+from finetuner_trainer.progress import ProgressReporter, quiet_libraries, setup_logging
+from finetuner_trainer.rng import reseed
 
 EXIT_OK = 0
 EXIT_INFRA_ERROR = 1
-CPU_BATCH_SIZES = {'text': 32, 'timm': 16, 'clip': 32}
+RunStore = LocalStore | S3Store
 
 
 @dataclass
@@ -49,10 +83,8 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_data(config: TrainerConfig, log: logging.Logger) -> tuple[Any, Any]:
+def load_data(config: TrainerConfig, log: logging.Logger) -> tuple[Dataset, Dataset | None]:
     """(train, eval or None) datasets; eval from evalData or valSplit."""
-    from finetuner_trainer.data import load_records, split, to_dataset
-
     spec = config.spec
     records, base = load_records(spec.train_data, config.data_uri, spec.csv_options, 'trainData')
     train = to_dataset(records, spec, 'trainData', base)
@@ -73,19 +105,10 @@ def load_data(config: TrainerConfig, log: logging.Logger) -> tuple[Any, Any]:
     return train, evaluation
 
 
-def pairs_as_classes(dataset: Any) -> Any:
-    from finetuner_trainer.data import Dataset, Example, Shape
-
-    examples = [Example((item,), label=i) for i, pair in enumerate(dataset.examples) for item in pair.items]
-    return Dataset(Shape.LABELLED, examples, [str(i) for i in range(len(dataset))], dataset.source)
-
-
-def check_fit(spec: FinetuneRunSpec, model: Any, train: Any, original_shape: Any) -> None:
+def check_fit(spec: FinetuneRunSpec, model: Embedder, train: Dataset, original_shape: Shape) -> None:
     """ConfigError when model, loss, miner and data do not fit together."""
-    from finetuner_trainer.data import Shape
-    from finetuner_trainer.losses import SINGLE_ITEM_OK, check_loss_fits
-
     check_loss_fits(spec.loss, original_shape, spec.miner)
+    loss = loss_entry(spec.loss)
     wrong = sorted(train.kinds - set(model.kinds))
     if wrong:
         raise ConfigError(
@@ -93,15 +116,17 @@ def check_fit(spec: FinetuneRunSpec, model: Any, train: Any, original_shape: Any
             f'{spec.model} ({model.family}) embeds {" and ".join(model.kinds)}, but the data holds {wrong[0]} content; '
             'pick a backbone for this data (see `finetuner models`)',
         )
-    if spec.loss == 'CLIPLoss' and model.family != 'clip':
-        raise ConfigError('model', f'CLIPLoss trains a CLIP model; {spec.model} is a {model.family} model')
+    if loss.families and model.family not in loss.families:
+        raise ConfigError(
+            'model', f'{spec.loss} trains a {" or ".join(loss.families)} model; {spec.model} is a {model.family} model'
+        )
     if train.shape == Shape.LABELLED:
         counts = Counter(example.label for example in train.examples)
         if len(counts) < 2:
             raise ConfigError(
                 'trainData', f'all items have the same label {train.classes[0]!r}; {spec.loss} needs at least 2 classes'
             )
-        if spec.loss not in SINGLE_ITEM_OK and max(counts.values()) < 2:
+        if not loss.classifies and max(counts.values()) < 2:
             raise ConfigError(
                 'trainData',
                 f'every class has a single item, so {spec.loss} finds no positive pairs; give at least 2 items per '
@@ -111,9 +136,7 @@ def check_fit(spec: FinetuneRunSpec, model: Any, train: Any, original_shape: Any
         raise ConfigError('trainData', f'{spec.loss} needs at least 2 pairs (the other pairs are the negatives)')
 
 
-def pick_device(spec: FinetuneRunSpec) -> Any:
-    import torch
-
+def pick_device(spec: FinetuneRunSpec) -> torch.device:
     if spec.device == 'cuda' and not torch.cuda.is_available():
         raise ConfigError('device', 'device cuda was asked for but no GPU is visible; use auto or cpu')
     use_cuda = spec.device != 'cpu' and torch.cuda.is_available()
@@ -127,7 +150,7 @@ def pick_device(spec: FinetuneRunSpec) -> Any:
     return torch.device('cpu')
 
 
-def largest_fitting(fits: Any, start: int, limit: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
     """The largest power-of-two multiple of ``start`` up to ``limit`` for which ``fits(size)`` holds."""
     best = 0
     size = start
@@ -139,57 +162,76 @@ def largest_fitting(fits: Any, start: int, limit: int) -> int:
     return best
 
 
-def auto_batch_size(ctx_parts: dict[str, Any], log: logging.Logger) -> int:
-    """batchSize empty: on CUDA the largest power of two that trains without running out of memory
-    (as Finetuner 0.7.3 did); on CPU a sane default per family."""
-    import torch
+@dataclass
+class BatchProbe:
+    """What :func:`auto_batch_size` tries batches with: the model on its device, the objective, the data."""
 
-    model, device, train, loss, collator = (ctx_parts[k] for k in ('model', 'device', 'train', 'loss', 'collator'))
-    limit = max(2, len(train))
-    if device.type != 'cuda':
-        size = min(CPU_BATCH_SIZES.get(model.family, 16), limit)
-        log.info('batchSize not set: %d (the CPU default for %s models)', size, model.family)
-        return size
-    from finetuner_trainer.loop import compute_loss
+    model: Embedder
+    device: torch.device
+    train: Dataset
+    loss: torch.nn.Module
+    collator: Collator
 
-    def fits(size: int) -> bool:
-        examples = [train.examples[i % len(train)] for i in range(size)]
-        try:
-            batch = collator(examples)
-            from finetuner_trainer.models import to_device
 
-            probe = type('Probe', (), {'loss': loss, 'runner': model})()
-            with torch.autocast('cuda', dtype=torch.bfloat16):
-                value = compute_loss(probe, to_device(batch, device))  # type: ignore[arg-type]
-            value.backward()
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            model.zero_grad(set_to_none=True)
+def probe_fits(probe: BatchProbe, size: int) -> bool:
+    """Whether a training step (forward and backward, under bf16 autocast as training runs on a GPU) on a
+    batch of ``size`` examples fits in the device's memory, probed with the longest examples while room
+    for the optimizer's state is held. The gradients it made are dropped."""
+    train = probe.train
+    order = probe_order(train)
+    examples = [train.examples[order[i % len(order)]] for i in range(size)]
+    reserve: list[torch.Tensor] = []
+    try:
+        # What the first optimizer step will add: two state tensors per parameter (Adam's moments).
+        reserve = [torch.empty_like(p) for p in probe.model.parameters() if p.requires_grad for _ in range(2)]
+        batch = to_device(probe.collator(examples), probe.device)
+        with torch.autocast(probe.device.type, dtype=torch.bfloat16):
+            value = forward_loss(probe.model, probe.loss, batch)
+        value.backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del reserve
+        probe.model.zero_grad(set_to_none=True)
+        if probe.device.type == 'cuda':
             torch.cuda.empty_cache()
 
-    size = largest_fitting(fits, 8, min(1024, limit))
+
+def auto_batch_size(probe: BatchProbe, log: logging.Logger) -> int:
+    """batchSize empty: on CUDA the largest power of two that trains without running out of memory
+    (as Finetuner 0.7.3 did); on CPU a sane default per family."""
+    model, limit = probe.model, max(2, len(probe.train))
+    if probe.device.type != 'cuda':
+        size = min(model.cpu_batch_size, limit)
+        log.info('batchSize not set: %d (the CPU default for %s models)', size, model.family)
+        return size
+    size = largest_fitting(lambda size: probe_fits(probe, size), 8, min(1024, limit))
     log.info('batchSize not set: %d (the largest power of two that fits on the GPU)', size)
     return size
+
+
+def probe_order(train: Dataset) -> list[int]:
+    """Examples in the order the batch-size probe takes them: most text first. A batch pads to its
+    longest text, so a batch of the longest examples needs the most memory the epoch will ask for."""
+    lengths = text_lengths(train)
+    if lengths is None:
+        return list(range(len(train)))
+    return sorted(range(len(train)), key=lambda i: -lengths[i])
 
 
 class Collator:
     """Examples -> a model-ready batch: {'groups': [inputs...], 'labels': ..., 'scores': ...}."""
 
-    def __init__(self, model: Any, shape: Any, plan_lengths: bool = False):
+    def __init__(self, model: Embedder, shape: Shape, plan_lengths: bool = False):
         self.model = model
         self.shape = shape
         self.plan_lengths = plan_lengths
 
-    def collate(self, items: list[Any]) -> Any:
+    def collate(self, items: list[Item]) -> dict[str, Any]:
         return self.model.collate(items, plan_lengths=self.plan_lengths)
 
-    def __call__(self, examples: list[Any]) -> dict[str, Any]:
-        import torch
-
-        from finetuner_trainer.data import Shape
-
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
         if self.shape == Shape.LABELLED:
             return {
                 'groups': [self.collate([e.items[0] for e in examples])],
@@ -206,37 +248,61 @@ class Collator:
         return batch
 
 
-def make_loader(
-    dataset: Any, collator: Collator, spec: FinetuneRunSpec, batch_size: int, device: Any, train: bool
-) -> Any:
-    from torch.utils.data import DataLoader
-
-    from finetuner_trainer.data import ClassBalancedBatches, RandomBatches, Shape, content_keys, text_lengths
-
-    labelled = dataset.shape == Shape.LABELLED
-    use_classes = labelled and spec.sampler != Sampler.RANDOM
-    if use_classes:
-        per_class = spec.num_items_per_class if train else max(1, min(spec.num_items_per_class, batch_size // 2))
-        if batch_size < 2 * per_class:
-            raise ConfigError(
-                'batchSize',
-                f'a batch of {batch_size} holds fewer than 2 classes of numItemsPerClass {per_class}; '
-                'raise batchSize or lower numItemsPerClass',
-            )
+def _batch_sampler(
+    dataset: Dataset, spec: FinetuneRunSpec, batch_size: int, train: bool
+) -> ClassBalancedBatches | RandomBatches:
+    """Class-balanced batches for labelled data (unless sampler: random), shuffled ones otherwise."""
+    use_classes = dataset.shape == Shape.LABELLED and spec.sampler != Sampler.RANDOM
     lengths = text_lengths(dataset) if train and spec.group_by_length else None
     if use_classes:
+        per_class = spec.num_items_per_class if train else max(1, min(spec.num_items_per_class, batch_size // 2))
+        if dataset.from_pairs:  # a query and its document: a class of two
+            per_class = 2
+        check_class_batch(dataset, spec, batch_size, per_class)
         labels = [e.label for e in dataset.examples]
-        sampler: Any = ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths)
-    else:
-        keys = content_keys(dataset) if train else None
-        world = int(os.environ.get('WORLD_SIZE', '1'))
-        sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths, keys=keys, multiple=world)
-        if keys is not None and len(dataset) >= 2 and not any(len(batch) >= 2 for batch in sampler):
-            raise ConfigError(
-                'trainData',
-                'every pair shares its query or document with every other pair, so no batch can hold two '
-                '(in-batch negatives need pairs with different contents); add pairs with other queries',
-            )
+        epoch = LARGEST_CLASS if spec.sampler == Sampler.CLASS_OVERSAMPLE else ONE_PASS
+        return ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths, epoch=epoch)
+    if batch_size < 2 and len(dataset) >= 2:
+        unit = 'item' if dataset.shape == Shape.LABELLED else 'pair'
+        raise ConfigError(
+            'batchSize',
+            f'a batch of 1 {unit} has nothing to compare it with: {spec.loss} needs at least 2 {unit}s in a batch '
+            '(the others are its negatives); set batchSize to 2 or more',
+        )
+    keys = content_keys(dataset) if train else None
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths, keys=keys, multiple=world)
+    if keys is not None and len(dataset) >= 2 and not any(len(batch) >= 2 for batch in sampler):
+        raise ConfigError(
+            'trainData',
+            'every pair shares its query or document with every other pair, so no batch can hold two '
+            '(in-batch negatives need pairs with different contents); add pairs with other queries',
+        )
+    return sampler
+
+
+def check_class_batch(dataset: Dataset, spec: FinetuneRunSpec, batch_size: int, per_class: int) -> None:
+    """ConfigError when a class-balanced batch cannot hold two classes, in the words of the data's shape."""
+    if batch_size >= 2 * per_class:
+        return
+    if dataset.from_pairs:
+        raise ConfigError(
+            'batchSize',
+            f'a batch of {batch_size} holds {"no whole pair" if batch_size < 2 else "one pair"}: {spec.loss} sees '
+            'each query and its document as a class of two and needs another pair in the batch as its negative; '
+            'set batchSize to 4 or more (2 pairs)',
+        )
+    raise ConfigError(
+        'batchSize',
+        f'a batch of {batch_size} holds fewer than 2 classes of numItemsPerClass {per_class}; '
+        'raise batchSize or lower numItemsPerClass',
+    )
+
+
+def make_loader(
+    dataset: Dataset, collator: Collator, spec: FinetuneRunSpec, batch_size: int, device: torch.device, train: bool
+) -> DataLoader[Any]:
+    sampler = _batch_sampler(dataset, spec, batch_size, train)
     if not train:
         sampler.set_epoch(0)
     workers = min(4 if spec.num_workers is None else spec.num_workers, os.cpu_count() or 1)
@@ -245,7 +311,7 @@ def make_loader(
     if len(dataset) <= 4 * batch_size:  # a tiny set: worker start-up costs more than it saves
         workers = 0
     return DataLoader(
-        dataset.examples,
+        dataset.examples,  # type: ignore[arg-type]  # a list is a map-style dataset
         batch_sampler=sampler,
         collate_fn=collator,
         num_workers=workers,
@@ -254,54 +320,17 @@ def make_loader(
     )
 
 
-def build_context(config: TrainerConfig, store: Any, log: logging.Logger) -> Any:
-    """Everything the loop needs, checked: data, model, loss, optimizers, schedule, loaders."""
-    import numpy as np
-    import torch
+@dataclass
+class Optimization:
+    """The optimizers and schedule of a run."""
 
-    from finetuner.catalog import PML_LOSS_NAMES
-    from finetuner_trainer.data import Shape
-    from finetuner_trainer.loop import TrainContext
-    from finetuner_trainer.losses import build_objective, check_loss_fits
-    from finetuner_trainer.models import build_embedder
-    from finetuner_trainer.optim import build_optimizer, build_scheduler
-    from finetuner_trainer.progress import ProgressReporter
+    learning_rate: float
+    optimizer: torch.optim.Optimizer
+    loss_optimizer: torch.optim.Optimizer | None
 
-    spec = config.spec
-    random.seed(spec.seed)
-    np.random.seed(spec.seed % 2**32)
-    torch.manual_seed(spec.seed)
-    train, evaluation = load_data(config, log)
-    shape = train.shape
-    check_loss_fits(spec.loss, shape, spec.miner)  # before the (slow) model load
-    if shape == Shape.PAIRS and spec.loss in PML_LOSS_NAMES:
-        # Finetuner semantics: a query and its document form a class of two.
-        train = pairs_as_classes(train)
-        evaluation = pairs_as_classes(evaluation) if evaluation is not None else None
-    model = build_embedder(spec)
-    check_fit(spec, model, train, shape)
-    log.info(
-        'model %s (%s): %d-dim embeddings, %.1fM parameters (%.1fM trainable)',
-        spec.model,
-        model.family,
-        model.output_dim,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-    )
-    device = pick_device(spec)
-    model.to(device)
-    scale = float(model.logit_scale.detach()) if spec.loss == 'CLIPLoss' and hasattr(model, 'logit_scale') else None
-    objective = build_objective(
-        spec.loss,
-        spec.loss_options,
-        spec.miner,
-        spec.miner_options,
-        model.output_dim,
-        len(train.classes),
-        logit_scale=scale,
-    ).to(device)
-    from finetuner.catalog import find_backbone
 
+def build_optimizers(spec: FinetuneRunSpec, model: Embedder, objective: torch.nn.Module) -> Optimization:
+    """The optimizer of the model (and of the loss's parameters, unless lossOptimizer gives them their own)."""
     backbone = find_backbone(spec.model)
     lr = spec.learning_rate or (backbone.default_learning_rate if backbone else 1e-4)
     loss_params = [p for p in objective.parameters() if p.requires_grad]
@@ -316,40 +345,64 @@ def build_context(config: TrainerConfig, store: Any, log: logging.Logger) -> Any
     elif loss_params:
         params = [{'params': params}, {'params': loss_params}]
     optimizer = build_optimizer(spec.optimizer, params, lr, spec.optimizer_options)
-    collator = Collator(model, train.shape, plan_lengths=device.type == 'cpu')
-    batch_size = spec.batch_size or auto_batch_size(
-        {'model': model, 'device': device, 'train': train, 'loss': objective, 'collator': collator}, log
+    return Optimization(lr, optimizer, loss_optimizer)
+
+
+def _prepare_model(spec: FinetuneRunSpec, train: Dataset, shape: Shape, log: logging.Logger) -> Embedder:
+    model = build_embedder(spec)
+    check_fit(spec, model, train, shape)
+    log.info(
+        'model %s (%s): %d-dim embeddings, %.1fM parameters (%.1fM trainable)',
+        spec.model,
+        model.family,
+        model.output_dim,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
     )
+    return model
+
+
+def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -> TrainContext:
+    """Everything the loop needs, checked: data, model, loss, optimizers, schedule, loaders."""
+    spec = config.spec
+    reseed(spec.seed)
+    train, evaluation = load_data(config, log)
+    shape = train.shape
+    check_loss_fits(spec.loss, shape, spec.miner)  # before the (slow) model load
+    if shape == Shape.PAIRS and loss_entry(spec.loss).objective == 'label':
+        # Finetuner semantics: a query and its document form a class of two.
+        train = pairs_as_classes(train)
+        evaluation = pairs_as_classes(evaluation) if evaluation is not None else None
+    model = _prepare_model(spec, train, shape, log)
+    device = pick_device(spec)
+    model.to(device)
+    objective = build_objective(
+        spec.loss, spec.loss_options, spec.miner, spec.miner_options, model.output_dim, len(train.classes), model
+    ).to(device)
+    optimization = build_optimizers(spec, model, objective)
+    collator = Collator(model, train.shape, plan_lengths=device.type == 'cpu')
+    batch_size = spec.batch_size or auto_batch_size(BatchProbe(model, device, train, objective, collator), log)
     batch_size = min(batch_size, len(train)) if train.shape != Shape.LABELLED else batch_size
     train_loader = make_loader(train, collator, spec, batch_size, device, train=True)
     eval_loader = None
-    if evaluation is not None and _can_score(spec, objective, evaluation, len(train.classes)):
+    if evaluation is not None and _can_score(spec, evaluation, len(train.classes)):
         eval_loader = make_loader(evaluation, collator, spec, batch_size, device, train=False)
-    steps = (
-        spec.epochs if spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH else spec.epochs * len(train_loader)
-    )
-    scheduler = build_scheduler(spec.scheduler, optimizer, spec.scheduler_options, steps, lr)
+    per_epoch = spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH
+    steps = spec.epochs if per_epoch else spec.epochs * len(train_loader)
+    lr = optimization.learning_rate
+    scheduler = build_scheduler(spec.scheduler, optimization.optimizer, spec.scheduler_options, steps, lr)
     autocast = torch.bfloat16 if device.type == 'cuda' else None
-    log.info(
-        'loss %s%s, optimizer %s (lr %g), batch size %d, %d steps per epoch, %d epochs, device %s%s',
-        spec.loss,
-        f' with {spec.miner}' if spec.miner else '',
-        spec.optimizer,
-        lr,
-        batch_size,
-        len(train_loader),
-        spec.epochs,
-        device,
-        ' (bf16 autocast, TF32)' if autocast else '',
-    )
+    _log_plan(log, spec, lr, batch_size, len(train_loader), device)
+    callbacks = build_callbacks(spec.callbacks)
+    rank = int(os.environ.get('RANK', '0'))
     return TrainContext(
         config=config,
         spec=spec,
         model=model,
-        optimizer=optimizer,
+        optimizer=optimization.optimizer,
         scheduler=scheduler,
         loss=objective,
-        loss_optimizer=loss_optimizer,
+        loss_optimizer=optimization.loss_optimizer,
         device=device,
         store=store,
         train_records=train,
@@ -358,30 +411,38 @@ def build_context(config: TrainerConfig, store: Any, log: logging.Logger) -> Any
         train_loader=train_loader,
         eval_loader=eval_loader,
         batch_size=batch_size,
-        reporter=ProgressReporter(store, log, enabled=int(os.environ.get('RANK', '0')) == 0),
-        callbacks=_build_callbacks(spec),
-        rank=int(os.environ.get('RANK', '0')),
+        reporter=ProgressReporter(store, log, enabled=rank == 0),
+        checkpointer=Checkpointer(store, keep_last=checkpoint_retention(callbacks)),
+        callbacks=callbacks,
+        rank=rank,
         world_size=int(os.environ.get('WORLD_SIZE', '1')),
         local_rank=int(os.environ.get('LOCAL_RANK', '0')),
         autocast_dtype=autocast,
     )
 
 
-def _can_score(spec: FinetuneRunSpec, objective: Any, evaluation: Any, num_classes: int) -> bool:
-    """Proxy losses (ArcFace, ...) cannot score classes they never saw: no val_loss for those."""
-    from finetuner_trainer.losses import SINGLE_ITEM_OK
+def _log_plan(
+    log: logging.Logger, spec: FinetuneRunSpec, lr: float, batch_size: int, steps: int, device: torch.device
+) -> None:
+    log.info(
+        'loss %s%s, optimizer %s (lr %g), batch size %d, %d steps per epoch, %d epochs, device %s%s',
+        spec.loss,
+        f' with {spec.miner}' if spec.miner else '',
+        spec.optimizer,
+        lr,
+        batch_size,
+        steps,
+        spec.epochs,
+        device,
+        ' (bf16 autocast, TF32)' if device.type == 'cuda' else '',
+    )
 
-    if spec.loss in SINGLE_ITEM_OK:
+
+def _can_score(spec: FinetuneRunSpec, evaluation: Dataset, num_classes: int) -> bool:
+    """Proxy losses (ArcFace, ...) cannot score classes they never saw: no val_loss for those."""
+    if loss_entry(spec.loss).classifies:
         return all((e.label or 0) < num_classes for e in evaluation.examples)
     return True
-
-
-def _build_callbacks(spec: FinetuneRunSpec) -> list[Any]:
-    if importlib.util.find_spec('finetuner_trainer.callbacks') is None:
-        return []
-    from finetuner_trainer.callbacks import build_callbacks  # type: ignore[import-not-found]
-
-    return list(build_callbacks(spec.callbacks))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +451,6 @@ def _build_callbacks(spec: FinetuneRunSpec) -> list[Any]:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for package in (
         'torch',
@@ -408,23 +467,79 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def publish_artifact(ctx: Any, workdir: Path) -> str:
-    """Save the model, upload every file under artifact/, then write artifact/manifest.json last.
+def card_facts(ctx: TrainContext, after: dict[str, Any]) -> CardFacts:
+    """What the artifact's model card says: base model, task, data, loss, hyper-parameters, metrics."""
+    spec, train, evaluation = ctx.spec, ctx.train_records, ctx.eval_records
+    family = ctx.model.family
+    source = resolve_model(spec)[1]
+    task = 'text-to-image' if family == 'clip' else 'text-to-text' if family == 'text' else 'image-to-image'
+    given = spec.model_dump(exclude_defaults=True, by_alias=False)
+    hyperparameters = {
+        'epochs': spec.epochs,
+        'batch_size': ctx.batch_size,
+        'learning_rate': ctx.optimizer.param_groups[0].get('initial_lr', ctx.optimizer.param_groups[0]['lr']),
+        'optimizer': spec.optimizer,
+        'scheduler': spec.scheduler or 'none',
+        'total_steps': ctx.state.total_steps,
+        'sampler': str(spec.sampler.value if hasattr(spec.sampler, 'value') else spec.sampler),
+        'output_dim': spec.output_dim,
+        'freeze': spec.freeze,
+        'seed': spec.seed,
+    }
+    evaluation_callbacks = [cb for cb in ctx.callbacks if type(cb).__name__ == 'EvaluationCallback']
+    return CardFacts(
+        run_name=ctx.config.run_name,
+        model=spec.model,
+        base_model_id=None
+        if spec.model_options.get('pretrained') is False
+        else base_model_of(spec.model, source, family, ctx.model),
+        family=family,
+        task=task,
+        output_dim=ctx.model.output_dim,
+        pretrained=spec.model_options.get('pretrained') is not False,
+        data_shape=train.shape.value,
+        train_size=len(train),
+        train_source=data_name_of_reference(spec.train_data),
+        eval_size=len(evaluation) if evaluation is not None else None,
+        eval_source=eval_name(spec, evaluation is not None),
+        classes=len(train.classes) if train.shape == Shape.LABELLED else None,
+        loss=spec.loss,
+        miner=spec.miner,
+        hyperparameters=hyperparameters,
+        non_default={k: v for k, v in given.items() if k in hyperparameters},
+        before=dict(ctx.metrics.before),
+        after=dict(after),
+        history=list(ctx.state.history),
+        limit=evaluation_callbacks[0].options.limit if evaluation_callbacks else 20,
+    )
+
+
+def eval_name(spec: FinetuneRunSpec, evaluated: bool) -> str | None:
+    if spec.eval_data:
+        return data_name_of_reference(spec.eval_data)
+    return f'{data_name_of_reference(spec.train_data)}, val_split {spec.val_split}' if evaluated else None
+
+
+def publish_artifact(ctx: TrainContext, workdir: Path, after: dict[str, Any] | None = None) -> str:
+    """Save the model and its card, upload every file under artifact/, then write artifact/manifest.json last.
 
     A manifest left by an earlier attempt is removed first, so an upload that dies half-way never
     looks complete."""
     store = ctx.store
     store.delete(layout.ARTIFACT_MANIFEST)
     folder = workdir / 'artifact'
-    description = ctx.model.save(folder)
+    facts = card_facts(ctx, after if after is not None else ctx.state.metrics)
+    ctx.model.card_facts = facts  # a text model's card is written by sentence-transformers from these
+    try:
+        description = ctx.model.save(folder)
+    finally:
+        ctx.model.card_facts = None
+    write_card(folder, facts, description.get('load'))
     if ctx.spec.to_onnx:
-        from finetuner_trainer.onnx_export import export_for_artifact
-
         description['onnx'] = export_for_artifact(ctx.model, folder)
-    from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
-
-    before = ctx.extras.get('before') or {}
-    plot_training_curves([{'epoch': 0, **before}, *ctx.state.history], folder / PLOT_FILE, title=ctx.config.run_name)
+    plot_training_curves(
+        [{'epoch': 0, **ctx.metrics.before}, *ctx.state.history], folder / PLOT_FILE, title=ctx.config.run_name
+    )
     files = {
         path.relative_to(folder).as_posix(): path.stat().st_size for path in sorted(folder.rglob('*')) if path.is_file()
     }
@@ -448,7 +563,9 @@ def publish_artifact(ctx: Any, workdir: Path) -> str:
     return f'{store.uri}/{layout.ARTIFACT}'
 
 
-def write_failure(store: Any, reason: str, message: str, exit_code: int, log: logging.Logger | None) -> None:
+def write_failure(
+    store: RunStore | None, reason: str, message: str, exit_code: int, log: logging.Logger | None
+) -> None:
     if store is None:
         return
     try:
@@ -475,8 +592,6 @@ def write_termination_log(path: str, message: str) -> None:
 
 def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResult:
     """Run the whole fine-tuning in this process; raises ConfigError on a user mistake."""
-    from finetuner_trainer.loop import run_training
-
     log = log or logging.getLogger('finetuner_trainer')
     quiet_libraries()
     try:
@@ -486,16 +601,13 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
     store.write_json(layout.CONFIG, config.model_dump(by_alias=True, mode='json'))
     store.delete(layout.FAILURE)
     ctx = build_context(config, store, log)
-    from finetuner_trainer.loop import run_metrics
-
     state = run_training(ctx)  # resumes from a checkpoint, measures the metrics before and per epoch
-    from finetuner_trainer.distributed import shutdown
-
     shutdown()  # under torchrun: no collective follows (rank 0 publishes alone); NCCL warns of a group left open
-    after = dict(ctx.extras.get('after', state.metrics))
+    after = dict(ctx.metrics.after if ctx.metrics.after is not None else state.metrics)
     with tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
-        artifact_uri = publish_artifact(ctx, Path(tmp)) if ctx.is_main else ''
+        artifact_uri = publish_artifact(ctx, Path(tmp), after) if ctx.is_main else ''
     metrics = run_metrics(ctx, after)
+    write_examples(ctx)
     if ctx.is_main:
         store.write_json(layout.METRICS, metrics)
         ctx.reporter.report(state, state.train_loss, force=True)
@@ -504,8 +616,6 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
 
 
 def parse_config(text: str) -> TrainerConfig:
-    from pydantic import ValidationError
-
     try:
         return TrainerConfig.model_validate_json(text)
     except ValidationError as e:

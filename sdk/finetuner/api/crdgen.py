@@ -1,7 +1,13 @@
-"""Generate the CustomResourceDefinitions from the contract models.
+"""Generate the CustomResourceDefinitions from the contract models, and the SDK's copy of what the
+trainer registers.
 
-    python -m finetuner.api.crdgen           # (re)write crds/*.yaml and the Helm chart's copy
+    python -m finetuner.api.crdgen           # (re)write crds/*.yaml, the Helm chart's copy, registered.py
     python -m finetuner.api.crdgen --check   # exit 1 when the files on disk drifted
+
+``sdk/finetuner/registered.py`` lists the trainer's losses (with the data shapes each trains on),
+miners and model families as plain data: the SDK reads them without torch, and the CRD's enums
+come from them. Generating it imports the trainer (``finetuner_trainer``), so this command needs the
+trainer stack installed.
 
 Pydantic's JSON schema is turned into the *structural* OpenAPI v3 schema the API server
 demands: ``$ref`` inlined, ``anyOf [X, null]`` turned into ``nullable: true``,
@@ -16,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,7 @@ RUNTIME_DESCRIPTION = (
     "Runtime template: pod settings every trainer pod gets (FINETUNER_RUNTIME_TEMPLATE); a run's own "
     'spec settings win. Generated from finetuner.api.pod.PodSettings.'
 )
+REGISTERED = Path('sdk') / 'finetuner' / 'registered.py'  # under REPO_ROOT
 REGENERATE = 'python -m finetuner.api.crdgen'
 HEADER = f'# Generated from sdk/finetuner/api/v1alpha1.py by `{REGENERATE}`. Do not edit.\n'
 
@@ -226,9 +235,76 @@ def render_all() -> dict[str, str]:
     return files
 
 
+# ---------------------------------------------------------------------------------------------
+# sdk/finetuner/registered.py: the trainer's registries as plain data
+# ---------------------------------------------------------------------------------------------
+
+REGISTERED_DOC = f'''"""What the trainer registers, as plain data for the light SDK: losses (with the data shapes each
+trains on and its call form), miners, and model families (the content kinds each embeds, and the
+names ``get_model(select_model=...)`` takes).
+
+Generated from trainer/finetuner_trainer (losses.py, families/) by `{REGENERATE}`;
+`--check` fails when it differs from the trainer's registries. Do not edit.
+"""
+'''
+
+
+def _literal(value: Any, indent: int) -> str:
+    """``value`` as Python source in ruff's format: dicts one key a line with a trailing comma (ruff
+    keeps them so), tuples on one line when short, one item a line otherwise."""
+    pad = ' ' * indent
+    if isinstance(value, dict):
+        if not value:
+            return '{}'
+        lines = [f'{pad}    {key!r}: {_literal(item, indent + 4)},' for key, item in value.items()]
+        return '{\n' + '\n'.join(lines) + f'\n{pad}}}'
+    if isinstance(value, (list, tuple)):
+        items = [_literal(item, indent + 4) for item in value]
+        inline = f'({items[0]},)' if len(items) == 1 else f'({", ".join(items)})'
+        if len(inline) + indent <= 80:
+            return inline
+        return '(\n' + ''.join(f'{pad}    {item},\n' for item in items) + f'{pad})'
+    return repr(value)
+
+
+def registered_tables() -> dict[str, Any]:
+    """The trainer's live registries, as the tables of registered.py."""
+    # The trainer is imported only here: the CRDs need just the contract, registered.py needs the trainer.
+    losses = importlib.import_module('finetuner_trainer.losses')
+    models = importlib.import_module('finetuner_trainer.models')
+    return {
+        'LOSSES': {
+            name: {'shapes': tuple(shape.value for shape in entry.shapes), 'objective': entry.objective}
+            for name, entry in losses.LOSSES.items()
+        },
+        'MINERS': tuple(losses.MINERS),
+        'FAMILIES': {
+            name: {'kinds': tuple(meta['kinds']), 'select_models': meta['select_models']}
+            for name, meta in models.family_metadata().items()
+        },
+    }
+
+
+def registered_source(tables: dict[str, Any]) -> str:
+    """The text of registered.py holding ``tables``."""
+    types = {
+        'LOSSES': 'dict[str, dict[str, Any]]',
+        'MINERS': 'tuple[str, ...]',
+        'FAMILIES': 'dict[str, dict[str, Any]]',
+    }
+    body = '\n\n'.join(f'{name}: {types[name]} = {_literal(table, 0)}' for name, table in tables.items())
+    return f'{REGISTERED_DOC}\nfrom __future__ import annotations\n\nfrom typing import Any\n\n{body}\n'
+
+
+def _stale_registered() -> list[Path]:
+    path = REPO_ROOT / REGISTERED
+    return [] if path.exists() and path.read_text() == registered_source(registered_tables()) else [path]
+
+
 def drifted() -> list[Path]:
-    """Files on disk that differ from what the models generate (missing ones included)."""
-    stale = []
+    """Files on disk that differ from what the models and the trainer's registries generate (missing
+    ones included)."""
+    stale = _stale_registered()
     for directory in CRD_DIRS:
         for name, text in render_all().items():
             path = directory / name
@@ -248,6 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         for path in stale:
             print(f'stale: {path.relative_to(REPO_ROOT)} (run `{REGENERATE}`)', file=sys.stderr)
         return 1 if stale else 0
+    tables = registered_tables()
+    registered = REPO_ROOT / REGISTERED
+    registered.parent.mkdir(parents=True, exist_ok=True)
+    registered.write_text(registered_source(tables))
+    print(f'wrote {REGISTERED}')
+    loaded = importlib.import_module('finetuner.registered')  # what the catalog of this process was built from
+    if any(getattr(loaded, name, None) != table for name, table in tables.items()):
+        # The CRDs' enums come from the catalog: generate them in a process that imports the new one.
+        return subprocess.call([sys.executable, '-m', 'finetuner.api.crdgen'])
     for directory in CRD_DIRS:
         directory.mkdir(parents=True, exist_ok=True)
         for name, text in render_all().items():

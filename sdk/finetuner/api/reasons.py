@@ -20,7 +20,7 @@ class Reason(str, Enum):
 
     # CREATED
     SUBMITTED = 'Submitted'  # accepted; waits for its trainer to start
-    WAITING = 'Waiting'  # every slot of FINETUNER_MAX_CONCURRENT_RUNS is taken (operator)
+    WAITING = 'Waiting'  # no free slot: FINETUNER_MAX_CONCURRENT_RUNS (operator), a GPU or CPU slot (local queue)
     QUEUED = 'Queued'  # its Job waits in a Kueue queue (operator)
     SUSPENDED = 'Suspended'  # spec.suspend is true, or its Job is suspended (operator)
     UNSCHEDULABLE = 'Unschedulable'  # no node fits its pod (CREATED while waiting, FAILED after the timeout)
@@ -121,6 +121,36 @@ def waiting(limit: int) -> str:
     return (
         f'Waiting for a free slot: {limit} of {limit} runs allowed at once (FINETUNER_MAX_CONCURRENT_RUNS) are '
         'training; this run starts when one of them ends, or raise the limit (Helm value operator.maxConcurrentRuns)'
+    )
+
+
+def waiting_in_line(ahead: int, pool: str) -> str:
+    """CREATED/Waiting in the local queue: ``ahead`` runs waiting for the same resource go first (FIFO)."""
+    return f'Waiting: {ahead} run{"" if ahead == 1 else "s"} ahead (queued for {pool})'
+
+
+def waiting_for_gpu(gpus: int) -> str:
+    """CREATED/Waiting, first in the local queue's GPU line: every GPU it gives out trains another run."""
+    return (
+        f"Waiting for a free GPU: the {gpus} GPU{'' if gpus == 1 else 's'} of this machine's queue "
+        f'{"is" if gpus == 1 else "are"} training other runs; this run starts when one of them ends'
+    )
+
+
+def waiting_for_cpu(limit: int) -> str:
+    """CREATED/Waiting, first in the local queue's CPU line: every CPU slot is taken."""
+    return (
+        f'Waiting for a free CPU slot: {limit} of {limit} trainings allowed at once on the CPU are running; this run '
+        'starts when one of them ends, or raise the limit (finetuner.login(backend="local", cpu_runs=N) or '
+        '`finetuner queue --cpu-runs N`)'
+    )
+
+
+def machine_restarted(attempts: int, backoff_limit: int) -> str:
+    """FAILED: a local run the machine's restarts interrupted more often than spec.backoffLimit allows."""
+    return (
+        f'The machine restarted while this run trained, {attempts} times (backoffLimit {backoff_limit}); '
+        'start a new run, or raise backoff_limit'
     )
 
 

@@ -79,6 +79,8 @@ def make_backend(
     profile: str | None = None,
     region: str | None = None,
     home: str | Path | None = None,
+    cpu_runs: int | None = None,
+    gpus: list[int] | None = None,
 ) -> Backend:
     name = (backend or default_backend_name()).lower()
     if name not in BACKEND_NAMES:
@@ -92,9 +94,12 @@ def make_backend(
             raise ArgumentError(given[0], 'only applies to backend="kubernetes"; add backend="kubernetes" or drop it')
         from finetuner.backends.local import LocalBackend
 
-        return LocalBackend(home=home, data=data)
-    if home is not None:
-        raise ArgumentError('home', 'only applies to backend="local" (where local runs are kept)')
+        return LocalBackend(home=home, data=data, cpu_runs=cpu_runs, gpus=gpus)
+    local_args = {'home': home, 'cpu_runs': cpu_runs, 'gpus': gpus}
+    given_local = [k for k, v in local_args.items() if v is not None]
+    if given_local:
+        what = 'where local runs are kept' if given_local[0] == 'home' else "the local queue's limits"
+        raise ArgumentError(given_local[0], f'only applies to backend="local" ({what})')
     from finetuner.backends.kubernetes import KubernetesBackend
 
     return KubernetesBackend(

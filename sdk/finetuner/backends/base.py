@@ -6,13 +6,18 @@ seed experience is the same with or without a cluster.
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from pydantic import BaseModel, Field
 
+from finetuner.api.layout import DATASETS
 from finetuner.api.v1alpha1 import ExperimentSpec, ExperimentStatus, FinetuneRunSpec, FinetuneRunStatus
-from finetuner.storage import LocalStore, S3Store
+from finetuner.errors import ArgumentError, RunNotFoundError
+from finetuner.storage import LocalStore, S3Store, StorageError, open_store
+
+MAX_DATASET_NAME = 63
 
 
 class RunRecord(BaseModel):
@@ -23,6 +28,43 @@ class RunRecord(BaseModel):
     spec: FinetuneRunSpec
     status: FinetuneRunStatus = Field(default_factory=FinetuneRunStatus)
     created_at: str | None = None
+    queue_position: int | None = None  # local queue: 1 = the next to start in its line (GPU or CPU)
+
+
+class Reservation(BaseModel):
+    """A run name held for one submission, and the datasets uploaded for it alone.
+
+    ``fit()`` reserves the name before it uploads anything, and uploads under names no other run
+    writes (``<run>-<uid>-train``): two processes submitting one name never mix their data.
+    """
+
+    name: str
+    uid: str = Field(default_factory=lambda: secrets.token_hex(4))
+    datasets: list[str] = Field(default_factory=list)
+    data_uri: str | None = None
+
+    def dataset(self, role: str) -> str:
+        """The dataset name of one upload (``role``: train, eval, 0-query, ...), at most 63 characters."""
+        tail = f'-{self.uid}-{role}'
+        return self.name[: MAX_DATASET_NAME - len(tail)].rstrip('-') + tail
+
+
+def name_taken(name: str) -> ArgumentError:
+    return ArgumentError(
+        'run_name', f'a run named {name!r} already exists; choose another name or delete_run({name!r})'
+    )
+
+
+def delete_datasets(data_uri: str | None, datasets: list[str]) -> None:
+    """Delete datasets uploaded for one submission alone (best effort: what they were for is gone)."""
+    if not data_uri or not datasets:
+        return
+    try:
+        store = open_store(data_uri)
+        for dataset in datasets:
+            store.delete(f'{DATASETS}/{dataset}')
+    except StorageError:
+        pass
 
 
 class ExperimentRecord(BaseModel):
@@ -39,8 +81,22 @@ class Backend(ABC):
     name: str
 
     # --- runs -----------------------------------------------------------------------------------
+    def reserve_run(self, reservation: Reservation) -> None:
+        """Hold ``reservation.name`` for a submission before its data is uploaded; a name in use raises
+        ArgumentError. Here: the name must be free now, and :meth:`create_run` is the atomic step (an API
+        server answers the second create of a name with 409)."""
+        try:
+            self.get_run(reservation.name)
+        except RunNotFoundError:
+            return
+        raise name_taken(reservation.name)
+
+    def release_run(self, reservation: Reservation) -> None:
+        """A submission failed after :meth:`reserve_run`: free the name and delete what was uploaded for it."""
+        delete_datasets(reservation.data_uri, reservation.datasets)
+
     @abstractmethod
-    def create_run(self, name: str, spec: FinetuneRunSpec) -> RunRecord:
+    def create_run(self, name: str, spec: FinetuneRunSpec, reservation: Reservation | None = None) -> RunRecord:
         """Submit a run; it starts in phase CREATED. A name in use raises ArgumentError."""
 
     @abstractmethod
@@ -59,6 +115,15 @@ class Backend(ABC):
         """Stop a run that is CREATED or STARTED; it ends FAILED, reason Cancelled (finetuner.api.reasons)."""
 
     @abstractmethod
+    def suspend_run(self, name: str) -> None:
+        """``spec.suspend = true``: the run stops training (keeping its checkpoints) and stays CREATED,
+        reason Suspended, holding no GPU or slot, until :meth:`resume_run`. Nothing for an ended run."""
+
+    @abstractmethod
+    def resume_run(self, name: str) -> None:
+        """``spec.suspend = false``: the run waits for a slot again and resumes from its last checkpoint."""
+
+    @abstractmethod
     def logs(self, name: str) -> str:
         """The trainer's log so far."""
 
@@ -72,8 +137,11 @@ class Backend(ABC):
 
     # --- experiments ----------------------------------------------------------------------------
     @abstractmethod
-    def create_experiment(self, name: str, spec: ExperimentSpec | None = None) -> ExperimentRecord:
-        """Get or create."""
+    def create_experiment(
+        self, name: str, spec: ExperimentSpec | None = None, uploads: Reservation | None = None
+    ) -> ExperimentRecord:
+        """Get or create (an existing experiment is returned as it is). ``uploads``: the datasets uploaded
+        for its run template, deleted with it where the backend owns them."""
 
     @abstractmethod
     def get_experiment(self, name: str) -> ExperimentRecord: ...

@@ -27,7 +27,7 @@ from finetuner.api.v1alpha1 import (
     ObjectMeta,
     Phase,
 )
-from finetuner.backends.base import Backend, ExperimentRecord, RunRecord
+from finetuner.backends.base import Backend, ExperimentRecord, Reservation, RunRecord
 from finetuner.errors import (
     ArgumentError,
     BackendError,
@@ -150,7 +150,8 @@ class KubernetesBackend(Backend):
         )
 
     # --- runs ------------------------------------------------------------------------------------
-    def create_run(self, name: str, spec: FinetuneRunSpec) -> RunRecord:
+    def create_run(self, name: str, spec: FinetuneRunSpec, reservation: Reservation | None = None) -> RunRecord:
+        """Create the FinetuneRun (the API server refuses a second one of the name: 409)."""
         from kubernetes.client.exceptions import ApiException
 
         if spec.experiment:
@@ -227,6 +228,29 @@ class KubernetesBackend(Backend):
             not_found=RunNotFoundError(name, f'namespace {self.namespace!r}'),
         )
 
+    def suspend_run(self, name: str) -> None:
+        self._set_suspend(name, True)
+
+    def resume_run(self, name: str) -> None:
+        self._set_suspend(name, False)
+
+    def _set_suspend(self, name: str, suspend: bool) -> None:
+        """Patch ``spec.suspend``; the operator stops (or lets go again) the run's Job."""
+        record = self.get_run(name)
+        if record.status.phase in (Phase.FINISHED.value, Phase.FAILED.value):
+            return
+        self._call(
+            f'{"suspend" if suspend else "resume"} run {name!r}',
+            self.custom.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            RUNS,
+            name,
+            {'spec': {'suspend': suspend}},
+            not_found=RunNotFoundError(name, f'namespace {self.namespace!r}'),
+        )
+
     def _pods(self, name: str) -> list[Any]:
         pods = self._call(
             f'list pods of run {name!r}',
@@ -286,7 +310,11 @@ class KubernetesBackend(Backend):
             raise BackendError(str(e)) from e
 
     # --- experiments -----------------------------------------------------------------------------
-    def create_experiment(self, name: str, spec: ExperimentSpec | None = None) -> ExperimentRecord:
+    def create_experiment(
+        self, name: str, spec: ExperimentSpec | None = None, uploads: Reservation | None = None
+    ) -> ExperimentRecord:
+        """Get or create the Experiment; the operator creates the runs of its sweep (``uploads``: datasets
+        uploaded for its run template, which stay in the data store with it)."""
         from kubernetes.client.exceptions import ApiException
 
         experiment = Experiment(metadata=ObjectMeta(name=name, namespace=self.namespace), spec=spec or ExperimentSpec())

@@ -12,7 +12,8 @@ import torch
 
 from finetuner.api.layout import CHECKPOINT_LATEST
 from finetuner.storage import LocalStore
-from finetuner_trainer.checkpointing import Checkpointer, CheckpointError, unwrap
+from finetuner_trainer.checkpointing import Checkpointer, CheckpointError
+from finetuner_trainer.distributed import unwrap
 from finetuner_trainer.hooks import Callback
 
 
@@ -142,7 +143,7 @@ def test_numpy_values_in_history_load_with_weights_only(tmp_path: Path) -> None:
 
 
 def _stream(seed: int) -> dict[str, Any]:
-    from finetuner_trainer.checkpointing import seeded_rng_state
+    from finetuner_trainer.rng import seeded_rng_state
 
     return seeded_rng_state(seed)
 
@@ -153,6 +154,7 @@ def _resume_as(rank: int, world: int, store: LocalStore, monkeypatch: pytest.Mon
     from types import SimpleNamespace
 
     from finetuner_trainer.checkpointing import resume_from_latest
+    from finetuner_trainer.context import ResumePoint, RunMetrics
     from finetuner_trainer.hooks import TrainState
 
     monkeypatch.setenv('RANK', str(rank))
@@ -160,7 +162,9 @@ def _resume_as(rank: int, world: int, store: LocalStore, monkeypatch: pytest.Mon
     model, optimizer, scheduler = make()
     ctx = SimpleNamespace(
         store=store,
-        extras={},
+        checkpointer=Checkpointer(store),
+        resume=ResumePoint(),
+        metrics=RunMetrics(),
         callbacks=[],
         model=model,
         optimizer=optimizer,
@@ -176,7 +180,7 @@ def _resume_as(rank: int, world: int, store: LocalStore, monkeypatch: pytest.Mon
 
 
 def test_every_rank_resumes_its_own_random_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetuner_trainer.checkpointing import rank_seed, restore_rng
+    from finetuner_trainer.rng import rank_seed, restore_rng
 
     store = LocalStore(tmp_path)
     model, optimizer, scheduler = make()
@@ -213,7 +217,7 @@ def test_a_single_process_checkpoint_holds_its_own_stream(tmp_path: Path) -> Non
     expected = torch.rand(2)
     checkpoint = Checkpointer(store).load_latest()
     assert checkpoint is not None and checkpoint.rng_for(0, 1) is not None
-    from finetuner_trainer.checkpointing import restore_rng
+    from finetuner_trainer.rng import restore_rng
 
     restore_rng(checkpoint.rng_for(0, 1))
     assert torch.equal(torch.rand(2), expected)

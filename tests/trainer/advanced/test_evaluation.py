@@ -159,3 +159,35 @@ def test_evaluator_with_an_embedder_and_examples() -> None:
     assert evaluator.examples[0]['matches'][0] == {'content': 'a2', 'label': 'a', 'distance': 1.0, 'relevant': True}
     with pytest.raises(EvaluationError, match="distance 'dot' is unknown"):
         Evaluator(build_eval_set(records), distance='dot')
+
+
+def test_examples_of_images_carry_a_thumbnail_the_browser_can_show() -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from finetuner_trainer.data import Item
+    from tests.support.tiny import png_bytes
+
+    big = io.BytesIO()
+    Image.new('RGB', (300, 150), (200, 10, 10)).save(big, format='PNG')
+    items = [Item(image=big.getvalue()), Item(image=png_bytes((10, 200, 10), size=32)), Item(image=b'not an image')]
+    labels = ['red', 'green', 'red']
+
+    def embed(batch: list[Item], batch_size: int) -> torch.Tensor:
+        return torch.tensor([[float(i), 1.0] for i in range(len(batch))])
+
+    from finetuner_trainer.evaluation import EvalSet
+
+    evaluator = Evaluator(EvalSet(items, items, labels, labels, True), limit=2, gather_examples=True)
+    evaluator.evaluate(embed)
+    first = evaluator.examples[0]
+    assert first['query'].startswith('<image, ') and first['image'].startswith('data:image/jpeg;base64,')
+    thumbnail = Image.open(io.BytesIO(base64.b64decode(first['image'].split(',', 1)[1])))
+    assert thumbnail.format == 'JPEG' and thumbnail.size == (96, 48)  # longer side 96, aspect kept
+    assert thumbnail.getpixel((48, 24))[0] > 150  # still red
+    undecodable = [m for e in evaluator.examples for m in e['matches'] if m['content'] == '<image, 12 bytes>']
+    assert undecodable and all('image' not in m for m in undecodable)  # no picture, and no failure
+    small = next(m for e in evaluator.examples for m in e['matches'] if m['label'] == 'green')
+    assert Image.open(io.BytesIO(base64.b64decode(small['image'].split(',', 1)[1]))).size == (32, 32)  # never enlarged

@@ -48,9 +48,16 @@ def test_metrics_before_after_per_epoch_onnx_and_plot(make_config: ConfigFactory
         assert all(0.0 <= metrics[phase][k] <= 1.0 for k in ('mrr', 'precision_at_k', 'hit_at_k'))
     assert [row['epoch'] for row in metrics['epochs']] == [1, 2]
     assert metrics['after']['mrr'] == metrics['epochs'][-1]['mrr']
-    assert len(metrics['examples']) == 5 and metrics['examples'][0]['matches']
+    # Example results sit in their own file (before and after), not in metrics.json the operator polls.
+    assert 'examples' not in metrics
+    examples = json.loads((output / layout.EXAMPLES).read_text())
+    assert len(examples['before']) == len(examples['after']) == 5 and examples['after'][0]['matches']
     progress = json.loads((output / layout.PROGRESS).read_text())
     assert progress['metrics']['mrr'] == metrics['after']['mrr']  # live metrics for the CR status
+    points = json.loads((output / layout.PROGRESS_HISTORY).read_text())['points']
+    steps = [point['step'] for point in points]
+    assert steps == list(range(1, progress['step'] + 1))  # every step's loss, in order
+    assert {point['epoch'] for point in points} == {1, 2}
     artifact = _folder(result.artifact_uri)
     manifest = json.loads((artifact / 'manifest.json').read_text())
     assert {'onnx/model.onnx', 'onnx/export.json', 'training_curves.png'} <= set(manifest['files'])

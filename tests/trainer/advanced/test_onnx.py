@@ -188,8 +188,9 @@ def test_numpy_image_transform_equals_the_torch_transform(threads: int) -> None:
 
     from PIL import Image
 
-    from finetuner_trainer.inference_onnx import NumpyImageTransform
-    from finetuner_trainer.models import TimmEmbedder, decode_image
+    from finetuner_trainer.families.timm_cnn import TimmEmbedder
+    from finetuner_trainer.models import decode_image
+    from finetuner_trainer.numpy_images import NumpyImageTransform
 
     rng = np.random.default_rng(0)
     images = []
@@ -220,7 +221,7 @@ def test_numpy_image_transform_equals_the_torch_transform(threads: int) -> None:
 def test_unfamiliar_image_transform_keeps_the_torch_preprocessing() -> None:
     from torchvision import transforms as T
 
-    from finetuner_trainer.inference_onnx import NumpyImageTransform
+    from finetuner_trainer.numpy_images import NumpyImageTransform
 
     normalize = T.Normalize([0.5] * 3, [0.5] * 3)
     assert NumpyImageTransform.from_transform(T.Compose([T.Resize(8), T.ToTensor(), normalize])) is not None

@@ -83,7 +83,7 @@ def test_the_recipe_names_the_steps_this_test_follows() -> None:
     section = DOC.read_text().split('## Add a spec field', 1)[1].split('\n## ', 1)[0]
     assert 'sdk/finetuner/api/v1alpha1.py' in section and 'FinetuneRunSpec' in section
     assert 'python -m finetuner.api.crdgen' in section
-    assert 'tests/contract/test_extending.py' in section
+    assert 'tests/contract/test_extending_spec_field.py' in section
 
 
 def test_a_new_spec_field_reaches_crd_fit_cli_operator_and_trainer(tmp_path: Path) -> None:
