@@ -192,7 +192,14 @@ def _run_body(name: str) -> dict[str, Any]:
     }
 
 
-def _start_operator(kubeconfig: Path, workdir: Path, server: Any) -> subprocess.Popen[bytes]:
+def _start_operator(
+    kubeconfig: Path,
+    workdir: Path,
+    server: Any,
+    progress_interval: float = 600.0,
+    log_name: str = 'operator.log',
+    timeout: float = 60.0,
+) -> subprocess.Popen[bytes]:
     from tests.cluster.harness import free_port, wait_for
 
     env = {
@@ -203,10 +210,10 @@ def _start_operator(kubeconfig: Path, workdir: Path, server: Any) -> subprocess.
         'FINETUNER_DATA': (workdir / 'data').as_uri(),
         'FINETUNER_METRICS_PORT': str(free_port()),
         'FINETUNER_HEALTH_PORT': str(free_port()),
-        'FINETUNER_PROGRESS_INTERVAL': '600',
+        'FINETUNER_PROGRESS_INTERVAL': str(progress_interval),
     }
     env.pop('KUBERNETES_SERVICE_HOST', None)
-    log = (workdir / 'operator.log').open('wb')
+    log = (workdir / log_name).open('wb')
     wanted = (f'{GROUP}/{VERSION}/{PLURAL}', 'batch/v1/jobs')
     started = server.watch_starts()
     before = {key: started.get(key, 0) for key in wanted}
@@ -219,18 +226,21 @@ def _start_operator(kubeconfig: Path, workdir: Path, server: Any) -> subprocess.
         [sys.executable, '-m', 'finetuner_operator'], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        wait_for(
-            lambda: process.poll() is not None or watching(),
-            timeout=60,
-            what='operator watches open',
-        )
+        wait_for(lambda: process.poll() is not None or watching(), timeout=timeout, what='operator watches open')
     except TimeoutError:
         process.kill()
         raise
     if process.poll() is not None:
-        tail = (workdir / 'operator.log').read_text(errors='replace')[-2000:]
+        tail = (workdir / log_name).read_text(errors='replace')[-2000:]
         raise RuntimeError(f'the operator exited with {process.returncode}: {tail}')
     return process
+
+
+def _prepare_namespace(api: Any) -> None:
+    """What the chart creates in a run namespace: the trainer ServiceAccount (the operator checks it exists)."""
+    from tests.cluster.fixtures import create_trainer_service_account
+
+    create_trainer_service_account(api, namespace=NAMESPACE)
 
 
 def _create_runs(api: Any, names: list[str], timeline: Timeline) -> None:
@@ -270,6 +280,7 @@ def measure(burst: int, live: int, workdir: Path, paced: int = 0, rate: float = 
     operator: subprocess.Popen[bytes] | None = None
     watcher = threading.Thread(target=_watch_runs, args=(api, timeline, stop, errors), daemon=True)
     try:
+        _prepare_namespace(api)
         operator = _start_operator(kubeconfig, workdir, server)
         completer = JobCompleter(api, timeline, workdir / 'runs').start()
         watcher.start()
@@ -386,6 +397,245 @@ def _peak_rss_mb(pid: int) -> float:
     return float('nan')
 
 
+# --- runs accumulating: most of them ended, a few hundred active (issue 24) -------------------------------
+
+ACCUMULATED_RSS_TARGET_MB = 300.0
+RESYNC_INTERVAL = 2.0  # FINETUNER_PROGRESS_INTERVAL while re-observation is measured
+RESYNC_WINDOW = 20.0  # seconds of re-observation measured at each size
+METRIC_NAMES = ('mrr', 'map', 'ndcg_at_k', 'precision_at_k', 'recall_at_k', 'hit_at_k', 'f1_score_at_k', 'dcg_at_k')
+
+
+def _finished_status(name: str, when: str) -> dict[str, Any]:
+    """The status a FINISHED run carries: phase, conditions, metrics before and after, progress, URIs."""
+    output = f'file:///runs/{NAMESPACE}/{name}'
+    condition = {'status': 'True', 'lastTransitionTime': when}
+    return {
+        'phase': 'FINISHED',
+        'reason': 'Succeeded',
+        'details': f'Fine-tuned model at {output}/artifact',
+        'conditions': [
+            {'type': 'Created', 'reason': 'JobCreated', **condition},
+            {'type': 'Started', 'reason': 'PodRunning', **condition},
+            {'type': 'Suspended', 'status': 'False', 'reason': 'NotSuspended', 'lastTransitionTime': when},
+            {'type': 'Succeeded', 'reason': 'Succeeded', 'message': f'Fine-tuned model at {output}', **condition},
+        ],
+        'startTime': when,
+        'completionTime': when,
+        'attempts': 1,
+        'progress': {'epoch': 5, 'epochs': 5, 'step': 500, 'totalSteps': 500, 'percent': 100.0, 'loss': 0.0731,
+                     'metrics': {m: 0.5 for m in METRIC_NAMES}, 'updatedAt': when},
+        'metrics': {'before': {m: 0.4 for m in METRIC_NAMES}, 'after': {m: 0.6 for m in METRIC_NAMES}},
+        'artifactUri': f'{output}/artifact',
+        'outputUri': output,
+        'jobName': f'{name}-trainer',
+        'observedGeneration': 1,
+    }  # fmt: skip
+
+
+def _populate_finished(api: Any, first: int, last: int) -> None:
+    """Runs ``done-<first>`` .. ``done-<last - 1>``, FINISHED long ago (their Jobs expired with their TTL)."""
+    from finetuner_operator.kube import Kube
+
+    kube = Kube(api)
+    path = f'/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/{PLURAL}'
+    when = datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+    def create(i: int) -> None:
+        name = f'done-{i:05d}'
+        body = _run_body(name)
+        body['spec']['experiment'] = f'exp-{i // 100:03d}'
+        kube.request('POST', path, body)
+        patch = {'status': _finished_status(name, when)}
+        kube.request('PATCH', f'{path}/{name}/status', patch, content_type='application/merge-patch+json')
+
+    with ThreadPoolExecutor(8, thread_name_prefix='bench-populate') as pool:
+        list(pool.map(create, range(first, last)))
+
+
+def _start_active_pods(api: Any, names: list[str], output_root: Path) -> None:
+    """What a node shows for a training run: a Running pod of its Job, and the trainer's progress report."""
+    import json
+
+    from finetuner_operator.kube import Kube
+
+    kube = Kube(api)
+    now = datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+    def start(name: str) -> None:
+        job = kube.request('GET', f'/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{name}-trainer')
+        labels = {**job['spec']['template']['metadata']['labels'], 'job-name': job['metadata']['name']}
+        owner = {'apiVersion': 'batch/v1', 'kind': 'Job', 'name': job['metadata']['name'],
+                 'uid': job['metadata']['uid'], 'controller': True}  # fmt: skip
+        pod = {
+            'apiVersion': 'v1',
+            'kind': 'Pod',
+            'metadata': {'name': f'{name}-trainer-0', 'labels': labels, 'ownerReferences': [owner]},
+            'spec': {'containers': [{'name': 'trainer', 'image': 'kube-finetuner/trainer:bench'}]},
+        }
+        kube.request('POST', f'/api/v1/namespaces/{NAMESPACE}/pods', pod)
+        status = {'phase': 'Running', 'startTime': now, 'containerStatuses': [
+            {'name': 'trainer', 'ready': True, 'restartCount': 0, 'image': 'kube-finetuner/trainer:bench',
+             'imageID': '', 'state': {'running': {'startedAt': now}}}]}  # fmt: skip
+        path = f'/api/v1/namespaces/{NAMESPACE}/pods/{name}-trainer-0/status'
+        kube.request('PATCH', path, {'status': status}, content_type='application/merge-patch+json')
+        report = output_root / NAMESPACE / name / 'progress.json'
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps({'epoch': 1, 'epochs': 5, 'step': 10, 'totalSteps': 500, 'percent': 2.0}))
+
+    with ThreadPoolExecutor(8, thread_name_prefix='bench-pods') as pool:
+        list(pool.map(start, names))
+
+
+def _finish_active(api: Any, names: list[str], output_root: Path) -> None:
+    """Some active runs end: their Jobs Complete, their artifacts published."""
+    from finetuner_operator.kube import Kube
+
+    kube = Kube(api)
+    now = datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+    for name in names:
+        artifact = output_root / NAMESPACE / name / 'artifact'
+        artifact.mkdir(parents=True, exist_ok=True)
+        (artifact / 'manifest.json').write_text('{}')
+        path = f'/api/v1/namespaces/{NAMESPACE}/pods/{name}-trainer-0/status'
+        done = {'phase': 'Succeeded', 'containerStatuses': [{'name': 'trainer', 'ready': False, 'restartCount': 0,
+                'image': 'x', 'imageID': '', 'state': {'terminated': {'exitCode': 0, 'reason': 'Completed',
+                'startedAt': now, 'finishedAt': now}}}]}  # fmt: skip
+        kube.request('PATCH', path, {'status': done}, content_type='application/merge-patch+json')
+        status = {'status': {'startTime': now, 'completionTime': now, 'succeeded': 1, 'active': 0, 'conditions': [
+            {'type': 'SuccessCriteriaMet', 'status': 'True', 'lastTransitionTime': now},
+            {'type': 'Complete', 'status': 'True', 'lastTransitionTime': now}]}}  # fmt: skip
+        job_path = f'/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{name}-trainer/status'
+        kube.request('PATCH', job_path, status, content_type='application/merge-patch+json')
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def _phases(server: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in server.ask(f'objects {GROUP}/{VERSION}/{PLURAL}'):
+        phase = (run.get('status') or {}).get('phase') or 'none'
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts
+
+
+def _measure_size(
+    api: Any, server: Any, kubeconfig: Path, workdir: Path, total: int, active: int, stage: str
+) -> dict[str, Any]:
+    """One operator start against ``total`` runs of which ``active`` train: start-up, memory, re-observation."""
+    from finetuner_operator.kube import Kube
+    from tests.cluster.harness import wait_for
+
+    kube = Kube(api)
+    probe = f'probe-{stage}'
+    spawned = time.perf_counter()
+    operator = _start_operator(kubeconfig, workdir, server, RESYNC_INTERVAL, f'operator-{stage}.log', timeout=600)
+    try:
+        kube.request('POST', f'/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/{PLURAL}', _run_body(probe))
+        job = f'/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{probe}-trainer'
+        wait_for(lambda: _exists(kube, job), timeout=600, interval=0.1, what=f'the probe run of {total} gets its Job')
+        startup = time.perf_counter() - spawned
+        kube.request('DELETE', f'/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/{PLURAL}/{probe}')
+        _wait_until_quiet(server, quiet_s=RESYNC_INTERVAL + 1.0, timeout_s=600)
+        time.sleep(RESYNC_INTERVAL)
+        rss = rss_mb(operator.pid)
+        cpu_before, requests_before = _cpu_seconds(operator.pid), _operator_requests(server)
+        time.sleep(RESYNC_WINDOW)
+        cpu = _cpu_seconds(operator.pid) - cpu_before
+        requests = _operator_requests(server) - requests_before
+    finally:
+        operator.terminate()
+        try:
+            operator.wait(30)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+    rounds = RESYNC_WINDOW / RESYNC_INTERVAL
+    return {
+        'total': total,
+        'active': active,
+        'startup_s': startup,
+        'rss_mb': rss,
+        'resync_cpu_ms_per_round': 1000 * cpu / rounds,
+        'resync_requests_per_round': requests / rounds,
+    }
+
+
+def _exists(kube: Any, path: str) -> bool:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        kube.request('GET', path)
+        return True
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+
+
+def measure_accumulation(sizes: tuple[int, ...], active: int, workdir: Path) -> list[dict[str, Any]]:
+    """Runs accumulate to each of ``sizes`` (``active`` of them training, the others FINISHED long ago); at
+    each size a fresh operator process starts, settles and re-observes; then half the active runs finish."""
+    from tests.cluster.fixtures import api_client
+    from tests.cluster.harness import ServerProcess, wait_for, write_kubeconfig
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess()
+    kubeconfig = write_kubeconfig(server.url, workdir / 'kubeconfig')
+    api = api_client(kubeconfig)
+    output_root = workdir / 'runs'
+    results: list[dict[str, Any]] = []
+    try:
+        _prepare_namespace(api)
+        names = [f'active-{i:04d}' for i in range(active)]
+        operator = _start_operator(kubeconfig, workdir, server, RESYNC_INTERVAL, 'operator-setup.log')
+        try:
+            _create_runs(api, names, Timeline())
+            wait_for(lambda: server.ask('count batch/v1/jobs') >= active, timeout=600, interval=0.5, what='active Jobs')
+            _start_active_pods(api, names, output_root)
+            wait_for(lambda: _phases(server).get('STARTED', 0) >= active, 600, 0.5, what='active runs STARTED')
+        finally:
+            operator.terminate()
+            operator.wait(30)
+        populated = active
+        for total in sizes:
+            _populate_finished(api, populated, total)
+            populated = total
+            results.append(_measure_size(api, server, kubeconfig, workdir, total, active, str(total)))
+            print(f'operator_scale: {results[-1]}', file=sys.stderr, flush=True)
+        _finish_active(api, names[: active // 2], output_root)
+        left = active - active // 2
+        results.append(_measure_size(api, server, kubeconfig, workdir, sizes[-1], left, f'{sizes[-1]}-half'))
+    finally:
+        api.close()
+        server.stop()
+    return results
+
+
+def accumulation_rows(results: list[dict[str, Any]]) -> list[Row]:
+    rows: list[Row] = []
+    largest = max(r['total'] for r in results)
+    for result in results:
+        scope = f'{result["total"]:,} runs, {result["active"]} active'
+        extra: dict[str, float | str] = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+        per_run = result['resync_cpu_ms_per_round'] / max(result['active'], 1)
+        extra['resync_cpu_ms_per_active_run'] = per_run
+        met = result['rss_mb'] <= ACCUMULATED_RSS_TARGET_MB if result['total'] == largest else None
+        rows += [
+            Row(benchmark=BENCHMARK, measure=f'operator resident memory, {scope}', unit='MB', ours=result['rss_mb'],
+                target=f'<= {ACCUMULATED_RSS_TARGET_MB:g} MB at {largest:,}' if met is not None else '', met=met,
+                extra=extra),
+            Row(benchmark=BENCHMARK, measure=f'operator start-up until a new run has its Job, {scope}', unit='s',
+                ours=result['startup_s']),
+            Row(benchmark=BENCHMARK, measure=f're-observation CPU per round ({RESYNC_INTERVAL:g} s), {scope}',
+                unit='ms', ours=result['resync_cpu_ms_per_round'],
+                note=f'{per_run:.2f} ms per active run; {result["resync_requests_per_round"]:.1f} API requests per '
+                'round'),
+        ]  # fmt: skip
+    return rows
+
+
 PACED_RATE = 10.0  # runs per second in the paced phase
 
 
@@ -422,6 +672,18 @@ def _latency_rows(
 
 
 def run(settings: Settings) -> list[Row]:
+    rows = _burst_rows(settings)
+    sizes = {
+        'full': (1000, 5000, 10000),
+        'quick': (200, 500),
+        'tiny': (20, 40),
+    }[settings.mode]
+    active = settings.pick(full=300, quick=50, tiny=6)
+    results = measure_accumulation(sizes, active, settings.workdir / 'operator-accumulation')
+    return rows + accumulation_rows(results)
+
+
+def _burst_rows(settings: Settings) -> list[Row]:
     burst = settings.pick(full=500, quick=20, tiny=5)
     live = settings.pick(full=1000, quick=40, tiny=5)
     paced = settings.pick(full=100, quick=20, tiny=3)

@@ -4,14 +4,23 @@ Nothing here talks to an API server: every function takes the parsed run and the
 configuration and returns the manifest dict handed to the seam (``kube.py``). Names are
 deterministic (``<run>-config``, ``<run>-trainer``, ``<run>-workers``), so creating twice is a 409
 that the seam treats as success.
+
+The run owns its Job; the Job owns the ConfigMap and the headless Service (:func:`build_job_dependents`),
+so the Job's ``ttlSecondsAfterFinished`` takes them along, and a multi-node run restarted as a whole
+(a new Job, see :class:`JobAttempt`) gets them afresh. The Job is created first: on a real cluster the
+kubelet waits for a pod's ConfigMap volume, and the trainer's rendezvous retries until the Service's
+DNS name resolves.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from finetuner.api.pod import PodSettings
 from finetuner.api.v1alpha1 import API_VERSION, EXIT_CONFIG_ERROR, FinetuneRunSpec, TrainerConfig
+from finetuner_operator import quantity
 from finetuner_operator.config import OperatorConfig
 
 MANAGED_BY = 'finetuner-operator'
@@ -22,6 +31,9 @@ SWEEP_POINT_ANNOTATION = 'finetuner.dev/sweep-point'
 CANCEL_ANNOTATION = 'run.finetuner.dev/cancel'
 QUEUE_LABEL = 'kueue.x-k8s.io/queue-name'
 COMPLETION_INDEX_ANNOTATION = 'batch.kubernetes.io/job-completion-index'
+# Which restart of a multi-node run a Job is (0: the first Job): a failure is counted once per Job.
+RESTART_ANNOTATION = 'finetuner.dev/restart'
+LAUNCHER = ['python', '-m', 'finetuner_trainer.launch']  # torchrun that keeps the trainer's exit code 3
 
 CONTAINER = 'trainer'
 CONFIG_DIR = '/etc/finetuner'
@@ -56,8 +68,10 @@ def run_labels(run: str, experiment: str) -> dict[str, str]:
     }
 
 
-def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
-    """A controller owner reference to a custom resource body (needs metadata.uid)."""
+def owner_reference(owner: dict[str, Any], block: bool = True) -> dict[str, Any]:
+    """A controller owner reference to an object's body (needs metadata.uid). ``block``: the owner's
+    foreground deletion waits for this dependent (setting it needs update on the owner's finalizers
+    where OwnerReferencesPermissionEnforcement is on)."""
     meta = owner['metadata']
     if not meta.get('uid'):
         raise ValueError(f'cannot own objects by {owner.get("kind")} {meta.get("name")!r}: it has no metadata.uid')
@@ -67,7 +81,7 @@ def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
         'name': meta['name'],
         'uid': meta['uid'],
         'controller': True,
-        'blockOwnerDeletion': True,
+        'blockOwnerDeletion': block,
     }
 
 
@@ -92,31 +106,40 @@ def trainer_config(run: str, namespace: str, spec: FinetuneRunSpec, config: Oper
     )
 
 
-def _metadata(name: str, namespace: str, labels: dict[str, str], owner: dict[str, Any]) -> dict[str, Any]:
-    return {'name': name, 'namespace': namespace, 'labels': dict(labels), 'ownerReferences': [owner_reference(owner)]}
+def _metadata(
+    name: str, namespace: str, labels: dict[str, str], owner: dict[str, Any], block: bool = True
+) -> dict[str, Any]:
+    return {
+        'name': name,
+        'namespace': namespace,
+        'labels': dict(labels),
+        'ownerReferences': [owner_reference(owner, block)],
+    }
 
 
 def build_config_map(
-    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, owner: dict[str, Any]
+    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, job: dict[str, Any]
 ) -> dict[str, Any]:
-    """The ConfigMap holding the TrainerConfig JSON, mounted at /etc/finetuner/config.json."""
+    """The ConfigMap holding the TrainerConfig JSON, mounted at /etc/finetuner/config.json. Immutable (the
+    spec is frozen once the run has its Job: the kubelet need not watch it) and owned by the Job."""
     body = trainer_config(run, namespace, spec, config).model_dump_json(by_alias=True, exclude_none=True, indent=2)
     return {
         'apiVersion': 'v1',
         'kind': 'ConfigMap',
-        'metadata': _metadata(config_map_name(run), namespace, run_labels(run, spec.experiment), owner),
+        'metadata': _metadata(config_map_name(run), namespace, run_labels(run, spec.experiment), job, block=False),
+        'immutable': True,
         'data': {CONFIG_FILE: body},
     }
 
 
 def build_service(
-    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, owner: dict[str, Any]
+    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, job: dict[str, Any]
 ) -> dict[str, Any]:
-    """Headless Service giving the pods of a multi-node run stable DNS names (rendezvous)."""
+    """Headless Service giving the pods of a multi-node run stable DNS names (rendezvous); owned by the Job."""
     return {
         'apiVersion': 'v1',
         'kind': 'Service',
-        'metadata': _metadata(service_name(run), namespace, run_labels(run, spec.experiment), owner),
+        'metadata': _metadata(service_name(run), namespace, run_labels(run, spec.experiment), job, block=False),
         'spec': {
             'clusterIP': 'None',
             'publishNotReadyAddresses': True,
@@ -154,7 +177,7 @@ def _env(run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig
         )
     if spec.resources.nodes > 1:
         env += [
-            {'name': 'MASTER_ADDR', 'value': f'{job_name(run)}-0.{service_name(run)}.{namespace}.svc'},
+            {'name': 'MASTER_ADDR', 'value': master_addr(run, namespace, config)},
             {'name': 'MASTER_PORT', 'value': str(RENDEZVOUS_PORT)},
             {'name': 'NNODES', 'value': str(spec.resources.nodes)},
             {
@@ -165,13 +188,18 @@ def _env(run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig
     return env
 
 
+def master_addr(run: str, namespace: str, config: OperatorConfig) -> str:
+    """The fully qualified name of node rank 0 (no search-domain lookups from inside the pods)."""
+    return f'{job_name(run)}-0.{service_name(run)}.{namespace}.svc.{config.cluster_domain}'
+
+
 def _command(run: str, spec: FinetuneRunSpec) -> list[str]:
     gpus = spec.resources.gpus
     nodes = spec.resources.nodes
     trainer = ['-m', 'finetuner_trainer', '--config', CONFIG_PATH]
     if nodes > 1:
         return [
-            'torchrun',
+            *LAUNCHER,
             f'--nnodes={nodes}',
             f'--nproc-per-node={max(gpus, 1)}',
             '--node-rank=$(NODE_RANK)',
@@ -180,48 +208,66 @@ def _command(run: str, spec: FinetuneRunSpec) -> list[str]:
             *trainer,
         ]
     if gpus > 1:
-        return ['torchrun', '--standalone', f'--nproc-per-node={gpus}', *trainer]
+        return [*LAUNCHER, '--standalone', f'--nproc-per-node={gpus}', *trainer]
     return ['python', *trainer]
 
 
+def _per_gpu(spec: FinetuneRunSpec) -> int:
+    """How many GPUs' worth of CPU, memory and /dev/shm a pod gets by default (a CPU-only pod: one)."""
+    return max(spec.resources.gpus, 1)
+
+
+def memory_of(spec: FinetuneRunSpec, config: OperatorConfig) -> str:
+    return spec.resources.memory or quantity.times(config.memory_per_gpu, _per_gpu(spec))
+
+
+def ephemeral_storage_of(spec: FinetuneRunSpec, config: OperatorConfig) -> str:
+    return spec.resources.ephemeral_storage or config.ephemeral_storage
+
+
+def shm_size(spec: FinetuneRunSpec, config: OperatorConfig) -> str:
+    """/dev/shm's size limit: the per-GPU share, at most half the memory limit (it is memory)."""
+    wanted = quantity.times(config.shm_per_gpu, _per_gpu(spec))
+    half = quantity.of_bytes(quantity.value(memory_of(spec, config)) / Decimal(2))
+    return quantity.smaller(wanted, half)
+
+
 def _resources(spec: FinetuneRunSpec, config: OperatorConfig) -> dict[str, Any]:
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    cpu = spec.resources.cpu or config.default_cpu
-    memory = spec.resources.memory or config.default_memory
-    if cpu:
-        requests['cpu'] = limits['cpu'] = cpu
-    if memory:
-        requests['memory'] = limits['memory'] = memory
+    """CPU is requested, not limited (a CPU limit throttles data loading for no one's benefit); memory and
+    ephemeral storage are requested and limited alike; GPUs are limits (extended resources)."""
+    memory = memory_of(spec, config)
+    storage = ephemeral_storage_of(spec, config)
+    requests = {
+        'cpu': spec.resources.cpu or quantity.times(config.cpu_per_gpu, _per_gpu(spec)),
+        'memory': memory,
+        'ephemeral-storage': storage,
+    }
+    limits = {'memory': memory, 'ephemeral-storage': storage}
     if spec.resources.gpus > 0:
         # Extended resources are set as limits (requests default to them and must not differ).
         limits[config.gpu_resource] = str(spec.resources.gpus)
-    result: dict[str, Any] = {}
-    if requests:
-        result['requests'] = requests
-    if limits:
-        result['limits'] = limits
-    return result
+    return {'requests': requests, 'limits': limits}
 
 
 def _volumes(run: str, spec: FinetuneRunSpec, config: OperatorConfig) -> tuple[list[dict], list[dict]]:
+    storage = ephemeral_storage_of(spec, config)
     volumes: list[dict[str, Any]] = [
         {'name': 'config', 'configMap': {'name': config_map_name(run)}},
-        {'name': 'tmp', 'emptyDir': {}},
-        {'name': 'home', 'emptyDir': {}},
+        {'name': 'tmp', 'emptyDir': {'sizeLimit': storage}},
+        {'name': 'home', 'emptyDir': {'sizeLimit': storage}},
+        # Always memory-backed and sized: the container runtime's default /dev/shm is 64 MiB, less than one
+        # batch of 128 images at 224 px (77 MB) that a data-loader worker hands over through it.
+        {'name': 'dshm', 'emptyDir': {'medium': 'Memory', 'sizeLimit': shm_size(spec, config)}},
     ]
     mounts: list[dict[str, Any]] = [
         {'name': 'config', 'mountPath': CONFIG_DIR, 'readOnly': True},
         {'name': 'tmp', 'mountPath': '/tmp'},
         {'name': 'home', 'mountPath': HOME_DIR},
+        {'name': 'dshm', 'mountPath': '/dev/shm'},
     ]
     if config.hf_cache_pvc:
         volumes.append({'name': 'hf-cache', 'persistentVolumeClaim': {'claimName': config.hf_cache_pvc}})
         mounts.append({'name': 'hf-cache', 'mountPath': HF_CACHE_DIR})
-    if spec.resources.gpus > 1 or spec.resources.nodes > 1:
-        # NCCL and data-loader workers need more shared memory than the runtime's 64 MiB default.
-        volumes.append({'name': 'dshm', 'emptyDir': {'medium': 'Memory'}})
-        mounts.append({'name': 'dshm', 'mountPath': '/dev/shm'})
     return volumes, mounts
 
 
@@ -242,28 +288,37 @@ def _pod_settings(pod_spec: dict[str, Any], settings: PodSettings) -> None:
         pod_spec['priorityClassName'] = settings.priority_class_name
 
 
-def pod_failure_policy() -> dict[str, Any]:
-    """Fail at once on the trainer's configuration exit code; do not count disruptions as failures."""
-    return {
-        'rules': [
-            {
-                'action': 'FailJob',
-                'onExitCodes': {'containerName': CONTAINER, 'operator': 'In', 'values': [EXIT_CONFIG_ERROR]},
-            },
-            {'action': 'Ignore', 'onPodConditions': [{'type': 'DisruptionTarget', 'status': 'True'}]},
-        ]
+def pod_failure_policy(spec: FinetuneRunSpec) -> dict[str, Any]:
+    """Fail at once on the trainer's configuration exit code. A single pod's disruption (preemption, eviction)
+    does not use up a retry; a multi-node run's disruption fails the Job, whose whole group of pods the
+    operator then restarts (the survivors of a lost rank cannot re-form torchrun's static group)."""
+    config_error = {
+        'action': 'FailJob',
+        'onExitCodes': {'containerName': CONTAINER, 'operator': 'In', 'values': [EXIT_CONFIG_ERROR]},
     }
+    disruption = {
+        'action': 'FailJob' if spec.resources.nodes > 1 else 'Ignore',
+        'onPodConditions': [{'type': 'DisruptionTarget', 'status': 'True'}],
+    }
+    return {'rules': [config_error, disruption]}
 
 
-def build_job(
-    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, owner: dict[str, Any]
-) -> dict[str, Any]:
-    """The batch/v1 trainer Job (Indexed with a rendezvous for multi-node runs)."""
-    labels = run_labels(run, spec.experiment)
-    queue = queue_of(spec, config)
-    job_labels = dict(labels)
-    if queue:
-        job_labels[QUEUE_LABEL] = queue
+@dataclass(frozen=True)
+class JobAttempt:
+    """Which Job of a run this is: ``restart`` 0 is the first; a multi-node run's Nth restart as a whole gets
+    a new Job with ``restart`` N. ``active_deadline_seconds``: what is left of the run's deadline (None: the
+    spec's or the operator's default)."""
+
+    restart: int = 0
+    active_deadline_seconds: int | None = None
+
+
+def active_deadline(spec: FinetuneRunSpec, config: OperatorConfig) -> int | None:
+    """The run's activeDeadlineSeconds: its own, else the operator's default (0: none)."""
+    return spec.active_deadline_seconds or config.default_active_deadline or None
+
+
+def _pod_spec(run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig) -> dict[str, Any]:
     volumes, mounts = _volumes(run, spec, config)
     settings = config.runtime_template.merged(spec.pod_settings())
     volumes += [volume.pod_volume() for volume in settings.volumes]
@@ -275,6 +330,7 @@ def build_job(
         'command': _command(run, spec),
         'env': _env(run, namespace, spec, config, output_uri(run, namespace, spec, config))
         + [variable.to_k8s() for variable in settings.env],
+        'resources': _resources(spec, config),
         'volumeMounts': mounts,
         'terminationMessagePath': TERMINATION_LOG,
         'terminationMessagePolicy': 'FallbackToLogsOnError',
@@ -285,12 +341,9 @@ def build_job(
             'runAsNonRoot': True,
         },
     }
-    resources = _resources(spec, config)
-    if resources:
-        container['resources'] = resources
     pod_spec: dict[str, Any] = {
         'restartPolicy': 'Never',
-        'serviceAccountName': settings.service_account_name or config.trainer_service_account,
+        'serviceAccountName': service_account_of(spec, config),
         'automountServiceAccountToken': False,
         'enableServiceLinks': False,
         'securityContext': {
@@ -298,6 +351,8 @@ def build_job(
             'runAsUser': RUN_AS_USER,
             'runAsGroup': RUN_AS_USER,
             'fsGroup': RUN_AS_USER,
+            # A large Hugging Face cache volume is not re-chowned file by file at every pod start.
+            'fsGroupChangePolicy': 'OnRootMismatch',
             'seccompProfile': {'type': 'RuntimeDefault'},
         },
         'containers': [container],
@@ -312,39 +367,63 @@ def build_job(
     if config.runtime_class:
         pod_spec['runtimeClassName'] = config.runtime_class
     _pod_settings(pod_spec, settings)
-    job_spec: dict[str, Any] = {
-        'backoffLimit': spec.backoff_limit,
-        'podFailurePolicy': pod_failure_policy(),
-        # With a queue the Job waits suspended until Kueue admits it; spec.suspend holds it too.
-        'suspend': bool(queue) or spec.suspend,
-        'template': {'metadata': {'labels': labels}, 'spec': pod_spec},
-    }
-    if spec.active_deadline_seconds:
-        job_spec['activeDeadlineSeconds'] = spec.active_deadline_seconds
     if spec.resources.nodes > 1:
         pod_spec['subdomain'] = service_name(run)
-        job_spec.update(
-            completionMode='Indexed',
-            completions=spec.resources.nodes,
-            parallelism=spec.resources.nodes,
-        )
-    return {
-        'apiVersion': 'batch/v1',
-        'kind': 'Job',
-        'metadata': _metadata(job_name(run), namespace, job_labels, owner),
-        'spec': job_spec,
+    return pod_spec
+
+
+def service_account_of(spec: FinetuneRunSpec, config: OperatorConfig) -> str:
+    """The ServiceAccount trainer pods run as: the run's, the runtime template's, or the chart's trainer account."""
+    settings = config.runtime_template.merged(spec.pod_settings())
+    return settings.service_account_name or config.trainer_service_account
+
+
+def build_job(
+    run: str,
+    namespace: str,
+    spec: FinetuneRunSpec,
+    config: OperatorConfig,
+    owner: dict[str, Any],
+    attempt: JobAttempt | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 trainer Job (Indexed with a rendezvous for multi-node runs)."""
+    attempt = attempt or JobAttempt()
+    labels = run_labels(run, spec.experiment)
+    queue = queue_of(spec, config)
+    job_labels = dict(labels)
+    if queue:
+        job_labels[QUEUE_LABEL] = queue
+    multi_node = spec.resources.nodes > 1
+    job_spec: dict[str, Any] = {
+        # A multi-node run is restarted as a whole by the operator (a new Job per restart, up to the run's
+        # backoffLimit): the Job controller would replace the failed rank alone.
+        'backoffLimit': 0 if multi_node else spec.backoff_limit,
+        'podFailurePolicy': pod_failure_policy(spec),
+        # With a queue the Job waits suspended until Kueue admits it; spec.suspend holds it too.
+        'suspend': bool(queue) or spec.suspend,
+        'template': {'metadata': {'labels': labels}, 'spec': _pod_spec(run, namespace, spec, config)},
     }
+    deadline = attempt.active_deadline_seconds or active_deadline(spec, config)
+    if deadline:
+        job_spec['activeDeadlineSeconds'] = deadline
+    if config.job_ttl >= 0:
+        job_spec['ttlSecondsAfterFinished'] = config.job_ttl
+    if multi_node:
+        job_spec.update(completionMode='Indexed', completions=spec.resources.nodes, parallelism=spec.resources.nodes)
+    metadata = _metadata(job_name(run), namespace, job_labels, owner)
+    metadata['annotations'] = {RESTART_ANNOTATION: str(attempt.restart)}
+    return {'apiVersion': 'batch/v1', 'kind': 'Job', 'metadata': metadata, 'spec': job_spec}
 
 
-def build_children(
-    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, owner: dict[str, Any]
+def build_job_dependents(
+    run: str, namespace: str, spec: FinetuneRunSpec, config: OperatorConfig, job: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Every object a run owns, in creation order (the Job last: its pods mount the ConfigMap)."""
-    children = [build_config_map(run, namespace, spec, config, owner)]
+    """What the Job's pods need, owned by the Job (``job``: as the API server answered, with its uid): the
+    ConfigMap, and the headless Service of a multi-node run."""
+    dependents = [build_config_map(run, namespace, spec, config, job)]
     if spec.resources.nodes > 1:
-        children.append(build_service(run, namespace, spec, config, owner))
-    children.append(build_job(run, namespace, spec, config, owner))
-    return children
+        dependents.append(build_service(run, namespace, spec, config, job))
+    return dependents
 
 
 def build_sweep_run(

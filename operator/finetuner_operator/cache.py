@@ -18,13 +18,19 @@ Rules that keep it correct:
 - a listing replaces what it covers: a cached object the listing lacks is dropped when it is older
   than the listing (an object deleted while no watch was open), never when it is newer;
 - Jobs and pods are kept as the few fields the status is derived from (their pod templates and
-  environment are not), so 1,000 runs with their Jobs and pods fit in a few MB.
+  environment are not), so 1,000 runs with their Jobs and pods fit in a few MB;
+- a run that has ended (FINISHED or FAILED) is kept packed, as its JSON (a fifth of the memory of its
+  dicts: runs accumulate by the thousand, and an ended run is read only when its Experiment is recounted),
+  with its metadata and phase beside it: :meth:`ObjectCache.objects` answers ended runs as that light
+  form, which is all that counting runs (FINETUNER_MAX_CONCURRENT_RUNS) reads; ``get`` and ``select``
+  unpack them.
 
 Cached objects are shared: callers read them and must not change them.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -55,11 +61,17 @@ def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def strip_job(job: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a Job the operator reads: metadata, ``spec.suspend`` and the status."""
+    """The fields of a Job the operator reads: metadata (of its annotations, the operator's own), ``spec.suspend``
+    and the status."""
+    metadata = _metadata(job)
+    annotations = (job.get('metadata') or {}).get('annotations') or {}
+    own = {key: value for key, value in annotations.items() if key.startswith('finetuner.dev/')}
+    if own:
+        metadata['annotations'] = own
     return {
         'apiVersion': job.get('apiVersion', 'batch/v1'),
         'kind': 'Job',
-        'metadata': _metadata(job),
+        'metadata': metadata,
         'spec': {'suspend': bool((job.get('spec') or {}).get('suspend'))},
         'status': job.get('status') or {},
     }
@@ -78,9 +90,41 @@ def strip_pod(pod: dict[str, Any]) -> dict[str, Any]:
 
 
 _STRIP = {JOBS: strip_job, PODS: strip_pod}
+ENDED = ('FINISHED', 'FAILED')
 
 
-def _version(obj: dict[str, Any]) -> int | None:
+class Packed:
+    """An ended run as compact JSON, with its metadata and phase as a small dict (``light``)."""
+
+    __slots__ = ('data', 'light')
+
+    def __init__(self, obj: dict[str, Any]) -> None:
+        self.data = json.dumps(obj, separators=(',', ':')).encode()
+        self.light = {
+            'apiVersion': obj.get('apiVersion'),
+            'kind': obj.get('kind'),
+            'metadata': obj.get('metadata') or {},
+            'status': {'phase': (obj.get('status') or {}).get('phase')},
+        }
+
+    def unpack(self) -> dict[str, Any]:
+        return json.loads(self.data)
+
+
+def _pack(kind: str, obj: dict[str, Any]) -> dict[str, Any] | Packed:
+    return Packed(obj) if kind == RUNS and (obj.get('status') or {}).get('phase') in ENDED else obj
+
+
+def _full(stored: dict[str, Any] | Packed) -> dict[str, Any]:
+    return stored.unpack() if isinstance(stored, Packed) else stored
+
+
+def _light(stored: dict[str, Any] | Packed) -> dict[str, Any]:
+    return stored.light if isinstance(stored, Packed) else stored
+
+
+def _version(obj: dict[str, Any] | Packed) -> int | None:
+    obj = _light(obj)
     try:
         return int((obj.get('metadata') or {}).get('resourceVersion'))
     except (TypeError, ValueError):
@@ -97,7 +141,7 @@ class ObjectCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._objects: dict[str, dict[Key, dict[str, Any]]] = {kind: {} for kind in KINDS}
+        self._objects: dict[str, dict[Key, dict[str, Any] | Packed]] = {kind: {} for kind in KINDS}
         self._tombstones: dict[str, OrderedDict[Key, int | None]] = {kind: OrderedDict() for kind in KINDS}
         self._pods_by_run: dict[Key, set[str]] = {}
         self._synced: set[str] = set()
@@ -108,27 +152,30 @@ class ObjectCache:
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._objects[kind].get((namespace, name))
+            stored = self._objects[kind].get((namespace, name))
+        return _full(stored) if stored is not None else None
 
     def pods_of_run(self, namespace: str, run: str) -> list[dict[str, Any]]:
         with self._lock:
             names = self._pods_by_run.get((namespace, run), ())
             pods = self._objects[PODS]
-            return [pods[(namespace, name)] for name in names if (namespace, name) in pods]
+            return [_full(pods[(namespace, name)]) for name in names if (namespace, name) in pods]
 
     def select(self, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         """Cached objects of ``kind`` in ``namespace`` whose labels include ``labels``."""
         with self._lock:
-            return [
+            found = [
                 obj
                 for (ns, _), obj in self._objects[kind].items()
-                if ns == namespace and labels.items() <= ((obj['metadata'].get('labels') or {}).items())
+                if ns == namespace and labels.items() <= ((_light(obj)['metadata'].get('labels') or {}).items())
             ]
+        return [_full(obj) for obj in found]
 
     def objects(self, kind: str) -> list[dict[str, Any]]:
-        """Every cached object of ``kind``, all namespaces (a snapshot of the list, the objects shared)."""
+        """Every cached object of ``kind``, all namespaces (a snapshot of the list, the objects shared); an
+        ended run as its metadata and phase only (see the module docstring)."""
         with self._lock:
-            return list(self._objects[kind].values())
+            return [_light(obj) for obj in self._objects[kind].values()]
 
     def count(self, kind: str) -> int:
         with self._lock:
@@ -152,7 +199,9 @@ class ObjectCache:
                 known = _version(current)
                 if version is not None and known is not None and version < known:
                     return False
-            self._objects[kind][key] = obj
+                if version is not None and version == known:
+                    return True  # the same version again (a relist, an echo): nothing to store
+            self._objects[kind][key] = _pack(kind, obj)
             if kind == PODS:
                 self._index_pod(key, current, obj)
             return True

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from finetuner.api.pod import PodSettings
+from finetuner.api.v1alpha1 import QUANTITY_PATTERN
+from finetuner_operator.policy import AdmissionPolicy
 
 
 class OperatorConfig(BaseModel):
@@ -31,8 +34,31 @@ class OperatorConfig(BaseModel):
     )
     s3_region: str | None = Field(default=None, description='FINETUNER_S3_REGION: AWS_DEFAULT_REGION for pods.')
     gpu_resource: str = Field(default='nvidia.com/gpu', description='FINETUNER_GPU_RESOURCE: extended resource name.')
-    default_cpu: str | None = Field(default=None, description='FINETUNER_DEFAULT_CPU: CPU per trainer pod.')
-    default_memory: str | None = Field(default=None, description='FINETUNER_DEFAULT_MEMORY: memory per trainer pod.')
+    cpu_per_gpu: str = Field(
+        default='4',
+        description="FINETUNER_CPU_PER_GPU: CPU request per GPU of a pod (a CPU-only pod gets one GPU's worth) "
+        'when the run sets no resources.cpu. Requested, not limited: data loading may use idle cores.',
+        pattern=QUANTITY_PATTERN,
+    )
+    memory_per_gpu: str = Field(
+        default='16Gi',
+        description='FINETUNER_MEMORY_PER_GPU: memory request and limit per GPU of a pod (a CPU-only pod gets '
+        "one GPU's worth) when the run sets no resources.memory; /dev/shm counts against it.",
+        pattern=QUANTITY_PATTERN,
+    )
+    shm_per_gpu: str = Field(
+        default='4Gi',
+        description='FINETUNER_SHM_PER_GPU: size limit of the memory-backed /dev/shm per GPU of a pod (data '
+        'loader workers hand batches over through it; NCCL uses it between GPUs), at most half the memory limit.',
+        pattern=QUANTITY_PATTERN,
+    )
+    ephemeral_storage: str = Field(
+        default='50Gi',
+        description='FINETUNER_EPHEMERAL_STORAGE: ephemeral-storage request and limit of a trainer pod, and the '
+        'size limit of its /tmp and $HOME volumes (checkpoints and the artifact are staged there), when the run '
+        'sets no resources.ephemeralStorage.',
+        pattern=QUANTITY_PATTERN,
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description='FINETUNER_NODE_SELECTOR: JSON object added to every trainer pod.'
     )
@@ -77,6 +103,77 @@ class OperatorConfig(BaseModel):
     unschedulable_timeout: float = Field(
         default=600.0, gt=0, description='FINETUNER_UNSCHEDULABLE_TIMEOUT: seconds Pending before FAILED.'
     )
+    scale_up_timeout: float = Field(
+        default=1800.0,
+        gt=0,
+        description='FINETUNER_SCALE_UP_TIMEOUT: seconds an unschedulable pod may wait once the cluster '
+        'autoscaler has reported TriggeredScaleUp for it (new GPU nodes take minutes to join).',
+    )
+    image_pull_timeout: float = Field(
+        default=600.0,
+        ge=0,
+        description='FINETUNER_IMAGE_PULL_TIMEOUT: seconds ErrImagePull/ImagePullBackOff may last before the run '
+        'fails (the kubelet retries a registry error; a large CUDA image takes minutes). InvalidImageName fails '
+        'at once.',
+    )
+    pod_start_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description='FINETUNER_POD_START_TIMEOUT: seconds the trainer Job may stay without pods because the Job '
+        'controller cannot create them (FailedCreate: a quota, a missing ServiceAccount), or a pod may stay in '
+        'CreateContainerConfigError (a missing Secret or key), before the run fails with that message.',
+    )
+    job_ttl: int = Field(
+        default=86400,
+        ge=-1,
+        description='FINETUNER_JOB_TTL: ttlSecondsAfterFinished of trainer Jobs: seconds after a run ends before '
+        'its Job, pods and ConfigMap are deleted (the run, its status, logs and artifact stay); -1 keeps them.',
+    )
+    default_active_deadline: int = Field(
+        default=7 * 86400,
+        ge=0,
+        description='FINETUNER_DEFAULT_ACTIVE_DEADLINE: activeDeadlineSeconds of runs that set none, so that '
+        'repeated evictions cannot retry forever; 0 for none.',
+    )
+    cluster_domain: str = Field(
+        default='cluster.local',
+        description='FINETUNER_CLUSTER_DOMAIN: the cluster DNS domain; multi-node runs rendezvous at '
+        '<run>-trainer-0.<run>-workers.<namespace>.svc.<domain>.',
+    )
+    check_service_account: bool = Field(
+        default=True,
+        description="FINETUNER_CHECK_SERVICE_ACCOUNT: before creating a run's Job, check that the ServiceAccount "
+        'its pods run as exists in its namespace, and fail the run with NamespaceNotPrepared if not.',
+    )
+    policy: AdmissionPolicy = Field(
+        default_factory=AdmissionPolicy,
+        description='FINETUNER_POLICY: JSON allow-lists of image registries, tolerations, node selectors and '
+        'priority classes that runs may use (Helm value policy); unset lists allow anything.',
+    )
+    leader_election: bool = Field(
+        default=False,
+        description='FINETUNER_LEADER_ELECTION: hold a coordination.k8s.io Lease before acting (the chart sets '
+        'it): a second replica, or an old pod still running after a partition, stays passive.',
+    )
+    lease_name: str = Field(default='finetuner-operator', description='FINETUNER_LEASE_NAME: the Lease.')
+    lease_namespace: str = Field(
+        default='default', description="FINETUNER_LEASE_NAMESPACE: the Lease's namespace (the release namespace)."
+    )
+    lease_duration: float = Field(
+        default=15.0, gt=0, description='FINETUNER_LEASE_DURATION: seconds a Lease holds without renewal.'
+    )
+    lease_renew_deadline: float = Field(
+        default=10.0,
+        gt=0,
+        description='FINETUNER_LEASE_RENEW_DEADLINE: seconds the leader keeps trying to renew before it stops.',
+    )
+    lease_retry_period: float = Field(
+        default=2.0, gt=0, description='FINETUNER_LEASE_RETRY_PERIOD: seconds between tries to acquire or renew.'
+    )
+    identity: str = Field(
+        default_factory=socket.gethostname,
+        description='FINETUNER_IDENTITY: holder identity in the Lease (default: POD_NAME or the host name).',
+    )
 
     @field_validator('namespaces', mode='before')
     @classmethod
@@ -93,11 +190,13 @@ class OperatorConfig(BaseModel):
             raw = env.get(f'FINETUNER_{name.upper()}')
             if raw is None or raw == '':
                 continue
-            if name in ('node_selector', 'tolerations', 'runtime_template'):
+            if name in ('node_selector', 'tolerations', 'runtime_template', 'policy'):
                 try:
                     values[name] = json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise ValueError(f'FINETUNER_{name.upper()} is not valid JSON: {e}') from e
             else:
                 values[name] = raw
+        if 'identity' not in values and env.get('POD_NAME'):
+            values['identity'] = env['POD_NAME']  # the chart's downward-API variable
         return cls(**values)

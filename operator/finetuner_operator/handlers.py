@@ -23,6 +23,11 @@ PREFIX = 'finetuner.dev'
 RUNS = 'finetuneruns'
 EXPERIMENTS = 'experiments'
 MANAGED = {'app.kubernetes.io/managed-by': MANAGED_BY}
+# Sent with the Job and pod watches and listings: the API server streams only the operator's own, not every
+# Job and pod of the cluster (the handlers' ``labels=`` filters act after the stream, in this process).
+MANAGED_SELECTOR = f'app.kubernetes.io/managed-by={MANAGED_BY}'
+SELECTED_KINDS = (('batch', 'jobs'), ('v1', 'pods'))
+TERMINAL_PHASES = ('FINISHED', 'FAILED')
 # A handler that failed (an API error the seam's own retries did not outlast) runs again after
 # this many seconds instead of Kopf's default minute: every pass is safe to repeat.
 RETRY_BACKOFF = 2.0
@@ -32,6 +37,18 @@ EXPERIMENT_RECOUNT_DELAY = 0.25
 USER_AGENT = 'finetuner-operator'
 MAX_WORKERS = 16  # threads running the (synchronous) handlers
 log = logging.getLogger('finetuner_operator')
+EVENT_HANDLERS = ('run_event', 'experiment_event', 'job_event', 'pod_event')
+
+
+class QuietEventHandlers(logging.Filter):
+    """Kopf logs every handler call that succeeds. The event handlers run on every watch event of every run,
+    experiment, Job and pod: their successes were thousands of lines at each start with many runs, and a
+    tenth of the start-up time. Dropped; their failures, and every other handler's lines, are kept."""
+
+    QUIET = frozenset(f"Handler '{name}' succeeded." for name in EVENT_HANDLERS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or record.getMessage() not in self.QUIET
 
 
 def api_client() -> Any:
@@ -64,6 +81,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     config = memo.get('config') or OperatorConfig.from_env()
     memo.config = config
+    kopf_objects = logging.getLogger('kopf.objects')
+    if not any(isinstance(f, QuietEventHandlers) for f in kopf_objects.filters):
+        kopf_objects.addFilter(QuietEventHandlers())
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     # Labels are the operator's own bookkeeping (the experiment label) and no handler reacts to them:
     # left out of Kopf's diff base, a label change costs no second write of it.
@@ -74,6 +94,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
     settings.posting.level = logging.WARNING  # transitions are posted as Events by the reconciler
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    for kind in SELECTED_KINDS:
+        settings.watching.label_selectors[kind] = MANAGED_SELECTOR
     settings.execution.max_workers = MAX_WORKERS
     kube = Kube(api_client(), cache.ObjectCache())
     try:
@@ -105,8 +127,15 @@ def probe_runs(**_: Any) -> int:
 # --- FinetuneRun -------------------------------------------------------------------------------
 
 
-@kopf.on.resume(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF)
-@kopf.on.create(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF)
+def _not_terminal(status: kopf.Status, **_: Any) -> bool:
+    """A run that has ended needs no pass when the operator (re)starts, nor when it first meets one (restored
+    from a backup, or ended before Kopf recorded it): its status is final and its Job may be gone with its
+    TTL. With thousands of ended runs, the operator starts without a handler call, or a write, for each."""
+    return (status or {}).get('phase') not in TERMINAL_PHASES
+
+
+@kopf.on.resume(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF, when=_not_terminal)
+@kopf.on.create(GROUP, VERSION, RUNS, backoff=RETRY_BACKOFF, when=_not_terminal)
 @kopf.on.update(GROUP, VERSION, RUNS, field='spec', backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, RUNS, field=('metadata', 'annotations', CANCEL_ANNOTATION), backoff=RETRY_BACKOFF)
 def reconcile_run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
@@ -166,7 +195,10 @@ async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
         reconciler.forget(meta.get('namespace'), meta['name'])
         reconciler.request_admission()  # its slot (FINETUNER_MAX_CONCURRENT_RUNS), if any, is free: never blocks
     else:
-        reconciler.track(meta.get('namespace'), meta['name'], (body.get('status') or {}).get('phase'))
+        phase = (body.get('status') or {}).get('phase')
+        reconciler.track(meta.get('namespace'), meta['name'], phase)
+        if phase in TERMINAL_PHASES:  # counted without a pass (ended runs get none at start-up)
+            metrics.set_phase(meta.get('namespace'), meta['name'], phase)
 
 
 # --- Experiment --------------------------------------------------------------------------------

@@ -54,9 +54,13 @@ def api_call(*triples: ApiTriple) -> Callable[[F], F]:
 
 RUNS = 'finetuneruns'
 EXPERIMENTS = 'experiments'
+KUEUE_GROUP = 'kueue.x-k8s.io'
+KUEUE_VERSION = 'v1beta1'
+LEASES_GROUP = 'coordination.k8s.io'
 # Children carry an owner reference with blockOwnerDeletion: true. Where the API server enforces
 # OwnerReferencesPermissionEnforcement (OpenShift), setting it needs `update` on the owner's
-# finalizers subresource, or the create is answered 403. Runs own their ConfigMap, Job and Service;
+# finalizers subresource, or the create is answered 403. Runs own their Job (which owns the ConfigMap and Service,
+# without blockOwnerDeletion, so creating those needs no such right);
 # Experiments own their sweep runs and the runs that join them.
 OWN_RUNS: ApiTriple = (GROUP, f'{RUNS}/finalizers', 'update')
 OWN_EXPERIMENTS: ApiTriple = (GROUP, f'{EXPERIMENTS}/finalizers', 'update')
@@ -195,11 +199,11 @@ class Kube:
             raise
 
     # --- children of a run -------------------------------------------------------------------
-    @api_call(('', 'configmaps', 'create'), OWN_RUNS)
+    @api_call(('', 'configmaps', 'create'))
     def create_config_map(self, body: dict[str, Any]) -> bool:
         return self._create(f'/api/v1/namespaces/{body["metadata"]["namespace"]}/configmaps', body)
 
-    @api_call(('', 'services', 'create'), OWN_RUNS)
+    @api_call(('', 'services', 'create'))
     def create_service(self, body: dict[str, Any]) -> bool:
         return self._create(f'/api/v1/namespaces/{body["metadata"]["namespace"]}/services', body)
 
@@ -223,20 +227,23 @@ class Kube:
         self._remember(JOBS, self._patch(f'{_jobs(namespace)}/{name}', patch, 'patch job'))
 
     @api_call(('batch', 'jobs', 'delete'))
-    def delete_job(self, namespace: str, name: str) -> bool:
-        """Delete a Job and its pods (Background propagation: the API's default for Jobs orphans pods)."""
+    def delete_job(self, namespace: str, name: str, propagation: str = 'Background') -> bool:
+        """Delete a Job and its pods (the API's default for Jobs orphans pods). ``Foreground``: the Job stays,
+        with a deletionTimestamp, until its pods are gone (a multi-node restart waits for that)."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            with_retries(
-                lambda: self.request('DELETE', f'{_jobs(namespace)}/{name}', query={'propagationPolicy': 'Background'}),
+            deleted = with_retries(
+                lambda: self.request('DELETE', f'{_jobs(namespace)}/{name}', query={'propagationPolicy': propagation}),
                 'delete job',
             )
-            return True
         except ApiException as e:
             if e.status == 404:
                 return False
             raise
+        if propagation == 'Foreground' and isinstance(deleted, dict) and deleted.get('kind') == 'Job':
+            self._remember(JOBS, deleted)  # now with its deletionTimestamp
+        return True
 
     @api_call(('', 'pods', 'list'))
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
@@ -251,6 +258,72 @@ class Kube:
         for pod in pods:
             self._remember(PODS, pod)
         return pods
+
+    # --- what a stuck run is diagnosed with (diagnostics.py) -----------------------------------
+    @api_call(('', 'events', 'list'))
+    def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        """Events in ``namespace`` matching ``field_selector`` (``involvedObject.uid=...,reason=...``)."""
+        listing = with_retries(
+            lambda: self.request(
+                'GET', f'/api/v1/namespaces/{namespace}/events', query={'fieldSelector': field_selector}
+            ),
+            'list events',
+        )
+        return listing.get('items') or []
+
+    @api_call((KUEUE_GROUP, 'workloads', 'list'))
+    def list_workloads(self, namespace: str, selector: str) -> list[dict[str, Any]] | None:
+        """Kueue Workloads matching ``selector``; None when the cluster serves no Kueue API (not installed)."""
+        from kubernetes.client.exceptions import ApiException
+
+        path = f'/apis/{KUEUE_GROUP}/{KUEUE_VERSION}/namespaces/{namespace}/workloads'
+        try:
+            listing = with_retries(
+                lambda: self.request('GET', path, query={'labelSelector': selector}), 'list Kueue workloads'
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return listing.get('items') or []
+
+    @api_call(('', 'serviceaccounts', 'get'))
+    def get_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(f'/api/v1/namespaces/{namespace}/serviceaccounts/{name}', 'read service account')
+
+    # --- leader election (leader.py) ---------------------------------------------------------------
+    @api_call((LEASES_GROUP, 'leases', 'get'))
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(_leases(namespace, name), 'read lease')
+
+    @api_call((LEASES_GROUP, 'leases', 'create'))
+    def create_lease(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Lease; None when another holder created it first (409)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return with_retries(
+                lambda: self.request('POST', _leases(body['metadata']['namespace']), body), 'create lease', True
+            )
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+
+    @api_call((LEASES_GROUP, 'leases', 'update'))
+    def update_lease(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """PUT the Lease at its resourceVersion; None when someone wrote it meanwhile (409: no retry)."""
+        from kubernetes.client.exceptions import ApiException
+
+        meta = body['metadata']
+        try:
+            return with_retries(
+                lambda: self.request('PUT', _leases(meta['namespace'], meta['name']), body), 'update lease', True
+            )
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
 
     # --- runs and experiments ----------------------------------------------------------------
     @api_call((GROUP, RUNS, 'get'))
@@ -440,6 +513,11 @@ def _pods(namespace: str | None) -> str:
 
 def _jobs(namespace: str | None) -> str:
     return f'/apis/batch/v1/namespaces/{namespace}/jobs' if namespace else '/apis/batch/v1/jobs'
+
+
+def _leases(namespace: str, name: str | None = None) -> str:
+    path = f'/apis/{LEASES_GROUP}/v1/namespaces/{namespace}/leases'
+    return f'{path}/{name}' if name else path
 
 
 def _custom(namespace: str | None, plural: str, name: str | None = None) -> str:

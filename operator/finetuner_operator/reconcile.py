@@ -12,7 +12,6 @@ for the object store) and the config. Each responsibility lives in its own modul
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -114,7 +113,7 @@ class Reconciler:
         cache, if it has one."""
         cache = getattr(self.kube, 'cache', None)
         if cache is not None:
-            cache.observe(kind, event_type, body if isinstance(body, dict) and type(body) is dict else _copy(body))
+            cache.observe(kind, event_type, body if type(body) is dict else _shallow(body))
 
     def track(self, namespace: str, name: str, phase: str | None) -> None:
         """Record a run seen by the watch (with its phase); ``forget`` it when it is deleted."""
@@ -150,6 +149,8 @@ class Reconciler:
         return unsynced or time.monotonic() - last >= relist_interval
 
 
-def _copy(body: Any) -> dict[str, Any]:
-    """A plain dict copy of a body (a Kopf view, or a dict someone else may change)."""
-    return json.loads(json.dumps(dict(body)))
+def _shallow(body: Any) -> dict[str, Any]:
+    """A Kopf body as a plain dict of its raw fields. Not a deep copy: the fields are the watch event's own
+    decoded JSON, which neither Kopf nor the operator changes (a new event brings new objects), and a
+    deep copy of every event of every run was a fifth of the operator's start-up time with 10,000 runs."""
+    return dict(body)

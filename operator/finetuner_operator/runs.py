@@ -9,6 +9,8 @@ Slots of FINETUNER_MAX_CONCURRENT_RUNS are taken through the :class:`~finetuner_
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -22,16 +24,21 @@ from finetuner_operator.admission import job_done, job_suspended
 from finetuner_operator.admitter import Admitter
 from finetuner_operator.checks import run_problems
 from finetuner_operator.config import OperatorConfig
+from finetuner_operator.diagnostics import Diagnostics
 from finetuner_operator.kube import Kube
 from finetuner_operator.locks import KeyedLocks
+from finetuner_operator.policy import policy_problems
 from finetuner_operator.reports import ReportReader, reports_to_read
 from finetuner_operator.status import (
     Observed,
+    Timeouts,
     cancelled,
     derive_status,
     describe_validation_error,
-    invalid_spec_status,
+    job_restart,
     parse_status,
+    parse_time,
+    refused_status,
     same_status,
     status_patch,
 )
@@ -46,6 +53,8 @@ EVENT_REASONS = {
     Phase.FAILED.value: ('Warning', 'Failed'),
 }
 WAITING = Reason.WAITING.value
+RESTARTING = Reason.RESTARTING.value
+ACCOUNT_CHECK_TTL = 60.0  # seconds a ServiceAccount seen to exist is not looked up again
 
 
 class RunReconciler:
@@ -67,6 +76,10 @@ class RunReconciler:
         self.admitter = admitter
         self.locks = locks
         self.phase_changed = phase_changed
+        self.timeouts = Timeouts.of(config)
+        self.diagnostics = Diagnostics(kube, config.progress_interval)
+        self._accounts: dict[tuple[str, str], float] = {}  # (namespace, ServiceAccount) -> when seen
+        self._accounts_guard = threading.Lock()
 
     # --- a change of the run ---------------------------------------------------------------------
     def reconcile_run(self, body: dict[str, Any], metadata_patch: dict[str, Any] | None = None) -> None:
@@ -79,7 +92,7 @@ class RunReconciler:
         namespace, name = meta['namespace'], meta['name']
         previous = parse_status(body)
         spec = self._valid_spec(body, previous)
-        if spec is None:
+        if spec is None or self._refused(body, spec, previous):
             return
         created_job: dict[str, Any] | None = None
         freed = False  # a slot of FINETUNER_MAX_CONCURRENT_RUNS given back (the Job suspended)
@@ -95,13 +108,51 @@ class RunReconciler:
         try:
             spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
         except ValidationError as e:
-            self._fail_invalid(body, describe_validation_error(e), previous)
+            self._fail_before_job(body, Reason.INVALID_SPEC, describe_validation_error(e), previous)
             return None
         problems = run_problems(body['metadata']['name'], spec)
         if problems:
-            self._fail_invalid(body, 'Invalid spec: ' + '; '.join(problems), previous)
+            self._fail_before_job(body, Reason.INVALID_SPEC, 'Invalid spec: ' + '; '.join(problems), previous)
             return None
         return spec
+
+    def _refused(self, body: dict[str, Any], spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> bool:
+        """Before a run gets its first Job: fail it (True) when the administrator's allow-lists refuse what it
+        asks for (FINETUNER_POLICY), or when the ServiceAccount its pods would run as is missing in its
+        namespace (a namespace the installation did not prepare), instead of a Job that cannot start."""
+        meta = body['metadata']
+        if previous.phase in TERMINAL or previous.job_name or cancelled(body):
+            return False
+        if self.kube.get_job(meta['namespace'], builders.job_name(meta['name'])) is not None:
+            return False
+        problems = policy_problems(spec, self.config.policy)
+        if problems:
+            details = 'Not allowed on this cluster: ' + '; '.join(problems)
+            self._fail_before_job(body, Reason.POLICY_DENIED, details, previous)
+            return True
+        account = builders.service_account_of(spec, self.config)
+        if self.config.check_service_account and not self._account_exists(meta['namespace'], account):
+            details = (
+                f'Namespace {meta["namespace"]} has no ServiceAccount {account!r}, which the trainer pods run as: '
+                f'add {meta["namespace"]} to the Helm value namespaces (the chart then creates the ServiceAccount and '
+                'the Secrets the pods use there), create it, or set spec.serviceAccountName to one that exists'
+            )
+            self._fail_before_job(body, Reason.NAMESPACE_NOT_PREPARED, details, previous)
+            return True
+        return False
+
+    def _account_exists(self, namespace: str, name: str) -> bool:
+        """Whether the ServiceAccount exists (one seen within ACCOUNT_CHECK_TTL is not asked again)."""
+        now = time.monotonic()
+        with self._accounts_guard:
+            seen = self._accounts.get((namespace, name))
+        if seen is not None and now - seen < ACCOUNT_CHECK_TTL:
+            return True
+        if self.kube.get_service_account(namespace, name) is None:
+            return False
+        with self._accounts_guard:
+            self._accounts[(namespace, name)] = now
+        return True
 
     def _apply_spec(self, body: dict[str, Any], spec: FinetuneRunSpec) -> tuple[dict[str, Any] | None, bool]:
         """(the Job this call created, whether a slot was given back) after making the children match
@@ -139,7 +190,9 @@ class RunReconciler:
         self.kube.post_event(body, 'Normal', what, f'{what} trainer Job {job_name}')
         return True
 
-    def _create_children(self, body: dict[str, Any], spec: FinetuneRunSpec) -> dict[str, Any] | None:
+    def _create_children(
+        self, body: dict[str, Any], spec: FinetuneRunSpec, attempt: builders.JobAttempt | None = None
+    ) -> dict[str, Any] | None:
         """Create the run's children (an existing one answers 409, which is fine); the Job's manifest
         if this call created it, else None.
 
@@ -147,23 +200,37 @@ class RunReconciler:
         slot (none are created while it waits), counted and created under the admission lock; a run
         that has its Job already is left as it is."""
         if not self.admitter.limited(spec):
-            return self._create_all_children(body, spec)
+            return self._create_all_children(body, spec, attempt)
         meta = body['metadata']
         if self.kube.get_job(meta['namespace'], builders.job_name(meta['name'])) is not None:
             return None
         with self.admitter.slot_for(body) as free:
-            return self._create_all_children(body, spec) if free else None
+            return self._create_all_children(body, spec, attempt) if free else None
 
-    def _create_all_children(self, body: dict[str, Any], spec: FinetuneRunSpec) -> dict[str, Any] | None:
+    def _create_all_children(
+        self, body: dict[str, Any], spec: FinetuneRunSpec, attempt: builders.JobAttempt | None = None
+    ) -> dict[str, Any] | None:
+        """The Job first, then what its pods need, owned by it (see builders); the Job's manifest if this call
+        created it."""
         meta = body['metadata']
         name, namespace = meta['name'], meta['namespace']
         owner = {**body, 'kind': body.get('kind', 'FinetuneRun')}
-        created_job = None
-        for child in builders.build_children(name, namespace, spec, self.config, owner):
-            if self.kube.create_child(child) and child['kind'] == 'Job':
-                created_job = child
-                self.kube.post_event(body, 'Normal', 'JobCreated', f'Created trainer Job {builders.job_name(name)}')
-        return created_job
+        job = builders.build_job(name, namespace, spec, self.config, owner, attempt)
+        created = self.kube.create_child(job)
+        if created and attempt is not None and attempt.restart:
+            message = f'Created trainer Job {job["metadata"]["name"]} for restart {attempt.restart} of all nodes'
+            self.kube.post_event(body, 'Normal', 'Restarted', message)
+        elif created:
+            self.kube.post_event(body, 'Normal', 'JobCreated', f'Created trainer Job {builders.job_name(name)}')
+        current = self.kube.get_job(namespace, builders.job_name(name))  # the create's answer, from the cache
+        if (
+            current is not None
+            and (current.get('metadata') or {}).get('uid')
+            and not current['metadata'].get('deletionTimestamp')
+        ):
+            for dependent in builders.build_job_dependents(name, namespace, spec, self.config, current):
+                self.kube.create_child(dependent)
+        return job if created else None
 
     def _replace_lost_job(self, body: dict[str, Any], spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> None:
         """An active run whose Job is gone (deleted behind the operator's back, or a create that was
@@ -177,6 +244,10 @@ class RunReconciler:
         if spec.suspend and builders.queue_of(spec, self.config):
             return  # a suspended queued run gave its Job back on purpose
         name = body['metadata']['name']
+        attempt = self._restart_attempt(spec, previous)
+        if attempt is not None:  # a multi-node run restarting as a whole: its Job was deleted on purpose
+            self._create_children(body, spec, attempt)
+            return
         if self._create_children(body, spec) is not None and previous.job_name:
             message = (
                 f'Trainer Job {builders.job_name(name)} was deleted outside the operator; created it again '
@@ -185,13 +256,26 @@ class RunReconciler:
             log.warning('FinetuneRun %s/%s: %s', body['metadata']['namespace'], name, message)
             self.kube.post_event(body, 'Warning', 'JobRecreated', message)
 
-    def _fail_invalid(self, body: dict[str, Any], details: str, previous: FinetuneRunStatus) -> None:
+    def _restart_attempt(self, spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> builders.JobAttempt | None:
+        """The next Job of a multi-node run restarting as a whole (None: it is not), with what is left of its
+        deadline."""
+        if previous.reason != RESTARTING or spec.resources.nodes <= 1:
+            return None
+        left: int | None = None
+        deadline = builders.active_deadline(spec, self.config)
+        started = parse_time(previous.start_time)
+        if deadline and started is not None:
+            left = max(int(deadline - (self.now() - started).total_seconds()), 1)
+        return builders.JobAttempt(restart=previous.restarts or 0, active_deadline_seconds=left)
+
+    def _fail_before_job(self, body: dict[str, Any], reason: Reason, details: str, previous: FinetuneRunStatus) -> None:
+        """FAILED for what the operator refuses before (or instead of) a Job: never retried."""
         meta = body['metadata']
-        status = invalid_spec_status(details, self.now(), previous)
+        status = refused_status(reason, details, self.now(), previous)
         if not same_status(previous, status):
             self.kube.patch_run_status(meta['namespace'], meta['name'], status_patch(status))
-        if previous.reason != Reason.INVALID_SPEC.value:
-            self.kube.post_event(body, 'Warning', Reason.INVALID_SPEC.value, details)
+        if previous.reason != reason.value:
+            self.kube.post_event(body, 'Warning', reason.value, details)
             metrics.TRANSITIONS.labels(phase=Phase.FAILED.value).inc()
         metrics.set_phase(meta['namespace'], meta['name'], Phase.FAILED.value)
         if previous.phase not in TERMINAL:
@@ -257,12 +341,13 @@ class RunReconciler:
             spec = FinetuneRunSpec.model_validate(body.get('spec') or {})
         except ValidationError:
             return previous, False  # reconcile_run reported it; nothing to observe
-        if run_problems(name, spec):
+        if run_problems(name, spec) or self._refused(body, spec, previous):
             return previous, False
         limited = self._wants_slot(body, spec, previous)
         job, pods = self._children(body, spec, previous, created_job, limited)
         output = builders.output_uri(name, namespace, spec, self.config)
         observed = self._observe(job, pods, output, previous, body, limited)
+        self._diagnose(observed, spec, previous)
         status = derive_status(
             run=name,
             spec=spec,
@@ -270,8 +355,9 @@ class RunReconciler:
             observed=observed,
             output_uri=output,
             queue=builders.queue_of(spec, self.config),
-            unschedulable_timeout=self.config.unschedulable_timeout,
             now=self.now(),
+            timeouts=self.timeouts,
+            active_deadline=builders.active_deadline(spec, self.config),
             generation=body['metadata'].get('generation'),
         )
         if not same_status(previous, status) and not self.kube.patch_run_status(namespace, name, status_patch(status)):
@@ -333,6 +419,17 @@ class RunReconciler:
             **({field: getattr(reports, field) for field in reports.model_fields_set} if reports else {}),
         )
 
+    def _diagnose(self, observed: Observed, spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> None:
+        """Events and Kueue's Workload, only for a run that is stuck (see diagnostics.py)."""
+        if previous.phase in TERMINAL:
+            return
+        now = self.now()
+        observed.failed_create, observed.failed_create_since = self.diagnostics.failed_create(
+            observed.job, observed.pods, now
+        )
+        observed.scale_up = self.diagnostics.scale_up(observed.pods)
+        observed.workload = self.diagnostics.workload(observed.job, builders.queue_of(spec, self.config), now)
+
     def _after_status(
         self,
         body: dict[str, Any],
@@ -349,9 +446,23 @@ class RunReconciler:
         if status.phase == Phase.FAILED.value and job is not None and not job_done(job):
             # FAILED while the Job still runs (image pull, unschedulable, cancelled): stop its pods.
             self.kube.delete_job(meta['namespace'], builders.job_name(meta['name']))
+        counted = job is not None and (status.restarts or 0) > job_restart(job)
+        if status.reason == RESTARTING and job is not None and job_done(job) and counted:
+            self._restart(body, previous, status, job)  # this Job's failure is counted: the next Job replaces it
         metrics.set_phase(meta['namespace'], meta['name'], status.phase)
         if status.phase != previous.phase:
             self.phase_changed(meta['namespace'], spec.experiment)
+
+    def _restart(
+        self, body: dict[str, Any], previous: FinetuneRunStatus, status: FinetuneRunStatus, job: dict[str, Any]
+    ) -> None:
+        """A multi-node run restarts as a whole: its failed Job goes first, with all its pods (Foreground), and
+        the Job's deletion brings the pass that creates the next one (``_replace_lost_job``)."""
+        meta = body['metadata']
+        if not job['metadata'].get('deletionTimestamp'):
+            self.kube.delete_job(meta['namespace'], builders.job_name(meta['name']), propagation='Foreground')
+        if status.restarts != previous.restarts:
+            self.kube.post_event(body, 'Warning', RESTARTING, status.details or RESTARTING)
 
     def _post_slot_events(
         self, body: dict[str, Any], previous: FinetuneRunStatus, status: FinetuneRunStatus, job: dict[str, Any] | None

@@ -18,6 +18,7 @@ the same status.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,11 +28,48 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finetuner.api import reasons
 from finetuner.api.reasons import ConditionReason, ConditionType, Reason
-from finetuner.api.v1alpha1 import Condition, FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
-from finetuner_operator.builders import CANCEL_ANNOTATION, COMPLETION_INDEX_ANNOTATION, CONTAINER, job_name
+from finetuner.api.v1alpha1 import (
+    EXIT_CONFIG_ERROR,
+    Condition,
+    FinetuneRunSpec,
+    FinetuneRunStatus,
+    Phase,
+    Progress,
+    RunMetrics,
+)
+from finetuner_operator.builders import (
+    CANCEL_ANNOTATION,
+    COMPLETION_INDEX_ANNOTATION,
+    CONTAINER,
+    RESTART_ANNOTATION,
+    job_name,
+)
 
 IMAGE_PULL_REASONS = ('ErrImagePull', 'ImagePullBackOff', 'InvalidImageName', 'ErrImageNeverPull')
+# No retry of the kubelet can fix these: the run fails at once.
+FINAL_IMAGE_REASONS = ('InvalidImageName', 'ErrImageNeverPull')
+CONTAINER_CONFIG_REASONS = ('CreateContainerConfigError',)
 TERMINATION_MESSAGE_LIMIT = 1000
+# Seconds a failed multi-node Job may wait for its failed pod to be seen (the pod's watch event can come
+# after the Job's) before the restart is decided without the pod's cause.
+FAILED_POD_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a run may wait in each situation that can resolve itself before it fails (seconds)."""
+
+    unschedulable: float = 600.0  # FINETUNER_UNSCHEDULABLE_TIMEOUT
+    scale_up: float = 1800.0  # FINETUNER_SCALE_UP_TIMEOUT: unschedulable, and the autoscaler adds a node
+    image_pull: float = 600.0  # FINETUNER_IMAGE_PULL_TIMEOUT
+    pod_start: float = 600.0  # FINETUNER_POD_START_TIMEOUT: FailedCreate, CreateContainerConfigError
+
+    @classmethod
+    def of(cls, config: Any) -> Timeouts:
+        """From an :class:`~finetuner_operator.config.OperatorConfig`."""
+        return cls(
+            config.unschedulable_timeout, config.scale_up_timeout, config.image_pull_timeout, config.pod_start_timeout
+        )
 
 
 class Observed(BaseModel):
@@ -50,6 +88,13 @@ class Observed(BaseModel):
     # FINETUNER_MAX_CONCURRENT_RUNS when the run has no running Job because every slot is taken (it has
     # no Job yet, or its Job stays suspended after spec.suspend went false); None otherwise.
     waiting_for_slot: int | None = None
+    # Read only for a run that is stuck (see diagnostics.py): the Job controller's latest FailedCreate Event
+    # message and when it first said so; the cluster autoscaler's TriggeredScaleUp message for an
+    # unschedulable pod; the Kueue Workload of a queued Job ({}: looked, Kueue made none).
+    failed_create: str | None = None
+    failed_create_since: str | None = None
+    scale_up: str | None = None
+    workload: dict[str, Any] | None = None
 
 
 def rfc3339(moment: datetime) -> str:
@@ -111,7 +156,11 @@ def _rank(pod: dict[str, Any]) -> int | None:
     return int(index) if index is not None and str(index).isdigit() else None
 
 
-def _describe_failure(failed: list[dict[str, Any]], nodes: int) -> str | None:
+def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
+    return (_container_status(pod).get('state') or {}).get('terminated') or {}
+
+
+def _failure_cause(failed: list[dict[str, Any]], nodes: int) -> str | None:
     """What went wrong in the latest failed attempt. A multi-node run names the node rank that failed
     first (the others' errors follow from it: a collective with a dead peer fails on every rank)."""
     if not failed:
@@ -123,13 +172,25 @@ def _describe_failure(failed: list[dict[str, Any]], nodes: int) -> str | None:
         latest[_rank(pod)] = pod
 
     def order(pod: dict[str, Any]) -> tuple[str, int, int]:
-        terminated = (_container_status(pod).get('state') or {}).get('terminated') or {}
+        terminated = _terminated(pod)
         killed = 0 if (terminated.get('exitCode') or 0) > 128 else 1  # on a tie, the killed one went first
-        return terminated.get('finishedAt') or '', killed, _rank(pod) or 0
+        return terminated.get('finishedAt') or '~', killed, _rank(pod) or 0
 
     first = min(latest.values(), key=order)
-    cause = _describe_termination(first) or 'unknown cause'
+    cause = _describe_termination(first) or ('evicted' if _disrupted(first) else 'unknown cause')
     return f'node rank {_rank(first)} of {nodes} (pod {first["metadata"].get("name")}) failed: {cause}'
+
+
+def _disrupted(pod: dict[str, Any]) -> bool:
+    """Whether Kubernetes marked the pod's end as a disruption (preemption, eviction, node drain)."""
+    return any(
+        c.get('type') == 'DisruptionTarget' and c.get('status') == 'True'
+        for c in (pod.get('status') or {}).get('conditions') or []
+    )
+
+
+def _exited_config_error(pods: list[dict[str, Any]]) -> bool:
+    return any(_terminated(pod).get('exitCode') == EXIT_CONFIG_ERROR for pod in pods)
 
 
 def _failed_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -143,12 +204,30 @@ def _running_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [p for p in pods if (p.get('status') or {}).get('phase') == 'Running']
 
 
-def _image_pull_error(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+@dataclass(frozen=True)
+class Waiting:
+    """A trainer container waiting for a reason of the kubelet's: which, its message, since when."""
+
+    reason: str
+    message: str
+    image: str
+    since: datetime | None
+
+
+def _waiting(pods: list[dict[str, Any]], reasons_: tuple[str, ...]) -> Waiting | None:
     for pod in pods:
         waiting = (_container_status(pod).get('state') or {}).get('waiting') or {}
-        if waiting.get('reason') in IMAGE_PULL_REASONS:
+        if waiting.get('reason') in reasons_:
             image = pod['spec']['containers'][0].get('image', '?')
-            return image, waiting.get('message') or waiting['reason']
+            since = parse_time(_scheduled_at(pod) or _pod_time(pod))
+            return Waiting(waiting['reason'], waiting.get('message') or waiting['reason'], image, since)
+    return None
+
+
+def _scheduled_at(pod: dict[str, Any]) -> str | None:
+    for cond in (pod.get('status') or {}).get('conditions') or []:
+        if cond.get('type') == 'PodScheduled' and cond.get('status') == 'True':
+            return cond.get('lastTransitionTime')
     return None
 
 
@@ -196,6 +275,8 @@ class Verdict:
     details: str
     suspended: bool = False  # the Suspended condition is True
     completion: str | None = None  # when the Job says the run ended (its Complete/Failed condition)
+    restarts: int | None = None  # a multi-node run's restarts as a whole, when this verdict counts them
+    failed_attempts: int | None = None  # of those, the failures counted against spec.backoffLimit
 
 
 SUBMITTED = Verdict(Phase.CREATED, Reason.SUBMITTED.value, reasons.SUBMITTED)
@@ -209,9 +290,14 @@ class Situation:
     observed: Observed
     output_uri: str
     queue: str | None
-    unschedulable_timeout: float
+    timeouts: Timeouts
     now: datetime
     started_at: str | None  # when a trainer pod first ran (kept from the previous status)
+    previous: FinetuneRunStatus = dataclasses.field(default_factory=FinetuneRunStatus)
+    active_deadline: int | None = None  # the run's activeDeadlineSeconds (its own or the operator's default)
+
+    def waited(self, since: datetime | None) -> float:
+        return (self.now - since).total_seconds() if since is not None else 0.0
 
     @property
     def job_true(self) -> dict[str, dict[str, Any]]:
@@ -237,11 +323,13 @@ def cancelled_phase(seen: Situation) -> Verdict | None:
 
 
 def no_job_phase(seen: Situation) -> Verdict | None:
-    """No Job (yet): suspended, waiting for a slot, or just submitted."""
+    """No Job (yet): suspended, waiting for a slot, between two Jobs of a restart, or just submitted."""
     if seen.observed.job is not None:
         return None
     if seen.spec.suspend:
         return Verdict(Phase.CREATED, Reason.SUSPENDED.value, reasons.SUSPENDED, suspended=True)
+    if seen.previous.reason == Reason.RESTARTING.value and seen.previous.phase == Phase.STARTED.value:
+        return Verdict(Phase.STARTED, Reason.RESTARTING.value, seen.previous.details or reasons.RESTARTING)
     if seen.observed.waiting_for_slot:
         return Verdict(Phase.CREATED, Reason.WAITING.value, reasons.waiting(seen.observed.waiting_for_slot))
     return SUBMITTED
@@ -266,37 +354,133 @@ def complete_phase(seen: Situation) -> Verdict | None:
     )
 
 
+def _configuration_error(seen: Situation, failed: dict[str, Any], failed_pods: list[dict[str, Any]]) -> bool:
+    """Whether a Job failed by its pod failure policy failed on the trainer's configuration exit code (a
+    single-node Job has no other FailJob rule; a multi-node Job also fails on a disruption)."""
+    if seen.spec.resources.nodes <= 1 or _exited_config_error(failed_pods):
+        return True
+    failure = seen.observed.failure or {}
+    return (
+        failure.get('exitCode') == EXIT_CONFIG_ERROR
+        or f'exit code {EXIT_CONFIG_ERROR} ' in (failed.get('message') or '') + ' '
+    )
+
+
 def failed_job_phase(seen: Situation) -> Verdict | None:
-    """A Failed Job: a configuration error, retries used up, the deadline, or the Job's own reason."""
+    """A Failed Job: a configuration error, retries used up, the deadline, a multi-node run to restart as a
+    whole, or the Job's own reason."""
     if 'Failed' not in seen.job_true:
         return None
     failed = seen.job_true['Failed']
     job_reason = failed.get('reason') or 'Failed'
     spec = seen.spec
     failed_pods = _failed_pods(seen.observed.pods)
-    last = _describe_failure(failed_pods, spec.resources.nodes)
+    last = _failure_cause(failed_pods, spec.resources.nodes)
     failure = seen.observed.failure or {}
     trainer_says = failure.get('message') or failure.get('reason')
-    if job_reason == 'PodFailurePolicy':
+    ended = seen.job_ended_at('Failed')
+    if job_reason == 'PodFailurePolicy' and _configuration_error(seen, failed, failed_pods):
         # The trainer exited with its configuration-error code: its message is the reason.
-        reason, details = (
-            Reason.CONFIGURATION_ERROR.value,
-            reasons.configuration_error(last or trainer_says or failed.get('message')),
-        )
-    elif job_reason == 'BackoffLimitExceeded':
-        attempts = _node_attempts(len(failed_pods), spec) or spec.backoff_limit + 1
+        details = reasons.configuration_error(last or trainer_says or failed.get('message'))
+        return Verdict(Phase.FAILED, Reason.CONFIGURATION_ERROR.value, details, completion=ended)
+    if job_reason == 'DeadlineExceeded':
+        return deadline_verdict(seen, ended)
+    if spec.resources.nodes > 1 and job_reason in ('BackoffLimitExceeded', 'PodFailurePolicy'):
+        if not failed_pods and seen.waited(parse_time(failed.get('lastTransitionTime'))) < FAILED_POD_GRACE:
+            return hold_verdict(seen)  # the failed pod's own event follows the Job's: decide with its cause
+        disruption = job_reason == 'PodFailurePolicy' or (bool(failed_pods) and all(map(_disrupted, failed_pods)))
+        return gang_restart_verdict(seen, last or trainer_says or 'see run.logs()', disruption, ended)
+    if job_reason == 'BackoffLimitExceeded':
+        attempts = len(failed_pods) or spec.backoff_limit + 1
         cause = last or trainer_says or 'see run.logs()'
-        reason = Reason.BACKOFF_LIMIT_EXCEEDED.value
         details = f'The trainer failed {attempts} times (backoffLimit {spec.backoff_limit}); last attempt: {cause}'
-    elif job_reason == 'DeadlineExceeded':
-        reason = Reason.DEADLINE_EXCEEDED.value
+        return Verdict(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED.value, details, completion=ended)
+    details = failed.get('message') or last or 'the trainer Job failed'
+    return Verdict(Phase.FAILED, job_reason, details, completion=ended)
+
+
+def hold_verdict(seen: Situation) -> Verdict:
+    """The previous verdict, unchanged (a decision waits for what the next event brings)."""
+    previous = seen.previous
+    if previous.phase is None or previous.reason is None:
+        return SUBMITTED
+    return Verdict(Phase(previous.phase), previous.reason, previous.details or '')
+
+
+def deadline_verdict(seen: Situation, ended: str | None = None) -> Verdict:
+    deadline = seen.active_deadline or seen.spec.active_deadline_seconds
+    details = (
+        f'The run exceeded activeDeadlineSeconds={deadline}; raise spec.activeDeadlineSeconds or train fewer epochs'
+    )
+    return Verdict(Phase.FAILED, Reason.DEADLINE_EXCEEDED.value, details, completion=ended)
+
+
+def job_restart(job: dict[str, Any] | None) -> int:
+    """Which restart of its run a Job is (its annotation; 0 for the first Job)."""
+    value = ((job or {}).get('metadata', {}).get('annotations') or {}).get(RESTART_ANNOTATION, '0')
+    return int(value) if str(value).isdigit() else 0
+
+
+def gang_restart_verdict(seen: Situation, cause: str, disruption: bool, ended: str | None) -> Verdict:
+    """A multi-node run whose Job failed: restart all its pods from the last checkpoint, unless the failures
+    used up spec.backoffLimit (an eviction does not count) or its deadline has passed.
+
+    The failure of a Job is counted once: the status's ``restarts`` moves past the Job's restart number the
+    first time it is seen, and a later pass over the same (still failed, or being deleted) Job keeps it."""
+    spec, previous = seen.spec, seen.previous
+    restarts, failed_attempts = previous.restarts or 0, previous.failed_attempts or 0
+    if restarts <= job_restart(seen.observed.job):  # not counted yet
+        restarts = job_restart(seen.observed.job) + 1
+        failed_attempts += 0 if disruption else 1
+    nodes = spec.resources.nodes
+    if failed_attempts > spec.backoff_limit:
         details = (
-            f'The run exceeded activeDeadlineSeconds={spec.active_deadline_seconds}; '
-            'raise spec.activeDeadlineSeconds or train fewer epochs'
+            f'The trainer failed {failed_attempts} times on its {nodes} nodes (backoffLimit {spec.backoff_limit}); '
+            f'last attempt: {cause}'
         )
-    else:
-        reason, details = job_reason, failed.get('message') or last or 'the trainer Job failed'
-    return Verdict(Phase.FAILED, reason, details, completion=seen.job_ended_at('Failed'))
+        return Verdict(
+            Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED.value, details, None, ended, restarts, failed_attempts
+        )
+    if deadline_left(seen) is not None and (deadline_left(seen) or 0) <= 0:
+        return replace_counts(deadline_verdict(seen, ended), restarts, failed_attempts)
+    what = f'evicted ({cause})' if disruption else cause
+    details = (
+        f'{what}; restarting all {nodes} nodes from the last checkpoint (restart {restarts}; '
+        f'{failed_attempts} of backoffLimit {spec.backoff_limit} failures used)'
+    )
+    return Verdict(Phase.STARTED, Reason.RESTARTING.value, details, restarts=restarts, failed_attempts=failed_attempts)
+
+
+def replace_counts(verdict: Verdict, restarts: int, failed_attempts: int) -> Verdict:
+    return Verdict(
+        verdict.phase, verdict.reason, verdict.details, verdict.suspended, verdict.completion, restarts, failed_attempts
+    )
+
+
+def deadline_left(seen: Situation) -> float | None:
+    """Seconds left of the run's activeDeadlineSeconds, counted from when a trainer pod first ran (None: no
+    deadline, or not started)."""
+    started = parse_time(seen.started_at)
+    if not seen.active_deadline or started is None:
+        return None
+    return seen.active_deadline - (seen.now - started).total_seconds()
+
+
+def _queue_details(queue: str, workload: dict[str, Any] | None) -> str:
+    """Where a queued run waits, with Kueue's own words once its Workload says why it is not admitted."""
+    if workload is None:
+        return f'Waiting in queue {queue}'
+    if not workload:
+        return (
+            f'Waiting in queue {queue}: Kueue has made no Workload for the trainer Job; check that Kueue is '
+            f'installed and manages batch/v1 Jobs, and that LocalQueue {queue} exists in this namespace'
+        )
+    conditions = {c.get('type'): c for c in (workload.get('status') or {}).get('conditions') or []}
+    for kind in ('QuotaReserved', 'Admitted'):
+        condition = conditions.get(kind) or {}
+        if condition.get('status') == 'False' and condition.get('message'):
+            return f'Waiting in queue {queue}: {condition["message"]}'
+    return f'Waiting in queue {queue}'
 
 
 def suspended_job_phase(seen: Situation) -> Verdict | None:
@@ -306,23 +490,71 @@ def suspended_job_phase(seen: Situation) -> Verdict | None:
     if seen.spec.suspend:
         return Verdict(Phase.CREATED, Reason.SUSPENDED.value, reasons.SUSPENDED, suspended=True)
     if seen.queue:
-        return Verdict(Phase.CREATED, Reason.QUEUED.value, f'Waiting in queue {seen.queue}', suspended=True)
+        details = _queue_details(seen.queue, seen.observed.workload)
+        return Verdict(Phase.CREATED, Reason.QUEUED.value, details, suspended=True)
     if seen.observed.waiting_for_slot:
         # Resumed by the user; the operator holds the Job until a slot is free.
         return Verdict(Phase.CREATED, Reason.WAITING.value, reasons.waiting(seen.observed.waiting_for_slot))
     return Verdict(Phase.CREATED, Reason.SUSPENDED.value, reasons.JOB_SUSPENDED, suspended=True)
 
 
+def _minutes(seconds: float) -> str:
+    return f'{seconds / 60:.0f} minutes' if seconds >= 90 else f'{seconds:.0f} s'
+
+
+def failed_create_phase(seen: Situation) -> Verdict | None:
+    """The Job controller cannot create the trainer pod (FailedCreate: a quota, a missing ServiceAccount):
+    CREATED with its message while that may still be fixed, FAILED after the pod start timeout."""
+    message = seen.observed.failed_create
+    if message is None or seen.observed.pods:
+        return None
+    since = parse_time(seen.observed.failed_create_since) or parse_time(
+        ((seen.observed.job or {}).get('metadata') or {}).get('creationTimestamp')
+    )
+    waited = seen.waited(since)
+    fix = "check the namespace's ResourceQuota and LimitRange, and that the ServiceAccount the pods run as exists"
+    if waited <= seen.timeouts.pod_start:
+        details = f'The Job controller cannot create the trainer pod: {message}; {fix}'
+        return Verdict(Phase.CREATED, Reason.FAILED_CREATE.value, details)
+    details = f'The Job controller could not create the trainer pod for {_minutes(waited)}: {message}; {fix}'
+    return Verdict(Phase.FAILED, Reason.FAILED_CREATE.value, details)
+
+
 def image_pull_phase(seen: Situation) -> Verdict | None:
-    pull = _image_pull_error(seen.observed.pods)
+    """The image cannot be pulled: CREATED while the kubelet retries (a registry hiccup, a large image), FAILED
+    after the image pull timeout, or at once for a name no retry can fix."""
+    pull = _waiting(seen.observed.pods, IMAGE_PULL_REASONS)
     if pull is None:
         return None
-    image, message = pull
-    details = (
-        f'Cannot pull the trainer image {image}: {message}; fix spec.image or the operator setting '
-        'FINETUNER_TRAINER_IMAGE, or add an image pull secret'
-    )
+    fix = 'fix spec.image or the operator setting FINETUNER_TRAINER_IMAGE, or add an image pull secret'
+    waited = seen.waited(pull.since)
+    if pull.reason not in FINAL_IMAGE_REASONS and waited <= seen.timeouts.image_pull:
+        left = seen.timeouts.image_pull - waited
+        details = (
+            f'Pulling the trainer image {pull.image} failed so far ({pull.message}); the kubelet retries for up to '
+            f'{_minutes(left)} more, then the run fails: {fix}'
+        )
+        return Verdict(Phase.CREATED, Reason.IMAGE_PULL_ERROR.value, details)
+    details = f'Cannot pull the trainer image {pull.image}: {pull.message}; {fix}'
     return Verdict(Phase.FAILED, Reason.IMAGE_PULL_ERROR.value, details)
+
+
+def container_config_phase(seen: Situation) -> Verdict | None:
+    """CreateContainerConfigError (a Secret or ConfigMap, or a key of one, that the pod refers to is missing):
+    CREATED while it may still be created, FAILED after the pod start timeout."""
+    found = _waiting(seen.observed.pods, CONTAINER_CONFIG_REASONS)
+    if found is None:
+        return None
+    fix = (
+        "create what it names in the run's namespace, or fix spec.env / spec.volumes (or the operator settings "
+        'that refer to it)'
+    )
+    waited = seen.waited(found.since)
+    if waited <= seen.timeouts.pod_start:
+        details = f'The trainer container cannot be configured: {found.message}; {fix}'
+        return Verdict(Phase.CREATED, Reason.CONTAINER_CONFIG_ERROR.value, details)
+    details = f'The trainer container could not be configured for {_minutes(waited)}: {found.message}; {fix}'
+    return Verdict(Phase.FAILED, Reason.CONTAINER_CONFIG_ERROR.value, details)
 
 
 def running_phase(seen: Situation) -> Verdict | None:
@@ -332,16 +564,24 @@ def running_phase(seen: Situation) -> Verdict | None:
 
 
 def unschedulable_phase(seen: Situation) -> Verdict | None:
-    """A pod no node fits: CREATED while it waits, FAILED after the unschedulable timeout."""
+    """A pod no node fits: CREATED while it waits, FAILED after the unschedulable timeout (the longer scale-up
+    timeout once the cluster autoscaler has said it adds a node for it)."""
     pending = _unschedulable(seen.observed.pods)
     if pending is None:
         return None
     since, message = pending
     waited = (seen.now - since).total_seconds()
-    if waited <= seen.unschedulable_timeout:
-        return Verdict(Phase.CREATED, Reason.UNSCHEDULABLE.value, f'Waiting for a node that fits: {message}')
+    scale_up = seen.observed.scale_up
+    timeout = seen.timeouts.scale_up if scale_up else seen.timeouts.unschedulable
+    if waited <= timeout:
+        if scale_up:
+            details = f'Waiting for the cluster autoscaler to add a node ({scale_up}); the scheduler says: {message}'
+        else:
+            details = f'Waiting for a node that fits: {message}'
+        return Verdict(Phase.CREATED, Reason.UNSCHEDULABLE.value, details)
+    added = f'; the cluster autoscaler was adding a node ({scale_up})' if scale_up else ''
     details = (
-        f'No node could run the trainer for {waited / 60:.0f} minutes ({message}); lower '
+        f'No node could run the trainer for {waited / 60:.0f} minutes ({message}{added}); lower '
         'spec.resources, fix spec.nodeSelector/tolerations, or add capacity'
     )
     return Verdict(Phase.FAILED, Reason.UNSCHEDULABLE.value, details)
@@ -352,27 +592,35 @@ def retrying_phase(seen: Situation) -> Verdict | None:
     failed_pods = _failed_pods(seen.observed.pods)
     if not failed_pods or not seen.job_status.get('active'):
         return None
-    last = _describe_failure(failed_pods, seen.spec.resources.nodes) or 'unknown cause'
+    last = _failure_cause(failed_pods, seen.spec.resources.nodes) or 'unknown cause'
     attempt = _node_attempts(len(failed_pods), seen.spec)
     return Verdict(Phase.STARTED, Reason.RETRYING.value, f'Attempt {attempt} failed ({last}); retrying')
 
 
 def started_earlier_phase(seen: Situation) -> Verdict | None:
-    """A trainer pod ran before and the Job still has pods: still STARTED between attempts."""
-    if not (seen.started_at and seen.observed.pods):
+    """A trainer pod ran before: still STARTED between attempts while the Job has pods, and between the
+    Jobs of a multi-node run's restart until the new Job's pods run."""
+    if not seen.started_at:
         return None
-    return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress, seen.spec.task))
+    if seen.observed.pods:
+        return Verdict(Phase.STARTED, Reason.RUNNING.value, reasons.running(seen.observed.progress, seen.spec.task))
+    if job_restart(seen.observed.job) > 0 and seen.previous.reason == Reason.RESTARTING.value:
+        return Verdict(Phase.STARTED, Reason.RESTARTING.value, seen.previous.details or reasons.RESTARTING)
+    return None
 
 
 # In order: the first rule that recognises the situation decides (a cancel beats everything; a Job's
-# end beats its pods; a running pod beats an unschedulable sibling).
+# end beats its pods; a pod that cannot start beats a running sibling; a running pod beats an
+# unschedulable sibling).
 PHASE_RULES: tuple[Callable[[Situation], Verdict | None], ...] = (
     cancelled_phase,
     no_job_phase,
     complete_phase,
     failed_job_phase,
     suspended_job_phase,
+    failed_create_phase,
     image_pull_phase,
+    container_config_phase,
     running_phase,
     unschedulable_phase,
     retrying_phase,
@@ -454,20 +702,21 @@ def _completion_time(verdict: Verdict, previous: FinetuneRunStatus, stamp: str) 
     return completion
 
 
-def _node_attempts(pods: int, spec: FinetuneRunSpec) -> int:
-    """Pods counted as attempts: an attempt of a multi-node run is one pod per node."""
-    nodes = max(spec.resources.nodes, 1)
-    return -(-pods // nodes)
-
-
-def _attempts(observed: Observed, spec: FinetuneRunSpec, previous: FinetuneRunStatus) -> int:
+def _attempts(observed: Observed, previous: FinetuneRunStatus, spec: FinetuneRunSpec, restarts: int | None) -> int:
+    """Attempts so far: pods tried (one pod per attempt), or for a multi-node run its Jobs (each attempt is
+    a Job with a pod per node)."""
     job_status = (observed.job or {}).get('status') or {}
     counted = sum(int(job_status.get(key) or 0) for key in ('failed', 'succeeded', 'active'))
-    return max(
-        _node_attempts(len(observed.pods), spec),
-        _node_attempts(counted, spec),
-        previous.attempts if observed.job is None else 0,
-    )
+    if spec.resources.nodes > 1:
+        # A Job made by an operator without gang restarts may retry its pods itself: a pod per node each time.
+        jobs = (restarts or 0) + (1 if observed.job is not None or previous.job_name is not None else 0)
+        return max(jobs, _node_attempts(len(observed.pods), spec), _node_attempts(counted, spec))
+    return max(len(observed.pods), counted, previous.attempts if observed.job is None else 0)
+
+
+def _node_attempts(pods: int, spec: FinetuneRunSpec) -> int:
+    """Pods counted as attempts: an attempt of a multi-node run is one pod per node."""
+    return -(-pods // max(spec.resources.nodes, 1))
 
 
 def derive_status(
@@ -478,11 +727,17 @@ def derive_status(
     observed: Observed,
     output_uri: str,
     queue: str | None,
-    unschedulable_timeout: float,
     now: datetime,
+    unschedulable_timeout: float = Timeouts.unschedulable,
+    timeouts: Timeouts | None = None,
+    active_deadline: int | None = None,
     generation: int | None = None,
 ) -> FinetuneRunStatus:
-    """The whole status of a run from what was observed (see the table in docs/OPERATOR.md)."""
+    """The whole status of a run from what was observed (see the table in docs/OPERATOR.md).
+
+    ``timeouts``: how long each self-resolving situation may last (default: the defaults, with
+    ``unschedulable_timeout``); ``active_deadline``: the run's activeDeadlineSeconds, its own or the
+    operator's default (a multi-node run is not restarted past it)."""
     if previous.phase in (Phase.FINISHED.value, Phase.FAILED.value):
         # A terminal phase is final; its Job may be gone (deleted after an image-pull failure, TTL), and
         # its reports are no longer read, so nothing observed later may rewrite it.
@@ -492,11 +747,15 @@ def derive_status(
         observed=observed,
         output_uri=output_uri,
         queue=queue,
-        unschedulable_timeout=unschedulable_timeout,
+        timeouts=timeouts or Timeouts(unschedulable=unschedulable_timeout),
         now=now,
         started_at=previous.start_time or _started_at(observed.pods),
+        previous=previous,
+        active_deadline=active_deadline or spec.active_deadline_seconds,
     )
     verdict = derive_phase(seen)
+    restarts = verdict.restarts if verdict.restarts is not None else previous.restarts
+    failed_attempts = verdict.failed_attempts if verdict.failed_attempts is not None else previous.failed_attempts
     stamp = rfc3339(now)
     created = observed.job is not None or previous.job_name is not None
     conditions = Conditions(previous.conditions, stamp)
@@ -512,13 +771,15 @@ def derive_status(
         conditions=conditions.items,
         start_time=seen.started_at,
         completion_time=_completion_time(verdict, previous, stamp),
-        attempts=_attempts(observed, spec, previous),
+        attempts=_attempts(observed, previous, spec, restarts),
         progress=observed.progress if observed.progress is not None else previous.progress,
         metrics=_run_metrics(observed.metrics) or previous.metrics,
         artifact_uri=reasons.artifact_uri(output_uri) if verdict.phase is Phase.FINISHED else None,
         output_uri=output_uri,
         job_name=job_name(run) if created else None,
         observed_generation=generation if generation is not None else previous.observed_generation,
+        restarts=restarts,
+        failed_attempts=failed_attempts,
     )
 
 
@@ -528,8 +789,13 @@ def invalid_spec_status(error: Exception | str, now: datetime, previous: Finetun
     ``error`` is the contract's ValidationError, or the operator's own ``Invalid spec: ...`` text.
     """
     details = error if isinstance(error, str) else describe_validation_error(error)
+    return refused_status(Reason.INVALID_SPEC, details, now, previous)
+
+
+def refused_status(reason: Reason, details: str, now: datetime, previous: FinetuneRunStatus) -> FinetuneRunStatus:
+    """FAILED before any Job: an invalid spec, what the cluster's policy does not allow, an unprepared namespace."""
     stamp = rfc3339(now)
-    verdict = Verdict(Phase.FAILED, Reason.INVALID_SPEC.value, details)
+    verdict = Verdict(Phase.FAILED, reason.value, details)
     conditions = Conditions(previous.conditions, stamp)
     set_failed_condition(conditions, verdict)
     return FinetuneRunStatus(

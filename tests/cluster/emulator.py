@@ -293,6 +293,9 @@ class KubeEmu(kmock.KubernetesEmulator):
         self.watch_starts: dict[str, int] = {}
         self.log_source: Callable[[str, str], str | None] | None = None
         self.closing = False
+        # kube-apiserver's ServiceAccount admission: a pod naming a ServiceAccount that does not exist in its
+        # namespace is refused (403). Off by default: no controller here creates each namespace's "default".
+        self.admit_service_accounts = False
         self.requests: list[tuple[str, str, str]] = []  # (method, path with query, user agent), in order
         self.faults: list[Fault] = []
         self.watches_down_until = 0.0  # monotonic time until which watches are refused
@@ -366,6 +369,8 @@ class KubeEmu(kmock.KubernetesEmulator):
         )
         self.declare('v1/configmaps', 'ConfigMap', shortnames=('cm',))
         self.declare('v1/secrets', 'Secret')
+        self.declare('v1/serviceaccounts', 'ServiceAccount', shortnames=('sa',))
+        self.declare('coordination.k8s.io/v1/leases', 'Lease')
         self.declare('v1/services', 'Service', status=True, shortnames=('svc',), categories=('all',))
         self.declare('v1/events', 'Event', shortnames=('ev',))
         self.declare('batch/v1/jobs', 'Job', status=True, categories=('all',))
@@ -714,6 +719,19 @@ class KubeEmu(kmock.KubernetesEmulator):
             raise self._invalid(kind, obj['metadata'].get('name') or '', errors)
         return obj
 
+    def _check_service_account(self, pod: dict[str, Any]) -> None:
+        """The ServiceAccount admission plugin's refusal, in its words."""
+        meta = pod['metadata']
+        account = (pod.get('spec') or {}).get('serviceAccountName') or 'default'
+        if (meta['namespace'], account) not in self.store.get('v1/serviceaccounts', {}):
+            raise ApiError(
+                403,
+                'Forbidden',
+                f'pods "{meta["name"]}" is forbidden: error looking up service account '
+                f'{meta["namespace"]}/{account}: serviceaccount "{account}" not found',
+                {'name': meta['name'], 'kind': 'pods'},
+            )
+
     def _create(self, kind: Kind, ns: str | None, data: Any, validation: str = 'Warn') -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ApiError(400, 'BadRequest', 'the request body is not a JSON object')
@@ -737,6 +755,8 @@ class KubeEmu(kmock.KubernetesEmulator):
             obj.pop('status', None)
         obj = self._admit(kind, obj, None, validation)
         meta = obj['metadata']
+        if kind.key == 'v1/pods' and self.admit_service_accounts:
+            self._check_service_account(obj)
         key = self._key(kind, meta.get('namespace'), meta['name'])
         if key in self._bucket(kind):
             plural = kind.key.split('/')[-1]

@@ -151,6 +151,14 @@ def create_s3_secret(api: Any, s3: S3Server, namespace: str = 'default') -> None
     client.CoreV1Api(api).create_namespaced_secret(namespace, body)
 
 
+def create_trainer_service_account(api: Any, name: str = 'finetuner-trainer', namespace: str = 'default') -> None:
+    """What the chart creates in each run namespace for trainer pods (the operator checks that it exists)."""
+    from kubernetes import client
+
+    body = {'metadata': {'name': name, 'namespace': namespace}, 'automountServiceAccountToken': False}
+    client.CoreV1Api(api).create_namespaced_service_account(namespace, body)
+
+
 @pytest.fixture
 def cluster(
     api_server: tuple[ApiServer, Path], s3: S3Server, tmp_path: Path, request: pytest.FixtureRequest
@@ -161,6 +169,7 @@ def cluster(
     create_s3_secret(api, s3)
     marker = request.node.get_closest_marker('operator_config')
     config = operator_config(s3, **(marker.kwargs if marker else {}))
+    create_trainer_service_account(api, config.trainer_service_account)
     node_marker = request.node.get_closest_marker('node')
     node_options = {'poll': 0.1, **(node_marker.kwargs if node_marker else {})}
     if node_options.get('runtime') == 'podman':

@@ -397,16 +397,63 @@ class SimulatedNode:
             self._write_job_status(job, new_conditions, active=0, completion_time=now_rfc3339(), **counts)
             return
         parallelism = spec.parallelism if spec.parallelism is not None else 1
-        if indexed:
-            busy = {_index(p) for p in active} | done_indexes
-            missing = [i for i in range(completions) if i not in busy][: max(parallelism - len(active), 0)]
-            for index in missing:
-                active.append(self._create_pod(job, index))
-        else:
-            remaining = completions - len(succeeded)
-            for _ in range(max(min(parallelism, remaining) - len(active), 0)):
-                active.append(self._create_pod(job, None))
+        try:
+            if indexed:
+                busy = {_index(p) for p in active} | done_indexes
+                missing = [i for i in range(completions) if i not in busy][: max(parallelism - len(active), 0)]
+                for index in missing:
+                    active.append(self._create_pod(job, index))
+            else:
+                remaining = completions - len(succeeded)
+                for _ in range(max(min(parallelism, remaining) - len(active), 0)):
+                    active.append(self._create_pod(job, None))
+        except ApiException as e:
+            if e.status in (404, 409) or (e.status or 0) >= 500:
+                raise
+            self._failed_create(job, e)
         self._write_job_status(job, new_conditions, active=len(active), **counts)
+
+    FAILED_CREATE_RETRY = 1.0  # seconds before the Job controller tries a refused pod again
+
+    def _failed_create(self, job: Any, error: ApiException) -> None:
+        """The API server refused the Job's pod (admission: a missing ServiceAccount, a quota): a FailedCreate
+        Event on the Job, in the Job controller's words, and another try later (as its backoff does)."""
+        import json
+
+        try:
+            message = json.loads(error.body or '{}').get('message') or str(error.reason)
+        except ValueError:
+            message = str(error.reason)
+        stamp = now_rfc3339()
+        event = {
+            'metadata': {'generateName': f'{job.metadata.name}.', 'namespace': job.metadata.namespace},
+            'involvedObject': {
+                'apiVersion': 'batch/v1',
+                'kind': 'Job',
+                'name': job.metadata.name,
+                'namespace': job.metadata.namespace,
+                'uid': job.metadata.uid,
+            },
+            'reason': 'FailedCreate',
+            'message': f'Error creating: {message}',
+            'type': 'Warning',
+            'source': {'component': 'job-controller'},
+            'firstTimestamp': stamp,
+            'lastTimestamp': stamp,
+            'count': 1,
+        }
+        self._ignore_404(lambda: self.core.create_namespaced_event(job.metadata.namespace, event))
+        uid = job.metadata.uid
+
+        def again() -> None:
+            with self._cache:
+                if uid in self._jobs:
+                    self._dirty_jobs.add(uid)
+                    self._cache.notify_all()
+
+        timer = threading.Timer(self.FAILED_CREATE_RETRY, again)
+        timer.daemon = True
+        timer.start()
 
     def _job_status(
         self, job: Any, conditions: list[dict], type_: str, value: str, reason: str, message: str, active: int
@@ -561,6 +608,9 @@ class SimulatedNode:
         try:
             self._run(pod, gpus)
         except ConfigError as e:
+            # Like the kubelet, try again: the Secret or ConfigMap may be created a moment later (the operator
+            # creates a run's ConfigMap right after its Job).
+            self._retry_later(pod.metadata.uid)
             self._report(
                 pod,
                 'config',
@@ -579,6 +629,19 @@ class SimulatedNode:
                     ],
                 },
             )
+
+    CONFIG_RETRY = 0.5  # seconds before a pod in CreateContainerConfigError is tried again
+
+    def _retry_later(self, uid: str) -> None:
+        def touch() -> None:
+            with self._cache:
+                if uid in self._pods:
+                    self._dirty_pods.add(uid)
+                    self._cache.notify_all()
+
+        timer = threading.Timer(self.CONFIG_RETRY, touch)
+        timer.daemon = True
+        timer.start()
 
     def _report(self, pod: Any, what: str, status: dict[str, Any]) -> None:
         key = (pod.metadata.uid, what)
@@ -651,6 +714,8 @@ class SimulatedNode:
         files: dict[Path, str] = {}
         for mount in container.volume_mounts or []:
             target = rootfs / mount.mount_path.lstrip('/')
+            if target.is_symlink():  # a claim mounted by an earlier try of this pod (CreateContainerConfigError)
+                target.unlink()
             target.mkdir(parents=True, exist_ok=True)
             volume = volumes.get(mount.name)
             read_only = bool(mount.read_only)

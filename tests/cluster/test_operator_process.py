@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kubernetes import client
 
-from tests.cluster.fixtures import api_client
+from tests.cluster.fixtures import api_client, create_trainer_service_account
 from tests.cluster.harness import ApiServer, free_port, wait_for
 
 
@@ -41,6 +41,7 @@ def test_module_entry_point_serves_health_and_metrics_and_reconciles(
     try:
         wait_for(lambda: _get(f'http://127.0.0.1:{health}/healthz'), 60, 0.2, what='liveness endpoint')
         api = api_client(kubeconfig)
+        create_trainer_service_account(api)
         body = {
             'apiVersion': 'finetuner.dev/v1alpha1',
             'kind': 'FinetuneRun',

@@ -35,7 +35,7 @@ import finetuner
 from finetuner import cli, fitting
 from finetuner.api.v1alpha1 import FinetuneRunSpec, Sweep
 from finetuner.errors import ArgumentError
-from finetuner_operator.builders import build_children
+from finetuner_operator.builders import build_config_map, build_job
 from finetuner_operator.config import OperatorConfig
 from finetuner_trainer.runner import parse_config
 
@@ -53,8 +53,10 @@ try:
 except ArgumentError as e:
     result['error'] = str(e)
 spec = fitting.build_spec(fitting.bind((), {'model': 'm', 'train_data': 'd', 'toy_knob': 7}), 'r', 'default', [])
-config_map = build_children('r', 'ns', spec, OperatorConfig(output='s3://b/runs'), {
-    'apiVersion': 'finetuner.dev/v1alpha1', 'kind': 'FinetuneRun', 'metadata': {'name': 'r', 'uid': 'u'}})[0]
+job = build_job('r', 'ns', spec, OperatorConfig(output='s3://b/runs'), {
+    'apiVersion': 'finetuner.dev/v1alpha1', 'kind': 'FinetuneRun', 'metadata': {'name': 'r', 'uid': 'u'}})
+job['metadata']['uid'] = 'j'
+config_map = build_config_map('r', 'ns', spec, OperatorConfig(output='s3://b/runs'), job)
 config = config_map['data']['config.json']
 result['config_map'] = json.loads(config)['spec']['toyKnob']
 result['trainer'] = parse_config(config).spec.toy_knob

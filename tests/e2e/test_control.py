@@ -99,11 +99,19 @@ def test_invalid_spec_fails_with_the_field_named_and_no_job(cluster: Cluster) ->
 
 
 @pytest.mark.node(unpullable=('registry.invalid/trainer:missing',))
+@pytest.mark.operator_config(image_pull_timeout=3.0)
 def test_image_pull_error_fails_the_run_and_removes_its_job(cluster: Cluster) -> None:
+    """The kubelet retries a pull (a registry hiccup): CREATED while it may, then FAILED (image pull timeout)."""
     backend = _target(cluster).login()
     spec = FinetuneRunSpec(model='m', train_data='s3://b/d.jsonl', image='registry.invalid/trainer:missing')
     backend.create_run('nopull', spec)
     target = _target(cluster)
+    waiting = wait_for(
+        lambda: (s := target.run_body('nopull').get('status') or {}).get('reason') == 'ImagePullError' and s,
+        what='image pull error reported',
+    )
+    if waiting['phase'] == 'CREATED':
+        assert 'the kubelet retries for up to' in waiting['details']
     status = target.wait_phase('nopull', ('FAILED',))
     assert status['reason'] == 'ImagePullError'
     assert 'Cannot pull the trainer image registry.invalid/trainer:missing' in status['details']

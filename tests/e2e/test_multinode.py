@@ -162,7 +162,7 @@ def test_a_rank_that_dies_fails_the_run_naming_the_rank(cluster: Cluster, tmp_pa
     assert status['phase'] == 'FAILED', status
     assert status['reason'] == 'BackoffLimitExceeded'
     assert f'node rank 1 of 2 (pod {rank_one}) failed: killed by signal 9 (exit code 137)' in status['details']
-    assert status['details'].startswith('The trainer failed 1 times (backoffLimit 0); last attempt: ')
+    assert status['details'].startswith('The trainer failed 1 times on its 2 nodes (backoffLimit 0); last attempt: ')
     assert status['attempts'] == 1
     wait_for(
         lambda: not [p for p in target.pods('loses-a-rank') if p.status.phase == 'Running'], 60, what='no rank left'

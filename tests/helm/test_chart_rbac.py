@@ -27,8 +27,17 @@ NOT_CALLED_IN_MODE: dict[str, set[Triple]] = {
 }
 
 
+# The Lease of leader election lives in the release namespace only: its own Role there, not a cluster-wide right.
+LEASES = {t for t in kube.API_CALLS if t[:2] == ('coordination.k8s.io', 'leases')}
+
+
 def operator_calls(mode: str) -> set[Triple]:
-    return set(kube.API_CALLS | kube.KOPF_CALLS) - NOT_CALLED_IN_MODE[mode]
+    return set(kube.API_CALLS | kube.KOPF_CALLS) - NOT_CALLED_IN_MODE[mode] - LEASES
+
+
+def leader_election_role(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    found = [r for r in by_kind(docs, 'Role') if r['metadata']['name'].endswith('-leader-election')]
+    return found[0] if found else None
 
 
 def triples(rules: list[dict[str, Any]]) -> set[Triple]:
@@ -49,7 +58,14 @@ def mode_of(value_set: str) -> str:
 def test_operator_rules_are_exactly_the_calls_of_the_operator_code(value_set: str) -> None:
     docs = manifests_of(value_set)
     granted = triples(one(docs, 'ClusterRole')['rules'])
-    roles = by_kind(docs, 'Role')
+    election = leader_election_role(docs)
+    assert election is not None and election['metadata']['namespace'] == RELEASE_NAMESPACE
+    assert (
+        triples(election['rules'])
+        == LEASES
+        == {('coordination.k8s.io', 'leases', verb) for verb in ('get', 'create', 'update')}
+    )
+    roles = [r for r in by_kind(docs, 'Role') if r is not election]
     role_triples = [triples(role['rules']) for role in roles]
     for extra in role_triples:
         granted |= extra
@@ -79,7 +95,7 @@ def test_bindings_grant_only_the_operator_service_account(value_set: str) -> Non
     assert bindings
     for binding in bindings:
         assert binding['subjects'] == [operator_account], binding['metadata']
-        assert binding['roleRef']['name'] == f'{FULLNAME}-operator'
+        assert binding['roleRef']['name'] in (f'{FULLNAME}-operator', f'{FULLNAME}-leader-election')
     deployment = one(docs, 'Deployment')
     assert deployment['spec']['template']['spec']['serviceAccountName'] == operator_account['name']
 

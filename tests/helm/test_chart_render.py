@@ -72,11 +72,16 @@ def test_chart_crds_are_the_generated_ones_byte_for_byte() -> None:
 
 
 def test_operator_deployment_is_one_replica_recreated_with_liveness_and_metrics() -> None:
-    docs = manifests_of('defaults')
+    """Without leader election; with it (the default) see test_leader_election_lets_replicas_stand_by."""
+    docs = manifests({'operator': {'leaderElection': {'enabled': False}}})
     deployment = one(docs, 'Deployment')
     assert deployment['metadata']['namespace'] == RELEASE_NAMESPACE
     assert deployment['spec']['replicas'] == 1
     assert deployment['spec']['strategy'] == {'type': 'Recreate'}
+    assert operator_env(docs)['FINETUNER_LEADER_ELECTION'] == 'false'
+    assert 'two operators would both act' in render_error(
+        {'operator': {'replicas': 2, 'leaderElection': {'enabled': False}}}
+    )
     container = operator_container(docs)
     ports = {p['name']: p['containerPort'] for p in container['ports']}
     env = operator_env(docs)
@@ -122,28 +127,35 @@ def test_operator_config_follows_the_values() -> None:
     assert config.queue == 'gpus'
     assert (config.hf_endpoint, config.hf_token_secret) == ('https://hf-mirror.example.com', 'hf')
     assert (config.max_concurrent_runs, config.progress_interval, config.unschedulable_timeout) == (3, 5.0, 120.0)
-    assert (config.default_cpu, config.default_memory, config.gpu_resource) == ('4', '16Gi', 'nvidia.com/gpu')
+    assert (config.cpu_per_gpu, config.memory_per_gpu, config.gpu_resource) == ('4', '16Gi', 'nvidia.com/gpu')
+    assert (config.shm_per_gpu, config.ephemeral_storage) == ('4Gi', '50Gi')
     assert config.trainer_service_account == f'{FULLNAME}-trainer'
 
 
 def test_cluster_wide_mode_watches_every_namespace() -> None:
     docs = manifests_of('cluster-wide-created-secret')
     assert 'FINETUNER_NAMESPACES' not in operator_env(docs)
-    assert by_kind(docs, 'Role') == [] and by_kind(docs, 'RoleBinding') == []
+    roles = [r['metadata']['name'] for r in by_kind(docs, 'Role') + by_kind(docs, 'RoleBinding')]
+    assert roles == [f'{FULLNAME}-leader-election'] * 2, 'only the Lease in the release namespace'
     assert len(by_kind(docs, 'ClusterRole')) == 1
 
 
 def test_namespaced_mode_watches_the_listed_namespaces_with_a_role_in_each() -> None:
     docs = manifests_of('namespaced-existing-secret')
     assert operator_env(docs)['FINETUNER_NAMESPACES'] == 'team-a,team-b'
-    assert sorted(r['metadata']['namespace'] for r in by_kind(docs, 'Role')) == ['team-a', 'team-b']
-    assert sorted(b['metadata']['namespace'] for b in by_kind(docs, 'RoleBinding')) == ['team-a', 'team-b']
+    assert sorted(r['metadata']['namespace'] for r in _operator_roles(docs, 'Role')) == ['team-a', 'team-b']
+    assert sorted(b['metadata']['namespace'] for b in _operator_roles(docs, 'RoleBinding')) == ['team-a', 'team-b']
+
+
+def _operator_roles(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """Roles (or RoleBindings) of the watched namespaces, not the leader election's in the release namespace."""
+    return [r for r in by_kind(docs, kind) if not r['metadata']['name'].endswith('-leader-election')]
 
 
 def test_namespaced_mode_without_namespaces_watches_the_release_namespace() -> None:
     docs = manifests({'mode': 'namespaced'})
     assert operator_env(docs)['FINETUNER_NAMESPACES'] == RELEASE_NAMESPACE
-    assert [r['metadata']['namespace'] for r in by_kind(docs, 'Role')] == [RELEASE_NAMESPACE]
+    assert [r['metadata']['namespace'] for r in _operator_roles(docs, 'Role')] == [RELEASE_NAMESPACE]
 
 
 def test_trainer_service_account_has_no_token_and_exists_in_every_run_namespace() -> None:
@@ -167,7 +179,11 @@ def test_created_object_store_secret_is_in_the_release_and_every_run_namespace()
         'AWS_SECRET_ACCESS_KEY': 'example-secret-key',
     }
     assert operator_env(docs)['FINETUNER_S3_SECRET'] == name
-    refs = {e['name']: e['valueFrom']['secretKeyRef'] for e in operator_container(docs)['env'] if 'valueFrom' in e}
+    refs = {
+        e['name']: e['valueFrom']['secretKeyRef']
+        for e in operator_container(docs)['env']
+        if 'secretKeyRef' in e.get('valueFrom', {})
+    }
     assert refs['AWS_ACCESS_KEY_ID'] == {'name': name, 'key': 'AWS_ACCESS_KEY_ID'}
     assert secrets[('ml', f'{FULLNAME}-hf-token')]['stringData'] == {'HF_TOKEN': 'hf_example'}
 
@@ -195,7 +211,7 @@ def test_without_credentials_pods_use_their_ambient_identity() -> None:
     docs = manifests_of('defaults')
     assert by_kind(docs, 'Secret') == []
     assert 'FINETUNER_S3_SECRET' not in operator_env(docs)
-    assert not [e for e in operator_container(docs)['env'] if 'valueFrom' in e]
+    assert not [e for e in operator_container(docs)['env'] if 'secretKeyRef' in e.get('valueFrom', {})]
 
 
 def test_hf_cache_claim_is_created_per_run_namespace_and_can_outlive_the_release() -> None:

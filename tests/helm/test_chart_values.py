@@ -31,7 +31,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         "at '/kueue/queueName': minLength: got 0, want 1",
     ),
     ('bad-namespace', {'namespaces': ['Team_A']}, "at '/namespaces/0': 'Team_A' does not match pattern"),
-    ('bad-memory', {'trainer': {'resources': {'memory': '16GB'}}}, "at '/trainer/resources/memory': '16GB'"),
+    (
+        'bad-memory',
+        {'trainer': {'resources': {'memoryPerGpu': '16GB'}}},
+        "at '/trainer/resources/memoryPerGpu': '16GB'",
+    ),
     ('privileged-port', {'operator': {'metricsPort': 80}}, "at '/operator/metricsPort': minimum: got 80, want 1,024"),
     ('bad-endpoint', {'objectStore': {'endpoint': 'minio:9000'}}, "at '/objectStore/endpoint': 'minio:9000'"),
 ]

@@ -30,8 +30,8 @@ CONFIG = OperatorConfig(
     node_selector={'pool': 'gpu'},
     tolerations=[{'key': 'nvidia.com/gpu', 'operator': 'Exists', 'effect': 'NoSchedule'}],
     runtime_class='nvidia',
-    default_cpu='4',
-    default_memory='16Gi',
+    cpu_per_gpu='4',
+    memory_per_gpu='16Gi',
 )
 
 
@@ -64,10 +64,28 @@ def env(job: dict[str, Any]) -> dict[str, Any]:
     ],
 )
 def test_every_child_is_a_valid_manifest(fields: dict[str, Any]) -> None:
-    for child in builders.build_children('run-a', 'team', spec(**fields), CONFIG, OWNER):
+    job = builders.build_job('run-a', 'team', spec(**fields), CONFIG, OWNER)
+    validate(job)
+    assert job['metadata']['ownerReferences'][0]['uid'] == OWNER['metadata']['uid']
+    created = created_job(job)
+    for child in builders.build_job_dependents('run-a', 'team', spec(**fields), CONFIG, created):
         validate(child)
-        assert child['metadata']['ownerReferences'][0]['uid'] == OWNER['metadata']['uid']
+        assert child['metadata']['ownerReferences'] == [
+            {
+                'apiVersion': 'batch/v1',
+                'kind': 'Job',
+                'name': 'run-a-trainer',
+                'uid': created['metadata']['uid'],
+                'controller': True,
+                'blockOwnerDeletion': False,
+            }
+        ], 'owned by the Job: its ttlSecondsAfterFinished takes them along'
         assert child['metadata']['labels'][builders.RUN_LABEL] == 'run-a'
+
+
+def created_job(job: dict[str, Any]) -> dict[str, Any]:
+    """The Job as the API server answers its create: with a uid."""
+    return {**job, 'metadata': {**job['metadata'], 'uid': '1f4e3b1c-0000-4000-8000-00000000000j'}}
 
 
 def test_minimal_config_job_is_valid() -> None:
@@ -83,7 +101,10 @@ def test_job_runs_the_trainer_with_gpu_limits_and_a_restricted_context() -> None
     assert job['metadata']['name'] == 'run-a-trainer'
     assert c['image'] == 'registry.local/trainer:1'
     assert c['command'] == ['python', '-m', 'finetuner_trainer', '--config', '/etc/finetuner/config.json']
-    assert c['resources']['limits'] == {'cpu': '4', 'memory': '16Gi', 'nvidia.com/gpu': '1'}
+    assert c['resources'] == {
+        'requests': {'cpu': '4', 'memory': '16Gi', 'ephemeral-storage': '50Gi'},
+        'limits': {'memory': '16Gi', 'ephemeral-storage': '50Gi', 'nvidia.com/gpu': '1'},
+    }, 'CPU requested, not limited'
     assert c['securityContext'] == {
         'allowPrivilegeEscalation': False,
         'capabilities': {'drop': ['ALL']},
@@ -116,6 +137,7 @@ def test_credentials_are_secret_references_never_values() -> None:
 
 
 def test_pod_failure_policy_fails_at_once_on_the_config_exit_code_and_ignores_disruptions() -> None:
+    """(A single-node run; a multi-node run's disruption fails its Job: see test_op_production.py.)"""
     job = builders.build_job('run-a', 'team', spec(backoffLimit=5, activeDeadlineSeconds=600), CONFIG, OWNER)
     rules = job['spec']['podFailurePolicy']['rules']
     assert rules[0] == {
@@ -138,35 +160,47 @@ def test_queue_creates_the_job_suspended_with_kueues_label() -> None:
 
 def test_multi_node_is_an_indexed_job_with_a_headless_service_and_rendezvous() -> None:
     run_spec = spec(resources={'gpus': 2, 'nodes': 3})
-    children = {c['kind']: c for c in builders.build_children('run-a', 'team', run_spec, CONFIG, OWNER)}
-    job, service = children['Job'], children['Service']
+    job = builders.build_job('run-a', 'team', run_spec, CONFIG, OWNER)
+    children = {
+        c['kind']: c for c in builders.build_job_dependents('run-a', 'team', run_spec, CONFIG, created_job(job))
+    }
+    service = children['Service']
     assert job['spec']['completionMode'] == 'Indexed'
     assert job['spec']['completions'] == job['spec']['parallelism'] == 3
     assert job['spec']['template']['spec']['subdomain'] == service['metadata']['name'] == 'run-a-workers'
     assert service['spec']['clusterIP'] == 'None'
     values = env(job)
-    assert values['MASTER_ADDR'] == 'run-a-trainer-0.run-a-workers.team.svc'
+    assert values['MASTER_ADDR'] == 'run-a-trainer-0.run-a-workers.team.svc.cluster.local', 'fully qualified'
     assert values['NNODES'] == '3'
     assert 'job-completion-index' in values['NODE_RANK']['fieldRef']['fieldPath']
     command = container(job)['command']
-    assert command[0] == 'torchrun' and '--nnodes=3' in command and '--nproc-per-node=2' in command
+    assert command[:3] == ['python', '-m', 'finetuner_trainer.launch'], 'torchrun that keeps exit code 3'
+    assert '--nnodes=3' in command and '--nproc-per-node=2' in command
     assert '--node-rank=$(NODE_RANK)' in command
 
 
 def test_single_node_multi_gpu_uses_standalone_torchrun() -> None:
     job = builders.build_job('run-a', 'team', spec(resources={'gpus': 4}), CONFIG, OWNER)
-    assert container(job)['command'][:3] == ['torchrun', '--standalone', '--nproc-per-node=4']
+    assert container(job)['command'][:5] == [
+        'python',
+        '-m',
+        'finetuner_trainer.launch',
+        '--standalone',
+        '--nproc-per-node=4',
+    ]
 
 
 def test_config_map_holds_the_trainer_config() -> None:
-    cm = builders.build_config_map('run-a', 'team', spec(epochs=2), CONFIG, OWNER)
+    job = created_job(builders.build_job('run-a', 'team', spec(epochs=2), CONFIG, OWNER))
+    cm = builders.build_config_map('run-a', 'team', spec(epochs=2), CONFIG, job)
+    assert cm['immutable'] is True
     config = TrainerConfig.model_validate(json.loads(cm['data']['config.json']))
     assert config.run_name == 'run-a' and config.namespace == 'team'
     assert config.output_uri == 's3://models/runs/team/run-a'
     assert config.data_uri == 's3://models'
     assert config.termination_log == '/dev/termination-log'
     assert config.spec.epochs == 2
-    other = builders.build_config_map('run-a', 'team', spec(output='s3://mine/out'), CONFIG, OWNER)
+    other = builders.build_config_map('run-a', 'team', spec(output='s3://mine/out'), CONFIG, job)
     assert json.loads(other['data']['config.json'])['outputUri'] == 's3://mine/out/team/run-a'
 
 

@@ -87,8 +87,7 @@ def test_pods_are_indexed_by_their_run_and_follow_relabels_and_deletions() -> No
 def test_stripped_jobs_and_pods_keep_what_the_status_is_derived_from() -> None:
     spec = FinetuneRunSpec(model='efficientnet_b0', train_data='s3://b/train.jsonl')
     owner = {'apiVersion': 'finetuner.dev/v1alpha1', 'kind': 'FinetuneRun', 'metadata': {'name': 'r', 'uid': 'u'}}
-    children = builders.build_children('r', 'ns', spec, OperatorConfig(output='s3://b/runs'), owner)
-    job = next(c for c in children if c['kind'] == 'Job')
+    job = builders.build_job('r', 'ns', spec, OperatorConfig(output='s3://b/runs'), owner)
     job['metadata']['resourceVersion'] = '3'
     job['status'] = {'active': 1, 'failed': 1}
     failed = copy.deepcopy(pod('r-trainer-1', 'r', 1, phase='Failed'))

@@ -84,7 +84,7 @@ def test_without_settings_the_pod_is_as_before() -> None:
 
     assert pod['serviceAccountName'] == 'finetuner-trainer'
     assert not {'imagePullSecrets', 'affinity', 'priorityClassName'} & set(pod)
-    assert [v['name'] for v in pod['volumes']] == ['config', 'tmp', 'home']
+    assert [v['name'] for v in pod['volumes']] == ['config', 'tmp', 'home', 'dshm']
 
 
 def test_the_runtime_template_applies_to_every_run_and_the_run_wins() -> None:

@@ -26,6 +26,10 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []
         self.creates: list[tuple[str, str, bool]] = []
         self.pods: list[dict[str, Any]] = []
+        # What the chart prepares in a run namespace; Events of the cluster and Kueue's Workloads.
+        self.accounts: set[tuple[str, str]] = {('default', 'finetuner-trainer')}
+        self.cluster_events: list[dict[str, Any]] = []
+        self.workloads: list[dict[str, Any]] | None = []
 
     def _new(self, body: dict[str, Any]) -> dict[str, Any]:
         body = copy.deepcopy(body)
@@ -55,8 +59,28 @@ class FakeKube:
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         self.objects[('Job', name)]['spec'].update(patch['spec'])
 
-    def delete_job(self, namespace: str, name: str) -> bool:
+    def delete_job(self, namespace: str, name: str, propagation: str = 'Background') -> bool:
         return self.objects.pop(('Job', name), None) is not None
+
+    def get_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = (namespace, name) in self.accounts
+        return {'metadata': {'name': name, 'namespace': namespace}} if found else None
+
+    def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        wanted = dict(term.split('=', 1) for term in field_selector.split(','))
+
+        def field(event: dict[str, Any], path: str) -> Any:
+            for part in path.split('.'):
+                event = (event or {}).get(part)  # type: ignore[assignment]
+            return event
+
+        return [e for e in self.cluster_events if all(field(e, k) == v for k, v in wanted.items())]
+
+    def list_workloads(self, namespace: str, selector: str) -> list[dict[str, Any]] | None:
+        if self.workloads is None:
+            return None
+        key, _, value = selector.partition('=')
+        return [w for w in self.workloads if (w['metadata'].get('labels') or {}).get(key) == value]
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return copy.deepcopy(self.pods)
@@ -134,7 +158,11 @@ def test_reconcile_twice_creates_each_child_once(fake: FakeKube, reconciler: Rec
     reconciler.reconcile_run(body)
     reconciler.reconcile_run(fake.get_run('default', 'r'))
     created = [(kind, name) for kind, name, was_new in fake.creates if was_new]
-    assert sorted(created) == [('ConfigMap', 'r-config'), ('Job', 'r-trainer')]
+    assert created == [('Job', 'r-trainer'), ('ConfigMap', 'r-config')], 'the Job first: it owns the ConfigMap'
+    job = fake.get_job('default', 'r-trainer')
+    config_map = fake.objects[('ConfigMap', 'r-config')]
+    assert config_map['metadata']['ownerReferences'][0]['uid'] == job['metadata']['uid']
+    assert config_map['immutable'] is True
     status = fake.get_run('default', 'r')['status']
     assert status['phase'] == 'CREATED' and status['details'] == 'Run submitted and awaits execution'
     assert status['outputUri'] == 's3://b/runs/default/r'
@@ -279,15 +307,26 @@ def test_a_new_run_asks_for_its_job_first_and_reads_nothing_back(fake: FakeKube)
 
     reconciler = Reconciler(log, OperatorConfig(output='s3://b/runs'), now=lambda: NOW, reports=Reports(read))  # type: ignore[arg-type]
     reconciler.reconcile_run(fake.add('FinetuneRun', run_body()))
-    assert log.calls[:2] == ['create_child:ConfigMap', 'create_child:Job']
-    assert 'get_job' not in log.calls and 'list_pods' not in log.calls, log.calls
+    # get_job is answered by the operator's cache (no request); the ServiceAccount is looked up once.
+    creates = [c for c in log.calls if c.startswith('create_child')]
+    assert creates == ['create_child:Job', 'create_child:ConfigMap'], log.calls
+    first_event = next(i for i, call in enumerate(log.calls) if call.startswith('post_event'))
+    assert log.calls.index('create_child:Job') < first_event, 'nothing is asked before the Job is created'
+    assert log.calls.count('get_service_account') == 1 and 'list_pods' not in log.calls, log.calls
     assert reads == [], 'a Job without pods has no reports to read'
     assert fake.get_run('default', 'r')['status']['jobName'] == 'r-trainer'
 
     log.calls.clear()
+    reconciler.reconcile_run(fake.add('FinetuneRun', run_body('second')))
+    assert 'get_service_account' not in log.calls, 'a ServiceAccount seen a moment ago is not looked up again'
+
+    log.calls.clear()
     reconciler.reconcile_run(fake.get_run('default', 'r'))  # a second pass (resume) finds the Job
     assert 'get_job' in log.calls
-    assert [c for c in fake.creates if c[2]] == [('ConfigMap', 'r-config', True), ('Job', 'r-trainer', True)]
+    assert [c for c in fake.creates if c[2] and c[1].startswith('r-')] == [
+        ('Job', 'r-trainer', True),
+        ('ConfigMap', 'r-config', True),
+    ]
 
 
 def test_a_joined_run_does_not_read_its_experiment_again(fake: FakeKube, reconciler: Reconciler) -> None:

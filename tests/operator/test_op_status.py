@@ -159,9 +159,32 @@ TABLE = [
             ],
         ),
         {},
+        'CREATED',
+        'ImagePullError',
+        'Pulling the trainer image trainer:1 failed so far (Back-off pulling image "trainer:1"); the kubelet '
+        'retries for up to 9 minutes more',
+    ),
+    (
+        'image pull for longer than the image pull timeout',
+        Observed(
+            job=job(active=1),
+            pods=[pod('Pending', state={'waiting': {'reason': 'ErrImagePull', 'message': 'i/o timeout'}}, age=11)],
+        ),
+        {},
         'FAILED',
         'ImagePullError',
-        'Cannot pull the trainer image trainer:1',
+        'Cannot pull the trainer image trainer:1: i/o timeout; fix spec.image',
+    ),
+    (
+        'an image name no retry can fix',
+        Observed(
+            job=job(active=1),
+            pods=[pod('Pending', state={'waiting': {'reason': 'InvalidImageName', 'message': 'bad ref'}})],
+        ),
+        {},
+        'FAILED',
+        'ImagePullError',
+        'Cannot pull the trainer image trainer:1: bad ref',
     ),
     (
         'running',
@@ -312,7 +335,8 @@ def test_finished_carries_what_the_int8_model_lost() -> None:
 
 
 def test_terminal_phase_is_kept_when_the_job_is_gone() -> None:
-    failed = derive(Observed(job=job(active=1), pods=[pod('Pending', state={'waiting': {'reason': 'ErrImagePull'}})]))
+    waiting = {'waiting': {'reason': 'ErrImagePull'}}
+    failed = derive(Observed(job=job(active=1), pods=[pod('Pending', state=waiting, age=11)]))
     assert failed.phase == 'FAILED'
     assert derive(Observed(), previous=failed) == failed
 
@@ -347,14 +371,14 @@ def test_invalid_spec_names_the_field() -> None:
 
 
 def situation(observed: Observed, *, queue: str | None = None, started_at: str | None = None, **spec: Any):
-    from finetuner_operator.status import Situation
+    from finetuner_operator.status import Situation, Timeouts
 
     return Situation(
         spec=FinetuneRunSpec.model_validate({'model': 'm', 'trainData': 'd', 'backoffLimit': 2, **spec}),
         observed=observed,
         output_uri=OUT,
         queue=queue,
-        unschedulable_timeout=600,
+        timeouts=Timeouts(),
         now=NOW,
         started_at=started_at,
     )
@@ -391,10 +415,27 @@ def _rule_cases() -> list[tuple[str, Any, Any, tuple[str, str] | None]]:
             ('CREATED', 'Queued'),
         ),
         (
+            'failed_create_phase',
+            situation(Observed(job=job(), failed_create='pods "r-trainer-" is forbidden: exceeded quota')),
+            situation(Observed(job=job(), failed_create='old news', pods=[pod('Pending')])),
+            ('CREATED', 'FailedCreate'),
+        ),
+        (
             'image_pull_phase',
             situation(Observed(job=job(), pods=[pod('Pending', state={'waiting': {'reason': 'ErrImagePull'}})])),
             situation(Observed(job=job(), pods=[pod('Pending')])),
-            ('FAILED', 'ImagePullError'),
+            ('CREATED', 'ImagePullError'),
+        ),
+        (
+            'container_config_phase',
+            situation(
+                Observed(
+                    job=job(),
+                    pods=[pod('Pending', state={'waiting': {'reason': 'CreateContainerConfigError', 'message': 'x'}})],
+                )
+            ),
+            situation(Observed(job=job(), pods=[pod('Pending')])),
+            ('CREATED', 'ContainerConfigError'),
         ),
         (
             'running_phase',

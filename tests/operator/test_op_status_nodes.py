@@ -61,7 +61,7 @@ def test_the_rank_that_failed_first_is_named() -> None:
     status = derive(Observed(job=job(('Failed', 'BackoffLimitExceeded'), failed=2), pods=pods))
     assert (status.phase, status.reason) == ('FAILED', 'BackoffLimitExceeded')
     assert status.details == (
-        'The trainer failed 1 times (backoffLimit 0); last attempt: '
+        'The trainer failed 1 times on its 2 nodes (backoffLimit 0); last attempt: '
         'node rank 1 of 2 (pod r-trainer-1-x1) failed: killed by signal 9 (exit code 137)'
     )
 

@@ -51,9 +51,13 @@ def test_hostile_spec_strings_stay_data_in_the_config_map(nodes: int, gpus: int)
     )
     config = OperatorConfig(output='s3://b/runs', s3_secret='s3-creds', hf_token_secret='hf')
 
-    children = builders.build_children('hostile', 'default', spec, config, _owner())
-
-    job = next(c for c in children if c['kind'] == 'Job')
+    job = builders.build_job('hostile', 'default', spec, config, _owner())
+    children = [
+        job,
+        *builders.build_job_dependents(
+            'hostile', 'default', spec, config, {**job, 'metadata': {**job['metadata'], 'uid': 'job-uid'}}
+        ),
+    ]
     container = job['spec']['template']['spec']['containers'][0]
     argv = [*(container.get('command') or []), *(container.get('args') or [])]
     assert not SHELLS & {Path(a).name for a in argv}, f'a shell in the trainer command: {argv}'

@@ -25,10 +25,15 @@ class Reason(str, Enum):
     QUEUED = 'Queued'  # its Job waits in a Kueue queue (operator)
     SUSPENDED = 'Suspended'  # spec.suspend is true, or its Job is suspended (operator)
     UNSCHEDULABLE = 'Unschedulable'  # no node fits its pod (CREATED while waiting, FAILED after the timeout)
+    # The next three: CREATED while it may still resolve itself, FAILED after the operator's timeout (operator)
+    FAILED_CREATE = 'FailedCreate'  # the Job controller cannot create the pod (a quota, a missing ServiceAccount)
+    IMAGE_PULL_ERROR = 'ImagePullError'  # the trainer image cannot be pulled (FAILED at once for a bad name)
+    CONTAINER_CONFIG_ERROR = 'ContainerConfigError'  # a Secret/ConfigMap (key) the pod refers to is missing
     # STARTED
     RUNNING = 'Running'  # the trainer runs
     RETRYING = 'Retrying'  # an attempt failed; the Job retries it (operator)
     VERIFYING_ARTIFACT = 'VerifyingArtifact'  # the trainer ended; the store could not be read yet (operator)
+    RESTARTING = 'Restarting'  # a multi-node run restarts all its pods from the last checkpoint (operator)
     # FINISHED
     SUCCEEDED = 'Succeeded'  # the trainer exited 0 and published a complete artifact
     # FAILED
@@ -36,7 +41,8 @@ class Reason(str, Enum):
     CONFIGURATION_ERROR = 'ConfigurationError'  # the trainer exited with EXIT_CONFIG_ERROR: a user mistake
     ARTIFACT_MISSING = 'ArtifactMissing'  # the trainer exited 0 without artifact/manifest.json
     INVALID_SPEC = 'InvalidSpec'  # the contract refused the spec (operator; the SDK refuses it before submitting)
-    IMAGE_PULL_ERROR = 'ImagePullError'  # the trainer image cannot be pulled (operator)
+    POLICY_DENIED = 'PolicyDenied'  # the administrator's allow-lists refuse its image, tolerations, nodes (operator)
+    NAMESPACE_NOT_PREPARED = 'NamespaceNotPrepared'  # the ServiceAccount its pods run as is missing (operator)
     BACKOFF_LIMIT_EXCEEDED = 'BackoffLimitExceeded'  # infrastructure failures used up spec.backoffLimit (operator)
     DEADLINE_EXCEEDED = 'DeadlineExceeded'  # spec.activeDeadlineSeconds passed (operator)
     TRAINER_FAILED = 'TrainerFailed'  # the trainer failed; nothing retries it (local: one attempt)
@@ -70,6 +76,7 @@ SUSPENDED = 'Suspended: set spec.suspend to false to resume'
 JOB_SUSPENDED = 'The trainer Job is suspended'
 CONFIGURATION_ERROR = 'configuration error'  # when the trainer left no message of its own
 RUNNING = 'Training: the trainer is running'
+RESTARTING = 'Restarting all nodes from the last checkpoint'
 
 
 SYNTHESIZING = 'Synthesis: the trainer is running'

@@ -267,16 +267,24 @@ class Resources(_Model):
     )
     cpu: str | None = Field(
         default=None,
-        description='CPU request and limit per pod, e.g. "8".',
+        description='CPU request per pod, e.g. "8" (not a limit: idle cores help data loading); default: the '
+        "operator's share per GPU.",
         json_schema_extra={'pattern': QUANTITY_PATTERN},
     )
     memory: str | None = Field(
         default=None,
-        description='Memory request and limit per pod, e.g. "32Gi".',
+        description='Memory request and limit per pod, e.g. "32Gi" (/dev/shm counts against it); default: the '
+        "operator's share per GPU.",
+        json_schema_extra={'pattern': QUANTITY_PATTERN},
+    )
+    ephemeral_storage: str | None = Field(
+        default=None,
+        description='Ephemeral-storage request and limit per pod, e.g. "100Gi": /tmp and $HOME, where checkpoints '
+        'and the artifact are staged before upload; default: the operator setting.',
         json_schema_extra={'pattern': QUANTITY_PATTERN},
     )
 
-    @field_validator('cpu', 'memory')
+    @field_validator('cpu', 'memory', 'ephemeral_storage')
     @classmethod
     def _quantity(cls, value: str | None) -> str | None:
         if value is not None and not re.match(QUANTITY_PATTERN, value):
@@ -717,6 +725,18 @@ class FinetuneRunStatus(_Model):
     output_uri: str | None = Field(default=None, description="The run's output location (artifact, logs).")
     job_name: str | None = Field(default=None, description='Name of the trainer Job.')
     observed_generation: int | None = Field(default=None, description='Spec generation last acted upon.')
+    restarts: int | None = Field(
+        default=None,
+        ge=0,
+        description='Multi-node runs: restarts of all their pods together (after a node failed or was evicted), '
+        'each from the last checkpoint.',
+    )
+    failed_attempts: int | None = Field(
+        default=None,
+        ge=0,
+        description='Multi-node runs: the restarts that count against spec.backoffLimit (a failure; an eviction '
+        'or preemption does not count).',
+    )
 
 
 # ---------------------------------------------------------------------------------------------
