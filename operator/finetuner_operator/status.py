@@ -709,7 +709,8 @@ def _attempts(observed: Observed, previous: FinetuneRunStatus, spec: FinetuneRun
     counted = sum(int(job_status.get(key) or 0) for key in ('failed', 'succeeded', 'active'))
     if spec.resources.nodes > 1:
         # A Job made by an operator without gang restarts may retry its pods itself: a pod per node each time.
-        jobs = (restarts or 0) + (1 if observed.job is not None or previous.job_name is not None else 0)
+        # The Job on view is attempt job_restart + 1; between a restart's Jobs, the restarts so far.
+        jobs = job_restart(observed.job) + 1 if observed.job is not None else (restarts or 0)
         return max(jobs, _node_attempts(len(observed.pods), spec), _node_attempts(counted, spec))
     return max(len(observed.pods), counted, previous.attempts if observed.job is None else 0)
 
