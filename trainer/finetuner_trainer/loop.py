@@ -23,20 +23,16 @@ from finetuner_trainer.checkpointing import resume_from_latest, resume_rng, save
 from finetuner_trainer.context import TrainContext
 from finetuner_trainer.distributed import agree, setup_loop
 from finetuner_trainer.hooks import TrainState
-from finetuner_trainer.losses import LabelObjective
+from finetuner_trainer.losses import forward_objective
 from finetuner_trainer.models import to_device
 
 __all__ = ['TrainContext', 'compute_loss', 'forward_loss', 'run_metrics', 'run_training', 'validation_loss']
 
 
 def forward_loss(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Forward the batch through ``model`` and the objective ``loss``."""
-    groups = batch['groups']
-    objective = getattr(loss, 'objective', loss)  # looks through distributed.DistributedObjective
-    if isinstance(objective, LabelObjective):
-        return loss(model(groups[0]), batch['labels'])
-    queries, documents = model(groups[0]), model(groups[1])
-    return loss(queries, documents, batch.get('scores'))
+    """Forward the batch through ``model`` and the objective ``loss`` (in mini-batches when the loss has a
+    ``mini_batch_size``: see :func:`finetuner_trainer.losses.forward_objective`)."""
+    return forward_objective(model, loss, batch)
 
 
 def compute_loss(ctx: TrainContext, batch: dict[str, Any]) -> Tensor:

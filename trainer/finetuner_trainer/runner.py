@@ -51,10 +51,10 @@ from finetuner_trainer.distributed import shutdown
 from finetuner_trainer.embedder import Embedder, to_device
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.loop import forward_loss, run_metrics, run_training, write_examples
-from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry
+from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry, mini_batch_size
 from finetuner_trainer.models import build_embedder
 from finetuner_trainer.onnx_export import export_for_artifact
-from finetuner_trainer.optim import build_optimizer, build_scheduler
+from finetuner_trainer.optim import LLRD_OPTION, build_optimizer, build_scheduler, layer_wise_groups
 from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
 from finetuner_trainer.progress import ProgressReporter, quiet_libraries, setup_logging
 from finetuner_trainer.rng import reseed
@@ -222,15 +222,25 @@ def probe_order(train: Dataset) -> list[int]:
 
 
 class Collator:
-    """Examples -> a model-ready batch: {'groups': [inputs...], 'labels': ..., 'scores': ...}."""
+    """Examples -> a model-ready batch: {'groups': [inputs...], 'labels': ..., 'scores': ...}.
 
-    def __init__(self, model: Embedder, shape: Shape, plan_lengths: bool = False):
+    ``mini_batch_size``: each group is a list of collated mini-batches of that many examples (each padded
+    to its own longest text), which the loss embeds one at a time (GradCache or gradient accumulation)."""
+
+    def __init__(self, model: Embedder, shape: Shape, plan_lengths: bool = False, mini_batch_size: int | None = None):
         self.model = model
         self.shape = shape
         self.plan_lengths = plan_lengths
+        self.mini_batch_size = mini_batch_size
 
-    def collate(self, items: list[Item]) -> dict[str, Any]:
-        return self.model.collate(items, plan_lengths=self.plan_lengths)
+    def collate(self, items: list[Item]) -> dict[str, Any] | list[dict[str, Any]]:
+        size = self.mini_batch_size
+        if size is None:
+            return self.model.collate(items, plan_lengths=self.plan_lengths)
+        return [
+            self.model.collate(items[start : start + size], plan_lengths=self.plan_lengths)
+            for start in range(0, len(items), size)
+        ]
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         if self.shape == Shape.LABELLED:
@@ -320,9 +330,14 @@ def build_optimizers(spec: FinetuneRunSpec, model: Embedder, objective: torch.nn
         loss_lr = spec.loss_optimizer_options.get('lr', lr)
         options = {k: v for k, v in spec.loss_optimizer_options.items() if k != 'lr'}
         loss_optimizer = build_optimizer(spec.loss_optimizer, loss_params, loss_lr, options, 'lossOptimizer')
-    elif loss_params:
+    options = dict(spec.optimizer_options)
+    if LLRD_OPTION in options:
+        params = layer_wise_groups(list(model.named_parameters()), lr, options.pop(LLRD_OPTION))
+        if loss_optimizer is None and loss_params:
+            params.append({'params': loss_params, 'lr': lr})
+    elif loss_optimizer is None and loss_params:
         params = [{'params': params}, {'params': loss_params}]
-    optimizer = build_optimizer(spec.optimizer, params, lr, spec.optimizer_options)
+    optimizer = build_optimizer(spec.optimizer, params, lr, options)
     return Optimization(lr, optimizer, loss_optimizer)
 
 
@@ -358,7 +373,9 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
         spec.loss, spec.loss_options, spec.miner, spec.miner_options, model.output_dim, len(train.classes), model
     ).to(device)
     optimization = build_optimizers(spec, model, objective)
-    collator = Collator(model, train.shape, plan_lengths=device.type == 'cpu')
+    collator = Collator(
+        model, train.shape, plan_lengths=device.type == 'cpu', mini_batch_size=mini_batch_size(objective)
+    )
     batch_size = spec.batch_size or auto_batch_size(BatchProbe(model, device, train, objective, collator), log)
     batch_size = min(batch_size, len(train)) if train.shape != Shape.LABELLED else batch_size
     train_loader = make_loader(train, collator, spec, batch_size, device, train=True)
