@@ -33,7 +33,14 @@ from bench.common import (
 from bench.report import write
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS: tuple[str, ...] = ('text_throughput', 'image_throughput', 'quality', 'inference', 'operator_scale')
+BENCHMARKS: tuple[str, ...] = (
+    'text_throughput',
+    'image_throughput',
+    'quality',
+    'grad_cache',
+    'inference',
+    'operator_scale',
+)
 CPU_ONLY_OPTIONS = frozenset({'--quick', '--tiny', '--only', '--threads', '--results-dir', '--doc', '--strict'})
 CLOSING_NOTES = [
     'A throughput ratio is the median samples/s of this project over the median of the reference, the '

@@ -144,7 +144,12 @@ ROWS: list[Row] = [
     ),
     # --- CR fields: combinations --------------------------------------------------------------------
     Row('clip-loss-without-multimodal', 'contract', {'loss': 'CLIPLoss'}, 'loss CLIPLoss needs multiModal: true'),
-    Row('multimodal-without-clip-loss', 'contract', {'multiModal': True}, 'set loss CLIPLoss'),
+    Row(
+        'multimodal-without-clip-loss',
+        'contract',
+        {'multiModal': True, 'loss': 'TripletMarginLoss'},
+        'set loss CLIPLoss',
+    ),
     Row(
         'eval-data-and-val-split',
         'contract',
@@ -284,7 +289,7 @@ ROWS: list[Row] = [
         'single-class',
         'trainer',
         {'data.jsonl': _jsonl(_blob(png_bytes((200, 0, 0)), 'x'), _blob(png_bytes((0, 0, 200)), 'x'))},
-        "all items have the same label 'x'; TripletMarginLoss needs at least 2 classes",
+        "all items have the same label 'x'; SupConLoss needs at least 2 classes",
     ),
     Row('model-cannot-embed-data', 'trainer', {'data.jsonl': TEXTS}, 'model: timm:test_resnet', spec={}),
     Row(

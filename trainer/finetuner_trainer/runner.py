@@ -57,6 +57,7 @@ from finetuner_trainer.onnx_export import export_for_artifact
 from finetuner_trainer.optim import LLRD_OPTION, build_optimizer, build_scheduler, layer_wise_groups
 from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
 from finetuner_trainer.progress import ProgressReporter, quiet_libraries, setup_logging
+from finetuner_trainer.recipes import apply_recipe, default_learning_rate, warmup_steps
 from finetuner_trainer.rng import reseed
 
 EXIT_OK = 0
@@ -317,10 +318,13 @@ class Optimization:
     loss_optimizer: torch.optim.Optimizer | None
 
 
-def build_optimizers(spec: FinetuneRunSpec, model: Embedder, objective: torch.nn.Module) -> Optimization:
-    """The optimizer of the model (and of the loss's parameters, unless lossOptimizer gives them their own)."""
+def build_optimizers(
+    spec: FinetuneRunSpec, model: Embedder, objective: torch.nn.Module, shape: Shape = Shape.LABELLED
+) -> Optimization:
+    """The optimizer of the model (and of the loss's parameters, unless lossOptimizer gives them their own).
+    Without a learningRate: the backbone's default scaled by the recipe of the data's ``shape``."""
     backbone = find_backbone(spec.model)
-    lr = spec.learning_rate or (backbone.default_learning_rate if backbone else 1e-4)
+    lr = spec.learning_rate or default_learning_rate(shape, backbone.default_learning_rate if backbone else 1e-4)
     loss_params = [p for p in objective.parameters() if p.requires_grad]
     params: Any = [p for p in model.parameters() if p.requires_grad]
     loss_optimizer = None
@@ -357,10 +361,11 @@ def _prepare_model(spec: FinetuneRunSpec, train: Dataset, shape: Shape, log: log
 
 def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -> TrainContext:
     """Everything the loop needs, checked: data, model, loss, optimizers, schedule, loaders."""
-    spec = config.spec
-    reseed(spec.seed)
+    reseed(config.spec.seed)
     train, evaluation = load_data(config, log)
     shape = train.shape
+    spec, warmup_share = apply_recipe(config.spec, shape, log)  # the empty loss, miner and schedule filled
+    assert spec.loss is not None
     check_loss_fits(spec.loss, shape, spec.miner)  # before the (slow) model load
     if shape == Shape.PAIRS and loss_entry(spec.loss).objective == 'label':
         # Finetuner semantics: a query and its document form a class of two.
@@ -372,7 +377,7 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
     objective = build_objective(
         spec.loss, spec.loss_options, spec.miner, spec.miner_options, model.output_dim, len(train.classes), model
     ).to(device)
-    optimization = build_optimizers(spec, model, objective)
+    optimization = build_optimizers(spec, model, objective, shape)
     collator = Collator(
         model, train.shape, plan_lengths=device.type == 'cpu', mini_batch_size=mini_batch_size(objective)
     )
@@ -384,6 +389,11 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
         eval_loader = make_loader(evaluation, collator, spec, batch_size, device, train=False)
     per_epoch = spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH
     steps = spec.epochs if per_epoch else spec.epochs * len(train_loader)
+    if warmup_share and not per_epoch:
+        warmup = warmup_steps(warmup_share, steps)
+        spec = spec.model_copy(
+            update={'scheduler_options': spec.scheduler_options.model_copy(update={'num_warmup_steps': warmup})}
+        )
     lr = optimization.learning_rate
     scheduler = build_scheduler(spec.scheduler, optimization.optimizer, spec.scheduler_options, steps, lr)
     autocast = torch.bfloat16 if device.type == 'cuda' else None
