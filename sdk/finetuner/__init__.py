@@ -13,6 +13,7 @@ neither torch nor a Kubernetes client: those come with the backend or model that
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from finetuner.errors import (
 )
 from finetuner.experiment import Experiment
 from finetuner.fitting import DEFAULT_EXPERIMENT
-from finetuner.models import describe_models, encode, get_model, list_models
+from finetuner.models import build_model, describe_models, encode, get_model, list_models
+from finetuner.pretrained import cos_sim
 from finetuner.run import Run
 
 __version__ = '0.1.0'
@@ -108,6 +110,38 @@ fit.__doc__ = fitting.docstring(
 )
 
 
+# Finetuner's other names of fit(): the same function.
+create_run = fit
+create_training_run = fit
+
+
+def list_callbacks() -> dict[str, type[Any]]:
+    """The callback classes by name (``finetuner.callbacks``), as Finetuner's ``list_callbacks``."""
+    return dict(callbacks.CALLBACK_CLASSES)
+
+
+def list_model_options() -> dict[str, list[dict[str, Any]]]:
+    """The ``model_options`` each backbone of the catalog takes, as Finetuner's ``list_model_options``:
+    ``{name: [{'name', 'type', 'required', 'default', 'description', 'choices'}, ...]}``. The trainer
+    refuses an option its model family does not take; an option left out takes its default."""
+    from finetuner.catalog import BACKBONES, model_options_of
+
+    return {
+        backbone.name: [
+            {
+                'name': option.name,
+                'type': option.type,
+                'required': False,
+                'default': option.default,
+                'description': option.description,
+                'choices': list(option.choices),
+            }
+            for option in model_options_of(backbone.family)
+        ]
+        for backbone in BACKBONES
+    }
+
+
 # --- runs ---------------------------------------------------------------------------------------
 
 
@@ -126,12 +160,26 @@ def get_run(run_name: str, experiment_name: str | None = None) -> Run:
     return Run(_backend().get_run(run_name), _backend())
 
 
-def list_runs(experiment_name: str | None = None) -> list[Run]:
-    """All runs, or the runs of one experiment, oldest first."""
+def list_runs(experiment_name: str | None = None, page: int = 1, size: int = 50) -> list[Run]:
+    """The runs of every experiment, or of one, oldest first, a page at a time (as Finetuner's):
+    ``page`` 1 with ``size`` 50 gives the first 50 runs, page 2 the next 50; ``size`` is at most 100."""
     if experiment_name is not None:
         _check_name(experiment_name, 'experiment_name')
+    first, last = _page(page, size)
     backend = _backend()
-    return [Run(record, backend) for record in backend.list_runs(experiment=experiment_name)]
+    return [Run(record, backend) for record in backend.list_runs(experiment=experiment_name)[first:last]]
+
+
+def _page(page: Any, size: Any) -> tuple[int, int]:
+    """The slice of a listing that ``page`` (from 1) of ``size`` items (1 to 100, as Finetuner's) is."""
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise ArgumentError('page', f'must be a page number from 1, got {page!r}')
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_PAGE_SIZE:
+        raise ArgumentError('size', f'must be from 1 to {MAX_PAGE_SIZE} items per page, got {size!r}')
+    return (page - 1) * size, page * size
+
+
+MAX_PAGE_SIZE = 100
 
 
 def delete_run(run_name: str, experiment_name: str | None = None) -> None:
@@ -144,8 +192,11 @@ def delete_run(run_name: str, experiment_name: str | None = None) -> None:
 
 def delete_runs(experiment_name: str | None = None) -> None:
     """Delete every run (of one experiment, when named)."""
-    for run in list_runs(experiment_name):
-        _backend().delete_run(run.name)
+    if experiment_name is not None:
+        _check_name(experiment_name, 'experiment_name')
+    backend = _backend()
+    for record in backend.list_runs(experiment=experiment_name):
+        backend.delete_run(record.name)
 
 
 # --- experiments --------------------------------------------------------------------------------
@@ -233,9 +284,11 @@ def get_experiment(name: str) -> Experiment:
     return Experiment(backend.get_experiment(name), backend)
 
 
-def list_experiments() -> list[Experiment]:
+def list_experiments(page: int = 1, size: int = 50) -> list[Experiment]:
+    """The experiments by name, a page at a time (as Finetuner's): ``page`` from 1, ``size`` at most 100."""
+    first, last = _page(page, size)
     backend = _backend()
-    return [Experiment(record, backend) for record in backend.list_experiments()]
+    return [Experiment(record, backend) for record in backend.list_experiments()[first:last]]
 
 
 def delete_experiment(name: str) -> None:
@@ -245,8 +298,10 @@ def delete_experiment(name: str) -> None:
 
 
 def delete_experiments() -> None:
-    for experiment in list_experiments():
-        _backend().delete_experiment(experiment.name)
+    """Delete every experiment and its runs."""
+    backend = _backend()
+    for record in backend.list_experiments():
+        backend.delete_experiment(record.name)
 
 
 # --- datasets -----------------------------------------------------------------------------------
@@ -261,6 +316,8 @@ def push_data(name: str, data: Any, csv_options: dict[str, Any] | None = None) -
         check_dns1123_name(name, 'name', max_len=63)
     except ValueError as e:
         raise ArgumentError('name', str(e).removeprefix('name ')) from e
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
     if isinstance(data, str) and not Path(data).expanduser().exists():
         raise ArgumentError('data', f'no file or folder {data!r}; push documents or a local path')
     ref = resolve(data, 'data', csv_options=CSVOptions.model_validate(csv_options or {}))
@@ -291,8 +348,12 @@ __all__ = [
     'RunFailedError',
     'RunNotFinishedError',
     'RunNotFoundError',
+    'build_model',
     'callbacks',
+    'cos_sim',
     'create_experiment',
+    'create_run',
+    'create_training_run',
     'delete_experiment',
     'delete_experiments',
     'delete_run',
@@ -303,7 +364,9 @@ __all__ = [
     'get_experiment',
     'get_model',
     'get_run',
+    'list_callbacks',
     'list_experiments',
+    'list_model_options',
     'list_models',
     'list_runs',
     'login',

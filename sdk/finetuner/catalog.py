@@ -35,16 +35,8 @@ BACKBONES: tuple[Backbone, ...] = (
     Backbone(
         'resnet152', 'image-to-image', 2048, 'CNN', 'Pretrained on ImageNet', 'timm', 'resnet152', ('resnet-large',)
     ),
-    Backbone(
-        'efficientnet_b0',
-        'image-to-image',
-        1280,
-        'CNN',
-        'Pretrained on ImageNet',
-        'timm',
-        'efficientnet_b0',
-        ('efficientnet-base',),
-    ),
+    Backbone('efficientnet_b0', 'image-to-image', 1280, 'CNN', 'Pretrained on ImageNet', 'timm', 'efficientnet_b0'),
+    # Finetuner's names: efficientnet-base is EfficientNet-B4, efficientnet-large EfficientNet-B7.
     Backbone(
         'efficientnet_b4',
         'image-to-image',
@@ -53,6 +45,16 @@ BACKBONES: tuple[Backbone, ...] = (
         'Pretrained on ImageNet',
         'timm',
         'efficientnet_b4',
+        ('efficientnet-base',),
+    ),
+    Backbone(
+        'efficientnet_b7',
+        'image-to-image',
+        2560,
+        'CNN',
+        'Pretrained on ImageNet (large)',
+        'timm',
+        'efficientnet_b7',
         ('efficientnet-large',),
     ),
     Backbone(
@@ -185,3 +187,83 @@ EVALUATION_METRICS: tuple[str, ...] = (
     'recall_at_k',
     'reciprocal_rank',
 )
+
+
+# --- model options (fit(model_options=...), build_model(model_options=...)) --------------------------
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    """One option a model family takes in ``model_options``; the trainer refuses the others."""
+
+    name: str
+    type: type
+    default: Any
+    description: str
+    choices: tuple[str, ...] = ()
+
+
+_PRETRAINED = ModelOption(
+    'pretrained', bool, True, 'Start from the pretrained weights (False: random weights of the same architecture).'
+)
+MODEL_OPTIONS: dict[str, tuple[ModelOption, ...]] = {
+    'timm': (
+        _PRETRAINED,
+        ModelOption('pooler', str, 'mean', 'Pooling of the feature map.', ('mean', 'max', 'gem')),
+        ModelOption('pooler_options', dict, None, 'GeM pooling: {"p": 3.0, "eps": 1e-6} (p learned when trained).'),
+        ModelOption('image_size', int, None, "Side of the square input image (default: the model's own)."),
+    ),
+    'text': (
+        _PRETRAINED,
+        ModelOption('pooler', str, 'mean', 'Pooling of the token embeddings.', ('mean', 'cls', 'gem')),
+        ModelOption('pooler_options', dict, None, 'GeM pooling: {"p": 3.0, "eps": 1e-6} (p learned when trained).'),
+        ModelOption('max_length', int, None, "Tokens per text (default: the folder's, else 256, within the model's)."),
+    ),
+    'clip': (
+        _PRETRAINED,
+        ModelOption('max_length', int, None, "Tokens per text (default: the text tower's maximum, 77 for OpenAI's)."),
+    ),
+}
+
+
+def model_options_of(family: str) -> tuple[ModelOption, ...]:
+    return MODEL_OPTIONS.get(family, ())
+
+
+# --- model names --------------------------------------------------------------------------------
+
+# Family prefixes a model name may start with ('timm:resnet18'), and URI schemes the trainer reads.
+MODEL_PREFIXES: tuple[str, ...] = ('timm:', 's3://', 'file://')
+
+
+def catalog_names() -> list[str]:
+    return [name for b in BACKBONES for name in (b.name, *b.aliases)]
+
+
+def close_backbones(name: str) -> list[str]:
+    """Catalog names and aliases that ``name`` is a likely misspelling of, closest first."""
+    import difflib
+
+    names = catalog_names()
+    lowered = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.8)
+    return [lowered[n] for n in close]
+
+
+def misspelt_backbone(name: str) -> tuple[str, ...] | None:
+    """The close catalog names when ``name`` can only be a misspelt catalog name, else None.
+
+    A name outside the catalog is taken as a Hugging Face model id (or a folder). Ids of the hub's top
+    level (``bert-base-uncased``, ``gpt2``, ``roberta-base``) are lower case with hyphens; any other id
+    has an organisation (``org/name``). So a bare name with an underscore or a capital letter
+    (``efficentnet_b0``, ``ResNet50``) is no hub id: it is refused, with the closest catalog names."""
+    if find_backbone(name) is not None or not is_bare_name(name):
+        return None
+    if '_' not in name and name == name.lower():
+        return None
+    return tuple(close_backbones(name))
+
+
+def is_bare_name(name: str) -> bool:
+    """A name without a family prefix, URI scheme, organisation or path: a catalog name or a top-level hub id."""
+    return not (name.startswith((*MODEL_PREFIXES, '.', '~')) or '/' in name or '\\' in name or ':' in name)

@@ -3,9 +3,10 @@
 ::
 
     finetuner fit --model efficientnet_b0 --train-data ./images --epochs 3 --wait
-    finetuner runs
+    finetuner runs                     # --output json for scripts (also experiments, models, events)
     finetuner status RUN
     finetuner logs RUN -f
+    finetuner events RUN               # Kubernetes Events of the run (locally: its phase changes)
     finetuner models --task text-to-text
     finetuner download RUN ./model
     finetuner experiments
@@ -120,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser('runs', help='list runs (waiting runs with their place in the local queue)')
     runs.add_argument('--experiment', dest='experiment_name')
+    _output_flag(runs)
 
     status = sub.add_parser('status', help="a run's status")
     status.add_argument('run')
@@ -131,12 +133,18 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser('models', help='backbones that can be fine-tuned')
     models.add_argument('--task', choices=['image-to-image', 'text-to-text', 'text-to-image'])
+    _output_flag(models)
 
     download = sub.add_parser('download', help="download a finished run's model")
     download.add_argument('run')
     download.add_argument('directory')
+    download.add_argument('--overwrite', action='store_true', help='replace the folder when it is not empty')
 
-    sub.add_parser('experiments', help='list experiments')
+    experiments = sub.add_parser('experiments', help='list experiments')
+    _output_flag(experiments)
+    events = sub.add_parser('events', help='what happened to a run: Kubernetes Events, or its phase changes locally')
+    events.add_argument('run')
+    _output_flag(events)
     experiment = sub.add_parser('experiment', help="an experiment's runs side by side, the best run marked")
     experiment.add_argument('name')
     queue = sub.add_parser('queue', help="local backend: the queue's limits and the runs waiting in it")
@@ -154,6 +162,26 @@ def _parser() -> argparse.ArgumentParser:
     metrics.add_argument('run')
     _console_parser(sub)
     return parser
+
+
+def _output_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        '--output', '-o', choices=['table', 'json'], default='table', help='json: one JSON document, for scripts'
+    )
+
+
+def _print_table(table: Any) -> None:
+    """Print a rich Table without cutting any cell: on a console as wide as the table needs, when the
+    terminal is narrower (names are what users copy into other commands)."""
+    from rich.console import Console
+
+    console = Console()
+    needed = Console(width=10_000).measure(table).maximum
+    (console if console.width >= needed else Console(width=needed)).print(table)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
 
 
 def _console_parser(sub: Any) -> None:
@@ -237,19 +265,47 @@ def _runs_table(runs: list[Any]) -> Any:
 
     table = Table(title='Runs')
     for column in ('name', 'experiment', 'model', 'status', 'progress', 'created'):
-        table.add_column(column)
-    for run in runs:
-        record = run.record  # list_runs() just read it
-        progress = record.status.progress
+        table.add_column(column, no_wrap=column in ('name', 'experiment'), overflow='fold')
+    for row in _run_rows(runs):
         table.add_row(
-            run.name,
-            run.experiment_name,
-            record.spec.model,
-            f'{record.status.phase} {_queue_place(record)}'.strip(),
-            f'{progress.percent:.0f}%' if progress else '',
-            record.created_at or '',
+            row['name'],
+            row['experiment'],
+            row['model'],
+            f'{row["status"]} {_queue_place_text(row)}'.strip(),
+            '' if row['progress'] is None else f'{row["progress"]:.0f}%',
+            row['created'] or '',
         )
     return table
+
+
+def _run_rows(runs: list[Any]) -> list[dict[str, Any]]:
+    """What `finetuner runs` shows of each run (the table's cells; `--output json` as they are)."""
+    from finetuner.wording import for_sdk
+
+    rows = []
+    for run in runs:
+        record = run.record  # the listing just read it
+        progress = record.status.progress
+        rows.append(
+            {
+                'name': run.name,
+                'experiment': run.experiment_name,
+                'model': record.spec.model,
+                'status': str(record.status.phase or 'CREATED'),
+                'details': for_sdk(record.status.details) or '',
+                'queue_position': record.queue_position,
+                'suspended': _queue_place(record) == 'suspended',
+                'progress': progress.percent if progress else None,
+                'created': record.created_at,
+            }
+        )
+    return rows
+
+
+def _queue_place_text(row: dict[str, Any]) -> str:
+    if row['queue_position'] is not None:
+        return f'#{row["queue_position"]}'
+    return 'suspended' if row['suspended'] else ''
 
 
 def _queue_place(record: Any) -> str:
@@ -288,11 +344,47 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from finetuner import backends
+    from finetuner.run import Run
+
+    if args.experiment_name is not None:
+        finetuner_name_check(args.experiment_name, 'experiment_name')
+    backend = backends.current()  # every run, not a page of them
+    runs = [Run(record, backend) for record in backend.list_runs(experiment=args.experiment_name)]
+    if args.output == 'json':
+        _print_json(_run_rows(runs))
+    else:
+        _print_table(_runs_table(runs))
+    return 0
+
+
+def finetuner_name_check(name: str, argument: str) -> None:
+    from finetuner.api.v1alpha1 import check_dns1123_name
+
+    try:
+        check_dns1123_name(name, argument)
+    except ValueError as e:
+        raise ArgumentError(argument, str(e).removeprefix(f'{argument} ')) from e
+
+
+def _events(args: argparse.Namespace) -> int:
+    import dataclasses
 
     import finetuner
 
-    Console().print(_runs_table(finetuner.list_runs(args.experiment_name)))
+    events = finetuner.get_run(args.run).events()
+    if args.output == 'json':
+        _print_json([dataclasses.asdict(event) for event in events])
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f'Events of {args.run}')
+    for column in ('time', 'type', 'reason', 'object', 'message'):
+        table.add_column(column, overflow='fold')
+    for event in events:
+        count = f' (x{event.count})' if event.count > 1 else ''
+        table.add_row(event.time, event.type, event.reason, event.object, event.message + count)
+    _print_table(table)
     return 0
 
 
@@ -322,6 +414,23 @@ def _logs(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     import finetuner
 
+    if args.output == 'json':
+        from finetuner.models import _backbones
+
+        _print_json(
+            [
+                {
+                    'name': b.name,
+                    'task': b.task,
+                    'output_dim': b.output_dim,
+                    'architecture': b.architecture,
+                    'description': b.description,
+                    'aliases': list(b.aliases),
+                }
+                for b in _backbones(args.task)
+            ]
+        )
+        return 0
     finetuner.describe_models(task=args.task)
     return 0
 
@@ -329,29 +438,37 @@ def _models(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     import finetuner
 
-    path = finetuner.get_run(args.run).save_model(args.directory)
+    path = finetuner.get_run(args.run).save_model(args.directory, overwrite=args.overwrite)
     print(f'Model of {args.run} saved to {path}')
     return 0
 
 
 def _experiments(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
-    import finetuner
+    from finetuner import backends
 
+    counted = ('total', 'created', 'started', 'finished', 'failed')
+    rows = []
+    for record in backends.current().list_experiments():  # every experiment, not a page of them
+        status = record.status
+        rows.append(
+            {
+                'name': record.name,
+                'description': record.spec.description,
+                **{k: getattr(status.runs, k) for k in counted},
+                'best_run': status.best_run.name if status.best_run else None,
+            }
+        )
+    if args.output == 'json':
+        _print_json(rows)
+        return 0
     table = Table(title='Experiments')
     for column in ('name', 'runs', 'created', 'started', 'finished', 'failed', 'best run'):
-        table.add_column(column)
-    for experiment in finetuner.list_experiments():
-        status = experiment.status()
-        counts = status.runs
-        table.add_row(
-            experiment.name,
-            *(str(getattr(counts, k)) for k in ('total', 'created', 'started', 'finished', 'failed')),
-            status.best_run.name if status.best_run else '',
-        )
-    Console().print(table)
+        table.add_column(column, no_wrap=column in ('name', 'best run'))
+    for row in rows:
+        table.add_row(row['name'], *(str(row[k]) for k in counted), row['best_run'] or '')
+    _print_table(table)
     return 0
 
 
@@ -476,6 +593,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     'resume': _resume,
     'delete': _delete,
     'metrics': _metrics,
+    'events': _events,
 }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from finetuner.api.layout import Record
 from finetuner.offline_data import chatterbot_categories, chatterbot_pairs
+from finetuner.run import check_save_target
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ TASKS: dict[str, Task] = {
         load=lambda: chatterbot_pairs(held_out=0.2, seed=0),
     ),
 }
+
+
+CATALOG_MODEL = 'sentence-transformers/all-MiniLM-L6-v2'
 
 
 def default_model() -> str:
@@ -129,6 +133,7 @@ def run_demo(
     max_items: int | None = None,
     output: str | Path = 'finetuned-minilm',
     console: Any = None,
+    examples: bool = False,
 ) -> DemoResult:
     from rich.console import Console
 
@@ -137,7 +142,14 @@ def run_demo(
     console = console or Console()
     started = time.monotonic()
     recipe = TASKS[task]
+    # The catalog name of the packaged weights: the trainer finds them offline, and the model card can
+    # name the hub model they are (base_model).
+    chosen = model or CATALOG_MODEL
     model = model or default_model()
+    # A folder holding an earlier demo's model is replaced; any other folder that holds something is refused,
+    # before anything trains.
+    overwrite = (Path(output) / 'manifest.json').is_file()
+    check_save_target(Path(output), overwrite)
     train, evaluation = recipe.load()
     if max_items is not None:
         train, evaluation = train[:: max(1, len(train) // max_items)], evaluation[:: max(1, len(evaluation) // 16)]
@@ -147,7 +159,7 @@ def run_demo(
     console.print(f'backend  {finetuner.backends.current()!r}')
 
     run = finetuner.fit(
-        model=model,
+        model=chosen,
         train_data=train,
         eval_data=evaluation,
         loss=recipe.loss,
@@ -170,7 +182,9 @@ def run_demo(
         return DemoResult(run.name, final, {}, {}, None, time.monotonic() - started)
     metrics = run.metrics()
     run.display_metrics(console)
-    path = run.save_model(output)
+    if examples:
+        run.display_examples(k=3, console=console)
+    path = run.save_model(output, overwrite=overwrite)
     elapsed = time.monotonic() - started
     console.print(f'Fine-tuned model saved to [bold]{Path(path).resolve()}[/] ({elapsed:.0f} s in all)')
     console.print(
@@ -193,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--learning-rate', type=float, help="default: the task's recipe")
     parser.add_argument('--max-items', type=int, help='train on about this many items (a quicker look)')
     parser.add_argument('--output', default='finetuned-minilm', help='where the fine-tuned model is saved')
+    parser.add_argument(
+        '--examples',
+        action='store_true',
+        help='after the metrics, the top 3 matches of 5 held-out questions, before/after',
+    )
     args = parser.parse_args(argv)
     result = run_demo(
         model=args.model,
@@ -203,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         learning_rate=args.learning_rate,
         max_items=args.max_items,
         output=args.output,
+        examples=args.examples,
     )
     return 0 if result.status['status'] == 'FINISHED' else 1
 

@@ -74,8 +74,15 @@ class Experiment:
         return self._record.status
 
     # --- runs ---------------------------------------------------------------------------------
-    def list_runs(self) -> list[Run]:
-        return [Run(record, self._backend) for record in self._backend.list_runs(experiment=self.name)]
+    def list_runs(self, page: int | None = None, size: int | None = None) -> list[Run]:
+        """Its runs, oldest first: all of them, or one page (Finetuner's ``page``, ``size``: at most 100)."""
+        records = self._backend.list_runs(experiment=self.name)
+        if page is not None or size is not None:
+            from finetuner import _page
+
+            first, last = _page(1 if page is None else page, 50 if size is None else size)
+            records = records[first:last]
+        return [Run(record, self._backend) for record in records]
 
     def runs(self) -> list[Run]:
         """Its runs, oldest first (a sweep's in the order of its points)."""
@@ -96,13 +103,34 @@ class Experiment:
         for run in self.list_runs():
             self._backend.delete_run(run.name)
 
-    def create_run(self, **fit_arguments: Any) -> Run:
-        """``finetuner.fit(...)`` with this experiment."""
-        if 'experiment_name' in fit_arguments and fit_arguments['experiment_name'] != self.name:
+    def create_run(self, *args: Any, **fit_arguments: Any) -> Run:
+        """``finetuner.fit(...)`` with this experiment (the same arguments, in the same order)."""
+        given = fitting.bind(args, fit_arguments)
+        if given['experiment_name'] is not None and given['experiment_name'] != self.name:
             raise ArgumentError('experiment_name', f'is set by the experiment ({self.name!r}); leave it out')
         from finetuner import fit
 
-        return fit(**{**fit_arguments, 'experiment_name': self.name})
+        return fit(**{k: v for k, v in given.items() if v is not None}, experiment_name=self.name)
+
+    def create_training_run(
+        self,
+        model: str,
+        train_data: Any,
+        run_name: str | None = None,
+        eval_data: Any = None,
+        csv_options: Any = None,
+        **fit_arguments: Any,
+    ) -> Run:
+        """Finetuner's ``Experiment.create_training_run``: a run of this experiment; the other keyword
+        arguments are fit()'s."""
+        return self.create_run(
+            model=model,
+            train_data=train_data,
+            run_name=run_name,
+            eval_data=eval_data,
+            csv_options=csv_options,
+            **fit_arguments,
+        )
 
     # --- sweeps -------------------------------------------------------------------------------
     def points(self) -> list[dict[str, Any]]:

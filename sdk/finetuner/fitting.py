@@ -14,11 +14,13 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
 import re
 import textwrap
 import types
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
@@ -31,6 +33,7 @@ from finetuner.backends.base import Backend, Reservation
 from finetuner.catalog import find_backbone
 from finetuner.data import DataRef, Modalities, dataset_exists, push_records, resolve
 from finetuner.errors import ArgumentError
+from finetuner.model_names import check_model_name
 from finetuner.names import unique_name
 from finetuner.run import Run
 
@@ -261,8 +264,12 @@ def check_names(given: dict[str, Any]) -> str:
     experiment = given['experiment_name'] or DEFAULT_EXPERIMENT
     _dns_name(experiment, 'experiment_name')
     model = given['model']
+    if isinstance(model, os.PathLike):  # a model folder as a Path: the spec holds its absolute path
+        folder = Path(os.fspath(model)).expanduser()
+        model = given['model'] = str(folder.resolve()) if folder.exists() else os.fspath(model)
     if not isinstance(model, str) or not model.strip():
         raise ArgumentError('model', 'give a backbone name (see finetuner.describe_models()) or a model folder')
+    check_model_name(model)
     if given['train_data'] is None:
         raise ArgumentError('train_data', 'is required: documents, a CSV path, a folder, a URI or a dataset name')
     return experiment

@@ -11,8 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, get_args
 
-from finetuner.catalog import BACKBONES, FAMILY_NAMES, Backbone, Task, family_info
-from finetuner.data import Modalities, is_collection, to_records
+from finetuner import pretrained
+from finetuner.catalog import BACKBONES, FAMILY_NAMES, Backbone, Task, family_info, find_backbone
+from finetuner.data import is_collection
 from finetuner.errors import ArgumentError, FinetunerError
 
 TASKS: tuple[str, ...] = get_args(Task)
@@ -71,23 +72,42 @@ def _trainer_module(name: str) -> Any:
         raise
 
 
-def _artifact_directory(artifact: str | Path) -> Path:
-    """A folder holding a model: the path itself, or the artifact of a finished run (downloaded)."""
+def _artifact_directory(artifact: str | Path, token: str | None = None) -> Path:
+    """A folder holding a model: the path itself, a Hugging Face model (downloaded into the hub's cache),
+    or the artifact of a finished run (downloaded)."""
     path = Path(artifact).expanduser()
     if path.is_dir():
-        if not (path / 'manifest.json').is_file():
+        if not any((path / name).is_file() for name in ('manifest.json', 'finetuner.json', 'config.json')):
             raise ArgumentError(
-                'artifact', f'folder {str(path)!r} holds no fine-tuned model (manifest.json is missing)'
+                'artifact',
+                f'folder {str(path)!r} holds no fine-tuned model (manifest.json) and no Hugging Face, '
+                'sentence-transformers or timm model (config.json)',
             )
         return path
     artifact = str(artifact)
+    repo_id = pretrained.hub_id(artifact)
+    if repo_id is not None:
+        return pretrained.download_hub_model(repo_id, token)
     if '/' in artifact or artifact.startswith('.'):
-        raise ArgumentError('artifact', f'no folder {artifact!r}; give the folder of run.save_model() or a run name')
+        raise ArgumentError(
+            'artifact',
+            f'no folder {artifact!r}; give the folder of run.save_model(), a run name or a Hugging Face id (org/name)',
+        )
     from finetuner import get_run
+    from finetuner.errors import RunNotFoundError
 
-    run = get_run(artifact)
+    try:
+        run = get_run(artifact)
+    except (RunNotFoundError, ArgumentError) as e:
+        if find_backbone(artifact) is None:
+            raise
+        raise ArgumentError(
+            'artifact',
+            f'{artifact!r} is no fine-tuned run here but a backbone of the catalog: load it as it is with '
+            f'finetuner.build_model({artifact!r})',
+        ) from e
     target = Path(tempfile.mkdtemp(prefix=f'finetuner-{run.name}-'))
-    run.save_model(target)
+    run.save_model(target, overwrite=True)
     return target
 
 
@@ -105,7 +125,8 @@ class _Selected:
 
     def embed(self, records: list[Any], batch_size: int = 32) -> Any:
         for i, record in enumerate(records):
-            if record.content_kind != self.kind:
+            kind = 'image' if record.content_kind == 'tensor' else record.content_kind  # a tensor is an image
+            if kind != self.kind:
                 raise ArgumentError(
                     f'data[{i}]', f'is {record.content_kind}, but this model only encodes {self.kind} (select_model)'
                 )
@@ -153,7 +174,9 @@ def get_model(
 ) -> Any:
     """Load a fine-tuned model for :func:`encode`.
 
-    ``artifact``: the folder given to ``run.save_model()``, or the name of a finished run.
+    ``artifact``: the folder given to ``run.save_model()``, the name of a finished run, a Hugging Face model
+    id (``org/name`` or its huggingface.co URL: downloaded into the hub's cache, with ``token`` for a private
+    one), or the folder of any Hugging Face, sentence-transformers or timm model.
     ``select_model``: keeps one tower's inputs of a model with several (CLIP: ``'clip-text'``,
     ``'clip-vision'``);
     ``is_onnx``: use the ONNX export (the run needs ``to_onnx=True``); ``device``: where torch runs it.
@@ -161,16 +184,11 @@ def get_model(
     trained with ``loss_options={'matryoshka_dims': [...]}`` is made for this; sentence-transformers'
     ``SentenceTransformer(folder, truncate_dim=...)`` gives the same vectors from the saved folder).
     A torch model is returned in eval mode (no dropout, BatchNorm with its running statistics).
-    ``token`` is accepted for Finetuner compatibility and unused (no hub account here).
     """
-    del token
     if batch_size < 1:
         raise ArgumentError('batch_size', f'must be at least 1, got {batch_size}')
-    if select_model is not None and select_model not in SELECT_MODELS:
-        names = ' or '.join(repr(name) for name in SELECT_MODELS)
-        families = ', '.join(sorted({family for family, _ in SELECT_MODELS.values()}))
-        raise ArgumentError('select_model', f'unknown {select_model!r}; use {names} ({families} models only)')
-    directory = _artifact_directory(artifact)
+    _check_select_model(select_model)
+    directory = _artifact_directory(artifact, token)
     if is_onnx:
         onnx = _trainer_module('finetuner_trainer.inference_onnx')
         try:
@@ -178,10 +196,9 @@ def get_model(
         except FileNotFoundError as e:
             raise ArgumentError('is_onnx', str(e)) from e
     else:
-        models = _trainer_module('finetuner_trainer.models')
         # In inference mode: a user calling model(batch) gets dropout off and BatchNorm's running
         # statistics, as encode() does (Embedder.embed switches to eval itself).
-        model = models.load_embedder(directory).to(device).eval()
+        model = pretrained.load_model_folder(directory, _trainer_module, device)
     if select_model is not None:
         model = _Selected(model, SELECT_MODELS[select_model][1])
     model.default_batch_size = batch_size
@@ -189,18 +206,56 @@ def get_model(
     return model
 
 
+def build_model(
+    name: str,
+    model_options: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    select_model: str | None = None,
+    device: str = 'cpu',
+    is_onnx: bool = False,
+) -> Any:
+    """A pretrained backbone, no run needed (zero-shot): a name of :func:`describe_models` or an alias,
+    ``timm:<name>``, a Hugging Face id or a model folder, with ``model_options`` (see
+    :func:`finetuner.list_model_options`). ``select_model`` keeps one tower of a CLIP model
+    (``'clip-text'``, ``'clip-vision'``); ``is_onnx`` exports it to ONNX and runs it with ONNX Runtime.
+    Use it with :func:`encode` like a fine-tuned model."""
+    if batch_size < 1:
+        raise ArgumentError('batch_size', f'must be at least 1, got {batch_size}')
+    if not isinstance(name, str) or not name.strip():
+        raise ArgumentError('name', 'give a backbone name (see finetuner.describe_models())')
+    from finetuner.model_names import check_model_name
+
+    check_model_name(name, 'name')
+    _check_select_model(select_model)
+    model = pretrained.build_model(name, _trainer_module, model_options, device, is_onnx)
+    if select_model is not None:
+        model = _Selected(model, SELECT_MODELS[select_model][1])
+    model.default_batch_size = batch_size
+    return model
+
+
+def _check_select_model(select_model: str | None) -> None:
+    if select_model is not None and select_model not in SELECT_MODELS:
+        names = ' or '.join(repr(name) for name in SELECT_MODELS)
+        families = ', '.join(sorted({family for family, _ in SELECT_MODELS.values()}))
+        raise ArgumentError('select_model', f'unknown {select_model!r}; use {names} ({families} models only)')
+
+
 def encode(model: Any, data: Any, batch_size: int | None = None, truncate_dim: int | None = None) -> Any:
     """Embed ``data`` with a model from :func:`get_model`.
 
-    ``data``: strings, Records, or documents (docarray ``DocList`` included). Documents get their
-    ``embedding`` set and are returned; otherwise a ``numpy`` array (one row per item) is returned.
+    ``data``: one item or a list of them: texts; image paths or URLs (for a model that embeds images:
+    a CLIP model takes a string ending in an image suffix as an image), image bytes, numpy arrays or torch
+    tensors (a timm model's ``tensor`` input, or an HxWx3 uint8 image), PIL images, Records, or documents
+    (docarray ``DocList`` included). Documents get their ``embedding`` set and are returned; otherwise a
+    ``numpy`` array (one row per item) is returned.
     ``truncate_dim``: keep the first ``truncate_dim`` dimensions (default: the model's, from
     :func:`get_model`); vectors are cut, not normalised again, as sentence-transformers does.
     """
     if isinstance(model, (str, bytes, Path)) or not (hasattr(model, 'embed') or hasattr(model, 'encode')):
         raise ArgumentError('model', f'a {type(model).__name__} cannot encode; load one with finetuner.get_model()')
     items = list(data) if is_collection(data) else [data]
-    records = to_records(items, 'data', Modalities())
+    records = pretrained.encoding_records(items, pretrained.model_kinds(model))
     size = batch_size or getattr(model, 'default_batch_size', 32)
     keep = _check_truncate_dim(truncate_dim, model) or getattr(model, 'truncate_dim', None)
     embeddings = _embed(model, records, size)
@@ -208,11 +263,11 @@ def encode(model: Any, data: Any, batch_size: int | None = None, truncate_dim: i
         embeddings = embeddings.detach().cpu().numpy()
     if keep is not None:
         embeddings = embeddings[:, :keep]
-    if is_collection(data) and not isinstance(items[0], (str, dict)) and hasattr(items[0], 'embedding'):
+    if is_collection(data) and not isinstance(items[0], (str, dict, bytes)) and hasattr(items[0], 'embedding'):
         for item, vector in zip(items, embeddings, strict=True):
             item.embedding = vector
         return data
     return embeddings
 
 
-__all__ = ['MissingDependencyError', 'describe_models', 'encode', 'get_model', 'list_models']
+__all__ = ['MissingDependencyError', 'build_model', 'describe_models', 'encode', 'get_model', 'list_models']

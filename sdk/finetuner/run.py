@@ -6,18 +6,24 @@ so a run fetched in a new process (``finetuner.get_run(name)``) behaves like the
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from finetuner.api import layout, reasons
 from finetuner.api.v1alpha1 import FinetuneRunSpec, FinetuneRunStatus, Phase, Progress, RunMetrics
 from finetuner.backends.base import Backend, RunRecord
-from finetuner.errors import BackendError, RunFailedError, RunNotFinishedError
+from finetuner.errors import ArgumentError, BackendError, RunFailedError, RunNotFinishedError
 from finetuner.storage import StorageError
+from finetuner.wording import for_sdk
+
+if TYPE_CHECKING:
+    from finetuner.console.events import EventRow
 
 
 class Run:
@@ -60,8 +66,11 @@ class Run:
         return self._record
 
     def full_status(self) -> FinetuneRunStatus:
-        """Everything observed: phase, details, reason, times, progress, metrics, artifact URI."""
-        return self.refresh().status
+        """Everything observed: phase, details, reason, times, progress, metrics, artifact URI. The details
+        name fields as fit() does (``batch_size``, ``train_data[3]``), where the custom resource's status
+        says ``spec.batchSize``, ``spec.trainData[3]``."""
+        status = self.refresh().status
+        return status.model_copy(update={'details': for_sdk(status.details)}) if status.details else status
 
     def status(self) -> dict[str, str]:
         """``{'status': 'CREATED', 'details': 'Run submitted and awaits execution'}`` and so on."""
@@ -163,25 +172,90 @@ class Run:
 
         (console or Console()).print(metrics_table(self.name, self.metrics()))
 
-    def save_model(self, path: str | Path) -> str:
-        """Download the fine-tuned model into the folder ``path``; return that path."""
+    def display_examples(self, k: int = 5, console: Any = None) -> None:
+        """Print, for a few evaluation queries, the top ``k`` matches before and after fine-tuning, each
+        marked relevant (✓) or not (✗), as Finetuner's ``display_examples``. Texts are shown as text,
+        images as their file paths; in a notebook, a table of the pictures instead (unless ``console``, a
+        rich Console, is given). A run keeps the 5 closest matches per query (``num_example_queries``
+        queries of its EvaluationCallback, 5 by default)."""
+        from finetuner import examples_display
+
+        k = examples_display.check_k(k)
+        results = self.example_results()
+        show_html = examples_display.notebook_display() if console is None else None
+        if show_html is not None:
+            show_html(examples_display.to_html(results, k))
+            return
+        from rich.console import Console
+
+        console = console or Console()
+        tables = examples_display.tables(results, k, self.name)
+        if not tables:
+            console.print(f'Run {self.name} has no example results: it did not evaluate (no eval_data or val_split).')
+        for table in tables:
+            console.print(table)
+
+    def events(self) -> list[EventRow]:
+        """What happened to the run, oldest first: on Kubernetes the Events of the run, its Job and its pods
+        (``kubectl describe``'s list: scheduling, image pulls, phase changes); locally its phase changes.
+        Each has ``time``, ``type`` (Normal or Warning), ``reason``, ``message``, ``source`` and ``object``."""
+        from finetuner.console.events import run_events
+
+        return run_events(self._backend, self.refresh())
+
+    def save_model(self, path: str | Path, overwrite: bool = False) -> str:
+        """Download the fine-tuned model into the folder ``path``; return that path.
+
+        A folder that exists and is not empty is refused (it may hold your files), unless ``overwrite=True``:
+        then it is replaced as a whole, never mixed with the new model. The model is downloaded next to it
+        first and moved into place only once complete, so a failed download leaves the folder as it was.
+        """
         self._require_finished('model')
+        target = check_save_target(Path(path).expanduser(), overwrite)
         store = self._backend.output_store(self.name)
-        target = Path(path).expanduser()
         try:
             if not store.exists(layout.ARTIFACT_MANIFEST):
                 raise RunNotFinishedError(
                     f'run {self.name!r} is FINISHED but its artifact is incomplete '
                     f'({store.uri}/{layout.ARTIFACT_MANIFEST} is missing)'
                 )
-            store.download_dir(layout.ARTIFACT, target)  # type: ignore[union-attr]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f'.{target.name}.download-', dir=target.parent))
+            try:
+                store.download_dir(layout.ARTIFACT, staging)  # type: ignore[union-attr]
+                _move_into_place(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         except StorageError as e:
             raise BackendError(f'cannot download the model of run {self.name!r}: {e}') from e
         return str(target)
 
-    def save_artifact(self, directory: str | Path = 'artifacts') -> str:
+    def save_artifact(self, directory: str | Path = 'artifacts', overwrite: bool = False) -> str:
         """Download the model into ``directory/<run name>``; return that path."""
-        return self.save_model(Path(directory).expanduser() / self.name)
+        return self.save_model(Path(directory).expanduser() / self.name, overwrite=overwrite)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool = False,
+        commit_message: str | None = None,
+    ) -> str:
+        """Publish the fine-tuned model as the Hugging Face model repository ``repo_id`` ("user/name"),
+        created when missing (``private`` then), with its model card; return the repository's URL.
+
+        The folder uploaded is the artifact less this installation's own ``manifest.json`` (the run's
+        spec names your buckets); ``finetuner.get_model(repo_id)`` and the model's own library load it back.
+        ``token``: a hub token with write access (default: ``HF_TOKEN`` or ``huggingface-cli login``)."""
+        from finetuner import hub
+
+        repo_id = hub.check_repo_id(repo_id)
+        self._require_finished('model')
+        with tempfile.TemporaryDirectory(prefix=f'finetuner-hub-{self.name}-') as tmp:
+            folder = Path(self.save_model(Path(tmp) / 'model'))
+            prepared = hub.prepare_folder(folder, repo_id, self.name)
+            message = commit_message or f'Fine-tuned with kube-finetuner (run {self.name})'
+            return hub.upload(prepared, token, private, message).url or ''
 
     # --- control ------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -200,6 +274,38 @@ class Run:
         """Let a suspended run train again: it waits for a slot and resumes from its last checkpoint."""
         self._backend.resume_run(self.name)
         self.refresh()
+
+
+def check_save_target(target: Path, overwrite: bool) -> Path:
+    """Check the folder save_model writes to: refused when it is a file, or a non-empty folder unless overwrite."""
+    if target.exists() and not target.is_dir():
+        raise ArgumentError('path', f'{str(target)!r} is a file; give a folder (new or empty) to save the model in')
+    if target.is_dir() and not overwrite:
+        entries = sorted(p.name for p in target.iterdir())
+        if entries:
+            shown = ', '.join(entries[:3]) + (', ...' if len(entries) > 3 else '')
+            raise ArgumentError(
+                'path',
+                f'folder {str(target)!r} is not empty ({len(entries)} entries: {shown}); give a new or empty '
+                'folder, or save_model(path, overwrite=True) to replace it and everything in it',
+            )
+    return target
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Put the complete download at ``target``: renames only, so the folder is never a mix of old and new."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f'.{target.name}.replaced-', dir=target.parent))
+    aside.rmdir()
+    target.rename(aside)
+    try:
+        staging.rename(target)
+    except OSError:
+        aside.rename(target)  # the old folder back as it was
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def metrics_table(run_name: str, metrics: RunMetrics) -> Any:
@@ -262,3 +368,9 @@ class ExampleResults(BaseModel):
 
     def __bool__(self) -> bool:
         return bool(self.before or self.after)
+
+    def _repr_html_(self) -> str:
+        """The examples as pictures and text in a notebook (the top 5 matches of every query)."""
+        from finetuner.examples_display import to_html
+
+        return to_html(self, 5)

@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 import finetuner
-from finetuner.api.v1alpha1 import ExperimentSpec
 from finetuner.backends.local import LocalBackend
 from finetuner.cli import main
-from tests.cluster.harness import free_port, write_kubeconfig
+from tests.cluster.harness import free_port, wait_for, write_kubeconfig
 from tests.console.conftest import start
 
 pytest.importorskip('starlette', reason="the console extra is not installed: pip install 'kube-finetuner[console]'")
@@ -34,6 +33,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def rows(html: str) -> dict[str, str]:
     """Run name -> phase, as the runs table lists them."""
     return dict(re.findall(r'<tr data-run="([^"]+)" data-phase="([^"]+)"', html))
+
+
+def side_by_side(html: str) -> dict[str, tuple[str, list[str]]]:
+    """Run name -> (phase, parameter cells), as an experiment page's table puts them side by side."""
+    found = {}
+    for name, row in re.findall(r'<tr data-run="([^"]+)"[^>]*>(.*?)</tr>', html, re.S):
+        phase = re.search(r'<span class="phase phase-(\w+)"', row)
+        found[name] = (phase.group(1).upper() if phase else '', re.findall(r'<td class="parameter">([^<]*)</td>', row))
+    return found
 
 
 @pytest.fixture
@@ -216,13 +224,40 @@ def test_experiment_pages_put_runs_side_by_side_with_the_best_run(
         re.search(r'<tr data-experiment="rates">', listing) and 'lr-large</a> (mrr 0.7750)' in listing
     )  # 1e-4 and 1e-2 gain alike
 
-    spec = ExperimentSpec.model_validate(
-        {'runTemplate': {'model': 'stand-in', 'trainData': train_file}, 'sweep': {'parameters': {'epochs': [1, 2]}}}
+
+def test_a_sweep_made_with_the_sdk_fills_its_experiment_page_as_its_runs_come(
+    client: TestClient, stand_in: LocalBackend, train_file: str, tmp_path: Path
+) -> None:
+    """On the local backend the SDK's sweep creates its runs through the queue, one at a time here
+    (parallelism 1); a run joined by hand is counted apart from the sweep's points."""
+    gate = tmp_path / 'gate'  # every point holds at step 2 until it exists
+    template = dict(model='stand-in', train_data=train_file, epochs=1, model_options={'hold_at': 2, 'gate': str(gate)})
+    experiment = finetuner.create_experiment(
+        'swept', run_template=template, sweep={'parameters': {'learning_rate': [1e-4, 1e-3]}}
     )
-    stand_in.create_experiment('swept', spec)
-    start(train_file, 'swept-1', epochs=1, experiment_name='swept')
-    swept = client.get('/experiments/swept').text
-    assert 'Swept parameters: epochs.' in swept and '1 of the 2 runs of a grid sweep.' in swept
+    first = finetuner.get_run('swept-000')
+    wait_for(lambda: (first.progress() or None) and first.progress().step == 2, timeout=60, what='swept-000 at step 2')
+    start(train_file, 'by-hand', epochs=1, experiment_name='swept', learning_rate=1e-2)  # waits for the slot
+    page = client.get('/experiments/swept').text
+    assert '1 of the 2 runs of a grid sweep, and 1 other run.' in page and 'none finished yet' in page
+    assert 'Swept parameters: learningRate.' in page  # the sweep's own (wire) name for fit()'s learning_rate
+    assert side_by_side(page) == {'by-hand': ('CREATED', ['0.01']), 'swept-000': ('STARTED', ['0.0001'])}
+
+    gate.touch()
+    status = experiment.wait(timeout=120, poll=0.2)
+    assert (status.sweep_created, status.runs.finished, status.runs.total) == (2, 3, 3)
+    page = client.get('/experiments/swept').text
+    assert '2 of the 2 runs of a grid sweep, and 1 other run.' in page
+    assert side_by_side(page) == {
+        'by-hand': ('FINISHED', ['0.01']),
+        'swept-000': ('FINISHED', ['0.0001']),
+        'swept-001': ('FINISHED', ['0.001']),
+    }
+    assert re.search(r'<tr data-run="swept-001" class="best">', page)  # 1e-3: the stand-in's best rate
+    assert 'href="/runs/swept-001">swept-001</a> with mrr 0.9000' in page
+    assert re.search(r'data-name="mrr" data-points="3"', page) and 'data-parameter="learningRate"' in page
+    assert 'swept-001</a> (mrr 0.9000)' in client.get('/experiments').text
+    assert experiment.best_run().name == 'swept-001'  # the SDK's pick is the page's
 
 
 def test_import_finetuner_does_not_load_the_console() -> None:

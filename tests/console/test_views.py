@@ -11,9 +11,11 @@ import pytest
 from finetuner.api.v1alpha1 import (
     BestRunSelector,
     ExperimentSpec,
+    ExperimentStatus,
     FinetuneRunSpec,
     FinetuneRunStatus,
     Phase,
+    RunCounts,
     RunMetrics,
 )
 from finetuner.backends.base import ExperimentRecord, RunRecord
@@ -124,7 +126,29 @@ def test_parameters_are_the_sweep_or_what_differs_between_runs() -> None:
     )
     swept = ExperimentRecord(name='e', namespace='local', spec=sweep)
     assert views.experiment_parameters(swept, runs) == (['epochs', 'loss'], True)
-    assert views.sweep_size(sweep.sweep) == 2
+
+
+def test_a_sweep_counts_its_points_runs_and_the_experiment_s_other_runs() -> None:
+    """N of M: N is what the backend says it created (status.sweepCreated), M the points of
+    finetuner.sweeps (a random sweep draws ``count``); runs joined by hand are counted apart."""
+    spec = ExperimentSpec.model_validate(
+        {
+            'runTemplate': {'model': 'm', 'trainData': 'd'},
+            'sweep': {'parameters': {'loss': ['A', 'B'], 'epochs': [1, 2, 3]}, 'kind': 'random', 'count': 4},
+        }
+    )
+    experiment = ExperimentRecord(
+        name='e', namespace='local', spec=spec, status=ExperimentStatus(sweep_created=2, runs=RunCounts(total=3))
+    )
+    runs = [record('e-000', 'FINISHED', 0.5), record('e-001', 'STARTED'), record('by-hand', 'FINISHED', 0.9)]
+    rows = [views.ExperimentRunRow(views.run_row(r), {}, {}, False) for r in runs]
+    view = views.ExperimentView(experiment, rows, ['epochs', 'loss'], True, BestRunSelector(), None, [], [])
+    assert (view.sweep_created, view.sweep_points, view.other_runs) == (2, 4, 1)
+    grid = spec.model_copy(update={'sweep': spec.sweep.model_copy(update={'kind': 'grid', 'count': None})})
+    plain = views.ExperimentView(
+        experiment.model_copy(update={'spec': grid}), rows[:2], [], True, BestRunSelector(), None, [], []
+    )
+    assert (plain.sweep_points, plain.other_runs) == (6, 0)
 
 
 def test_example_results_from_the_reports_of_new_and_old_trainers() -> None:

@@ -21,13 +21,17 @@ Layers, earliest first:
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ import pytest
 import yaml
 
 import finetuner
+from finetuner.api.layout import Record
 from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, FinetuneRunSpec, TrainerConfig
 from finetuner.errors import ArgumentError
 from finetuner_operator.config import OperatorConfig
@@ -79,6 +84,17 @@ def _blob(data: bytes, label: str) -> dict[str, Any]:
     return {'blob': base64.b64encode(data).decode(), 'label': label}
 
 
+def _ambiguous_tensor() -> list[Any]:
+    """Pixels of shape 3 x 32 x 4: channels first (3) or last (4)? Neither can be told."""
+    return [[[0] * 4 for _ in range(32)] for _ in range(3)]
+
+
+def _image_pair(seed: int) -> dict[str, Any]:
+    chunks = [{'blob': _blob(png_bytes(color, seed=seed), '')['blob']} for color in ((200, 0, 0), (0, 0, 200))]
+    return {'chunks': chunks}
+
+
+IMAGE_PAIRS = _jsonl(*(_image_pair(seed) for seed in range(4)))
 GOOD_IMAGES = _jsonl(*(r.model_dump(exclude_defaults=True) for r in labelled_images(n_classes=2, per_class=2)))
 PAIRS = _jsonl(*(r.model_dump(exclude_defaults=True) for r in text_pairs(n=4)))
 TEXTS = _jsonl(*({'text': f'item {i}', 'label': f'c{i % 2}'} for i in range(4)))
@@ -215,12 +231,27 @@ ROWS: list[Row] = [
     Row('local-csv-one-column', 'sdk', {'train_data': 'file:one.csv'}, 'CSV row 1 has 1 columns; expected 2'),
     Row('local-csv-bad-score', 'sdk', {'train_data': 'file:score.csv'}, "third column 'high' is not a number"),
     Row('local-jsonl-bad-record', 'sdk', {'train_data': 'file:bad.jsonl'}, 'bad.jsonl:1:'),
+    # --- data as users hand it (issues 15 and 23): checked in the SDK before anything is uploaded ---------
+    Row('image-file-empty', 'sdk', {'train_data': 'file:empty-image'}, "dogs/b.png': the image is empty (0 bytes)"),
+    Row('image-file-truncated', 'sdk', {'train_data': 'file:cut-image'}, "dogs/b.png': a PNG cut short: its 'IDAT'"),
+    Row('texts-all-empty', 'sdk', {'train_data': ['', '  ']}, 'train_data: all 2 texts are empty (or only spaces)'),
+    Row(
+        'tensor-layout-ambiguous',
+        'sdk',
+        {'train_data': [{'tensor': _ambiguous_tensor(), 'label': 'a'}]},
+        'train_data[0]: tensor: a tensor of shape (3, 32, 4) could be channels first or channels last; accepted',
+    ),
     # --- data files and models: only the trainer reads them ------------------------------------------
     Row('empty-file', 'trainer', {'data.jsonl': b''}, "trainData: 'file://"),
     Row(
         'malformed-json-line', 'trainer', {'data.jsonl': TEXTS + b'{not json\n'}, 'trainData: line 5 is not valid JSON'
     ),
-    Row('record-without-content', 'trainer', {'data.jsonl': _jsonl({'label': 'a'})}, 'record 1 is not a valid record'),
+    Row(
+        'record-without-content',
+        'trainer',
+        {'data.jsonl': _jsonl({'label': 'a'})},
+        'trainData[0]: is not a valid record',
+    ),
     Row(
         'missing-labels',
         'trainer',
@@ -307,6 +338,32 @@ ROWS: list[Row] = [
         spec={'model': '{folder}'},
     ),
     Row(
+        'texts-all-empty-in-a-file',
+        'trainer',
+        {'data.jsonl': _jsonl({'text': '', 'label': 'a'}, {'text': '\t', 'label': 'b'})},
+        'trainData: all 2 texts are empty',
+    ),
+    Row(
+        'tensor-layout-ambiguous-in-a-file',
+        'trainer',
+        {'data.jsonl': _jsonl({'tensor': _ambiguous_tensor(), 'label': 'a'})},
+        'trainData[0]: tensor: a tensor of shape (3, 32, 4) could be channels first or channels last',
+    ),
+    Row(
+        'pairs-batch-of-two-for-a-label-loss',
+        'trainer',
+        {'data.jsonl': IMAGE_PAIRS},
+        'batchSize: a batch of 2 holds one pair: TripletMarginLoss sees each query and its document as a class',
+        spec={'batchSize': 2, 'loss': 'TripletMarginLoss'},  # a label loss on pairs (not the pairs recipe)
+    ),
+    Row(
+        'pairs-batch-of-one',
+        'trainer',
+        {'data.jsonl': IMAGE_PAIRS},
+        'batchSize: a batch of 1 pair has nothing to compare it with: MultipleNegativesRankingLoss needs at least 2',
+        spec={'batchSize': 1, 'loss': 'MultipleNegativesRankingLoss'},
+    ),
+    Row(
         'freeze-without-output-dim',
         'trainer',
         {'data.jsonl': GOOD_IMAGES},
@@ -383,11 +440,22 @@ def test_operator_refuses_what_only_it_sees(row: Row) -> None:
 # --- SDK ---------------------------------------------------------------------------------------------
 
 
-LOCAL_FILES = {
+LOCAL_FILES: dict[str, bytes | dict[str, bytes]] = {
     'one.csv': b'only-one-column\nanother\n',
     'score.csv': b'a query,a document,high\n',
     'bad.jsonl': b'{"label": "x"}\n',
+    'empty-image': {'cats/a.png': png_bytes((200, 0, 0)), 'dogs/b.png': b''},  # a folder of class folders
+    'cut-image': {'cats/a.png': png_bytes((200, 0, 0)), 'dogs/b.png': png_bytes((0, 0, 200))[:60]},
 }
+
+
+def _local(path: Path, content: bytes | dict[str, bytes]) -> None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+        return
+    for name, data in content.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
 
 
 @pytest.mark.parametrize('row', rows('sdk'))
@@ -397,7 +465,7 @@ def test_sdk_refuses_the_argument_before_anything_is_stored(row: Row, tmp_path: 
     data = arguments.get('train_data')
     if isinstance(data, str) and data.startswith('file:') and not data.startswith('file://'):
         local = tmp_path / data.removeprefix('file:')
-        local.write_bytes(LOCAL_FILES[local.name])
+        _local(local, LOCAL_FILES[local.name])
         arguments['train_data'] = str(local)
 
     with pytest.raises(ArgumentError) as caught:
@@ -529,6 +597,185 @@ def test_a_run_whose_folder_is_deleted_while_it_trains_frees_its_name(tmp_path: 
         finetuner.delete_run('doomed')
 
 
+# --- data read as the user meant it (issue 23: "silently wrong"): the behaviour, asserted -------------
+
+
+@contextlib.contextmanager
+def _trainer_log() -> Iterator[list[str]]:
+    """The trainer's data log lines (its logger may not propagate once a run's logging was set up)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger('finetuner_trainer.data')
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def _read_both(tmp_path: Path, content: bytes, **options: Any) -> list[Record]:
+    """The CSV as the SDK reads a local file and as the trainer reads one from a store: the same records."""
+    from finetuner.api.v1alpha1 import CSVOptions
+    from finetuner.data import read_csv
+    from finetuner_trainer.data import parse_csv
+
+    path = tmp_path / 'data.csv'
+    path.write_bytes(content)
+    sdk = read_csv(path, 'train_data', CSVOptions(**options))
+    trainer = parse_csv(content, CSVOptions(**options), 'trainData')
+
+    def read(record: Record) -> tuple[Any, ...]:  # the SDK names the chunks' modalities, the trainer not yet
+        return record.text, record.label, record.score, [chunk.text for chunk in record.chunks]
+
+    assert [read(r) for r in sdk] == [read(r) for r in trainer]
+    return sdk
+
+
+def csv_utf8_bom(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8": the byte-order mark is not part of the header, nor of a first text."""
+    content = 'text,label\nred apple,fruit\ncarrot,vegetable\npear,fruit\n'.encode('utf-8-sig')
+    records = _read_both(tmp_path, content, is_labeled=True)
+    assert [(r.text, r.label) for r in records] == [('red apple', 'fruit'), ('carrot', 'vegetable'), ('pear', 'fruit')]
+    headerless = '\ufeffred apple,fruit\ncarrot,vegetable\n'.encode()
+    assert _read_both(tmp_path, headerless, is_labeled=True)[0].text == 'red apple'
+
+
+def csv_header_of_other_names(tmp_path: Path) -> None:
+    """A header such as title,category or question,answer is detected and skipped; the option overrides."""
+    content = b'title,category\nA day at the beach,travel\nBaking bread,cooking\nParis,travel\n'
+    assert [r.text for r in _read_both(tmp_path, content, is_labeled=True)] == [
+        'A day at the beach',
+        'Baking bread',
+        'Paris',
+    ]
+    assert _read_both(tmp_path, content, is_labeled=True, header=False)[0].text == 'title'
+    pairs = b'question,answer\nWhat is AI?,A field of computing.\nWho are you?,A bot.\n'
+    assert [r.chunks[0].text for r in _read_both(tmp_path, pairs)] == ['What is AI?', 'Who are you?']
+
+
+def csv_semicolons_with_commas(tmp_path: Path) -> None:
+    """A ;-separated file whose texts hold commas is split at ';' (and a delimiter option can say so)."""
+    content = b'text;label\nI love pizza, really;food\nCarrots, peas;vegetable\nBeans, rice;food\n'
+    records = _read_both(tmp_path, content, is_labeled=True)
+    assert (records[0].text, records[0].label, len(records)) == ('I love pizza, really', 'food', 3)
+    assert {r.label for r in _read_both(tmp_path, content, is_labeled=True, delimiter=';')} == {'food', 'vegetable'}
+
+
+def png_16_bit(tmp_path: Path) -> None:
+    """A 16-bit PNG reads as its 8-bit image (pixel statistics), where Pillow's convert('RGB') gives white."""
+    import numpy as np
+    from PIL import Image
+
+    from finetuner_trainer.images import decode_image
+    from tests.trainer.test_image_forms import png16, reference
+
+    grey = np.asarray(Image.fromarray(reference()).convert('L'))
+    data = png16(grey.astype(np.uint16) * 257)
+    with Image.open(io.BytesIO(data)) as image:
+        assert np.asarray(image.convert('RGB')).mean() > 250
+    ours = np.asarray(decode_image(data)).astype(float)
+    assert abs(ours.mean() - grey.mean()) < 0.5 and abs(ours.std() - grey.std()) < 0.5
+
+
+def image_modes(tmp_path: Path) -> None:
+    """I, F, CMYK, P with transparency and LA read as Pillow's reference conversions (pixel statistics)."""
+    import numpy as np
+    from PIL import Image
+
+    from finetuner_trainer.images import decode_image
+    from tests.trainer.test_image_forms import encoded, reference
+
+    rgb = reference(7)
+    grey = np.asarray(Image.fromarray(rgb).convert('L'))
+    palette = Image.fromarray(rgb).quantize(colors=32)
+    palette.info['transparency'] = 0
+    cases = {
+        'I': (Image.fromarray(grey.astype(np.int32) * 257), 'TIFF', np.stack([grey] * 3, axis=-1)),
+        'F': (Image.fromarray(grey.astype(np.float32) / 255), 'TIFF', np.stack([grey] * 3, axis=-1)),
+        'CMYK': (Image.fromarray(rgb).convert('CMYK'), 'TIFF', rgb),
+        'P': (palette, 'PNG', np.asarray(palette.convert('RGBA').convert('RGB'))),
+        'LA': (
+            Image.fromarray(rgb).convert('LA'),
+            'PNG',
+            np.asarray(Image.fromarray(rgb).convert('LA').convert('RGB')),
+        ),
+    }
+    for mode, (image, fmt, expected) in cases.items():
+        ours = np.asarray(decode_image(encoded(image, fmt))).astype(float)
+        assert ours.shape == expected.shape, mode
+        assert np.allclose(ours.mean(axis=(0, 1)), expected.mean(axis=(0, 1)), atol=0.5), mode
+        assert np.allclose(ours.std(axis=(0, 1)), expected.std(axis=(0, 1)), atol=0.5), mode
+
+
+def nested_class_folders(tmp_path: Path) -> None:
+    """birds/2023/summer/*.png belongs to the class birds (read recursively); no class is dropped."""
+    from finetuner.data import resolve
+
+    for name in ('birds/2023/summer/a.png', 'birds/2024/b.png', 'cats/c.png'):
+        (tmp_path / 'images' / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'images' / name).write_bytes(png_bytes((10, 20, 30)))
+    records = resolve(tmp_path / 'images', 'train_data').records or []
+    assert sorted(str(r.label) for r in records) == ['birds', 'birds', 'cats']
+
+
+def class_folder_without_images(tmp_path: Path) -> None:
+    """A class folder that holds no image is named in a DataWarning: the class is not dropped silently."""
+    from finetuner.data import DataWarning, resolve
+
+    for name in ('cats/a.png', 'dogs/b.png'):
+        (tmp_path / 'images' / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'images' / name).write_bytes(png_bytes((10, 20, 30)))
+    (tmp_path / 'images' / 'fish').mkdir()
+    with pytest.warns(DataWarning, match="class folder .*fish' holds no images .* class 'fish' is left out"):
+        resolve(tmp_path / 'images', 'train_data')
+
+
+def labels_read_as_pairs(tmp_path: Path) -> None:
+    """text,label without is_labeled: a warning in the SDK and in the trainer's log; still read as pairs."""
+    from finetuner.data import DataWarning
+
+    content = ''.join(f'sentence {i} about food,{"fruit" if i % 2 else "vegetable"}\n' for i in range(8)).encode()
+    expected = "the second column holds 2 distinct short values over 8 rows ('vegetable', 'fruit'), like class labels"
+    with pytest.warns(DataWarning, match='csv_options.is_labeled is false') as warned, _trainer_log() as log:
+        records = _read_both(tmp_path, content)
+    assert records[0].chunks and any(expected in str(w.message) for w in warned)
+    assert any(expected in line and 'csvOptions.isLabeled is false' in line for line in log)
+
+
+def mostly_empty_texts(tmp_path: Path) -> None:
+    """Most texts empty: a DataWarning in the SDK, a warning in the trainer's log (all empty is refused)."""
+    from finetuner.api.v1alpha1 import FinetuneRunSpec
+    from finetuner.data import DataWarning, resolve
+    from finetuner_trainer.data import to_dataset
+
+    records = [Record(text='' if i % 4 else f'text {i}', label=f'c{i % 2}') for i in range(8)]
+    with pytest.warns(DataWarning, match='train_data: 6 of 8 texts are empty'):
+        resolve(records, 'train_data')
+    with _trainer_log() as log:
+        to_dataset(records, FinetuneRunSpec(model='m', train_data='file:///d.jsonl'), 'trainData')
+    assert any('trainData: 6 of 8 texts are empty' in line for line in log)
+
+
+BEHAVIOURS: list[Callable[[Path], None]] = [
+    csv_utf8_bom,
+    csv_header_of_other_names,
+    csv_semicolons_with_commas,
+    png_16_bit,
+    image_modes,
+    nested_class_folders,
+    class_folder_without_images,
+    labels_read_as_pairs,
+    mostly_empty_texts,
+]
+
+
+@pytest.mark.parametrize('behaviour', [pytest.param(b, id=b.__name__.replace('_', '-')) for b in BEHAVIOURS])
+def test_data_is_read_as_the_user_meant_it(behaviour: Callable[[Path], None], tmp_path: Path) -> None:
+    """Odd-but-valid data that used to train silently wrong: each reads as meant, or says what it did."""
+    behaviour(tmp_path)
+
+
 # --- trainer ---------------------------------------------------------------------------------------
 
 
@@ -600,7 +847,7 @@ def test_trainer_config_error_on_the_cluster_fails_after_one_attempt(cluster: An
     status = target.wait_phase('bad-data', ('FAILED', 'FINISHED'))
 
     assert (status['phase'], status['reason']) == ('FAILED', 'ConfigurationError')
-    assert "trainData: record 1: image 'blob' is corrupt or not an image" in status['details']
+    assert "spec.trainData[0]: image 'blob' is corrupt or not an image" in status['details']
     assert status['attempts'] == 1, 'exit code 3 is never retried (backoffLimit 3 unused)'
     assert len(target.pods('bad-data')) == 1 and len(target.jobs('bad-data')) == 1
     assert [e.reason for e in target.events('bad-data')].count('Failed') == 1

@@ -6,13 +6,22 @@ spec's ``model``: ``scripted:ok`` trains "instantly", ``scripted:fail`` exits wi
 code and a reason, ``scripted:crash`` dies without one, ``scripted:hub-offline`` cannot fetch weights,
 ``scripted:slow`` runs until stopped (``model_options.seconds``: that long, then like ``ok``),
 ``scripted:no-artifact`` exits 0 without writing an artifact.
+
+``model_options`` steer it further: ``wait_for`` (a file): hold before the first progress until it exists;
+``hold_after_progress`` (a file): hold after the first progress until it exists; ``stop_supervisor_until``
+(a file): unless it exists already, stop the run's supervisor (SIGSTOP) once it has recorded this trainer,
+then show no life (no output, no progress) until the file exists: a supervisor lagging behind its
+trainer, as under load, made deterministic (the test sends SIGCONT).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +37,29 @@ def _mrr(config: TrainerConfig) -> float:
     return 0.75 if rate is None else round(1.0 - abs(math.log10(rate) + 3.0) / 10.0, 4)
 
 
+def _wait_for_file(path: str | Path) -> None:
+    while not Path(path).exists():
+        time.sleep(0.02)
+
+
+def _stop_supervisor(config_file: Path) -> None:
+    """SIGSTOP the supervisor (this process's parent) once state.json names this trainer, taking the
+    queue's lock first so that the supervisor is frozen outside it (every backend call needs the lock)."""
+    run_dir = config_file.parent
+    while True:
+        try:
+            state = json.loads((run_dir / 'state.json').read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get('trainer_pid') == os.getpid():
+            break
+        time.sleep(0.02)
+    with (run_dir.parent.parent / 'queue' / 'lock').open('a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.kill(os.getppid(), signal.SIGSTOP)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument('--config', required=True)
@@ -35,6 +67,10 @@ def main() -> int:
     config = TrainerConfig.model_validate_json(Path(args.config).read_text())
     out = open_store(config.output_uri)
     behaviour = config.spec.model.removeprefix('scripted:')
+    lag_until = config.spec.model_options.get('stop_supervisor_until')
+    if lag_until and not Path(lag_until).exists():
+        _stop_supervisor(Path(args.config))
+        _wait_for_file(lag_until)
     print(f'scripted trainer: run {config.run_name}, behaviour {behaviour}', flush=True)
     print(f'CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES")!r}', flush=True)
     wait_file = config.spec.model_options.get('wait_for')
@@ -42,6 +78,8 @@ def main() -> int:
         while not Path(wait_file).exists():
             time.sleep(0.05)
     out.write_json(layout.PROGRESS, {'epoch': 1, 'epochs': 1, 'step': 1, 'totalSteps': 2, 'percent': 50.0})
+    if config.spec.model_options.get('hold_after_progress'):
+        _wait_for_file(config.spec.model_options['hold_after_progress'])
     seconds = config.spec.model_options.get('seconds')
     if behaviour == 'slow' and seconds is not None:
         time.sleep(float(seconds))

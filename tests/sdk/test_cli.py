@@ -142,7 +142,7 @@ def test_runs_show_queue_places_and_the_queue_command(
     assert main(['suspend', 'second']) == 0
     assert capsys.readouterr().out.splitlines()[:2] == [
         'second: CREATED',
-        '  Suspended: set spec.suspend to false to resume',
+        '  Suspended: set suspend to false to resume',
     ]
     assert main(['queue', '--cpu-runs', '2']) == 0  # 'third' takes the second slot; 'second' stays suspended
     assert capsys.readouterr().out.splitlines()[0].endswith('2 at once on the CPU, GPUs []')

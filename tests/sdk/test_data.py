@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +16,29 @@ from pydantic import Field
 
 import finetuner
 from finetuner.api.layout import Record
+from finetuner.api.tensors import decode_tensor, encode_tensor
 from finetuner.api.v1alpha1 import CSVOptions
 from finetuner.backends.local import LocalBackend
-from finetuner.data import Modalities, read_csv, resolve, to_legacy_documents, to_records
+from finetuner.data import DataWarning, Modalities, read_csv, resolve, to_legacy_documents, to_records
 from finetuner.errors import ArgumentError
 from tests.support.tiny import png_bytes
 
 
 def test_labelled_legacy_documents() -> None:
+    image = png_bytes((9, 9, 9))
     docs = DocList[LegacyDocument](
         [
             LegacyDocument(text='a red cat', tags={'finetuner_label': 'cat', 'source': 'web'}),
-            LegacyDocument(blob=b'\x89PNG', tags={'finetuner_label': 7}),
+            LegacyDocument(blob=image, tags={'finetuner_label': 7}),
             LegacyDocument(tensor=np.zeros((2, 2)), tags={'finetuner_label': 'zero', 'array': np.ones(2)}),
         ]
     )
     records = to_records(docs, 'train_data')
     assert records[0] == Record(text='a red cat', label='cat', tags={'source': 'web'})
-    assert records[1] == Record(blob=base64.b64encode(b'\x89PNG').decode(), label=7)
-    assert records[2] == Record(tensor=[[0.0, 0.0], [0.0, 0.0]], label='zero')  # non-JSON tags stay behind
+    assert records[1] == Record(blob=base64.b64encode(image).decode(), label=7)
+    # A tensor is stored as .npy bytes (its dtype and shape kept); non-JSON tags stay behind.
+    assert records[2] == Record(tensor=encode_tensor(np.zeros((2, 2))), label='zero')
+    assert decode_tensor(records[2].tensor).dtype == np.float64
 
 
 def test_pairs_with_scores_and_clip_chunks_modalities() -> None:
@@ -120,7 +126,8 @@ def test_image_folder_per_class(tmp_path: Path) -> None:
         (tmp_path / label).mkdir()
         (tmp_path / label / '1.png').write_bytes(png_bytes((1, 1, 1)))
     (tmp_path / 'cats' / 'notes.txt').write_text('ignored')
-    ref = resolve(str(tmp_path), 'train_data')
+    with pytest.warns(DataWarning, match=r'1 files that are not images are left out \(1 \.txt'):
+        ref = resolve(str(tmp_path), 'train_data')
     assert ref.records is not None
     assert [r.label for r in ref.records] == ['cats', 'dogs']
     empty = tmp_path / 'empty'
@@ -166,7 +173,215 @@ def test_push_and_pull_a_named_dataset(scripted: LocalBackend) -> None:
 
 
 def test_records_round_trip_to_legacy_documents() -> None:
-    records = [Record(text='a', label='x', score=0.5), Record(tensor=[[1.0, 2.0]])]
+    pixels = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    records = [Record(text='a', label='x', score=0.5), Record(tensor=encode_tensor(pixels))]
     docs = to_legacy_documents(records)
     assert docs[0].tags == {'finetuner_label': 'x', 'finetuner_score': 0.5}
     assert to_records(docs, 'data') == records
+    assert to_legacy_documents([Record(tensor=[[1.0, 2.0]])])[0].tensor.tolist() == [[1.0, 2.0]]  # lists too
+
+
+# --- files as users save them (issue 23) ----------------------------------------------------------
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_header_and_texts(tmp_path: Path) -> None:
+    path = tmp_path / 'excel.csv'
+    path.write_bytes('text,label\ncafé crème,drink\nthé,drink\npain,food\nriz,food\n'.encode('utf-8-sig'))
+    records = read_csv(path, 'train_data', CSVOptions(is_labeled=True))
+    assert [(r.text, r.label) for r in records] == [
+        ('café crème', 'drink'),
+        ('thé', 'drink'),
+        ('pain', 'food'),
+        ('riz', 'food'),
+    ]
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / 'notepad.jsonl'
+    path.write_bytes(
+        (json.dumps({'text': 'a', 'label': 'x'}) + '\n' + json.dumps({'text': 'b', 'label': 'y'})).encode('utf-8-sig')
+    )
+    assert [r.text for r in resolve(path, 'train_data').records or []] == ['a', 'b']
+
+
+@pytest.mark.parametrize(
+    ('header', 'first'),
+    [(None, 'A day at the beach'), ('auto', 'A day at the beach'), (True, 'A day at the beach'), (False, 'title')],
+)
+def test_the_header_row_is_detected_or_given_and_the_decision_logged(
+    header: object, first: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / 'posts.csv'
+    path.write_text('title,category\nA day at the beach,travel\nBaking bread,cooking\nParis,travel\nPasta,cooking\n')
+    options = CSVOptions.model_validate({'is_labeled': True, **({} if header is None else {'header': header})})
+    with caplog.at_level('INFO', logger='finetuner.data'):
+        records = read_csv(path, 'train_data', options)
+    assert records[0].text == first and len(records) == (5 if header is False else 4)
+    said = 'read as data' if header is False else 'read as a header and skipped'
+    assert f"the first row ['title', 'category'] is {said}" in caplog.text
+    assert 'csv_options.header' in caplog.text  # the option named as the caller writes it
+
+
+def test_a_header_is_told_from_data_by_the_csv_sniffer(tmp_path: Path) -> None:
+    """No usual column names, but a score column whose first cell is a word; and a file with neither."""
+    scored = tmp_path / 'scored.csv'
+    scored.write_text('q,d,relevance grade\nred,a red cat,0.9\nblue,a blue dog,0.8\n')
+    assert [r.chunks[0].text for r in read_csv(scored, 'train_data', CSVOptions())] == ['red', 'blue']
+    plain = tmp_path / 'plain.csv'
+    rows = [f'sentence number {i} about {topic},{topic}' for i, topic in enumerate(['cats', 'dogs', 'birds'] * 4)]
+    plain.write_text('\n'.join(rows) + '\n')
+    assert len(read_csv(plain, 'train_data', CSVOptions(is_labeled=True))) == 12  # the first row is data
+
+
+def test_a_semicolon_csv_whose_texts_hold_commas_is_split_at_the_semicolons(tmp_path: Path) -> None:
+    path = tmp_path / 'semicolons.csv'
+    path.write_text('text;label\nI love pizza, really;food\nCarrots, peas;vegetable\nBeans, rice;food\n')
+    records = read_csv(path, 'train_data', CSVOptions(is_labeled=True))
+    assert [(r.text, r.label) for r in records] == [
+        ('I love pizza, really', 'food'),
+        ('Carrots, peas', 'vegetable'),
+        ('Beans, rice', 'food'),
+    ]
+
+
+def test_delimiter_and_quote_character_options(tmp_path: Path) -> None:
+    path = tmp_path / 'pipes.csv'
+    path.write_text("'a | b' query|a document\n'c | d' query|another document\n")
+    records = read_csv(path, 'train_data', CSVOptions(delimiter='|', quotechar="'"))
+    assert [[c.text for c in r.chunks] for r in records] == [
+        ['a | b query', 'a document'],
+        ['c | d query', 'another document'],
+    ]
+    tabs = tmp_path / 'tabs.csv'
+    tabs.write_text('one, two\tfirst\nthree, four\tsecond\n')
+    assert read_csv(tabs, 'train_data', CSVOptions.model_validate({'delimiter': 'tab', 'is_labeled': True}))[
+        0
+    ].text == ('one, two')
+
+
+def test_pairs_whose_second_column_looks_like_labels_get_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / 'labels.csv'
+    path.write_text(''.join(f'sentence {i} about food,{"fruit" if i % 2 else "vegetable"}\n' for i in range(8)))
+    with pytest.warns(DataWarning) as caught:
+        records = resolve(path, 'train_data')
+    assert records.records and records.records[0].chunks  # still read as the user asked: pairs
+    (warning,) = [str(w.message) for w in caught]
+    assert "the second column holds 2 distinct short values over 8 rows ('vegetable', 'fruit')" in warning
+    assert 'set csv_options.is_labeled to true if they are labels' in warning
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        resolve(path, 'train_data', csv_options=CSVOptions(is_labeled=True))  # no warning once labelled
+
+
+# --- image folders --------------------------------------------------------------------------------
+
+
+def _png(path: Path, color: tuple[int, int, int] = (9, 9, 9)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(color))
+    return path
+
+
+def test_images_in_nested_folders_belong_to_their_class_folder(tmp_path: Path) -> None:
+    _png(tmp_path / 'birds' / '2023' / 'summer' / 'a.png')
+    _png(tmp_path / 'birds' / '2024' / 'b.png')
+    _png(tmp_path / 'cats' / 'c.png')
+    records = resolve(tmp_path, 'train_data').records or []
+    assert sorted(r.label for r in records) == ['birds', 'birds', 'cats']
+
+
+def test_a_class_folder_without_images_and_stray_files_are_named_in_warnings(tmp_path: Path) -> None:
+    _png(tmp_path / 'cats' / 'c.png')
+    _png(tmp_path / 'dogs' / 'd.png')
+    (tmp_path / 'fish').mkdir()
+    (tmp_path / 'fish' / 'photo.heic').write_bytes(b'not read here')
+    _png(tmp_path / 'loose.png')
+    with pytest.warns(DataWarning) as caught:
+        records = resolve(tmp_path, 'train_data').records or []
+    messages = [str(w.message) for w in caught]
+    assert sorted(r.label for r in records) == ['cats', 'dogs']
+    assert any(
+        f'class folder {str(tmp_path / "fish")!r} holds no images' in m and "class 'fish' is left out" in m
+        for m in messages
+    )
+    assert any(f'1 images directly in {str(tmp_path)!r} belong to no class folder' in m for m in messages)
+    assert any('1 files that are not images are left out (1 .heic' in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    ('content', 'problem'),
+    [
+        (b'', 'the image is empty (0 bytes)'),
+        (png_bytes((1, 2, 3))[:60], "a PNG cut short: its 'IDAT' chunk needs"),
+        (
+            b'\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xdb\x00\x43\x00',
+            'a JPEG cut short',
+        ),
+    ],
+    ids=['zero-bytes', 'png-truncated', 'jpeg-truncated'],
+)
+def test_an_empty_or_truncated_image_is_refused_naming_the_file(content: bytes, problem: str, tmp_path: Path) -> None:
+    _png(tmp_path / 'cats' / 'c.png')
+    bad = tmp_path / 'dogs' / 'broken.jpg'
+    bad.parent.mkdir()
+    bad.write_bytes(content)
+    with pytest.raises(ArgumentError) as caught:
+        resolve(tmp_path, 'train_data')
+    assert str(caught.value).startswith(f'train_data: image file {str(bad)!r}: {problem}')
+    with pytest.raises(ArgumentError, match=rf'train_data\[1\]: blob: {re.escape(problem)}'):
+        to_records([LegacyDocument(blob=png_bytes((1, 1, 1))), LegacyDocument(blob=content)], 'train_data')
+
+
+def test_the_image_check_passes_whole_images_of_every_format() -> None:
+    import io
+
+    from PIL import Image
+
+    from finetuner.api.datachecks import image_problem
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    for fmt in ('PNG', 'JPEG', 'GIF', 'BMP', 'WEBP', 'TIFF'):
+        out = io.BytesIO()
+        image.save(out, format=fmt)
+        data = out.getvalue()
+        assert image_problem(data) is None, fmt
+        assert image_problem(data[: len(data) // 2]) is not None or fmt == 'GIF', fmt  # cut in half: noticed
+    assert image_problem(b'some other format') is None  # unknown formats are left to the trainer
+
+
+# --- texts ----------------------------------------------------------------------------------------
+
+
+def test_all_empty_texts_are_refused_and_mostly_empty_ones_warned_about() -> None:
+    with pytest.raises(ArgumentError, match=r'train_data: all 3 texts are empty \(or only spaces\)'):
+        resolve([Record(text='', label='a'), Record(text=' ', label='b'), Record(text='\n', label='a')], 'train_data')
+    with pytest.warns(DataWarning, match=r'train_data: 2 of 3 texts are empty .* teach the model nothing'):
+        resolve(
+            [Record(text='', label='a'), Record(text=' ', label='b'), Record(text='words', label='a')], 'train_data'
+        )
+
+
+# --- paths as os.PathLike ---------------------------------------------------------------------------
+
+
+class _PathLike:
+    """Not a pathlib.Path: only __fspath__ (as some libraries' path objects are)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def test_data_and_model_arguments_accept_any_path_like(scripted: LocalBackend, tmp_path: Path) -> None:
+    data = tmp_path / 'train.csv'
+    data.write_text('red apple,fruit\ncarrot,vegetable\npear,fruit\nleek,vegetable\n')
+    options = {'is_labeled': True}
+    assert len(resolve(_PathLike(data), 'train_data', csv_options=CSVOptions(**options)).records or []) == 4
+    assert finetuner.push_data('from-a-path', _PathLike(data), csv_options=options) == 'from-a-path'
+    model = tmp_path / 'my-model'
+    model.mkdir()
+    for given in (model, _PathLike(model)):
+        run = finetuner.fit(model=given, train_data=_PathLike(data), csv_options=options)
+        assert run.config.model == str(model.resolve())  # a folder, by its absolute path

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from finetuner.backends.local import LocalBackend
 from finetuner.demo import TASKS, main, run_demo
+from finetuner.errors import ArgumentError
 from tests.support.tiny import make_tiny_bert
 
 
@@ -57,3 +58,33 @@ def test_demo_refuses_an_unknown_task(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(['--task', 'poetry'])
     assert "invalid choice: 'poetry'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_examples_flag_prints_before_and_after_matches_after_the_metrics(
+    local: LocalBackend, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip('finetuner_trainer.runner')
+    monkeypatch.setenv('COLUMNS', '160')
+    model = make_tiny_bert(tmp_path / 'tiny-bert')
+    argv = ['--model', str(model), '--examples', '--epochs', '1', '--max-items', '48', '--batch-size', '16']
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'notes.txt').write_text('mine')
+    with pytest.raises(ArgumentError, match=r'is not empty \(1 entries: notes\.txt\)'):  # before any training
+        main([*argv, '--output', str(mine)])
+    assert (mine / 'notes.txt').read_text() == 'mine'
+    earlier = tmp_path / 'out'  # the model of an earlier demo is replaced
+    earlier.mkdir()
+    (earlier / 'manifest.json').write_text('{}')
+    (earlier / 'stale.bin').write_bytes(b'old')
+
+    code = main([*argv, '--max-length', '16', '--output', str(earlier)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    metrics_at = text.index('Retrieval metrics of')
+    before_at = text.index('Results before fine-tuning')
+    after_at = text.index('Results after fine-tuning')
+    assert metrics_at < before_at < after_at < text.index('Fine-tuned model saved to')
+    assert text.count('Query') == 10 and ('✓' in text or '✗' in text)
+    assert not (earlier / 'stale.bin').exists() and (earlier / 'README.md').is_file()

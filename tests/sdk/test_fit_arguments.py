@@ -48,7 +48,7 @@ CASES: list[tuple[dict[str, Any], str, str]] = [
     ({'device': 'tpu'}, 'device', "must be 'auto', 'cuda' or 'cpu'"),
     ({'cpu': True, 'device': 'cuda'}, 'cpu', "cpu=True contradicts device='cuda'"),
     ({'num_workers': -1}, 'num_workers', 'must be greater than or equal to 0'),
-    ({'sampler': 'balanced'}, 'sampler', "must be 'auto', 'class' or 'random'"),
+    ({'sampler': 'balanced'}, 'sampler', "must be 'auto', 'class', 'class-oversample' or 'random'"),
     ({'gpus': 99}, 'gpus', 'must be less than or equal to 16'),
     ({'resources': {'memory': '32 GB'}}, 'resources.memory', 'is not a Kubernetes quantity'),
     ({'csv_options': {'dialect': 'tsv'}}, 'csv_options.dialect', "unknown CSV dialect 'tsv'"),
@@ -262,4 +262,4 @@ def test_cli_fit_flags_follow_the_same_arguments() -> None:
     single_valued = {'epochs', 'learning_rate', 'to_onnx', 'device', 'sampler', 'queue_name', 'output_dim', 'seed'}
     assert single_valued <= set(cli.fit_flag_names())
     assert not {'model_options', 'resources', 'callbacks', 'tolerations'} & set(cli.fit_flag_names())
-    assert 'Passes over the training data.' in help_text and '{auto,cuda,cpu}' in help_text
+    assert 'Passes over the training data' in help_text and '{auto,cuda,cpu}' in help_text

@@ -186,7 +186,7 @@ def test_restarts_beyond_the_backoff_limit_end_the_run(scripted: LocalBackend, t
     status = run.full_status()
     assert (status.phase, status.reason) == ('FAILED', 'BackoffLimitExceeded')
     assert status.details == (
-        'The machine restarted while this run trained, 1 times (backoffLimit 0); start a new run, or raise '
+        'The machine restarted while this run trained, 1 times (backoff_limit 0); start a new run, or raise '
         'backoff_limit'
     )
 
@@ -200,7 +200,7 @@ def test_suspend_gives_the_slot_away_and_resume_waits_in_line(scripted: LocalBac
 
     first.suspend()
 
-    assert first.status() == {'status': 'CREATED', 'details': 'Suspended: set spec.suspend to false to resume'}
+    assert first.status() == {'status': 'CREATED', 'details': 'Suspended: set suspend to false to resume'}
     assert first.full_status().reason == 'Suspended' and first.config.suspend is True
     wait_until(lambda: _phase(second) == 'STARTED', what='the waiting run took the freed slot')
     wait_until(lambda: not _alive(trainer), what='the suspended trainer stopped')

@@ -233,7 +233,8 @@ def test_missing_image_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
     loaded, base = load_records(str(data), None, CSVOptions(), 'trainData')
     with pytest.raises(ConfigError) as caught:
         to_dataset(loaded, FinetuneRunSpec(model=TINY_TIMM, train_data=str(data)), 'trainData', base)
-    assert "record 1: cannot read image 'images/nowhere.png'" in caught.value.problem
+    assert caught.value.field == 'trainData[0]'  # counted from 0, as the SDK counts train_data[0]
+    assert "cannot read image 'images/nowhere.png'" in caught.value.problem
 
 
 def test_images_and_data_file_in_s3_train_a_cnn(s3_bucket: str, tmp_path: Path) -> None:
@@ -303,16 +304,22 @@ def test_missing_s3_model_prefix_is_a_config_error(s3_bucket: str, make_config: 
 # --- class-balanced sampling --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ('sizes', 'batch_size', 'per_class'),
-    [((8, 8, 8, 8), 8, 2), ((10, 3, 7, 1, 25), 12, 4), ((5, 5), 16, 4), ((40, 2, 2), 6, 2)],
-)
+SIZES = [((8, 8, 8, 8), 8, 2), ((10, 3, 7, 1, 25), 12, 4), ((5, 5), 16, 4), ((40, 2, 2), 6, 2)]
+
+
+@pytest.mark.parametrize(('sizes', 'batch_size', 'per_class'), SIZES)
 @pytest.mark.parametrize('grouped', [False, True], ids=['shuffled', 'length-grouped'])
-def test_class_balanced_batches(sizes: tuple[int, ...], batch_size: int, per_class: int, grouped: bool) -> None:
+def test_class_balanced_batches_of_the_largest_class_epoch(
+    sizes: tuple[int, ...], batch_size: int, per_class: int, grouped: bool
+) -> None:
+    """sampler: class-oversample (the older epoch): every batch holds classes_per_batch distinct classes
+    with per_class items each, and the epoch lasts until the largest class has given all its groups."""
     labels = [label for label, size in enumerate(sizes) for _ in range(size)]
     lengths = [(i * 37) % 101 + 1 for i in range(len(labels))] if grouped else None
-    sampler = ClassBalancedBatches(labels, batch_size, per_class, seed=3, lengths=lengths)
+    sampler = ClassBalancedBatches(labels, batch_size, per_class, seed=3, lengths=lengths, epoch='largest-class')
     classes_per_batch = min(batch_size // per_class, len(sizes))
+    groups = [-(-size // per_class) for size in sizes]
+    assert len(sampler) == max(max(groups), -(-sum(groups) // classes_per_batch))
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -326,6 +333,81 @@ def test_class_balanced_batches(sizes: tuple[int, ...], batch_size: int, per_cla
     again = list(sampler)
     sampler.set_epoch(2)
     assert again == batches and list(sampler) != batches  # deterministic per epoch, different across
+
+
+@pytest.mark.parametrize(('sizes', 'batch_size', 'per_class'), [*SIZES, ((300, 20, 9, 5, 3, 2, 1, 1), 32, 4)])
+@pytest.mark.parametrize('grouped', [False, True], ids=['shuffled', 'length-grouped'])
+def test_class_balanced_batches_make_an_epoch_one_pass(
+    sizes: tuple[int, ...], batch_size: int, per_class: int, grouped: bool
+) -> None:
+    """sampler: class (the default): an epoch is one pass. Every item is in it; its batches are the fewest
+    that hold every class group (ceil(groups / classes_per_batch)) unless a class would fill whole
+    batches; every batch is full (classes_per_batch groups of per_class) and holds two classes or more; a
+    class with no more groups than batches never has two in a batch, a larger one is spread evenly."""
+    labels = [label for label, size in enumerate(sizes) for _ in range(size)]
+    lengths = [(i * 37) % 101 + 1 for i in range(len(labels))] if grouped else None
+    sampler = ClassBalancedBatches(labels, batch_size, per_class, seed=3, lengths=lengths)
+    classes_per_batch = min(batch_size // per_class, len(sizes))
+    groups = [-(-size // per_class) for size in sizes]
+    count = max(-(-sum(groups) // classes_per_batch), -(-max(groups) // (classes_per_batch - 1)))
+    assert len(sampler) == count
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == count
+        assert {i for batch in batches for i in batch} == set(range(len(labels)))  # every item every epoch
+        for batch in batches:
+            assert len(batch) == classes_per_batch * per_class
+            counts = Counter(labels[i] for i in batch)
+            assert len(counts) >= 2, counts
+            for label, n in counts.items():
+                assert n % per_class == 0 and n // per_class <= -(-groups[label] // count), (label, counts)
+        # A class's groups spread: it is in min(groups, batches) batches (repeats fill the rest).
+        for label in range(len(sizes)):
+            holding = sum(1 for batch in batches if any(labels[i] == label for i in batch))
+            assert holding >= min(groups[label], count)
+    sampler.set_epoch(1)
+    again = list(sampler)
+    sampler.set_epoch(2)
+    assert again == batches and list(sampler) != batches  # deterministic per epoch, different across
+
+
+def test_an_epoch_of_unbalanced_classes_is_one_pass_not_three() -> None:
+    """The issue's measurement, on the chatterbot corpus's questions of every category (505 questions in 16
+    categories, trivia alone 183): the largest-class epoch is 46 batches of 32 (1,472 items: 2.9 passes);
+    one pass is 17 batches (544 items: 1.08 passes)."""
+    from finetuner.offline_data import chatterbot_categories
+
+    train, _ = chatterbot_categories(max_per_class=None)
+    names = sorted({str(r.label) for r in train})
+    labels = [names.index(str(r.label)) for r in train]
+    assert (len(labels), len(names), max(Counter(labels).values())) == (505, 16, 183)
+    one_pass = ClassBalancedBatches(labels, 32, 4, seed=0)
+    largest = ClassBalancedBatches(labels, 32, 4, seed=0, epoch='largest-class')
+    assert (len(largest), len(one_pass)) == (46, 17)
+    items = sum(len(batch) for batch in one_pass)
+    assert len(labels) <= items <= 1.1 * len(labels)
+    assert sum(len(batch) for batch in largest) > 2.5 * len(labels)
+
+
+def test_the_sampler_option_chooses_the_epoch() -> None:
+    """sampler: class (and auto) train one pass per epoch; class-oversample the largest-class epoch."""
+    import torch
+
+    from finetuner_trainer.runner import make_loader
+
+    sizes = (60, 4, 4, 4)
+    dataset = Dataset(
+        Shape.LABELLED,
+        [Example((Item(text=f'item {i}'),), label=label) for label, n in enumerate(sizes) for i in range(n)],
+        classes=list('abcd'),
+    )
+    steps = {}
+    for sampler in ('auto', 'class', 'class-oversample'):
+        spec = FinetuneRunSpec(model='x', train_data='file:///d.jsonl', sampler=sampler, num_items_per_class=4)
+        loader = make_loader(dataset, lambda batch: batch, spec, 16, torch.device('cpu'), train=True)
+        steps[sampler] = len(loader)
+    assert steps == {'auto': 5, 'class': 5, 'class-oversample': 15}  # 72 items: 5 x 16 = 80 vs 15 x 16 = 240
 
 
 # --- length-grouped random batches --------------------------------------------------------------

@@ -51,7 +51,7 @@ CASES = {
     ),
     'missing labels': (
         lambda t: {'records': [Record(text='red cat'), Record(text='blue dog', label='b')], 'model': str(t['bert'])},
-        r'trainData: 1 of 2 records have no label \(first: record 1\)',
+        r'spec.trainData: 1 of 2 records have no label \(first: trainData\[0\]\)',
     ),
     'one item per class with a triplet loss': (
         lambda t: {'records': labelled_texts(4, 1), 'model': str(t['bert']), 'loss': 'TripletMarginLoss'},
@@ -70,14 +70,14 @@ CASES = {
             'records': [*labelled_images(2, 3), Record(blob=base64.b64encode(b'not a png').decode(), label='class-0')],
             **TIMM_SPEC,
         },
-        r"trainData: record 7: image 'blob' is corrupt or not an image",
+        r"spec.trainData\[6\]: image 'blob' is corrupt or not an image",
     ),
     'missing image file': (
         lambda t: {
             'records': [*labelled_images(2, 3), Record(uri='/nonexistent/cat.png', label='class-0')],
             **TIMM_SPEC,
         },
-        r"trainData: record 7: cannot read image '/nonexistent/cat.png'",
+        r"spec.trainData\[6\]: cannot read image '/nonexistent/cat.png'",
     ),
     'wrong modality names': (
         lambda t: {
@@ -87,7 +87,7 @@ CASES = {
             'multi_modal': True,
             'image_modality': 'picture',
         },
-        r"imageModality: record 1 has chunks with modalities \['text', 'image'\], not 'text' and 'picture'",
+        r"imageModality: trainData\[0\] has chunks with modalities \['text', 'image'\], not 'text' and 'picture'",
     ),
     'CLIPLoss on a text model': (
         lambda t: {'records': text_image_pairs(4), 'model': str(t['bert']), 'loss': 'CLIPLoss', 'multi_modal': True},
@@ -177,7 +177,7 @@ def test_cli_exit_code_for_bad_data(make_config: ConfigFactory, tmp_path: Path) 
     config_file.write_text(config.model_dump_json(by_alias=True))
     result = _cli(config_file)
     assert result.returncode == EXIT_CONFIG_ERROR, result.stdout + result.stderr
-    assert Path(config.termination_log).read_text().startswith('trainData: line 2 is not valid JSON')
+    assert Path(config.termination_log).read_text().startswith('spec.trainData: line 2 is not valid JSON')
     out = Path(urlparse(config.output_uri).path)
     assert json.loads((out / layout.FAILURE).read_text())['exitCode'] == EXIT_CONFIG_ERROR
 

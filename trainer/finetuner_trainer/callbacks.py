@@ -92,7 +92,9 @@ def monitored_value(state: TrainState, monitor: str) -> float | None:
 def resolve_mode(monitor: str, mode: str) -> str:
     if mode != 'auto':
         return mode
-    return 'max' if monitor in HIGHER_IS_BETTER else 'min'
+    # An EvaluationCallback's caption prefixes its metrics: 'test_mrr' is an mrr.
+    higher = any(monitor == name or monitor.endswith(f'_{name}') for name in HIGHER_IS_BETTER)
+    return 'max' if higher else 'min'
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -142,6 +144,7 @@ class EvaluationCallback(Callback):
     def __init__(self, **options: Any):
         self.options = EvaluationOptions(**options)
         self.evaluator: Evaluator | None = None
+        self.intervals: list[dict[str, Any]] = []  # the evaluations every steps_per_interval batches
 
     def setup(self, ctx: TrainContext) -> Evaluator:
         if self.evaluator is not None:
@@ -170,6 +173,8 @@ class EvaluationCallback(Callback):
             except ValueError as e:
                 raise ConfigError('callbacks.EvaluationCallback.query_data', str(e)) from e
             eval_set = _records_to_items(eval_set, queries, index)
+        if o.query_sample_size is not None:
+            eval_set = eval_set.sample_queries(o.query_sample_size, spec.seed)
         self.evaluator = Evaluator(
             eval_set,
             limit=o.limit,
@@ -178,17 +183,61 @@ class EvaluationCallback(Callback):
             batch_size=o.batch_size,
             gather_examples=o.gather_examples,
             num_example_queries=o.num_example_queries,
+            num_workers=o.num_workers,
         )
         return self.evaluator
 
     def evaluate(self, ctx: TrainContext) -> dict[str, float]:
         # The embedder splits a batch by content kind itself: CLIP embeds text queries with its text
-        # tower and image index items with its vision tower through the same call.
-        return self.setup(ctx).evaluate(ctx.model.embed)
+        # tower and image index items with its vision tower through the same call. ``model`` and
+        # ``index_model`` name the tower that must embed each side (a mismatch is a configuration error).
+        evaluator = self.setup(ctx)
+        embed_query = tower(ctx, self.options.model, 'model')
+        embed_index = tower(ctx, self.options.index_model, 'index_model') if self.options.index_model else None
+        return self.captioned(evaluator.evaluate(embed_query, embed_index))
+
+    def captioned(self, metrics: dict[str, float]) -> dict[str, float]:
+        caption = self.options.caption
+        return {f'{caption}_{k}': v for k, v in metrics.items()} if caption else metrics
+
+    def on_batch_end(self, ctx: TrainContext, state: TrainState, control: Control, loss: float) -> None:
+        """Every ``steps_per_interval`` batches (rank 0, not at the end of an epoch, which evaluates anyway)."""
+        every = self.options.steps_per_interval
+        per_epoch = len(ctx.train_loader) if getattr(ctx, 'train_loader', None) is not None else 0
+        if not every or state.step % every or not ctx.is_main or (per_epoch and state.step % per_epoch == 0):
+            return
+        metrics = self.evaluate(ctx)
+        state.metrics = {**state.metrics, **metrics}
+        self.intervals.append({'epoch': state.epoch, 'step': state.step, **metrics})
+        log.info('step %d: %s', state.step, ' '.join(f'{k} {v:.4f}' for k, v in sorted(metrics.items())))
 
     @property
     def examples(self) -> list[dict[str, Any]]:
         return self.evaluator.examples if self.evaluator is not None else []
+
+
+def tower(ctx: TrainContext, name: str | None, option: str) -> Any:
+    """The embed function of the model ``name`` of a run's model (a CLIP tower: clip-text, clip-vision);
+    the run's whole model for None. It refuses content the tower does not embed."""
+    if name is None:
+        return ctx.model.embed
+    towers = dict(getattr(ctx.model, 'select_models', {}) or {})
+    where = f'callbacks.EvaluationCallback.{option}'
+    if name not in towers:
+        if not towers:
+            raise ConfigError(where, f'{ctx.spec.model} is a single model; leave {option} out (CLIP only)')
+        raise ConfigError(where, f'unknown model {name!r}; {ctx.spec.model} has {" and ".join(map(repr, towers))}')
+    kind = towers[name]
+
+    def embed(items: list[Any], batch_size: int) -> Any:
+        for position, item in enumerate(items):
+            found = getattr(item, 'kind', None) or getattr(item, 'content_kind', None)
+            if found != kind:
+                data = 'index_data' if option == 'index_model' else 'query_data'
+                raise ConfigError(where, f'{name} embeds {kind}, but {data}[{position}] is {found}')
+        return ctx.model.embed(items, batch_size)
+
+    return embed
 
 
 def eval_set_from_dataset(dataset: Dataset, multi_modal: bool = False) -> EvalSet:
@@ -226,15 +275,14 @@ def _records_to_items(
 ) -> EvalSet:
     base = queries[0][1] if queries else None
     eval_set.queries = [
-        to_item(r, f'query {j}', 'callbacks.EvaluationCallback.query_data', base)
-        for j, r in enumerate(eval_set.queries)
+        to_item(r, f'[{j}]', 'callbacks.EvaluationCallback.query_data', base) for j, r in enumerate(eval_set.queries)
     ]
     if eval_set.same_items:
         eval_set.index = eval_set.queries
     else:
         index_base = index[0][1] if index else base
         eval_set.index = [
-            to_item(r, f'index item {j}', 'callbacks.EvaluationCallback.index_data', index_base)
+            to_item(r, f'[{j}]', 'callbacks.EvaluationCallback.index_data', index_base)
             for j, r in enumerate(eval_set.index)
         ]
     return eval_set
@@ -484,6 +532,9 @@ class MLFlowLogger(_Logger):
 
 @register_callback(WandBOptions)
 class WandBLogger(_Logger):
+    """Weights & Biases: ``wandb_args`` go to ``wandb.init`` too; the training loss per batch or per epoch
+    (``metrics_logger_step``); the metrics before fine-tuning at step 0 (``log_zero_shot``)."""
+
     def __init__(self, **options: Any):
         self.options = WandBOptions(**options)
         self.wandb = _require('wandb', 'WandBLogger', 'wandb')
@@ -493,14 +544,23 @@ class WandBLogger(_Logger):
         if not state.is_world_process_zero:
             return
         o = self.options
-        self.run = self.wandb.init(
-            project=o.project,
-            entity=o.entity,
-            name=o.name or ctx.config.run_name,
-            mode=o.mode,
-            dir=o.dir,
-            config=ctx.spec.to_k8s(),
-        )
+        arguments = {
+            'project': o.project,
+            'entity': o.entity,
+            'name': o.name or ctx.config.run_name,
+            'mode': o.mode,
+            'dir': o.dir,
+            'config': ctx.spec.to_k8s(),
+            **(o.wandb_args or {}),
+        }
+        self.run = self.wandb.init(**arguments)
+        before = getattr(getattr(ctx, 'metrics', None), 'before', None) or {}
+        if o.log_zero_shot and before and not state.step:
+            self.log_metrics({f'eval/{k}': float(v) for k, v in before.items()}, 0)
+
+    def on_batch_end(self, ctx: TrainContext, state: TrainState, control: Control, loss: float) -> None:
+        if self.options.metrics_logger_step == 'batch':
+            super().on_batch_end(ctx, state, control, loss)
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         if self.run is not None:
@@ -540,7 +600,24 @@ def build_callbacks(specs: list[CallbackSpec]) -> list[Callback]:
                 problem = f'{spec.name} option {option!r}: {error["msg"]}'
             raise ConfigError(f'callbacks[{position}].options.{option}', problem) from e
         callbacks.append(cls(**spec.options))
+    check_captions(specs)
     return callbacks
+
+
+def check_captions(specs: list[CallbackSpec]) -> None:
+    """Several EvaluationCallbacks write the same metric names unless each has its own caption."""
+    seen: dict[str | None, int] = {}
+    for position, spec in enumerate(specs):
+        if spec.name != 'EvaluationCallback':
+            continue
+        caption = spec.options.get('caption')
+        if caption in seen:
+            raise ConfigError(
+                f'callbacks[{position}].options.caption',
+                f'EvaluationCallback {position} has the caption {caption!r} of EvaluationCallback {seen[caption]}: '
+                'their metrics would overwrite each other; give each EvaluationCallback its own caption',
+            )
+        seen[caption] = position
 
 
 def evaluation_callbacks(callbacks: list[Callback]) -> list[EvaluationCallback]:

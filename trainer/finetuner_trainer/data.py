@@ -2,7 +2,9 @@
 
 Everything a dataset can be is reduced to :class:`Example` objects holding one item (a labelled
 item) or two (a query-document pair or a text-image pair). Images are fetched and checked here,
-before training starts, so a broken file is a configuration error and not a crash at step 500.
+before training starts, so a broken file is a configuration error and not a crash at step 500; a
+pixel tensor becomes an image here too (:mod:`finetuner_trainer.images`), so every model family gets
+the same kind of image from any form of data.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import heapq
 import io
 import json
+import logging
 import math
 import random
 import tempfile
@@ -25,11 +28,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from finetuner.api.csvformat import CSVFormatError, parse_csv_text
+from finetuner.api.csvformat import CSVFormatError, decode_csv, read_csv_text
+from finetuner.api.datachecks import empty_texts
 from finetuner.api.layout import DATASET_FILE, Record, resolve_data
+from finetuner.api.tensors import TensorError, decode_tensor, encode_tensor
 from finetuner.api.v1alpha1 import CSVOptions, FinetuneRunSpec
 from finetuner.storage import StorageError, open_store
 from finetuner_trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LABEL_TAG = 'finetuner_label'
 SCORE_TAG = 'finetuner_score'
@@ -77,6 +84,7 @@ class Dataset:
     examples: list[Example]
     classes: list[str] = field(default_factory=list)
     source: str = ''
+    from_pairs: bool = False  # labelled data made of pairs: each query and its document a class of two
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -86,7 +94,14 @@ class Dataset:
         return {item.kind for example in self.examples for item in example.items}
 
     def subset(self, indices: Sequence[int]) -> Dataset:
-        return Dataset(self.shape, [self.examples[i] for i in indices], self.classes, self.source)
+        examples = [self.examples[i] for i in indices]
+        return Dataset(self.shape, examples, self.classes, self.source, self.from_pairs)
+
+
+def pairs_as_classes(dataset: Dataset) -> Dataset:
+    """Pairs for a label loss (Finetuner's semantics): a query and its document form a class of two."""
+    examples = [Example((item,), label=i) for i, pair in enumerate(dataset.examples) for item in pair.items]
+    return Dataset(Shape.LABELLED, examples, [str(i) for i in range(len(dataset))], dataset.source, from_pairs=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,26 +187,32 @@ def parse_jsonl(data: bytes, field_name: str) -> list[Record]:
             except json.JSONDecodeError as e:
                 raise ConfigError(field_name, f'line {number} is not valid JSON: {e.msg}') from e
     records = []
-    for number, row in enumerate(rows, 1):
+    for position, row in enumerate(rows):
         try:
             records.append(Record.model_validate(row))
         except Exception as e:  # pydantic's ValidationError, reworded to one line
             first = e.errors()[0] if hasattr(e, 'errors') else {'msg': str(e)}
-            raise ConfigError(field_name, f'record {number} is not a valid record: {first["msg"]}') from e
+            raise ConfigError(f'{field_name}[{position}]', f'is not a valid record: {first["msg"]}') from e
     return records
 
 
 def parse_csv(data: bytes, options: CSVOptions, field_name: str) -> list[Record]:
     """Finetuner's CSV semantics (:mod:`finetuner.api.csvformat`, shared with the SDK). Cells that
-    look like image paths or URIs become images."""
+    look like image paths or URIs become images. What was decided (delimiter, header) is logged, what
+    looks wrong is a warning in the log."""
     try:
-        text = data.decode(options.encoding)
+        text = decode_csv(data, options.encoding)
     except (UnicodeDecodeError, LookupError) as e:
         raise ConfigError('csvOptions.encoding', f'the CSV file is not {options.encoding!r} text: {e}') from e
     try:
-        return parse_csv_text(text, options, _csv_content)
+        read = read_csv_text(text, options, _csv_content)
     except CSVFormatError as e:
         raise ConfigError(field_name, str(e)) from e
+    for note in read.notes:
+        log.info('%s: %s', field_name, note)
+    for warning in read.warnings:
+        log.warning('%s: %s', field_name, warning)
+    return read.records
 
 
 def _csv_content(cell: str) -> dict[str, str]:
@@ -242,12 +263,8 @@ def _record_from_doc(doc: Any) -> Record:
     elif doc.url is not None:
         content['uri'] = str(doc.url)
     elif doc.tensor is not None:
-        content['tensor'] = _to_list(doc.tensor)
+        content['tensor'] = encode_tensor(doc.tensor)
     return Record(**content, label=label, score=score, modality=modality, tags=tags)
-
-
-def _to_list(tensor: Any) -> list[Any]:
-    return tensor.tolist() if hasattr(tensor, 'tolist') else list(tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,26 +308,37 @@ def check_image(data: bytes) -> None:
             raise ImageTooLarge(str(e)) from e
 
 
+def tensor_item(record: Record, where: str, field_name: str) -> Item:
+    """A pixel tensor as the image it holds (PNG bytes); ConfigError naming the record otherwise."""
+    from finetuner_trainer.images import tensor_png  # numpy and Pillow: loaded when a tensor is met
+
+    try:
+        return Item(image=tensor_png(decode_tensor(record.tensor)))
+    except TensorError as e:
+        raise ConfigError(f'{field_name}{where}', f'tensor: {e}') from e
+
+
 def to_item(record: Record, where: str, field_name: str, base: ImageBase | None = None) -> Item:
+    """The model's input of a record. ``where`` is the record's place after ``field_name`` (``'[6]'``): an
+    error names ``trainData[6]``, counted from 0 as the SDK counts ``train_data[6]``."""
     kind = record.content_kind
     if kind == 'text':
         return Item(text=record.text)
     if kind == 'tensor':
-        return Item(tensor=record.tensor)
+        return tensor_item(record, where, field_name)
+    place = f'{field_name}{where}'
+    name = record.uri or 'blob'
     try:
         data = load_image_bytes(record, base)
     except (OSError, StorageError, ValueError) as e:
-        raise ConfigError(field_name, f'{where}: cannot read image {record.uri or "blob"!r}: {e}') from e
+        raise ConfigError(place, f'cannot read image {name!r}: {e}') from e
     try:
         check_image(data)
     except ImageTooLarge as e:
-        name = record.uri or 'blob'
-        raise ConfigError(
-            field_name, f'{where}: image {name!r} is too large to decode safely ({e}); resize it before training'
-        ) from e
+        problem = f'image {name!r} is too large to decode safely ({e}); resize it before training'
+        raise ConfigError(place, problem) from e
     except Exception as e:  # PIL raises many types for broken files
-        name = record.uri or 'blob'
-        raise ConfigError(field_name, f'{where}: image {name!r} is corrupt or not an image ({e})') from e
+        raise ConfigError(place, f'image {name!r} is corrupt or not an image ({e})') from e
     return Item(image=data)
 
 
@@ -330,19 +358,19 @@ def detect_shape(records: list[Record], spec: FinetuneRunSpec, field_name: str) 
             field_name, f'{with_chunks} of {len(records)} records have chunks (pairs) and the rest do not: mixed data'
         )
     if not with_chunks:
-        missing = [i for i, r in enumerate(records, 1) if _label_of(r) is None]
+        missing = [i for i, r in enumerate(records) if _label_of(r) is None]
         if missing:
             raise ConfigError(
                 field_name,
-                f'{len(missing)} of {len(records)} records have no label (first: record {missing[0]}); labelled '
+                f'{len(missing)} of {len(records)} records have no label (first: {field_name}[{missing[0]}]); labelled '
                 f'items need "label" (or tags.{LABEL_TAG}), or give pairs as a parent with two chunks',
             )
         return Shape.LABELLED
-    wrong = [i for i, r in enumerate(records, 1) if len(r.chunks) != 2]
+    wrong = [i for i, r in enumerate(records) if len(r.chunks) != 2]
     if wrong:
         raise ConfigError(
-            field_name,
-            f'record {wrong[0]} has {len(records[wrong[0] - 1].chunks)} chunks; a pair has exactly two '
+            f'{field_name}[{wrong[0]}]',
+            f'has {len(records[wrong[0]].chunks)} chunks; a pair has exactly two '
             '(query then document, or a text and an image)',
         )
     if spec.multi_modal:
@@ -354,33 +382,32 @@ def detect_shape(records: list[Record], spec: FinetuneRunSpec, field_name: str) 
 
 
 def _text_image_items(
-    record: Record, number: int, spec: FinetuneRunSpec, field_name: str, base: ImageBase | None
+    record: Record, position: int, spec: FinetuneRunSpec, field_name: str, base: ImageBase | None
 ) -> tuple[Item, Item]:
     text_name = spec.text_modality or 'text'
     image_name = spec.image_modality or 'image'
+    place = f'{field_name}[{position}]'
     modalities = [c.modality or c.tags.get(MODALITY_TAG) for c in record.chunks]
     if all(m is not None for m in modalities):
         if text_name not in modalities or image_name not in modalities:
             raise ConfigError(
                 'textModality' if text_name not in modalities else 'imageModality',
-                f'record {number} has chunks with modalities {modalities}, not {text_name!r} and {image_name!r}; '
+                f'{place} has chunks with modalities {modalities}, not {text_name!r} and {image_name!r}; '
                 'set textModality and imageModality to the names your data uses',
             )
         text_chunk = record.chunks[modalities.index(text_name)]
         image_chunk = record.chunks[modalities.index(image_name)]
     else:
-        kinds = [c.content_kind for c in record.chunks]
+        kinds = ['image' if c.content_kind == 'tensor' else c.content_kind for c in record.chunks]
         if sorted(kinds) != ['image', 'text']:
-            raise ConfigError(field_name, f'record {number}: a text-image pair needs one text and one image chunk')
+            raise ConfigError(place, 'a text-image pair needs one text and one image chunk')
         text_chunk = record.chunks[kinds.index('text')]
         image_chunk = record.chunks[kinds.index('image')]
-    where = f'record {number}'
+    where = f'[{position}]'
     text_item = to_item(text_chunk, where, field_name, base)
     image_item = to_item(image_chunk, where, field_name, base)
     if text_item.kind != 'text' or image_item.kind != 'image':
-        raise ConfigError(
-            field_name, f'record {number}: the {text_name!r} chunk must hold text and the {image_name!r} chunk an image'
-        )
+        raise ConfigError(place, f'the {text_name!r} chunk must hold text and the {image_name!r} chunk an image')
     return text_item, image_item
 
 
@@ -398,8 +425,8 @@ def to_dataset(
     examples: list[Example] = []
     class_names: list[str] = list(classes or [])
     index = {name: i for i, name in enumerate(class_names)}
-    for number, record in enumerate(records, 1):
-        where = f'record {number}'
+    for position, record in enumerate(records):
+        where = f'[{position}]'  # counted from 0, as the SDK counts train_data[i]
         if shape == Shape.LABELLED:
             name = str(_label_of(record))
             if name not in index:
@@ -407,11 +434,28 @@ def to_dataset(
                 class_names.append(name)
             examples.append(Example((to_item(record, where, field_name, base),), label=index[name]))
         elif shape == Shape.TEXT_IMAGE:
-            examples.append(Example(_text_image_items(record, number, spec, field_name, base)))
+            examples.append(Example(_text_image_items(record, position, spec, field_name, base)))
         else:
             query, document = (to_item(chunk, where, field_name, base) for chunk in record.chunks)
             examples.append(Example((query, document), score=_score_of(record)))
+    check_texts(examples, field_name)
     return Dataset(shape, examples, class_names, source=field_name)
+
+
+def check_texts(examples: list[Example], field_name: str) -> None:
+    """ConfigError when every text is empty; a warning in the log when most are."""
+    texts = [item.text for example in examples for item in example.items if item.text is not None]
+    report = empty_texts(texts)
+    if report is None:
+        return
+    if report.all_empty:
+        raise ConfigError(field_name, f'all {report.total} texts are empty (or only spaces); give each item its text')
+    log.warning(
+        '%s: %d of %d texts are empty (or only spaces); empty texts all embed alike and teach the model nothing',
+        field_name,
+        report.empty,
+        report.total,
+    )
 
 
 def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -445,22 +489,44 @@ def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Datase
 # ---------------------------------------------------------------------------------------------
 
 
-class ClassBalancedBatches:
-    """Batches of ``classes_per_batch`` distinct classes with ``per_class`` items of each.
+ONE_PASS = 'pass'  # an epoch is one pass over the data
+LARGEST_CLASS = 'largest-class'  # an epoch is as long as the largest class needs (the older behaviour)
 
-    Every item is in a batch of every epoch. A class's items are shuffled and cut into groups of
-    ``per_class`` (the last group topped up with other items of the class; a class smaller than
-    ``per_class`` repeats items). Each batch takes one group from each of the classes with the most
-    groups left, which uses all groups in the fewest batches: max(largest class's groups,
-    ceil(all groups / classes_per_batch)). When fewer classes than a batch needs have groups left,
-    the free places get extra groups drawn from other classes. Deterministic per (seed, epoch).
+
+class ClassBalancedBatches:
+    """Batches of ``classes_per_batch`` class groups of ``per_class`` items each.
+
+    A class's items are shuffled and cut into groups of ``per_class`` (the last group topped up with
+    other items of the class; a class smaller than ``per_class`` repeats its items). Every item is in
+    a batch of every epoch. Deterministic per (seed, epoch). Two ways to size an epoch:
+
+    - ``epoch='pass'`` (the default): one pass over the data. The epoch has
+      ``ceil(groups / classes_per_batch)`` batches, so it holds each item once plus the few repeats
+      that fill groups and batches. A class's groups are spread over the epoch's batches, one per batch
+      while it has no more groups than there are batches; a class larger than that (one that holds
+      more than a batch's share of the data) puts a group in every batch and a second one in some. The
+      epoch is lengthened only so that no class fills a whole batch: every batch holds at least two
+      classes. Batch places left over are filled with groups of other classes (repeats).
+    - ``epoch='largest-class'``: every batch holds ``classes_per_batch`` distinct classes, and the epoch
+      lasts until the largest class has given all its groups: max(largest class's groups,
+      ceil(all groups / classes_per_batch)) batches. Small classes repeat across batches to fill the
+      places the large ones leave; on unbalanced data an epoch is then several passes (262 sentences in
+      10 classes: 24 batches of 32, where one pass is 9).
     """
 
     def __init__(
-        self, labels: Sequence[int], batch_size: int, per_class: int, seed: int, lengths: Sequence[int] | None = None
+        self,
+        labels: Sequence[int],
+        batch_size: int,
+        per_class: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        epoch: str = ONE_PASS,
     ):
         if lengths is not None and len(lengths) != len(labels):
             raise ValueError(f'{len(lengths)} lengths for {len(labels)} examples')
+        if epoch not in (ONE_PASS, LARGEST_CLASS):
+            raise ValueError(f'epoch must be {ONE_PASS!r} or {LARGEST_CLASS!r}, got {epoch!r}')
         self.lengths = list(lengths) if lengths is not None else None
         self.by_class: dict[int, list[int]] = defaultdict(list)
         for i, label in enumerate(labels):
@@ -471,8 +537,14 @@ class ClassBalancedBatches:
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
+        self.mode = epoch
         groups = [math.ceil(len(indices) / self.per_class) for indices in self.by_class.values()]
-        self.length = max(max(groups, default=1), math.ceil(sum(groups) / self.classes_per_batch), 1)
+        largest, spread = max(groups, default=1), math.ceil(sum(groups) / self.classes_per_batch)
+        if epoch == LARGEST_CLASS:
+            self.length = max(largest, spread, 1)
+        else:  # no class may fill a whole batch: at most classes_per_batch - 1 of its groups per batch
+            others = self.classes_per_batch - 1 if len(groups) > 1 and self.classes_per_batch > 1 else 0
+            self.length = max(spread, math.ceil(largest / others) if others else 1, 1)
 
     def __len__(self) -> int:
         return self.length
@@ -485,8 +557,8 @@ class ClassBalancedBatches:
             return rng.sample(indices, self.per_class)
         return indices + rng.choices(indices, k=self.per_class - len(indices))
 
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(self.seed * 100003 + self.epoch)
+    def _queues(self, rng: random.Random) -> dict[int, list[list[int]]]:
+        """Every class's items, shuffled, in groups of ``per_class`` (the last one topped up)."""
         queues: dict[int, list[list[int]]] = {}
         for label, indices in self.by_class.items():
             pool = indices[:]
@@ -497,6 +569,58 @@ class ClassBalancedBatches:
                 others = [i for i in indices if i not in last]
                 pool += rng.sample(others, short) if len(others) >= short else rng.choices(indices, k=short)
             queues[label] = [pool[i : i + self.per_class] for i in range(0, len(pool), self.per_class)]
+        return queues
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        queues = self._queues(rng)
+        if self.mode == LARGEST_CLASS:
+            batches = self._largest_class_batches(queues, rng)
+        else:
+            batches = self._one_pass_batches(queues, rng)
+        rng.shuffle(batches)
+        if self.lengths is not None:
+            yield from self._length_grouped(batches, rng, self.lengths)
+            return
+        for batch in batches:
+            yield [i for _, group in batch for i in group]
+
+    def _one_pass_batches(
+        self, queues: dict[int, list[list[int]]], rng: random.Random
+    ) -> list[list[tuple[int, list[int]]]]:
+        """Every group in one of ``length`` batches: classes largest first, each putting its groups in
+        the batches with the most room (random among equals). That keeps the batches within one group of
+        each other, so none overflows, and a class's groups land in distinct batches while it has no
+        more groups than batches. The room left is filled with groups of classes not yet in the batch."""
+        count = self.length
+        batches: list[list[tuple[int, list[int]]]] = [[] for _ in range(count)]
+        load = [0] * count
+        by_load: dict[int, list[int]] = {0: list(range(count))}
+        for label in sorted(queues, key=lambda label: (-len(queues[label]), rng.random())):
+            groups = queues[label]
+            full, rest = divmod(len(groups), count)
+            if full:  # a class with more groups than batches: some in every batch
+                load = [n + full for n in load]
+                by_load = defaultdict(list)
+                for b, n in enumerate(load):
+                    by_load[n].append(b)
+            chosen = [b for _ in range(full) for b in range(count)] + _least_loaded(by_load, load, rest, rng)
+            for b, group in zip(chosen, groups, strict=True):
+                batches[b].append((label, group))
+        for batch in batches:
+            present = {label for label, _ in batch}
+            spare = [label for label in self.by_class if label not in present]
+            room = max(0, self.classes_per_batch - len(batch))
+            for label in rng.sample(spare, min(room, len(spare))):
+                batch.append((label, self._group(self.by_class[label], rng)))
+        return batches
+
+    def _largest_class_batches(
+        self, queues: dict[int, list[list[int]]], rng: random.Random
+    ) -> list[list[tuple[int, list[int]]]]:
+        """Each batch takes one group from each of the classes with the most groups left, which uses all
+        groups in the fewest batches of distinct classes; when fewer classes than a batch needs have
+        groups left, the free places get extra groups drawn from other classes."""
         # A max-heap on groups left; the random second key breaks ties differently every epoch.
         heap = [(-len(groups), rng.random(), label) for label, groups in queues.items()]
         heapq.heapify(heap)
@@ -512,12 +636,7 @@ class ClassBalancedBatches:
             for left, tie, label in taken:
                 if left + 1 < 0:
                     heapq.heappush(heap, (left + 1, tie, label))
-        rng.shuffle(batches)
-        if self.lengths is not None:
-            yield from self._length_grouped(batches, rng, self.lengths)
-            return
-        for batch in batches:
-            yield [i for _, group in batch for i in group]
+        return batches
 
     def _length_grouped(
         self, batches: list[list[tuple[int, list[int]]]], rng: random.Random, lengths: list[int]
@@ -542,6 +661,24 @@ class ClassBalancedBatches:
             rng.shuffle(flat)
             flat.insert(0, first)
         yield from flat
+
+
+def _least_loaded(by_load: dict[int, list[int]], load: list[int], count: int, rng: random.Random) -> list[int]:
+    """``count`` distinct batches of the lowest load (random among equals), their load then raised by one.
+    ``by_load`` maps a load to its batches and is kept up to date."""
+    picked: list[int] = []
+    for level in sorted(by_load):
+        bucket = by_load[level]
+        while bucket and len(picked) < count:
+            i = rng.randrange(len(bucket))
+            bucket[i], bucket[-1] = bucket[-1], bucket[i]
+            picked.append(bucket.pop())
+        if len(picked) == count:
+            break
+    for b in picked:
+        load[b] += 1
+        by_load.setdefault(load[b], []).append(b)
+    return picked
 
 
 class RandomBatches:

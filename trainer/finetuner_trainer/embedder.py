@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -106,7 +105,7 @@ class ProjectionHead(nn.Sequential):
 def as_item(value: Item | Record) -> Item:
     if isinstance(value, Item):
         return value
-    return to_item(value, 'record', 'data')
+    return to_item(value, '', 'data')
 
 
 def to_device(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
@@ -120,10 +119,10 @@ def to_device(value: Any, device: torch.device | str, non_blocking: bool = False
 
 
 def decode_image(data: bytes) -> Any:
-    from PIL import Image  # Pillow is imported where images are decoded: text-only runs never load it
+    """8-bit RGB, whatever the file's mode (16-bit, float, palette, CMYK, ...): see finetuner_trainer.images."""
+    from finetuner_trainer.images import decode_image as decode  # Pillow: text-only runs never load it
 
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert('RGB')
+    return decode(data)
 
 
 def _jsonable(value: Any) -> Any:
@@ -168,6 +167,9 @@ class Embedder(nn.Module):
         self.name = name
         self.options = dict(options)
         self.head: ProjectionHead | None = None
+        # Set while an artifact is saved (finetuner_trainer.model_card.CardFacts): a family whose library
+        # writes its own model card (sentence-transformers) fills it from these.
+        self.card_facts: Any = None
 
     # --- per family: finding and building ----------------------------------------------------
     @classmethod

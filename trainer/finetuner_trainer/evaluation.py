@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -240,6 +241,28 @@ class EvalSet:
     index_labels: list[Any]
     same_items: bool  # the index is the query set itself (exclude_self applies)
     query_is_text_of_pair: bool = False  # CLIP: queries are text chunks, index are image chunks
+    # Ids that tell a query's own item in the index (exclude_self) once queries are a sample of the index.
+    query_ids: list[Any] | None = None
+    index_ids: list[Any] | None = None
+
+    def sample_queries(self, size: int, seed: int) -> EvalSet:
+        """``size`` of the queries drawn at random (``seed``), in their order; the index stays whole."""
+        import random
+
+        if size >= len(self.queries):
+            return self
+        chosen = sorted(random.Random(seed).sample(range(len(self.queries)), size))
+        positions = list(range(len(self.index)))
+        return EvalSet(
+            queries=[self.queries[i] for i in chosen],
+            index=self.index,
+            query_labels=[self.query_labels[i] for i in chosen],
+            index_labels=self.index_labels,
+            same_items=False,
+            query_is_text_of_pair=self.query_is_text_of_pair,
+            query_ids=chosen if self.same_items else None,
+            index_ids=positions if self.same_items else None,
+        )
 
 
 def _chunk(record: Record, modality: str | None, position: int) -> Record:
@@ -322,6 +345,7 @@ class Evaluator:
     batch_size: int = 32
     gather_examples: bool = False
     num_example_queries: int = 5
+    num_workers: int | None = None  # threads that match queries and index (None: torch's setting)
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -340,15 +364,19 @@ class Evaluator:
             index_emb = query_emb
         else:
             index_emb = embed_index(self.eval_set.index, self.batch_size).detach().float().cpu()
-        ranking = rank(
-            query_emb,
-            index_emb,
-            self.eval_set.query_labels,
-            self.eval_set.index_labels,
-            limit=self.limit,
-            distance=self.distance,
-            exclude_self=self.exclude_self and self.eval_set.same_items,
-        )
+        sampled = self.eval_set.query_ids is not None
+        with matching_threads(self.num_workers):
+            ranking = rank(
+                query_emb,
+                index_emb,
+                self.eval_set.query_labels,
+                self.eval_set.index_labels,
+                limit=self.limit,
+                distance=self.distance,
+                exclude_self=self.exclude_self and (self.eval_set.same_items or sampled),
+                query_ids=self.eval_set.query_ids,
+                index_ids=self.eval_set.index_ids,
+            )
         if self.gather_examples:
             self.examples = self._examples(ranking)
         return metrics_of_ranking(ranking)
@@ -379,6 +407,22 @@ class Evaluator:
                 }
             )
         return out
+
+
+@contextmanager
+def matching_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` (at most the CPUs there are) while queries are matched."""
+    if count is None:
+        yield
+        return
+    import os
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(count, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _describe(item: Any) -> str:

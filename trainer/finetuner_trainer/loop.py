@@ -143,8 +143,13 @@ def _publish(ctx: TrainContext) -> None:
 
 
 def run_metrics(ctx: TrainContext, after: dict[str, float]) -> dict[str, Any]:
-    """metrics.json: before and after fine-tuning, one entry per epoch."""
-    return {'before': ctx.metrics.before, 'after': after, 'epochs': ctx.state.history}
+    """metrics.json: before and after fine-tuning, one entry per epoch (and per interval of an
+    EvaluationCallback's steps_per_interval)."""
+    report: dict[str, Any] = {'before': ctx.metrics.before, 'after': after, 'epochs': ctx.state.history}
+    intervals = [entry for cb in ctx.callbacks for entry in getattr(cb, 'intervals', [])]
+    if intervals:
+        report['intervals'] = sorted(intervals, key=lambda entry: entry['step'])
+    return report
 
 
 def write_examples(ctx: TrainContext) -> None:

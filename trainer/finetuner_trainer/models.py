@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetuner.api.v1alpha1 import FinetuneRunSpec
-from finetuner.catalog import Backbone, find_backbone
+from finetuner.catalog import Backbone, find_backbone, model_options_of
 from finetuner.storage import StorageError, file_uri_path, open_store
 from finetuner_trainer.embedder import (
     BATCH_OVERHEAD_TOKENS,
@@ -155,6 +155,7 @@ def build_embedder(spec: FinetuneRunSpec) -> Embedder:
             'modelOptions', f'unknown option {unknown[0]!r}; model options are {", ".join(MODEL_OPTION_KEYS)}'
         )
     family, source, _ = resolve_model(spec)
+    check_family_options(family, spec.model_options)
     path = Path(source)
     if path.is_dir() and (path / MANIFEST_NAME).exists():
         embedder = load_embedder(path)
@@ -167,6 +168,25 @@ def build_embedder(spec: FinetuneRunSpec) -> Embedder:
             raise ConfigError('freeze', 'freeze: true trains only the projection head; also set outputDim')
         embedder.freeze_backbone()
     return embedder
+
+
+def pretrained_embedder(name: str, options: dict[str, Any]) -> Embedder:
+    """A backbone as it is, without a run: a catalog name or alias, ``timm:<name>``, a model folder or a
+    Hugging Face id, with ``options`` (``finetuner.build_model``, and ``get_model`` of a plain model folder)."""
+    spec = FinetuneRunSpec.model_validate({'model': name, 'trainData': 'unused', 'modelOptions': options})
+    return build_embedder(spec)
+
+
+def check_family_options(family: str, options: dict[str, Any]) -> None:
+    """ConfigError for an option the family does not take (``finetuner.catalog.MODEL_OPTIONS``, which
+    ``finetuner.list_model_options()`` shows): a timm model has no max_length, a text model no image_size."""
+    declared = [option.name for option in model_options_of(family)]
+    wrong = sorted(set(options) - set(declared))
+    if declared and wrong:
+        raise ConfigError(
+            f'modelOptions.{wrong[0]}',
+            f'{family} models take no {wrong[0]!r}; their options are {", ".join(declared)}',
+        )
 
 
 def load_embedder(directory: Path | str) -> Embedder:

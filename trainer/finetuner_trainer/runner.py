@@ -35,6 +35,8 @@ from finetuner_trainer.callbacks import build_callbacks, checkpoint_retention
 from finetuner_trainer.checkpointing import Checkpointer
 from finetuner_trainer.context import TrainContext
 from finetuner_trainer.data import (
+    LARGEST_CLASS,
+    ONE_PASS,
     ClassBalancedBatches,
     Dataset,
     Example,
@@ -43,6 +45,7 @@ from finetuner_trainer.data import (
     Shape,
     content_keys,
     load_records,
+    pairs_as_classes,
     split,
     text_lengths,
     to_dataset,
@@ -52,7 +55,8 @@ from finetuner_trainer.embedder import Embedder, to_device
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.loop import forward_loss, run_metrics, run_training, write_examples
 from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry, mini_batch_size
-from finetuner_trainer.models import build_embedder
+from finetuner_trainer.model_card import CardFacts, base_model_of, data_name_of_reference, write_card
+from finetuner_trainer.models import build_embedder, resolve_model
 from finetuner_trainer.onnx_export import export_for_artifact
 from finetuner_trainer.optim import LLRD_OPTION, build_optimizer, build_scheduler, layer_wise_groups
 from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
@@ -100,11 +104,6 @@ def load_data(config: TrainerConfig, log: logging.Logger) -> tuple[Dataset, Data
         train, evaluation = split(train, spec.val_split, spec.seed)
         log.info('valSplit %.2f: %d training, %d validation examples', spec.val_split, len(train), len(evaluation))
     return train, evaluation
-
-
-def pairs_as_classes(dataset: Dataset) -> Dataset:
-    examples = [Example((item,), label=i) for i, pair in enumerate(dataset.examples) for item in pair.items]
-    return Dataset(Shape.LABELLED, examples, [str(i) for i in range(len(dataset))], dataset.source)
 
 
 def check_fit(spec: FinetuneRunSpec, model: Embedder, train: Dataset, original_shape: Shape) -> None:
@@ -268,14 +267,19 @@ def _batch_sampler(
     lengths = text_lengths(dataset) if train and spec.group_by_length else None
     if use_classes:
         per_class = spec.num_items_per_class if train else max(1, min(spec.num_items_per_class, batch_size // 2))
-        if batch_size < 2 * per_class:
-            raise ConfigError(
-                'batchSize',
-                f'a batch of {batch_size} holds fewer than 2 classes of numItemsPerClass {per_class}; '
-                'raise batchSize or lower numItemsPerClass',
-            )
+        if dataset.from_pairs:  # a query and its document: a class of two
+            per_class = 2
+        check_class_batch(dataset, spec, batch_size, per_class)
         labels = [e.label for e in dataset.examples]
-        return ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths)
+        epoch = LARGEST_CLASS if spec.sampler == Sampler.CLASS_OVERSAMPLE else ONE_PASS
+        return ClassBalancedBatches(labels, batch_size, per_class, spec.seed, lengths=lengths, epoch=epoch)
+    if batch_size < 2 and len(dataset) >= 2:
+        unit = 'item' if dataset.shape == Shape.LABELLED else 'pair'
+        raise ConfigError(
+            'batchSize',
+            f'a batch of 1 {unit} has nothing to compare it with: {spec.loss} needs at least 2 {unit}s in a batch '
+            '(the others are its negatives); set batchSize to 2 or more',
+        )
     keys = content_keys(dataset) if train else None
     world = int(os.environ.get('WORLD_SIZE', '1'))
     sampler = RandomBatches(len(dataset), batch_size, spec.seed, lengths=lengths, keys=keys, multiple=world)
@@ -286,6 +290,24 @@ def _batch_sampler(
             '(in-batch negatives need pairs with different contents); add pairs with other queries',
         )
     return sampler
+
+
+def check_class_batch(dataset: Dataset, spec: FinetuneRunSpec, batch_size: int, per_class: int) -> None:
+    """ConfigError when a class-balanced batch cannot hold two classes, in the words of the data's shape."""
+    if batch_size >= 2 * per_class:
+        return
+    if dataset.from_pairs:
+        raise ConfigError(
+            'batchSize',
+            f'a batch of {batch_size} holds {"no whole pair" if batch_size < 2 else "one pair"}: {spec.loss} sees '
+            'each query and its document as a class of two and needs another pair in the batch as its negative; '
+            'set batchSize to 4 or more (2 pairs)',
+        )
+    raise ConfigError(
+        'batchSize',
+        f'a batch of {batch_size} holds fewer than 2 classes of numItemsPerClass {per_class}; '
+        'raise batchSize or lower numItemsPerClass',
+    )
 
 
 def make_loader(
@@ -472,15 +494,74 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def publish_artifact(ctx: TrainContext, workdir: Path) -> str:
-    """Save the model, upload every file under artifact/, then write artifact/manifest.json last.
+def card_facts(ctx: TrainContext, after: dict[str, Any]) -> CardFacts:
+    """What the artifact's model card says: base model, task, data, loss, hyper-parameters, metrics."""
+    spec, train, evaluation = ctx.spec, ctx.train_records, ctx.eval_records
+    family = ctx.model.family
+    source = resolve_model(spec)[1]
+    task = 'text-to-image' if family == 'clip' else 'text-to-text' if family == 'text' else 'image-to-image'
+    given = spec.model_dump(exclude_defaults=True, by_alias=False)
+    hyperparameters = {
+        'epochs': spec.epochs,
+        'batch_size': ctx.batch_size,
+        'learning_rate': ctx.optimizer.param_groups[0].get('initial_lr', ctx.optimizer.param_groups[0]['lr']),
+        'optimizer': spec.optimizer,
+        'scheduler': spec.scheduler or 'none',
+        'total_steps': ctx.state.total_steps,
+        'sampler': str(spec.sampler.value if hasattr(spec.sampler, 'value') else spec.sampler),
+        'output_dim': spec.output_dim,
+        'freeze': spec.freeze,
+        'seed': spec.seed,
+    }
+    evaluation_callbacks = [cb for cb in ctx.callbacks if type(cb).__name__ == 'EvaluationCallback']
+    return CardFacts(
+        run_name=ctx.config.run_name,
+        model=spec.model,
+        base_model_id=None
+        if spec.model_options.get('pretrained') is False
+        else base_model_of(spec.model, source, family, ctx.model),
+        family=family,
+        task=task,
+        output_dim=ctx.model.output_dim,
+        pretrained=spec.model_options.get('pretrained') is not False,
+        data_shape=train.shape.value,
+        train_size=len(train),
+        train_source=data_name_of_reference(spec.train_data),
+        eval_size=len(evaluation) if evaluation is not None else None,
+        eval_source=eval_name(spec, evaluation is not None),
+        classes=len(train.classes) if train.shape == Shape.LABELLED else None,
+        loss=spec.loss,
+        miner=spec.miner,
+        hyperparameters=hyperparameters,
+        non_default={k: v for k, v in given.items() if k in hyperparameters},
+        before=dict(ctx.metrics.before),
+        after=dict(after),
+        history=list(ctx.state.history),
+        limit=evaluation_callbacks[0].options.limit if evaluation_callbacks else 20,
+    )
+
+
+def eval_name(spec: FinetuneRunSpec, evaluated: bool) -> str | None:
+    if spec.eval_data:
+        return data_name_of_reference(spec.eval_data)
+    return f'{data_name_of_reference(spec.train_data)}, val_split {spec.val_split}' if evaluated else None
+
+
+def publish_artifact(ctx: TrainContext, workdir: Path, after: dict[str, Any] | None = None) -> str:
+    """Save the model and its card, upload every file under artifact/, then write artifact/manifest.json last.
 
     A manifest left by an earlier attempt is removed first, so an upload that dies half-way never
     looks complete."""
     store = ctx.store
     store.delete(layout.ARTIFACT_MANIFEST)
     folder = workdir / 'artifact'
-    description = ctx.model.save(folder)
+    facts = card_facts(ctx, after if after is not None else ctx.state.metrics)
+    ctx.model.card_facts = facts  # a text model's card is written by sentence-transformers from these
+    try:
+        description = ctx.model.save(folder)
+    finally:
+        ctx.model.card_facts = None
+    write_card(folder, facts, description.get('load'))
     if ctx.spec.to_onnx:
         description['onnx'] = export_for_artifact(ctx.model, folder)
     plot_training_curves(
@@ -551,7 +632,7 @@ def train(config: TrainerConfig, log: logging.Logger | None = None) -> TrainResu
     shutdown()  # under torchrun: no collective follows (rank 0 publishes alone); NCCL warns of a group left open
     after = dict(ctx.metrics.after if ctx.metrics.after is not None else state.metrics)
     with tempfile.TemporaryDirectory(prefix='finetuner-artifact-') as tmp:
-        artifact_uri = publish_artifact(ctx, Path(tmp)) if ctx.is_main else ''
+        artifact_uri = publish_artifact(ctx, Path(tmp), after) if ctx.is_main else ''
     metrics = run_metrics(ctx, after)
     write_examples(ctx)
     if ctx.is_main:

@@ -8,7 +8,7 @@ sides accept, refuse and default alike (and say so in the same words).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -37,6 +37,29 @@ class EvaluationOptions(CallbackOptions):
         default=False, description='Keep the top matches of a few queries (before and after) in examples.json.'
     )
     num_example_queries: int = Field(default=5, ge=1, le=1000)
+    model: str | None = Field(
+        default=None,
+        description="The model that embeds query_data (and index_data, without index_model): 'clip-text' or "
+        "'clip-vision' of a CLIP model; default: the run's model, each kind of content by its own tower.",
+    )
+    index_model: str | None = Field(default=None, description='The model that embeds index_data (CLIP).')
+    steps_per_interval: int | None = Field(
+        default=None,
+        ge=1,
+        description='Also evaluate every this many batches (large datasets); default: at the end of each epoch only.',
+    )
+    num_workers: int = Field(
+        default=8, ge=1, le=1024, description='Threads that match queries and index (at most the CPUs there are).'
+    )
+    caption: str | None = Field(
+        default=None,
+        pattern=r'^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$',
+        description='Name of this evaluation, prefixed to its metrics (caption_mrr); each of several '
+        'EvaluationCallbacks needs its own.',
+    )
+    query_sample_size: int | None = Field(
+        default=None, ge=1, description='Evaluate this many queries drawn at random (seeded) instead of all.'
+    )
 
 
 class BestModelOptions(CallbackOptions):
@@ -99,6 +122,15 @@ class WandBOptions(CallbackOptions):
     name: str | None = Field(default=None, description='Default: the run name.')
     mode: Literal['online', 'offline', 'disabled'] = 'online'
     dir: str | None = None
+    wandb_args: dict[str, Any] | None = Field(
+        default=None, description='More keyword arguments of wandb.init (they override the options above).'
+    )
+    metrics_logger_step: Literal['batch', 'epoch'] = Field(
+        default='epoch', description="Log the training loss after every batch ('batch') or once per epoch."
+    )
+    log_zero_shot: bool = Field(
+        default=True, description='Also log the metrics before fine-tuning (step 0), when the run evaluates.'
+    )
 
 
 # Callback name (as in spec.callbacks[].name) -> its options. The trainer and the SDK each have a

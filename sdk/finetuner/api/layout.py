@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from finetuner.api.tensors import check_encoded
 
 CONFIG = 'config.json'  # the TrainerConfig the run was started with
 PROGRESS = 'progress.json'  # finetuner.api.v1alpha1.Progress, rewritten while training
@@ -41,7 +43,9 @@ class Record(BaseModel):
     - text-image pairs (CLIP): a parent with a text chunk and an image chunk, each with ``modality``.
 
     Content is one of ``text``, ``uri`` (a path or URL of an image), ``blob`` (base64 image
-    bytes) or ``tensor`` (nested lists of numbers).
+    bytes) or ``tensor``: an image's pixels, as nested lists of numbers or as the SDK stores them,
+    a ``data:application/x-npy;base64,...`` URI of numpy ``.npy`` bytes (see
+    :mod:`finetuner.api.tensors` for the layouts and scales read as images).
     """
 
     model_config = ConfigDict(extra='forbid')
@@ -49,12 +53,19 @@ class Record(BaseModel):
     text: str | None = None
     uri: str | None = None
     blob: str | None = Field(default=None, description='base64-encoded bytes (an encoded image)')
-    tensor: list[Any] | None = None
+    tensor: list[Any] | str | None = Field(
+        default=None, description='pixels: nested lists, or a data:application/x-npy;base64 URI of .npy bytes'
+    )
     label: str | int | None = None
     score: float | None = None
     modality: str | None = None
     chunks: list[Record] = Field(default_factory=list)
     tags: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator('tensor')
+    @classmethod
+    def _encoded_tensor(cls, value: list[Any] | str | None) -> list[Any] | str | None:
+        return check_encoded(value) if isinstance(value, str) else value
 
     @model_validator(mode='after')
     def _content_or_chunks(self) -> Record:

@@ -192,7 +192,29 @@ class CSVOptions(_Model):
         description='CSV dialect: "auto" (sniffed from the file), "excel", "excel-tab" or "unix".',
         json_schema_extra={'enum': list(CSV_DIALECTS)},
     )
-    encoding: str = Field(default='utf-8', max_length=64, description='Text encoding of the file.')
+    delimiter: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1,
+        description='The character between cells, e.g. ";" or "|" ("tab" for a tab); empty: sniffed from the file.',
+    )
+    quotechar: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1,
+        description='The character quoting a cell that holds the delimiter; empty: sniffed (usually ").',
+    )
+    header: bool | None = Field(
+        default=None,
+        description='true: the first row names the columns and is skipped; false: it is data; empty (or "auto"): '
+        "detected (the csv module's Sniffer, or every cell a usual column name such as text, label, title, "
+        'question), and the decision is logged.',
+    )
+    encoding: str = Field(
+        default='utf-8',
+        max_length=64,
+        description='Text encoding of the file; a UTF-8 byte-order mark (Excel\'s "CSV UTF-8") is skipped.',
+    )
     is_labeled: bool = Field(
         default=False,
         description='Two columns are (item, label) when true, (query, document) pairs when false. '
@@ -207,6 +229,16 @@ class CSVOptions(_Model):
             raise ValueError(f'unknown CSV dialect {value!r}; choose one of {", ".join(CSV_DIALECTS)}')
         return value
 
+    @field_validator('delimiter', mode='before')
+    @classmethod
+    def _named_delimiter(cls, value: Any) -> Any:
+        return '\t' if value in ('tab', '\\t') else value
+
+    @field_validator('header', mode='before')
+    @classmethod
+    def _auto_header(cls, value: Any) -> Any:
+        return None if value == 'auto' else value
+
 
 class Device(str, Enum):
     AUTO = 'auto'
@@ -217,6 +249,7 @@ class Device(str, Enum):
 class Sampler(str, Enum):
     AUTO = 'auto'
     CLASS = 'class'
+    CLASS_OVERSAMPLE = 'class-oversample'
     RANDOM = 'random'
 
 
@@ -379,7 +412,9 @@ class FinetuneRunSpec(_Model):
     learning_rate: float | None = Field(
         default=None, gt=0, le=1, description='Learning rate; empty picks the model family default.'
     )
-    epochs: int = Field(default=5, ge=1, le=10000, description='Passes over the training data.')
+    epochs: int = Field(
+        default=5, ge=1, le=10000, description='Passes over the training data (see sampler for what one holds).'
+    )
     batch_size: int | None = Field(
         default=None, ge=1, le=65536, description='Batch size; empty picks the largest batch that fits.'
     )
@@ -395,10 +430,18 @@ class FinetuneRunSpec(_Model):
         default=None, ge=1, le=16384, description='Attach a projection MLP with this output size.'
     )
     num_items_per_class: int = Field(
-        default=4, ge=1, le=1024, description='Items per class in each batch (class-balanced sampling).'
+        default=4,
+        ge=1,
+        le=1024,
+        description='Items per class in each batch (class-balanced sampling of labelled data; pairs trained '
+        'with a label loss always put a query and its document together).',
     )
     sampler: Sampler = Field(
-        default=Sampler.AUTO, description='Batch sampler: auto (class when labelled), class or random.'
+        default=Sampler.AUTO,
+        description='Batch sampler: auto (class when labelled, else random); class: numItemsPerClass items of '
+        'each class in a batch, an epoch one pass over the data (a large class spread over its batches); '
+        'class-oversample: the same batches of distinct classes, an epoch as long as the largest class needs '
+        '(small classes repeat: several passes on unbalanced data); random: shuffled batches.',
     )
     group_by_length: bool = Field(
         default=False,

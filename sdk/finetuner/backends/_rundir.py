@@ -77,6 +77,15 @@ class RunState(BaseModel):
     boot_id: str | None = Field(default=None, description='the boot of the machine the attempt was admitted in')
     attempts: int = Field(default=0, description='attempts the queue admitted')
     admitted_at: str | None = Field(default=None, description='when the queue admitted the current attempt')
+    trainer_started_at: str | None = Field(
+        default=None, description="when the supervisor started the current attempt's trainer process"
+    )
+    log_bytes_at_admission: int = Field(
+        default=0, description="trainer.log's size when the current attempt was admitted: output beyond it is new"
+    )
+    progress_mtime_at_admission: int | None = Field(
+        default=None, description="progress.json's mtime (ns) when the current attempt was admitted; None: none"
+    )
 
     def phase_is_terminal(self) -> bool:
         return Phase(self.phase).terminal
@@ -196,6 +205,61 @@ def write_state(run_dir: Path, state: RunState) -> None:
     write_json_atomic(run_dir / STATE_FILE, state.model_dump(mode='json'))
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def admission_baseline(run_dir: Path) -> dict[str, Any]:
+    """What the trainer files hold when an attempt is admitted (the RunState fields ``*_at_admission``):
+    a resumed attempt's earlier log and progress are not signs of this attempt's life."""
+    return {
+        'log_bytes_at_admission': _size(run_dir / TRAINER_LOG),
+        'progress_mtime_at_admission': _mtime_ns(run_dir / OUTPUT_DIR / layout.PROGRESS),
+    }
+
+
+def shows_life(run_dir: Path, state: RunState) -> bool:
+    """The current attempt's trainer wrote to its log or its progress since the attempt was admitted."""
+    if _size(run_dir / TRAINER_LOG) > state.log_bytes_at_admission:
+        return True
+    progress = _mtime_ns(run_dir / OUTPUT_DIR / layout.PROGRESS)
+    return progress is not None and progress != state.progress_mtime_at_admission
+
+
+def started(state: RunState) -> RunState:
+    """STARTED: the trainer runs. Its start time is its process's start (a container's ``startedAt``)."""
+    return state.model_copy(
+        update={
+            'phase': Phase.STARTED,
+            'reason': Reason.RUNNING.value,
+            'details': reasons.RUNNING,
+            'start_time': state.start_time or state.trainer_started_at or state.admitted_at or now(),
+        }
+    )
+
+
+def observed(run_dir: Path, state: RunState) -> RunState:
+    """The state as the run's files show it now, which may be ahead of ``state.json``.
+
+    The supervisor records STARTED when it next polls after its trainer shows life; a reader must not
+    see CREATED in between (a trainer already reporting progress reads STARTED on a cluster too). An
+    attempt counts once the supervisor has recorded its trainer process and that trainer has written
+    to its log or progress since the attempt was admitted. The supervisor records the same state."""
+    if state.phase == Phase.CREATED and state.admitted and state.trainer_pid is not None and shows_life(run_dir, state):
+        return started(state)
+    return state
+
+
 def read_pid(run_dir: Path) -> int | None:
     try:
         return int((run_dir / PID_FILE).read_text())
@@ -217,10 +281,20 @@ def explain_weights_unreachable(run_dir: Path, message: str) -> str | None:
     if not any(marker in message for marker in _WEIGHTS_UNREACHABLE):
         return None
     config = read_json(run_dir / CONFIG_FILE) or {}
-    model = (config.get('spec') or {}).get('model', 'the model')
+    spec = config.get('spec') or {}
+    model = spec.get('model', 'the model')
+    offline = '(no connection to the Hugging Face hub, or HF_HUB_OFFLINE is set)'
+    if (spec.get('modelOptions') or {}).get('pretrained') is False:
+        # Advice that fits what was asked: the weights were not wanted, the configuration and tokenizer are.
+        return (
+            f"model_options={{'pretrained': False}} skips only the weights: the configuration and tokenizer of "
+            f'{model!r} still come from the hub, and they are not on this machine and cannot be downloaded {offline}. '
+            'Give a local model folder (config.json and tokenizer files) as model=..., or set HF_ENDPOINT to a '
+            f'reachable hub mirror. (trainer: {message[:300]})'
+        )
     return (
-        f'the pretrained weights of {model!r} are not on this machine and cannot be downloaded '
-        '(no connection to the Hugging Face hub, or HF_HUB_OFFLINE is set). Give a local model folder as model=..., '
+        f'the pretrained weights of {model!r} are not on this machine and cannot be downloaded {offline}. '
+        'Give a local model folder as model=..., '
         "set HF_ENDPOINT to a reachable hub mirror, or train from scratch with model_options={'pretrained': False}. "
         f'(trainer: {message[:300]})'
     )

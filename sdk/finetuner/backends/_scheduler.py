@@ -342,6 +342,9 @@ class LocalQueue:
                 'admitted_at': rd.now(),
                 'reason': Reason.SUBMITTED.value,
                 'details': rd.RunState().details,
+                'trainer_pid': None,
+                'trainer_started_at': None,
+                **rd.admission_baseline(run_dir),
             }
         )
         rd.write_state(run_dir, state)

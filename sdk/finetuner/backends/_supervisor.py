@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from finetuner.api import layout, reasons
+from finetuner.api import reasons
 from finetuner.api.reasons import Reason
 from finetuner.api.v1alpha1 import Phase
 from finetuner.backends import _rundir as rd
@@ -36,22 +36,6 @@ from finetuner.backends._scheduler import LocalQueue
 
 POLL_SECONDS = 0.25
 GRACE_SECONDS = 10.0
-
-
-def _shows_life(run_dir: Path) -> bool:
-    log = run_dir / rd.TRAINER_LOG
-    return (log.exists() and log.stat().st_size > 0) or (run_dir / rd.OUTPUT_DIR / layout.PROGRESS).exists()
-
-
-def _started(state: rd.RunState) -> rd.RunState:
-    return state.model_copy(
-        update={
-            'phase': Phase.STARTED,
-            'reason': Reason.RUNNING.value,
-            'details': reasons.RUNNING,
-            'start_time': state.start_time or rd.now(),
-        }
-    )
 
 
 def _suspended(state: rd.RunState) -> rd.RunState:
@@ -103,8 +87,21 @@ class Supervisor:
             except OSError as e:
                 log.write(f'could not start the trainer {command[0]!r}: {e}\n'.encode())
                 return 127
-        rd.write_state(self.run_dir, rd.read_state(self.run_dir).model_copy(update={'trainer_pid': self.trainer.pid}))
+        with self.queue.locked():
+            state = rd.read_state(self.run_dir)
+            update = {'trainer_pid': self.trainer.pid, 'trainer_started_at': rd.now()}
+            rd.write_state(self.run_dir, state.model_copy(update=update))
         return None
+
+    def record_start(self) -> None:
+        """Record STARTED once the trainer shows life (readers see it from the files even before)."""
+        if rd.observed(self.run_dir, rd.read_state(self.run_dir)).phase != Phase.STARTED:
+            return  # not yet, or recorded already; the lock only to write
+        with self.queue.locked():
+            state = rd.read_state(self.run_dir)
+            seen = rd.observed(self.run_dir, state)
+            if seen.phase != state.phase:
+                rd.write_state(self.run_dir, seen)
 
     def watch(self) -> int | None:
         """Until the trainer exits: its exit code, or None when the run's folder vanished."""
@@ -114,9 +111,7 @@ class Supervisor:
             if self.vanished():
                 self._stop_trainer()
                 return None
-            state = rd.read_state(self.run_dir)
-            if state.phase == Phase.CREATED and _shows_life(self.run_dir):
-                rd.write_state(self.run_dir, _started(state))
+            self.record_start()
             if self.stopping and stop_sent_at is None:  # also a SIGTERM that came before the trainer existed
                 stop_sent_at = time.monotonic()
                 self.trainer.terminate()
@@ -139,9 +134,7 @@ class Supervisor:
         cancelled = (self.run_dir / rd.CANCEL_MARKER).exists()
         suspend = (self.run_dir / rd.SUSPEND_MARKER).exists()
         with self.queue.locked():
-            state = rd.read_state(self.run_dir)
-            if state.start_time is None and _shows_life(self.run_dir):
-                state = state.model_copy(update={'start_time': rd.now()})
+            state = rd.observed(self.run_dir, rd.read_state(self.run_dir))  # its start, if it showed life
             if suspend and not cancelled and exit_code != 0:
                 (self.run_dir / rd.SUSPEND_MARKER).unlink(missing_ok=True)
                 rd.write_state(self.run_dir, _suspended(state))

@@ -63,6 +63,7 @@ from finetuner.backends._rundir import (
     failure_reason,
     final_state,
     now,
+    observed,
     process_alive,
     read_experiment,
     read_json,
@@ -292,7 +293,7 @@ class LocalBackend(Backend):
 
     # --- reading ------------------------------------------------------------------------------
     def _status(self, name: str, run_dir: Path, waits: dict[str, Wait]) -> FinetuneRunStatus:
-        state = read_state(run_dir)
+        state = observed(run_dir, read_state(run_dir))  # STARTED as soon as the trainer shows life
         output = run_dir / OUTPUT_DIR
         stored = read_json(run_dir / RUN_FILE) or {}
         spec_output = (stored.get('spec') or {}).get('output')

@@ -22,6 +22,7 @@ from finetuner.console.events import EventRow, run_events
 from finetuner.errors import BackendError, FinetunerError, RunNotFinishedError
 from finetuner.run import ExampleQuery, ExampleResults
 from finetuner.storage import StorageError, open_store
+from finetuner.sweeps import sweep_points, sweep_run_name
 
 PHASES: tuple[str, ...] = tuple(p.value for p in Phase)
 # Metrics drawn by epoch and shown side by side in an experiment, in this order when present.
@@ -298,15 +299,19 @@ class ExperimentView:
     def sweep_points(self) -> int | None:
         """How many runs the sweep makes in all (None without a sweep)."""
         sweep = self.record.spec.sweep
-        return sweep_size(sweep) if sweep is not None else None
+        return len(sweep_points(sweep)) if sweep is not None else None
 
+    @property
+    def sweep_created(self) -> int:
+        """Sweep points the backend (the operator, or the local queue) has turned into runs so far."""
+        return self.record.status.sweep_created
 
-def sweep_size(sweep: Any) -> int:
-    """Runs a sweep creates: every grid point, or ``count`` random draws."""
-    grid = 1
-    for values in sweep.parameters.values():
-        grid *= len(values)
-    return grid if sweep.kind == 'grid' else (sweep.count or grid)
+    @property
+    def other_runs(self) -> int:
+        """Runs of the experiment that are not one of its sweep's points (fit(experiment_name=...))."""
+        points = self.sweep_points or 0
+        names = {sweep_run_name(self.record.name, i) for i in range(points)}
+        return sum(1 for r in self.runs if r.row.name not in names)
 
 
 def best_run(runs: list[RunRecord], selector: BestRunSelector) -> BestRun | None:

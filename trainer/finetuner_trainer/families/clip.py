@@ -28,9 +28,12 @@ class ClipEmbedder(Embedder):
 
     def __init__(self, name: str, path: str, options: dict[str, Any]):
         super().__init__(name, options)
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel  # heavy: loaded when built
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel  # heavy: loaded when built
 
-        self.clip = CLIPModel.from_pretrained(path)
+        if options.get('pretrained', True) is False:  # the architecture with random weights
+            self.clip = CLIPModel(CLIPConfig.from_pretrained(path))
+        else:
+            self.clip = CLIPModel.from_pretrained(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = AutoImageProcessor.from_pretrained(path)
         limit = int(self.clip.config.text_config.max_position_embeddings)
@@ -49,7 +52,9 @@ class ClipEmbedder(Embedder):
 
     @classmethod
     def load(cls, directory: Path, description: dict[str, Any]) -> ClipEmbedder:
-        return cls(description['name'], str(directory), dict(description.get('options') or {}))
+        options = dict(description.get('options') or {})
+        options.pop('pretrained', None)  # the folder's weights are the model, whatever the run started from
+        return cls(description['name'], str(directory), options)
 
     # --- the model -----------------------------------------------------------------------------
     @property

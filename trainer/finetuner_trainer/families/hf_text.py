@@ -28,6 +28,7 @@ from finetuner_trainer.embedder import (
     register_family,
 )
 from finetuner_trainer.errors import ConfigError
+from finetuner_trainer.model_card import st_card_data
 
 # Sentence embedders that ship inside PyPI packages (catalog source -> package, where its folder is),
 # so the catalog works offline (air-gapped clusters, tests). Absent packages are skipped.
@@ -87,7 +88,10 @@ class TextEmbedder(Embedder):
         config = AutoConfig.from_pretrained(model_path)
         kwargs = {'add_pooling_layer': False} if config.model_type in ('bert', 'roberta', 'xlm-roberta') else {}
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.backbone = AutoModel.from_pretrained(model_path, **kwargs)
+        if options.get('pretrained', True) is False:  # the architecture with random weights
+            self.backbone = AutoModel.from_config(config, **kwargs)
+        else:
+            self.backbone = AutoModel.from_pretrained(model_path, **kwargs)
         self.pooler = str(options.get('pooler', st.get('pooler', 'mean'))).lower()
         if self.pooler not in POOLERS:
             raise ConfigError(
@@ -121,6 +125,7 @@ class TextEmbedder(Embedder):
         options = dict(description.get('options') or {})
         options.pop('pooler', None)  # the folder's own pooling config is authoritative
         options.pop('pooler_options', None)
+        options.pop('pretrained', None)  # the folder's weights are the model, whatever the run started from
         return cls(description['name'], str(directory), options)
 
     # --- the model -----------------------------------------------------------------------------
@@ -197,7 +202,8 @@ class TextEmbedder(Embedder):
             stack.append(modules.Normalize())
         from sentence_transformers import SentenceTransformer  # heavy: loaded only to save a text model
 
-        SentenceTransformer(modules=stack, device='cpu').save(str(directory))
+        card = st_card_data(self.card_facts) if self.card_facts is not None else None
+        SentenceTransformer(modules=stack, device='cpu', model_card_data=card).save(str(directory))
         return {
             'format': 'sentence-transformers',
             'projection': {'in_sentence_transformers': True} if self.head is not None else None,

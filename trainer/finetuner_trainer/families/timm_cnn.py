@@ -28,6 +28,7 @@ from finetuner_trainer.embedder import (
     register_family,
 )
 from finetuner_trainer.errors import ConfigError
+from finetuner_trainer.images import tensor_image
 from finetuner_trainer.numpy_images import NumpyImageTransform
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,10 @@ class TimmEmbedder(Embedder):
         return int(self.backbone.num_features)
 
     def collate_kind(self, kind: str, items: list[Item]) -> dict[str, Tensor]:
-        if kind == 'tensor':
-            pixels = torch.stack([torch.as_tensor(item.tensor, dtype=torch.float32) for item in items])
-        else:
-            pixels = torch.stack([self.transform(decode_image(item.image)) for item in items])  # type: ignore[arg-type]
-        return {'pixel_values': pixels}
+        """timm's eval transform of each image. A pixel tensor is an image too (records' tensors become
+        images when the data is read; an Item made with a tensor gets the same conversion here)."""
+        images = [tensor_image(item.tensor) if kind == 'tensor' else decode_image(item.image) for item in items]  # type: ignore[arg-type]
+        return {'pixel_values': torch.stack([self.transform(image) for image in images])}
 
     def encode(self, kind: str, inputs: dict[str, Tensor]) -> Tensor:
         pixels = inputs['pixel_values'].contiguous(memory_format=torch.channels_last)
