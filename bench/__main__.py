@@ -37,6 +37,7 @@ BENCHMARKS: tuple[str, ...] = (
     'text_throughput',
     'image_throughput',
     'quality',
+    'grad_cache',
     'inference',
     'operator_scale',
     'mining',

@@ -1,240 +1,324 @@
-"""Quality uplift: retrieval on held-out chatterbot-corpus data, before and after fine-tuning.
+"""Quality on held-out tasks: the pretrained model, this project's default recipe and sentence-transformers.
 
-Two retrieval tasks, each fine-tuned by both sides from the same pretrained all-MiniLM-L6-v2 with
-the same epochs, batch size, learning rate and max length: this project through
-``finetuner_trainer.train`` (the artifact read back with ``finetuner.get_model`` and embedded with
-``finetuner.encode``), sentence-transformers through its own trainer.
+The tasks are :mod:`bench.tasks` (their ``report`` split; recipes are tuned on the ``dev`` split only).
+For each task and training seed, both sides fine-tune the same pretrained model on the same records with
+the same epochs, batch size and input size:
 
-- ``qa``: question -> answer. The pairs are split by question (20% of the questions and all their
-  answers held out); ``MultipleNegativesRankingLoss`` on both sides. Every held-out question is a
-  query; the index is every held-out answer, relevant when it answers that question.
-- ``topics``: question -> questions of the same topic (the demo's task). Questions labelled with
-  their corpus file (ai, food, history, ...), 30% of each topic held out; ours
-  ``TripletMarginLoss`` over class-balanced batches, sentence-transformers ``BatchAllTripletLoss``
-  over label-grouped batches. Every held-out question is a query against the other held-out
-  questions, relevant when they share its topic.
+- this project: ``finetuner_trainer.train`` with a spec that names only the model, the data, the budget and
+  the seed, so loss, miner, sampler, learning rate and schedule are the trainer's defaults for the data's
+  shape (docs/RECIPES.md); the artifact is read back with ``finetuner.get_model`` / ``finetuner.encode``;
+- sentence-transformers: its own ``SentenceTransformerTrainer`` with its usual loss for the shape
+  (``BatchAllTripletLoss`` over label-grouped batches for labelled items, ``MultipleNegativesRankingLoss``
+  over no-duplicate batches for pairs) and its default learning rate and schedule (5e-5, linear decay);
+  images through a sentence-transformers module around the same timm backbone and transform.
 
-Metrics at k = 10 from ``finetuner_trainer.evaluation.retrieval_metrics``.
+Every held-out query ranks the corpus by cosine similarity (itself left out); nDCG@10, MAP@10 and MRR@10
+are computed by :func:`score` (checked against sentence-transformers' ``InformationRetrievalEvaluator``
+in tests/bench). The table shows medians over the training seeds.
+
+``python -m bench.quality --task NAME --split dev`` runs one task on the dev split (what tuning may
+look at); ``--set field=JSON`` overrides a field of this project's spec.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import data, ours, st_reference
+from bench import ours, st_reference
 from bench.common import Row, Settings
-from bench.text_throughput import text_model
+from bench.tasks import TASKS, Budget, HeldOut, RetrievalTask, SplitName, TaskSplit, by_label, by_pair
 from finetuner.api.layout import Record
 
 BENCHMARK = 'quality'
-BATCH = 32
 K = 10
-METRICS = (('mrr', 'MRR@10'), ('recall_at_k', 'recall@10'), ('ndcg_at_k', 'nDCG@10'), ('map', 'mAP@10'))
-UPLIFT_TARGET = 0.10
+METRICS = (('ndcg_at_k', 'nDCG@10'), ('map', 'MAP@10'), ('mrr', 'MRR@10'))
+SIDES = ('pretrained', 'ours', 'sentence-transformers')
+
+
+def score(query_embeddings: Any, corpus_embeddings: Any, held: HeldOut, k: int = K) -> dict[str, float]:
+    """Mean nDCG@k, MAP@k and MRR@k of ranking the corpus by cosine similarity for every query (the query
+    itself left out of its own ranking)."""
+    import torch
+
+    from finetuner_trainer.evaluation import ranking_metrics
+
+    queries = torch.nn.functional.normalize(torch.as_tensor(query_embeddings).float(), dim=-1)
+    corpus = torch.nn.functional.normalize(torch.as_tensor(corpus_embeddings).float(), dim=-1)
+    similarity = queries @ corpus.T
+    for i, itself in enumerate(held.itself):
+        if itself is not None:
+            similarity[i, itself] = float('-inf')
+    excluded = 1 if any(itself is not None for itself in held.itself) else 0
+    top = similarity.topk(min(k, corpus.shape[0] - excluded), dim=1)
+    totals = dict.fromkeys(('ndcg_at_k', 'map', 'mrr'), 0.0)
+    for i, ranked in enumerate(top.indices.tolist()):
+        metrics = ranking_metrics([int(j in held.relevant[i]) for j in ranked], len(held.relevant[i]))
+        totals['ndcg_at_k'] += metrics['ndcg_at_k']
+        totals['map'] += metrics['average_precision']
+        totals['mrr'] += metrics['reciprocal_rank']
+    return {key: value / len(held.queries) for key, value in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The three sides
+# ---------------------------------------------------------------------------------------------
+
+
+def model_options(task: RetrievalTask) -> dict[str, Any]:
+    options = task.budget.model_options()
+    if task.model.startswith('timm:test_'):  # the test suite's tiny CNNs have no pretrained weights
+        options['pretrained'] = False
+    return options
+
+
+def pretrained(task: RetrievalTask, held: HeldOut, settings: Settings) -> dict[str, float]:
+    """The metrics of the model before fine-tuning, embedded by this project's embedder (the same pooling
+    and preprocessing as both fine-tuned sides start from)."""
+    from finetuner.api.v1alpha1 import FinetuneRunSpec
+    from finetuner_trainer.models import build_embedder
+
+    spec = FinetuneRunSpec(model=task.model, train_data='file:///unused.jsonl', model_options=model_options(task))
+    model = build_embedder(spec).to(settings.device)
+    return score(model.embed(held.queries), model.embed(held.corpus), held)
+
+
+def train_ours(
+    task: RetrievalTask, split: TaskSplit, seed: int, settings: Settings, overrides: dict[str, Any]
+) -> dict[str, float]:
+    """Fine-tune with the trainer's defaults for the data (plus ``overrides``); the held-out metrics."""
+    import finetuner
+
+    name = f'quality-{task.name}-{seed}-{time.monotonic_ns()}'
+    fields: dict[str, Any] = {
+        'epochs': task.budget.epochs,
+        'batch_size': task.budget.batch_size,
+        'model_options': model_options(task),
+        'device': settings.device,
+        'seed': seed,
+        **overrides,
+    }
+    spec = ours.spec_for(task.model, split.train, settings.workdir, name, **fields)
+    result = ours.train_run(spec, settings.workdir, name)
+    model = finetuner.get_model(Path(result.artifact_uri.removeprefix('file://')), device=settings.device)
+    held = split.held_out
+    return score(finetuner.encode(model, held.queries), finetuner.encode(model, held.corpus), held)
+
+
+def train_st(task: RetrievalTask, split: TaskSplit, seed: int, settings: Settings) -> dict[str, float]:
+    """Fine-tune with sentence-transformers' trainer and its usual loss for the shape; the held-out metrics."""
+    budget = task.budget
+    image = budget.image_size is not None
+    model = None
+    if image:
+        options = model_options(task)
+        model = st_reference.image_model(task.model.removeprefix('timm:'), options, settings.device)
+    st_model, _ = st_reference.train(
+        Path(task.model_path()),
+        split.train,
+        'triplet' if task.shape == 'labelled' else 'pairs',
+        batch_size=budget.batch_size,
+        max_length=budget.max_length or 256,
+        epochs=budget.epochs,
+        learning_rate=st_reference.DEFAULT_LEARNING_RATE,
+        seed=seed,
+        device=settings.device,
+        output_dir=settings.workdir / f'st-quality-{task.name}-{seed}',
+        bf16=settings.gpu,
+        model=model,
+    )
+    held = split.held_out
+    encode = st_reference.encode_records
+    return score(encode(st_model, held.queries), encode(st_model, held.corpus), held)
+
+
+# ---------------------------------------------------------------------------------------------
+# A task's result and its rows
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Task:
-    """One retrieval task: its training records and its held-out queries and index."""
+class TaskResult:
+    task: RetrievalTask
+    split: SplitName
+    train_size: int
+    held: HeldOut
+    before: dict[str, float]
+    after: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # side -> one entry per seed
+    seconds: dict[str, float] = field(default_factory=dict)
 
-    name: str
-    title: str
-    loss: str  # ours
-    st_task: st_reference.TextTask
-    epochs: int
-    learning_rate: float
-    max_length: int
-    train: list[Record]
-    queries: list[str]
-    query_labels: list[str]
-    index: list[str]
-    index_labels: list[str]
-    exclude_self: bool = False
-    spec_fields: dict[str, Any] = field(default_factory=dict)
-    seeds: int = 1  # both sides train once per seed; the table shows the median over seeds
+    def median(self, side: str, key: str) -> float:
+        if side == 'pretrained':
+            return self.before[key]
+        return statistics.median(run[key] for run in self.after[side])
 
     @property
     def setting(self) -> str:
+        t, b = self.task, self.task.budget
+        size = f'max length {b.max_length}' if b.max_length else f'{b.image_size} px'
         return (
-            f'{self.title}: {len(self.train)} training {"pairs" if self.st_task == "pairs" else "questions"}, '
-            f'{len(self.queries)} held-out queries, {len(self.index)} in the index, {self.epochs} epoch'
-            f'{"s" if self.epochs > 1 else ""}, lr {self.learning_rate:g}, batch {BATCH}'
-            + (f', median of {self.seeds} seeds' if self.seeds > 1 else '')
+            f'{t.name}: {t.title}; {self.train_size} training {"pairs" if t.shape == "pairs" else "items"}, '
+            f'{len(self.held.queries)} queries, {len(self.held.corpus)} in the corpus; {t.model.split("/")[-1]}, '
+            f'{b.epochs} epoch{"s" if b.epochs > 1 else ""}, batch {b.batch_size}, {size}; '
+            f'median of {len(t.seeds)} seeds, {self.split} split'
         )
 
 
-def qa_task(settings: Settings) -> Task:
-    if settings.mode == 'tiny':
-        from tests.support.tiny import text_pairs
-
-        pairs = [data.QAPair(r.chunks[0].text or '', r.chunks[1].text or '', 'tiny') for r in text_pairs(n=64, seed=1)]
-    else:
-        pairs = data.chatterbot_pairs()
-    train, test = data.split_by_question(pairs, 0.2, seed=0)
-    if settings.mode == 'quick':
-        train = data.repeat_to_pairs(train, 320, seed=0)
-    questions = sorted({p.question for p in test})
-    return Task(
-        name='qa',
-        title='question -> answer',
-        loss='MultipleNegativesRankingLoss',
-        st_task='pairs',
-        epochs=1,
-        learning_rate=5e-5,
-        max_length=64,
-        train=data.pair_records(train),
-        queries=questions,
-        query_labels=questions,
-        index=[p.answer for p in test],
-        index_labels=[p.question for p in test],
-        seeds=settings.pick(full=2, quick=1, tiny=1),
-    )
+def evaluate(
+    task: RetrievalTask,
+    settings: Settings,
+    which: SplitName = 'report',
+    overrides: dict[str, Any] | None = None,
+    sides: tuple[str, ...] = SIDES,
+    log: Any = None,
+) -> TaskResult:
+    """Every side of ``sides`` on ``task``'s ``which`` split, once per training seed."""
+    split = task.split(which)
+    result = TaskResult(task, which, len(split.train), split.held_out, pretrained(task, split.held_out, settings))
+    for seed in task.seeds:
+        for side in sides[1:] if sides[0] == 'pretrained' else sides:
+            began = time.perf_counter()
+            if side == 'ours':
+                metrics = train_ours(task, split, seed, settings, overrides or {})
+            else:
+                metrics = train_st(task, split, seed, settings)
+            result.after.setdefault(side, []).append(metrics)
+            result.seconds[side] = result.seconds.get(side, 0.0) + time.perf_counter() - began
+            if log is not None:
+                log(f'{task.name} seed {seed} {side}: ' + ' '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+    return result
 
 
-def topics_task(settings: Settings) -> Task:
-    from finetuner.demo import TASKS
-
-    recipe = TASKS['topics']  # the demo's recipe and data, so the benchmark measures what the README shows
-    if settings.mode == 'tiny':
-        from tests.support.tiny import labelled_texts
-
-        records = labelled_texts(n_classes=4, per_class=12, seed=1)
-        train, held = records[::2], records[1::2]
-    else:
-        train, held = recipe.load()
-    texts = [r.text or '' for r in held]
-    labels = [str(r.label) for r in held]
-    return Task(
-        name='topics',
-        title=recipe.title,
-        loss=recipe.loss,
-        st_task='triplet',
-        epochs=recipe.epochs,
-        learning_rate=recipe.learning_rate,
-        max_length=recipe.max_length,
-        train=train,
-        queries=texts,
-        query_labels=labels,
-        index=texts,
-        index_labels=labels,
-        exclude_self=True,
-        spec_fields=dict(recipe.fit_options),
-        seeds=settings.pick(full=3, quick=1, tiny=1),
-    )
-
-
-def _metrics(task: Task, query_emb: Any, index_emb: Any) -> dict[str, float]:
-    import torch
-
-    from finetuner_trainer.evaluation import retrieval_metrics
-
-    return retrieval_metrics(
-        torch.as_tensor(query_emb),
-        torch.as_tensor(index_emb),
-        task.query_labels,
-        task.index_labels,
-        limit=K,
-        exclude_self=task.exclude_self,
-        query_ids=list(range(len(task.queries))) if task.exclude_self else None,
-        index_ids=list(range(len(task.index))) if task.exclude_self else None,
-    )
-
-
-def evaluate_task(task: Task, settings: Settings) -> list[Row]:
-    """Pretrained, ours and sentence-transformers' fine-tuning on ``task``: a row per metric and
-    the uplift row."""
-    import finetuner
-
-    model_dir = text_model(settings)
-    pretrained = st_reference.load(model_dir, task.max_length, settings.device)
-    before = _metrics(task, st_reference.encode(pretrained, task.queries), st_reference.encode(pretrained, task.index))
-
-    after_ours: list[dict[str, float]] = []
-    after_st: list[dict[str, float]] = []
-    ours_seconds = st_seconds = 0.0
-    for seed in range(task.seeds):
-        began = time.perf_counter()
-        spec = ours.spec_for(
-            str(model_dir),
-            task.train,
-            settings.workdir,
-            f'quality-{task.name}-{seed}',
-            loss=task.loss,
-            batch_size=BATCH,
-            epochs=task.epochs,
-            learning_rate=task.learning_rate,
-            model_options={'max_length': task.max_length},
-            device=settings.device,
-            seed=seed,
-            **task.spec_fields,
-        )
-        result = ours.train_run(spec, settings.workdir, f'quality-{task.name}-ours-{seed}')
-        ours_seconds += time.perf_counter() - began
-        model = finetuner.get_model(Path(result.artifact_uri.removeprefix('file://')), device=settings.device)
-        after_ours.append(_metrics(task, finetuner.encode(model, task.queries), finetuner.encode(model, task.index)))
-
-        began = time.perf_counter()
-        st_model, _ = st_reference.train(
-            model_dir,
-            task.train,
-            task.st_task,
-            batch_size=BATCH,
-            max_length=task.max_length,
-            epochs=task.epochs,
-            learning_rate=task.learning_rate,
-            seed=seed,
-            device=settings.device,
-            output_dir=settings.workdir / f'st-quality-{task.name}-{seed}',
-            bf16=settings.gpu,
-        )
-        st_seconds += time.perf_counter() - began
-        after_st.append(
-            _metrics(task, st_reference.encode(st_model, task.queries), st_reference.encode(st_model, task.index))
-        )
-
-    rows = [
-        Row.compare(
+def rows(result: TaskResult) -> list[Row]:
+    """A row per metric (ours against sentence-transformers, the pretrained value beside them), each
+    meeting its target when ours >= sentence-transformers and ours >= pretrained."""
+    out = []
+    for key, label in METRICS:
+        ours_value = result.median('ours', key)
+        st_value = result.median('sentence-transformers', key)
+        before = result.before[key]
+        row = Row.compare(
             benchmark=BENCHMARK,
-            measure=f'retrieval {label} after fine-tuning ({task.setting})',
+            measure=f'{label} after fine-tuning ({result.setting})',
             unit='',
-            samples_ours=[after[key] for after in after_ours],
-            samples_reference=[after[key] for after in after_st],
-            reference_name='sentence-transformers fine-tuned',
+            samples_ours=[run[key] for run in result.after['ours']],
+            samples_reference=[run[key] for run in result.after['sentence-transformers']],
+            reference_name='SentenceTransformerTrainer',
             target_ratio=None,
-            target='–',
-            extra={'pretrained': before[key]},
+            target='>= reference and >= pretrained',
+            extra={
+                'pretrained': before,
+                'train_seconds_ours': result.seconds.get('ours', 0.0),
+                'train_seconds_reference': result.seconds.get('sentence-transformers', 0.0),
+            },
         )
-        for key, label in METRICS
+        row.met = ours_value >= st_value and ours_value >= before
+        out.append(row)
+    return out
+
+
+def tiny_tasks(settings: Settings) -> list[RetrievalTask]:
+    """The benchmark's task shapes on the test suite's tiny random models and generated data (harness
+    check only): labelled texts split by class, text pairs, labelled images split by class."""
+    from tests.support.tiny import TINY_TIMM, labelled_images, labelled_texts, make_tiny_bert, text_pairs
+
+    folder = settings.workdir / 'tiny-bert'
+    bert = folder if (folder / 'config.json').exists() else make_tiny_bert(folder)
+    texts = labelled_texts(n_classes=6, per_class=8, seed=1)
+    images = labelled_images(n_classes=4, per_class=6, seed=1)
+    pairs = text_pairs(n=48, seed=1)
+
+    def unseen(records: list[Record], held_labels: set[Any]) -> TaskSplit:
+        return TaskSplit(
+            [r for r in records if r.label not in held_labels], by_label([r for r in records if r.label in held_labels])
+        )
+
+    budget = Budget(epochs=1, batch_size=8, max_length=16)
+    text_labels = sorted({r.label for r in texts}, key=str)
+    image_labels = sorted({r.label for r in images}, key=str)
+    return [
+        RetrievalTask(
+            'tiny-topics-unseen',
+            'tiny texts',
+            'labelled',
+            str(bert),
+            budget,
+            True,
+            lambda seed: unseen(texts, set(text_labels[:3])),
+            seeds=(0,),
+        ),
+        RetrievalTask(
+            'tiny-qa',
+            'tiny pairs',
+            'pairs',
+            str(bert),
+            budget,
+            False,
+            lambda seed: TaskSplit(pairs[:36], by_pair(pairs[36:])),
+            seeds=(0,),
+        ),
+        RetrievalTask(
+            'tiny-images-unseen',
+            'tiny images',
+            'labelled',
+            TINY_TIMM,
+            replace(budget, max_length=None, image_size=32),
+            True,
+            lambda seed: unseen(images, set(image_labels[:2])),
+            seeds=(0,),
+        ),
     ]
-    mrr_ours = statistics.median(after['mrr'] for after in after_ours)
-    mrr_st = statistics.median(after['mrr'] for after in after_st)
-    uplift_ours = mrr_ours / before['mrr'] - 1 if before['mrr'] else 0.0
-    uplift_st = mrr_st / before['mrr'] - 1 if before['mrr'] else 0.0
-    per_seed = {
-        f'uplift_ours_seed{i}': 100 * (after['mrr'] / before['mrr'] - 1) for i, after in enumerate(after_ours)
-    } | {f'uplift_reference_seed{i}': 100 * (after['mrr'] / before['mrr'] - 1) for i, after in enumerate(after_st)}
-    rows.append(
-        Row(
-            benchmark=BENCHMARK,
-            measure=f'MRR@10 relative uplift over the pretrained model, {task.title} '
-            f'(pretrained MRR@10 {before["mrr"]:.4f})',
-            unit='%',
-            ours=100 * uplift_ours,
-            reference=100 * uplift_st,
-            reference_name='sentence-transformers',
-            ratio=(uplift_ours / uplift_st) if uplift_st > 0 else None,
-            target=f'>= +{UPLIFT_TARGET:.0%} and >= the reference',
-            met=uplift_ours >= UPLIFT_TARGET and uplift_ours >= uplift_st,
-            extra={'train_seconds_ours': ours_seconds, 'train_seconds_reference': st_seconds, **per_seed},
-        )
-    )
-    return rows
 
 
 def run(settings: Settings) -> list[Row]:
-    tasks = [topics_task(settings)] if settings.mode == 'quick' else [topics_task(settings), qa_task(settings)]
-    return [row for task in tasks for row in evaluate_task(task, settings)]
+    if settings.mode == 'tiny':
+        tasks = tiny_tasks(settings)
+    elif settings.mode == 'quick':
+        tasks = [replace(TASKS['topics-unseen'], seeds=(0,))]
+    else:
+        tasks = list(TASKS.values())
+    return [row for task in tasks for row in rows(evaluate(task, settings))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One task on one split, printed as JSON: what recipe tuning looks at (dev split only)."""
+    import logging
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog='python -m bench.quality', description=main.__doc__)
+    parser.add_argument('--task', choices=list(TASKS), required=True)
+    parser.add_argument('--split', choices=('dev', 'report'), default='dev')
+    parser.add_argument('--seeds', type=int, nargs='+', default=None)
+    parser.add_argument('--sides', nargs='+', choices=SIDES, default=list(SIDES))
+    parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON', help='a spec field of ours')
+    parser.add_argument('--threads', type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides = {k: json.loads(v) for k, v in (item.split('=', 1) for item in args.set)}
+    task = TASKS[args.task] if args.seeds is None else replace(TASKS[args.task], seeds=tuple(args.seeds))
+    with tempfile.TemporaryDirectory(prefix='finetuner-quality-') as tmp:
+        settings = Settings(mode='full', workdir=Path(tmp))
+        result = evaluate(
+            task, settings, args.split, overrides, tuple(args.sides), log=lambda m: print(m, file=sys.stderr)
+        )
+    summary = {
+        side: {key: result.median(side, key) for key, _ in METRICS}
+        for side in args.sides
+        if side == 'pretrained' or side in result.after
+    }
+    print(json.dumps({'task': task.name, 'split': args.split, 'overrides': overrides, 'medians': summary}))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

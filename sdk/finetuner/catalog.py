@@ -239,11 +239,13 @@ MODEL_OPTIONS: dict[str, tuple[ModelOption, ...]] = {
     'timm': (
         _PRETRAINED,
         ModelOption('pooler', str, 'mean', 'Pooling of the feature map.', ('mean', 'max', 'gem')),
+        ModelOption('pooler_options', dict, None, 'GeM pooling: {"p": 3.0, "eps": 1e-6} (p learned when trained).'),
         ModelOption('image_size', int, None, "Side of the square input image (default: the model's own)."),
     ),
     'text': (
         _PRETRAINED,
-        ModelOption('pooler', str, 'mean', 'Pooling of the token embeddings.', ('mean', 'cls')),
+        ModelOption('pooler', str, 'mean', 'Pooling of the token embeddings.', ('mean', 'cls', 'gem')),
+        ModelOption('pooler_options', dict, None, 'GeM pooling: {"p": 3.0, "eps": 1e-6} (p learned when trained).'),
         ModelOption('max_length', int, None, "Tokens per text (default: the folder's, else 256, within the model's)."),
     ),
     'clip': (

@@ -139,6 +139,10 @@ class _Selected:
         self.kind = kind
         self.default_batch_size = 32
 
+    @property
+    def output_dim(self) -> int | None:
+        return _output_dim(self.model)
+
     def embed(self, records: list[Any], batch_size: int = 32) -> Any:
         for i, record in enumerate(records):
             kind = 'image' if record.content_kind == 'tensor' else record.content_kind  # a tensor is an image
@@ -147,6 +151,29 @@ class _Selected:
                     f'data[{i}]', f'is {record.content_kind}, but this model only encodes {self.kind} (select_model)'
                 )
         return _embed(self.model, records, batch_size)
+
+
+def _output_dim(model: Any) -> int | None:
+    """The embedding size of a torch embedder, an ONNX one (its preprocessor's) or a selected tower."""
+    for candidate in (model, getattr(model, 'preprocessor', None)):
+        dim = getattr(candidate, 'output_dim', None)
+        if isinstance(dim, int):
+            return dim
+    return None
+
+
+def _check_truncate_dim(truncate_dim: int | None, model: Any) -> int | None:
+    """``truncate_dim`` checked against the model: a whole number from 1 to its embedding size."""
+    if truncate_dim is None:
+        return None
+    dim = _output_dim(model)
+    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or truncate_dim < 1:
+        raise ArgumentError('truncate_dim', f'must be a whole number of dimensions, at least 1 (got {truncate_dim!r})')
+    if dim is not None and truncate_dim > dim:
+        raise ArgumentError(
+            'truncate_dim', f"{truncate_dim} is more than the model's {dim} dimensions; give at most {dim} (or None)"
+        )
+    return truncate_dim
 
 
 def _embed(model: Any, records: list[Any], batch_size: int) -> Any:
@@ -164,6 +191,7 @@ def get_model(
     is_onnx: bool = False,
     token: str | None = None,
     quantized: bool | None = None,
+    truncate_dim: int | None = None,
 ) -> Any:
     """Load a fine-tuned model for :func:`encode`.
 
@@ -176,6 +204,9 @@ def get_model(
     ``quantized`` (with ``is_onnx``): None loads the int8 ONNX model when the run made one
     (``onnx_quantize``), else the float one; True insists on the int8 model, False loads the float one.
     The model's ``precision`` says which it is (``'int8'`` or ``'float32'``).
+    ``truncate_dim``: :func:`encode` keeps the first ``truncate_dim`` dimensions of every embedding (a model
+    trained with ``loss_options={'matryoshka_dims': [...]}`` is made for this; sentence-transformers'
+    ``SentenceTransformer(folder, truncate_dim=...)`` gives the same vectors from the saved folder).
     A torch model is returned in eval mode (no dropout, BatchNorm with its running statistics).
     """
     if batch_size < 1:
@@ -197,6 +228,7 @@ def get_model(
     if select_model is not None:
         model = _Selected(model, SELECT_MODELS[select_model][1])
     model.default_batch_size = batch_size
+    model.truncate_dim = _check_truncate_dim(truncate_dim, model)
     return model
 
 
@@ -235,7 +267,7 @@ def _check_select_model(select_model: str | None) -> None:
         raise ArgumentError('select_model', f'unknown {select_model!r}; use {names} ({families} models only)')
 
 
-def encode(model: Any, data: Any, batch_size: int | None = None) -> Any:
+def encode(model: Any, data: Any, batch_size: int | None = None, truncate_dim: int | None = None) -> Any:
     """Embed ``data`` with a model from :func:`get_model`.
 
     ``data``: one item or a list of them: texts; image paths or URLs (for a model that embeds images:
@@ -243,15 +275,20 @@ def encode(model: Any, data: Any, batch_size: int | None = None) -> Any:
     tensors (a timm model's ``tensor`` input, or an HxWx3 uint8 image), PIL images, Records, or documents
     (docarray ``DocList`` included). Documents get their ``embedding`` set and are returned; otherwise a
     ``numpy`` array (one row per item) is returned.
+    ``truncate_dim``: keep the first ``truncate_dim`` dimensions (default: the model's, from
+    :func:`get_model`); vectors are cut, not normalised again, as sentence-transformers does.
     """
     if isinstance(model, (str, bytes, Path)) or not (hasattr(model, 'embed') or hasattr(model, 'encode')):
         raise ArgumentError('model', f'a {type(model).__name__} cannot encode; load one with finetuner.get_model()')
     items = list(data) if is_collection(data) else [data]
     records = pretrained.encoding_records(items, pretrained.model_kinds(model))
     size = batch_size or getattr(model, 'default_batch_size', 32)
+    keep = _check_truncate_dim(truncate_dim, model) or getattr(model, 'truncate_dim', None)
     embeddings = _embed(model, records, size)
     if hasattr(embeddings, 'detach'):
         embeddings = embeddings.detach().cpu().numpy()
+    if keep is not None:
+        embeddings = embeddings[:, :keep]
     if is_collection(data) and not isinstance(items[0], (str, dict, bytes)) and hasattr(items[0], 'embedding'):
         for item, vector in zip(items, embeddings, strict=True):
             item.embedding = vector

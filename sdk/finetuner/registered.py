@@ -159,6 +159,14 @@ LOSSES: dict[str, dict[str, Any]] = {
         'shapes': ('scored-pairs', 'scored-tuples'),
         'objective': 'pair',
     },
+    'CachedMultipleNegativesRankingLoss': {
+        'shapes': ('pairs', 'scored-pairs'),
+        'objective': 'pair',
+    },
+    'CachedCLIPLoss': {
+        'shapes': ('text-image',),
+        'objective': 'pair',
+    },
 }
 
 MINERS: tuple[str, ...] = (

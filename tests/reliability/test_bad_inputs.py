@@ -162,7 +162,12 @@ ROWS: list[Row] = [
     ),
     # --- CR fields: combinations --------------------------------------------------------------------
     Row('clip-loss-without-multimodal', 'contract', {'loss': 'CLIPLoss'}, 'loss CLIPLoss needs multiModal: true'),
-    Row('multimodal-without-clip-loss', 'contract', {'multiModal': True}, 'set loss CLIPLoss'),
+    Row(
+        'multimodal-without-clip-loss',
+        'contract',
+        {'multiModal': True, 'loss': 'TripletMarginLoss'},
+        'set loss CLIPLoss',
+    ),
     Row(
         'eval-data-and-val-split',
         'contract',
@@ -419,7 +424,7 @@ ROWS: list[Row] = [
         'single-class',
         'trainer',
         {'data.jsonl': _jsonl(_blob(png_bytes((200, 0, 0)), 'x'), _blob(png_bytes((0, 0, 200)), 'x'))},
-        "all items have the same label 'x'; TripletMarginLoss needs at least 2 classes",
+        "all items have the same label 'x'; SupConLoss needs at least 2 classes",
     ),
     Row('model-cannot-embed-data', 'trainer', {'data.jsonl': TEXTS}, 'model: timm:test_resnet', spec={}),
     Row(
@@ -491,7 +496,7 @@ ROWS: list[Row] = [
         'trainer',
         {'data.jsonl': IMAGE_PAIRS},
         'batchSize: a batch of 2 holds one pair: TripletMarginLoss sees each query and its document as a class',
-        spec={'batchSize': 2},
+        spec={'batchSize': 2, 'loss': 'TripletMarginLoss'},  # a label loss on pairs (not the pairs recipe)
     ),
     Row(
         'pairs-batch-of-one',

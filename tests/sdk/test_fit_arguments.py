@@ -38,7 +38,7 @@ CASES: list[tuple[dict[str, Any], str, str]] = [
     ({'scheduler_options': {'warmup': 3}}, 'scheduler_options.warmup', 'Extra inputs are not permitted'),
     ({'miner_options': {'margin': 0.2}}, 'miner_options', 'miner_options given without miner'),
     ({'loss': 'CLIPLoss'}, 'loss', 'loss CLIPLoss needs multi_modal=True'),
-    ({'multi_modal': True}, 'multi_modal', 'set loss CLIPLoss'),
+    ({'multi_modal': True, 'loss': 'TripletMarginLoss'}, 'multi_modal', 'set loss CLIPLoss'),
     ({'model': 'efficientnet_b0', 'multi_modal': True, 'loss': 'CLIPLoss'}, 'model', 'needs a CLIP model'),
     ({'model': 'openai/clip-vit-base-patch32'}, 'multi_modal', 'is a text-to-image (CLIP) model'),
     ({'image_modality': 'image'}, 'image_modality', 'only applies to multi_modal=True'),
@@ -153,6 +153,7 @@ def test_seed_advanced_arguments_map_onto_the_spec(scripted: LocalBackend) -> No
             'evalData': f'{data}/datasets/finetune-flickr-dataset-efficientnet-1-{uid}-eval/data.jsonl',
             'description': 'this is a trial run on flickr8k dataset with efficientnet b0.',
             'experiment': 'finetune-flickr-dataset',
+            'loss': 'TripletMarginLoss',  # no longer the default (the recipe for the shape is)
             'miner': 'TripletMarginMiner',
             'minerOptions': {'margin': 0.2},
             'optimizerOptions': {'weight_decay': 0.01},
@@ -240,7 +241,7 @@ def test_fit_docstring_documents_every_argument_from_the_fields_descriptions() -
         if name not in ('model', 'train_data', 'eval_data', 'callbacks', 'experiment'):  # the SDK's own words
             assert text.startswith(first_words), (name, text)
         assert not re.search(r'\b[a-z]+[A-Z]\w*Data\b|\btrainData\b|\bevalData\b', text), (name, text)
-    assert 'Default: 5.' in entries['epochs'] and "Default: 'TripletMarginLoss'." in ' '.join(entries['loss'].split())
+    assert 'Default: 5.' in entries['epochs'] and "the recipe for the data's shape" in ' '.join(entries['loss'].split())
     assert 'Raises:\n    ArgumentError' in doc
 
 

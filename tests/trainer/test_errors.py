@@ -54,8 +54,12 @@ CASES = {
         r'spec.trainData: 1 of 2 records have no label \(first: trainData\[0\]\)',
     ),
     'one item per class with a triplet loss': (
-        lambda t: {'records': labelled_texts(4, 1), 'model': str(t['bert'])},
+        lambda t: {'records': labelled_texts(4, 1), 'model': str(t['bert']), 'loss': 'TripletMarginLoss'},
         r'trainData: every class has a single item, so TripletMarginLoss finds no positive pairs',
+    ),
+    'one item per class with the default recipe': (
+        lambda t: {'records': labelled_texts(4, 1), 'model': str(t['bert'])},
+        r'trainData: every class has a single item, so SupConLoss finds no positive pairs',
     ),
     'a single class': (
         lambda t: {'records': labelled_texts(1, 4), 'model': str(t['bert'])},

@@ -106,6 +106,20 @@ def plan_batches(lengths: Sequence[int], batch_size: int, overhead: int = BATCH_
     return batches[::-1]
 
 
+def gem_options(options: dict[str, Any]) -> dict[str, float]:
+    """``modelOptions.pooler_options`` of GeM pooling checked: ``p`` (> 0, default 3) and ``eps`` (> 0, 1e-6)."""
+    given = options.get('pooler_options') or {}
+    if not isinstance(given, dict) or set(given) - {'p', 'eps'}:
+        raise ConfigError(
+            'modelOptions.pooler_options', f'GeM takes p and eps, e.g. {{"p": 3, "eps": 1e-6}}; got {given!r}'
+        )
+    checked = {'p': given.get('p', 3.0), 'eps': given.get('eps', 1e-6)}
+    for key, value in checked.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f'modelOptions.pooler_options.{key}', f'must be a positive number, got {value!r}')
+    return {key: float(value) for key, value in checked.items()}
+
+
 class ProjectionHead(nn.Sequential):
     """Finetuner's projection MLP: Linear(d, d), ReLU, Linear(d, output_dim)."""
 

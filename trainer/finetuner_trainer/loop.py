@@ -25,7 +25,7 @@ from finetuner_trainer.distributed import agree, setup_loop
 from finetuner_trainer.evalcache import load_before, store_before
 from finetuner_trainer.evaluation import EmbeddingMemo, EmbedFn
 from finetuner_trainer.hooks import TrainState
-from finetuner_trainer.losses import LabelObjective, tuple_triplets
+from finetuner_trainer.losses import call_objective, forward_objective
 from finetuner_trainer.models import to_device
 from finetuner_trainer.progress import phase
 
@@ -33,21 +33,9 @@ __all__ = ['TrainContext', 'compute_loss', 'forward_loss', 'run_metrics', 'run_t
 
 
 def forward_loss(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Forward the batch through ``model`` and the objective ``loss``."""
-    return loss_of_embeddings(loss, [model(group) for group in batch['groups']], batch)
-
-
-def loss_of_embeddings(loss: nn.Module, embedded: list[Tensor], batch: dict[str, Any]) -> Tensor:
-    """The objective ``loss`` of a batch's embedded groups (labels and scores from ``batch``)."""
-    objective = getattr(loss, 'objective', loss)  # looks through distributed.DistributedObjective
-    if isinstance(objective, LabelObjective):
-        if len(embedded) == 1:
-            return loss(embedded[0], batch['labels'])
-        return loss(*tuple_triplets(embedded))  # tuples: their own triplets
-    queries, documents, *negatives = embedded
-    if negatives:  # tuples: (batch, n, dim) explicit negatives
-        return loss(queries, documents, batch.get('scores'), torch.stack(negatives, dim=1))
-    return loss(queries, documents, batch.get('scores'))
+    """Forward the batch through ``model`` and the objective ``loss`` (in mini-batches when the loss has a
+    ``mini_batch_size``: see :func:`finetuner_trainer.losses.forward_objective`)."""
+    return forward_objective(model, loss, batch)
 
 
 def _eval_scores(examples: list[Any]) -> Tensor | None:
@@ -123,7 +111,7 @@ def validation_loss(ctx: TrainContext, embed: EmbedFn | None = None) -> float | 
         batch = {'labels': to_device(labels[rows], ctx.device)}
         if scores is not None:
             batch['scores'] = to_device(scores[rows], ctx.device)
-        value = loss_of_embeddings(ctx.loss, parts, batch)
+        value = call_objective(ctx.loss, parts, batch)
         losses.append(float(value))
     return sum(losses) / len(losses) if losses else None
 

@@ -26,7 +26,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -248,8 +248,14 @@ def build_objective(
     entry = loss_entry(name)
     from_model = entry.from_model(model) if entry.from_model is not None and model is not None else {}
     defaults = {**entry.defaults, **from_model}
+    cls = entry.resolve()
+    options, mini_batch_size = _mini_batch_option(name, cls, options)
+    options, matryoshka = _matryoshka_options(options, embedding_size)
     if entry.objective == 'pair':
-        return _construct(name, entry.resolve(), options, 'lossOptions', defaults)
+        objective = _construct(name, cls, options, 'lossOptions', defaults)
+        if mini_batch_size is not None:
+            objective.mini_batch_size = mini_batch_size
+        return MatryoshkaObjective(objective, *matryoshka) if matryoshka else objective
     loss = _construct(
         name,
         entry.resolve(),
@@ -266,11 +272,72 @@ def build_objective(
         if miner not in MINERS:
             raise ConfigError('miner', f'unknown miner {miner!r}; choose one of {", ".join(MINERS)}')
         mined = _construct(miner, _pml('miners', miner)(), miner_options, 'minerOptions')
-    return LabelObjective(loss, mined)
+    objective = LabelObjective(loss, mined)
+    objective.mini_batch_size = mini_batch_size
+    return MatryoshkaObjective(objective, *matryoshka) if matryoshka else objective
+
+
+def _matryoshka_options(
+    options: dict[str, Any], embedding_size: int
+) -> tuple[dict[str, Any], tuple[list[int], list[float]] | None]:
+    """``lossOptions.matryoshka_dims`` (and ``matryoshka_weights``) taken out of the loss's own options:
+    the prefix lengths the loss is also taken on, and the weight of each."""
+    dims = options.get('matryoshka_dims')
+    weights = options.get('matryoshka_weights')
+    rest = {k: v for k, v in options.items() if k not in ('matryoshka_dims', 'matryoshka_weights')}
+    if dims is None:
+        if weights is not None:
+            raise ConfigError('lossOptions.matryoshka_weights', 'given without matryoshka_dims; set both or neither')
+        return options, None
+    field_name = 'lossOptions.matryoshka_dims'
+    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise ConfigError(
+            field_name, f'must be a list of embedding sizes such as [{embedding_size}, 128, 64], got {dims!r}'
+        )
+    wrong = [d for d in dims if not 1 <= d <= embedding_size]
+    if wrong or len(set(dims)) != len(dims):
+        problem = f'{wrong[0]} is not between 1 and the embedding size {embedding_size}' if wrong else 'repeats a size'
+        raise ConfigError(field_name, f'{problem}; give distinct sizes up to {embedding_size}')
+    weights = [1.0] * len(dims) if weights is None else weights
+    if (
+        not isinstance(weights, list)
+        or len(weights) != len(dims)
+        or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)
+    ):
+        raise ConfigError(
+            'lossOptions.matryoshka_weights',
+            f'must be {len(dims)} non-negative numbers (one per dimension), got {weights!r}',
+        )
+    return rest, (list(dims), [float(w) for w in weights])
+
+
+def unwrap_objective(loss: nn.Module) -> nn.Module:
+    """The LabelObjective or PairObjective inside a DistributedObjective and a MatryoshkaObjective."""
+    while hasattr(loss, 'objective'):
+        loss = loss.objective
+    return loss
+
+
+def _mini_batch_option(name: str, cls: Any, options: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """``lossOptions.mini_batch_size`` taken out of the loss's own options (the cached losses take it
+    themselves): how many examples one forward pass holds. Checked here so every loss refuses a bad one."""
+    if 'mini_batch_size' not in options:
+        return options, None
+    size = options['mini_batch_size']
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(
+            'lossOptions.mini_batch_size', f'must be a whole number of examples, at least 1 (got {size!r})'
+        )
+    if 'mini_batch_size' in inspect.signature(cls.__init__).parameters:
+        return options, None  # a cached loss: the option is its own
+    return {k: v for k, v in options.items() if k != 'mini_batch_size'}, size
 
 
 class LabelObjective(nn.Module):
     """A pytorch-metric-learning loss (and miner) over a batch of labelled embeddings."""
+
+    in_batch_negatives: ClassVar[bool] = False  # GradCache applies (see forward_objective)
+    mini_batch_size: int | None = None  # lossOptions.mini_batch_size: gradient accumulation over mini-batches
 
     def __init__(self, loss: nn.Module, miner: nn.Module | None = None):
         super().__init__()
@@ -301,13 +368,43 @@ def tuple_triplets(embedded: list[Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor
 
 
 class PairObjective(nn.Module):
-    """A loss over a batch of (query, document) embeddings, with the pairs' scores when the data has them."""
+    """A loss over a batch of (query, document) embeddings, with the pairs' scores when the data has them.
+
+    ``in_batch_negatives``: every pair's loss depends on the whole batch (the other pairs are its
+    negatives), so mini-batches (``mini_batch_size``) are embedded apart and the loss is taken over the
+    whole batch with GradCache; for the other losses mini-batches accumulate gradients."""
+
+    in_batch_negatives: ClassVar[bool] = False
+    mini_batch_size: int | None = None
 
     def forward(
         self, queries: Tensor, documents: Tensor, scores: Tensor | None = None, negatives: Tensor | None = None
     ) -> Tensor:
         """``negatives``: tuple data's explicit negatives (batch x n x dim), for losses registered for tuples."""
         raise NotImplementedError
+
+
+class MatryoshkaObjective(nn.Module):
+    """Matryoshka representation learning (Kusupati et al., 2022): the objective taken on the first ``d``
+    dimensions of the embeddings for every ``d`` of ``dims``, weighted and summed, so that a prefix of the
+    embedding is an embedding on its own (``truncate_dim`` when encoding). Wraps any objective; built from
+    ``lossOptions.matryoshka_dims`` / ``matryoshka_weights``."""
+
+    def __init__(self, objective: nn.Module, dims: list[int], weights: list[float]):
+        super().__init__()
+        self.objective = objective
+        self.dims = dims
+        self.weights = weights
+
+    def forward(self, first: Tensor, second: Tensor, scores: Tensor | None = None) -> Tensor:
+        pair = second.is_floating_point() and second.ndim == 2  # (queries, documents[, scores]) or (embeddings, labels)
+        total = first.new_zeros((), dtype=torch.float32)
+        for dim, weight in zip(self.dims, self.weights, strict=True):
+            if pair:
+                total = total + weight * self.objective(first[:, :dim], second[:, :dim], scores)
+            else:
+                total = total + weight * self.objective(first[:, :dim], second)
+        return total
 
 
 def _clip_logit_scale(model: Embedder) -> dict[str, Any]:
@@ -324,6 +421,8 @@ class CLIPLoss(PairObjective):
     similarity matrix, text->image and image->text, averaged. ``logit_scale`` starts at CLIP's
     own value when the backbone is CLIP, else at log(1/0.07), and is clamped to at most 100.
     """
+
+    in_batch_negatives: ClassVar[bool] = True
 
     def __init__(self, logit_scale: float = math.log(1 / 0.07), learnable: bool = True):
         super().__init__()
@@ -342,6 +441,8 @@ class MultipleNegativesRankingLoss(PairObjective):
     """In-batch negatives: each query's document is the positive, the others' documents negatives; on
     tuples every tuple's explicit negatives are candidates for every query too (sentence-transformers'
     MultipleNegativesRankingLoss with hard negatives). ``symmetric`` adds document -> query."""
+
+    in_batch_negatives: ClassVar[bool] = True
 
     def __init__(self, scale: float = 20.0, symmetric: bool = False):
         super().__init__()
@@ -402,3 +503,150 @@ class MarginMSELoss(PairObjective):
         predicted_margins = predicted.unsqueeze(1) - predicted.unsqueeze(0)
         target_margins = scores.float().unsqueeze(1) - scores.float().unsqueeze(0)
         return F.mse_loss(predicted_margins, target_margins)
+
+
+@register_loss(Shape.PAIRS, Shape.SCORED_PAIRS)
+class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
+    """MultipleNegativesRankingLoss with GradCache (Gao et al., 2021; sentence-transformers' name): the
+    batch is embedded in mini-batches of ``mini_batch_size`` and the loss taken over the whole batch, so
+    a batch of 256 pairs has 255 negatives per query while memory holds the activations of one mini-batch.
+    The same loss value and gradients as the uncached loss on the same batch."""
+
+    def __init__(self, scale: float = 20.0, symmetric: bool = False, mini_batch_size: int = 32):
+        super().__init__(scale, symmetric)
+        self.mini_batch_size = mini_batch_size
+
+
+@register_loss(Shape.TEXT_IMAGE, families=('clip',), from_model=_clip_logit_scale)
+class CachedCLIPLoss(CLIPLoss):
+    """CLIPLoss with GradCache: the text and image towers embed mini-batches of ``mini_batch_size``, the
+    symmetric InfoNCE is taken over the whole batch. The same loss value and gradients as CLIPLoss."""
+
+    def __init__(self, logit_scale: float = math.log(1 / 0.07), learnable: bool = True, mini_batch_size: int = 32):
+        super().__init__(logit_scale, learnable)
+        self.mini_batch_size = mini_batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass of a batch through model and objective: whole, cached (GradCache) or accumulated
+# ---------------------------------------------------------------------------------------------
+
+Group = dict[str, Any] | list[dict[str, Any]]  # a collated batch, or its mini-batches (Collator)
+
+
+def mini_batch_size(loss: nn.Module) -> int | None:
+    """The objective's ``mini_batch_size`` (looking through its wrappers), None for whole batches."""
+    return getattr(unwrap_objective(loss), 'mini_batch_size', None)
+
+
+def embed_group(model: nn.Module, group: Group) -> Tensor:
+    """Embeddings of one group of a batch (its queries, or its documents), mini-batch by mini-batch."""
+    if isinstance(group, list):
+        return torch.cat([model(chunk) for chunk in group])
+    return model(group)
+
+
+def call_objective(
+    loss: nn.Module, embeddings: list[Tensor], batch: dict[str, Any], rows: slice | None = None
+) -> Tensor:
+    """The objective on the embeddings of a batch's groups (``rows``: the part of the batch they are)."""
+    rows = rows or slice(None)
+    if isinstance(unwrap_objective(loss), LabelObjective):
+        if len(embeddings) == 1:
+            return loss(embeddings[0], batch['labels'][rows])
+        return loss(*tuple_triplets(embeddings))  # tuples: their own triplets
+    scores = batch.get('scores')
+    scores = scores[rows] if scores is not None else None
+    queries, documents, *negatives = embeddings
+    if negatives:  # tuples: (batch, n, dim) explicit negatives
+        return loss(queries, documents, scores, torch.stack(negatives, dim=1))
+    return loss(queries, documents, scores)
+
+
+def forward_objective(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """The batch through ``model`` and the objective ``loss``; its loss value.
+
+    With a ``mini_batch_size`` and gradients on, the gradients are computed here, mini-batch by mini-batch
+    (the returned value is then a leaf whose ``backward()`` adds nothing): GradCache for the in-batch-negative
+    losses (the loss and gradients of the whole batch), gradient accumulation for the others (the mean of
+    the mini-batches' losses and of their gradients)."""
+    groups = batch['groups']
+    if mini_batch_size(loss) is None or not torch.is_grad_enabled() or not isinstance(groups[0], list):
+        return call_objective(loss, [embed_group(model, group) for group in groups], batch)
+    if unwrap_objective(loss).in_batch_negatives:
+        return _grad_cache(model, loss, batch)
+    return _accumulate(model, loss, batch)
+
+
+class _RandomState:
+    """The RNG state before a mini-batch's first forward pass, restored for its second one (dropout masks
+    are then the same, so the gradients are those of the first pass)."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _grad_cache(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """GradCache: embed every mini-batch without a graph, take the loss over the whole batch and its
+    gradient for every embedding, then run each mini-batch again with a graph and back-propagate its share
+    of those gradients. Peak memory: one mini-batch's activations plus the batch's embeddings."""
+    device = _device(model)
+    chunks = [(g, chunk) for g, group in enumerate(batch['groups']) for chunk in group]
+    states = []
+    cached: list[list[Tensor]] = [[] for _ in batch['groups']]
+    with torch.no_grad():
+        for g, chunk in chunks:
+            states.append(_RandomState(device))
+            cached[g].append(model(chunk))
+    leaves = [torch.cat(parts).detach().requires_grad_() for parts in cached]
+    value = call_objective(loss, leaves, batch)
+    value.backward()  # gradients of the embeddings (and of the loss's own parameters, CLIP's temperature)
+    offsets = [0] * len(leaves)
+    for position, ((g, chunk), state) in enumerate(zip(chunks, states, strict=True)):
+        state.restore()
+        with _no_sync(model, last=position == len(chunks) - 1):
+            embeddings = model(chunk)
+            grad = leaves[g].grad[offsets[g] : offsets[g] + len(embeddings)]  # type: ignore[index]
+            torch.autograd.backward(embeddings, grad.to(embeddings.dtype))
+        offsets[g] += len(embeddings)
+    return value.detach().requires_grad_()
+
+
+def _accumulate(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Gradient accumulation: each mini-batch's loss on its own, back-propagated weighted by its share of
+    the batch; the weighted mean of the losses."""
+    groups = batch['groups']
+    size = sum(_rows(chunk) for chunk in groups[0])
+    total = torch.zeros((), device=_device(model))
+    start = 0
+    for position, chunks in enumerate(zip(*groups, strict=True)):
+        rows = slice(start, start + _rows(chunks[0]))
+        with _no_sync(model, last=position == len(groups[0]) - 1):
+            value = call_objective(loss, [model(chunk) for chunk in chunks], batch, rows)
+            (value * (rows.stop - rows.start) / size).backward()
+        total += value.detach() * (rows.stop - rows.start) / size
+        start = rows.stop
+    return total.requires_grad_()
+
+
+def _rows(chunk: dict[str, Any]) -> int:
+    return int(chunk['size'])
+
+
+def _no_sync(model: nn.Module, last: bool) -> Any:
+    """Under DDP, gradients are reduced once, on the last mini-batch's backward pass."""
+    import contextlib
+
+    no_sync = getattr(model, 'no_sync', None)
+    return contextlib.nullcontext() if last or no_sync is None else no_sync()

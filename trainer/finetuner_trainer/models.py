@@ -35,7 +35,7 @@ from finetuner_trainer.embedder import (
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.families import ClipEmbedder, TextEmbedder, TimmEmbedder
 
-MODEL_OPTION_KEYS = ('pretrained', 'pooler', 'max_length', 'image_size')
+MODEL_OPTION_KEYS = ('pretrained', 'pooler', 'pooler_options', 'max_length', 'image_size')
 
 __all__ = [
     'BATCH_OVERHEAD_TOKENS',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -112,3 +113,57 @@ def build_scheduler(
             return end + (1.0 - end) * base(step) if step >= options.num_warmup_steps else base(step)
 
     return LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay (optimizerOptions.layer_wise_lr_decay, as Finetuner named it)
+# ---------------------------------------------------------------------------------------------
+
+LLRD_OPTION = 'layer_wise_lr_decay'
+# A numbered layer in a parameter's name: transformers' encoder.layer.N / layers.N, timm's blocks.N / stages.N.
+# (ResNets: layer1..layer4.)
+_LAYER = re.compile(r'^(?P<tower>.*?)(?:^|\.)(?:(?:layer|layers|blocks|stages|block|h)\.|layer)(?P<index>\d+)\.')
+_EMBEDDING_WORDS = (
+    *('embeddings', 'embed_tokens', 'patch_embed', 'pos_embed', 'wte', 'wpe'),  # transformers, ViTs
+    *('conv_stem', 'stem', 'conv1', 'bn1'),  # CNN stems (outside the numbered stages)
+)
+
+
+def layer_depths(names: list[str]) -> dict[str, tuple[int, int]]:
+    """Each parameter's (depth, depth of its tower's top) for layer-wise decay: embeddings and stems at 0,
+    numbered layers at 1 + their number, everything above them (final norms, pooling, projection head) at
+    the top. Two towers (CLIP's text and vision models) are counted apart."""
+    found: dict[str, int | None] = {}
+    towers: dict[str, int] = {}
+    for name in names:
+        match = _LAYER.match(name)
+        if match is None:
+            found[name] = 0 if any(word in name.split('.') for word in _EMBEDDING_WORDS) else None
+            continue
+        found[name] = int(match['index']) + 1
+        towers[match['tower']] = max(towers.get(match['tower'], 0), found[name] or 0)
+    top = max(towers.values(), default=0) + 1
+    depths: dict[str, tuple[int, int]] = {}
+    for name, depth in found.items():
+        tower = next((t for t in sorted(towers, key=len, reverse=True) if t and name.startswith(t)), '')
+        tower_top = towers.get(tower, top - 1) + 1 if tower else top
+        depths[name] = (tower_top if depth is None else depth, tower_top)
+    return depths
+
+
+def layer_wise_groups(named: list[tuple[str, Any]], learning_rate: float, decay: Any) -> list[dict[str, Any]]:
+    """Parameter groups whose learning rate is ``learning_rate * decay ** (top - depth)``: the top layer
+    trains at the full rate, each layer below at ``decay`` times the one above (Clark et al., 2020;
+    Finetuner's ``optimizer_options={'layer_wise_lr_decay': ...}``)."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+        raise ConfigError(
+            f'optimizerOptions.{LLRD_OPTION}',
+            f'must be a number in (0, 1], e.g. 0.9 (each layer down trains at 0.9x the rate above); got {decay!r}',
+        )
+    trainable = [(name, p) for name, p in named if p.requires_grad]
+    depths = layer_depths([name for name, _ in trainable])
+    groups: dict[float, list[Any]] = {}
+    for name, parameter in trainable:
+        depth, top = depths[name]
+        groups.setdefault(learning_rate * float(decay) ** (top - depth), []).append(parameter)
+    return [{'params': params, 'lr': lr} for lr, params in sorted(groups.items())]

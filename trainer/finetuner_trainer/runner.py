@@ -55,15 +55,16 @@ from finetuner_trainer.distributed import shutdown
 from finetuner_trainer.embedder import Embedder, to_device
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.loop import forward_loss, run_metrics, run_training, write_examples
-from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry
+from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry, mini_batch_size
 from finetuner_trainer.mining import check_minable, mine_dataset
 from finetuner_trainer.model_card import CardFacts, base_model_of, data_name_of_reference, write_card
 from finetuner_trainer.models import build_embedder, resolve_model
 from finetuner_trainer.onnx_export import export_for_artifact
-from finetuner_trainer.optim import build_optimizer, build_scheduler
+from finetuner_trainer.optim import LLRD_OPTION, build_optimizer, build_scheduler, layer_wise_groups
 from finetuner_trainer.plots import PLOT_FILE, plot_training_curves
 from finetuner_trainer.progress import CLOCK, ProgressReporter, phase, quiet_libraries, setup_logging
 from finetuner_trainer.quantization import quantize_for_artifact
+from finetuner_trainer.recipes import apply_recipe, default_learning_rate, warmup_steps
 from finetuner_trainer.rng import reseed
 from finetuner_trainer.synthesis import synthesize
 
@@ -244,15 +245,25 @@ def probe_order(train: Dataset) -> list[int]:
 
 
 class Collator:
-    """Examples -> a model-ready batch: {'groups': [inputs...], 'labels': ..., 'scores': ...}."""
+    """Examples -> a model-ready batch: {'groups': [inputs...], 'labels': ..., 'scores': ...}.
 
-    def __init__(self, model: Embedder, shape: Shape, plan_lengths: bool = False):
+    ``mini_batch_size``: each group is a list of collated mini-batches of that many examples (each padded
+    to its own longest text), which the loss embeds one at a time (GradCache or gradient accumulation)."""
+
+    def __init__(self, model: Embedder, shape: Shape, plan_lengths: bool = False, mini_batch_size: int | None = None):
         self.model = model
         self.shape = shape
         self.plan_lengths = plan_lengths
+        self.mini_batch_size = mini_batch_size
 
-    def collate(self, items: list[Item]) -> dict[str, Any]:
-        return self.model.collate(items, plan_lengths=self.plan_lengths)
+    def collate(self, items: list[Item]) -> dict[str, Any] | list[dict[str, Any]]:
+        size = self.mini_batch_size
+        if size is None:
+            return self.model.collate(items, plan_lengths=self.plan_lengths)
+        return [
+            self.model.collate(items[start : start + size], plan_lengths=self.plan_lengths)
+            for start in range(0, len(items), size)
+        ]
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         if self.shape == Shape.LABELLED:
@@ -350,10 +361,13 @@ class Optimization:
     loss_optimizer: torch.optim.Optimizer | None
 
 
-def build_optimizers(spec: FinetuneRunSpec, model: Embedder, objective: torch.nn.Module) -> Optimization:
-    """The optimizer of the model (and of the loss's parameters, unless lossOptimizer gives them their own)."""
+def build_optimizers(
+    spec: FinetuneRunSpec, model: Embedder, objective: torch.nn.Module, shape: Shape = Shape.LABELLED
+) -> Optimization:
+    """The optimizer of the model (and of the loss's parameters, unless lossOptimizer gives them their own).
+    Without a learningRate: the backbone's default scaled by the recipe of the data's ``shape``."""
     backbone = find_backbone(spec.model)
-    lr = spec.learning_rate or (backbone.default_learning_rate if backbone else 1e-4)
+    lr = spec.learning_rate or default_learning_rate(shape, backbone.default_learning_rate if backbone else 1e-4)
     loss_params = [p for p in objective.parameters() if p.requires_grad]
     params: Any = [p for p in model.parameters() if p.requires_grad]
     loss_optimizer = None
@@ -363,9 +377,14 @@ def build_optimizers(spec: FinetuneRunSpec, model: Embedder, objective: torch.nn
         loss_lr = spec.loss_optimizer_options.get('lr', lr)
         options = {k: v for k, v in spec.loss_optimizer_options.items() if k != 'lr'}
         loss_optimizer = build_optimizer(spec.loss_optimizer, loss_params, loss_lr, options, 'lossOptimizer')
-    elif loss_params:
+    options = dict(spec.optimizer_options)
+    if LLRD_OPTION in options:
+        params = layer_wise_groups(list(model.named_parameters()), lr, options.pop(LLRD_OPTION))
+        if loss_optimizer is None and loss_params:
+            params.append({'params': loss_params, 'lr': lr})
+    elif loss_optimizer is None and loss_params:
         params = [{'params': params}, {'params': loss_params}]
-    optimizer = build_optimizer(spec.optimizer, params, lr, spec.optimizer_options)
+    optimizer = build_optimizer(spec.optimizer, params, lr, options)
     return Optimization(lr, optimizer, loss_optimizer)
 
 
@@ -385,8 +404,7 @@ def _prepare_model(spec: FinetuneRunSpec, train: Dataset, shape: Shape, log: log
 
 def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -> TrainContext:
     """Everything the loop needs, checked: data, model, loss, optimizers, schedule, loaders."""
-    spec = config.spec
-    reseed(spec.seed)
+    reseed(config.spec.seed)
     with phase('data'):
         train, evaluation = load_data(config, log)
     with phase('model'):
@@ -396,8 +414,9 @@ def build_context(config: TrainerConfig, store: RunStore, log: logging.Logger) -
 def _build_context(
     config: TrainerConfig, store: RunStore, log: logging.Logger, train: Dataset, evaluation: Dataset | None
 ) -> TrainContext:
-    spec = config.spec
-    shape = mined_shape(spec, train)
+    shape = mined_shape(config.spec, train)
+    spec, warmup_share = apply_recipe(config.spec, shape, log)  # the empty loss, miner and schedule filled
+    assert spec.loss is not None
     check_loss_fits(spec.loss, shape, spec.miner)  # before the (slow) model load
     label_loss = loss_entry(spec.loss).objective == 'label'
     if train.shape == Shape.PAIRS and label_loss and spec.hard_negatives is None:
@@ -414,8 +433,10 @@ def _build_context(
     objective = build_objective(
         spec.loss, spec.loss_options, spec.miner, spec.miner_options, model.output_dim, len(train.classes), model
     ).to(device)
-    optimization = build_optimizers(spec, model, objective)
-    collator = Collator(model, train.shape, plan_lengths=device.type == 'cpu')
+    optimization = build_optimizers(spec, model, objective, shape)
+    collator = Collator(
+        model, train.shape, plan_lengths=device.type == 'cpu', mini_batch_size=mini_batch_size(objective)
+    )
     batch_size = spec.batch_size or auto_batch_size(BatchProbe(model, device, train, objective, collator), log)
     batch_size = min(batch_size, len(train)) if train.shape != Shape.LABELLED else batch_size
     train_loader = make_loader(train, collator, spec, batch_size, device, train=True)
@@ -427,6 +448,11 @@ def _build_context(
         eval_loader = make_loader(evaluation, eval_collator, spec, batch_size, device, train=False)
     per_epoch = spec.scheduler_options.scheduler_step == SchedulerStep.EPOCH
     steps = spec.epochs if per_epoch else spec.epochs * len(train_loader)
+    if warmup_share and not per_epoch:
+        warmup = warmup_steps(warmup_share, steps)
+        spec = spec.model_copy(
+            update={'scheduler_options': spec.scheduler_options.model_copy(update={'num_warmup_steps': warmup})}
+        )
     lr = optimization.learning_rate
     scheduler = build_scheduler(spec.scheduler, optimization.optimizer, spec.scheduler_options, steps, lr)
     autocast = torch.bfloat16 if device.type == 'cuda' else None

