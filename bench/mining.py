@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import ours, quality
+from bench import data, ours
 from bench.common import BenchmarkUnavailable, Row, Settings
 from bench.text_throughput import text_model
+from finetuner.api.layout import Record
 
 BENCHMARK = 'mining'
 HARD_NEGATIVES: dict[str, Any] = {'num_negatives': 1, 'relative_margin': 0.05}
@@ -38,11 +40,68 @@ DIMENSION = 384  # all-MiniLM-L6-v2's embedding width
 METRICS = (('ndcg_at_k', 'nDCG@10'), ('mrr', 'MRR@10'))
 
 
+BATCH = 32
+K = 10
+
+
+@dataclass
+class QATask:
+    """Question -> answer retrieval on chatterbot-corpus: training pairs, held-out questions and answers."""
+
+    train: list[Record]
+    queries: list[str]
+    query_labels: list[str]
+    index: list[str]
+    index_labels: list[str]
+    epochs: int = 1
+    learning_rate: float = 5e-5
+    max_length: int = 64
+    seeds: int = 1
+
+    @property
+    def setting(self) -> str:
+        return (
+            f'question -> answer: {len(self.train)} training pairs, {len(self.queries)} held-out queries, '
+            f'{len(self.index)} in the index, {self.epochs} epoch, lr {self.learning_rate:g}, batch {BATCH}'
+            + (f', median of {self.seeds} seeds' if self.seeds > 1 else '')
+        )
+
+
+def qa_task(settings: Settings) -> QATask:
+    if settings.mode == 'tiny':
+        from tests.support.tiny import text_pairs
+
+        pairs = [data.QAPair(r.chunks[0].text or '', r.chunks[1].text or '', 'tiny') for r in text_pairs(n=64, seed=1)]
+    else:
+        pairs = data.chatterbot_pairs()
+    train, test = data.split_by_question(pairs, 0.2, seed=0)
+    if settings.mode == 'quick':
+        train = data.repeat_to_pairs(train, 320, seed=0)
+    questions = sorted({p.question for p in test})
+    return QATask(
+        train=data.pair_records(train),
+        queries=questions,
+        query_labels=questions,
+        index=[p.answer for p in test],
+        index_labels=[p.question for p in test],
+    )
+
+
+def _metrics(task: QATask, query_emb: Any, index_emb: Any) -> dict[str, float]:
+    import torch
+
+    from finetuner_trainer.evaluation import retrieval_metrics
+
+    return retrieval_metrics(
+        torch.as_tensor(query_emb), torch.as_tensor(index_emb), task.query_labels, task.index_labels, limit=K
+    )
+
+
 def _hard_negatives(settings: Settings) -> dict[str, Any]:
     return TINY_HARD_NEGATIVES if settings.mode == 'tiny' else HARD_NEGATIVES
 
 
-def _train_and_judge(task: quality.Task, settings: Settings, seed: int, mined: bool) -> dict[str, float]:
+def _train_and_judge(task: QATask, settings: Settings, seed: int, mined: bool) -> dict[str, float]:
     import finetuner
     from finetuner.api.mining import HardNegativeOptions
 
@@ -54,7 +113,7 @@ def _train_and_judge(task: quality.Task, settings: Settings, seed: int, mined: b
         settings.workdir,
         name,
         loss='MultipleNegativesRankingLoss',
-        batch_size=quality.BATCH,
+        batch_size=BATCH,
         epochs=task.epochs,
         learning_rate=task.learning_rate,
         model_options={'max_length': task.max_length},
@@ -64,19 +123,17 @@ def _train_and_judge(task: quality.Task, settings: Settings, seed: int, mined: b
     )
     result = ours.train_run(spec, settings.workdir, name)
     model = finetuner.get_model(Path(result.artifact_uri.removeprefix('file://')), device=settings.device)
-    return quality._metrics(task, finetuner.encode(model, task.queries), finetuner.encode(model, task.index))
+    return _metrics(task, finetuner.encode(model, task.queries), finetuner.encode(model, task.index))
 
 
 def quality_rows(settings: Settings) -> list[Row]:
     """MNRL with mined hard negatives against MNRL without, median over seeds."""
     from bench import st_reference
 
-    task = quality.qa_task(settings)
+    task = qa_task(settings)
     task.seeds = settings.pick(full=3, quick=1, tiny=1)
     pretrained = st_reference.load(text_model(settings), task.max_length, settings.device)
-    before = quality._metrics(
-        task, st_reference.encode(pretrained, task.queries), st_reference.encode(pretrained, task.index)
-    )
+    before = _metrics(task, st_reference.encode(pretrained, task.queries), st_reference.encode(pretrained, task.index))
     with_negatives: list[dict[str, float]] = []
     without: list[dict[str, float]] = []
     for seed in range(task.seeds):  # the sides alternate, seed by seed
@@ -103,7 +160,7 @@ def quality_rows(settings: Settings) -> list[Row]:
 def _training_pairs(settings: Settings) -> tuple[list[Any], list[Any]]:
     from finetuner_trainer.data import Item
 
-    task = quality.qa_task(settings)
+    task = qa_task(settings)
     queries = [Item(text=r.chunks[0].text) for r in task.train]
     positives = [Item(text=r.chunks[1].text) for r in task.train]
     return queries, positives

@@ -71,10 +71,22 @@ def test_the_readme_kubectl_lines(cluster: Cluster) -> None:
     assert "the server doesn't have a resource type" not in everything
 
     wide = kubectl(cluster, 'get', 'ftr', '-o', 'wide')
-    assert header(wide) == ['NAME', 'PHASE', 'MODEL', 'LOSS', 'PROGRESS', 'AGE', 'REASON', 'EXPERIMENT', 'GPUS', 'JOB']
+    assert header(wide) == [
+        'NAME',
+        'PHASE',
+        'MODEL',
+        'LOSS',
+        'PROGRESS',
+        'AGE',
+        'REASON',
+        'EXPERIMENT',
+        'GPUS',
+        'JOB',
+        'TASK',
+    ]
     row = wide.splitlines()[1].split()
     assert row[0] == RUN and re.fullmatch(r'\d+s', row[4]), f'AGE is an age: {row}'
-    assert row[-3:] == ['finetune-flickr-dataset', '1', f'{RUN}-trainer']
+    assert row[-3:] == ['finetune-flickr-dataset', '1', f'{RUN}-trainer']  # TASK is empty: task left to its default
     labels = kubectl(cluster, 'get', 'ftr', RUN, '--show-labels')
     assert 'finetuner.dev/experiment=finetune-flickr-dataset' in labels
 
@@ -169,7 +181,8 @@ def test_wait_logs_and_cascading_delete_of_a_training_run(cluster: Cluster, tmp_
 
     logs = kubectl(cluster, 'logs', 'job/tiny-trainer')
     assert 'tiny' in logs and logs.strip(), 'the trainer pod log, found through the Job selector'
-    assert kubectl(cluster, 'logs', '-l', 'finetuner.dev/run=tiny').strip() == logs.strip()
+    # with a selector kubectl prints the last 10 lines of each pod unless told otherwise
+    assert kubectl(cluster, 'logs', '-l', 'finetuner.dev/run=tiny', '--tail=-1').strip() == logs.strip()
 
     edited = kubectl(cluster, 'patch', 'ftr', 'tiny', '--type=merge', '-p', '{"spec":{"epochs":3}}', ok=False)
     assert (

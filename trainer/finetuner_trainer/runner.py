@@ -763,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
         config = parse_config(text)
         termination_log = config.termination_log
-        log.info('run %s/%s: model %s, loss %s', config.namespace, config.run_name, config.spec.model, config.spec.loss)
+        loss = config.spec.loss or 'chosen by the recipe for the data'
+        log.info('run %s/%s: model %s, loss %s', config.namespace, config.run_name, config.spec.model, loss)
         try:
             store = open_store(config.output_uri)
         except StorageError as e:
