@@ -169,7 +169,7 @@ class Experiment:
         while True:
             status = self.status()
             going = status.runs.created + status.runs.started
-            if going == 0 and status.sweep_created >= total:
+            if going == 0 and status.sweep_created >= total and self._runs_ended():
                 return status
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
@@ -177,6 +177,11 @@ class Experiment:
                     f'sweep points without a run after {timeout} s'
                 )
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+    def _runs_ended(self) -> bool:
+        """Whether every run reads ended from its own record: the experiment's counts are written by whoever
+        reconciles it and can lag a run it has just created."""
+        return all(run.record.status.phase in (Phase.FINISHED, Phase.FAILED) for run in self.list_runs())
 
     def table(self) -> Any:
         """The runs side by side (a rich Table): each run's sweep point, phase and metric; the best marked."""

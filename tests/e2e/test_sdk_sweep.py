@@ -42,6 +42,8 @@ def _sweep(tmp_path: Path) -> finetuner.Experiment:
         parallelism=2,
         metric=METRIC,
         model=TINY_TIMM,
+        loss='TripletMarginLoss',  # with a constant rate the grid's points score apart (the default
+        scheduler='constant',  # recipe's linear warm-up and decay ties two points at AP 1.0)
         model_options=TINY_TIMM_OPTIONS,
         train_data=str(write_jsonl(_hard_images(6, seed=0), tmp_path / 'train.jsonl')),
         eval_data=str(write_jsonl(_hard_images(5, seed=1), tmp_path / 'eval.jsonl')),
@@ -126,6 +128,8 @@ def test_the_sdk_sweep_call_creates_the_experiment_cr_and_run_suspend_patches_th
         parallelism=2,
         metric='map',
         model=TINY_TIMM,
+        loss='TripletMarginLoss',  # with a constant rate the grid's points score apart (the default
+        scheduler='constant',  # recipe's linear warm-up and decay ties two points at AP 1.0)
         train_data=[Record(text='a red cat', label='red'), Record(text='a blue dog', label='blue')],
     )
     body = client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
