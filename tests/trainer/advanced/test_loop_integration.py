@@ -183,4 +183,5 @@ def test_step_checkpoint_resume_continues_the_same_trajectory(
     before_a = json.loads((output / layout.METRICS).read_text())['before']
     before_b = json.loads((_folder(uninterrupted.output_uri) / layout.METRICS).read_text())['before']
     assert before_a == pytest.approx(before_b)  # the first attempt's "before", not re-measured
-    assert [p for p in os.listdir(output / 'checkpoints') if p.startswith('step-')] == []
+    kept = os.listdir(output / 'checkpoints') if (output / 'checkpoints').exists() else []  # the folder may go too
+    assert [p for p in kept if p.startswith('step-')] == []
