@@ -32,7 +32,8 @@ def test_text_card_is_sentence_transformers_own_with_the_runs_facts(
     make_config: ConfigFactory, tiny_bert: Path
 ) -> None:
     records = labelled_texts(n_classes=3, per_class=6)
-    config = make_config(records, model=str(tiny_bert), val_split=0.34, epochs=2, batch_size=8, learning_rate=1e-3)
+    spec = {'loss': 'TripletMarginLoss', 'val_split': 0.34, 'epochs': 2, 'batch_size': 8, 'learning_rate': 1e-3}
+    config = make_config(records, model=str(tiny_bert), **spec)
     result = train(config)
     card, text = _card(result.artifact_uri)
 
