@@ -25,7 +25,7 @@ from finetuner_trainer.distributed import agree, setup_loop
 from finetuner_trainer.evalcache import load_before, store_before
 from finetuner_trainer.evaluation import EmbeddingMemo, EmbedFn
 from finetuner_trainer.hooks import TrainState
-from finetuner_trainer.losses import call_objective, forward_objective
+from finetuner_trainer.losses import call_objective, forward_objective, score_tensor
 from finetuner_trainer.models import to_device
 from finetuner_trainer.progress import phase
 
@@ -36,17 +36,6 @@ def forward_loss(model: nn.Module, loss: nn.Module, batch: dict[str, Any]) -> Te
     """Forward the batch through ``model`` and the objective ``loss`` (in mini-batches when the loss has a
     ``mini_batch_size``: see :func:`finetuner_trainer.losses.forward_objective`)."""
     return forward_objective(model, loss, batch)
-
-
-def _eval_scores(examples: list[Any]) -> Tensor | None:
-    """Scores of scored pairs (one per example) or scored tuples (one per document), None unscored."""
-    if not examples:
-        return None
-    if getattr(examples[0], 'scores', None) is not None:
-        return torch.tensor([e.scores for e in examples], dtype=torch.float32)
-    if examples[0].score is not None:
-        return torch.tensor([e.score for e in examples], dtype=torch.float32)
-    return None
 
 
 def compute_loss(ctx: TrainContext, batch: dict[str, Any]) -> Tensor:
@@ -103,7 +92,7 @@ def validation_loss(ctx: TrainContext, embed: EmbedFn | None = None) -> float | 
     size = evaluation_batch_size(ctx)
     groups = [embed([e.items[g] for e in examples], size) for g in range(len(examples[0].items))] if examples else []
     labels = torch.tensor([e.label if e.label is not None else -1 for e in examples], dtype=torch.long)
-    scores = _eval_scores(examples)
+    scores = score_tensor(examples, ctx.eval_records.shape) if examples else None
     losses = []
     for positions in ctx.eval_loader.batch_sampler:
         rows = torch.as_tensor(list(positions), dtype=torch.long)

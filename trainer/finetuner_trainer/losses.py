@@ -546,6 +546,16 @@ def embed_group(model: nn.Module, group: Group) -> Tensor:
     return model(group)
 
 
+def score_tensor(examples: list[Any], shape: Shape) -> Tensor | None:
+    """The scores a scored shape's objective takes: one per scored pair, one per document of a scored
+    tuple; None for the other shapes."""
+    if shape == Shape.SCORED_PAIRS:
+        return torch.tensor([e.score for e in examples], dtype=torch.float32)
+    if shape == Shape.SCORED_TUPLES:
+        return torch.tensor([e.scores for e in examples], dtype=torch.float32)
+    return None
+
+
 def call_objective(
     loss: nn.Module, embeddings: list[Tensor], batch: dict[str, Any], rows: slice | None = None
 ) -> Tensor:

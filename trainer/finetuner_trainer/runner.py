@@ -55,7 +55,7 @@ from finetuner_trainer.distributed import shutdown
 from finetuner_trainer.embedder import Embedder, to_device
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.loop import forward_loss, run_metrics, run_training, write_examples
-from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry, mini_batch_size
+from finetuner_trainer.losses import build_objective, check_loss_fits, loss_entry, mini_batch_size, score_tensor
 from finetuner_trainer.mining import check_minable, mine_dataset
 from finetuner_trainer.model_card import CardFacts, base_model_of, data_name_of_reference, write_card
 from finetuner_trainer.models import build_embedder, resolve_model
@@ -273,10 +273,9 @@ class Collator:
             }
         width = len(examples[0].items)
         batch: dict[str, Any] = {'groups': [self.collate([e.items[j] for e in examples]) for j in range(width)]}
-        if self.shape == Shape.SCORED_PAIRS:
-            batch['scores'] = torch.tensor([e.score for e in examples], dtype=torch.float32)
-        elif self.shape == Shape.SCORED_TUPLES:
-            batch['scores'] = torch.tensor([e.scores for e in examples], dtype=torch.float32)
+        scores = score_tensor(examples, self.shape)
+        if scores is not None:
+            batch['scores'] = scores
         return batch
 
 
