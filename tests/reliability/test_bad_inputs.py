@@ -665,7 +665,8 @@ for i in range(rounds):
         outcome = 'won'
     except finetuner.ArgumentError as e:
         outcome = str(e)
-    (folder / f'result-{i}-{me}').write_text(outcome)
+    (folder / f'result-{i}-{me}.part').write_text(outcome)
+    (folder / f'result-{i}-{me}.part').rename(folder / f'result-{i}-{me}')  # seen only once whole
 """
 
 
