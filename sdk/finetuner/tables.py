@@ -13,11 +13,15 @@ from typing import Any
 def print_whole(table: Any, console: Any = None) -> None:
     """Print ``table`` (a rich renderable) on ``console``; without one, on the terminal, never cutting a cell.
     A console the caller gives is used as it is (its width is the caller's choice)."""
+    from rich.cells import cell_len
     from rich.console import Console
 
     if console is not None:
         console.print(table)
         return
     console = Console()
+    title = getattr(table, 'title', None)
+    if isinstance(title, str):  # a run name in the title is not folded either: the table is as wide as it
+        table.min_width = max(table.min_width or 0, cell_len(title))
     needed = Console(width=10_000).measure(table).maximum
     (console if console.width >= needed else Console(width=needed)).print(table)
