@@ -165,3 +165,32 @@ def test_run_events_are_those_of_the_run_its_job_and_its_pods_oldest_first(backe
     ]
     assert events[0].time == '2026-12-05T10:00:01Z' and events[0].message == 'Created evented'
     assert events[0].source == 'test'
+
+
+def test_run_events_refused_or_unreachable_say_what_is_missing(
+    backend: KubernetesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import MaxRetryError
+
+    from finetuner.run import Run
+
+    run = Run(backend.create_run('guarded', SPEC), backend)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ApiException(status=403, reason='Forbidden')
+
+    monkeypatch.setattr(backend.core, 'list_namespaced_pod', refuse)
+    with pytest.raises(BackendError) as caught:
+        run.events()
+    assert str(caught.value) == (
+        "the cluster refused to list Events or pods in namespace 'default' (403 Forbidden); reading a run's Events "
+        '(run.events(), finetuner events, the console) needs list on events and pods there'
+    )
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise MaxRetryError(None, '/api/v1/namespaces/default/pods', 'connection refused')  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend.core, 'list_namespaced_pod', unreachable)
+    with pytest.raises(BackendError, match='cannot reach the Kubernetes API to list Events: '):
+        run.events()
