@@ -147,9 +147,11 @@ def _parser() -> argparse.ArgumentParser:
     _output_flag(events)
     experiment = sub.add_parser('experiment', help="an experiment's runs side by side, the best run marked")
     experiment.add_argument('name')
+    _output_flag(experiment)
     queue = sub.add_parser('queue', help="local backend: the queue's limits and the runs waiting in it")
     queue.add_argument('--cpu-runs', type=int, help='trainings at once on the CPU (kept for every process)')
     queue.add_argument('--gpus', help='GPU indices to give out, e.g. 0,1 (none: no GPU); default all found')
+    _output_flag(queue)
     for name, text in (
         ('cancel', 'stop a run (a waiting one never starts)'),
         ('suspend', 'stop a run and give its GPU or slot back until resume'),
@@ -160,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         one.add_argument('run')
     metrics = sub.add_parser('metrics', help='retrieval metrics of a finished run, before and after')
     metrics.add_argument('run')
+    _output_flag(metrics)
     _console_parser(sub)
     return parser
 
@@ -171,13 +174,10 @@ def _output_flag(command: argparse.ArgumentParser) -> None:
 
 
 def _print_table(table: Any) -> None:
-    """Print a rich Table without cutting any cell: on a console as wide as the table needs, when the
-    terminal is narrower (names are what users copy into other commands)."""
-    from rich.console import Console
+    """Print a rich Table without cutting any cell (names are what users copy into other commands)."""
+    from finetuner.tables import print_whole
 
-    console = Console()
-    needed = Console(width=10_000).measure(table).maximum
-    (console if console.width >= needed else Console(width=needed)).print(table)
+    print_whole(table)
 
 
 def _print_json(value: Any) -> None:
@@ -498,7 +498,22 @@ def _sweep(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     import finetuner
 
-    finetuner.get_experiment(args.name).display()
+    experiment = finetuner.get_experiment(args.name)
+    if args.output == 'json':
+        selector = experiment.spec.best_run
+        best = experiment.best_run()
+        _print_json(
+            {
+                'name': experiment.name,
+                'description': experiment.description,
+                'metric': selector.metric,
+                'mode': selector.mode,
+                'best_run': best.name if best is not None else None,
+                'runs': experiment.rows(),
+            }
+        )
+        return 0
+    experiment.display()
     return 0
 
 
@@ -515,14 +530,28 @@ def _queue(args: argparse.Namespace) -> int:
     else:
         settings = backend.queue_settings()
     from finetuner.backends.scheduling import capacity
+    from finetuner.wording import for_sdk
 
     found = capacity(settings)
-    print(f'Local queue of {backend.home}: {settings.cpu_runs} at once on the CPU, GPUs {list(found.gpu_ids)}')
     waiting = sorted(
         (r for r in backend.list_runs() if r.queue_position is not None), key=lambda r: r.queue_position or 0
     )
+    if args.output == 'json':
+        _print_json(
+            {
+                'home': str(backend.home),
+                'cpu_runs': settings.cpu_runs,
+                'gpus': list(found.gpu_ids),
+                'waiting': [
+                    {'position': r.queue_position, 'name': r.name, 'details': for_sdk(r.status.details) or ''}
+                    for r in waiting
+                ],
+            }
+        )
+        return 0
+    print(f'Local queue of {backend.home}: {settings.cpu_runs} at once on the CPU, GPUs {list(found.gpu_ids)}')
     for record in waiting:
-        print(f'  #{record.queue_position} {record.name}: {record.status.details}')
+        print(f'  #{record.queue_position} {record.name}: {for_sdk(record.status.details) or ""}')
     return 0
 
 
@@ -573,7 +602,11 @@ def _delete(args: argparse.Namespace) -> int:
 def _metrics(args: argparse.Namespace) -> int:
     import finetuner
 
-    finetuner.get_run(args.run).display_metrics()
+    run = finetuner.get_run(args.run)
+    if args.output == 'json':
+        _print_json(run.metrics().model_dump(exclude_none=True))
+        return 0
+    run.display_metrics()
     return 0
 
 

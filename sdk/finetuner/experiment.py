@@ -183,42 +183,59 @@ class Experiment:
         reconciles it and can lag a run it has just created."""
         return all(run.record.status.phase in (Phase.FINISHED, Phase.FAILED) for run in self.list_runs())
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The runs side by side as data, in :meth:`runs` order: ``name``, ``status``, ``parameters`` (the run's
+        sweep point, fit() names), ``before`` and ``after`` (the best-run metric, None until measured) and
+        ``best`` (whether it is :meth:`best_run`)."""
+        metric = self.spec.best_run.metric
+        best = self.best_run()
+        points = {sweep_run_name(self.name, i): point for i, point in enumerate(self.points())}
+        rows = []
+        for run in self.runs():
+            status = run.record.status
+            metrics = status.metrics
+            rows.append(
+                {
+                    'name': run.name,
+                    'status': str(status.phase or Phase.CREATED.value),
+                    'parameters': points.get(run.name, {}),
+                    'before': metrics.before.get(metric) if metrics else None,
+                    'after': metrics.after.get(metric) if metrics else None,
+                    'best': best is not None and run.name == best.name,
+                }
+            )
+        return rows
+
     def table(self) -> Any:
         """The runs side by side (a rich Table): each run's sweep point, phase and metric; the best marked."""
         from rich.table import Table
 
         selector = self.spec.best_run
-        runs = self.runs()
-        best = self.best_run()
-        points = {sweep_run_name(self.name, i): point for i, point in enumerate(self.points())}
-        keys = sorted({k for point in points.values() for k in point})
+        rows = self.rows()
+        keys = sorted({k for point in self.points() for k in point})
         title = f'Experiment {self.name}'
+        best = next((row for row in rows if row['best']), None)
         if best is not None:
-            value = (_after(best) or {}).get(selector.metric)
-            title += f': best run {best.name} ({selector.metric} {value:.4f}, {selector.mode})'
+            title += f': best run {best["name"]} ({selector.metric} {best["after"]:.4f}, {selector.mode})'
         table = Table(title=title)
         for column in ('run', 'status', *keys, f'{selector.metric} before', f'{selector.metric} after', 'best'):
             table.add_column(column, justify='right' if column.startswith(selector.metric) else 'left')
-        for run in runs:
-            status = run.record.status
-            metrics = status.metrics
-            before = metrics.before.get(selector.metric) if metrics else None
-            after = metrics.after.get(selector.metric) if metrics else None
+        for row in rows:
             table.add_row(
-                run.name,
-                str(status.phase or Phase.CREATED.value),
-                *(_cell(points.get(run.name, {}).get(k)) for k in keys),
-                '' if before is None else f'{before:.4f}',
-                '' if after is None else f'{after:.4f}',
-                '*' if best is not None and run.name == best.name else '',
+                row['name'],
+                row['status'],
+                *(_cell(row['parameters'].get(k)) for k in keys),
+                '' if row['before'] is None else f'{row["before"]:.4f}',
+                '' if row['after'] is None else f'{row["after"]:.4f}',
+                '*' if row['best'] else '',
             )
         return table
 
     def display(self, console: Any = None) -> None:
-        """Print :meth:`table` (on ``console``, a rich Console)."""
-        from rich.console import Console
+        """Print :meth:`table` (on ``console``, a rich Console; without one, never cutting a run name)."""
+        from finetuner.tables import print_whole
 
-        (console or Console()).print(self.table())
+        print_whole(self.table(), console)
 
 
 def _after(run: Run) -> dict[str, float] | None:

@@ -6,8 +6,12 @@ stack (``pip install 'kube-finetuner[trainer]'``), imported only when ``get_mode
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
 
@@ -68,16 +72,13 @@ def cross_encoders_table() -> Any:
 def describe_models(task: str | None = None) -> None:
     """Print the backbones (model, task, output_dim, architecture, description) as a table, then (for
     text) the cross-encoders that synthesis runs and hard-negative mining take."""
-    from rich.console import Console
+    from finetuner.tables import print_whole
 
     tables = [models_table(task)]
     if task in (None, 'text-to-text'):
         tables.append(cross_encoders_table())
     for table in tables:
-        console = Console()
-        needed = Console(width=10_000).measure(table).maximum
-        # Names are what users copy into fit(): never cut them, even when the terminal is narrow.
-        (console if console.width >= needed else Console(width=needed)).print(table)
+        print_whole(table)  # names are what users copy into fit()
 
 
 def _trainer_module(name: str) -> Any:
@@ -185,22 +186,26 @@ def _embed(model: Any, records: list[Any], batch_size: int) -> Any:
 
 def get_model(
     artifact: str | Path,
+    token: str | None = None,
     batch_size: int = 32,
     select_model: str | None = None,
-    device: str = 'cpu',
+    device: str | None = None,
+    logging_level: str = 'WARNING',
     is_onnx: bool = False,
-    token: str | None = None,
     quantized: bool | None = None,
     truncate_dim: int | None = None,
 ) -> Any:
-    """Load a fine-tuned model for :func:`encode`.
+    """Load a fine-tuned model for :func:`encode`. The arguments up to ``is_onnx`` are Finetuner's, in its order.
 
     ``artifact``: the folder given to ``run.save_model()``, the name of a finished run, a Hugging Face model
     id (``org/name`` or its huggingface.co URL: downloaded into the hub's cache, with ``token`` for a private
     one), or the folder of any Hugging Face, sentence-transformers or timm model.
     ``select_model``: keeps one tower's inputs of a model with several (CLIP: ``'clip-text'``,
     ``'clip-vision'``);
-    ``is_onnx``: use the ONNX export (the run needs ``to_onnx=True``); ``device``: where torch runs it.
+    ``is_onnx``: use the ONNX export (the run needs ``to_onnx=True``); ``device``: where torch runs it
+    (``'cpu'``, ``'cuda'``, ``'cuda:1'``; default: ``'cuda'`` when torch sees a GPU, else ``'cpu'``).
+    ``logging_level``: the level of the loading libraries' loggers (transformers, finetuner_trainer) while
+    the model loads, as a name of :mod:`logging` (``'WARNING'``, ``'INFO'``, ...).
     ``quantized`` (with ``is_onnx``): None loads the int8 ONNX model when the run made one
     (``onnx_quantize``), else the float one; True insists on the int8 model, False loads the float one.
     The model's ``precision`` says which it is (``'int8'`` or ``'float32'``).
@@ -214,17 +219,20 @@ def get_model(
     _check_select_model(select_model)
     if quantized is not None and not is_onnx:
         raise ArgumentError('quantized', 'int8 models are ONNX graphs: pass is_onnx=True with quantized')
+    level = _logging_level(logging_level)
+    device = _device(device, is_onnx)
     directory = _artifact_directory(artifact, token)
-    if is_onnx:
-        onnx = _trainer_module('finetuner_trainer.inference_onnx')
-        try:
-            model: Any = onnx.OnnxEmbedder.load(directory, quantized=quantized)
-        except FileNotFoundError as e:
-            raise ArgumentError('quantized' if quantized and 'int8' in str(e) else 'is_onnx', str(e)) from e
-    else:
-        # In inference mode: a user calling model(batch) gets dropout off and BatchNorm's running
-        # statistics, as encode() does (Embedder.embed switches to eval itself).
-        model = pretrained.load_model_folder(directory, _trainer_module, device)
+    with _quiet_loaders(level):
+        if is_onnx:
+            onnx = _trainer_module('finetuner_trainer.inference_onnx')
+            try:
+                model: Any = onnx.OnnxEmbedder.load(directory, quantized=quantized)
+            except FileNotFoundError as e:
+                raise ArgumentError('quantized' if quantized and 'int8' in str(e) else 'is_onnx', str(e)) from e
+        else:
+            # In inference mode: a user calling model(batch) gets dropout off and BatchNorm's running
+            # statistics, as encode() does (Embedder.embed switches to eval itself).
+            model = pretrained.load_model_folder(directory, _trainer_module, device)
     if select_model is not None:
         model = _Selected(model, SELECT_MODELS[select_model][1])
     model.default_batch_size = batch_size
@@ -237,14 +245,15 @@ def build_model(
     model_options: dict[str, Any] | None = None,
     batch_size: int = 32,
     select_model: str | None = None,
-    device: str = 'cpu',
+    device: str | None = None,
     is_onnx: bool = False,
 ) -> Any:
     """A pretrained backbone, no run needed (zero-shot): a name of :func:`describe_models` or an alias,
     ``timm:<name>``, a Hugging Face id or a model folder, with ``model_options`` (see
     :func:`finetuner.list_model_options`). ``select_model`` keeps one tower of a CLIP model
     (``'clip-text'``, ``'clip-vision'``); ``is_onnx`` exports it to ONNX and runs it with ONNX Runtime.
-    Use it with :func:`encode` like a fine-tuned model."""
+    ``device`` as in :func:`get_model` (default: ``'cuda'`` when torch sees a GPU). Finetuner's arguments,
+    in its order. Use it with :func:`encode` like a fine-tuned model."""
     if batch_size < 1:
         raise ArgumentError('batch_size', f'must be at least 1, got {batch_size}')
     if not isinstance(name, str) or not name.strip():
@@ -253,11 +262,57 @@ def build_model(
 
     check_model_name(name, 'name')
     _check_select_model(select_model)
+    device = _device(device, is_onnx)
     model = pretrained.build_model(name, _trainer_module, model_options, device, is_onnx)
     if select_model is not None:
         model = _Selected(model, SELECT_MODELS[select_model][1])
     model.default_batch_size = batch_size
     return model
+
+
+# The loggers of the libraries that load a model (logging_level quiets or opens them while it loads).
+LOADING_LOGGERS = ('finetuner_trainer', 'transformers', 'sentence_transformers', 'timm', 'huggingface_hub')
+
+
+def _logging_level(name: Any) -> int:
+    level = logging.getLevelName(name.upper()) if isinstance(name, str) else None
+    if not isinstance(level, int):
+        raise ArgumentError(
+            'logging_level', f"{name!r} is no logging level; give 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'"
+        )
+    return level
+
+
+@contextlib.contextmanager
+def _quiet_loaders(level: int) -> Iterator[None]:
+    """The loading libraries' loggers at ``level`` while a model loads, then as they were."""
+    loggers = [logging.getLogger(name) for name in LOADING_LOGGERS]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, before, strict=True):
+            logger.setLevel(old)
+
+
+def _device(device: str | None, is_onnx: bool) -> str:
+    """Where torch runs the model: as given, or (None) ``'cuda'`` when torch sees a GPU, else ``'cpu'``, as
+    Finetuner chooses. ONNX models run on the CPU (ONNX Runtime's default provider): a GPU asked for is
+    not used, and a warning says so (Finetuner warns too)."""
+    if device is not None and (not isinstance(device, str) or device.split(':')[0] not in ('cpu', 'cuda', 'mps')):
+        raise ArgumentError('device', f"{device!r} is no torch device; give 'cpu', 'cuda' or 'cuda:N' (or None)")
+    if is_onnx:
+        if device is not None and device != 'cpu':
+            warnings.warn(
+                f'ONNX models run on the CPU here (ONNX Runtime); device={device!r} is not used', RuntimeWarning, 3
+            )
+        return 'cpu'
+    if device is not None:
+        return device
+    torch = _trainer_module('torch')
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def _check_select_model(select_model: str | None) -> None:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, Field
 
@@ -150,7 +150,8 @@ class Run:
         return status
 
     def metrics(self) -> RunMetrics:
-        """Evaluation before and after fine-tuning (empty when the run had no evaluation data)."""
+        """Evaluation before and after fine-tuning (empty when the run had no evaluation data):
+        ``metrics().after['mrr']``, or as Finetuner's dict, ``metrics()['after']['mrr']``."""
         status = self._require_finished('metrics')
         if status.metrics is not None:
             return status.metrics
@@ -168,7 +169,8 @@ class Run:
 
         The trainer gathers them whenever the run evaluates (``eval_data`` or ``val_split``, or an
         ``EvaluationCallback`` with ``gather_examples=True``); a run without evaluation has none (empty
-        lists). Images come as ``data:`` URIs of small thumbnails (``ExampleQuery.image``)."""
+        lists). Images come as ``data:`` URIs of small thumbnails (``ExampleQuery.image``). Read as
+        Finetuner's dict, ``example_results()['after']`` maps each query to its matches, closest first."""
         self._require_finished('example results')
         try:
             store = self._backend.output_store(self.name)
@@ -180,9 +182,9 @@ class Run:
 
     def display_metrics(self, console: Any = None) -> None:
         """Print the metrics before and after fine-tuning as a table (on ``console``, a rich Console)."""
-        from rich.console import Console
+        from finetuner.tables import print_whole
 
-        (console or Console()).print(metrics_table(self.name, self.metrics()))
+        print_whole(metrics_table(self.name, self.metrics()), console)
 
     def display_examples(self, k: int = 5, console: Any = None) -> None:
         """Print, for a few evaluation queries, the top ``k`` matches before and after fine-tuning, each
@@ -380,6 +382,25 @@ class ExampleResults(BaseModel):
 
     def __bool__(self) -> bool:
         return bool(self.before or self.after)
+
+    # Finetuner's run.example_results() is the dict {'before': {query: [match, ...]}, 'after': {...}};
+    # code written for it (``for stage in results: results[stage][query][:k]``) reads this model the same
+    # way. The matches are ExampleMatch objects (content, label, distance, relevant), closest first.
+    STAGES: ClassVar[tuple[str, str]] = ('before', 'after')
+
+    def __getitem__(self, stage: str) -> dict[str, list[ExampleMatch]]:
+        if stage not in self.STAGES:
+            raise KeyError(stage)
+        return {query.query: query.matches for query in getattr(self, stage)}
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]  # a mapping's keys, not pydantic's pairs
+        return iter(self.STAGES)
+
+    def keys(self) -> tuple[str, str]:
+        return self.STAGES
+
+    def items(self) -> list[tuple[str, dict[str, list[ExampleMatch]]]]:
+        return [(stage, self[stage]) for stage in self.STAGES]
 
     def _repr_html_(self) -> str:
         """The examples as pictures and text in a notebook (the top 5 matches of every query)."""

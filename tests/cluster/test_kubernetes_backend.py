@@ -116,3 +116,81 @@ def test_logs_come_from_the_pod_then_from_the_stored_copy(
 def test_data_store_is_the_configured_prefix(backend: KubernetesBackend) -> None:
     store: Any = backend.data_store()
     assert store.uri == 's3://data-bucket/team'
+
+
+def _event(name: str, kind: str, involved: str, reason: str, when: str, kind_of: str = 'Normal') -> dict[str, Any]:
+    return {
+        'metadata': {'name': name},
+        'involvedObject': {'kind': kind, 'name': involved, 'namespace': 'default'},
+        'reason': reason,
+        'message': f'{reason} {involved}',
+        'type': kind_of,
+        'source': {'component': 'test'},
+        'lastTimestamp': when,
+        'count': 1,
+    }
+
+
+def test_run_events_are_those_of_the_run_its_job_and_its_pods_oldest_first(backend: KubernetesBackend) -> None:
+    from finetuner.run import Run
+
+    backend.create_run('evented', SPEC)
+    backend.create_run('other', SPEC)
+    core = client.CoreV1Api(backend.api_client)
+    core.create_namespaced_pod(
+        'default',
+        {
+            'metadata': {'name': 'evented-trainer-abc', 'labels': {'finetuner.dev/run': 'evented'}},
+            'spec': {'containers': [{'name': 'trainer', 'image': 'i'}]},
+        },
+    )
+    client.CustomObjectsApi(backend.api_client).patch_namespaced_custom_object_status(
+        'finetuner.dev', 'v1alpha1', 'default', 'finetuneruns', 'evented', {'status': {'jobName': 'evented-trainer'}}
+    )
+    for event in (
+        _event('e3', 'Pod', 'evented-trainer-abc', 'Pulled', '2026-12-05T10:00:03Z'),
+        _event('e1', 'FinetuneRun', 'evented', 'Created', '2026-12-05T10:00:01Z'),
+        _event('e2', 'Job', 'evented-trainer', 'SuccessfulCreate', '2026-12-05T10:00:02Z'),
+        _event('e4', 'FinetuneRun', 'evented', 'Failed', '2026-12-05T10:00:04Z', 'Warning'),
+        _event('x1', 'FinetuneRun', 'other', 'Created', '2026-12-05T10:00:00Z'),
+    ):
+        core.create_namespaced_event('default', event)
+
+    events = Run(backend.get_run('evented'), backend).events()
+    assert [(e.object, e.reason, e.type) for e in events] == [
+        ('FinetuneRun/evented', 'Created', 'Normal'),
+        ('Job/evented-trainer', 'SuccessfulCreate', 'Normal'),
+        ('Pod/evented-trainer-abc', 'Pulled', 'Normal'),
+        ('FinetuneRun/evented', 'Failed', 'Warning'),
+    ]
+    assert events[0].time == '2026-12-05T10:00:01Z' and events[0].message == 'Created evented'
+    assert events[0].source == 'test'
+
+
+def test_run_events_refused_or_unreachable_say_what_is_missing(
+    backend: KubernetesBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import MaxRetryError
+
+    from finetuner.run import Run
+
+    run = Run(backend.create_run('guarded', SPEC), backend)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ApiException(status=403, reason='Forbidden')
+
+    monkeypatch.setattr(backend.core, 'list_namespaced_pod', refuse)
+    with pytest.raises(BackendError) as caught:
+        run.events()
+    assert str(caught.value) == (
+        "the cluster refused to list Events or pods in namespace 'default' (403 Forbidden); reading a run's Events "
+        '(run.events(), finetuner events, the console) needs list on events and pods there'
+    )
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise MaxRetryError(None, '/api/v1/namespaces/default/pods', 'connection refused')  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend.core, 'list_namespaced_pod', unreachable)
+    with pytest.raises(BackendError, match='cannot reach the Kubernetes API to list Events: '):
+        run.events()

@@ -138,6 +138,11 @@ def test_runs_show_queue_places_and_the_queue_command(
     assert out[0] == f'Local queue of {scripted.home}: 1 at once on the CPU, GPUs []'
     assert out[1].startswith('  #1 second: Waiting for a free CPU slot: 1 of 1 trainings allowed at once')
     assert out[2] == '  #2 third: Waiting: 1 run ahead (queued for a CPU slot)'
+    assert main(['queue', '--output', 'json']) == 0
+    queue = json.loads(capsys.readouterr().out)
+    assert (queue['home'], queue['cpu_runs'], queue['gpus']) == (str(scripted.home), 1, [])
+    assert [(w['position'], w['name']) for w in queue['waiting']] == [(1, 'second'), (2, 'third')]
+    assert queue['waiting'][1]['details'] == 'Waiting: 1 run ahead (queued for a CPU slot)'
 
     assert main(['suspend', 'second']) == 0
     assert capsys.readouterr().out.splitlines()[:2] == [
@@ -165,6 +170,23 @@ def test_sweep_and_experiment_commands(
     assert 'Experiment cli-sweep: best run cli-sweep-001 (mrr 1.0000, max)' in out
     assert main(['experiment', 'cli-sweep']) == 0
     assert 'best run cli-sweep-001' in capsys.readouterr().out
+    assert main(['experiment', 'cli-sweep', '-o', 'json']) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert (listed['name'], listed['metric'], listed['mode'], listed['best_run']) == (
+        'cli-sweep',
+        'mrr',
+        'max',
+        'cli-sweep-001',
+    )
+    assert [(r['name'], r['status'], r['parameters'], r['best']) for r in listed['runs']] == [
+        ('cli-sweep-000', 'FINISHED', {'learning_rate': 0.0001}, False),
+        ('cli-sweep-001', 'FINISHED', {'learning_rate': 0.001}, True),
+    ]
+    assert listed['runs'][1]['after'] == 1.0
+    assert main(['metrics', 'cli-sweep-001', '--output', 'json']) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics == finetuner.get_run('cli-sweep-001').metrics().model_dump(exclude_none=True)
+    assert metrics['after']['mrr'] == 1.0 and set(metrics) == {'before', 'after'}
     assert main(['experiments']) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('│ cli-sweep '))
     assert [cell.strip() for cell in row.split('│')[1:-1]] == ['cli-sweep', '2', '0', '0', '2', '0', 'cli-sweep-001']

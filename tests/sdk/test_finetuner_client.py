@@ -327,6 +327,46 @@ def test_display_examples_shows_top_k_before_and_after_with_marks(scripted: Loca
         run.display_examples(k=0)
 
 
+def test_metrics_and_example_results_read_as_finetuners_dicts(scripted: LocalBackend) -> None:
+    run = _finished('as-dicts')
+    scripted.output_store('as-dicts').write_json(layout.EXAMPLES, EXAMPLES)
+    metrics = run.metrics()
+    assert metrics.after, 'the scripted trainer reports metrics'
+    # Finetuner's display_metrics: ``for stage in metrics: print_metrics(stage, metrics[stage])``
+    assert [(stage, metrics[stage]) for stage in metrics] == [('before', metrics.before), ('after', metrics.after)]
+    assert dict(metrics) == {'before': metrics.before, 'after': metrics.after}
+    assert metrics['after']['mrr'] == metrics.after['mrr']
+    with pytest.raises(KeyError):
+        metrics['quantized']  # an attribute only, as Finetuner's dict has no such key
+    # Finetuner's display_examples: ``for query in results[stage]: results[stage][query][:k]``
+    results = run.example_results()
+    assert list(results) == ['before', 'after']
+    shown = {
+        stage: {query: [str(m.content) for m in matches[:1]] for query, matches in results[stage].items()}
+        for stage in results
+    }
+    assert shown == {'before': {'how are you': ['what is ai']}, 'after': {'how are you': ['hello there']}}
+    after = results['after']['how are you']
+    assert [(m.content, m.relevant) for m in after] == [('hello there', True), ('photos/cat.png', False)]
+    assert dict(results)['before'] == results['before']
+
+
+def test_experiment_table_never_cuts_run_names(
+    scripted: LocalBackend, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_name = 'a-rather-long-run-name-that-a-narrow-terminal-cuts'
+    experiment = finetuner.create_experiment('narrow')
+    _finished(long_name, experiment_name='narrow')
+    monkeypatch.setenv('COLUMNS', '40')
+    experiment.display()
+    assert long_name in capsys.readouterr().out
+    assert main(['experiment', 'narrow']) == 0
+    assert long_name in capsys.readouterr().out
+    run = finetuner.get_run(long_name)
+    run.display_metrics()
+    assert f'Retrieval metrics of {long_name}' in capsys.readouterr().out
+
+
 def test_display_examples_of_a_run_without_evaluation(scripted: LocalBackend) -> None:
     run = _finished('no-examples')
     console = Console(record=True, width=120)

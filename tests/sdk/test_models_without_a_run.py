@@ -161,3 +161,69 @@ def test_get_model_of_a_backbone_name_points_to_build_model(local: object) -> No
 def test_clip_folder_from_get_model(tiny_clip: Path) -> None:
     model = finetuner.get_model(tiny_clip, select_model='clip-text')
     assert finetuner.encode(model, ['a red picture']).shape == (1, 32)
+
+
+# Finetuner 0.8.1 (finetuner/__init__.py): get_model(artifact, token=None, batch_size=32, select_model=None,
+# device=None, logging_level='WARNING', is_onnx=False); build_model(name, model_options=None, batch_size=32,
+# select_model=None, device=None, is_onnx=False); device None: 'cuda' if torch.cuda.is_available() else 'cpu'.
+
+
+def test_get_model_takes_finetuners_arguments_in_its_order(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    given: dict[str, object] = {}
+
+    def snapshot_download(repo_id: str, token: str | None = None) -> str:
+        given.update(repo_id=repo_id, token=token)
+        return str(tiny_bert)
+
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', snapshot_download)
+    model = finetuner.get_model('org/private', 'hf_secret', 2)  # the token second, as Finetuner's
+    assert given == {'repo_id': 'org/private', 'token': 'hf_secret'}
+    assert model.default_batch_size == 2
+    np.testing.assert_allclose(finetuner.encode(model, TEXTS), _mean_pooled(tiny_bert, TEXTS), atol=1e-5)
+    zero_shot = finetuner.build_model(str(tiny_bert), {'pooler': 'cls'}, 3)
+    assert zero_shot.default_batch_size == 3
+    assert not np.allclose(finetuner.encode(zero_shot, TEXTS), finetuner.encode(model, TEXTS))
+
+
+def test_device_defaults_to_the_gpu_when_torch_sees_one(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetuner.models import _device
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    model = finetuner.get_model(tiny_bert)
+    assert {p.device.type for p in model.parameters()} == {'cpu'}
+    assert {p.device.type for p in finetuner.build_model(str(tiny_bert)).parameters()} == {'cpu'}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert _device(None, is_onnx=False) == 'cuda'
+    assert _device('cuda:1', is_onnx=False) == 'cuda:1'
+    assert _device(None, is_onnx=True) == 'cpu', 'ONNX Runtime runs on the CPU here'
+    with pytest.raises(ArgumentError, match="device: 'gpu' is no torch device; give 'cpu', 'cuda' or 'cuda:N'"):
+        finetuner.get_model(tiny_bert, device='gpu')
+    with pytest.warns(RuntimeWarning, match=r"ONNX models run on the CPU here \(ONNX Runtime\); device='cuda'"):
+        onnx = finetuner.build_model(str(tiny_bert), device='cuda', is_onnx=True)
+    assert type(onnx).__name__ == 'OnnxEmbedder'
+
+
+def test_logging_level_applies_while_the_model_loads(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from finetuner import pretrained
+
+    seen: list[int] = []
+    load = pretrained.load_model_folder
+
+    def watched(*args: object) -> object:
+        seen.append(logging.getLogger('transformers').getEffectiveLevel())
+        return load(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pretrained, 'load_model_folder', watched)
+    before = logging.getLogger('transformers').level
+    finetuner.get_model(tiny_bert, logging_level='DEBUG')
+    finetuner.get_model(tiny_bert, logging_level='error')
+    assert seen == [logging.DEBUG, logging.ERROR]
+    assert logging.getLogger('transformers').level == before, 'the level is put back once loaded'
+    with pytest.raises(ArgumentError, match="logging_level: 'LOUD' is no logging level; give 'DEBUG', 'INFO'"):
+        finetuner.get_model(tiny_bert, logging_level='LOUD')

@@ -29,7 +29,7 @@ from finetuner.api.v1alpha1 import CallbackSpec, FinetuneRunSpec
 from finetuner_trainer import evaluation, train
 from finetuner_trainer.callbacks import BestModelCheckpoint, EvaluationCallback, build_callbacks, resolve_mode
 from finetuner_trainer.errors import ConfigError
-from finetuner_trainer.evaluation import EvalSet, Evaluator
+from finetuner_trainer.evaluation import EvalSet, Evaluator, example_queries
 from finetuner_trainer.hooks import Control, TrainState
 from tests.support.tiny import labelled_images, text_image_pairs, write_jsonl
 from tests.trainer.conftest import TIMM_SPEC, ConfigFactory
@@ -257,3 +257,18 @@ def test_the_sdk_classes_take_the_same_options() -> None:
         SdkWandB(metrics_logger_step='step')
     with pytest.raises(ValueError, match='String should match pattern'):
         SdkEvaluation(caption='two words')
+
+
+def test_example_queries_are_drawn_one_label_at_a_time() -> None:
+    rng = np.random.default_rng(0)
+    labels = sorted(i % 3 for i in range(12))  # sorted by class, as most labelled data is
+    vectors = torch.tensor(rng.normal(size=(12, 4)) + np.eye(3, 4)[labels] * 2.0, dtype=torch.float32)
+    items = [SimpleNamespace(position=i, text=f'item {i}') for i in range(12)]
+    evaluator = Evaluator(
+        EvalSet(items, items, labels, labels, same_items=True), gather_examples=True, num_example_queries=4
+    )
+    evaluator.evaluate(lambda batch, size: vectors[[item.position for item in batch]])
+    assert [example['label'] for example in evaluator.examples] == [0, 1, 2, 0]
+    assert example_queries(labels, 4) == [0, 4, 8, 1]
+    assert example_queries(list(range(7)), 5) == [0, 1, 2, 3, 4], 'pairs: every query its own label'
+    assert example_queries(['a', 'a', 'b'], 10) == [0, 2, 1], 'at most the queries there are'

@@ -405,7 +405,7 @@ class Evaluator:
 
     def _examples(self, ranking: Ranking) -> list[dict[str, Any]]:
         out = []
-        for q in range(min(self.num_example_queries, len(self.eval_set.queries))):
+        for q in example_queries(self.eval_set.query_labels, self.num_example_queries):
             matches = []
             for pos in range(min(5, ranking.indices.shape[1])):
                 j = int(ranking.indices[q, pos])
@@ -429,6 +429,21 @@ class Evaluator:
                 }
             )
         return out
+
+
+def example_queries(labels: Sequence[Any], count: int) -> list[int]:
+    """The positions of the queries shown as examples: ``count`` of them, one of each label in turn (in the
+    order the labels first appear), so that data sorted by class shows several classes, not the first
+    one only; data whose every query has its own label (pairs) gives the first ``count`` queries."""
+    by_label: dict[Any, list[int]] = {}
+    for position, label in enumerate(labels):
+        by_label.setdefault(_jsonable(label), []).append(position)
+    chosen: list[int] = []
+    queues = list(by_label.values())
+    while len(chosen) < count and queues:
+        chosen.extend(queue.pop(0) for queue in queues[: count - len(chosen)])
+        queues = [queue for queue in queues if queue]
+    return chosen
 
 
 @contextmanager

@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterator
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -715,6 +716,25 @@ class RunMetrics(_Model):
     def from_report(cls, report: dict[str, Any]) -> RunMetrics:
         """The parts of the trainer's metrics.json that the status carries (not the per-epoch history)."""
         return cls.model_validate({k: v for k, v in report.items() if k in ('before', 'after', 'quantized')})
+
+    # Finetuner's run.metrics() is the dict {'before': {...}, 'after': {...}}; code written for it
+    # (``metrics['after']['mrr']``, ``for stage in metrics: metrics[stage]``, ``dict(metrics)``) reads this
+    # model the same way. The int8 model's evaluation stays an attribute (``quantized``).
+    STAGES: ClassVar[tuple[str, str]] = ('before', 'after')
+
+    def __getitem__(self, stage: str) -> dict[str, float]:
+        if stage not in self.STAGES:
+            raise KeyError(stage)
+        return self.before if stage == 'before' else self.after
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]  # a mapping's keys, not pydantic's pairs
+        return iter(self.STAGES)
+
+    def keys(self) -> tuple[str, str]:
+        return self.STAGES
+
+    def items(self) -> list[tuple[str, dict[str, float]]]:
+        return [(stage, self[stage]) for stage in self.STAGES]
 
 
 class FinetuneRunStatus(_Model):

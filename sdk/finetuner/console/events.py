@@ -72,7 +72,8 @@ def _kubernetes_events(backend: Any, record: RunRecord) -> list[EventRow]:
         if e.status in (401, 403):
             raise BackendError(
                 f'the cluster refused to list Events or pods in namespace {namespace!r} ({e.status} {e.reason}); '
-                'the console needs list on events and pods there'
+                "reading a run's Events (run.events(), finetuner events, the console) needs list on events and "
+                'pods there'
             ) from e
         raise BackendError(f'cannot list the Events of run {record.name!r}: {e.status} {e.reason}') from e
     except HTTPError as e:
