@@ -988,11 +988,19 @@ def csv_header_of_other_names(tmp_path: Path) -> None:
 
 
 def csv_semicolons_with_commas(tmp_path: Path) -> None:
-    """A ;-separated file whose texts hold commas is split at ';' (and a delimiter option can say so)."""
+    """A ;-separated file whose texts hold commas is split at ';' (and a delimiter option can say so); a quote
+    character option reads cells that hold the delimiter."""
     content = b'text;label\nI love pizza, really;food\nCarrots, peas;vegetable\nBeans, rice;food\n'
     records = _read_both(tmp_path, content, is_labeled=True)
     assert (records[0].text, records[0].label, len(records)) == ('I love pizza, really', 'food', 3)
     assert {r.label for r in _read_both(tmp_path, content, is_labeled=True, delimiter=';')} == {'food', 'vegetable'}
+    quoted = b'text;label\n|I love pizza; really|;food\n|Carrots; peas|;vegetable\nBeans;food\n'  # quotechar |
+    records = _read_both(tmp_path, quoted, is_labeled=True, delimiter=';', quotechar='|')
+    assert [(r.text, r.label) for r in records] == [
+        ('I love pizza; really', 'food'),
+        ('Carrots; peas', 'vegetable'),
+        ('Beans', 'food'),
+    ]
 
 
 def png_16_bit(tmp_path: Path) -> None:
