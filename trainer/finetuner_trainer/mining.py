@@ -31,17 +31,12 @@ from typing import Any
 
 import torch
 
-from finetuner.api.mining import HardNegativeOptions, OutputFormat, Sampling, SearchIndex
+from finetuner.api.mining import EXACT_LIMIT, HardNegativeOptions, OutputFormat, Sampling, SearchIndex
 from finetuner_trainer.cross_encoder import CrossEncoderScorer
 from finetuner_trainer.data import Dataset, Example, Item, Shape
 from finetuner_trainer.embedder import Embedder
 from finetuner_trainer.errors import ConfigError
 
-# Up to this many documents ``search: auto`` ranks exactly; past it a faiss HNSW index (when faiss is
-# installed). bench/mining_search.py times both, index build included, with as many queries as documents
-# (docs/MINING.md): exact search stayed faster up to the largest size measured on a CPU, so the switch is
-# placed there.
-EXACT_LIMIT = 100_000
 QUERY_BLOCK = 1024  # queries ranked at once, at most
 SCORE_BUDGET = 2**26  # scores of one block of queries against the corpus at once (256 MB of float32)
 HNSW_M = 32  # neighbours per node of the HNSW graph

@@ -58,11 +58,18 @@ class _Options(BaseModel):
     )
 
 
+# Up to this many documents ``search: auto`` ranks exactly; past it a faiss HNSW index (when faiss is installed).
+# bench/mining_search.py times both at as many queries as documents, index build included (docs/MINING.md):
+# exact search stayed faster up to the largest size measured on a CPU, so the switch is placed there.
+EXACT_LIMIT = 100_000
+
+
 def _search_field() -> object:
     return Field(
         default=SearchIndex.AUTO,
         description='How the closest documents are found: exact (top-k on torch, in blocks), faiss (a faiss '
-        'HNSW index, approximate), or auto (exact below 20,000 documents, faiss above when it is installed).',
+        f'HNSW index, approximate), or auto (exact up to {EXACT_LIMIT:,} documents, faiss above when it is '
+        'installed).',
     )
 
 
