@@ -41,6 +41,7 @@ BENCHMARKS: tuple[str, ...] = (
     'inference',
     'operator_scale',
     'mining',
+    'mining_search',
     'ttq',
 )
 CPU_ONLY_OPTIONS = frozenset(

@@ -181,7 +181,8 @@ def mine_hard_negatives(
         output_format: 'n-tuple' (one record per pair with all its negatives; pairs without enough are left out) or
             'triplet' (one record per negative found).
         output_scores: give each document chunk its score (scored tuples, for MarginMSELoss).
-        search: 'exact', 'faiss' (an approximate HNSW index) or 'auto' (faiss past 20,000 documents).
+        search: 'exact', 'faiss' (an approximate HNSW index) or 'auto' (faiss past ``finetuner.api.mining.EXACT_LIMIT``
+            documents).
         batch_size: texts embedded or pairs scored per batch. device: where the models run ('cpu', 'cuda').
         show_progress: draw a progress bar.
 

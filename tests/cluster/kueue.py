@@ -13,19 +13,32 @@ What it does, as Kueue (kueue.x-k8s.io/v1beta1) does for a batch/v1 Job:
   nodeSelector (the flavor's tolerations too), which Kubernetes allows on a suspended Job;
 - a workload asking for a resource the ClusterQueue does not cover, or whose LocalQueue does not
   exist, stays pending; a finished Job (Complete/Failed) or a deleted one gives its quota back;
+- each such Job gets a ``Workload`` (``kueue.x-k8s.io/v1beta1``) in its namespace, as Kueue's Job
+  integration makes one: named ``job-<job>-<hash>``, labelled ``kueue.x-k8s.io/job-uid``, owned by the
+  Job (deleted with it), ``spec.queueName`` and one pod set ``main``. Its conditions are those of Kueue's
+  "Troubleshooting Jobs" page: ``QuotaReserved`` False with reason ``Inadmissible`` and the message
+  ``LocalQueue <name> doesn't exist`` (or ``ClusterQueue <name> doesn't exist``); False with reason
+  ``Pending`` and ``couldn't assign flavors to pod set main: <reasons>``, the reasons worded as Kueue's
+  flavor assigner words them (``resource <r> unavailable in ClusterQueue``, ``insufficient quota for <r>
+  in flavor <f>, request > maximum capacity (<asked> > <quota>)``, ``insufficient unused quota for <r> in
+  flavor <f>, <n> more needed``); once admitted ``QuotaReserved`` True (``Quota reserved in ClusterQueue
+  <cq>``) and ``Admitted`` True (``The workload is admitted``) with ``status.admission``; ``Finished``
+  True once the Job ends;
 - the ClusterQueue's status counts ``pendingWorkloads`` and ``admittedWorkloads`` and has each
   resource's usage, the LocalQueue's status its own counts.
 
-What it leaves out: Workload objects, preemption, cohorts and borrowing, fair sharing, priorities,
-several flavors per resource (the first flavor is used), admission checks, ``namespaceSelector``
-(every namespace matches, as with the chart's ``{}``).
+What it leaves out: preemption, cohorts and borrowing, fair sharing, priorities, several flavors per
+resource (the first flavor is used), admission checks, ``namespaceSelector`` (every namespace matches,
+as with the chart's ``{}``), ``status.resourceRequests`` of pending Workloads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client
@@ -33,10 +46,13 @@ from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION = 'kueue.x-k8s.io', 'v1beta1'
 QUEUE_LABEL = f'{GROUP}/queue-name'
+JOB_UID_LABEL = f'{GROUP}/job-uid'  # on a Job's Workload: how to find it (and how the operator does)
+POD_SET = 'main'  # the one pod set of a batch/v1 Job's Workload
 KINDS = {  # plural: (kind, namespaced)
     'resourceflavors': ('ResourceFlavor', False),
     'clusterqueues': ('ClusterQueue', False),
     'localqueues': ('LocalQueue', True),
+    'workloads': ('Workload', True),
 }
 _SUFFIXES = {
     '': 1,
@@ -70,11 +86,32 @@ def declare(server: Any) -> None:
     server.call(add)
 
 
+def workload_name(job_name: str, job_uid: str) -> str:
+    """Kueue's name for a Job's Workload (jobframework.GetWorkloadNameForOwnerWithGVK)."""
+    digest = hashlib.sha1(f'Job\nbatch\n{job_name}\n{job_uid}'.encode()).hexdigest()
+    return f'job-{job_name}'[:247] + '-' + digest[:5]
+
+
+def amount(resource: str, value: float) -> str:
+    """A quantity as Kueue's messages write it (``500m`` of cpu, ``2`` GPUs, ``4Gi`` of memory)."""
+    if resource == 'cpu' and value != int(value):
+        return f'{round(value * 1000)}m'
+    for suffix in ('Ti', 'Gi', 'Mi', 'Ki'):
+        if value >= _SUFFIXES[suffix] and value % _SUFFIXES[suffix] == 0:
+            return f'{int(value // _SUFFIXES[suffix])}{suffix}'
+    return f'{value:g}'
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
 @dataclass
 class Workload:
     job: Any
     queue: str
     requests: dict[str, float]
+    body: dict[str, Any]  # the Workload object on the API server
 
 
 def _finished(job: Any) -> bool:
@@ -130,25 +167,123 @@ class KueueStandIn:
     def _list(self, plural: str) -> list[dict[str, Any]]:
         return self.custom.list_cluster_custom_object(GROUP, VERSION, plural)['items']
 
+    def _workload(self, job: Any, known: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The Job's Workload, created as Kueue's Job integration creates it (None: the Job is gone)."""
+        meta = job.metadata
+        if meta.uid in known:
+            return known[meta.uid]
+        body = {
+            'apiVersion': f'{GROUP}/{VERSION}',
+            'kind': 'Workload',
+            'metadata': {
+                'name': workload_name(meta.name, meta.uid),
+                'namespace': meta.namespace,
+                'labels': {JOB_UID_LABEL: meta.uid},
+                'ownerReferences': [
+                    {
+                        'apiVersion': 'batch/v1',
+                        'kind': 'Job',
+                        'name': meta.name,
+                        'uid': meta.uid,
+                        'controller': True,
+                        'blockOwnerDeletion': True,
+                    }
+                ],
+            },
+            'spec': {
+                'queueName': meta.labels[QUEUE_LABEL],
+                'podSets': [
+                    {
+                        'name': POD_SET,
+                        'count': job.spec.parallelism if job.spec.parallelism is not None else 1,
+                        'template': self.batch.api_client.sanitize_for_serialization(job.spec.template),
+                    }
+                ],
+            },
+        }
+        try:
+            created = self.custom.create_namespaced_custom_object(GROUP, VERSION, meta.namespace, 'workloads', body)
+        except ApiException as e:
+            if e.status == 409:  # made by an earlier pass that this listing did not see yet
+                return self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, meta.namespace, 'workloads', body['metadata']['name']
+                )
+            if e.status == 404:
+                return None
+            raise
+        known[meta.uid] = created
+        return created
+
+    def _set_status(self, workload: dict[str, Any], conditions: list[dict[str, str]], **status: Any) -> None:
+        """Write the Workload's conditions (type, status, reason, message) and other status fields, keeping
+        each condition's lastTransitionTime while its status stays; nothing is written when nothing changed."""
+        old_status = workload.get('status') or {}
+        old = {c['type']: c for c in old_status.get('conditions') or []}
+        merged = dict(old)
+        for condition in conditions:
+            before = old.get(condition['type']) or {}
+            since = before.get('lastTransitionTime') if before.get('status') == condition['status'] else None
+            merged[condition['type']] = {**condition, 'lastTransitionTime': since or _now()}
+        new_status = {**old_status, **status, 'conditions': list(merged.values())}
+
+        def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+            strip = [{k: v for k, v in c.items() if k != 'lastTransitionTime'} for c in a.get('conditions') or []]
+            other = [{k: v for k, v in c.items() if k != 'lastTransitionTime'} for c in b.get('conditions') or []]
+            return strip == other and {k: v for k, v in a.items() if k != 'conditions'} == {
+                k: v for k, v in b.items() if k != 'conditions'
+            }
+
+        if same(old_status, new_status):
+            return
+        meta = workload['metadata']
+        try:
+            workload['status'] = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta['namespace'], 'workloads', meta['name'], {'status': new_status}
+            ).get('status')
+        except ApiException as e:
+            if e.status != 404:  # deleted with its Job meanwhile
+                raise
+
+    def _inadmissible(self, workload: dict[str, Any], message: str) -> None:
+        condition = {'type': 'QuotaReserved', 'status': 'False', 'reason': 'Inadmissible', 'message': message}
+        self._set_status(workload, [condition])
+
+    def _finish(self, job: Any, workload: dict[str, Any]) -> None:
+        failed = next((c for c in (job.status.conditions or []) if c.type == 'Failed' and c.status == 'True'), None)
+        if failed is not None:
+            finished = {'reason': 'Failed', 'message': failed.message or 'Job failed'}
+        else:
+            finished = {'reason': 'Succeeded', 'message': 'Job finished successfully'}
+        self._set_status(workload, [{'type': 'Finished', 'status': 'True', **finished}])
+
     def step(self) -> None:
         """One admission pass over every ClusterQueue."""
         flavors = {f['metadata']['name']: f for f in self._list('resourceflavors')}
         queues = {q['metadata']['name']: q for q in self._list('clusterqueues')}
         local = {(q['metadata']['namespace'], q['metadata']['name']): q for q in self._list('localqueues')}
+        known = {(w['metadata'].get('labels') or {}).get(JOB_UID_LABEL): w for w in self._list('workloads')}
         jobs = [j for j in self.batch.list_job_for_all_namespaces().items if QUEUE_LABEL in (j.metadata.labels or {})]
         jobs.sort(key=lambda j: (j.metadata.creation_timestamp, j.metadata.name))
         usage: dict[str, dict[str, float]] = {name: {} for name in queues}
         pending: dict[str, list[Workload]] = {name: [] for name in queues}
         counts: dict[tuple[str, str], list[int]] = {key: [0, 0] for key in local}  # [pending, admitted]
         for job in jobs:
+            body = self._workload(job, known)
+            if body is None:
+                continue  # the Job was deleted meanwhile
             if _finished(job):
+                self._finish(job, body)
                 continue
             key = (job.metadata.namespace, job.metadata.labels[QUEUE_LABEL])
             lq = local.get(key)
-            cq = (lq or {}).get('spec', {}).get('clusterQueue')
+            if lq is None:
+                self._inadmissible(body, f"LocalQueue {key[1]} doesn't exist")
+                continue  # Kueue leaves it pending
+            cq = (lq.get('spec') or {}).get('clusterQueue')
             if cq not in queues:
-                continue  # no LocalQueue (or no ClusterQueue behind it): Kueue leaves it pending
-            workload = Workload(job, cq, _requests(job))
+                self._inadmissible(body, f"ClusterQueue {cq} doesn't exist")
+                continue
+            workload = Workload(job, cq, _requests(job), body)
             if job.spec.suspend:
                 pending[cq].append(workload)
                 counts[key][0] += 1
@@ -158,10 +293,13 @@ class KueueStandIn:
                 counts[key][1] += 1
         for name, queue in queues.items():
             for workload in pending[name]:
-                flavor = self._fits(queue, usage[name], workload.requests)
+                flavor, reasons = self._fits(queue, usage[name], workload.requests)
                 if flavor is None:
+                    message = f"couldn't assign flavors to pod set {POD_SET}: {', '.join(sorted(reasons))}"
+                    condition = {'type': 'QuotaReserved', 'status': 'False', 'reason': 'Pending', 'message': message}
+                    self._set_status(workload.body, [condition])
                     continue
-                self._admit(workload.job, flavors.get(flavor) or {})
+                self._admit(workload, name, flavor, flavors.get(flavor) or {})
                 for resource, value in workload.requests.items():
                     usage[name][resource] = usage[name].get(resource, 0.0) + value
                 key = (workload.job.metadata.namespace, workload.job.metadata.labels[QUEUE_LABEL])
@@ -179,16 +317,56 @@ class KueueStandIn:
                 covered[resource['name']] = (flavor['name'], quantity(resource['nominalQuota']))
         return covered
 
-    def _fits(self, queue: dict[str, Any], used: dict[str, float], asked: dict[str, float]) -> str | None:
-        """The flavor the workload is admitted with, or None when the quota has no room for it."""
+    def _fits(
+        self, queue: dict[str, Any], used: dict[str, float], asked: dict[str, float]
+    ) -> tuple[str | None, list[str]]:
+        """(the flavor the workload is admitted with, []), or (None, why not: Kueue's words per resource)."""
         covered = self._quota(queue)
-        if not covered or any(name not in covered for name, value in asked.items() if value > 0):
-            return None  # a resource the ClusterQueue does not cover: never admissible
-        if any(used.get(name, 0.0) + value > covered[name][1] + 1e-9 for name, value in asked.items()):
-            return None
-        return next(iter(covered.values()))[0]
+        missing = [
+            f'resource {name} unavailable in ClusterQueue' for name, v in asked.items() if v > 0 and name not in covered
+        ]
+        if missing:
+            return None, missing  # a resource the ClusterQueue does not cover: never admissible
+        reasons = []
+        for name, value in asked.items():
+            if value <= 0:
+                continue
+            flavor, quota = covered[name]
+            if value > quota + 1e-9:
+                reasons.append(
+                    f'insufficient quota for {name} in flavor {flavor}, request > maximum capacity '
+                    f'({amount(name, value)} > {amount(name, quota)})'
+                )
+            elif used.get(name, 0.0) + value > quota + 1e-9:
+                more = used.get(name, 0.0) + value - quota
+                reasons.append(
+                    f'insufficient unused quota for {name} in flavor {flavor}, {amount(name, more)} more needed'
+                )
+        if reasons:
+            return None, reasons
+        return next(iter(covered.values()))[0], []
 
-    def _admit(self, job: Any, flavor: dict[str, Any]) -> None:
+    def _admit(self, workload: Workload, cluster_queue: str, flavor_name: str, flavor: dict[str, Any]) -> None:
+        job = workload.job
+        admission = {
+            'clusterQueue': cluster_queue,
+            'podSetAssignments': [
+                {
+                    'name': POD_SET,
+                    'count': job.spec.parallelism if job.spec.parallelism is not None else 1,
+                    'flavors': {name: flavor_name for name, value in workload.requests.items() if value > 0},
+                    'resourceUsage': {name: amount(name, value) for name, value in workload.requests.items()},
+                }
+            ],
+        }
+        reserved = {
+            'type': 'QuotaReserved',
+            'status': 'True',
+            'reason': 'QuotaReserved',
+            'message': f'Quota reserved in ClusterQueue {cluster_queue}',
+        }
+        admitted = {'type': 'Admitted', 'status': 'True', 'reason': 'Admitted', 'message': 'The workload is admitted'}
+        self._set_status(workload.body, [reserved, admitted], admission=admission)
         spec = flavor.get('spec') or {}
         template_spec: dict[str, Any] = {}
         if spec.get('nodeLabels'):

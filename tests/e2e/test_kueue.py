@@ -1,8 +1,10 @@
 """Kueue's admission on the simulated cluster (``tests/cluster/kueue.py``), beyond the unit tests.
 
 The operator creates a queued run's Job suspended with the label ``kueue.x-k8s.io/queue-name``; the
-stand-in for Kueue admits it (unsuspends it) when the ClusterQueue behind the LocalQueue has quota
-for all of its pods, and the simulated node runs it. The queues are those the Helm chart creates
+stand-in for Kueue makes the Job's Workload, admits it (unsuspends the Job) when the ClusterQueue behind
+the LocalQueue has quota for all of its pods, and the simulated node runs it. While the Job waits, the
+run's status carries the Workload's own message (the operator reads the Workload by its
+``kueue.x-k8s.io/job-uid`` label). The queues are those the Helm chart creates
 (``kueue.createQueues``): a ResourceFlavor, a ClusterQueue with a nominal quota, a LocalQueue.
 """
 
@@ -16,7 +18,7 @@ from kubernetes import client
 
 from tests.cluster.fixtures import Cluster
 from tests.cluster.harness import wait_for
-from tests.cluster.kueue import GROUP, QUEUE_LABEL, VERSION, KueueStandIn, declare
+from tests.cluster.kueue import GROUP, JOB_UID_LABEL, QUEUE_LABEL, VERSION, KueueStandIn, declare, workload_name
 from tests.e2e.test_concurrency_limit import job_active, most_active_at_once
 from tests.reliability.test_faults import STAND_IN, submit, target
 
@@ -97,9 +99,33 @@ def _cluster_queue(cluster: Cluster) -> dict[str, Any]:
     )
 
 
-def _queued(cluster: Cluster, run: str) -> dict[str, Any] | None:
+def _queued(cluster: Cluster, run: str, details: str | None = None) -> dict[str, Any] | None:
+    """The run's status while it is queued (and, given ``details``, once they say exactly that)."""
     status = target(cluster).run_body(run).get('status') or {}
-    return status if status.get('reason') == 'Queued' else None
+    if status.get('reason') != 'Queued' or (details is not None and status.get('details') != details):
+        return None
+    return status
+
+
+def _workload(cluster: Cluster, run: str) -> dict[str, Any]:
+    """The Workload of the run's Job, found as the operator and `kubectl get workloads -l` find it."""
+    job = target(cluster).jobs(run)[0]
+    found = client.CustomObjectsApi(cluster.api).list_namespaced_custom_object(
+        GROUP, VERSION, NS, 'workloads', label_selector=f'{JOB_UID_LABEL}={job.metadata.uid}'
+    )['items']
+    assert [w['metadata']['name'] for w in found] == [workload_name(job.metadata.name, job.metadata.uid)]
+    (owner,) = found[0]['metadata']['ownerReferences']
+    assert (owner['kind'], owner['name'], owner['uid'], owner['controller']) == (
+        'Job',
+        job.metadata.name,
+        job.metadata.uid,
+        True,
+    )
+    return found[0]
+
+
+def _conditions(workload: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    return {c['type']: (c['status'], c['reason'], c['message']) for c in workload['status']['conditions']}
 
 
 @pytest.mark.operator_config(queue=QUEUE)
@@ -109,10 +135,22 @@ def test_a_run_waits_in_its_queue_until_kueue_has_quota(cluster: Cluster, kueue:
     wait_for(lambda: target(cluster).jobs('first'), what='the Job of the first run')
     submit(cluster, 'second', seconds=0.3, resources={'gpus': 1})
 
-    # One GPU of quota: the first run is admitted and trains, the second waits in the queue, saying so.
-    waiting = wait_for(lambda: _queued(cluster, 'second'), 30, 0.05, what='the second run queued')
+    # One GPU of quota: the first run is admitted and trains, the second waits in the queue, saying why in
+    # Kueue's words (its Workload's QuotaReserved condition).
+    why = 'insufficient unused quota for nvidia.com/gpu in flavor finetuner, 1 more needed'
+    details = f"Waiting in queue {QUEUE}: couldn't assign flavors to pod set main: {why}"
+    waiting = wait_for(lambda: _queued(cluster, 'second', details), 30, 0.05, what="Kueue's reason in the status")
     assert waiting['phase'] == 'CREATED'
-    assert waiting['details'].startswith(f'Waiting in queue {QUEUE}')  # + advice once no Workload shows
+    assert _conditions(_workload(cluster, 'second')) == {
+        'QuotaReserved': ('False', 'Pending', f"couldn't assign flavors to pod set main: {why}")
+    }
+    first = _workload(cluster, 'first')
+    assert _conditions(first) == {
+        'QuotaReserved': ('True', 'QuotaReserved', f'Quota reserved in ClusterQueue {CLUSTER_QUEUE}'),
+        'Admitted': ('True', 'Admitted', 'The workload is admitted'),
+    }
+    assert first['status']['admission']['podSetAssignments'][0]['flavors']['nvidia.com/gpu'] == CLUSTER_QUEUE
+    assert first['spec']['queueName'] == QUEUE and first['spec']['podSets'][0]['count'] == 1
     assert {c['type']: c['status'] for c in waiting['conditions']}['Suspended'] == 'True'
     second_job = target(cluster).jobs('second')[0]
     assert second_job.spec.suspend is True and second_job.metadata.labels[QUEUE_LABEL] == QUEUE
@@ -133,6 +171,13 @@ def test_a_run_waits_in_its_queue_until_kueue_has_quota(cluster: Cluster, kueue:
         job = target(cluster).jobs(run)[0]
         assert job.spec.template.spec.node_selector == POOL
     assert most_active_at_once(cluster, 'batch/v1/jobs', job_active) == 1
+    for run in ('first', 'second'):
+        finished = wait_for(lambda run=run: 'Finished' in _conditions(_workload(cluster, run)), 10, what='Finished')
+        assert finished and _conditions(_workload(cluster, run))['Finished'] == (
+            'True',
+            'Succeeded',
+            'Job finished successfully',
+        )
     final = wait_for(
         lambda: (s := _cluster_queue(cluster).get('status') or {}).get('admittedWorkloads') == 0 and s,
         10,
@@ -145,8 +190,9 @@ def test_a_run_waits_in_its_queue_until_kueue_has_quota(cluster: Cluster, kueue:
 @pytest.mark.node(command=STAND_IN, labels=POOL)
 def test_a_run_larger_than_the_quota_stays_queued_until_the_quota_grows(cluster: Cluster, kueue: KueueStandIn) -> None:
     submit(cluster, 'big', seconds=0.3, resources={'gpus': 2})
-    queued = wait_for(lambda: _queued(cluster, 'big'), 30, 0.05, what='the run queued')
-    assert queued['details'].startswith(f'Waiting in queue {QUEUE}')  # + advice once no Workload shows
+    why = 'insufficient quota for nvidia.com/gpu in flavor finetuner, request > maximum capacity (2 > 1)'
+    details = f"Waiting in queue {QUEUE}: couldn't assign flavors to pod set main: {why}"
+    wait_for(lambda: _queued(cluster, 'big', details), 30, 0.05, what="Kueue's reason in the status")
     wait_for(lambda: (_cluster_queue(cluster).get('status') or {}).get('pendingWorkloads') == 1, 10, what='pending')
     for _ in range(10):  # a few admission passes: still nothing fits
         kueue.step()
@@ -162,11 +208,36 @@ def test_a_run_larger_than_the_quota_stays_queued_until_the_quota_grows(cluster:
     assert kueue.admitted == [f'{NS}/big-trainer']
 
 
+@pytest.mark.operator_config(queue=QUEUE)
+@pytest.mark.node(command=STAND_IN, labels=POOL)
+def test_a_resource_the_cluster_queue_does_not_cover_is_named(cluster: Cluster, kueue: KueueStandIn) -> None:
+    """The trainer requests ephemeral-storage: a ClusterQueue that does not cover it never admits the run
+    (docs/OPERATOR.md), and the status says so in Kueue's words."""
+    quota = _cluster_queue(cluster)['spec']
+    group = quota['resourceGroups'][0]
+    group['coveredResources'].remove('ephemeral-storage')
+    flavor = group['flavors'][0]
+    flavor['resources'] = [r for r in flavor['resources'] if r['name'] != 'ephemeral-storage']
+    client.CustomObjectsApi(cluster.api).patch_cluster_custom_object(
+        GROUP, VERSION, 'clusterqueues', CLUSTER_QUEUE, {'spec': quota}
+    )
+    submit(cluster, 'uncovered', seconds=0.3, resources={'gpus': 1})
+    details = (
+        f"Waiting in queue {QUEUE}: couldn't assign flavors to pod set main: resource ephemeral-storage unavailable "
+        'in ClusterQueue'
+    )
+    wait_for(lambda: _queued(cluster, 'uncovered', details), 30, 0.05, what="Kueue's reason in the status")
+    assert kueue.admitted == [] and target(cluster).pods('uncovered') == []
+
+
 @pytest.mark.node(command=STAND_IN, labels=POOL)
 def test_a_run_in_a_queue_that_does_not_exist_stays_queued(cluster: Cluster, kueue: KueueStandIn) -> None:
     submit(cluster, 'lost', seconds=0.3, queueName='no-such-queue')
-    queued = wait_for(lambda: _queued(cluster, 'lost'), 30, 0.05, what='the run queued')
-    assert queued['details'].startswith('Waiting in queue no-such-queue')
+    details = "Waiting in queue no-such-queue: LocalQueue no-such-queue doesn't exist"
+    wait_for(lambda: _queued(cluster, 'lost', details), 30, 0.05, what="Kueue's reason in the status")
+    assert _conditions(_workload(cluster, 'lost')) == {
+        'QuotaReserved': ('False', 'Inadmissible', "LocalQueue no-such-queue doesn't exist")
+    }
     for _ in range(5):
         kueue.step()
     assert kueue.admitted == [] and target(cluster).pods('lost') == []

@@ -43,11 +43,12 @@ import yaml
 import finetuner
 from finetuner.api.layout import Record
 from finetuner.api.v1alpha1 import EXIT_CONFIG_ERROR, FinetuneRunSpec, TrainerConfig
+from finetuner.backends.local import LocalBackend
 from finetuner.errors import ArgumentError
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.reconcile import Reconciler
 from tests.operator.test_op_reconcile import NOW, FakeKube, Reports
-from tests.support.tiny import TINY_TIMM, TINY_TIMM_OPTIONS, labelled_images, png_bytes, text_pairs
+from tests.support.tiny import TINY_TIMM, TINY_TIMM_OPTIONS, labelled_images, labelled_texts, png_bytes, text_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_SPEC = {'model': 'timm:test_resnet', 'trainData': 's3://bucket/data/train.jsonl'}
@@ -259,6 +260,12 @@ ROWS: list[Row] = [
     Row('no-such-dataset', 'sdk', {'train_data': 'my-set'}, "train_data: no dataset named 'my-set'"),
     Row('callback-not-a-callback', 'sdk', {'callbacks': [object()]}, 'callbacks[0]: a object is not a callback'),
     Row('model-blank', 'sdk', {'model': ' '}, 'model: give a backbone name'),
+    Row(
+        'backbone-typo',
+        'sdk',
+        {'model': 'efficentnet_b0'},
+        "model: unknown backbone 'efficentnet_b0'; did you mean 'efficientnet_b0'?",
+    ),
     Row(
         'multimodal-non-clip',
         'sdk',
@@ -760,6 +767,149 @@ def test_a_run_whose_folder_is_deleted_while_it_trains_frees_its_name(tmp_path: 
         finetuner.delete_run('doomed')
 
 
+# --- the local backend: what save_model does to your folders; what a failed run tells you --------------
+
+
+@pytest.fixture
+def scripted() -> LocalBackend:
+    """The local backend running the scripted trainer (tests/sdk/scripted_trainer.py): finished runs, fast."""
+    from tests.sdk.conftest import SCRIPTED_TRAINER
+
+    backend = LocalBackend(command=[sys.executable, str(SCRIPTED_TRAINER)])
+    finetuner.backends.use(backend)  # undone after each test (tests/reliability/conftest.py)
+    return backend
+
+
+def _finished(run_name: str) -> finetuner.Run:
+    run = finetuner.fit(model='scripted:ok', train_data=labelled_texts(2, 3), run_name=run_name)
+    assert run.wait(timeout=60, poll=0.1)['status'] == 'FINISHED', run.logs()
+    return run
+
+
+def test_save_model_never_mixes_into_a_folder_that_holds_something(scripted: LocalBackend, tmp_path: Path) -> None:
+    """A non-empty target is refused unless overwrite=True, and then replaced whole; a file is refused."""
+    run = _finished('to-save')
+    target = tmp_path / 'model'
+    target.mkdir()
+    (target / 'config.json').write_text('{"mine": true}')
+    with pytest.raises(ArgumentError) as caught:
+        run.save_model(target)
+    assert str(caught.value) == (
+        f'path: folder {str(target)!r} is not empty (1 entries: config.json); give a new or empty folder, '
+        'or save_model(path, overwrite=True) to replace it and everything in it'
+    )
+    assert (target / 'config.json').read_text() == '{"mine": true}', 'the user file is untouched'
+
+    assert run.save_model(target, overwrite=True) == str(target)
+    assert sorted(p.name for p in target.iterdir()) == ['manifest.json', 'weights.json'], 'replaced, not mixed'
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.model.')], 'no staging folder left'
+
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert run.save_model(empty) == str(empty)  # an empty folder is fine
+    assert run.save_model(tmp_path / 'new' / 'deep') == str(tmp_path / 'new' / 'deep')
+
+    a_file = tmp_path / 'model.bin'
+    a_file.write_bytes(b'x')
+    for overwrite in (False, True):
+        with pytest.raises(ArgumentError) as caught:
+            run.save_model(a_file, overwrite=overwrite)
+        assert (
+            str(caught.value) == f'path: {str(a_file)!r} is a file; give a folder (new or empty) to save the model in'
+        )
+    assert a_file.read_bytes() == b'x'
+
+
+def test_save_model_that_fails_half_way_leaves_the_folder_as_it_was(
+    scripted: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetuner.storage import StorageError
+
+    run = _finished('half-way')
+    target = tmp_path / 'model'
+    run.save_model(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    store_type = type(scripted.output_store('half-way'))
+
+    def broken(self: object, key: str, directory: Path) -> list[str]:
+        (Path(directory) / 'weights.json').write_text('partial')
+        raise StorageError('the connection dropped')
+
+    monkeypatch.setattr(store_type, 'download_dir', broken)
+    with pytest.raises(finetuner.BackendError, match=r"cannot download the model of run 'half-way': the connection"):
+        run.save_model(target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
+
+
+LABELLED = [{'text': text, 'label': text.split()[-1]} for text in ('a red cat', 'a grey cat', 'a big dog', 'a dog')]
+
+
+@pytest.mark.parametrize(
+    ('model_options', 'advice', 'not_advised'),
+    [
+        pytest.param(
+            {'pretrained': False},
+            "model_options={'pretrained': False} skips only the weights: the configuration and tokenizer of "
+            "'bert-base-cased' still come from the hub, and they are not on this machine and cannot be downloaded",
+            'train from scratch',  # what was asked already
+            id='pretrained-false',
+        ),
+        pytest.param(
+            {},
+            "the pretrained weights of 'bert-base-cased' are not on this machine and cannot be downloaded",
+            'config.json and tokenizer files',
+            id='pretrained',
+        ),
+    ],
+)
+def test_a_model_this_machine_cannot_fetch_gets_advice_that_fits_what_was_asked(
+    model_options: dict[str, Any], advice: str, not_advised: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real trainer, offline, with an empty Hugging Face cache: bert-base-cased cannot be fetched."""
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    finetuner.backends.use(None)  # the local backend with the real trainer
+    run = finetuner.fit(model='bert-base-cased', model_options=model_options, train_data=LABELLED, cpu=True)
+
+    final = run.wait(timeout=240, poll=0.2)
+
+    assert final['status'] == 'FAILED' and run.full_status().reason == 'WeightsUnavailable'
+    assert final['details'].startswith(advice), final['details']
+    assert 'HF_ENDPOINT to a reachable hub mirror' in final['details']
+    assert not_advised not in final['details']
+
+
+@pytest.mark.parametrize(
+    ('arguments', 'expected'),
+    [
+        pytest.param(
+            {'train_data': [_image_pair(seed) for seed in range(4)], 'batch_size': 1},
+            'batch_size: a batch of 1 pair has nothing to compare it with: MultipleNegativesRankingLoss needs at '
+            'least 2',
+            id='batch-size',
+        ),
+        pytest.param(
+            {'train_data': [*(r.model_dump(exclude_defaults=True) for r in labelled_images(2, 2)), _blob(b'x', 'a')]},
+            "train_data[4]: image 'blob' is corrupt or not an image",
+            id='record-index',
+        ),
+    ],
+)
+def test_a_trainer_error_names_the_argument_as_fit_was_called(arguments: dict[str, Any], expected: str) -> None:
+    """The trainer names spec.batchSize and spec.trainData[4] (the trainer rows above, and the cluster test
+    below); whoever called fit() reads batch_size and train_data[4], records counted from 0 on both sides."""
+    finetuner.backends.use(None)  # the local backend with the real trainer
+    loss = {'loss': 'MultipleNegativesRankingLoss'} if 'batch_size' in arguments else {}
+    run = finetuner.fit(model=TINY_TIMM, model_options=TINY_TIMM_OPTIONS, cpu=True, num_workers=0, **loss, **arguments)
+
+    final = run.wait(timeout=240, poll=0.2)
+
+    assert final['status'] == 'FAILED' and run.full_status().reason == 'ConfigurationError'
+    assert final['details'].startswith(expected), final['details']
+    assert 'spec.' not in final['details'] and 'batchSize' not in final['details']
+
+
 # --- data read as the user meant it (issue 23: "silently wrong"): the behaviour, asserted -------------
 
 
@@ -770,11 +920,14 @@ def _trainer_log() -> Iterator[list[str]]:
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
     logger = logging.getLogger('finetuner_trainer.data')
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the decisions (a header, a delimiter) are logged at INFO
     try:
         yield lines
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _read_both(tmp_path: Path, content: bytes, **options: Any) -> list[Record]:
@@ -804,25 +957,51 @@ def csv_utf8_bom(tmp_path: Path) -> None:
     assert _read_both(tmp_path, headerless, is_labeled=True)[0].text == 'red apple'
 
 
+def jsonl_utf8_bom(tmp_path: Path) -> None:
+    """A JSONL file saved with a byte-order mark reads as the same records in the SDK and the trainer."""
+    from finetuner.data import read_jsonl
+    from finetuner_trainer.data import parse_jsonl
+
+    content = '\ufeff'.encode() + TEXTS
+    path = tmp_path / 'data.jsonl'
+    path.write_bytes(content)
+    expected = [(f'item {i}', f'c{i % 2}') for i in range(4)]
+    assert [(r.text, r.label) for r in read_jsonl(path, 'train_data')] == expected
+    assert [(r.text, r.label) for r in parse_jsonl(content, 'trainData')] == expected
+
+
 def csv_header_of_other_names(tmp_path: Path) -> None:
-    """A header such as title,category or question,answer is detected and skipped; the option overrides."""
+    """A header such as title,category or question,answer is detected and skipped, and the log says which was
+    decided and why; the option overrides."""
     content = b'title,category\nA day at the beach,travel\nBaking bread,cooking\nParis,travel\n'
-    assert [r.text for r in _read_both(tmp_path, content, is_labeled=True)] == [
-        'A day at the beach',
-        'Baking bread',
-        'Paris',
-    ]
-    assert _read_both(tmp_path, content, is_labeled=True, header=False)[0].text == 'title'
+    with _trainer_log() as log:
+        records = _read_both(tmp_path, content, is_labeled=True)
+    assert [r.text for r in records] == ['A day at the beach', 'Baking bread', 'Paris']
+    assert (
+        "trainData: CSV: the first row ['title', 'category'] is read as a header and skipped (its cells are column "
+        'names; set csvOptions.header to false to read it as data)'
+    ) in log
+    with _trainer_log() as log:
+        assert _read_both(tmp_path, content, is_labeled=True, header=False)[0].text == 'title'
+    assert "trainData: CSV: the first row ['title', 'category'] is read as data (csvOptions.header is false)" in log
     pairs = b'question,answer\nWhat is AI?,A field of computing.\nWho are you?,A bot.\n'
     assert [r.chunks[0].text for r in _read_both(tmp_path, pairs)] == ['What is AI?', 'Who are you?']
 
 
 def csv_semicolons_with_commas(tmp_path: Path) -> None:
-    """A ;-separated file whose texts hold commas is split at ';' (and a delimiter option can say so)."""
+    """A ;-separated file whose texts hold commas is split at ';' (and a delimiter option can say so); a quote
+    character option reads cells that hold the delimiter."""
     content = b'text;label\nI love pizza, really;food\nCarrots, peas;vegetable\nBeans, rice;food\n'
     records = _read_both(tmp_path, content, is_labeled=True)
     assert (records[0].text, records[0].label, len(records)) == ('I love pizza, really', 'food', 3)
     assert {r.label for r in _read_both(tmp_path, content, is_labeled=True, delimiter=';')} == {'food', 'vegetable'}
+    quoted = b'text;label\n|I love pizza; really|;food\n|Carrots; peas|;vegetable\nBeans;food\n'  # quotechar |
+    records = _read_both(tmp_path, quoted, is_labeled=True, delimiter=';', quotechar='|')
+    assert [(r.text, r.label) for r in records] == [
+        ('I love pizza; really', 'food'),
+        ('Carrots; peas', 'vegetable'),
+        ('Beans', 'food'),
+    ]
 
 
 def png_16_bit(tmp_path: Path) -> None:
@@ -922,6 +1101,7 @@ def mostly_empty_texts(tmp_path: Path) -> None:
 
 BEHAVIOURS: list[Callable[[Path], None]] = [
     csv_utf8_bom,
+    jsonl_utf8_bom,
     csv_header_of_other_names,
     csv_semicolons_with_commas,
     png_16_bit,
@@ -993,6 +1173,7 @@ def test_trainer_exits_with_the_config_error_code_and_names_the_field(row: Row, 
     message = (tmp_path / 'termination-log').read_text()
     assert code == EXIT_CONFIG_ERROR, message
     assert row.expected in message
+    assert message.startswith('spec.'), 'the field as the custom resource names it (the SDK rewords it for fit())'
     assert '\n' not in message.strip(), 'one line: it becomes the run status'
     failure = json.loads((tmp_path / 'out' / 'failure.json').read_text())
     assert failure['reason'] == 'ConfigError' and failure['message'] == message.strip()

@@ -1,8 +1,9 @@
 """Finetuner 0.8.1's client calls, as its docs and code define them (jina-ai/finetuner: finetuner/__init__.py,
 experiment.py, run.py; finetuner-stubs' model and callback stubs), against the local backend with the
 scripted trainer: paged listings, fit's other names, list_callbacks, list_model_options, cos_sim, the
-EfficientNet aliases, events, save_model into folders that hold something, display_examples, the CLI's
-events and JSON listings. Backbone names with typos are refused before anything is uploaded."""
+EfficientNet aliases, events, display_examples, the CLI's events and JSON listings. Backbone names with
+typos are refused before anything is uploaded. save_model into a folder that holds something is a row of
+the bad-input catalogue (tests/reliability/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from finetuner.catalog import BACKBONES, MODEL_OPTIONS, find_backbone
 from finetuner.cli import main
 from finetuner.errors import ArgumentError
 from finetuner.model_names import ModelNameWarning
-from finetuner.storage import StorageError
 from tests.support.tiny import labelled_texts
 
 
@@ -219,59 +219,6 @@ def test_listings_never_cut_names_and_speak_json(
     assert main(['models', '--task', 'image-to-image', '-o', 'json']) == 0
     models = {row['name']: row for row in json.loads(capsys.readouterr().out)}
     assert models['efficientnet_b7']['aliases'] == ['efficientnet-large']
-
-
-# --- save_model: your folders are yours ------------------------------------------------------------
-
-
-def test_save_model_never_mixes_into_a_folder_that_holds_something(scripted: LocalBackend, tmp_path: Path) -> None:
-    run = _finished('to-save')
-    target = tmp_path / 'model'
-    target.mkdir()
-    (target / 'config.json').write_text('{"mine": true}')
-    with pytest.raises(ArgumentError) as caught:
-        run.save_model(target)
-    assert str(caught.value) == (
-        f'path: folder {str(target)!r} is not empty (1 entries: config.json); give a new or empty folder, '
-        'or save_model(path, overwrite=True) to replace it and everything in it'
-    )
-    assert (target / 'config.json').read_text() == '{"mine": true}', 'the user file is untouched'
-
-    assert run.save_model(target, overwrite=True) == str(target)
-    assert sorted(p.name for p in target.iterdir()) == ['manifest.json', 'weights.json'], 'replaced, not mixed'
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.model.')], 'no staging folder left'
-
-    empty = tmp_path / 'empty'
-    empty.mkdir()
-    assert run.save_model(empty) == str(empty)  # an empty folder is fine
-    assert run.save_model(tmp_path / 'new' / 'deep') == str(tmp_path / 'new' / 'deep')
-
-    a_file = tmp_path / 'model.bin'
-    a_file.write_bytes(b'x')
-    with pytest.raises(ArgumentError, match=r"path: '.*model\.bin' is a file; give a folder \(new or empty\)"):
-        run.save_model(a_file)
-    with pytest.raises(ArgumentError, match='is a file'):
-        run.save_model(a_file, overwrite=True)
-
-
-def test_save_model_that_fails_half_way_leaves_the_folder_as_it_was(
-    scripted: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run = _finished('half-way')
-    target = tmp_path / 'model'
-    run.save_model(target)
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
-    store_type = type(scripted.output_store('half-way'))
-
-    def broken(self: object, key: str, directory: Path) -> list[str]:
-        (Path(directory) / 'weights.json').write_text('partial')
-        raise StorageError('the connection dropped')
-
-    monkeypatch.setattr(store_type, 'download_dir', broken)
-    with pytest.raises(finetuner.BackendError, match=r"cannot download the model of run 'half-way': the connection"):
-        run.save_model(target, overwrite=True)
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
 
 
 # --- display_examples -----------------------------------------------------------------------------------

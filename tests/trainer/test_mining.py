@@ -13,10 +13,18 @@ import torch
 
 from finetuner.api.mining import HardNegativeOptions
 from finetuner.api.v1alpha1 import FinetuneRunSpec
+from finetuner_trainer import mining
 from finetuner_trainer.cross_encoder import CrossEncoderScorer
 from finetuner_trainer.data import Dataset, Example, Item, Shape
 from finetuner_trainer.errors import ConfigError
-from finetuner_trainer.mining import mine_dataset, mine_hard_negatives, search_method, top_k
+from finetuner_trainer.mining import (
+    EXACT_LIMIT,
+    mine_dataset,
+    mine_hard_negatives,
+    query_block,
+    search_method,
+    top_k,
+)
 from finetuner_trainer.models import build_embedder
 from tests.support.mining_data import make_tiny_cross_encoder, topic_texts
 
@@ -152,6 +160,24 @@ def test_faiss_search_finds_the_exact_neighbours_of_a_small_corpus() -> None:
     assert (padded[:, 3:] == -1).all() and torch.isinf(padded_scores[:, 3:]).all()
     assert search_method('auto', 10) == 'exact' and search_method('exact', 10**6) == 'exact'
     assert search_method('auto', 10**6) == 'faiss'
+    assert search_method('auto', EXACT_LIMIT) == 'exact' and search_method('auto', EXACT_LIMIT + 1) == 'faiss'
+
+
+def test_exact_search_ranks_a_large_corpus_in_blocks_that_fit_the_score_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fewer queries at once against a larger corpus (a block's scores within SCORE_BUDGET), the same answer
+    as one matrix product of every query."""
+    assert query_block(1000) == 1024 and query_block(10**6) == 67 and query_block(10**9) == 1
+    torch.manual_seed(0)
+    corpus = torch.nn.functional.normalize(torch.randn(500, 16), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(70, 16), dim=-1)
+    expected_scores, expected = torch.topk(queries @ corpus.T, 10, dim=1)
+    monkeypatch.setattr(mining, 'SCORE_BUDGET', 3_000)  # 6 queries a block against 500 documents
+    blocks: list[int] = []
+    scores, found = top_k(queries, corpus, 10, 'exact', report=lambda stage, done, total: blocks.append(done))
+    assert blocks == [0, *range(6, 70, 6), 70]
+    assert torch.equal(found, expected) and torch.allclose(scores, expected_scores)
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ weakest positive, ``maxScore`` / ``minScore`` drop candidates above / below a sc
 the rest, ``random`` draws them. ``n-tuple`` output keeps a row only when all its negatives were found;
 ``triplet`` output makes one row per negative found.
 
-Search is exact (top-k of a matrix product, in blocks of queries) or, past :data:`EXACT_LIMIT` documents
-with ``search: auto`` (measured in ``bench/mining.py``, see docs/MINING.md), an approximate faiss HNSW
-index. Embedding and scoring go in batches and report their progress.
+Search is exact (top-k of a matrix product, in blocks of queries whose scores fit :data:`SCORE_BUDGET`)
+or, past :data:`EXACT_LIMIT` documents with ``search: auto`` (measured in ``bench/mining_search.py``, see
+docs/MINING.md), an approximate faiss HNSW index. Embedding and scoring go in batches and report their progress.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ from typing import Any
 
 import torch
 
-from finetuner.api.mining import HardNegativeOptions, OutputFormat, Sampling, SearchIndex
+from finetuner.api.mining import EXACT_LIMIT, HardNegativeOptions, OutputFormat, Sampling, SearchIndex
 from finetuner_trainer.cross_encoder import CrossEncoderScorer
 from finetuner_trainer.data import Dataset, Example, Item, Shape
 from finetuner_trainer.embedder import Embedder
 from finetuner_trainer.errors import ConfigError
 
-# Up to this many documents ``search: auto`` ranks exactly; past it a faiss HNSW index (when faiss is
-# installed). bench/mining.py measured exact search faster up to 50,000 random vectors (docs/MINING.md):
-# this limit is a memory bound (a block of 1024 queries x the corpus), not a measured crossover.
-EXACT_LIMIT = 20_000
-QUERY_BLOCK = 1024  # queries ranked at once: a block x corpus similarity matrix at most
+QUERY_BLOCK = 1024  # queries ranked at once, at most
+SCORE_BUDGET = 2**26  # scores of one block of queries against the corpus at once (256 MB of float32)
+HNSW_M = 32  # neighbours per node of the HNSW graph
+HNSW_EF_CONSTRUCTION = 80
+EF_SEARCH = 128  # candidates kept while searching (at least twice the neighbours asked for)
 EMBED_CHUNK = 1024  # items embedded between two progress reports
 
 Report = Callable[[str, int, int], None]  # (stage, done, total)
@@ -132,11 +132,12 @@ def top_k(
     width = min(k, len(corpus))
     score_parts, index_parts = [], []
     index = _hnsw(corpus) if method == 'faiss' and width else None
+    step = query_block(len(corpus))
     report('searching', 0, len(queries))
-    for start in range(0, len(queries), QUERY_BLOCK):
-        block = queries[start : start + QUERY_BLOCK]
+    for start in range(0, len(queries), step):
+        block = queries[start : start + step]
         if index is not None:
-            index.hnsw.efSearch = max(128, 2 * width)
+            index.hnsw.efSearch = max(EF_SEARCH, 2 * width)
             found_scores, found = index.search(block.numpy(), width)
             score_parts.append(torch.from_numpy(found_scores))
             index_parts.append(torch.from_numpy(found).long())
@@ -144,7 +145,7 @@ def top_k(
             found_scores, found = torch.topk(block @ corpus.T, width, dim=1)
             score_parts.append(found_scores)
             index_parts.append(found)
-        report('searching', min(start + QUERY_BLOCK, len(queries)), len(queries))
+        report('searching', min(start + step, len(queries)), len(queries))
     scores = torch.cat(score_parts) if score_parts else torch.empty((0, width))
     indices = torch.cat(index_parts) if index_parts else torch.empty((0, width), dtype=torch.long)
     scores[indices < 0] = -math.inf  # faiss answers -1 where it found fewer
@@ -154,11 +155,17 @@ def top_k(
     return scores, indices
 
 
+def query_block(corpus_size: int) -> int:
+    """How many queries are ranked at once: :data:`QUERY_BLOCK`, fewer when their scores against a large
+    corpus would pass :data:`SCORE_BUDGET` (a million documents: 67 queries, 256 MB)."""
+    return max(1, min(QUERY_BLOCK, SCORE_BUDGET // max(corpus_size, 1)))
+
+
 def _hnsw(corpus: torch.Tensor) -> Any:
     import faiss
 
-    index = faiss.IndexHNSWFlat(corpus.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = 80
+    index = faiss.IndexHNSWFlat(corpus.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add(corpus.contiguous().numpy())
     return index
 

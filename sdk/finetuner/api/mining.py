@@ -58,11 +58,19 @@ class _Options(BaseModel):
     )
 
 
+# Up to this many documents ``search: auto`` ranks exactly; past it a faiss HNSW index (when faiss is installed).
+# bench/mining_search.py times both at as many queries as documents, index build included (docs/MINING.md):
+# on embedding-like vectors HNSW starts to pay between 50,000 and 100,000 documents (1.23x at 100,000, every
+# neighbour found); on random vectors exact search is still 2.3x faster at 100,000 and HNSW finds 27%.
+EXACT_LIMIT = 100_000
+
+
 def _search_field() -> object:
     return Field(
         default=SearchIndex.AUTO,
         description='How the closest documents are found: exact (top-k on torch, in blocks), faiss (a faiss '
-        'HNSW index, approximate), or auto (exact below 20,000 documents, faiss above when it is installed).',
+        f'HNSW index, approximate), or auto (exact up to {EXACT_LIMIT:,} documents, faiss above when it is '
+        'installed).',
     )
 
 
