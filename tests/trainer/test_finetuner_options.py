@@ -189,3 +189,14 @@ def test_a_bad_batch_norm_mode_names_the_option() -> None:
         ConfigError, match=r"modelOptions.batch_norm.*'sync' is not a batch_norm mode; use frozen or train"
     ):
         build_embedder(FinetuneRunSpec(model=TINY_TIMM, train_data='file:///x.jsonl', model_options=options))
+
+
+def test_a_labelled_image_run_without_a_rate_trains_at_the_image_recipes_rate(make_config: Any) -> None:
+    ctx = _context(
+        make_config, labelled_images(n_classes=2, per_class=4), model=TINY_TIMM, model_options=TINY_TIMM_OPTIONS
+    )
+    assert ctx.spec.loss == 'SupConLoss'
+    assert ctx.optimizer.param_groups[0]['initial_lr'] == pytest.approx(3e-5)  # 0.3 x timm's default 1e-4
+    norms = _batch_norms(ctx.model)
+    run_training(ctx)
+    assert not any(m.training for m in norms)  # trained with the pretrained statistics
