@@ -68,8 +68,10 @@ def ttq_section(results: Path = RESULTS) -> str:
         '`run.save_model()`; the trainer runs as a detached process and also evaluates before and after every '
         "epoch, checkpoints and publishes an artifact. **Reference**: sentence-transformers' idiomatic script "
         '(load, `SentenceTransformerTrainer`, save) for text, a plain timm + pytorch-metric-learning loop (load, '
-        'train, `torch.save`) for images; it evaluates nothing. Same data, epochs, batch, learning rate and input '
-        "size (`bench/tasks.py`, report split). nDCG@10: scikit-learn's `ndcg_score` on the held-out queries, the "
+        'train, `torch.save`) for images; it evaluates nothing. Same data, epochs, batch and input size '
+        "(`bench/tasks.py`, report split); this project's `fit()` names no loss or learning rate (the default "
+        'recipe for the data, docs/RECIPES.md), the reference uses its usual loss at its default rate. nDCG@10: '
+        "scikit-learn's `ndcg_score` on the held-out queries, the "
         'same code for every saved model. Target: <= 1.0x the time with >= the nDCG@10, on every task.',
         '',
         '| task | this project | reference | ratio | nDCG@10 ours | nDCG@10 reference | nDCG@10 pretrained | met |',
