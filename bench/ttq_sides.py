@@ -51,13 +51,21 @@ def ours(args: dict[str, Any]) -> dict[str, Any]:
         **args.get('fit_options', {}),
     )
     stages['submitted'] = time.time()
+    cpu_before = time.process_time()
     final = run.wait(poll=0.1)
     stages['finished'] = time.time()
+    waiting_cpu = time.process_time() - cpu_before  # what polling took from the cores the trainer trains on
     if final['status'] != 'FINISHED':
         raise RuntimeError(f'run {run.name} ended {final["status"]}: {final["details"]}\n{run.logs()[-3000:]}')
     run.save_model(args['output'])
     stages['saved'] = time.time()
-    return {'stages': stages, 'run': run.name, 'metrics': run.metrics().model_dump(), 'timings': _timings(run)}
+    return {
+        'stages': stages,
+        'run': run.name,
+        'metrics': run.metrics().model_dump(),
+        'timings': _timings(run),
+        'waiting_cpu_s': waiting_cpu,
+    }
 
 
 def _timings(run: Any) -> dict[str, float]:
