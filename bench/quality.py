@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog='python -m bench.quality', description=main.__doc__)
     parser.add_argument('--task', choices=list(TASKS), required=True)
-    parser.add_argument('--split', choices=('dev', 'report'), default='dev')
+    parser.add_argument('--split', choices=('dev', 'dev-2', 'report'), default='dev')
     parser.add_argument('--seeds', type=int, nargs='+', default=None)
     parser.add_argument('--sides', nargs='+', choices=SIDES, default=list(SIDES))
     parser.add_argument('--set', action='append', default=[], metavar='FIELD=JSON', help='a spec field of ours')
