@@ -94,3 +94,20 @@ def test_other_data_gets_the_shape_recipe(shape: Shape, kinds: set[str]) -> None
 def test_labelled_text_trains_minilm_at_1e_4() -> None:
     # all-MiniLM-L6-v2's catalog default is 2e-5; the labelled recipe's scale makes it 1e-4
     assert default_learning_rate(Shape.LABELLED, 2e-5, {'text'}) == pytest.approx(1e-4)
+
+
+def test_recipe_callbacks_come_with_its_loss_and_only_when_the_spec_names_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dataclasses import replace
+
+    from finetuner.api.v1alpha1 import CallbackSpec
+
+    wise = CallbackSpec(name='WiSEFTCallback', options={'alpha': 0.5})
+    monkeypatch.setitem(RECIPES, Shape.PAIRS, replace(RECIPES[Shape.PAIRS], callbacks=(wise,)))
+    filled, _ = apply_recipe(spec(), Shape.PAIRS, LOG)
+    assert filled.callbacks == [wise]
+    own = spec(callbacks=[{'name': 'EarlyStopping'}])
+    assert apply_recipe(own, Shape.PAIRS, LOG)[0].callbacks == own.callbacks
+    named_loss = spec(loss='MultipleNegativesRankingLoss')
+    assert apply_recipe(named_loss, Shape.PAIRS, LOG)[0].callbacks == []
