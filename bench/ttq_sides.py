@@ -1,7 +1,8 @@
 """The three programs the time-to-quality benchmark (``bench.ttq``) times, each a fresh process from start
 to a saved model, as a person runs it:
 
-- ``ours``: the SDK on the local backend: ``import finetuner``, ``finetuner.fit(...)`` (arguments checked,
+- ``ours``: the SDK on the local backend: ``import finetuner``, ``finetuner.fit(...)`` with the data, epochs,
+  batch size and input size (loss, learning rate and schedule from the default recipe; arguments checked,
   data uploaded, the run queued; the trainer runs as a detached process: start-up, data, model,
   evaluation before and after every epoch, training, checkpoints, artifact), ``run.wait()`` until
   FINISHED, ``run.save_model(folder)``;
@@ -42,23 +43,29 @@ def ours(args: dict[str, Any]) -> dict[str, Any]:
         model=args['model'],
         train_data=_records(args['train']),
         eval_data=_records(args['eval']) if args.get('eval') else None,
-        loss=args['loss'],
-        epochs=args['epochs'],
+        epochs=args['epochs'],  # no loss, no learning rate: the trainer's default recipe for the data
         batch_size=args['batch_size'],
-        learning_rate=args['learning_rate'],
         model_options=args['model_options'],
         seed=args['seed'],
         cpu=args['device'] == 'cpu',
         **args.get('fit_options', {}),
     )
     stages['submitted'] = time.time()
+    cpu_before = time.process_time()
     final = run.wait(poll=0.1)
     stages['finished'] = time.time()
+    waiting_cpu = time.process_time() - cpu_before  # what polling took from the cores the trainer trains on
     if final['status'] != 'FINISHED':
         raise RuntimeError(f'run {run.name} ended {final["status"]}: {final["details"]}\n{run.logs()[-3000:]}')
     run.save_model(args['output'])
     stages['saved'] = time.time()
-    return {'stages': stages, 'run': run.name, 'metrics': run.metrics().model_dump(), 'timings': _timings(run)}
+    return {
+        'stages': stages,
+        'run': run.name,
+        'metrics': run.metrics().model_dump(),
+        'timings': _timings(run),
+        'waiting_cpu_s': waiting_cpu,
+    }
 
 
 def _timings(run: Any) -> dict[str, float]:

@@ -241,6 +241,14 @@ MODEL_OPTIONS: dict[str, tuple[ModelOption, ...]] = {
         ModelOption('pooler', str, 'mean', 'Pooling of the feature map.', ('mean', 'max', 'gem')),
         ModelOption('pooler_options', dict, None, 'GeM pooling: {"p": 3.0, "eps": 1e-6} (p learned when trained).'),
         ModelOption('image_size', int, None, "Side of the square input image (default: the model's own)."),
+        ModelOption(
+            'batch_norm',
+            str,
+            'frozen',
+            'BatchNorm while training: frozen (pretrained running statistics kept, affine weights trained) '
+            'or train (statistics updated from every batch).',
+            ('frozen', 'train'),
+        ),
     ),
     'text': (
         _PRETRAINED,

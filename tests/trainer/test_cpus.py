@@ -102,3 +102,31 @@ def test_onnx_sessions_get_the_quota_as_threads(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(onnx_export, 'available_cpus', lambda: 3)
     assert onnx_export.ort_session(path).get_session_options().intra_op_num_threads == 3
     assert onnx_export.ort_session(path, threads=1).get_session_options().intra_op_num_threads == 1
+
+
+def test_openmp_waits_passively_unless_the_environment_chose() -> None:
+    environ: dict[str, str] = {}
+    cpus.passive_thread_pools(environ)
+    assert environ == {'OMP_WAIT_POLICY': 'PASSIVE'}
+    chosen = {'OMP_WAIT_POLICY': 'ACTIVE'}
+    cpus.passive_thread_pools(chosen)
+    assert chosen == {'OMP_WAIT_POLICY': 'ACTIVE'}
+
+
+def test_the_trainer_program_sets_the_policy_before_torch_loads() -> None:
+    import subprocess
+    import sys
+
+    # the program's module, imported as `python -m finetuner_trainer` imports it: the policy is in the
+    # environment by the time torch (and its OpenMP) is loaded
+    probe = (
+        'import os, sys, runpy; os.environ.pop("OMP_WAIT_POLICY", None); '
+        'import finetuner_trainer.cpus as c; real = c.passive_thread_pools; '
+        'seen = {}; c.passive_thread_pools = lambda: (seen.setdefault("torch", "torch" in sys.modules), real()); '
+        'sys.argv = ["x", "--help"]\n'
+        'try:\n    runpy.run_module("finetuner_trainer", run_name="__main__")\n'
+        'except SystemExit:\n    pass\n'
+        'print(seen["torch"], os.environ["OMP_WAIT_POLICY"])'
+    )
+    done = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-2:] == ['False', 'PASSIVE']

@@ -150,3 +150,53 @@ def test_gem_options_reach_image_models() -> None:
     model = build_embedder(spec)
     assert float(model.pool.p.detach()) == 4.0 and model.pool.eps == 1e-3
     assert model.embed(labelled_images(n_classes=2, per_class=2)).shape == (4, model.output_dim)
+
+
+def _batch_norms(model: Any) -> list[torch.nn.Module]:
+    return [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_batch_norm_is_frozen_while_training_by_default() -> None:
+    spec = FinetuneRunSpec(model=TINY_TIMM, train_data='file:///x.jsonl', model_options=dict(TINY_TIMM_OPTIONS))
+    model = build_embedder(spec)
+    norms = _batch_norms(model)
+    assert norms
+    before = [m.running_mean.clone() for m in norms]
+    model.train()
+    assert model.training and model.backbone.training
+    assert not any(m.training for m in norms)
+    model.forward(model.collate(labelled_images(n_classes=2, per_class=4))).sum().backward()
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
+    assert all(m.weight.grad is not None for m in norms)  # the affine weights still train
+    model.embed(labelled_images(n_classes=2, per_class=1))  # eval mode for a moment, then back
+    assert model.training and not any(m.training for m in norms)
+
+
+def test_batch_norm_train_updates_the_statistics() -> None:
+    options = {**TINY_TIMM_OPTIONS, 'batch_norm': 'train'}
+    model = build_embedder(FinetuneRunSpec(model=TINY_TIMM, train_data='file:///x.jsonl', model_options=options))
+    norms = _batch_norms(model)
+    before = [m.running_mean.clone() for m in norms]
+    model.train()
+    assert all(m.training for m in norms)
+    model.forward(model.collate(labelled_images(n_classes=2, per_class=4))).sum().backward()
+    assert not all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
+
+
+def test_a_bad_batch_norm_mode_names_the_option() -> None:
+    options = {**TINY_TIMM_OPTIONS, 'batch_norm': 'sync'}
+    with pytest.raises(
+        ConfigError, match=r"modelOptions.batch_norm.*'sync' is not a batch_norm mode; use frozen or train"
+    ):
+        build_embedder(FinetuneRunSpec(model=TINY_TIMM, train_data='file:///x.jsonl', model_options=options))
+
+
+def test_a_labelled_image_run_without_a_rate_trains_at_the_image_recipes_rate(make_config: Any) -> None:
+    ctx = _context(
+        make_config, labelled_images(n_classes=2, per_class=4), model=TINY_TIMM, model_options=TINY_TIMM_OPTIONS
+    )
+    assert ctx.spec.loss == 'SupConLoss'
+    assert ctx.optimizer.param_groups[0]['initial_lr'] == pytest.approx(3e-5)  # 0.3 x timm's default 1e-4
+    norms = _batch_norms(ctx.model)
+    run_training(ctx)
+    assert not any(m.training for m in norms)  # trained with the pretrained statistics

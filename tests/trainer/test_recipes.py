@@ -10,7 +10,14 @@ import pytest
 from finetuner.api.v1alpha1 import FinetuneRunSpec, SchedulerOptions
 from finetuner_trainer.data import Shape
 from finetuner_trainer.losses import check_loss_fits
-from finetuner_trainer.recipes import RECIPES, apply_recipe, default_learning_rate, warmup_steps
+from finetuner_trainer.recipes import (
+    IMAGE_RECIPES,
+    RECIPES,
+    apply_recipe,
+    default_learning_rate,
+    recipe_for,
+    warmup_steps,
+)
 
 LOG = logging.getLogger('test-recipes')
 
@@ -68,3 +75,39 @@ def test_learning_rate_and_warmup_steps() -> None:
     assert warmup_steps(0.1, 5) == 1  # at least one step
     assert warmup_steps(0.5, 2) == 1  # never every step
     assert warmup_steps(0.1, 1) == 0 and warmup_steps(0.0, 100) == 0
+
+
+@pytest.mark.parametrize('kinds', [{'image'}, {'tensor'}, {'image', 'tensor'}])
+def test_labelled_images_get_the_image_recipe(kinds: set[str]) -> None:
+    assert recipe_for(Shape.LABELLED, kinds) is IMAGE_RECIPES[Shape.LABELLED]
+    assert default_learning_rate(Shape.LABELLED, 1e-4, kinds) == pytest.approx(3e-5)
+
+
+@pytest.mark.parametrize(
+    ('shape', 'kinds'),
+    [(Shape.LABELLED, {'text'}), (Shape.TEXT_IMAGE, {'text', 'image'}), (Shape.PAIRS, {'image'}), (Shape.PAIRS, set())],
+)
+def test_other_data_gets_the_shape_recipe(shape: Shape, kinds: set[str]) -> None:
+    assert recipe_for(shape, kinds) is RECIPES[shape]
+
+
+def test_labelled_text_trains_minilm_at_1e_4() -> None:
+    # all-MiniLM-L6-v2's catalog default is 2e-5; the labelled recipe's scale makes it 1e-4
+    assert default_learning_rate(Shape.LABELLED, 2e-5, {'text'}) == pytest.approx(1e-4)
+
+
+def test_recipe_callbacks_come_with_its_loss_and_only_when_the_spec_names_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dataclasses import replace
+
+    from finetuner.api.v1alpha1 import CallbackSpec
+
+    wise = CallbackSpec(name='WiSEFTCallback', options={'alpha': 0.5})
+    monkeypatch.setitem(RECIPES, Shape.PAIRS, replace(RECIPES[Shape.PAIRS], callbacks=(wise,)))
+    filled, _ = apply_recipe(spec(), Shape.PAIRS, LOG)
+    assert filled.callbacks == [wise]
+    own = spec(callbacks=[{'name': 'EarlyStopping'}])
+    assert apply_recipe(own, Shape.PAIRS, LOG)[0].callbacks == own.callbacks
+    named_loss = spec(loss='MultipleNegativesRankingLoss')
+    assert apply_recipe(named_loss, Shape.PAIRS, LOG)[0].callbacks == []

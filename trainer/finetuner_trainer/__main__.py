@@ -3,7 +3,11 @@
 import os
 import sys
 
-from finetuner_trainer.runner import main
+from finetuner_trainer.cpus import passive_thread_pools
+
+passive_thread_pools()  # before torch (imported by the runner) loads OpenMP
+
+from finetuner_trainer.runner import main  # noqa: E402
 
 if __name__ == '__main__':
     code = main()

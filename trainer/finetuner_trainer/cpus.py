@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 
 CGROUP_ROOT = Path('/sys/fs/cgroup')
@@ -104,3 +105,14 @@ def available_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) ->
     if limit is not None:
         cpus = min(cpus, max(1, math.ceil(limit - 1e-9)))
     return max(1, cpus)
+
+
+def passive_thread_pools(environ: MutableMapping[str, str] = os.environ) -> None:
+    """OpenMP threads that sleep while they wait for work (``OMP_WAIT_POLICY=PASSIVE``) unless the
+    environment already chose a policy. Call it before torch is imported: OpenMP reads it once, when it loads.
+
+    By default OpenMP's idle threads spin. On CPUs shared with other work (a laptop, a node packed with
+    pods, 2 cores under a load of 5) a spinning thread holds a core the thread it waits for needs, and a
+    training step of all-MiniLM-L6-v2 (batch 32, 2 threads) took 1-21 s instead of 0.4-1.7 s (measured
+    alternately on the same machine, docs/BENCHMARKS.md "Time to a better model")."""
+    environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetuner.api.v1alpha1 import FinetuneRunSpec
-from finetuner.catalog import Backbone, find_backbone, model_options_of
+from finetuner.catalog import MODEL_OPTIONS, Backbone, find_backbone, model_options_of
 from finetuner.storage import StorageError, file_uri_path, open_store
 from finetuner_trainer.embedder import (
     BATCH_OVERHEAD_TOKENS,
@@ -35,7 +35,8 @@ from finetuner_trainer.embedder import (
 from finetuner_trainer.errors import ConfigError
 from finetuner_trainer.families import ClipEmbedder, TextEmbedder, TimmEmbedder
 
-MODEL_OPTION_KEYS = ('pretrained', 'pooler', 'pooler_options', 'max_length', 'image_size')
+# every option some family takes (finetuner.catalog.MODEL_OPTIONS is the one list)
+MODEL_OPTION_KEYS = tuple(dict.fromkeys(option.name for options in MODEL_OPTIONS.values() for option in options))
 
 __all__ = [
     'BATCH_OVERHEAD_TOKENS',

