@@ -98,17 +98,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_benchmark(name: str, settings: Settings, strict: bool) -> list[Row]:
+    """The rows of one benchmark, each dated when it was measured (a later ``--update`` keeps the dates of
+    the rows it does not replace)."""
     module = importlib.import_module(f'bench.{name}')
     try:
-        return module.run(settings)
+        rows: list[Row] = module.run(settings)
     except BenchmarkUnavailable as e:
-        return [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=str(e))]
+        rows = [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=str(e))]
     except Exception as e:
         if strict:
             raise
         traceback.print_exc()
         reason = f'the benchmark failed: {type(e).__name__}: {e}'
-        return [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=reason)]
+        rows = [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=reason)]
+    measured = today()
+    return [row.model_copy(update={'date': measured}) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def render_markdown(report: Report) -> str:
             _met(row),
             _machine(report),
             _versions(report, row.benchmark),
-            report.date.split(' ')[0],
+            (row.date or report.date).split(' ')[0],
         ]
         lines.append('| ' + ' | '.join(_cell(c) for c in cells) + ' |')
     lines += ['', '## Notes', '']

@@ -195,3 +195,29 @@ def test_update_replaces_only_the_rows_of_the_benchmarks_run(
     text = report.render_markdown(result)
     assert '(mode `tiny`). Then the rows of inference were replaced by `cmd`' in text
     assert '| inference 5.0 |' in text and '| inference 3.0 |' not in text
+
+
+def test_rows_carry_the_date_they_were_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A row replaced by ``--update`` shows the day of that run; the rows it kept show their own day, and
+    rows of a report older than the field show the report's date."""
+    import sys
+    import types
+
+    from bench.__main__ import run_benchmark, updated
+
+    fake = types.ModuleType('bench.fake_benchmark')
+    fake.run = lambda settings: [Row(benchmark='inference', measure='fresh', unit='items/s', ours=1.0)]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, 'bench.fake_benchmark', fake)
+    monkeypatch.setattr('bench.__main__.today', lambda: '2026-12-05 10:00 UTC')
+    (fresh,) = run_benchmark('fake_benchmark', common.Settings(mode='tiny', workdir=tmp_path), strict=True)
+    assert fresh.date == '2026-12-05 10:00 UTC'
+    kept = Row(benchmark='text_throughput', measure='kept', unit='items/s', ours=2.0, date='2026-12-03 01:57 UTC')
+    undated = Row(benchmark='operator_scale', measure='undated', unit='MB', ours=3.0)
+    previous = _report([kept, Row(benchmark='inference', measure='old', unit='items/s', ours=0.5), undated])
+    result = updated(previous, [fresh], ['inference'], 'cmd', 1.0, {}, [], {'start': 0.0, 'end': 0.0})
+    lines = {
+        line.split(' | ')[0]: line for line in report.render_markdown(result).splitlines() if line.startswith('| ')
+    }
+    assert lines['| fresh'].endswith('| 2026-12-05 |')
+    assert lines['| kept'].endswith('| 2026-12-03 |')
+    assert lines['| undated'].endswith('| 2026-01-01 |')  # the report's own date
