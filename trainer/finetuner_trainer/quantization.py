@@ -114,7 +114,7 @@ def quantize_dynamic_graph(source: Path, target: Path, plan: QuantizationPlan) -
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic  # heavy: loaded only to quantise
 
-    nodes = _excluded_nodes(source, plan.exclude)
+    nodes = _excluded_nodes(source, plan.exclude, plan.float_stem)
     quantize_dynamic(
         str(source),
         str(target),
@@ -159,7 +159,7 @@ def quantize_static_graph(
             per_channel=plan.per_channel,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=_excluded_nodes(prepared, plan.exclude),
+            nodes_to_exclude=_excluded_nodes(prepared, plan.exclude, plan.float_stem),
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={'DefaultTensorType': TensorProto.FLOAT},  # as in quantize_dynamic_graph
         )
@@ -176,13 +176,22 @@ def _working_directory(path: str) -> Iterator[None]:
         os.chdir(previous)
 
 
-def _excluded_nodes(path: Path, patterns: Sequence[str]) -> list[str]:
-    if not patterns:
+WEIGHTED_OPS = ('Conv', 'MatMul', 'Gemm')
+
+
+def _excluded_nodes(path: Path, patterns: Sequence[str], float_stem: bool = False) -> list[str]:
+    """Names of the nodes to keep in float: those whose name contains one of ``patterns``, and with
+    ``float_stem`` the first weighted node (ONNX lists nodes in topological order)."""
+    if not patterns and not float_stem:
         return []
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [node.name for node in graph.node if any(pattern in node.name for pattern in patterns)]
+    names = [node.name for node in graph.node if any(pattern in node.name for pattern in patterns)]
+    stem = next((node.name for node in graph.node if node.op_type in WEIGHTED_OPS), None)
+    if float_stem and stem is not None and stem not in names:
+        names.append(stem)
+    return names
 
 
 def _agreement(expected: np.ndarray, actual: np.ndarray, what: str) -> tuple[float, float]:
@@ -239,6 +248,7 @@ def quantize_kind(
         'per_channel': plan.per_channel,
         'op_types': list(plan.op_types) if plan.op_types else 'onnxruntime defaults',
         'excluded': list(plan.exclude),
+        'float_stem': plan.float_stem,
         'calibration': (
             {'items': len(items), 'source': 'training data' if calibration else 'generated samples'}
             if plan.method == 'static'

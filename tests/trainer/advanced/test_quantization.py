@@ -124,6 +124,21 @@ def test_auto_quantises_text_dynamically_and_images_statically(family: str, meth
         assert 'QAttention' in _ops(folder / 'onnx' / saved['quantized']['text']['file'])
 
 
+def test_a_cnn_keeps_its_stem_float(quantized: dict) -> None:
+    """float_stem: in the QDQ graph the first convolution takes its float weights straight from an initializer;
+    every later one takes int8 weights through a DequantizeLinear."""
+    import onnx
+
+    _, folder, description = quantized['timm']
+    assert description['quantized']['image']['float_stem'] is True
+    graph = onnx.load(str(folder / 'onnx' / description['quantized']['image']['file'])).graph
+    made_by = {output: node.op_type for node in graph.node for output in node.output}
+    weights = [made_by.get(node.input[1], 'initializer') for node in graph.node if node.op_type == 'Conv']
+    assert len(weights) >= 3, weights
+    assert weights[0] == 'initializer', weights
+    assert set(weights[1:]) == {'DequantizeLinear'}, weights
+
+
 @pytest.mark.parametrize('family', ['timm', 'bert', 'clip'])
 def test_int8_artifact_loads_and_encodes_close_to_the_float_graphs(family: str, quantized: dict) -> None:
     embedder, folder, _ = quantized[family]
