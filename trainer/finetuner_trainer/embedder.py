@@ -50,7 +50,8 @@ class QuantizationPlan:
     items of the run's training data (QDQ format). ``op_types``: the operators to quantise (None: ONNX
     Runtime's defaults for the method); ``exclude``: substrings of node names to keep in float;
     ``float_stem``: the graph's first weighted layer (Conv, MatMul, Gemm: a CNN's stem) stays float, where
-    int8 costs a CNN the most quality for little time."""
+    int8 costs a CNN the most quality for little time; ``unfused``: quantise the graph as exported, before
+    the family's fusions (``onnx_fusion_options``), when its plain integer kernels beat the fused ones."""
 
     method: str
     per_channel: bool = True
@@ -58,6 +59,7 @@ class QuantizationPlan:
     exclude: tuple[str, ...] = ()
     calibration_items: int = 64
     float_stem: bool = False
+    unfused: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZATION_METHODS:

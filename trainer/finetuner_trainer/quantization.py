@@ -194,6 +194,17 @@ def _excluded_nodes(path: Path, patterns: Sequence[str], float_stem: bool = Fals
     return names
 
 
+def _unfused_graph(embedder: Embedder, kind: str, folder: Path) -> Path:
+    """The ``kind`` graph exported again without the family's fusions (checked against torch like the
+    shipped one), into ``folder``."""
+    from finetuner_trainer.onnx_export import export_kind  # the exporter's own path, only for this plan
+
+    path = folder / 'unfused.onnx'
+    with embedder.onnx_fusion_export():  # the same attention as the fused graph was made from
+        export_kind(embedder, kind, path, fuse=False)
+    return path
+
+
 def _agreement(expected: np.ndarray, actual: np.ndarray, what: str) -> tuple[float, float]:
     """(min, mean) cosine similarity of the rows of two embedding matrices; raises when unusable."""
     if actual.shape != expected.shape:
@@ -222,11 +233,14 @@ def quantize_kind(
     items = list(calibration) or generated
     graph_feeds = GraphFeeds(embedder, kind, names)
     feeds = [graph_feeds(batch) for batch in _batches(items, CALIBRATION_BATCH)]
+    unfused = plan.unfused and embedder.onnx_fusion_options(kind) is not None
     try:
-        if plan.method == 'dynamic':
-            details = quantize_dynamic_graph(source, target, plan)
-        else:
-            details = quantize_static_graph(source, target, plan, feeds)
+        with tempfile.TemporaryDirectory(prefix='finetuner-unfused-') as tmp:
+            graph = _unfused_graph(embedder, kind, Path(tmp)) if unfused else source
+            if plan.method == 'dynamic':
+                details = quantize_dynamic_graph(graph, target, plan)
+            else:
+                details = quantize_static_graph(graph, target, plan, feeds)
     except Exception as e:  # ORT's tools raise many types; all mean "no int8 graph"
         target.unlink(missing_ok=True)
         raise QuantizationError(
@@ -249,6 +263,7 @@ def quantize_kind(
         'op_types': list(plan.op_types) if plan.op_types else 'onnxruntime defaults',
         'excluded': list(plan.exclude),
         'float_stem': plan.float_stem,
+        'graph': 'as exported, before fusion' if unfused else 'the float graph shipped',
         'calibration': (
             {'items': len(items), 'source': 'training data' if calibration else 'generated samples'}
             if plan.method == 'static'
