@@ -30,7 +30,7 @@ from bench.common import (
     today,
     versions,
 )
-from bench.report import write
+from bench.report import machine_text, write
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS: tuple[str, ...] = (
@@ -98,8 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_benchmark(name: str, settings: Settings, strict: bool) -> list[Row]:
-    """The rows of one benchmark, each dated when it was measured (a later ``--update`` keeps the dates of
-    the rows it does not replace)."""
+    """The rows of one benchmark, each with the date and the machine it was measured on (a later ``--update``
+    keeps those of the rows it does not replace, and the table shows each row's own)."""
     module = importlib.import_module(f'bench.{name}')
     try:
         rows: list[Row] = module.run(settings)
@@ -111,8 +111,8 @@ def run_benchmark(name: str, settings: Settings, strict: bool) -> list[Row]:
         traceback.print_exc()
         reason = f'the benchmark failed: {type(e).__name__}: {e}'
         rows = [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=reason)]
-    measured = today()
-    return [row.model_copy(update={'date': measured}) for row in rows]
+    stamp = {'date': today(), 'machine': machine_text(machine_info(settings.gpu))}
+    return [row.model_copy(update=stamp) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

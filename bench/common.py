@@ -83,6 +83,10 @@ class Row(BaseModel):
         description="When the row was measured ('YYYY-MM-DD HH:MM UTC'); empty in reports older than the field, "
         "whose rows all date from the report's own date.",
     )
+    machine: str = Field(
+        default='',
+        description="Where the row was measured (the table's machine column); empty: the report's machine.",
+    )
 
     @classmethod
     def compare(
