@@ -224,3 +224,20 @@ def test_rows_carry_the_date_and_machine_they_were_measured_on(monkeypatch: pyte
     assert '| cpu, 2 cores, 2 torch threads |' in lines['| kept']  # the report's machine
     assert lines['| kept'].endswith('| 2026-12-03 |')
     assert lines['| undated'].endswith('| 2026-01-01 |')  # the report's own date
+
+
+def test_operator_scale_still_measures_accumulation_when_the_burst_times_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from bench import operator_scale
+
+    def burst(settings: common.Settings) -> list[Row]:
+        raise TimeoutError("'paced runs' not reached in 60s (last value: False)")
+
+    result = {'total': 40, 'active': 6, 'startup_s': 1.0, 'rss_mb': 90.0, 'resync_cpu_ms_per_round': 3.0,
+              'resync_requests_per_round': 0.0}  # fmt: skip
+    monkeypatch.setattr(operator_scale, '_burst_rows', burst)
+    monkeypatch.setattr(operator_scale, 'measure_accumulation', lambda sizes, active, workdir: [result])
+    rows = operator_scale.run(common.Settings(mode='tiny', workdir=tmp_path))
+    assert rows[0].note == "not measured: 'paced runs' not reached in 60s (last value: False)"
+    assert [r.ours for r in rows[1:]] == [90.0, 1.0, 3.0]
