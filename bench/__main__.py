@@ -30,7 +30,7 @@ from bench.common import (
     today,
     versions,
 )
-from bench.report import write
+from bench.report import machine_text, write
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS: tuple[str, ...] = (
@@ -99,17 +99,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_benchmark(name: str, settings: Settings, strict: bool) -> list[Row]:
+    """The rows of one benchmark, each with the date and the machine it was measured on (a later ``--update``
+    keeps those of the rows it does not replace, and the table shows each row's own)."""
     module = importlib.import_module(f'bench.{name}')
     try:
-        return module.run(settings)
+        rows: list[Row] = module.run(settings)
     except BenchmarkUnavailable as e:
-        return [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=str(e))]
+        rows = [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=str(e))]
     except Exception as e:
         if strict:
             raise
         traceback.print_exc()
         reason = f'the benchmark failed: {type(e).__name__}: {e}'
-        return [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=reason)]
+        rows = [Row.not_measured(benchmark=name, measure=name.replace('_', ' '), reason=reason)]
+    stamp = {'date': today(), 'machine': machine_text(machine_info(settings.gpu))}
+    return [row.model_copy(update=stamp) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,15 @@ class Row(BaseModel):
     samples_ours: list[float] = Field(default_factory=list, description='Every round of ours, in order.')
     samples_reference: list[float] = Field(default_factory=list, description='Every round of the reference.')
     extra: dict[str, float | str] = Field(default_factory=dict, description='Other numbers (MFU, p99, ...).')
+    date: str = Field(
+        default='',
+        description="When the row was measured ('YYYY-MM-DD HH:MM UTC'); empty in reports older than the field, "
+        "whose rows all date from the report's own date.",
+    )
+    machine: str = Field(
+        default='',
+        description="Where the row was measured (the table's machine column); empty: the report's machine.",
+    )
 
     @classmethod
     def compare(

@@ -15,7 +15,9 @@ from bench.profiling import StepProfiler, explain_throughput
 BENCHMARK = 'image_throughput'
 BATCH = 32
 PER_CLASS = 4
-CPU_TARGET = 1.0
+# Issue 24 asks for >= 1.5x on the CPU; the last published run measured 1.44x (efficientnet_b0) and 1.30x
+# (resnet50) on a 2-core AMD EPYC. Held to that target, so that a run that misses it says so and profiles.
+CPU_TARGET = 1.5
 GPU_TARGET = 1.5
 
 

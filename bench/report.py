@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.common import Report, Row
+from bench.common import Machine, Report, Row
 
 TABLE_COLUMNS = ('measure', 'this project', 'reference', 'ratio', 'target', 'met', 'machine', 'versions', 'date')
 
@@ -33,10 +33,14 @@ def _met(row: Row) -> str:
     return 'yes' if row.met else '**MISSED**'
 
 
-def _machine(report: Report) -> str:
-    m = report.machine
+def machine_text(m: Machine) -> str:
+    """The table's machine column: CPU, cores, torch threads (and the GPU)."""
     text = f'{m.cpu}, {m.cores} cores, {m.torch_threads} torch threads'
     return f'{text}, {m.gpu}' if m.gpu else text
+
+
+def _machine(report: Report) -> str:
+    return machine_text(report.machine)
 
 
 def _versions(report: Report, benchmark: str) -> str:
@@ -76,9 +80,9 @@ def render_markdown(report: Report) -> str:
             ratio,
             row.target or '–',
             _met(row),
-            _machine(report),
+            row.machine or _machine(report),
             _versions(report, row.benchmark),
-            report.date.split(' ')[0],
+            (row.date or report.date).split(' ')[0],
         ]
         lines.append('| ' + ' | '.join(_cell(c) for c in cells) + ' |')
     lines += ['', '## Notes', '']

@@ -22,6 +22,7 @@ from finetuner.api.v1alpha1 import FinetuneRunSpec, FinetuneRunStatus, Phase
 from finetuner_operator import builders, metrics
 from finetuner_operator.admission import job_done, job_suspended
 from finetuner_operator.admitter import Admitter
+from finetuner_operator.cache import JOBS
 from finetuner_operator.checks import run_problems
 from finetuner_operator.config import OperatorConfig
 from finetuner_operator.diagnostics import Diagnostics
@@ -383,10 +384,16 @@ class RunReconciler:
         limited: bool,
     ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """The run's Job (replaced when lost, resumed when a slot is free) and its pods. A Job this pass
-        has just created is neither read back nor has pods yet."""
-        if created_job is not None:
-            return created_job, []
+        has just created is neither read back nor has pods yet, unless the watch has already brought a
+        status of it: a fast Job controller (or a Job that failed at once) can report before the creating
+        pass gets the run's lock, and the pass its event triggered was dropped for this one, which must
+        then read what the event said rather than assume the bare manifest (the run stayed CREATED)."""
         namespace, name = body['metadata']['namespace'], body['metadata']['name']
+        if created_job is not None:
+            cache = getattr(self.kube, 'cache', None)
+            seen = cache.get(JOBS, namespace, builders.job_name(name)) if cache is not None else None
+            if not (seen or {}).get('status'):
+                return created_job, []
         job = self.kube.get_job(namespace, builders.job_name(name))
         if job is None:
             self._replace_lost_job(body, spec, previous)

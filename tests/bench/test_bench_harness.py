@@ -195,3 +195,49 @@ def test_update_replaces_only_the_rows_of_the_benchmarks_run(
     text = report.render_markdown(result)
     assert '(mode `tiny`). Then the rows of inference were replaced by `cmd`' in text
     assert '| inference 5.0 |' in text and '| inference 3.0 |' not in text
+
+
+def test_rows_carry_the_date_and_machine_they_were_measured_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A row replaced by ``--update`` shows the day and the machine of that run; the rows it kept show their
+    own day, and rows of a report older than the fields show the report's date and machine."""
+    import sys
+    import types
+
+    from bench.__main__ import run_benchmark, updated
+
+    fake = types.ModuleType('bench.fake_benchmark')
+    fake.run = lambda settings: [Row(benchmark='inference', measure='fresh', unit='items/s', ours=1.0)]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, 'bench.fake_benchmark', fake)
+    monkeypatch.setattr('bench.__main__.today', lambda: '2026-12-05 10:00 UTC')
+    here = common.Machine(cpu='Xeon', cores=2, torch_threads=1, gpu=None, python='3.11', platform='linux')
+    monkeypatch.setattr('bench.__main__.machine_info', lambda gpu: here)
+    (fresh,) = run_benchmark('fake_benchmark', common.Settings(mode='tiny', workdir=tmp_path), strict=True)
+    assert fresh.date == '2026-12-05 10:00 UTC' and fresh.machine == 'Xeon, 2 cores, 1 torch threads'
+    kept = Row(benchmark='text_throughput', measure='kept', unit='items/s', ours=2.0, date='2026-12-03 01:57 UTC')
+    undated = Row(benchmark='operator_scale', measure='undated', unit='MB', ours=3.0)
+    previous = _report([kept, Row(benchmark='inference', measure='old', unit='items/s', ours=0.5), undated])
+    result = updated(previous, [fresh], ['inference'], 'cmd', 1.0, {}, [], {'start': 0.0, 'end': 0.0})
+    lines = {
+        line.split(' | ')[0]: line for line in report.render_markdown(result).splitlines() if line.startswith('| ')
+    }
+    assert '| Xeon, 2 cores, 1 torch threads |' in lines['| fresh'] and lines['| fresh'].endswith('| 2026-12-05 |')
+    assert '| cpu, 2 cores, 2 torch threads |' in lines['| kept']  # the report's machine
+    assert lines['| kept'].endswith('| 2026-12-03 |')
+    assert lines['| undated'].endswith('| 2026-01-01 |')  # the report's own date
+
+
+def test_operator_scale_still_measures_accumulation_when_the_burst_times_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from bench import operator_scale
+
+    def burst(settings: common.Settings) -> list[Row]:
+        raise TimeoutError("'paced runs' not reached in 60s (last value: False)")
+
+    result = {'total': 40, 'active': 6, 'startup_s': 1.0, 'rss_mb': 90.0, 'resync_cpu_ms_per_round': 3.0,
+              'resync_requests_per_round': 0.0}  # fmt: skip
+    monkeypatch.setattr(operator_scale, '_burst_rows', burst)
+    monkeypatch.setattr(operator_scale, 'measure_accumulation', lambda sizes, active, workdir: [result])
+    rows = operator_scale.run(common.Settings(mode='tiny', workdir=tmp_path))
+    assert rows[0].note == "not measured: 'paced runs' not reached in 60s (last value: False)"
+    assert [r.ours for r in rows[1:]] == [90.0, 1.0, 3.0]

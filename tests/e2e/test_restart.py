@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import finetuner
+from finetuner.api.v1alpha1 import FinetuneRunSpec
 from tests.cluster.fixtures import Cluster
 from tests.cluster.harness import wait_for
 from tests.e2e.targets import Target
@@ -70,3 +71,51 @@ def test_restart_after_a_failure_keeps_it_failed(cluster: Cluster, tmp_path: Pat
     assert target.wait_phase('fails', ('FAILED',))['details'] == failed['details']
     assert len(target.jobs('fails')) == 1
     assert len(target.pods('fails')) == 1
+
+
+def test_ended_runs_met_at_start_up_are_left_untouched_and_their_deletion_recounts(cluster: Cluster) -> None:
+    """Runs that ended before this operator met them (restored from a backup with their Experiment, or left
+    by another installation) get no pass and no write at start-up, not even Kopf's bookkeeping annotation;
+    deleting one still takes it out of its Experiment's count."""
+    from kubernetes import client
+
+    group, version, namespace = 'finetuner.dev', 'v1alpha1', 'default'
+    custom = client.CustomObjectsApi(cluster.api)
+    cluster.operator.stop()
+    experiment = {'apiVersion': f'{group}/{version}', 'kind': 'Experiment', 'metadata': {'name': 'old'}, 'spec': {}}
+    uid = custom.create_namespaced_custom_object(group, version, namespace, 'experiments', experiment)['metadata'][
+        'uid'
+    ]
+    owner = {'apiVersion': f'{group}/{version}', 'kind': 'Experiment', 'name': 'old', 'uid': uid, 'controller': False,
+             'blockOwnerDeletion': True}  # fmt: skip
+    versions = {}
+    for name in ('ended-1', 'ended-2'):
+        body = {
+            'apiVersion': f'{group}/{version}',
+            'kind': 'FinetuneRun',
+            'metadata': {'name': name, 'labels': {'finetuner.dev/experiment': 'old'}, 'ownerReferences': [owner]},
+            'spec': {'model': 'm', 'trainData': 's3://b/d.jsonl', 'experiment': 'old'},
+        }
+        custom.create_namespaced_custom_object(group, version, namespace, 'finetuneruns', body)
+        status = {'status': {'phase': 'FINISHED', 'reason': 'Succeeded', 'details': 'Fine-tuned model at s3://b/a'}}
+        ended = custom.patch_namespaced_custom_object_status(group, version, namespace, 'finetuneruns', name, status)
+        versions[name] = ended['metadata']['resourceVersion']
+
+    cluster.operator.start()
+    target = _target(cluster)
+    probe = FinetuneRunSpec.model_validate({'model': 'm', 'trainData': 's3://b/d.jsonl', 'resources': {'gpus': 8}})
+    target.login().create_run('probe', probe)  # created after the ended ones; its pod waits for GPUs
+    wait_for(lambda: target.jobs('probe'), what="the probe run's Job")
+
+    def counts() -> dict[str, int]:
+        body = custom.get_namespaced_custom_object(group, version, namespace, 'experiments', 'old')
+        return (body.get('status') or {}).get('runs') or {}
+
+    wait_for(lambda: counts().get('finished') == 2, what='the Experiment counts both ended runs')
+    for name, before in versions.items():
+        body = target.run_body(name)
+        assert body['metadata']['resourceVersion'] == before, f'{name} was written to: {body["metadata"]}'
+        assert not any(key.startswith('finetuner.dev/') for key in body['metadata'].get('annotations') or {})
+
+    custom.delete_namespaced_custom_object(group, version, namespace, 'finetuneruns', 'ended-1')
+    wait_for(lambda: counts().get('finished') == 1 and counts().get('total') == 1, what='the recount after deletion')

@@ -439,3 +439,28 @@ def test_active_runs_are_re_observed_by_one_background_thread(fake: FakeKube) ->
     finally:
         reconciler.close()
     assert fake.get_job('default', 'lost-trainer') is not None, 'its Job was created by the periodic pass'
+
+
+def test_a_job_that_failed_before_its_creating_pass_read_it_is_read_not_assumed(
+    fake: FakeKube, reconciler: Reconciler
+) -> None:
+    """A Job can report (here: fail at once) before the pass that created it takes the run's lock; the pass
+    that Job event triggered is then dropped for the creating one, which must read the Job the watch brought
+    into the cache instead of taking its bare manifest (the run stayed CREATED: operator_scale's paced runs)."""
+    from finetuner_operator.cache import JOBS, ObjectCache
+
+    fake.cache = ObjectCache()  # type: ignore[attr-defined]
+    create = fake.create_child
+    failed = {'failed': 1, 'conditions': [{'type': 'Failed', 'status': 'True', 'reason': 'BackoffLimitExceeded'}]}
+
+    def create_then_fail(body: dict[str, Any]) -> bool:
+        created = create(body)
+        if body['kind'] == 'Job':  # the watch event of the failed Job arrives during the pass
+            job = fake.objects[('Job', body['metadata']['name'])]
+            job['status'] = failed
+            fake.cache.put(JOBS, {'apiVersion': 'batch/v1', **copy.deepcopy(job)})  # type: ignore[attr-defined]
+        return created
+
+    fake.create_child = create_then_fail  # type: ignore[method-assign]
+    reconciler.reconcile_run(fake.add('FinetuneRun', run_body()))
+    assert fake.objects[('FinetuneRun', 'r')]['status']['phase'] == 'FAILED'

@@ -48,13 +48,18 @@ class QuantizationPlan:
     ``dynamic``: int8 weights, activations quantised at run time from each batch's range (no data needed);
     ``static``: int8 weights and uint8 activations whose ranges are calibrated on ``calibration_items``
     items of the run's training data (QDQ format). ``op_types``: the operators to quantise (None: ONNX
-    Runtime's defaults for the method); ``exclude``: substrings of node names to keep in float."""
+    Runtime's defaults for the method); ``exclude``: substrings of node names to keep in float;
+    ``float_stem``: the graph's first weighted layer (Conv, MatMul, Gemm: a CNN's stem) stays float, where
+    int8 costs a CNN the most quality for little time; ``unfused``: quantise the graph as exported, before
+    the family's fusions (``onnx_fusion_options``), when its plain integer kernels beat the fused ones."""
 
     method: str
     per_channel: bool = True
     op_types: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     calibration_items: int = 64
+    float_stem: bool = False
+    unfused: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZATION_METHODS:

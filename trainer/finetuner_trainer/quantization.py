@@ -114,7 +114,7 @@ def quantize_dynamic_graph(source: Path, target: Path, plan: QuantizationPlan) -
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic  # heavy: loaded only to quantise
 
-    nodes = _excluded_nodes(source, plan.exclude)
+    nodes = _excluded_nodes(source, plan.exclude, plan.float_stem)
     quantize_dynamic(
         str(source),
         str(target),
@@ -159,7 +159,7 @@ def quantize_static_graph(
             per_channel=plan.per_channel,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=_excluded_nodes(prepared, plan.exclude),
+            nodes_to_exclude=_excluded_nodes(prepared, plan.exclude, plan.float_stem),
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={'DefaultTensorType': TensorProto.FLOAT},  # as in quantize_dynamic_graph
         )
@@ -176,13 +176,33 @@ def _working_directory(path: str) -> Iterator[None]:
         os.chdir(previous)
 
 
-def _excluded_nodes(path: Path, patterns: Sequence[str]) -> list[str]:
-    if not patterns:
+WEIGHTED_OPS = ('Conv', 'MatMul', 'Gemm')
+
+
+def _excluded_nodes(path: Path, patterns: Sequence[str], float_stem: bool = False) -> list[str]:
+    """Names of the nodes to keep in float: those whose name contains one of ``patterns``, and with
+    ``float_stem`` the first weighted node (ONNX lists nodes in topological order)."""
+    if not patterns and not float_stem:
         return []
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [node.name for node in graph.node if any(pattern in node.name for pattern in patterns)]
+    names = [node.name for node in graph.node if any(pattern in node.name for pattern in patterns)]
+    stem = next((node.name for node in graph.node if node.op_type in WEIGHTED_OPS), None)
+    if float_stem and stem is not None and stem not in names:
+        names.append(stem)
+    return names
+
+
+def _unfused_graph(embedder: Embedder, kind: str, folder: Path) -> Path:
+    """The ``kind`` graph exported again without the family's fusions (checked against torch like the
+    shipped one), into ``folder``."""
+    from finetuner_trainer.onnx_export import export_kind  # the exporter's own path, only for this plan
+
+    path = folder / 'unfused.onnx'
+    with embedder.onnx_fusion_export():  # the same attention as the fused graph was made from
+        export_kind(embedder, kind, path, fuse=False)
+    return path
 
 
 def _agreement(expected: np.ndarray, actual: np.ndarray, what: str) -> tuple[float, float]:
@@ -213,11 +233,14 @@ def quantize_kind(
     items = list(calibration) or generated
     graph_feeds = GraphFeeds(embedder, kind, names)
     feeds = [graph_feeds(batch) for batch in _batches(items, CALIBRATION_BATCH)]
+    unfused = plan.unfused and embedder.onnx_fusion_options(kind) is not None
     try:
-        if plan.method == 'dynamic':
-            details = quantize_dynamic_graph(source, target, plan)
-        else:
-            details = quantize_static_graph(source, target, plan, feeds)
+        with tempfile.TemporaryDirectory(prefix='finetuner-unfused-') as tmp:
+            graph = _unfused_graph(embedder, kind, Path(tmp)) if unfused else source
+            if plan.method == 'dynamic':
+                details = quantize_dynamic_graph(graph, target, plan)
+            else:
+                details = quantize_static_graph(graph, target, plan, feeds)
     except Exception as e:  # ORT's tools raise many types; all mean "no int8 graph"
         target.unlink(missing_ok=True)
         raise QuantizationError(
@@ -239,6 +262,8 @@ def quantize_kind(
         'per_channel': plan.per_channel,
         'op_types': list(plan.op_types) if plan.op_types else 'onnxruntime defaults',
         'excluded': list(plan.exclude),
+        'float_stem': plan.float_stem,
+        'graph': 'as exported, before fusion' if unfused else 'the float graph shipped',
         'calibration': (
             {'items': len(items), 'source': 'training data' if calibration else 'generated samples'}
             if plan.method == 'static'

@@ -120,8 +120,28 @@ def test_auto_quantises_text_dynamically_and_images_statically(family: str, meth
             # Calibrated on the run's own training data: every item of this kind (fewer than 64 here).
             assert q['calibration'] == {'items': 24 if family == 'timm' else 12, 'source': 'training data'}
         assert q['cosine_to_float']['min'] >= COSINE_BOUND
-    if family == 'bert':  # ORT's fused attention became its integer version
-        assert 'QAttention' in _ops(folder / 'onnx' / saved['quantized']['text']['file'])
+    if family == 'bert':  # the float graph ships fused; the int8 one is quantised from the graph before fusion
+        assert 'Attention' in _ops(folder / 'onnx' / saved['graphs']['text']['file'])
+        int8_ops = _ops(folder / 'onnx' / saved['quantized']['text']['file'])
+        assert 'QAttention' not in int8_ops and 'Attention' not in int8_ops, int8_ops
+        assert saved['quantized']['text']['graph'] == 'as exported, before fusion'
+    elif family == 'timm':
+        assert saved['quantized']['image']['graph'] == 'the float graph shipped'
+
+
+def test_a_cnn_keeps_its_stem_float(quantized: dict) -> None:
+    """float_stem: in the QDQ graph the first convolution takes its float weights straight from an initializer;
+    every later one takes int8 weights through a DequantizeLinear."""
+    import onnx
+
+    _, folder, description = quantized['timm']
+    assert description['quantized']['image']['float_stem'] is True
+    graph = onnx.load(str(folder / 'onnx' / description['quantized']['image']['file'])).graph
+    made_by = {output: node.op_type for node in graph.node for output in node.output}
+    weights = [made_by.get(node.input[1], 'initializer') for node in graph.node if node.op_type == 'Conv']
+    assert len(weights) >= 3, weights
+    assert weights[0] == 'initializer', weights
+    assert set(weights[1:]) == {'DequantizeLinear'}, weights
 
 
 @pytest.mark.parametrize('family', ['timm', 'bert', 'clip'])

@@ -209,9 +209,16 @@ class TimmEmbedder(Embedder):
     def onnx_quantization(self, kind: str, method: str | None = None) -> QuantizationPlan:
         """Static int8 by default (QDQ, weights per channel, activation ranges calibrated on the run's
         images): a CNN's cost is its convolutions over activations, which dynamic quantisation would
-        re-measure at every batch. Dynamic: convolutions (``ConvInteger``) and matrix multiplications."""
+        re-measure at every batch. Dynamic: convolutions (``ConvInteger``) and matrix multiplications.
+
+        The stem stays float (``float_stem``). On efficientnet_lite0 (ImageNet weights, fine-tuned on
+        digits-unseen; 400 held-out images) int8 everywhere kept a mean cosine of 0.80 to the float
+        embeddings and 0.985x the float model's nDCG@10; with the stem in float 0.94 and 1.01x. Keeping the
+        last convolution float as well changed nothing (0.94), keeping only it nothing either (0.80);
+        per-tensor weights (0.67), percentile or entropy calibration (0.80) and int8 activations (0.78)
+        did worse."""
         if (method or 'static') == 'static':
-            return QuantizationPlan('static', per_channel=True)
+            return QuantizationPlan('static', per_channel=True, float_stem=True)
         return QuantizationPlan('dynamic', per_channel=True, op_types=('Conv', 'MatMul'))
 
     def onnx_feeder(self, kind: str, input_names: Sequence[str], threads: int | None) -> OnnxFeeder | None:
