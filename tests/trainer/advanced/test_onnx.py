@@ -11,7 +11,7 @@ import torch
 
 from finetuner.api.v1alpha1 import FinetuneRunSpec
 from finetuner_trainer.models import build_embedder
-from finetuner_trainer.onnx_export import OnnxExportError, export_kind, export_onnx
+from finetuner_trainer.onnx_export import OnnxExportError, export_kind, export_onnx, ort_session
 from tests.support.tiny import (
     TINY_TIMM,
     TINY_TIMM_OPTIONS,
@@ -115,15 +115,23 @@ def _graph_ops(path: Path) -> set[str]:
 
 
 def test_text_graph_ships_fused_and_matches_torch(exported: dict[str, tuple]) -> None:
-    """The BERT artifact holds ORT's fused graph (attention, skip layer norms, GELU), within 1e-4 of torch."""
+    """The BERT artifact holds ORT's fused graph (attention, embedding and plain layer norms, GELU with its
+    bias), without SkipLayerNormalization (slower on the CPU than what it replaces), within 1e-4 of torch."""
     embedder, folder, description = exported['bert']
+    layers = embedder.backbone.config.num_hidden_layers
     optimization = description['graphs']['text']['optimization']
-    assert optimization['fused']['Attention'] == embedder.backbone.config.num_hidden_layers
-    assert optimization['fused']['SkipLayerNormalization'] >= 2
+    assert optimization['fused'] == {
+        'Attention': layers,
+        'BiasGelu': layers,
+        'EmbedLayerNormalization': 1,
+        'LayerNormalization': 2 * layers,
+    }
+    assert optimization['not_fused'] == ['skip_layer_norm', 'bias_skip_layer_norm']
     assert optimization['num_heads'] == embedder.backbone.config.num_attention_heads
     ops = _graph_ops(folder / 'onnx' / 'model.onnx')
-    assert {'Attention', 'SkipLayerNormalization'} <= ops
+    assert {'Attention', 'BiasGelu', 'EmbedLayerNormalization', 'LayerNormalization'} <= ops
     assert 'Softmax' not in ops  # no unfused attention left
+    assert 'SkipLayerNormalization' not in ops
     assert description['graphs']['text']['max_abs_diff'] < 1e-4
     # Exporting with eager attention did not change the model's own attention implementation.
     assert embedder.backbone.config._attn_implementation != 'eager'
@@ -250,3 +258,37 @@ def test_onnx_text_encoding_is_numpy_with_dynamic_padding_in_input_order(exporte
         onnx_model.encode(records, batch_size=0)
     with pytest.raises(ValueError, match='embeds text, not image'):
         onnx_model.encode(labelled_images(1, 1))
+
+
+def _session_ops(path: Path, tmp_path: Path, optimizers: bool) -> set[str]:
+    """The op types of the graph an ONNX Runtime session runs: ours (``ort_session``), or ONNX Runtime's own
+    defaults (``optimizers``: every graph optimisation on)."""
+    import onnxruntime as ort
+
+    optimized = tmp_path / f'optimized-{optimizers}.onnx'
+    if optimizers:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(optimized)
+        ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    else:
+        ort_session(path, threads=1, optimized_path=optimized)
+    return _graph_ops(optimized)
+
+
+def test_sessions_do_not_fuse_skip_layer_norms_on_the_cpu(exported: dict[str, tuple], tmp_path: Path) -> None:
+    """ONNX Runtime would fuse the shipped graph's residual Add + LayerNormalization into SkipLayerNormalization
+    when it loads it; the sessions the ONNX embedder opens keep them apart and keep the shipped fusions."""
+    path = exported['bert'][1] / 'onnx' / 'model.onnx'
+    assert 'SkipLayerNormalization' in _session_ops(path, tmp_path, optimizers=True)  # what the setting prevents
+    ops = _session_ops(path, tmp_path, optimizers=False)
+    assert 'SkipLayerNormalization' not in ops
+    assert {'Attention', 'BiasGelu', 'EmbedLayerNormalization', 'LayerNormalization'} <= ops
+
+
+def test_profile_prefix_switches_the_profiler_on(exported: dict[str, tuple], tmp_path: Path) -> None:
+    _, folder, _ = exported['bert']
+    session = ort_session(folder / 'onnx' / 'model.onnx', threads=1, profile_prefix=str(tmp_path / 'profile'))
+    feeds = {name: np.ones((2, 5), dtype=np.int64) for name in (i.name for i in session.get_inputs())}
+    session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    assert {e['args']['op_name'] for e in events if e.get('cat') == 'Node'} >= {'Attention', 'LayerNormalization'}
