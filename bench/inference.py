@@ -15,7 +15,9 @@ same batches (``finetuner_trainer.models.plan_batches``: texts longest first by 
 ones in a batch of their own rather than padding 31 short ones to their length; images in input order).
 ``split_time`` then times each part alone, including torch and the float graph on the very same batches
 (torch in eval mode, as ``encode`` runs it), so the table says how much of a ratio is the network and how
-much the preprocessing.
+much the preprocessing. ``op_profile`` then runs the very same batches once more under the profilers (torch's
+for eager, ONNX Runtime's own for the float and the int8 graph, in sessions opened like the embedder's):
+the time per operator type, which a missed target's note quotes.
 
 Quality: every side embeds the task's held-out items (its ``report`` split), each ranks the others, and
 nDCG@10 is computed with the trainer's own metrics (``finetuner_trainer.evaluation``); the row compares
@@ -24,8 +26,11 @@ the int8 model with the float one and keeps torch's score and the int8-to-float 
 
 from __future__ import annotations
 
+import json
 import statistics
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -216,6 +221,7 @@ def measure_case(case: Case, settings: Settings) -> list[Row]:
     samples = rotate({side: partial(encode_round, side) for side in SIDES}, rounds)
     load_after = load_average()
     split = split_time(models['eager'], models['float'], records, repeats=settings.pick(full=3, quick=3, tiny=1))
+    profile = op_profile(models['eager'], directory, records, settings.threads)
     cpu = {side: statistics.median(values) for side, values in cpu_rates.items()}
     split['ratio_cpu'] = cpu['float'] / cpu['eager']
     load = f'1-minute load average {load_before:.1f} before the rounds, {load_after:.1f} after (2 cores)'
@@ -228,9 +234,11 @@ def measure_case(case: Case, settings: Settings) -> list[Row]:
         samples_reference=samples['eager'],
         reference_name='torch eager',
         target_ratio=FLOAT_TARGETS[case.kind],
-        extra=split,
+        extra={**split, **{f'profile_{side}_ms': profile[side] for side in ('eager', 'float')}},
     )
     float_row.note = split_note(split, len(records), missed=float_row.met is False) + f' {load}.'
+    if float_row.met is False:
+        float_row.note += ' ' + profile_note(profile, 'float')
     int8_row = Row.compare(
         benchmark=BENCHMARK,
         measure=f'{speed}: int8 ONNX artifact ({_methods(models["int8"])}) vs torch eager',
@@ -242,6 +250,7 @@ def measure_case(case: Case, settings: Settings) -> list[Row]:
         extra={
             'ratio_to_float_onnx': statistics.median(samples['int8']) / statistics.median(samples['float']),
             'ratio_cpu': cpu['int8'] / cpu['eager'],
+            'profile_int8_ms': profile['int8'],
         },
     )
     int8_row.note = (
@@ -249,6 +258,8 @@ def measure_case(case: Case, settings: Settings) -> list[Row]:
         + f'{int8_row.extra["ratio_to_float_onnx"]:.2f}x the float ONNX graph; in process CPU seconds '
         + f'{int8_row.extra["ratio_cpu"]:.2f}x torch eager. {load}.'
     )
+    if int8_row.met is False:
+        int8_row.note += ' ' + profile_note(profile, 'int8')
     return [float_row, int8_row, quality_row(case, models, held, train)]
 
 
@@ -376,3 +387,86 @@ def split_note(split: dict[str, float], count: int, missed: bool) -> str:
     )
     text += f' End to end in process CPU seconds over the same alternating rounds: {split["ratio_cpu"]:.2f}x.'
     return ('Target missed. ' if missed else '') + text
+
+
+PROFILE_TOP = 6  # operator types named per side
+
+
+def _top(times_us: Counter[str], passes: int) -> str:
+    """'op ms, op ms, ... of total ms' per pass, the slowest operator types first."""
+    total = sum(times_us.values()) / passes / 1000
+    top = ', '.join(f'{op} {us / passes / 1000:.1f}' for op, us in times_us.most_common(PROFILE_TOP))
+    return f'{top} (of {total:.1f})'
+
+
+def op_profile(eager: Any, directory: Path, records: list[Record], threads: int | None) -> dict[str, str]:
+    """Milliseconds per operator type over one pass of ``records`` in ``OnnxEmbedder.plan``'s batches, each
+    side's network alone: torch eager in eval mode under torch's profiler (self CPU time of each aten op),
+    the float and the int8 graph under ONNX Runtime's profiler (kernel time of each op type), in sessions
+    opened like the embedder's (``ort_session``) on the very tensors the torch side collated. One warm-up
+    pass each; the profilers' own overhead is in their numbers, so compare shares rather than totals."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from finetuner_trainer.inference_onnx import OnnxEmbedder
+    from finetuner_trainer.models import as_item
+    from finetuner_trainer.onnx_export import EXPORT_MANIFEST, ONNX_DIR, ort_session
+
+    manifest = json.loads((directory / ONNX_DIR / EXPORT_MANIFEST).read_text())
+    onnx = OnnxEmbedder.load(directory, threads=threads, quantized=False)
+    items = [as_item(r) for r in records]
+    batches = [eager.collate([records[i] for i in positions]) for _, positions in onnx.plan(items, BATCH)]
+    parts = [(onnx.graph_kind(kind), inputs) for batch in batches for kind, inputs, _ in batch['parts']]
+    result = {}
+    was_training = eager.training
+    eager.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                eager(batch)
+            with profile(activities=[ProfilerActivity.CPU]) as torch_profile:
+                for batch in batches:
+                    eager(batch)
+    finally:
+        eager.train(was_training)
+    aten: Counter[str] = Counter()
+    for event in torch_profile.key_averages():
+        aten[event.key.removeprefix('aten::')] += int(event.self_cpu_time_total)
+    result['eager'] = _top(aten, 1)
+    with tempfile.TemporaryDirectory(prefix='finetuner-profile-') as tmp:
+        for side, section in (('float', 'graphs'), ('int8', 'quantized')):
+            sessions = {
+                kind: ort_session(
+                    directory / ONNX_DIR / graph['file'], threads, profile_prefix=str(Path(tmp) / f'{side}-{kind}')
+                )
+                for kind, graph in (manifest.get(section) or {}).items()
+            }
+            if not sessions:
+                continue
+            for _ in range(2):  # a warm-up pass, then the profiled one
+                for kind, inputs in parts:
+                    feeds = {name: inputs[name].cpu().numpy() for name in onnx.inputs[kind]}
+                    sessions[kind].run(None, feeds)
+            ops: Counter[str] = Counter()
+            for session in sessions.values():
+                events = json.loads(Path(session.end_profiling()).read_text())
+                runs = sorted(e['ts'] for e in events if e.get('name') == 'model_run')
+                profiled = runs[len(runs) // 2]  # the first run of the second pass
+                for event in events:
+                    if (
+                        event.get('cat') == 'Node'
+                        and event['name'].endswith('_kernel_time')
+                        and event['ts'] >= profiled
+                    ):
+                        ops[event['args']['op_name']] += event['dur']
+            result[side] = _top(ops, 1)
+    return result
+
+
+def profile_note(profile: dict[str, str], side: str) -> str:
+    """The profile of one pass, in words, for a missed target's note."""
+    name = {'float': 'float ONNX', 'int8': 'int8 ONNX'}[side]
+    return (
+        f'Profile of one pass, ms per operator type (torch profiler for eager, ONNX Runtime profiler for the '
+        f'graphs, after a warm-up pass): torch eager {profile["eager"]}; {name} {profile[side]}.'
+    )
