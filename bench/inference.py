@@ -392,14 +392,30 @@ def split_note(split: dict[str, float], count: int, missed: bool) -> str:
 PROFILE_TOP = 6  # operator types named per side
 
 
-def _top(times_us: Counter[str], passes: int) -> str:
-    """'op ms, op ms, ... of total ms' per pass, the slowest operator types first."""
-    total = sum(times_us.values()) / passes / 1000
-    top = ', '.join(f'{op} {us / passes / 1000:.1f}' for op, us in times_us.most_common(PROFILE_TOP))
-    return f'{top} (of {total:.1f})'
+# The operators that multiply by the model's weights (matrix multiplications, convolutions): torch's aten ops,
+# ONNX Runtime's op types (its fused Attention holds the query/key/value projection).
+WEIGHTED_OPS = {
+    'eager': ('addmm', 'mm', 'bmm', 'mkldnn_convolution', 'convolution'),
+    'onnx': (
+        *('MatMul', 'Gemm', 'Attention', 'Conv', 'FusedConv', 'FusedGemm', 'FusedMatMul'),
+        *('DynamicQuantizeMatMul', 'MatMulIntegerToFloat', 'MatMulInteger', 'QAttention'),
+        *('QLinearConv', 'QLinearMatMul', 'ConvInteger'),
+    ),
+}
 
 
-def op_profile(eager: Any, directory: Path, records: list[Record], threads: int | None) -> dict[str, str]:
+def _top(times_us: Counter[str], side: str, result: dict[str, Any]) -> None:
+    """Into ``result``: ``side`` as 'op ms, op ms, ... (of total ms)', the slowest operator types first, and
+    ``<side>_total_ms`` and ``<side>_weighted_ms`` (the weighted ops' share)."""
+    weighted = WEIGHTED_OPS['eager' if side == 'eager' else 'onnx']
+    total = sum(times_us.values()) / 1000
+    top = ', '.join(f'{op} {us / 1000:.1f}' for op, us in times_us.most_common(PROFILE_TOP))
+    result[side] = f'{top} (of {total:.1f})'
+    result[f'{side}_total_ms'] = total
+    result[f'{side}_weighted_ms'] = sum(us for op, us in times_us.items() if op in weighted) / 1000
+
+
+def op_profile(eager: Any, directory: Path, records: list[Record], threads: int | None) -> dict[str, Any]:
     """Milliseconds per operator type over one pass of ``records`` in ``OnnxEmbedder.plan``'s batches, each
     side's network alone: torch eager in eval mode under torch's profiler (self CPU time of each aten op),
     the float and the int8 graph under ONNX Runtime's profiler (kernel time of each op type), in sessions
@@ -417,7 +433,7 @@ def op_profile(eager: Any, directory: Path, records: list[Record], threads: int 
     items = [as_item(r) for r in records]
     batches = [eager.collate([records[i] for i in positions]) for _, positions in onnx.plan(items, BATCH)]
     parts = [(onnx.graph_kind(kind), inputs) for batch in batches for kind, inputs, _ in batch['parts']]
-    result = {}
+    result: dict[str, Any] = {}
     was_training = eager.training
     eager.eval()
     try:
@@ -432,7 +448,7 @@ def op_profile(eager: Any, directory: Path, records: list[Record], threads: int 
     aten: Counter[str] = Counter()
     for event in torch_profile.key_averages():
         aten[event.key.removeprefix('aten::')] += int(event.self_cpu_time_total)
-    result['eager'] = _top(aten, 1)
+    _top(aten, 'eager', result)
     with tempfile.TemporaryDirectory(prefix='finetuner-profile-') as tmp:
         for side, section in (('float', 'graphs'), ('int8', 'quantized')):
             sessions = {
@@ -459,14 +475,21 @@ def op_profile(eager: Any, directory: Path, records: list[Record], threads: int 
                         and event['ts'] >= profiled
                     ):
                         ops[event['args']['op_name']] += event['dur']
-            result[side] = _top(ops, 1)
+            _top(ops, side, result)
     return result
 
 
-def profile_note(profile: dict[str, str], side: str) -> str:
-    """The profile of one pass, in words, for a missed target's note."""
+def profile_note(profile: dict[str, Any], side: str) -> str:
+    """The profile of one pass, in words, for a missed target's note: the slowest operator types of each
+    side, and how fast the graph could be at most if every operator but its weighted ones were free."""
     name = {'float': 'float ONNX', 'int8': 'int8 ONNX'}[side]
+    weighted = profile[f'{side}_weighted_ms']
     return (
         f'Profile of one pass, ms per operator type (torch profiler for eager, ONNX Runtime profiler for the '
-        f'graphs, after a warm-up pass): torch eager {profile["eager"]}; {name} {profile[side]}.'
+        f'graphs, after a warm-up pass): torch eager {profile["eager"]}; {name} {profile[side]}. '
+        'The operators that multiply by the weights (ONNX Runtime: float or integer MatMul, Gemm, Conv and '
+        'Attention, which holds the query/key/value projection; torch: addmm, mm, convolutions) take '
+        f'{weighted:.1f} ms of the {name} pass and {profile["eager_weighted_ms"]:.1f} of the torch pass: with '
+        f'every other operator free the {name} graph would run at most {profile["eager_total_ms"] / weighted:.2f}x '
+        'torch eager.'
     )

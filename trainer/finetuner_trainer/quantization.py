@@ -122,7 +122,7 @@ def quantize_dynamic_graph(source: Path, target: Path, plan: QuantizationPlan) -
         per_channel=plan.per_channel,
         op_types_to_quantize=list(plan.op_types) if plan.op_types else None,
         nodes_to_exclude=nodes,
-        # ORT's fused transformer ops (Attention, SkipLayerNormalization) defeat ONNX's shape inference;
+        # ORT's fused transformer ops (Attention, EmbedLayerNormalization, BiasGelu) defeat ONNX's shape inference;
         # their outputs are float32.
         extra_options={'DefaultTensorType': TensorProto.FLOAT},
     )
