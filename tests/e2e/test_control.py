@@ -72,6 +72,41 @@ def test_suspend_and_resume_then_cancel(cluster: Cluster) -> None:
     wait_for(lambda: not target.jobs('held'), what='job of the cancelled run deleted')
 
 
+def test_an_ended_run_is_final_spec_edits_and_control_change_nothing(cluster: Cluster) -> None:
+    """A FINISHED or FAILED run is final: the API server refuses training-spec edits, and the operator
+    passes over the edits it admits (suspend, description, the cancel annotation), so they neither re-creates its Job nor rewrites its status (docs/OPERATOR.md, "Suspend and
+    cancel"); the SDK's controls return without writing."""
+    cluster.node.pause(True)
+    backend = _target(cluster).login()
+    target = _target(cluster)
+    backend.create_run('done', FinetuneRunSpec(model='timm:test_resnet', train_data='s3://b/d.jsonl'))
+    wait_for(lambda: target.jobs('done'), what="the run's Job")
+    finetuner.get_run('done').cancel()
+    final = target.wait_phase('done', ('FAILED',))
+    wait_for(lambda: not target.jobs('done'), what='job of the cancelled run deleted')
+
+    custom = client.CustomObjectsApi(cluster.api)
+    with pytest.raises(client.exceptions.ApiException) as refused:
+        custom.patch_namespaced_custom_object(G, V, NS, 'finetuneruns', 'done', {'spec': {'epochs': 3}})
+    assert refused.value.status == 422
+    assert 'only spec.suspend and spec.description may change; create a new run' in refused.value.body
+    edit = {'spec': {'suspend': True, 'description': 'edited after it ended'}}
+    edit['metadata'] = {'annotations': {'run.finetuner.dev/cancel': 'true'}}
+    edited = custom.patch_namespaced_custom_object(G, V, NS, 'finetuneruns', 'done', edit)
+    run = finetuner.get_run('done')
+    run.resume()
+    run.suspend()
+    run.cancel()
+    backend.create_run('probe', FinetuneRunSpec(model='timm:test_resnet', train_data='s3://b/d.jsonl'))
+    wait_for(lambda: target.jobs('probe'), what="a later run's Job (the operator has passed the edits)")
+
+    body = target.run_body('done')
+    assert body['status'] == final
+    assert body['metadata']['resourceVersion'] == edited['metadata']['resourceVersion']
+    assert target.jobs('done') == []
+    assert run.status()['status'] == 'FAILED'
+
+
 def test_invalid_spec_fails_with_the_field_named_and_no_job(cluster: Cluster) -> None:
     custom = client.CustomObjectsApi(cluster.api)
     body = {
