@@ -74,8 +74,9 @@ def test_suspend_and_resume_then_cancel(cluster: Cluster) -> None:
 
 def test_an_ended_run_is_final_spec_edits_and_control_change_nothing(cluster: Cluster) -> None:
     """A FINISHED or FAILED run is final: the API server refuses training-spec edits, and the operator
-    passes over the edits it admits (suspend, description, the cancel annotation), so they neither re-creates its Job nor rewrites its status (docs/OPERATOR.md, "Suspend and
-    cancel"); the SDK's controls return without writing."""
+    passes over the edits it admits (suspend, description, the cancel annotation): they neither re-create
+    its Job nor rewrite its status (docs/OPERATOR.md, "Suspend and cancel"); the SDK's controls return
+    without writing."""
     cluster.node.pause(True)
     backend = _target(cluster).login()
     target = _target(cluster)
