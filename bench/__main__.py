@@ -149,13 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if doc is None and mode == 'quick':
         doc = args.results_dir / 'quick.md'
     names = args.only or list(BENCHMARKS)
-    previous = None
-    if args.update:
-        previous_path = args.results_dir / f'{mode}.json'
-        if not previous_path.is_file():
-            print(f'--update needs an earlier run to update: {previous_path} does not exist', file=sys.stderr)
-            return 2
-        previous = Report.model_validate_json(previous_path.read_text())
+    previous_path = args.results_dir / f'{mode}.json'
+    if args.update and not previous_path.is_file():
+        print(f'--update needs an earlier run to update: {previous_path} does not exist', file=sys.stderr)
+        return 2
     started = time.perf_counter()
     load_at_start = load_average()
     command = 'python -m bench' + ''.join(f' {shlex.quote(a)}' for a in (argv if argv is not None else sys.argv[1:]))
@@ -165,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     def report(done: list[str]) -> Report:
         pending = [name for name in names if name not in done]
         progress = [f'Incomplete run: {", ".join(pending)} not run yet when this was written.'] if pending else []
-        if previous is not None:
+        if args.update:
+            # Read when written, not when started: another ``--update`` run that finished meanwhile keeps its rows.
+            previous = Report.model_validate_json(previous_path.read_text())
             load = {'start': load_at_start, 'end': load_average()}
             return updated(previous, rows, done, command, time.perf_counter() - started, runtimes, progress, load)
         return Report(

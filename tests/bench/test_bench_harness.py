@@ -241,3 +241,27 @@ def test_operator_scale_still_measures_accumulation_when_the_burst_times_out(
     rows = operator_scale.run(common.Settings(mode='tiny', workdir=tmp_path))
     assert rows[0].note == "not measured: 'paced runs' not reached in 60s (last value: False)"
     assert [r.ours for r in rows[1:]] == [90.0, 1.0, 3.0]
+
+
+def test_an_update_keeps_the_rows_another_update_wrote_meanwhile(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two ``--update`` runs of different benchmarks at once: each reads the results file when it writes it, so
+    the one that ends last keeps what the other wrote meanwhile."""
+
+    def row(benchmark: str, value: float) -> Row:
+        return Row(benchmark=benchmark, measure=f'{benchmark} {value}', unit='items/s', ours=value)
+
+    path = tmp_path / 'tiny.json'
+    path.write_text(_report([row('text_throughput', 2.0), row('inference', 3.0)]).model_dump_json())
+
+    def run_benchmark(name: str, settings: common.Settings, strict: bool) -> list[Row]:
+        other = common.Report.model_validate_json(path.read_text())  # another run ends and writes its rows
+        kept = [r for r in other.rows if r.benchmark != 'text_throughput']
+        path.write_text(other.model_copy(update={'rows': [row('text_throughput', 9.0), *kept]}).model_dump_json())
+        return [row(name, 5.0)]
+
+    monkeypatch.setattr('bench.__main__.run_benchmark', run_benchmark)
+    assert main(['--tiny', '--update', '--only', 'inference', '--results-dir', str(tmp_path)]) == 0
+    written = common.Report.model_validate_json(path.read_text())
+    assert [r.measure for r in written.rows] == ['text_throughput 9.0', 'inference 5.0']
