@@ -426,7 +426,7 @@ def op_profile(eager: Any, directory: Path, records: list[Record], threads: int 
 
     from finetuner_trainer.inference_onnx import OnnxEmbedder
     from finetuner_trainer.models import as_item
-    from finetuner_trainer.onnx_export import EXPORT_MANIFEST, ONNX_DIR, ort_session
+    from finetuner_trainer.onnx_export import EXPORT_MANIFEST, ONNX_DIR, flush_denormals, ort_session
 
     manifest = json.loads((directory / ONNX_DIR / EXPORT_MANIFEST).read_text())
     onnx = OnnxEmbedder.load(directory, threads=threads, quantized=False)
@@ -459,10 +459,11 @@ def op_profile(eager: Any, directory: Path, records: list[Record], threads: int 
             }
             if not sessions:
                 continue
-            for _ in range(2):  # a warm-up pass, then the profiled one
+            for _ in range(2):  # a warm-up pass, then the profiled one, denormals flushed as OnnxEmbedder.run does
                 for kind, inputs in parts:
                     feeds = {name: inputs[name].cpu().numpy() for name in onnx.inputs[kind]}
-                    sessions[kind].run(None, feeds)
+                    with flush_denormals():
+                        sessions[kind].run(None, feeds)
             ops: Counter[str] = Counter()
             for session in sessions.values():
                 events = json.loads(Path(session.end_profiling()).read_text())

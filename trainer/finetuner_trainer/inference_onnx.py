@@ -12,7 +12,8 @@ Texts are batched longest first by token count, in the batches the torch embedde
 (:func:`~finetuner_trainer.embedder.plan_batches`), so that a batch pads to a length close to its
 texts' own (embeddings are returned in input order). The network itself runs in ONNX Runtime with
 all graph optimisations on, on as many threads as the process has CPUs (its container's CPU quota
-included: :func:`~finetuner_trainer.cpus.available_cpus`). An artifact with int8 graphs
+included: :func:`~finetuner_trainer.cpus.available_cpus`), with denormal floats flushed to zero
+(:func:`~finetuner_trainer.onnx_export.flush_denormals`). An artifact with int8 graphs
 (``onnxQuantize``, :mod:`finetuner_trainer.quantization`) is loaded with them unless the float ones
 are asked for.
 """
@@ -31,7 +32,7 @@ from finetuner_trainer.cpus import available_cpus
 from finetuner_trainer.data import Item
 from finetuner_trainer.embedder import Embedder, OnnxFeeder, as_item, plan_batches
 from finetuner_trainer.models import load_embedder
-from finetuner_trainer.onnx_export import EXPORT_MANIFEST, ONNX_DIR, OUTPUT_NAME, ort_session
+from finetuner_trainer.onnx_export import EXPORT_MANIFEST, ONNX_DIR, OUTPUT_NAME, flush_denormals, ort_session
 
 __all__ = ['OnnxEmbedder', 'available_cpus']  # available_cpus: bench.common counts cores with it
 
@@ -122,7 +123,10 @@ class OnnxEmbedder:
         return {name: inputs[name].cpu().numpy() for name in names}
 
     def run(self, kind: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        (embeddings,) = self.sessions[self.graph_kind(kind)].run([OUTPUT_NAME], feeds)
+        """The graph of ``kind`` on ``feeds``, denormals flushed to zero on this thread while it runs
+        (:func:`~finetuner_trainer.onnx_export.flush_denormals`; the thread's own setting is restored)."""
+        with flush_denormals():
+            (embeddings,) = self.sessions[self.graph_kind(kind)].run([OUTPUT_NAME], feeds)
         return embeddings
 
     def plan(self, items: Sequence[Item], batch_size: int) -> list[tuple[str, list[int]]]:

@@ -292,3 +292,96 @@ def test_profile_prefix_switches_the_profiler_on(exported: dict[str, tuple], tmp
     session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
     assert {e['args']['op_name'] for e in events if e.get('cat') == 'Node'} >= {'Attention', 'LayerNormalization'}
+
+
+def _identity_graph(path: Path) -> Path:
+    """A graph that multiplies its input by one: a denormal input comes out unchanged unless denormals are
+    flushed to zero on the thread that runs it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    one = helper.make_tensor('one', TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph(
+        [helper.make_node('Mul', ['x', 'one'], ['embeddings'])],
+        'identity',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info('embeddings', TensorProto.FLOAT, [None])],
+        [one],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+# torch.set_flush_denormal says whether the CPU can flush (x86 with SSE3); False is this thread's default.
+needs_x86 = pytest.mark.skipif(not torch.set_flush_denormal(False), reason='this CPU cannot flush denormals')
+
+
+@needs_x86
+def test_flush_denormals_is_scoped_to_the_block_and_the_thread() -> None:
+    import threading
+
+    from finetuner_trainer.onnx_export import denormals_flushed, flush_denormals
+
+    assert not denormals_flushed()
+    seen_by_other_thread: list[bool] = []
+    look = threading.Event()
+
+    def other_thread() -> None:  # runs before the block starts (a new thread inherits its creator's setting)
+        look.wait(timeout=30)
+        seen_by_other_thread.append(denormals_flushed())
+
+    other = threading.Thread(target=other_thread)
+    other.start()
+    with flush_denormals():
+        assert denormals_flushed()
+        look.set()
+        other.join()
+        with flush_denormals():  # nested: the inner block leaves the outer one's setting alone
+            assert denormals_flushed()
+        assert denormals_flushed()
+    assert not denormals_flushed() and seen_by_other_thread == [False]
+    torch.set_flush_denormal(True)  # a caller that flushes already keeps flushing after the block
+    try:
+        with flush_denormals():
+            assert denormals_flushed()
+        assert denormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@needs_x86
+def test_sessions_flush_denormals_on_their_threads_not_the_callers(tmp_path: Path) -> None:
+    from finetuner_trainer.onnx_export import denormals_flushed, flush_denormals
+
+    path = _identity_graph(tmp_path / 'identity.onnx')
+    tiny = np.full(4, 1e-40, dtype=np.float32)  # denormal: float32's smallest normal is 1.18e-38
+    one_thread = ort_session(path, threads=1)  # ONNX Runtime would switch FTZ/DAZ on for the opening thread
+    assert not denormals_flushed()
+    assert one_thread.get_session_options().get_session_config_entry('session.set_denormal_as_zero') == '1'
+    (plain,) = one_thread.run(None, {'x': tiny})
+    np.testing.assert_array_equal(plain, tiny)  # one thread: the caller's, which does not flush outside the block
+    with flush_denormals():
+        (flushed,) = one_thread.run(None, {'x': tiny})
+    np.testing.assert_array_equal(flushed, np.zeros(4, dtype=np.float32))
+    many = np.full(1_000_000, 1e-40, dtype=np.float32)  # split between ONNX Runtime's thread and the caller's
+    with flush_denormals():
+        (flushed_many,) = ort_session(path, threads=2).run(None, {'x': many})
+    assert not flushed_many.any()
+
+
+def test_onnx_embedder_runs_flushed_and_its_embeddings_are_unchanged(exported: dict[str, tuple]) -> None:
+    """Flushing denormals speeds attention's softmax up and does not change the embeddings: the ONNX embedder
+    (which flushes) and the same session run without flushing give bitwise the same numbers."""
+    from finetuner_trainer.embedder import as_item
+    from finetuner_trainer.inference_onnx import OnnxEmbedder
+    from finetuner_trainer.onnx_export import OUTPUT_NAME, denormals_flushed
+
+    _, folder, _ = exported['bert']
+    onnx_model = OnnxEmbedder.load(folder, threads=1)
+    feeds = onnx_model.feeds('text', [as_item(record) for record in labelled_texts(3, 4)])
+    flushed = onnx_model.run('text', feeds)
+    assert not denormals_flushed()  # the block ended with the run
+    (plain,) = onnx_model.sessions['text'].run([OUTPUT_NAME], feeds)
+    np.testing.assert_array_equal(flushed, plain)
