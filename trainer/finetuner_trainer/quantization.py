@@ -20,6 +20,14 @@ generated items of other shapes); the cosine similarity of their embeddings is r
 (``quantized.<kind>``) and a graph whose embeddings are not finite fails with :class:`QuantizationError`
 instead of shipping. How much retrieval quality the int8 model keeps is measured by the trainer on the
 evaluation data (``metrics.json``'s ``quantized``).
+
+Alternatives measured and not adopted (all-MiniLM-L6-v2, int8, one thread of a 2-core Xeon, onnxruntime
+1.32, 2026-12-05; time of one encode pass of the benchmark's texts, the adopted graph 144-148 ms):
+``MultiHeadAttention`` fused back in after quantisation 153.6 ms; quantised ``QAttention`` 163.8-171.3 ms;
+``FastGelu`` slower and the cosine to the float graph down to 0.982; ``MatMulNBits`` with 8-bit weights
+about 5x slower; signed activations (s8s8) ran their matrix products at 20 GOPS where u8s8 ran at 1,068;
+per-tensor weights were 5-8% faster but lost nDCG@10 on the held-out task. What did pay is flushing
+denormals to zero while the graph runs (``onnx_export.flush_denormals``): ``Softmax`` 18.2 -> 6.5 ms.
 """
 
 from __future__ import annotations
