@@ -243,8 +243,9 @@ def synthesis_rows(settings: Settings) -> list[Row]:
 
     setting = (
         f'{task.name}: {task.title}; cross-encoder {Path(task.model).name} + a 1-logit head trained by '
-        f'CrossEncoderTrainer (BinaryCrossEntropyLoss, {ce_epochs}, lr {recipe.learning_rate:g}, max '
-        f'length {recipe.max_length}) on the teacher half of the training questions ({first.teacher_questions}); '
+        f'CrossEncoderTrainer (BinaryCrossEntropyLoss, {ce_epochs}, batch {recipe.batch_size}, lr '
+        f'{recipe.learning_rate:g}, max length {recipe.max_length}) on the teacher half of the training questions '
+        f'({first.teacher_questions}); '
         f'{NUM_RELATIONS} relations mined by {Path(task.model).name} for each of the {first.student_questions} '
         f'student-half questions among their {first.student_answers} answers, unlabelled; {budget.epochs} '
         f'epoch{"s" if budget.epochs > 1 else ""}, batch {budget.batch_size}, max length {budget.max_length}; '
