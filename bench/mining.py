@@ -232,7 +232,6 @@ def synthesis_rows(settings: Settings) -> list[Row]:
     )
     recipe = _recipe(settings)
     budget = task.budget
-    first = seeds[0]
     ce_epochs = f'{recipe.epochs} epoch{"s" if recipe.epochs > 1 else ""}'
 
     def median(field: str) -> float:
@@ -241,13 +240,17 @@ def synthesis_rows(settings: Settings) -> list[Row]:
     def each(field: str) -> str:
         return ' '.join(f'{getattr(s, field):.4g}' for s in seeds)
 
+    def span(field: str) -> str:  # a count over the seeds' halves: one number, or the lowest-highest
+        values = sorted(getattr(s, field) for s in seeds)
+        return str(values[0]) if values[0] == values[-1] else f'{values[0]}-{values[-1]}'
+
     setting = (
         f'{task.name}: {task.title}; cross-encoder {Path(task.model).name} + a 1-logit head trained by '
         f'CrossEncoderTrainer (BinaryCrossEntropyLoss, {ce_epochs}, batch {recipe.batch_size}, lr '
         f'{recipe.learning_rate:g}, max length {recipe.max_length}) on the teacher half of the training questions '
-        f'({first.teacher_questions}); '
-        f'{NUM_RELATIONS} relations mined by {Path(task.model).name} for each of the {first.student_questions} '
-        f'student-half questions among their {first.student_answers} answers, unlabelled; {budget.epochs} '
+        f'({span("teacher_questions")}); {NUM_RELATIONS} relations mined by {Path(task.model).name} for each of the '
+        f'{span("student_questions")} student-half questions among their {span("student_answers")} answers, '
+        f'unlabelled; {budget.epochs} '
         f'epoch{"s" if budget.epochs > 1 else ""}, batch {budget.batch_size}, max length {budget.max_length}; '
         f'{len(held.queries)} held-out queries, {len(held.corpus)} in the corpus; median of {len(seeds)} '
         f'seed{"s" if len(seeds) > 1 else ""}, report split'
@@ -287,25 +290,29 @@ def closing_notes(rows: list[Row]) -> list[str]:
     extra = synthesis[0].extra
     teacher = float(extra.get('ce_true_above_random', float('nan')))
     student = float(extra.get('pretrained_true_above_random', float('nan')))
+    per_seed = extra.get('ce_true_above_random_per_seed', '')
     note = (
         'Synthesis rows: no trained cross-encoder installs offline here, so the benchmark trains its teacher itself '
         "(bench/cross_encoder.py): all-MiniLM-L6-v2's encoder with a fresh 1-logit head, labelled by the teacher "
         'half of the training questions; the student half goes to the synthesis run unlabelled, and no held-out '
         f'text reaches either. On the held-out questions that cross-encoder ranks the true answer above a random '
-        f'one {teacher:.2f} of the time (median over seeds), the pretrained bi-encoder by cosine {student:.2f}.'
+        f'other one {teacher:.2f} of the time (median over seeds; per seed {per_seed}), the pretrained bi-encoder '
+        f'by cosine {student:.2f}.'
     )
     if all(r.met for r in synthesis):
         return [note]
+    worst = min(r.ratio for r in synthesis if r.ratio is not None)
     if teacher <= student:
         why = (
-            ' That teacher is no better than the student it teaches, and MarginMSELoss pulls the bi-encoder towards '
-            'the cross-encoder\'s score margins, its errors included: the rows miss ">= pretrained".'
+            ' That teacher ranks worse than the student it teaches, and MarginMSELoss pulls the bi-encoder towards '
+            "the cross-encoder's score margins among each question's 5 nearest answers, its errors included: the "
+            f'student ends near where it began, and the rows miss ">= pretrained" by up to {1 - worst:.1%}.'
         )
     else:
         why = (
             ' The teacher orders a true and a random answer better than the student, yet the student gains nothing '
             'on ranking the whole corpus: the margins it learns are among the 5 answers it already ranks closest, '
-            'where the teacher is weakest.'
+            f'where the teacher is weakest (the rows miss by up to {1 - worst:.1%}).'
         )
     return [
         note

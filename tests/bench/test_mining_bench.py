@@ -66,10 +66,29 @@ def test_a_tiny_synthesis_run_gives_rows_with_numbers(tmp_path: Path) -> None:
         assert row.extra['scored_tuples'] > 0 and row.extra['ce_training_pairs'] > 0
     assert (tmp_path / 'cross-encoders').is_dir()
     notes = mining.closing_notes(rows)
-    assert len(notes) == 1 and 'ranks the true answer above a random one' in notes[0]
+    assert len(notes) == 1 and 'ranks the true answer above a random other one' in notes[0]
 
 
 def test_a_leak_past_the_filter_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cross_encoder, 'without_held_out', lambda pairs, held: (pairs, 0))
     with pytest.raises(ValueError, match='holds the held-out text'):
         mining.synthesis_rows(Settings(mode='tiny', workdir=tmp_path))
+
+
+def test_true_above_random_draws_distinct_other_texts_and_counts_ties_half() -> None:
+    held = by_pair(
+        [pair('q1', 'same'), pair('q1', 'same'), pair('q2', 'same'), pair('q2', 'other'), pair('q3', 'third')]
+    )
+    drawn: list[tuple[str, str]] = []
+
+    def scores(pairs: list[tuple[str, str]]) -> list[float]:
+        drawn.extend(pairs)
+        return [1.0 if answer == 'same' else 0.5 if answer == 'third' else 0.0 for _, answer in pairs]
+
+    share = cross_encoder.true_above_random(scores, held, seed=0)
+    randoms = dict(drawn[1::2])
+    assert randoms['q1'] != 'same' and randoms['q2'] == 'third' and randoms['q3'] != 'third'
+    # q1: its answer 'same' (1.0) beats any other; q2: 'same' (1.0) beats 'third'; q3: 'third' (0.5) vs 'same'
+    # (1.0) loses or vs 'other' (0.0) wins
+    assert share == (2 + (randoms['q3'] == 'other')) / 3
+    assert cross_encoder.true_above_random(lambda pairs: [0.0] * len(pairs), held, seed=0) == 0.5
