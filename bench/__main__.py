@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             rows=rows,
             benchmark_runtimes_s=runtimes,
             load_average={'start': load_at_start, 'end': load_average()},
-            notes=progress + CLOSING_NOTES + [n for name in done for n in _closing_notes(name, rows)],
+            notes=progress + CLOSING_NOTES,
+            benchmark_notes={name: notes for name in done if (notes := _closing_notes(name, rows))},
         )
 
     with tempfile.TemporaryDirectory(prefix='finetuner-bench-') as tmp:
@@ -215,9 +216,12 @@ def updated(
     kept = [row for row in previous.rows if row.benchmark not in done]
     order = {name: i for i, name in enumerate(BENCHMARKS)}
     merged = sorted(kept + rows, key=lambda row: order.get(row.benchmark, len(order)))
+    # Reports written before benchmark_notes kept closing notes in ``notes``: those of the benchmarks run are
+    # recognised by what their module writes for the old rows (a note whose wording changed since stays).
     old_notes = {note for name in done for note in _closing_notes(name, previous.rows)}
-    notes = [n for n in previous.notes if n not in old_notes and not n.startswith('Incomplete run')]
-    notes = progress + notes + [n for name in done for n in _closing_notes(name, rows)]
+    notes = progress + [n for n in previous.notes if n not in old_notes and not n.startswith('Incomplete run')]
+    benchmark_notes = {name: kept for name, kept in previous.benchmark_notes.items() if name not in done}
+    benchmark_notes |= {name: new for name in done if (new := _closing_notes(name, rows))}
     update = (
         f'the rows of {", ".join(done)} were replaced by `{command}` on {today()} in {runtime_s / 60:.1f} minutes '
         f'(1-minute load average at its start {load["start"]:.1f}, end {load["end"]:.1f}, on '
@@ -227,6 +231,9 @@ def updated(
         update={
             'rows': merged,
             'notes': notes,
+            'benchmark_notes': {
+                name: benchmark_notes[name] for name in sorted(benchmark_notes, key=lambda n: order.get(n, len(order)))
+            },
             'updates': [u for u in previous.updates if not u.startswith(f'the rows of {", ".join(done)} ')] + [update],
             'benchmark_runtimes_s': {**previous.benchmark_runtimes_s, **runtimes},
         }

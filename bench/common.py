@@ -153,6 +153,10 @@ class Report(BaseModel):
         default_factory=dict, description='1-minute load average of the machine at the start and end of the run.'
     )
     notes: list[str] = Field(default_factory=list)
+    benchmark_notes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Each benchmark's closing notes (its module's closing_notes), replaced with its rows by --update.",
+    )
     updates: list[str] = Field(
         default_factory=list,
         description='Later runs (--update) whose rows replaced those of their benchmarks: command, date, load.',

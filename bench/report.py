@@ -89,7 +89,7 @@ def render_markdown(report: Report) -> str:
     for row in report.rows:
         if row.note:
             lines.append(f'- **{row.measure}**: {row.note}')
-    for note in report.notes:
+    for note in [*report.notes, *(n for notes in report.benchmark_notes.values() for n in notes)]:
         lines.append(f'- {note}')
     extras = [row for row in report.rows if row.extra]
     if extras:

@@ -265,3 +265,32 @@ def test_an_update_keeps_the_rows_another_update_wrote_meanwhile(
     assert main(['--tiny', '--update', '--only', 'inference', '--results-dir', str(tmp_path)]) == 0
     written = common.Report.model_validate_json(path.read_text())
     assert [r.measure for r in written.rows] == ['text_throughput 9.0', 'inference 5.0']
+
+
+def test_an_update_replaces_the_closing_notes_of_the_benchmarks_run_whatever_their_wording(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A benchmark's closing notes go with its rows: an --update drops the old ones even when the module now
+    words them differently, and keeps the other benchmarks' notes, in the order of BENCHMARKS."""
+    from bench.__main__ import updated
+
+    def row(benchmark: str, value: float) -> Row:
+        return Row(benchmark=benchmark, measure=f'{benchmark} {value}', unit='items/s', ours=value)
+
+    monkeypatch.setattr(
+        'bench.__main__._closing_notes',
+        lambda name, rows: [f'{name}: new wording over {len(rows)} rows'] if name == 'inference' else [],
+    )
+    previous = _report([row('inference', 3.0), row('operator_scale', 4.0)]).model_copy(
+        update={'benchmark_notes': {'operator_scale': ['operator note'], 'inference': ['inference: old wording']}}
+    )
+    load = {'start': 1.0, 'end': 1.0}
+    result = updated(previous, [row('inference', 5.0)], ['inference'], 'cmd', 60.0, {}, [], load)
+    assert result.benchmark_notes == {
+        'inference': ['inference: new wording over 1 rows'],
+        'operator_scale': ['operator note'],
+    }
+    assert list(result.benchmark_notes) == ['inference', 'operator_scale']
+    text = report.render_markdown(result)
+    assert '- inference: new wording over 1 rows' in text and '- operator note' in text
+    assert 'old wording' not in text
