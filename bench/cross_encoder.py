@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.st_reference import QUIET_TRAINING
 from bench.tasks import HeldOut
 from finetuner.api.layout import Record
 
@@ -168,12 +169,8 @@ def train_cross_encoder(
         per_device_train_batch_size=recipe.batch_size,
         learning_rate=recipe.learning_rate,
         seed=seed,
-        save_strategy='no',
-        report_to=[],
-        logging_strategy='no',
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         use_cpu=device == 'cpu',
+        **QUIET_TRAINING,
     )
     dataset = Dataset.from_dict({'question': questions, 'answer': answers, 'label': labels})
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=BinaryCrossEntropyLoss(model))

@@ -17,6 +17,15 @@ from finetuner.api.layout import Record
 
 TextTask = Literal['triplet', 'pairs']
 DEFAULT_LEARNING_RATE = 5e-5  # SentenceTransformerTrainingArguments' (transformers') default
+# Training arguments of every sentence-transformers trainer the benchmarks run: no checkpoints, reports, logs,
+# progress bars or loader processes, so that only training is timed.
+QUIET_TRAINING: dict[str, Any] = {
+    'save_strategy': 'no',
+    'report_to': [],
+    'logging_strategy': 'no',
+    'disable_tqdm': True,
+    'dataloader_num_workers': 0,
+}
 
 
 def _content(record: Record) -> object:
@@ -112,14 +121,10 @@ def train(
         learning_rate=learning_rate,
         warmup_steps=0,
         seed=seed,
-        save_strategy='no',
-        report_to=[],
-        logging_strategy='no',
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         use_cpu=device == 'cpu',
         bf16=bf16,
         batch_sampler=BatchSamplers.GROUP_BY_LABEL if task == 'triplet' else BatchSamplers.NO_DUPLICATES,
+        **QUIET_TRAINING,
     )
     trainer = SentenceTransformerTrainer(
         model=model,
