@@ -220,7 +220,7 @@ def updated(
     # recognised by what their module writes for the old rows (a note whose wording changed since stays).
     old_notes = {note for name in done for note in _closing_notes(name, previous.rows)}
     notes = progress + [n for n in previous.notes if n not in old_notes and not n.startswith('Incomplete run')]
-    benchmark_notes = {name: kept for name, kept in previous.benchmark_notes.items() if name not in done}
+    benchmark_notes = {name: theirs for name, theirs in previous.benchmark_notes.items() if name not in done}
     benchmark_notes |= {name: new for name in done if (new := _closing_notes(name, rows))}
     update = (
         f'the rows of {", ".join(done)} were replaced by `{command}` on {today()} in {runtime_s / 60:.1f} minutes '
