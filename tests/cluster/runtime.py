@@ -171,8 +171,12 @@ class PodmanRuntime:
     def start(self, launch: Launch, sink: IO[bytes]) -> Started:
         self.podman.run(['rm', '--force', '--ignore', launch.name])
         env = {**self.podman.env, **launch.env}
+        # Started from the pod's folder: after a container is killed at its memory limit, podman 4.3 (cgroup v1)
+        # leaves an empty file named ``oom`` in the directory it was started from, here the repository's root.
+        launch.root.mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen(
             [self.podman.binary, *self.argv(launch)],
+            cwd=launch.root,
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,

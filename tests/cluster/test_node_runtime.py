@@ -201,6 +201,7 @@ def test_a_killed_container_exits_137(node: tuple[Any, SimulatedNode, str]) -> N
 
 def test_the_memory_limit_is_the_containers_cgroup_limit(node: tuple[Any, SimulatedNode, str]) -> None:
     api, sim, image = node
+    had_oom_file = (Path.cwd() / 'oom').exists()
     hog = (
         'import pathlib\n'
         "for f in ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'):\n"
@@ -214,6 +215,8 @@ def test_the_memory_limit_is_the_containers_cgroup_limit(node: tuple[Any, Simula
     pod = finished_pod(api, 'hog')
     assert (pod.status.phase, terminated(pod).exit_code) == ('Failed', 137), 'killed at its limit'
     assert f'LIMIT {64 * 2**20}' in (sim.read_log(NS, pod.metadata.name) or '')
+    # podman leaves a file named oom where it was started: in the pod's folder, not in the test's directory.
+    assert not (Path.cwd() / 'oom').exists() or had_oom_file
 
 
 def test_an_image_not_in_the_nodes_storage_is_err_image_pull(node: tuple[Any, SimulatedNode, str]) -> None:
