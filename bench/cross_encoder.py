@@ -211,17 +211,9 @@ def cross_encoder_true_above_random(path: Path, held: HeldOut, seed: int, device
     return true_above_random(scorer.score, held, seed)
 
 
-def embedder_true_above_random(
-    model: str, model_options: dict[str, Any], held: HeldOut, seed: int, device: str
-) -> float:
-    """:func:`true_above_random` of an embedding model's cosine similarity (the pretrained student)."""
+def embedder_true_above_random(embedder: Any, held: HeldOut, seed: int) -> float:
+    """:func:`true_above_random` of an embedder's cosine similarity (the pretrained student)."""
     import torch
-
-    from finetuner.api.v1alpha1 import FinetuneRunSpec
-    from finetuner_trainer.models import build_embedder
-
-    spec = FinetuneRunSpec(model=model, train_data='file:///unused.jsonl', model_options=model_options)
-    embedder = build_embedder(spec).to(device)
 
     def cosine(pairs: list[tuple[str, str]]) -> list[float]:
         left = embedder.embed([Record(text=q) for q, _ in pairs])

@@ -225,11 +225,10 @@ def synthesis_rows(settings: Settings) -> list[Row]:
     task = qa_task(settings)
     split = task.split('report')
     held = split.held_out
-    before = quality.pretrained(task, held, settings)
+    student = quality.pretrained_embedder(task, settings)
+    before = quality.pretrained(task, held, settings, student)
+    student_above = cross_encoder.embedder_true_above_random(student, held, task.seeds[0])
     seeds = [synthesis_seed(task, split, seed, settings) for seed in task.seeds]
-    student_above = cross_encoder.embedder_true_above_random(
-        task.model, quality.model_options(task), held, task.seeds[0], settings.device
-    )
     recipe = _recipe(settings)
     budget = task.budget
     ce_epochs = f'{recipe.epochs} epoch{"s" if recipe.epochs > 1 else ""}'

@@ -78,14 +78,20 @@ def model_options(task: RetrievalTask) -> dict[str, Any]:
     return options
 
 
-def pretrained(task: RetrievalTask, held: HeldOut, settings: Settings) -> dict[str, float]:
-    """The metrics of the model before fine-tuning, embedded by this project's embedder (the same pooling
-    and preprocessing as both fine-tuned sides start from)."""
+def pretrained_embedder(task: RetrievalTask, settings: Settings) -> Any:
+    """The task's model before fine-tuning, as this project's embedder (the same pooling and preprocessing as
+    both fine-tuned sides start from)."""
     from finetuner.api.v1alpha1 import FinetuneRunSpec
     from finetuner_trainer.models import build_embedder
 
     spec = FinetuneRunSpec(model=task.model, train_data='file:///unused.jsonl', model_options=model_options(task))
-    model = build_embedder(spec).to(settings.device)
+    return build_embedder(spec).to(settings.device)
+
+
+def pretrained(task: RetrievalTask, held: HeldOut, settings: Settings, model: Any = None) -> dict[str, float]:
+    """The metrics of the model before fine-tuning (``model``: its :func:`pretrained_embedder`, when the
+    caller has it already)."""
+    model = model if model is not None else pretrained_embedder(task, settings)
     return score(model.embed(held.queries), model.embed(held.corpus), held)
 
 
