@@ -243,23 +243,24 @@ def test_operator_scale_still_measures_accumulation_when_the_burst_times_out(
     assert [r.ours for r in rows[1:]] == [90.0, 1.0, 3.0]
 
 
+def _row(benchmark: str, value: float) -> Row:
+    return Row(benchmark=benchmark, measure=f'{benchmark} {value}', unit='items/s', ours=value)
+
+
 def test_an_update_keeps_the_rows_another_update_wrote_meanwhile(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Two ``--update`` runs of different benchmarks at once: each reads the results file when it writes it, so
     the one that ends last keeps what the other wrote meanwhile."""
 
-    def row(benchmark: str, value: float) -> Row:
-        return Row(benchmark=benchmark, measure=f'{benchmark} {value}', unit='items/s', ours=value)
-
     path = tmp_path / 'tiny.json'
-    path.write_text(_report([row('text_throughput', 2.0), row('inference', 3.0)]).model_dump_json())
+    path.write_text(_report([_row('text_throughput', 2.0), _row('inference', 3.0)]).model_dump_json())
 
     def run_benchmark(name: str, settings: common.Settings, strict: bool) -> list[Row]:
         other = common.Report.model_validate_json(path.read_text())  # another run ends and writes its rows
         kept = [r for r in other.rows if r.benchmark != 'text_throughput']
-        path.write_text(other.model_copy(update={'rows': [row('text_throughput', 9.0), *kept]}).model_dump_json())
-        return [row(name, 5.0)]
+        path.write_text(other.model_copy(update={'rows': [_row('text_throughput', 9.0), *kept]}).model_dump_json())
+        return [_row(name, 5.0)]
 
     monkeypatch.setattr('bench.__main__.run_benchmark', run_benchmark)
     assert main(['--tiny', '--update', '--only', 'inference', '--results-dir', str(tmp_path)]) == 0
@@ -274,18 +275,15 @@ def test_an_update_replaces_the_closing_notes_of_the_benchmarks_run_whatever_the
     words them differently, and keeps the other benchmarks' notes, in the order of BENCHMARKS."""
     from bench.__main__ import updated
 
-    def row(benchmark: str, value: float) -> Row:
-        return Row(benchmark=benchmark, measure=f'{benchmark} {value}', unit='items/s', ours=value)
-
     monkeypatch.setattr(
         'bench.__main__._closing_notes',
         lambda name, rows: [f'{name}: new wording over {len(rows)} rows'] if name == 'inference' else [],
     )
-    previous = _report([row('inference', 3.0), row('operator_scale', 4.0)]).model_copy(
+    previous = _report([_row('inference', 3.0), _row('operator_scale', 4.0)]).model_copy(
         update={'benchmark_notes': {'operator_scale': ['operator note'], 'inference': ['inference: old wording']}}
     )
     load = {'start': 1.0, 'end': 1.0}
-    result = updated(previous, [row('inference', 5.0)], ['inference'], 'cmd', 60.0, {}, [], load)
+    result = updated(previous, [_row('inference', 5.0)], ['inference'], 'cmd', 60.0, {}, [], load)
     assert result.benchmark_notes == {
         'inference': ['inference: new wording over 1 rows'],
         'operator_scale': ['operator note'],
