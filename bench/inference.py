@@ -39,6 +39,7 @@ from typing import Any
 
 from bench import data, ours
 from bench.common import Row, Settings, load_average
+from bench.profiling import fp32_matmul_peak, fp32_roofline
 from bench.tasks import EFFICIENTNET, HeldOut, by_label, get_task
 from bench.text_throughput import MAX_LENGTH, text_model
 from finetuner.api.layout import Record
@@ -222,6 +223,7 @@ def measure_case(case: Case, settings: Settings) -> list[Row]:
     load_after = load_average()
     split = split_time(models['eager'], models['float'], records, repeats=settings.pick(full=3, quick=3, tiny=1))
     profile = op_profile(models['eager'], directory, records, settings.threads)
+    peak = fp32_matmul_peak(settings.threads)
     cpu = {side: statistics.median(values) for side, values in cpu_rates.items()}
     split['ratio_cpu'] = cpu['float'] / cpu['eager']
     load = f'1-minute load average {load_before:.1f} before the rounds, {load_after:.1f} after (2 cores)'
@@ -236,9 +238,21 @@ def measure_case(case: Case, settings: Settings) -> list[Row]:
         target_ratio=FLOAT_TARGETS[case.kind],
         extra={**split, **{f'profile_{side}_ms': profile[side] for side in ('eager', 'float')}},
     )
+    eager_pass_s = len(records) / statistics.median(samples['eager'])
+    ceiling = fp32_roofline(profile['eager_weighted_gflop'], peak['best'], eager_pass_s)
+    float_row.extra.update(
+        weighted_gflop=profile['eager_weighted_gflop'],
+        fp32_peak_gflops=peak['best'],
+        fp32_peak_gflops_onnxruntime=peak['onnxruntime'],
+        fp32_peak_gflops_torch=peak['torch'],
+        fp32_ceiling_ratio=ceiling,
+    )
+    if 'padding_share' in profile:
+        float_row.extra['padding_share'] = profile['padding_share']
     float_row.note = split_note(split, len(records), missed=float_row.met is False) + f' {load}.'
     if float_row.met is False:
         float_row.note += ' ' + profile_note(profile, 'float')
+        float_row.note += ' ' + roofline_note(profile, peak, eager_pass_s, FLOAT_TARGETS[case.kind])
     int8_row = Row.compare(
         benchmark=BENCHMARK,
         measure=f'{speed}: int8 ONNX artifact ({_methods(models["int8"])}) vs torch eager',
@@ -404,6 +418,17 @@ WEIGHTED_OPS = {
 }
 
 
+# The ops torch's profiler counts the FLOPs of (``with_flops``) that multiply by the weights: linear layers
+# reach it as addmm (or mm), convolutions as conv2d (the aten ops under it carry no count of their own).
+FLOP_OPS = ('addmm', 'mm', 'bmm', 'baddbmm', 'conv2d')
+
+
+def weighted_gflop(torch_profile: Any) -> float:
+    """GFLOP of the weight products (``FLOP_OPS``) a finished ``torch.profiler.profile(with_flops=True)``
+    recorded, 2 per multiply-add."""
+    return sum(int(e.flops) for e in torch_profile.key_averages() if e.key.removeprefix('aten::') in FLOP_OPS) / 1e9
+
+
 def _top(times_us: Counter[str], side: str, result: dict[str, Any]) -> None:
     """Into ``result``: ``side`` as 'op ms, op ms, ... (of total ms)', the slowest operator types first, and
     ``<side>_total_ms`` and ``<side>_weighted_ms`` (the weighted ops' share)."""
@@ -434,13 +459,16 @@ def op_profile(eager: Any, directory: Path, records: list[Record], threads: int 
     batches = [eager.collate([records[i] for i in positions]) for _, positions in onnx.plan(items, BATCH)]
     parts = [(onnx.graph_kind(kind), inputs) for batch in batches for kind, inputs, _ in batch['parts']]
     result: dict[str, Any] = {}
+    masks = [inputs['attention_mask'] for _, inputs in parts if 'attention_mask' in inputs]
+    if masks:  # texts: the share of the batches' token positions that are padding
+        result['padding_share'] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     was_training = eager.training
     eager.eval()
     try:
         with torch.inference_mode():
             for batch in batches:
                 eager(batch)
-            with profile(activities=[ProfilerActivity.CPU]) as torch_profile:
+            with profile(activities=[ProfilerActivity.CPU], with_flops=True) as torch_profile:
                 for batch in batches:
                     eager(batch)
     finally:
@@ -449,6 +477,7 @@ def op_profile(eager: Any, directory: Path, records: list[Record], threads: int 
     for event in torch_profile.key_averages():
         aten[event.key.removeprefix('aten::')] += int(event.self_cpu_time_total)
     _top(aten, 'eager', result)
+    result['eager_weighted_gflop'] = weighted_gflop(torch_profile)
     with tempfile.TemporaryDirectory(prefix='finetuner-profile-') as tmp:
         for side, section in (('float', 'graphs'), ('int8', 'quantized')):
             sessions = {
@@ -493,4 +522,33 @@ def profile_note(profile: dict[str, Any], side: str) -> str:
         f'{weighted:.1f} ms of the {name} pass and {profile["eager_weighted_ms"]:.1f} of the torch pass: with '
         f'every other operator free the {name} graph would run at most {profile["eager_total_ms"] / weighted:.2f}x '
         'torch eager.'
+    )
+
+
+def roofline_note(profile: dict[str, Any], peak: dict[str, float], eager_pass_s: float, target: float) -> str:
+    """The float target against the CPU's fp32 ceiling, in words: the FLOPs of the pass's weight products (torch's
+    profiler count), the time they need at the best fp32 matrix-product rate measured on this core in this run
+    (``fp32_matmul_peak``), and so the most any fp32 engine could gain over torch eager's measured pass."""
+    gflop = profile['eager_weighted_gflop']
+    ceiling = fp32_roofline(gflop, peak['best'], eager_pass_s)
+    if ceiling < target:
+        verdict = f'below the target of {target:g}x.'
+    else:
+        verdict = (
+            f'so the target of {target:g}x needs those products at {target / ceiling:.0%} of that rate or more '
+            'with every other operator free.'
+        )
+    padding = (
+        f' The batches are padded to their longest text ({profile["padding_share"]:.1%} of their token positions'
+        ' are padding), and the count includes the padding.'
+        if 'padding_share' in profile
+        else ''
+    )
+    return (
+        f"Ceiling: torch's profiler counts {gflop:.1f} GFLOP in those weight products over the pass; at the best "
+        f'fp32 matrix-product rate measured on this core in this run ({peak["best"]:.0f} GFLOPS; ONNX Runtime '
+        f'MatMul {peak["onnxruntime"]:.0f}, torch linear {peak["torch"]:.0f}, at transformer-layer and square '
+        f"shapes) they alone take {gflop / peak['best'] * 1000:.0f} ms, and torch eager's whole pass took "
+        f'{eager_pass_s * 1000:.0f} ms: an engine computing them in fp32 at that rate could run these batches at '
+        f'most {ceiling:.2f}x faster than torch eager, {verdict}{padding}'
     )

@@ -191,3 +191,68 @@ def explain_throughput(
         f'target missed. Profile of {steps - 1} steady-state steps per side (torch.profiler, self CPU time as a '
         f'share of wall time): this project: {ours.sentence()}; reference: {reference.sentence()}.'
     )
+
+
+# Matrix-product shapes (rows, inner, outer) at which the fp32 peak is measured: a transformer layer's over a
+# padded batch (the feed-forward's two products, the attention's projections) and a square one.
+PEAK_SHAPES = ((2048, 384, 1536), (2048, 1536, 384), (2048, 384, 384), (1024, 1024, 1024))
+
+
+def fp32_matmul_peak(threads: int | None, repeats: int = 5) -> dict[str, float]:
+    """The best fp32 matrix-product rate this CPU reaches with ``threads`` intra-op threads, in GFLOPS (2 per
+    multiply-add): ONNX Runtime's MatMul (MLAS) and torch's ``linear`` (oneDNN/MKL) at each of
+    ``PEAK_SHAPES``, the fastest of ``repeats`` calls each after a warm-up. Keys: 'onnxruntime', 'torch' and
+    'best'. No engine runs fp32 products much faster than this on the same threads, so it bounds how fast
+    any fp32 graph of a known number of FLOPs can be."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    best = {'onnxruntime': 0.0, 'torch': 0.0}
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for rows, inner, outer in PEAK_SHAPES:
+            x = rng.standard_normal((rows, inner), dtype=np.float32)
+            w = rng.standard_normal((inner, outer), dtype=np.float32)
+            graph = helper.make_graph(
+                [helper.make_node('MatMul', ['x', 'w'], ['y'])],
+                'peak',
+                [helper.make_tensor_value_info('x', TensorProto.FLOAT, [rows, inner])],
+                [helper.make_tensor_value_info('y', TensorProto.FLOAT, [rows, outer])],
+                [numpy_helper.from_array(w, 'w')],
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads or 0
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=['CPUExecutionProvider'])
+            tx, tw = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w.T))
+            flop = 2.0 * rows * inner * outer
+            calls: dict[str, Callable[[], Any]] = {
+                'onnxruntime': lambda session=session, x=x: session.run(None, {'x': x}),
+                'torch': lambda tx=tx, tw=tw: torch.nn.functional.linear(tx, tw),
+            }
+            with torch.inference_mode():
+                for engine, call in calls.items():
+                    call()
+                    fastest = float('inf')
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        call()
+                        fastest = min(fastest, time.perf_counter() - start)
+                    best[engine] = max(best[engine], flop / fastest / 1e9)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {**best, 'best': max(best.values())}
+
+
+def fp32_roofline(gflop: float, peak_gflops: float, reference_s: float) -> float:
+    """How many times faster than a reference pass of ``reference_s`` seconds any fp32 engine could run a
+    pass whose weight products are ``gflop`` GFLOP, if they ran at ``peak_gflops`` and nothing else took
+    time: the ceiling of a float speed-up on this CPU."""
+    if gflop <= 0 or peak_gflops <= 0:
+        raise ValueError(f'need positive GFLOP and GFLOPS, got {gflop} and {peak_gflops}')
+    return reference_s / (gflop / peak_gflops)
