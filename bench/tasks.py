@@ -124,22 +124,34 @@ def by_label(items: Sequence[Record]) -> HeldOut:
 
 
 def by_pair(pairs: Sequence[Record]) -> HeldOut:
-    """Every distinct query (first chunk) against every document (second chunk); a document is relevant
-    to the queries it is paired with."""
+    """Every distinct query (first chunk) against every distinct document (second chunk); a document is
+    relevant to the queries it is paired with. Like sentence-transformers' ``InformationRetrievalEvaluator``
+    (queries and corpus keyed by id), a text given twice is one query or one corpus entry: data with a pair
+    repeated (chatterbot-corpus repeats some tech-support pairs ~100 times) must not fill the corpus with
+    copies that crowd every other query's top ten, nor count a repeated query more than once."""
     queries: dict[str, int] = {}
+    documents: dict[str, int] = {}
     query_records: list[Record] = []
     corpus: list[Record] = []
     relevant: list[set[int]] = []
     for pair in pairs:
         query, document = pair.chunks[0], pair.chunks[1]
-        key = query.model_dump_json(include={'text', 'uri', 'blob'})
+        key = _content(query)
         if key not in queries:
             queries[key] = len(queries)
             query_records.append(query)
             relevant.append(set())
-        relevant[queries[key]].add(len(corpus))
-        corpus.append(document)
+        doc_key = _content(document)
+        if doc_key not in documents:
+            documents[doc_key] = len(corpus)
+            corpus.append(document)
+        relevant[queries[key]].add(documents[doc_key])
     return HeldOut(query_records, corpus, [frozenset(r) for r in relevant], [None] * len(queries))
+
+
+def _content(record: Record) -> str:
+    """What makes two items the same item: their text, uri or image bytes."""
+    return record.model_dump_json(include={'text', 'uri', 'blob'})
 
 
 def split_classes(labels: Sequence[Any], train_share: float, seed: int) -> tuple[set[Any], set[Any]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.tasks import SPLIT_SEEDS, TASKS
+from bench.tasks import SPLIT_SEEDS, TASKS, by_pair
+from finetuner.api.layout import Record
 
 
 def test_tuning_splits_hold_out_other_topics_than_the_report_split() -> None:
@@ -19,3 +20,35 @@ def test_tuning_splits_hold_out_other_topics_than_the_report_split() -> None:
 def test_an_unknown_split_is_refused_with_the_names() -> None:
     with pytest.raises(ValueError, match="unknown split 'test'; use dev, dev-2 or report"):
         TASKS['topics'].split('test')  # type: ignore[arg-type]
+
+
+def _pair(query: str, answer: str) -> Record:
+    return Record(chunks=[Record(text=query), Record(text=answer)])
+
+
+def test_by_pair_keeps_each_distinct_query_and_document_once_with_every_answer_relevant() -> None:
+    pairs = [
+        *[_pair('My printer is not printing.', 'Check the cable.')] * 3,  # a pair repeated
+        _pair('Hi', 'Hello.'),
+        _pair('Hi', 'Hey there.'),  # a question with two answers
+        _pair('Hello', 'Hello.'),  # an answer shared by two questions
+    ]
+    held = by_pair(pairs)
+    assert [q.text for q in held.queries] == ['My printer is not printing.', 'Hi', 'Hello']
+    assert [d.text for d in held.corpus] == ['Check the cable.', 'Hello.', 'Hey there.']
+    assert held.relevant == [frozenset({0}), frozenset({1, 2}), frozenset({1})]
+
+
+def test_the_qa_corpus_has_no_copies_although_chatterbot_corpus_repeats_pairs() -> None:
+    from finetuner.offline_data import chatterbot_pairs
+
+    _, held_pairs = chatterbot_pairs(held_out=0.2, seed=SPLIT_SEEDS['report'])
+    texts = [(p.chunks[0].text, p.chunks[1].text) for p in held_pairs]
+    assert len(set(texts)) < len(texts)  # the data repeats pairs
+    held = TASKS['qa'].split('report').held_out
+    corpus = [d.text for d in held.corpus]
+    queries = [q.text for q in held.queries]
+    assert len(corpus) == len(set(corpus)) and len(queries) == len(set(queries))
+    # Every held-out pair is still there: its answer is relevant to its question.
+    for question, answer in texts:
+        assert corpus.index(answer) in held.relevant[queries.index(question)]

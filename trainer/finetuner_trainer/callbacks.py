@@ -49,6 +49,7 @@ from finetuner_trainer.evaluation import (
     EvaluationError,
     Evaluator,
     build_eval_set,
+    pair_eval_set,
 )
 from finetuner_trainer.hooks import Callback, Control, TrainState
 
@@ -256,12 +257,7 @@ def eval_set_from_dataset(dataset: Dataset, multi_modal: bool = False) -> EvalSe
         return EvalSet(items, items, labels, labels, same_items=True)
     queries = [e.items[0] for e in examples]
     docs = [e.items[1] for e in examples]
-    if multi_modal:
-        labels = list(range(len(examples)))
-        return EvalSet(queries, docs, labels, labels, same_items=False, query_is_text_of_pair=True)
-    first: dict[Any, int] = {}
-    doc_labels = [first.setdefault(d.text if d.text is not None else f'#{j}', j) for j, d in enumerate(docs)]
-    return EvalSet(queries, docs, doc_labels, doc_labels, same_items=False)
+    return pair_eval_set(queries, docs, len(docs), multi_modal)
 
 
 def _load_records(ctx: TrainContext, reference: str, field: str) -> list[tuple[Record, ImageBase]]:

@@ -1,8 +1,11 @@
 """Retrieval evaluation: rank an index for every query and score the rankings.
 
-A query's relevant items are the index items with the same label (for pair data, the document of
-the same pair). Rankings are cut at ``limit`` (``k``); every metric is computed per query and
-averaged over the queries that have at least one relevant item in the index.
+A query's relevant items are the index items with the same label; for pair data, the documents it is
+paired with: each distinct query is one query and each distinct document one index item, as in
+sentence-transformers' ``InformationRetrievalEvaluator`` (a pair given twice is not two queries, a
+question with two answers has both as relevant, an answer shared by two questions is relevant to both).
+Rankings are cut at ``limit`` (``k``); every metric is computed per query and averaged over the queries
+that have at least one relevant item in the index.
 
 Definitions (``r`` = binary relevance of the ranked list cut at ``k``, ``R`` = relevant items in
 the index for this query, ``k' = len(r)`` which is ``k`` unless the index is smaller):
@@ -22,6 +25,7 @@ runs by ``mrr`` by default).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -123,9 +127,11 @@ def rank(
     exclude_self: bool = False,
     query_ids: Sequence[Any] | None = None,
     index_ids: Sequence[Any] | None = None,
+    relevant: Sequence[frozenset[int]] | None = None,
 ) -> Ranking:
     """Rank the index for every query. With ``exclude_self`` an index item with the query's id
-    (by default: the same position, when query and index are the same items) is never a match."""
+    (by default: the same position, when query and index are the same items) is never a match.
+    ``relevant``: each query's relevant index positions, instead of the index items sharing its label."""
     if query_emb.ndim != 2 or index_emb.ndim != 2 or query_emb.shape[1] != index_emb.shape[1]:
         raise EvaluationError(
             f'query and index embeddings must be 2-d with one width; got {tuple(query_emb.shape)} '
@@ -133,6 +139,8 @@ def rank(
         )
     if len(query_labels) != query_emb.shape[0] or len(index_labels) != index_emb.shape[0]:
         raise EvaluationError('there must be one label per query and one per index item')
+    if relevant is not None and len(relevant) != query_emb.shape[0]:
+        raise EvaluationError('there must be one set of relevant index positions per query')
     if limit < 1:
         raise EvaluationError(f'limit must be at least 1, got {limit}')
     q_labels, i_labels = _label_ids(query_labels, index_labels)
@@ -161,11 +169,22 @@ def rank(
         all_dist.append(dist[:, :k].numpy())
     indices = np.concatenate(all_idx)
     distances = np.concatenate(all_dist)
-    relevance = (i_labels[indices] == q_labels[:, None]).astype(np.int64)
-    counts = np.bincount(i_labels, minlength=int(max(q_labels.max(initial=0), i_labels.max(initial=0))) + 1)
-    num_relevant = counts[q_labels].copy()
+    if relevant is None:
+        relevance = (i_labels[indices] == q_labels[:, None]).astype(np.int64)
+        counts = np.bincount(i_labels, minlength=int(max(q_labels.max(initial=0), i_labels.max(initial=0))) + 1)
+        num_relevant = counts[q_labels].copy()
+    else:
+        rows = zip(indices.tolist(), relevant, strict=True)
+        relevance = np.array([[int(j in chosen) for j in row] for row, chosen in rows], dtype=np.int64)
+        relevance = relevance.reshape(indices.shape)
+        num_relevant = np.array([len(chosen) for chosen in relevant], dtype=np.int64)
     if self_mask is not None:
-        is_self_relevant = (self_mask >= 0) & (i_labels[np.maximum(self_mask, 0)] == q_labels)
+        own = np.maximum(self_mask, 0)
+        if relevant is None:
+            is_self_relevant = (self_mask >= 0) & (i_labels[own] == q_labels)
+        else:
+            own_relevant = [int(j) in chosen for j, chosen in zip(own, relevant, strict=True)]
+            is_self_relevant = (self_mask >= 0) & np.array(own_relevant, dtype=bool)
         num_relevant -= is_self_relevant.astype(np.int64)
         # An excluded self-match may still sit in the top k when its distance is inf: drop it.
         relevance[np.isinf(distances)] = 0
@@ -266,11 +285,49 @@ class EvalSet:
     # Ids that tell a query's own item in the index (exclude_self) once queries are a sample of the index.
     query_ids: list[Any] | None = None
     index_ids: list[Any] | None = None
+    # Pair data: the first ``pair_count`` index items are the documents of query 0, 1, ... in turn (the rest
+    # are distractors), until ``merged`` makes every query and document distinct.
+    pair_count: int | None = None
+    # Each query's relevant index positions (merged pair data); None: the index items sharing its label.
+    relevant: list[frozenset[int]] | None = None
+
+    def merged(self) -> EvalSet:
+        """Pair data with copies merged: each distinct query once (in order of first appearance), each
+        distinct document once, a query's relevant documents every document it was paired with;
+        distractors stay at the end of the index, relevant to none. Labelled data is returned as it is."""
+        if self.pair_count is None:
+            return self
+        query_at: dict[Any, int] = {}
+        doc_at: dict[Any, int] = {}
+        queries: list[Any] = []
+        docs: list[Any] = []
+        relevant: list[set[int]] = []
+        for query, doc in zip(self.queries, self.index[: self.pair_count], strict=True):
+            q = query_at.setdefault(content_key(query), len(queries))
+            if q == len(queries):
+                queries.append(query)
+                relevant.append(set())
+            d = doc_at.setdefault(content_key(doc), len(docs))
+            if d == len(docs):
+                docs.append(doc)
+            relevant[q].add(d)
+        extra = self.index[self.pair_count :]
+        return EvalSet(
+            queries=queries,
+            index=docs + extra,
+            query_labels=list(range(len(queries))),
+            index_labels=[*range(len(docs)), *(f'__distractor_{j}' for j in range(len(extra)))],
+            same_items=False,
+            query_is_text_of_pair=self.query_is_text_of_pair,
+            relevant=[frozenset(r) for r in relevant],
+        )
 
     def sample_queries(self, size: int, seed: int) -> EvalSet:
         """``size`` of the queries drawn at random (``seed``), in their order; the index stays whole."""
         import random
 
+        if self.pair_count is not None:
+            return self.merged().sample_queries(size, seed)
         if size >= len(self.queries):
             return self
         chosen = sorted(random.Random(seed).sample(range(len(self.queries)), size))
@@ -284,7 +341,23 @@ class EvalSet:
             query_is_text_of_pair=self.query_is_text_of_pair,
             query_ids=chosen if self.same_items else None,
             index_ids=positions if self.same_items else None,
+            relevant=[self.relevant[i] for i in chosen] if self.relevant is not None else None,
         )
+
+
+def content_key(item: Any) -> Any:
+    """What makes two evaluation items one item: the same text, or the same image (bytes, URI or pixels);
+    anything else (a tensor) is only equal to itself."""
+    if isinstance(item, Record):
+        if item.text is None and item.uri is None and item.blob is None and item.tensor is None:
+            return ('object', id(item))
+        return ('record', item.model_dump_json(include={'text', 'uri', 'blob', 'tensor'}))
+    text, image = getattr(item, 'text', None), getattr(item, 'image', None)
+    if text is not None:
+        return ('text', text)
+    if image is not None:
+        return ('image', hashlib.sha256(image).hexdigest())
+    return ('object', id(item))
 
 
 def _chunk(record: Record, modality: str | None, position: int) -> Record:
@@ -293,6 +366,21 @@ def _chunk(record: Record, modality: str | None, position: int) -> Record:
             if chunk.modality == modality:
                 return chunk
     return record.chunks[position]
+
+
+def pair_eval_set(queries: list[Any], index: list[Any], pair_count: int, multi_modal: bool) -> EvalSet:
+    """Pair data as given: query i paired with index item i for i < ``pair_count``, the rest distractors."""
+    labels: list[Any] = list(range(pair_count))
+    index_labels = [*labels, *(f'__distractor_{j}' for j in range(len(index) - pair_count))]
+    return EvalSet(
+        queries,
+        index,
+        labels,
+        index_labels,
+        same_items=False,
+        query_is_text_of_pair=multi_modal,
+        pair_count=pair_count,
+    )
 
 
 def build_eval_set(
@@ -307,7 +395,7 @@ def build_eval_set(
 
     - labelled items: queries are the items; the index is ``index_data`` or the query items themselves;
     - pairs (records with two chunks): queries are the first chunks, the index the second chunks,
-      and query i matches document i (pairs with the same document text match it too);
+      query i paired with document i; copies are merged when evaluated (``EvalSet.merged``);
     - ``multi_modal`` (CLIP): queries are the text chunks, the index the image chunks.
     """
     if not query_data:
@@ -320,22 +408,8 @@ def build_eval_set(
         else:
             queries = [r.chunks[0] for r in query_data]
             docs = [r.chunks[1] for r in query_data]
-        labels: list[Any] = list(range(len(query_data)))
-        doc_labels = labels
-        if not multi_modal:
-            # Identical documents are one document: a query matches every copy of its own.
-            first: dict[str, int] = {}
-            doc_labels = [first.setdefault(d.text if d.text is not None else f'#{j}', j) for j, d in enumerate(docs)]
-            labels = doc_labels
-        index = docs
-        index_labels = doc_labels
-        if index_data:
-            extra = [r.chunks[1] if r.chunks else r for r in index_data]
-            index = docs + extra
-            index_labels = list(doc_labels) + [f'__distractor_{j}' for j in range(len(extra))]
-        return EvalSet(
-            queries, index, list(labels), list(index_labels), same_items=False, query_is_text_of_pair=multi_modal
-        )
+        index = docs + [r.chunks[1] if r.chunks else r for r in index_data or []]
+        return pair_eval_set(queries, index, len(docs), multi_modal)
     missing = [j for j, r in enumerate(query_data) if r.label is None]
     if missing:
         raise EvaluationError(
@@ -371,6 +445,7 @@ class Evaluator:
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.eval_set = self.eval_set.merged()
         if self.distance not in DISTANCES:
             raise EvaluationError(
                 f'EvaluationCallback distance {self.distance!r} is unknown; choose one of {", ".join(DISTANCES)}'
@@ -398,6 +473,7 @@ class Evaluator:
                 exclude_self=self.exclude_self and (self.eval_set.same_items or sampled),
                 query_ids=self.eval_set.query_ids,
                 index_ids=self.eval_set.index_ids,
+                relevant=self.eval_set.relevant,
             )
         if self.gather_examples:
             self.examples = self._examples(ranking)

@@ -130,8 +130,10 @@ def test_build_eval_set_labelled_pairs_and_clip() -> None:
         Record(chunks=[Record(text='q3'), Record(text='other')]),
     ]
     es = build_eval_set(pairs)
-    assert [r.text for r in es.queries] == ['q1', 'q2', 'q3']
-    assert es.query_labels == [0, 0, 2] and es.index_labels == [0, 0, 2]  # identical documents match both
+    assert [r.text for r in es.queries] == ['q1', 'q2', 'q3'] and es.pair_count == 3
+    merged = es.merged()
+    assert [r.text for r in merged.index] == ['doc', 'other']  # identical documents are one document
+    assert merged.relevant == [frozenset({0}), frozenset({0}), frozenset({1})]
     clip = [Record(chunks=[Record(blob='aGk=', modality='image'), Record(text='a red one', modality='text')])]
     es = build_eval_set(clip, multi_modal=True)
     assert es.queries[0].text == 'a red one' and es.index[0].blob == 'aGk='
@@ -191,3 +193,127 @@ def test_examples_of_images_carry_a_thumbnail_the_browser_can_show() -> None:
     assert undecodable and all('image' not in m for m in undecodable)  # no picture, and no failure
     small = next(m for e in evaluator.examples for m in e['matches'] if m['label'] == 'green')
     assert Image.open(io.BytesIO(base64.b64decode(small['image'].split(',', 1)[1]))).size == (32, 32)  # never enlarged
+
+
+def _pair(query: str, document: str) -> Record:
+    return Record(chunks=[Record(text=query), Record(text=document)])
+
+
+def test_pair_copies_merge_into_distinct_queries_and_documents_with_every_answer_relevant() -> None:
+    records = [
+        *[_pair('My printer is not printing.', 'Check the cable.')] * 3,  # one pair given three times
+        _pair('Hi', 'Hello.'),
+        _pair('Hi', 'Hey there.'),  # a question with two answers
+        _pair('Hello', 'Hello.'),  # an answer shared by two questions
+    ]
+    es = build_eval_set(records, [Record(text='unrelated'), Record(text='Hello.')]).merged()
+    assert [q.text for q in es.queries] == ['My printer is not printing.', 'Hi', 'Hello']
+    assert [d.text for d in es.index] == ['Check the cable.', 'Hello.', 'Hey there.', 'unrelated', 'Hello.']
+    assert es.relevant == [frozenset({0}), frozenset({1, 2}), frozenset({1})]  # distractors relevant to none
+    assert es.merged() is es  # merging twice changes nothing
+    # 'Hi' ranks 'Hey there.' first and 'Hello.' second: both relevant (before, the pair (Hi, Hello.) counted
+    # 'Hey there.' as a miss); the printer question is one query, not three.
+    vectors = {
+        'My printer is not printing.': [1.0, 0, 0],
+        'Check the cable.': [1.0, 0, 0],
+        'Hi': [0, 1.0, 0],
+        'Hey there.': [0, 1.0, 0.1],
+        'Hello.': [0, 1.0, 0.3],
+        'Hello': [0, 1.0, 0.3],
+        'unrelated': [0, 0, 1.0],
+    }
+
+    def embed(items: list[Record], batch_size: int) -> torch.Tensor:
+        return torch.tensor([vectors[item.text] for item in items])
+
+    evaluator = Evaluator(build_eval_set(records, [Record(text='unrelated')]), limit=2, gather_examples=True)
+    metrics = evaluator.evaluate(embed)
+    assert metrics['precision_at_k'] == pytest.approx((1 / 2 + 2 / 2 + 1 / 2) / 3)
+    assert metrics['recall_at_k'] == pytest.approx(1.0)
+    assert [e['query'] for e in evaluator.examples] == ['My printer is not printing.', 'Hi', 'Hello']
+    assert [m['relevant'] for m in evaluator.examples[1]['matches']] == [True, True]
+
+
+def test_pair_metrics_match_sentence_transformers_on_chatterbot_pairs_with_their_repeats() -> None:
+    """The oracle is built the way a sentence-transformers user builds an information-retrieval evaluation
+    from pairs: queries and corpus as dicts keyed by their text, relevant_docs the set of each query's
+    answers. chatterbot-corpus repeats some tech-support pairs ~100 times; each is one query and one
+    document there, and must be here too."""
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    from finetuner.offline_data import chatterbot_pairs
+
+    _, held = chatterbot_pairs(held_out=0.2, seed=0)
+    texts = [(r.chunks[0].text, r.chunks[1].text) for r in held]
+    assert len(set(texts)) < len(texts) / 2  # the data repeats pairs
+    queries = {q: q for q, _ in texts}
+    corpus = {a: a for _, a in texts}
+    relevant_docs: dict[str, set[str]] = {}
+    for q, a in texts:
+        relevant_docs.setdefault(q, set()).add(a)
+    rng = np.random.default_rng(0)
+    answer_vector = {a: rng.normal(size=16) for a in corpus}
+    vector = {**answer_vector}
+    for q, answers in relevant_docs.items():  # a question near its answers, plus noise
+        vector[q] = np.mean([answer_vector[a] for a in answers], axis=0) + 1.2 * rng.normal(size=16)
+
+    def embed(items: list[Record], batch_size: int) -> torch.Tensor:
+        return torch.tensor(np.stack([vector[item.text] for item in items]), dtype=torch.float32)
+
+    ours = Evaluator(build_eval_set(held), limit=10).evaluate(embed)
+    oracle = InformationRetrievalEvaluator(
+        queries,
+        corpus,
+        relevant_docs,
+        mrr_at_k=[10],
+        ndcg_at_k=[10],
+        map_at_k=[10],
+        accuracy_at_k=[10],
+        precision_recall_at_k=[10],
+    )
+    unit = {t: v / np.linalg.norm(v) for t, v in vector.items()}
+    ids = list(corpus)
+    matrix = np.stack([unit[a] for a in ids])
+    results = [
+        [{'corpus_id': a, 'score': float(s)} for a, s in zip(ids, matrix @ unit[q], strict=True)]
+        for q in oracle.queries_ids
+    ]
+    expected = oracle.compute_metrics(results)
+    assert ours['ndcg_at_k'] == pytest.approx(expected['ndcg@k'][10], abs=1e-6)
+    assert ours['mrr'] == pytest.approx(expected['mrr@k'][10], abs=1e-6)
+    assert ours['map'] == pytest.approx(expected['map@k'][10], abs=1e-6)
+    assert ours['hit_at_k'] == pytest.approx(expected['accuracy@k'][10], abs=1e-6)
+    assert ours['recall_at_k'] == pytest.approx(expected['recall@k'][10], abs=1e-6)
+
+
+def test_sampling_pair_queries_samples_distinct_queries_and_keeps_their_relevant_documents() -> None:
+    records = [_pair(f'q{i % 4}', f'd{i % 4}') for i in range(20)] + [_pair('q0', 'd9')]
+    sampled = build_eval_set(records).sample_queries(2, seed=0)
+    assert len(sampled.queries) == 2 and len({q.text for q in sampled.queries}) == 2
+    assert [d.text for d in sampled.index] == ['d0', 'd1', 'd2', 'd3', 'd9']
+    for query, relevant in zip(sampled.queries, sampled.relevant or [], strict=True):
+        expected = {'d0', 'd9'} if query.text == 'q0' else {'d' + query.text[1:]}
+        assert {sampled.index[j].text for j in relevant} == expected
+
+
+def test_the_runs_own_pair_evaluation_data_merges_copies_of_texts_and_of_images() -> None:
+    from finetuner_trainer.callbacks import eval_set_from_dataset
+    from finetuner_trainer.data import Dataset, Example, Item
+
+    red, blue = b'\x89PNG red', b'\x89PNG blue'
+    clip = Dataset(
+        'pairs',
+        [
+            Example((Item(text='a red square'), Item(image=red))),
+            Example((Item(text='a crimson square'), Item(image=red))),  # two captions of one image
+            Example((Item(text='a blue square'), Item(image=blue))),
+            Example((Item(text='a blue square'), Item(image=blue))),  # a pair given twice
+        ],
+    )
+    merged = Evaluator(eval_set_from_dataset(clip, multi_modal=True)).eval_set
+    assert [q.text for q in merged.queries] == ['a red square', 'a crimson square', 'a blue square']
+    assert [d.image for d in merged.index] == [red, blue] and merged.query_is_text_of_pair
+    assert merged.relevant == [frozenset({0}), frozenset({0}), frozenset({1})]
+    texts = Dataset('pairs', [Example((Item(text='q'), Item(text='a'))), Example((Item(text='q'), Item(text='b')))])
+    merged = Evaluator(eval_set_from_dataset(texts)).eval_set
+    assert [q.text for q in merged.queries] == ['q'] and merged.relevant == [frozenset({0, 1})]
