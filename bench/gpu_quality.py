@@ -43,14 +43,19 @@ class HeldOut:
     index: list[str]
     index_labels: list[str]
     exclude_self: bool
+    relevant: list[frozenset[int]] | None = None  # pairs: each query's relevant index positions
 
 
 def held_out(records: list[Record]) -> HeldOut:
-    """Labelled questions retrieve the other questions of their label; pairs retrieve their answers."""
+    """Labelled questions retrieve the other questions of their label; pairs retrieve their answers: each
+    distinct question against the distinct answers (bench.tasks.by_pair), relevant those it is paired with."""
     if records and records[0].chunks:
-        questions = sorted({r.chunks[0].text or '' for r in records})
-        answers = [r.chunks[1].text or '' for r in records]
-        return HeldOut(questions, questions, answers, [r.chunks[0].text or '' for r in records], False)
+        from bench.tasks import by_pair
+
+        pairs = by_pair(records)
+        queries = [q.text or '' for q in pairs.queries]
+        answers = [d.text or '' for d in pairs.corpus]
+        return HeldOut(queries, queries, answers, answers, False, [frozenset(r) for r in pairs.relevant])
     texts = [r.text or '' for r in records]
     labels = [str(r.label) for r in records]
     return HeldOut(texts, labels, texts, labels, True)
@@ -76,6 +81,7 @@ def score(folder: Path, held: HeldOut, device: str) -> dict[str, float]:
         limit=K,
         exclude_self=held.exclude_self,
         **(ids if held.exclude_self else {}),
+        relevant=held.relevant,
     )
     return {'ndcg': metrics['ndcg_at_k'], 'mrr': metrics['mrr']}
 

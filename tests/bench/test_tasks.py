@@ -52,3 +52,13 @@ def test_the_qa_corpus_has_no_copies_although_chatterbot_corpus_repeats_pairs() 
     # Every held-out pair is still there: its answer is relevant to its question.
     for question, answer in texts:
         assert corpus.index(answer) in held.relevant[queries.index(question)]
+
+
+def test_the_gpu_quality_tier_ranks_distinct_answers_with_every_answer_of_a_question_relevant() -> None:
+    from bench.gpu_quality import held_out
+
+    held = held_out([*[_pair('q', 'a')] * 3, _pair('q', 'b'), _pair('r', 'a')])
+    assert held.queries == ['q', 'r'] and held.index == ['a', 'b'] and not held.exclude_self
+    assert held.relevant == [frozenset({0, 1}), frozenset({0})]
+    labelled = held_out([Record(text='x', label='A'), Record(text='y', label='A')])
+    assert labelled.exclude_self and labelled.relevant is None

@@ -202,9 +202,11 @@ def retrieval_metrics(
     exclude_self: bool = False,
     query_ids: Sequence[Any] | None = None,
     index_ids: Sequence[Any] | None = None,
+    relevant: Sequence[frozenset[int]] | None = None,
 ) -> dict[str, float]:
     """Mean of every metric in ``catalog.EVALUATION_METRICS`` over the answerable queries, plus the
-    aliases ``mrr`` and ``map``. Queries without any relevant index item are left out (logged)."""
+    aliases ``mrr`` and ``map``. Queries without any relevant index item are left out (logged).
+    ``relevant``: as for :func:`rank`."""
     ranking = rank(
         query_emb,
         index_emb,
@@ -215,6 +217,7 @@ def retrieval_metrics(
         exclude_self=exclude_self,
         query_ids=query_ids,
         index_ids=index_ids,
+        relevant=relevant,
     )
     return metrics_of_ranking(ranking)
 
