@@ -19,7 +19,8 @@ Training seeds (``RetrievalTask.seeds``) are a third axis: a table reports the m
   from a PyPI package) at 64 px.
 
 Data is returned as :class:`finetuner.api.layout.Record` lists so that every side of a benchmark reads
-exactly the same items. Nothing here imports torch; the data packages are imported when a split is built.
+exactly the same items. Nothing here imports torch at import time; the data packages are imported when a split
+is built (and the trainer's evaluation, with torch, when pairs are merged by ``by_pair``).
 """
 
 from __future__ import annotations
@@ -125,33 +126,15 @@ def by_label(items: Sequence[Record]) -> HeldOut:
 
 def by_pair(pairs: Sequence[Record]) -> HeldOut:
     """Every distinct query (first chunk) against every distinct document (second chunk); a document is
-    relevant to the queries it is paired with. Like sentence-transformers' ``InformationRetrievalEvaluator``
-    (queries and corpus keyed by id), a text given twice is one query or one corpus entry: data with a pair
-    repeated (chatterbot-corpus repeats some tech-support pairs ~100 times) must not fill the corpus with
-    copies that crowd every other query's top ten, nor count a repeated query more than once."""
-    queries: dict[str, int] = {}
-    documents: dict[str, int] = {}
-    query_records: list[Record] = []
-    corpus: list[Record] = []
-    relevant: list[set[int]] = []
-    for pair in pairs:
-        query, document = pair.chunks[0], pair.chunks[1]
-        key = _content(query)
-        if key not in queries:
-            queries[key] = len(queries)
-            query_records.append(query)
-            relevant.append(set())
-        doc_key = _content(document)
-        if doc_key not in documents:
-            documents[doc_key] = len(corpus)
-            corpus.append(document)
-        relevant[queries[key]].add(documents[doc_key])
-    return HeldOut(query_records, corpus, [frozenset(r) for r in relevant], [None] * len(queries))
+    relevant to the queries it is paired with. The trainer's own merge of pair data
+    (``finetuner_trainer.evaluation.EvalSet.merged``, imported here when called), as sentence-transformers'
+    ``InformationRetrievalEvaluator`` keys queries and corpus by id: data with a pair repeated (chatterbot-corpus
+    repeats some tech-support pairs ~100 times) must not fill the corpus with copies that crowd every other
+    query's top ten, nor count a repeated query more than once."""
+    from finetuner_trainer.evaluation import pair_eval_set
 
-
-def _content(record: Record) -> str:
-    """What makes two items the same item: their text, uri or image bytes."""
-    return record.model_dump_json(include={'text', 'uri', 'blob'})
+    merged = pair_eval_set([p.chunks[0] for p in pairs], [p.chunks[1] for p in pairs], len(pairs), False).merged()
+    return HeldOut(list(merged.queries), list(merged.index), list(merged.relevant or []), [None] * len(merged.queries))
 
 
 def split_classes(labels: Sequence[Any], train_share: float, seed: int) -> tuple[set[Any], set[Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.tasks import SPLIT_SEEDS, TASKS, by_pair
+from bench.tasks import SPLIT_SEEDS, TASKS
 from finetuner.api.layout import Record
 
 
@@ -24,19 +24,6 @@ def test_an_unknown_split_is_refused_with_the_names() -> None:
 
 def _pair(query: str, answer: str) -> Record:
     return Record(chunks=[Record(text=query), Record(text=answer)])
-
-
-def test_by_pair_keeps_each_distinct_query_and_document_once_with_every_answer_relevant() -> None:
-    pairs = [
-        *[_pair('My printer is not printing.', 'Check the cable.')] * 3,  # a pair repeated
-        _pair('Hi', 'Hello.'),
-        _pair('Hi', 'Hey there.'),  # a question with two answers
-        _pair('Hello', 'Hello.'),  # an answer shared by two questions
-    ]
-    held = by_pair(pairs)
-    assert [q.text for q in held.queries] == ['My printer is not printing.', 'Hi', 'Hello']
-    assert [d.text for d in held.corpus] == ['Check the cable.', 'Hello.', 'Hey there.']
-    assert held.relevant == [frozenset({0}), frozenset({1, 2}), frozenset({1})]
 
 
 def test_the_qa_corpus_has_no_copies_although_chatterbot_corpus_repeats_pairs() -> None:
