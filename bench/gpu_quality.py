@@ -55,7 +55,7 @@ def held_out(records: list[Record]) -> HeldOut:
         pairs = by_pair(records)
         queries = [q.text or '' for q in pairs.queries]
         answers = [d.text or '' for d in pairs.corpus]
-        return HeldOut(queries, queries, answers, answers, False, [frozenset(r) for r in pairs.relevant])
+        return HeldOut(queries, queries, answers, answers, False, list(pairs.relevant))
     texts = [r.text or '' for r in records]
     labels = [str(r.label) for r in records]
     return HeldOut(texts, labels, texts, labels, True)

@@ -184,14 +184,16 @@ def _cosines(a: Any, b: Any) -> Any:
 
 def run(settings: Settings) -> list[Row]:
     rows = []
+    peak = fp32_matmul_peak(settings.threads)  # a property of the CPU and the threads: measured once a run
     for case in _cases(settings):
-        rows += measure_case(case, settings)
+        rows += measure_case(case, settings, peak)
     return rows
 
 
-def measure_case(case: Case, settings: Settings) -> list[Row]:
+def measure_case(case: Case, settings: Settings, peak: dict[str, float]) -> list[Row]:
     """Three rows: int8 and float ONNX encode speed over torch eager, and the int8 model's nDCG@10 over
-    the float ONNX model's on the held-out task."""
+    the float ONNX model's on the held-out task. ``peak``: :func:`bench.profiling.fp32_matmul_peak` on these
+    threads, for the float row's ceiling."""
     import finetuner
     from finetuner_trainer.inference_onnx import OnnxEmbedder
 
@@ -223,7 +225,6 @@ def measure_case(case: Case, settings: Settings) -> list[Row]:
     load_after = load_average()
     split = split_time(models['eager'], models['float'], records, repeats=settings.pick(full=3, quick=3, tiny=1))
     profile = op_profile(models['eager'], directory, records, settings.threads)
-    peak = fp32_matmul_peak(settings.threads)
     cpu = {side: statistics.median(values) for side, values in cpu_rates.items()}
     split['ratio_cpu'] = cpu['float'] / cpu['eager']
     load = f'1-minute load average {load_before:.1f} before the rounds, {load_after:.1f} after (2 cores)'
